@@ -1,0 +1,201 @@
+//! Error types: one narrow enum per operation callers branch on, each convertible into [`Error`].
+
+use crate::position::{RecordPosition, ShardId};
+
+/// A boxed error from an implementation (an SDK, the file system).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Reading a stream failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    /// The stream does not exist.
+    #[error("stream {stream:?} not found: create it first or check the name")]
+    StreamNotFound {
+        /// The stream name.
+        stream: String,
+    },
+    /// The shard does not exist (or was trimmed away entirely by retention).
+    #[error("shard {shard} of stream {stream:?} not found")]
+    ShardNotFound {
+        /// The stream name.
+        stream: String,
+        /// The shard.
+        shard: ShardId,
+    },
+    /// The service asked us to slow down; retry after a backoff.
+    #[error("reads of shard {shard} throttled")]
+    Throttled {
+        /// The shard.
+        shard: ShardId,
+    },
+    /// Any other failure. `retryable` says whether trying again may help.
+    #[error("reading {what} failed: {source}")]
+    Other {
+        /// What was being read.
+        what: String,
+        /// Whether trying again may help.
+        retryable: bool,
+        /// The cause.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl SourceError {
+    /// Whether the operation may succeed if tried again.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Throttled { .. } => true,
+            Self::Other { retryable, .. } => *retryable,
+            Self::StreamNotFound { .. } | Self::ShardNotFound { .. } => false,
+        }
+    }
+}
+
+/// Writing to a sink failed.
+#[derive(Debug, thiserror::Error)]
+#[error("sink {sink:?} failed to {operation}: {source}")]
+pub struct SinkError {
+    /// The sink's name.
+    pub sink: String,
+    /// What it was doing (`write`, `commit`, `open`).
+    pub operation: &'static str,
+    /// Whether trying again may help.
+    pub retryable: bool,
+    /// The cause.
+    #[source]
+    pub source: BoxError,
+}
+
+/// A lease operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LeaseError {
+    /// The lease changed under us (another owner, or a newer counter): we no longer own it.
+    #[error("lease {lease_key:?} lost: another worker took it or its counter moved on")]
+    LeaseLost {
+        /// The lease key.
+        lease_key: String,
+    },
+    /// A conditional write's condition did not hold (for operations other than an owner's update,
+    /// such as creating a lease that already exists).
+    #[error("conditional update of lease {lease_key:?} failed: {reason}")]
+    ConditionFailed {
+        /// The lease key.
+        lease_key: String,
+        /// Which condition failed.
+        reason: &'static str,
+    },
+    /// No lease with this key.
+    #[error("lease {lease_key:?} not found")]
+    NotFound {
+        /// The lease key.
+        lease_key: String,
+    },
+    /// The store itself failed (I/O, network, service).
+    #[error("lease store failed during {operation}: {source}")]
+    Store {
+        /// The operation.
+        operation: &'static str,
+        /// Whether trying again may help.
+        retryable: bool,
+        /// The cause.
+        #[source]
+        source: BoxError,
+    },
+}
+
+/// A payload could not be decoded into the stream's record type.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("cannot decode record as {format}: {message}")]
+pub struct DecodeError {
+    /// The format (`json`, `bincode`, ...).
+    pub format: &'static str,
+    /// What the decoder said.
+    pub message: String,
+}
+
+/// A user function returned an error.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("user function {operator} failed: {message}")]
+pub struct UserError {
+    /// The operator's name.
+    pub operator: &'static str,
+    /// The error's text.
+    pub message: String,
+}
+
+/// A topology that cannot run as declared.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// The topology has no sink, so it would compute nothing anyone can see.
+    #[error("topology {topology:?} has no sink: add .sink(...) to at least one branch")]
+    NoSink {
+        /// The topology name.
+        topology: String,
+    },
+    /// The topology name cannot name output files, lease tables or metrics.
+    #[error(
+        "topology name {name:?} is invalid: use 1 to 100 characters from a-z, A-Z, 0-9, '-', '_' and '.'"
+    )]
+    InvalidName {
+        /// The rejected name.
+        name: String,
+    },
+    /// A configuration value is out of range.
+    #[error("invalid value for {field}: {reason}")]
+    InvalidConfig {
+        /// The field.
+        field: &'static str,
+        /// What is allowed.
+        reason: String,
+    },
+}
+
+/// Why a shard's pipeline stopped without finishing.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ShardStopped {
+    /// The dead-letter policy is `StopShard` and a record was bad.
+    #[error("shard {shard} stopped at record {position}: {reason}")]
+    BadRecord {
+        /// The shard.
+        shard: ShardId,
+        /// The record's position; the checkpoint stays before it.
+        position: RecordPosition,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The lease was lost; another worker continues from the last checkpoint.
+    #[error(transparent)]
+    LeaseLost(#[from] LeaseError),
+}
+
+/// The umbrella error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// See [`SourceError`].
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// See [`SinkError`].
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    /// See [`LeaseError`].
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    /// See [`BuildError`].
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// See [`ShardStopped`].
+    #[error(transparent)]
+    ShardStopped(#[from] ShardStopped),
+    /// A task of the runtime panicked or was cancelled unexpectedly.
+    #[error("runtime task failed: {0}")]
+    Task(String),
+}
+
+/// Shorthand for results with the umbrella error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

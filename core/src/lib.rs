@@ -1,0 +1,15 @@
+//! shardflow-core: record and position types, the typed topology builder, the runtime, the
+//! checkpoint tracker, and the `Source`, `Sink` and `LeaseStore` traits. No AWS SDK here.
+#![deny(missing_docs)]
+
+pub mod decode;
+pub mod error;
+pub mod lease;
+pub mod position;
+pub mod record;
+pub mod sink;
+pub mod source;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+pub use error::{Error, Result};

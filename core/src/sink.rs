@@ -1,0 +1,272 @@
+//! The `Sink` trait, output identities, and the in-memory sink.
+
+use std::collections::BTreeMap;
+use std::fmt::{self, Write as _};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use compact_str::CompactString;
+use serde::{Deserialize, Serialize};
+
+use crate::error::SinkError;
+use crate::position::{EventTime, RecordPosition, ShardId};
+
+/// A window of event time, `[start, end)` in milliseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Window {
+    /// First millisecond in the window.
+    pub start: EventTime,
+    /// First millisecond after the window.
+    pub end: EventTime,
+}
+
+impl Window {
+    /// The window `[start, end)`.
+    pub const fn new(start: EventTime, end: EventTime) -> Self {
+        Self { start, end }
+    }
+
+    /// The last millisecond inside the window (the event time of its result).
+    pub const fn max_timestamp(&self) -> EventTime {
+        self.end - 1
+    }
+}
+
+/// A key rendered as text for output identities (inline up to 24 bytes, no allocation).
+pub type KeyId = CompactString;
+
+/// The deterministic identity of one output. A replay produces the same outputs with the same
+/// identities, so a sink that overwrites by identity ends with no duplicates.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum OutputId {
+    /// Derived from one input record: its position and, where `flat_map` fanned it out, the
+    /// index of the output (16 bits per `flat_map` level).
+    Record {
+        /// The input record's position.
+        position: RecordPosition,
+        /// Which of the record's outputs.
+        index: u64,
+    },
+    /// A keyed result: for a key and, for windowed results, a window.
+    Keyed {
+        /// The key, rendered.
+        key: KeyId,
+        /// The window, for windowed results.
+        window: Option<Window>,
+    },
+}
+
+impl OutputId {
+    /// A relative path naming this output, safe as a file or object name:
+    /// `r/<sequence>-<sub>-<index>`, `w/<start>-<end>/<key>` or `k/<key>`.
+    pub fn to_path(&self) -> String {
+        let mut out = String::new();
+        match self {
+            Self::Record { position, index } => {
+                let _ = write!(out, "r/{}-{}-{}", position.sequence, position.sub_sequence, index);
+            }
+            Self::Keyed { key, window: Some(w) } => {
+                let _ = write!(out, "w/{:020}-{:020}/", w.start, w.end);
+                push_escaped(&mut out, key);
+            }
+            Self::Keyed { key, window: None } => {
+                out.push_str("k/");
+                push_escaped(&mut out, key);
+            }
+        }
+        out
+    }
+}
+
+impl fmt::Display for OutputId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_path())
+    }
+}
+
+/// Escapes a key for use as one path component: ASCII letters, digits, `-`, `_` and `.` stay;
+/// every other byte becomes `%XX`. A key that is empty or starts with `.` gets a `%` prefix.
+fn push_escaped(out: &mut String, key: &str) {
+    if key.is_empty() || key.starts_with('.') {
+        out.push('%');
+    }
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+}
+
+/// One output value with its identity.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Output<T> {
+    /// The deterministic identity.
+    pub id: OutputId,
+    /// The value.
+    pub value: T,
+}
+
+/// Outputs derived from one source shard.
+#[derive(Clone, Debug)]
+pub struct OutputBatch<T> {
+    /// The source shard the outputs derive from.
+    pub shard: ShardId,
+    /// The outputs.
+    pub outputs: Vec<Output<T>>,
+}
+
+/// What a sink writer is told about where it runs.
+#[derive(Clone, Debug)]
+pub struct SinkContext {
+    /// The topology's name.
+    pub topology: String,
+    /// Which instance of the writer this is (`shard-<id>` or `worker-<n>`), unique per run.
+    pub instance: String,
+}
+
+/// A destination for outputs of type `T`.
+///
+/// Contract (checked by `testing::sink_conformance`): an output written and then committed is
+/// durable; writing an output whose identity exists replaces it (so replays leave no
+/// duplicates); outputs written but not committed may or may not survive a crash.
+#[async_trait]
+pub trait Sink<T>: Send + Sync + 'static {
+    /// The sink's name, for errors and metrics.
+    fn name(&self) -> &str;
+
+    /// Opens a writer. Each pipeline instance (a shard task or a keyed worker) opens its own.
+    async fn open(&self, cx: &SinkContext) -> Result<Box<dyn SinkWriter<T>>, SinkError>;
+}
+
+/// Writes outputs for one pipeline instance.
+#[async_trait]
+pub trait SinkWriter<T>: Send {
+    /// Writes (or buffers) a batch.
+    async fn write(&mut self, batch: OutputBatch<T>) -> Result<(), SinkError>;
+
+    /// Makes everything written so far durable. The runtime checkpoints past an input only
+    /// after every output derived from it was committed.
+    async fn commit(&mut self) -> Result<(), SinkError>;
+}
+
+/// A sink whose committed contents a test can read back, for the conformance suite.
+#[async_trait]
+pub trait InspectSink<T>: Sink<T> {
+    /// Every committed output, by (source shard, identity path).
+    async fn committed(&self) -> Result<BTreeMap<(ShardId, String), T>, SinkError>;
+}
+
+/// An in-memory sink: committed outputs in a map, shared by every clone.
+pub struct MemorySink<T> {
+    name: String,
+    state: Arc<Mutex<MemoryState<T>>>,
+}
+
+struct MemoryState<T> {
+    committed: BTreeMap<(ShardId, String), T>,
+    writes: u64,
+    replaced: u64,
+}
+
+impl<T> Clone for MemorySink<T> {
+    fn clone(&self) -> Self {
+        Self { name: self.name.clone(), state: Arc::clone(&self.state) }
+    }
+}
+
+impl<T: Clone + Send + 'static> MemorySink<T> {
+    /// An empty sink.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            state: Arc::new(Mutex::new(MemoryState {
+                committed: BTreeMap::new(),
+                writes: 0,
+                replaced: 0,
+            })),
+        }
+    }
+
+    /// Every committed output by (shard, identity path).
+    pub fn contents(&self) -> BTreeMap<(ShardId, String), T> {
+        self.lock().committed.clone()
+    }
+
+    /// Committed writes that replaced an existing identity (replays absorbed).
+    pub fn replaced(&self) -> u64 {
+        self.lock().replaced
+    }
+
+    /// Committed writes in all.
+    pub fn writes(&self) -> u64 {
+        self.lock().writes
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryState<T>> {
+        // A poisoned lock means a test thread panicked mid-update; the data is still usable.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+struct MemoryWriter<T> {
+    sink: MemorySink<T>,
+    pending: Vec<(ShardId, Output<T>)>,
+}
+
+#[async_trait]
+impl<T: Clone + Send + Sync + 'static> Sink<T> for MemorySink<T> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn open(&self, _cx: &SinkContext) -> Result<Box<dyn SinkWriter<T>>, SinkError> {
+        Ok(Box::new(MemoryWriter { sink: self.clone(), pending: Vec::new() }))
+    }
+}
+
+#[async_trait]
+impl<T: Clone + Send + Sync + 'static> SinkWriter<T> for MemoryWriter<T> {
+    async fn write(&mut self, batch: OutputBatch<T>) -> Result<(), SinkError> {
+        let shard = batch.shard;
+        self.pending.extend(batch.outputs.into_iter().map(|o| (shard.clone(), o)));
+        Ok(())
+    }
+
+    async fn commit(&mut self) -> Result<(), SinkError> {
+        let mut state = self.sink.lock();
+        for (shard, output) in self.pending.drain(..) {
+            state.writes += 1;
+            if state.committed.insert((shard, output.id.to_path()), output.value).is_some() {
+                state.replaced += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl<T: Clone + Send + Sync + 'static> InspectSink<T> for MemorySink<T> {
+    async fn committed(&self) -> Result<BTreeMap<(ShardId, String), T>, SinkError> {
+        Ok(self.contents())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::position::SequenceNumber;
+
+    #[test]
+    fn output_paths_escape_keys_and_sort_windows_by_time() {
+        let id = OutputId::Keyed { key: "a/b c".into(), window: Some(Window::new(0, 60_000)) };
+        assert_eq!(id.to_path(), "w/00000000000000000000-00000000000000060000/a%2Fb%20c");
+        assert_eq!(OutputId::Keyed { key: "..".into(), window: None }.to_path(), "k/%..");
+        let rec = OutputId::Record {
+            position: RecordPosition::with_sub_sequence(SequenceNumber::from_u128(42), 3),
+            index: 1,
+        };
+        assert_eq!(rec.to_path(), "r/42-3-1");
+    }
+}

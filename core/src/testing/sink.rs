@@ -1,0 +1,79 @@
+//! The sink conformance suite: commit makes outputs durable, identities overwrite.
+
+use crate::position::{RecordPosition, SequenceNumber, ShardId};
+use crate::sink::{InspectSink, Output, OutputBatch, OutputId, SinkContext, Window};
+
+fn cx(instance: &str) -> SinkContext {
+    SinkContext { topology: "conformance".into(), instance: instance.into() }
+}
+
+/// Runs every check against sinks made by `make` (a fresh, empty sink per check). `value(i)`
+/// makes distinct values of the sink's type.
+///
+/// # Panics
+/// On the first check the sink fails, naming it.
+pub async fn sink_conformance<T, S, F, Fut>(make: F, value: impl Fn(u64) -> T)
+where
+    T: Clone + PartialEq + std::fmt::Debug + Send + Sync + 'static,
+    S: InspectSink<T>,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = S>,
+{
+    let shard = ShardId::new("shardId-000000000000");
+    let other = ShardId::new("shardId-000000000001");
+    let record = |n: u128, index| OutputId::Record {
+        position: RecordPosition::new(SequenceNumber::from_u128(n)),
+        index,
+    };
+    let window = |key: &str| OutputId::Keyed {
+        key: key.into(),
+        window: Some(Window::new(60_000, 120_000)),
+    };
+
+    // Committed outputs are visible, under their shard and identity.
+    let sink = make().await;
+    let mut writer = sink.open(&cx("a")).await.expect("open");
+    let outputs = vec![
+        Output { id: record(1, 0), value: value(1) },
+        Output { id: record(1, 1), value: value(2) },
+        Output { id: window("k/1 é"), value: value(3) },
+    ];
+    writer.write(OutputBatch { shard: shard.clone(), outputs }).await.expect("write");
+    writer.commit().await.expect("commit");
+    let got = sink.committed().await.expect("read back");
+    assert_eq!(got.len(), 3, "three committed outputs, got {got:?}");
+    assert_eq!(got.get(&(shard.clone(), record(1, 1).to_path())), Some(&value(2)));
+    assert_eq!(got.get(&(shard.clone(), window("k/1 é").to_path())), Some(&value(3)));
+
+    // Writing an existing identity replaces it: a replay leaves one output, the latest.
+    let sink = make().await;
+    let mut writer = sink.open(&cx("a")).await.expect("open");
+    for v in [10, 11] {
+        let outputs = vec![Output { id: window("k"), value: value(v) }];
+        writer.write(OutputBatch { shard: shard.clone(), outputs }).await.expect("write");
+        writer.commit().await.expect("commit");
+    }
+    let mut replay = sink.open(&cx("b")).await.expect("open a second writer");
+    let outputs = vec![Output { id: window("k"), value: value(11) }];
+    replay.write(OutputBatch { shard: shard.clone(), outputs }).await.expect("write");
+    replay.commit().await.expect("commit");
+    let got = sink.committed().await.expect("read back");
+    assert_eq!(got.len(), 1, "one identity, one output: {got:?}");
+    assert_eq!(got.get(&(shard.clone(), window("k").to_path())), Some(&value(11)));
+
+    // The same identity from two shards is two outputs.
+    let sink = make().await;
+    let mut writer = sink.open(&cx("a")).await.expect("open");
+    for s in [&shard, &other] {
+        let outputs = vec![Output { id: window("k"), value: value(5) }];
+        writer.write(OutputBatch { shard: s.clone(), outputs }).await.expect("write");
+    }
+    writer.commit().await.expect("commit");
+    assert_eq!(sink.committed().await.expect("read back").len(), 2);
+
+    // A commit with nothing written succeeds and changes nothing.
+    let sink = make().await;
+    let mut writer = sink.open(&cx("a")).await.expect("open");
+    writer.commit().await.expect("empty commit");
+    assert!(sink.committed().await.expect("read back").is_empty());
+}

@@ -2,6 +2,7 @@
 //! checkpoint tracker, and the `Source`, `Sink` and `LeaseStore` traits. No AWS SDK here.
 #![deny(missing_docs)]
 
+pub mod checkpoint;
 pub mod decode;
 pub mod error;
 pub mod lease;
@@ -13,3 +14,10 @@ pub mod source;
 pub mod testing;
 
 pub use error::{Error, Result};
+pub mod dead_letter;
+pub mod runtime;
+pub mod topology;
+
+pub use dead_letter::{DeadLetter, DeadLetterRecord};
+pub use runtime::{RunMode, RunReport, Runtime, RuntimeConfig};
+pub use topology::{Stream, Topology};

@@ -1,0 +1,331 @@
+//! The checkpoint tracker: pure decisions of how far a shard's checkpoint may advance.
+//!
+//! A shard's input is cut into epochs (one per read batch). Every path from the shard to a sink
+//! (the shard task's own sinks and dead letters, and each keyed worker of each keyed branch)
+//! reports, after its sinks committed, the last epoch whose outputs are durable and the oldest
+//! epoch its operator state still holds at that point. The checkpoint's `committed` position is
+//! the end of the last epoch every path committed; its `rebuild_from` position is the end of the
+//! epoch before the oldest held one, so that a restart rebuilds every open window. No I/O here.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::lease::{CheckpointPosition, ShardCheckpoint};
+use crate::position::{EventTime, RecordPosition};
+
+/// An epoch number: the n-th batch a shard task read in this run, from 1.
+pub type Epoch = u64;
+
+/// A point of a shard's input: a position and the watermark right after it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Anchor {
+    position: CheckpointPosition,
+    watermark: Option<EventTime>,
+}
+
+#[derive(Clone, Debug)]
+struct EpochEnd {
+    anchor: Anchor,
+}
+
+#[derive(Clone, Debug, Default)]
+struct PathState {
+    committed: Epoch,
+    /// Oldest held epoch as of each reported epoch not yet below the committed checkpoint.
+    holds: VecDeque<(Epoch, Option<Epoch>)>,
+}
+
+/// Tracks one shard's epochs and the progress of every path, and derives its checkpoint.
+#[derive(Clone, Debug)]
+pub struct ShardProgress {
+    start: Anchor,
+    resumed: ShardCheckpoint,
+    epochs: BTreeMap<Epoch, EpochEnd>,
+    paths: Vec<PathState>,
+    last_epoch: Epoch,
+    replay_end: Epoch,
+    shard_end: Option<Epoch>,
+}
+
+impl ShardProgress {
+    /// Progress of a shard resumed from `resumed`, with `paths` paths reporting.
+    ///
+    /// # Panics
+    /// If `paths` is zero: a topology without a sink does not build.
+    pub fn new(resumed: ShardCheckpoint, paths: usize) -> Self {
+        assert!(paths > 0, "a shard has at least one path to a sink");
+        Self {
+            start: Anchor {
+                position: resumed.rebuild_from.clone(),
+                watermark: resumed.rebuild_watermark,
+            },
+            resumed,
+            epochs: BTreeMap::new(),
+            paths: vec![PathState::default(); paths],
+            last_epoch: 0,
+            replay_end: 0,
+            shard_end: None,
+        }
+    }
+
+    /// Registers the next epoch: it ends at `last` (or where the previous one ended, for an
+    /// empty final batch) with the watermark `watermark`. `replay` marks epochs that only
+    /// rebuild state (up to the resumed `committed` position); `shard_end` marks the last.
+    ///
+    /// # Panics
+    /// If `epoch` is not the next epoch number, a broken invariant of the shard task.
+    pub fn record_epoch(
+        &mut self,
+        epoch: Epoch,
+        last: Option<RecordPosition>,
+        watermark: Option<EventTime>,
+        replay: bool,
+        shard_end: bool,
+    ) {
+        assert_eq!(epoch, self.last_epoch + 1, "epochs are registered in order");
+        let previous = self.anchor(self.last_epoch).map(|a| a.position);
+        let position = match last {
+            Some(p) => CheckpointPosition::At(p),
+            None => previous.unwrap_or(CheckpointPosition::Initial),
+        };
+        self.epochs.insert(epoch, EpochEnd { anchor: Anchor { position, watermark } });
+        self.last_epoch = epoch;
+        if replay {
+            self.replay_end = epoch;
+        }
+        if shard_end {
+            self.shard_end = Some(epoch);
+        }
+    }
+
+    /// Path `path` committed every output derived from epochs up to `epoch`; at that point
+    /// its operator state held epochs from `hold` on (`None`: no state derived from this shard).
+    ///
+    /// # Panics
+    /// If `path` is out of range or reports go backwards, broken invariants of the runtime.
+    pub fn report(&mut self, path: usize, epoch: Epoch, hold: Option<Epoch>) {
+        let state = &mut self.paths[path];
+        assert!(epoch >= state.committed, "path {path} reported epoch {epoch} after {}", state.committed);
+        state.committed = epoch;
+        state.holds.push_back((epoch, hold));
+    }
+
+    /// The last epoch every path committed.
+    pub fn committed_epoch(&self) -> Epoch {
+        self.paths.iter().map(|p| p.committed).min().unwrap_or(0)
+    }
+
+    /// Whether every path committed the shard's final epoch with no state left: the shard may
+    /// be checkpointed at `SHARD_END` and its children may start.
+    pub fn is_finished(&self) -> bool {
+        self.shard_end.is_some_and(|end| {
+            self.committed_epoch() >= end && self.hold_at(end).is_none()
+        })
+    }
+
+    /// The checkpoint the shard may advance to, or `None` while it may not move past the
+    /// checkpoint it resumed from (nothing committed yet, or still replaying).
+    pub fn checkpoint(&self) -> Option<ShardCheckpoint> {
+        if self.is_finished() {
+            return Some(ShardCheckpoint::shard_end());
+        }
+        let committed = self.committed_epoch();
+        if committed == 0 || committed < self.replay_end {
+            return None;
+        }
+        let end = self.anchor(committed)?;
+        let rebuild = match self.hold_at(committed) {
+            None => end.clone(),
+            Some(held) => self.anchor(held.saturating_sub(1).min(committed))?,
+        };
+        let checkpoint = ShardCheckpoint {
+            committed: end.position,
+            committed_watermark: end.watermark,
+            rebuild_from: rebuild.position,
+            rebuild_watermark: rebuild.watermark,
+        };
+        (checkpoint != self.resumed).then_some(checkpoint)
+    }
+
+    /// Forgets what no future checkpoint needs: epochs before the current rebuild point and
+    /// hold reports before the committed epoch.
+    pub fn prune(&mut self) {
+        let committed = self.committed_epoch();
+        if committed < self.replay_end || committed == 0 {
+            return;
+        }
+        for path in &mut self.paths {
+            while path.holds.len() > 1 && path.holds[1].0 <= committed {
+                path.holds.pop_front();
+            }
+        }
+        let keep_from = match self.hold_at(committed) {
+            Some(held) => held.saturating_sub(1).min(committed),
+            None => committed,
+        };
+        if keep_from > 0 {
+            if let Some(anchor) = self.anchor(keep_from) {
+                // Epochs before `keep_from` are never a rebuild point again: holds only grow.
+                self.start = anchor;
+                self.epochs = self.epochs.split_off(&keep_from);
+                self.epochs.remove(&keep_from);
+                self.epochs.insert(keep_from, EpochEnd { anchor: self.start.clone() });
+            }
+        }
+    }
+
+    /// Oldest epoch any path held as of `epoch`.
+    fn hold_at(&self, epoch: Epoch) -> Option<Epoch> {
+        self.paths
+            .iter()
+            .filter_map(|path| {
+                // The last report at or before `epoch` describes the state at `epoch`: a path
+                // reports every epoch, so this is the report of `epoch` itself.
+                path.holds.iter().rev().find(|(e, _)| *e <= epoch).and_then(|(_, h)| *h)
+            })
+            .min()
+    }
+
+    fn anchor(&self, epoch: Epoch) -> Option<Anchor> {
+        if epoch == 0 {
+            return Some(self.start.clone());
+        }
+        self.epochs.get(&epoch).map(|e| e.anchor.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::position::SequenceNumber;
+
+    fn pos(n: u128) -> RecordPosition {
+        RecordPosition::new(SequenceNumber::from_u128(n))
+    }
+
+    fn at(n: u128) -> CheckpointPosition {
+        CheckpointPosition::At(pos(n))
+    }
+
+    /// Epoch `e` ends at sequence `10 * e` with watermark `100 * e`.
+    fn progress(paths: usize, epochs: u64) -> ShardProgress {
+        let mut p = ShardProgress::new(ShardCheckpoint::initial(), paths);
+        for e in 1..=epochs {
+            p.record_epoch(e, Some(pos(u128::from(e) * 10)), Some(100 * e as i64), false, false);
+        }
+        p
+    }
+
+    #[test]
+    fn checkpoint_waits_for_sink_commit() {
+        let mut p = progress(2, 3);
+        assert_eq!(p.checkpoint(), None, "nothing committed");
+        p.report(0, 3, None);
+        assert_eq!(p.checkpoint(), None, "one of two paths committed nothing yet");
+        p.report(1, 2, None);
+        let cp = p.checkpoint().unwrap();
+        assert_eq!(cp.committed, at(20), "the slower path decides");
+        assert_eq!(cp.committed_watermark, Some(200));
+        assert_eq!(cp.rebuild_from, at(20), "no state held: rebuild from the commit point");
+    }
+
+    #[test]
+    fn open_windows_hold_the_rebuild_point_back() {
+        let mut p = progress(1, 5);
+        p.report(0, 5, Some(3)); // a window holds records of epoch 3 onwards
+        let cp = p.checkpoint().unwrap();
+        assert_eq!(cp.committed, at(50));
+        assert_eq!(cp.rebuild_from, at(20), "rebuild starts after epoch 2");
+        assert_eq!(cp.rebuild_watermark, Some(200));
+    }
+
+    #[test]
+    fn rebuild_point_uses_the_hold_as_of_the_committed_epoch() {
+        let mut p = progress(2, 6);
+        p.report(0, 4, Some(2));
+        p.report(0, 6, Some(5)); // by epoch 6 the window of epoch 2 closed
+        p.report(1, 4, None);
+        let cp = p.checkpoint().unwrap();
+        assert_eq!(cp.committed, at(40));
+        assert_eq!(cp.rebuild_from, at(10), "at epoch 4 the window from epoch 2 was still open");
+    }
+
+    #[test]
+    fn hold_from_the_first_epoch_rebuilds_from_the_resumed_point() {
+        let resumed = ShardCheckpoint {
+            committed: at(7),
+            committed_watermark: Some(70),
+            rebuild_from: at(5),
+            rebuild_watermark: Some(50),
+        };
+        let mut p = ShardProgress::new(resumed, 1);
+        p.record_epoch(1, Some(pos(7)), Some(70), true, false);
+        p.record_epoch(2, Some(pos(9)), Some(90), false, false);
+        p.report(0, 1, Some(1));
+        assert_eq!(p.checkpoint(), None, "a replay epoch changes nothing");
+        p.report(0, 2, Some(1));
+        let cp = p.checkpoint().unwrap();
+        assert_eq!(cp.committed, at(9));
+        assert_eq!((cp.rebuild_from, cp.rebuild_watermark), (at(5), Some(50)));
+    }
+
+    #[test]
+    fn replay_epochs_never_move_the_checkpoint_back() {
+        let resumed = ShardCheckpoint {
+            committed: at(30),
+            committed_watermark: Some(300),
+            rebuild_from: at(10),
+            rebuild_watermark: Some(100),
+        };
+        let mut p = ShardProgress::new(resumed, 1);
+        p.record_epoch(1, Some(pos(20)), Some(200), true, false);
+        p.record_epoch(2, Some(pos(30)), Some(300), true, false);
+        p.report(0, 1, Some(1));
+        assert_eq!(p.checkpoint(), None);
+        p.report(0, 2, Some(1));
+        assert_eq!(p.checkpoint(), None, "same as resumed");
+    }
+
+    #[test]
+    fn shard_end_needs_every_path_and_no_state() {
+        let mut p = progress(2, 2);
+        p.record_epoch(3, None, Some(300), false, true);
+        p.report(0, 3, None);
+        p.report(1, 3, Some(2));
+        assert!(!p.is_finished(), "state still held");
+        assert_ne!(p.checkpoint(), Some(ShardCheckpoint::shard_end()));
+        p.report(1, 3, None);
+        assert!(p.is_finished());
+        assert_eq!(p.checkpoint(), Some(ShardCheckpoint::shard_end()));
+    }
+
+    #[test]
+    fn empty_final_epoch_ends_where_the_previous_ended() {
+        let mut p = progress(1, 1);
+        p.record_epoch(2, None, Some(100), false, false);
+        p.report(0, 2, Some(2));
+        let cp = p.checkpoint().unwrap();
+        assert_eq!(cp.committed, at(10));
+        assert_eq!(cp.rebuild_from, at(10));
+    }
+
+    #[test]
+    fn pruning_keeps_every_later_decision_unchanged() {
+        let mut pruned = progress(1, 4);
+        let mut full = pruned.clone();
+        for (epoch, hold) in [(2, Some(2)), (3, Some(2)), (4, Some(4))] {
+            pruned.report(0, epoch, hold);
+            full.report(0, epoch, hold);
+            pruned.prune();
+            assert_eq!(pruned.checkpoint(), full.checkpoint());
+        }
+        for e in 5..=8 {
+            for p in [&mut pruned, &mut full] {
+                p.record_epoch(e, Some(pos(u128::from(e) * 10)), Some(100 * e as i64), false, false);
+                p.report(0, e, Some(e - 1));
+            }
+            pruned.prune();
+            assert_eq!(pruned.checkpoint(), full.checkpoint());
+        }
+        assert!(pruned.epochs.len() <= 3, "pruned to a few epochs: {:?}", pruned.epochs.keys());
+    }
+}

@@ -1,0 +1,147 @@
+//! The worker's view of the lease table: create leases for new shards, take free or expired
+//! ones, renew, checkpoint and release what it holds. Expiry is judged by this worker's own
+//! monotonic clock (a lease whose counter did not move for a lease duration), as in the KCL.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::error::LeaseError;
+use crate::lease::{Lease, LeaseStore, LeaseUpdate, ShardCheckpoint};
+use crate::position::ShardInfo;
+
+pub(crate) struct LeaseManager {
+    store: Arc<dyn LeaseStore>,
+    owner: String,
+    lease_duration: Duration,
+    /// Counter of each lease this worker holds, as last written by it.
+    held: Mutex<HashMap<String, u64>>,
+    /// Counter of other workers' leases and when this worker first saw it.
+    observed: Mutex<HashMap<String, (u64, Instant)>>,
+}
+
+impl LeaseManager {
+    pub(crate) fn new(store: Arc<dyn LeaseStore>, owner: String, lease_duration: Duration) -> Self {
+        Self {
+            store,
+            owner,
+            lease_duration,
+            held: Mutex::new(HashMap::new()),
+            observed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Creates a lease for every shard that has none.
+    pub(crate) async fn sync(&self, shards: &[ShardInfo]) -> Result<(), LeaseError> {
+        let existing: HashMap<String, Lease> =
+            self.store.list().await?.into_iter().map(|l| (l.key.clone(), l)).collect();
+        for shard in shards {
+            if !existing.contains_key(shard.id.as_str()) {
+                let parents = shard.parents.iter().map(|p| p.as_str().to_owned()).collect();
+                self.store.create_if_absent(&Lease::new(shard.id.as_str(), parents)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn list(&self) -> Result<Vec<Lease>, LeaseError> {
+        self.store.list().await
+    }
+
+    /// Takes `lease` if it is free, ours from an earlier run, or expired. Returns the lease as
+    /// taken, or `None` if another worker holds it or won the race.
+    pub(crate) async fn try_take(&self, lease: &Lease) -> Result<Option<Lease>, LeaseError> {
+        let takeable = match lease.owner.as_deref() {
+            None => true,
+            Some(owner) if owner == self.owner => true,
+            Some(_) => self.expired(lease).await,
+        };
+        if !takeable {
+            return Ok(None);
+        }
+        let take = LeaseUpdate::Take { owner: self.owner.clone() };
+        match self.store.update(&lease.key, lease.counter, &take).await {
+            Ok(taken) => {
+                self.held.lock().await.insert(taken.key.clone(), taken.counter);
+                Ok(Some(taken))
+            }
+            Err(LeaseError::ConditionFailed { .. } | LeaseError::LeaseLost { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn expired(&self, lease: &Lease) -> bool {
+        let mut observed = self.observed.lock().await;
+        let now = Instant::now();
+        let entry = observed.entry(lease.key.clone()).or_insert((lease.counter, now));
+        if entry.0 != lease.counter {
+            *entry = (lease.counter, now);
+        }
+        now.duration_since(entry.1) >= self.lease_duration
+    }
+
+    pub(crate) async fn held_count(&self) -> usize {
+        self.held.lock().await.len()
+    }
+
+    async fn apply(&self, key: &str, update: LeaseUpdate) -> Result<Lease, LeaseError> {
+        let mut held = self.held.lock().await;
+        let counter = *held.get(key).ok_or_else(|| LeaseError::LeaseLost { lease_key: key.to_owned() })?;
+        match self.store.update(key, counter, &update).await {
+            Ok(lease) => {
+                if matches!(update, LeaseUpdate::Release { .. }) {
+                    held.remove(key);
+                } else {
+                    held.insert(key.to_owned(), lease.counter);
+                }
+                Ok(lease)
+            }
+            Err(e) => {
+                if matches!(e, LeaseError::LeaseLost { .. } | LeaseError::NotFound { .. }) {
+                    held.remove(key);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    pub(crate) async fn checkpoint(&self, key: &str, checkpoint: ShardCheckpoint) -> Result<(), LeaseError> {
+        let update = LeaseUpdate::Checkpoint { owner: self.owner.clone(), checkpoint };
+        self.apply(key, update).await.map(drop)
+    }
+
+    /// Renews every held lease; returns the keys that were lost.
+    pub(crate) async fn renew_all(&self) -> Vec<String> {
+        let keys: Vec<String> = self.held.lock().await.keys().cloned().collect();
+        let mut lost = Vec::new();
+        for key in keys {
+            match self.apply(&key, LeaseUpdate::Renew { owner: self.owner.clone() }).await {
+                Ok(_) => {}
+                Err(LeaseError::LeaseLost { .. } | LeaseError::NotFound { .. }) => lost.push(key),
+                Err(error) => tracing::warn!(lease = %key, %error, "lease renewal failed"),
+            }
+        }
+        lost
+    }
+
+    pub(crate) async fn release(&self, key: &str) {
+        if let Err(error) = self.apply(key, LeaseUpdate::Release { owner: self.owner.clone() }).await {
+            tracing::warn!(lease = %key, %error, "lease release failed; it will expire");
+        }
+    }
+
+    pub(crate) async fn release_all(&self) {
+        let keys: Vec<String> = self.held.lock().await.keys().cloned().collect();
+        for key in keys {
+            self.release(&key).await;
+        }
+    }
+
+    /// Forgets a lease without writing (it is lost anyway).
+    pub(crate) async fn forget(&self, key: &str) {
+        self.held.lock().await.remove(key);
+    }
+}

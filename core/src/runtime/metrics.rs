@@ -1,0 +1,133 @@
+//! Prometheus metrics of a running topology, registered in a registry the caller owns.
+
+use std::time::Duration;
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+/// The metrics every part of the runtime updates. Cloning shares them.
+#[derive(Clone)]
+pub struct Metrics {
+    records_read: IntCounterVec,
+    bytes_read: IntCounterVec,
+    millis_behind: IntGaugeVec,
+    records_written: IntCounterVec,
+    sink_commit: HistogramVec,
+    dead_letters: IntCounterVec,
+    late_records: IntCounterVec,
+    checkpoints: IntCounterVec,
+    leases_held: IntGaugeVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    // Registering the same name twice (two runtimes in one registry) keeps the first: both
+    // runtimes then share one series per label set, which is what a dashboard wants.
+    let _ = registry.register(Box::new(c.clone()));
+    c
+}
+
+impl Metrics {
+    /// Metrics registered in `registry`.
+    pub fn new(registry: &Registry) -> Self {
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            let _ = registry.register(Box::new(g.clone()));
+            g
+        };
+        let sink_commit = HistogramVec::new(
+            HistogramOpts::new("shardflow_sink_commit_seconds", "Latency of sink commits"),
+            &["topology", "sink"],
+        )
+        .expect("valid metric");
+        let _ = registry.register(Box::new(sink_commit.clone()));
+        Self {
+            records_read: counter(
+                registry,
+                "shardflow_records_read_total",
+                "Records read from the source",
+                &["topology", "shard"],
+            ),
+            bytes_read: counter(
+                registry,
+                "shardflow_bytes_read_total",
+                "Payload bytes read from the source",
+                &["topology", "shard"],
+            ),
+            millis_behind: gauge(
+                "shardflow_millis_behind_latest",
+                "How far the reader is behind the tip of the shard",
+                &["topology", "shard"],
+            ),
+            records_written: counter(
+                registry,
+                "shardflow_records_written_total",
+                "Outputs written to a sink",
+                &["topology", "sink"],
+            ),
+            sink_commit,
+            dead_letters: counter(
+                registry,
+                "shardflow_dead_letters_total",
+                "Records sent to the dead-letter sink",
+                &["topology", "shard"],
+            ),
+            late_records: counter(
+                registry,
+                "shardflow_late_records_total",
+                "Records that arrived after their window closed",
+                &["topology"],
+            ),
+            checkpoints: counter(
+                registry,
+                "shardflow_checkpoints_written_total",
+                "Checkpoints written to the lease store",
+                &["topology", "shard"],
+            ),
+            leases_held: gauge(
+                "shardflow_leases_held",
+                "Leases this worker holds",
+                &["topology"],
+            ),
+        }
+    }
+
+    /// Metrics in a private registry (for tests and embedded runs that export nothing).
+    pub fn unregistered() -> Self {
+        Self::new(&Registry::new())
+    }
+
+    pub(crate) fn read(&self, topology: &str, shard: &str, records: usize, bytes: usize) {
+        self.records_read.with_label_values(&[topology, shard]).inc_by(records as u64);
+        self.bytes_read.with_label_values(&[topology, shard]).inc_by(bytes as u64);
+    }
+
+    pub(crate) fn behind(&self, topology: &str, shard: &str, millis: u64) {
+        let millis = i64::try_from(millis).unwrap_or(i64::MAX);
+        self.millis_behind.with_label_values(&[topology, shard]).set(millis);
+    }
+
+    pub(crate) fn sink_records(&self, topology: &str, sink: &str, n: usize) {
+        self.records_written.with_label_values(&[topology, sink]).inc_by(n as u64);
+    }
+
+    pub(crate) fn sink_commit(&self, topology: &str, sink: &str, took: Duration) {
+        self.sink_commit.with_label_values(&[topology, sink]).observe(took.as_secs_f64());
+    }
+
+    pub(crate) fn dead_lettered(&self, topology: &str, shard: &str, n: usize) {
+        self.dead_letters.with_label_values(&[topology, shard]).inc_by(n as u64);
+    }
+
+    /// Counts late records (operators call it).
+    pub fn late(&self, topology: &str, n: u64) {
+        self.late_records.with_label_values(&[topology]).inc_by(n);
+    }
+
+    pub(crate) fn checkpointed(&self, topology: &str, shard: &str) {
+        self.checkpoints.with_label_values(&[topology, shard]).inc();
+    }
+
+    pub(crate) fn leases(&self, topology: &str, held: usize) {
+        self.leases_held.with_label_values(&[topology]).set(held as i64);
+    }
+}

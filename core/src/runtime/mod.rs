@@ -1,0 +1,385 @@
+//! The runtime: runs a topology over the shards this worker holds leases for, checkpoints after
+//! sinks commit, and ends on shutdown (or, in a bounded run, when every shard is caught up).
+
+pub mod metrics;
+mod leases;
+mod shard_task;
+pub(crate) mod tracker;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpoint::Epoch;
+use crate::error::{BuildError, Error, ShardStopped};
+use crate::lease::{Lease, LeaseStore, ShardCheckpoint};
+use crate::position::{ShardId, ShardInfo};
+use crate::source::ReadLimits;
+use crate::topology::stream::{Topology, WorkerCx};
+use leases::LeaseManager;
+use metrics::Metrics;
+use shard_task::{ShardOutcome, ShardTask};
+use tracker::Tracker;
+
+/// Whether a run ends by itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunMode {
+    /// Run until the shutdown signal.
+    Continuous,
+    /// End when every shard is read to its tip (or end): open windows are emitted as they are
+    /// (and kept in the checkpoint, so a later run refines them). For examples, backfills, tests.
+    UntilCaughtUp,
+}
+
+/// How a worker runs. Defaults follow the KCL where it has one.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// This worker's identity in the lease table; a restarted worker with the same id takes its
+    /// leases back at once.
+    pub worker_id: String,
+    /// Keyed workers per keyed branch (default: the number of cores).
+    pub parallelism: usize,
+    /// Epochs in flight per keyed worker: bounds memory, and a slow sink slows the readers.
+    pub channel_capacity: usize,
+    /// Records and bytes per read.
+    pub read_limits: ReadLimits,
+    /// Wait after an empty read at the tip of a shard.
+    pub idle_wait: Duration,
+    /// How often checkpoints are written.
+    pub checkpoint_interval: Duration,
+    /// A lease not renewed for this long may be taken by another worker (KCL: 10 s).
+    pub lease_duration: Duration,
+    /// How often the shard list is re-read to find children of resharded shards.
+    pub shard_sync_interval: Duration,
+    /// Whether the run ends by itself.
+    pub mode: RunMode,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            worker_id: format!("worker-{}", std::process::id()),
+            parallelism: std::thread::available_parallelism().map_or(2, usize::from),
+            channel_capacity: 4,
+            read_limits: ReadLimits::default(),
+            idle_wait: Duration::from_millis(200),
+            checkpoint_interval: Duration::from_secs(1),
+            lease_duration: Duration::from_secs(10),
+            shard_sync_interval: Duration::from_secs(10),
+            mode: RunMode::Continuous,
+        }
+    }
+}
+
+impl RuntimeConfig {
+    /// Checks every value, naming the first bad field.
+    pub fn validate(&self) -> Result<(), BuildError> {
+        let bad = |field, reason: &str| Err(BuildError::InvalidConfig { field, reason: reason.into() });
+        if self.worker_id.is_empty() {
+            return bad("worker_id", "must not be empty");
+        }
+        if self.parallelism == 0 || self.parallelism > 1024 {
+            return bad("parallelism", "must be between 1 and 1024");
+        }
+        if self.channel_capacity == 0 {
+            return bad("channel_capacity", "must be at least 1");
+        }
+        if self.read_limits.max_records == 0 || self.read_limits.max_records > 10_000 {
+            return bad("read_limits.max_records", "must be between 1 and 10000 (the GetRecords limit)");
+        }
+        if self.read_limits.max_bytes == 0 {
+            return bad("read_limits.max_bytes", "must be at least 1");
+        }
+        if self.checkpoint_interval.is_zero() {
+            return bad("checkpoint_interval", "must be positive");
+        }
+        if self.lease_duration < self.checkpoint_interval {
+            return bad("lease_duration", "must be at least the checkpoint interval");
+        }
+        Ok(())
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Default)]
+pub struct RunReport {
+    /// Shards read to their end (closed shards) in this run.
+    pub shards_ended: Vec<ShardId>,
+    /// Shards read to their tip in a bounded run.
+    pub shards_caught_up: Vec<ShardId>,
+}
+
+/// Runs a topology.
+pub struct Runtime {
+    topology: Arc<Topology>,
+    leases: Arc<dyn LeaseStore>,
+    config: RuntimeConfig,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+}
+
+struct RunningShard {
+    lease_key: String,
+    cancel: CancellationToken,
+    lost: bool,
+}
+
+impl Runtime {
+    /// A runtime for `topology` coordinating through `leases`.
+    pub fn new(topology: Topology, leases: Arc<dyn LeaseStore>) -> Self {
+        Self {
+            topology: Arc::new(topology),
+            leases,
+            config: RuntimeConfig::default(),
+            metrics: Metrics::unregistered(),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// Sets the configuration.
+    pub fn with_config(mut self, config: RuntimeConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Reports into these metrics.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Stops gracefully when `shutdown` is cancelled: reading stops, in-flight records reach
+    /// the sinks, checkpoints are written and leases released.
+    pub fn with_shutdown(mut self, shutdown: CancellationToken) -> Self {
+        self.shutdown = shutdown;
+        self
+    }
+
+    /// Runs until shutdown (or, in a bounded run, until every shard is caught up).
+    ///
+    /// # Errors
+    /// A bad configuration; a source, sink or lease store failure that retries did not fix; a
+    /// shard stopped by the `StopShard` dead-letter policy (reported when the run ends).
+    pub async fn run(self) -> Result<RunReport, Error> {
+        self.config.validate()?;
+        let config = Arc::new(self.config.clone());
+        let topology = Arc::clone(&self.topology);
+        let tracker = Tracker::default();
+        let n = config.parallelism;
+        let mut workers = JoinSet::new();
+        let worker_cx = WorkerCx {
+            topology: topology.name.clone(),
+            tracker: tracker.clone(),
+            metrics: self.metrics.clone(),
+            capacity: config.channel_capacity,
+        };
+        let exchanges: Vec<_> = topology
+            .keyed
+            .iter()
+            .enumerate()
+            .map(|(b, branch)| branch.spawn(n, 1 + b * n, &worker_cx, &mut workers))
+            .collect();
+        let exchanges = Arc::new(exchanges);
+        let paths = topology.paths(n);
+        let leases = LeaseManager::new(Arc::clone(&self.leases), config.worker_id.clone(), config.lease_duration);
+
+        let mut shard_tasks: JoinSet<(ShardId, Result<ShardOutcome, Error>)> = JoinSet::new();
+        let mut running: HashMap<ShardId, RunningShard> = HashMap::new();
+        let mut finishing: Vec<(ShardId, String, Epoch, bool)> = Vec::new();
+        let mut completed: HashSet<ShardId> = HashSet::new();
+        let mut written: HashMap<ShardId, ShardCheckpoint> = HashMap::new();
+        let mut stopped: Vec<ShardStopped> = Vec::new();
+        let mut report = RunReport::default();
+        let mut ticker = tokio::time::interval(config.checkpoint_interval);
+        let mut last_renew = tokio::time::Instant::now();
+        let mut last_sync: Option<tokio::time::Instant> = None;
+        let mut need_sync = true;
+        let name = topology.name.clone();
+        let mut failure: Option<Error> = None;
+
+        loop {
+            let sync_due = last_sync.is_none_or(|t| t.elapsed() >= config.shard_sync_interval);
+            if (need_sync || sync_due) && !self.shutdown.is_cancelled() {
+                need_sync = false;
+                last_sync = Some(tokio::time::Instant::now());
+                let shards = topology.source.list_shards().await?;
+                leases.sync(&shards).await?;
+                let lease_list = leases.list().await?;
+                for shard in eligible(&shards, &lease_list, &running, &completed) {
+                    let lease = lease_list.iter().find(|l| l.key == shard.id.as_str()).expect("eligible shards have leases");
+                    let Some(taken) = leases.try_take(lease).await? else { continue };
+                    let cancel = CancellationToken::new();
+                    tracker.start_shard(&shard.id, taken.checkpoint.clone(), paths);
+                    let task = ShardTask {
+                        shard: shard.clone(),
+                        resume: taken.checkpoint.clone(),
+                        topology: Arc::clone(&topology),
+                        config: Arc::clone(&config),
+                        tracker: tracker.clone(),
+                        metrics: self.metrics.clone(),
+                        exchanges: Arc::clone(&exchanges),
+                        cancel: cancel.clone(),
+                    };
+                    written.insert(shard.id.clone(), taken.checkpoint.clone());
+                    running.insert(shard.id.clone(), RunningShard { lease_key: taken.key.clone(), cancel, lost: false });
+                    let id = shard.id.clone();
+                    tracing::info!(topology = %name, shard = %id, "processing shard");
+                    shard_tasks.spawn(async move { (id, task.run().await) });
+                }
+                self.metrics.leases(&name, leases.held_count().await);
+            }
+            if running.is_empty() && finishing.is_empty() {
+                let bounded_done = config.mode == RunMode::UntilCaughtUp && !need_sync;
+                if bounded_done || self.shutdown.is_cancelled() || failure.is_some() {
+                    break;
+                }
+            }
+            tokio::select! {
+                () = self.shutdown.cancelled(), if !running.is_empty() && running.values().all(|r| !r.cancel.is_cancelled()) => {
+                    tracing::info!(topology = %name, "shutting down: stopping readers");
+                    running.values().for_each(|r| r.cancel.cancel());
+                }
+                Some(joined) = workers.join_next() => {
+                    let error = match joined {
+                        Ok(Ok(())) => Error::Task("keyed worker ended early".into()),
+                        Ok(Err(e)) => e,
+                        Err(e) => Error::Task(e.to_string()),
+                    };
+                    tracing::error!(topology = %name, %error, "keyed worker failed");
+                    running.values().for_each(|r| r.cancel.cancel());
+                    failure.get_or_insert(error);
+                    // The other shards cannot make progress; stop waiting for them.
+                    finishing.clear();
+                    break;
+                }
+                Some(joined) = shard_tasks.join_next() => {
+                    let (id, outcome) = joined.map_err(|e| Error::Task(e.to_string()))?;
+                    let shard = running.remove(&id).expect("a finished task was running");
+                    match outcome {
+                        Ok(ShardOutcome::Finished { last_epoch, shard_end }) => {
+                            finishing.push((id, shard.lease_key, last_epoch, shard_end));
+                        }
+                        Ok(ShardOutcome::Cancelled { last_epoch }) if !shard.lost => {
+                            finishing.push((id, shard.lease_key, last_epoch, false));
+                        }
+                        Ok(ShardOutcome::Cancelled { .. }) => {
+                            tracker.stop_shard(&id);
+                            leases.forget(&shard.lease_key).await;
+                        }
+                        Err(Error::ShardStopped(stop)) => {
+                            tracker.stop_shard(&id);
+                            completed.insert(id);
+                            stopped.push(stop);
+                        }
+                        Err(error) => {
+                            tracing::error!(topology = %name, shard = %id, %error, "shard failed");
+                            tracker.stop_shard(&id);
+                            running.values().for_each(|r| r.cancel.cancel());
+                            failure.get_or_insert(error);
+                        }
+                    }
+                }
+                _ = ticker.tick() => {
+                    if last_renew.elapsed() >= config.lease_duration / 3 {
+                        last_renew = tokio::time::Instant::now();
+                        for key in leases.renew_all().await {
+                            for r in running.values_mut().filter(|r| r.lease_key == key) {
+                                tracing::warn!(topology = %name, lease = %key, "lease lost");
+                                r.lost = true;
+                                r.cancel.cancel();
+                            }
+                        }
+                    }
+                    for (id, r) in running.iter_mut() {
+                        if let Err(lost) = write_checkpoint(&leases, &tracker, &self.metrics, &name, id, &r.lease_key, &mut written).await {
+                            tracing::warn!(topology = %name, shard = %id, error = %lost, "checkpoint rejected");
+                            r.lost = true;
+                            r.cancel.cancel();
+                        }
+                    }
+                }
+                () = tracker.reported(), if !finishing.is_empty() => {}
+            }
+            // Shards whose last epoch every path committed: final checkpoint, then children.
+            let mut still = Vec::new();
+            for (id, key, last_epoch, shard_end) in finishing.drain(..) {
+                if tracker.committed_epoch(&id) < last_epoch {
+                    still.push((id, key, last_epoch, shard_end));
+                    continue;
+                }
+                if let Err(error) = write_checkpoint(&leases, &tracker, &self.metrics, &name, &id, &key, &mut written).await {
+                    tracing::warn!(topology = %name, shard = %id, %error, "final checkpoint rejected");
+                }
+                tracker.stop_shard(&id);
+                if shard_end {
+                    report.shards_ended.push(id.clone());
+                    need_sync = true;
+                } else if config.mode == RunMode::UntilCaughtUp && !self.shutdown.is_cancelled() {
+                    report.shards_caught_up.push(id.clone());
+                }
+                completed.insert(id);
+            }
+            finishing = still;
+        }
+
+        shard_tasks.shutdown().await;
+        if failure.is_none() {
+            leases.release_all().await;
+        }
+        drop(exchanges);
+        drop(shard_tasks);
+        while let Some(joined) = workers.join_next().await {
+            if let Ok(Err(e)) = joined {
+                failure.get_or_insert(e);
+            }
+        }
+        if let Some(error) = failure {
+            return Err(error);
+        }
+        if let Some(stop) = stopped.into_iter().next() {
+            return Err(Error::ShardStopped(stop));
+        }
+        Ok(report)
+    }
+}
+
+async fn write_checkpoint(
+    leases: &LeaseManager,
+    tracker: &Tracker,
+    metrics: &Metrics,
+    topology: &str,
+    id: &ShardId,
+    key: &str,
+    written: &mut HashMap<ShardId, ShardCheckpoint>,
+) -> Result<(), crate::error::LeaseError> {
+    let Some(cp) = tracker.checkpoint(id) else { return Ok(()) };
+    if written.get(id) == Some(&cp) {
+        return Ok(());
+    }
+    leases.checkpoint(key, cp.clone()).await?;
+    metrics.checkpointed(topology, id.as_str());
+    written.insert(id.clone(), cp);
+    Ok(())
+}
+
+/// Shards to start: not running, not done in this run, not finished, and whose parents all
+/// reached their end (or left no lease), so per-key order holds across resharding.
+fn eligible<'a>(
+    shards: &'a [ShardInfo],
+    leases: &[Lease],
+    running: &HashMap<ShardId, RunningShard>,
+    completed: &HashSet<ShardId>,
+) -> Vec<&'a ShardInfo> {
+    let by_key: HashMap<&str, &Lease> = leases.iter().map(|l| (l.key.as_str(), l)).collect();
+    shards
+        .iter()
+        .filter(|s| !running.contains_key(&s.id) && !completed.contains(&s.id))
+        .filter(|s| by_key.get(s.id.as_str()).is_some_and(|l| !l.checkpoint.is_shard_end()))
+        .filter(|s| {
+            s.parents.iter().all(|p| by_key.get(p.as_str()).is_none_or(|l| l.checkpoint.is_shard_end()))
+        })
+        .collect()
+}

@@ -1,0 +1,282 @@
+//! One task per owned shard: read batches, cut them into epochs, push them through the fused
+//! chain, write dead letters and shard-stage sinks, hand keyed records to the exchange.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpoint::Epoch;
+use crate::error::Error;
+use crate::lease::{CheckpointPosition, ShardCheckpoint};
+use crate::position::{EventTime, ShardInfo, StartPosition};
+use crate::record::RawBatch;
+use crate::runtime::metrics::Metrics;
+use crate::runtime::tracker::Tracker;
+use crate::runtime::{RunMode, RuntimeConfig};
+use crate::sink::SinkContext;
+use crate::source::{ShardReader, ShardStatus};
+use crate::topology::chain::{Control, Emit, EpochCx, Failures, Ident, Mode, RecordCx, SinkEmitter};
+use crate::topology::keyed::Exchanges;
+use crate::topology::stream::{InstanceCx, ShardPipeline, Topology};
+use crate::dead_letter::DeadLetterRecord;
+
+/// How a shard task ended.
+#[derive(Debug)]
+pub(crate) enum ShardOutcome {
+    /// Read to the end (closed shard) or to the tip (bounded run); `last_epoch` is final.
+    Finished { last_epoch: Epoch, shard_end: bool },
+    /// Stopped on request (shutdown or lost lease) after `last_epoch`.
+    Cancelled { last_epoch: Epoch },
+}
+
+/// The path number of the shard task itself (its sinks and dead letters).
+pub(crate) const SHARD_PATH: usize = 0;
+
+/// Longest wait between attempts to read a shard after retryable errors.
+const MAX_READ_BACKOFF: Duration = Duration::from_secs(5);
+
+pub(crate) struct ShardTask {
+    pub(crate) shard: ShardInfo,
+    pub(crate) resume: ShardCheckpoint,
+    pub(crate) topology: Arc<Topology>,
+    pub(crate) config: Arc<RuntimeConfig>,
+    pub(crate) tracker: Tracker,
+    pub(crate) metrics: Metrics,
+    pub(crate) exchanges: Exchanges,
+    pub(crate) cancel: CancellationToken,
+}
+
+struct Running {
+    pipeline: Box<dyn ShardPipeline>,
+    dead_letters: Option<SinkEmitter<DeadLetterRecord>>,
+    failures: Failures,
+    max_event_time: Option<EventTime>,
+    committed_watermark: EventTime,
+    epoch: Epoch,
+}
+
+impl ShardTask {
+    pub(crate) async fn run(self) -> Result<ShardOutcome, Error> {
+        let id = self.shard.id.clone();
+        let start = match &self.resume.rebuild_from {
+            CheckpointPosition::Initial => self.topology.start.clone(),
+            CheckpointPosition::At(p) => StartPosition::After(p.clone()),
+            CheckpointPosition::ShardEnd => {
+                return Ok(ShardOutcome::Finished { last_epoch: 0, shard_end: true })
+            }
+        };
+        // Records up to the committed position only rebuild state.
+        let mut replay_until = match (&self.resume.committed, &self.resume.rebuild_from) {
+            (CheckpointPosition::At(c), CheckpointPosition::At(r)) if c > r => Some(c.clone()),
+            (CheckpointPosition::At(c), CheckpointPosition::Initial) => Some(c.clone()),
+            _ => None,
+        };
+        let instance = InstanceCx {
+            topology: self.topology.name.clone(),
+            instance: format!("shard-{id}"),
+            failures: None,
+            exchanges: Arc::clone(&self.exchanges),
+            metrics: self.metrics.clone(),
+        };
+        let failures = Failures::new(
+            self.topology.dead_letter.clone(),
+            self.topology.source.stream_name().to_owned(),
+            id.clone(),
+        );
+        let instance = InstanceCx { failures: Some(failures.clone()), ..instance };
+        let pipeline = self.topology.root.instantiate(&instance, failures.clone());
+        let bound = pipeline.out_of_orderness_ms();
+        let dead_letters = self.topology.dead_letter.sink().map(|sink| {
+            let cx = SinkContext {
+                topology: self.topology.name.clone(),
+                instance: format!("dead-letters-{id}"),
+            };
+            SinkEmitter::new(Arc::clone(sink), cx, self.metrics.clone())
+        });
+        let mut run = Running {
+            pipeline,
+            dead_letters,
+            failures,
+            max_event_time: self.resume.rebuild_watermark.map(|w| w.saturating_add(bound)),
+            committed_watermark: self.resume.committed_watermark.unwrap_or(EventTime::MIN),
+            epoch: 0,
+        };
+
+        let mut reader = match self.open(start).await? {
+            Some(reader) => reader,
+            None => return Ok(ShardOutcome::Cancelled { last_epoch: 0 }),
+        };
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let batch = tokio::select! {
+                () = self.cancel.cancelled() => return self.release(&mut run).await,
+                batch = reader.read() => batch,
+            };
+            let batch = match batch {
+                Ok(batch) => {
+                    backoff = Duration::from_millis(100);
+                    batch
+                }
+                Err(e) if e.is_retryable() => {
+                    tracing::warn!(shard = %id, error = %e, "read failed, backing off");
+                    if self.pause(jittered(backoff)).await {
+                        return self.release(&mut run).await;
+                    }
+                    backoff = (backoff * 2).min(MAX_READ_BACKOFF);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(behind) = batch.millis_behind_latest {
+                self.metrics.behind(&self.topology.name, id.as_str(), behind);
+            }
+            let empty = batch.records.is_empty();
+            self.metrics.read(&self.topology.name, id.as_str(), batch.records.len(), batch.records.byte_len());
+            let mut rest = batch.records;
+            while !rest.is_empty() {
+                let (part, replay) = match &replay_until {
+                    Some(until) => {
+                        let n = (0..rest.len()).take_while(|&i| rest.get(i).position <= until).count();
+                        if n == rest.len() {
+                            if rest.last_position() == Some(until) {
+                                replay_until = None;
+                            }
+                            (std::mem::take(&mut rest), true)
+                        } else if n == 0 {
+                            replay_until = None;
+                            (std::mem::take(&mut rest), false)
+                        } else {
+                            let tail = rest.split_off(n);
+                            replay_until = None;
+                            (std::mem::replace(&mut rest, tail), true)
+                        }
+                    }
+                    None => (std::mem::take(&mut rest), false),
+                };
+                self.epoch(&mut run, part, replay, Control::Continue).await?;
+            }
+            match batch.status {
+                ShardStatus::Ended => {
+                    self.epoch(&mut run, RawBatch::default(), false, Control::ShardEnd).await?;
+                    return Ok(ShardOutcome::Finished { last_epoch: run.epoch, shard_end: true });
+                }
+                ShardStatus::CaughtUp if self.config.mode == RunMode::UntilCaughtUp => {
+                    self.epoch(&mut run, RawBatch::default(), false, Control::EndOfInput).await?;
+                    return Ok(ShardOutcome::Finished { last_epoch: run.epoch, shard_end: false });
+                }
+                ShardStatus::CaughtUp if empty => {
+                    if self.pause(self.config.idle_wait).await {
+                        return self.release(&mut run).await;
+                    }
+                }
+                ShardStatus::CaughtUp | ShardStatus::More => {}
+            }
+        }
+    }
+
+    /// Opens the reader, retrying retryable errors; `None` if cancelled meanwhile.
+    async fn open(&self, start: StartPosition) -> Result<Option<Box<dyn ShardReader>>, Error> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let opened = self
+                .topology
+                .source
+                .open_shard(&self.shard, start.clone(), self.config.read_limits)
+                .await;
+            match opened {
+                Ok(reader) => return Ok(Some(reader)),
+                Err(e) if e.is_retryable() => {
+                    tracing::warn!(shard = %self.shard.id, error = %e, "opening shard failed, backing off");
+                    if self.pause(jittered(backoff)).await {
+                        return Ok(None);
+                    }
+                    backoff = (backoff * 2).min(MAX_READ_BACKOFF);
+                }
+                Err(e) => return Err(Error::Source(e)),
+            }
+        }
+    }
+
+    /// Waits, or returns true at once if cancelled.
+    async fn pause(&self, wait: Duration) -> bool {
+        tokio::select! {
+            () = self.cancel.cancelled() => true,
+            () = tokio::time::sleep(wait) => false,
+        }
+    }
+
+    async fn epoch(
+        &self,
+        run: &mut Running,
+        raw: RawBatch,
+        replay: bool,
+        control: Control,
+    ) -> Result<(), Error> {
+        let id = &self.shard.id;
+        let raw = Arc::new(raw);
+        run.epoch += 1;
+        run.failures.begin_epoch(&raw, replay);
+        run.pipeline.process(&raw, &mut run.max_event_time);
+        let (dead, stop) = run.failures.end_epoch();
+        if let Some(stopped) = stop {
+            tracing::error!(shard = %id, error = %stopped, "stopping shard");
+            run.pipeline.discard();
+            run.epoch -= 1;
+            self.release(run).await?;
+            return Err(Error::ShardStopped(stopped));
+        }
+        let watermark = run.max_event_time.map(|m| m.saturating_sub(run.pipeline.out_of_orderness_ms()));
+        let mode = if replay {
+            Mode::Rebuild { committed_watermark: run.committed_watermark }
+        } else {
+            Mode::Live
+        };
+        // Registered before anything is sent, so that reports always find their epoch.
+        self.tracker.record_epoch(
+            id,
+            run.epoch,
+            raw.last_position().cloned(),
+            watermark,
+            replay,
+            control == Control::ShardEnd,
+        );
+        let cx = EpochCx { shard: id.clone(), epoch: run.epoch, raw: Arc::clone(&raw), watermark, mode, control };
+        if !dead.is_empty() {
+            let emitter = run.dead_letters.as_mut().expect("dead letters exist only with a sink");
+            let n = dead.len();
+            for (index, letter) in dead {
+                let rcx = RecordCx { event_time: 0, watermark: 0, ident: Ident::Record { index, fanout: 0 } };
+                emitter.emit(&rcx, letter);
+            }
+            emitter.flush(&cx).await?;
+            // Committed before the epoch is reported: the checkpoint passes a dead-lettered
+            // record only once its dead letter is durable.
+            emitter.commit().await?;
+            self.metrics.dead_lettered(&self.topology.name, id.as_str(), n);
+        }
+        run.pipeline.flush(&cx).await?;
+        run.pipeline.commit().await?;
+        self.tracker.report(SHARD_PATH, &[(id.clone(), run.epoch, None)]);
+        Ok(())
+    }
+
+    /// Tells the keyed workers to drop the shard's state and returns `Cancelled`.
+    async fn release(&self, run: &mut Running) -> Result<ShardOutcome, Error> {
+        let cx = EpochCx {
+            shard: self.shard.id.clone(),
+            epoch: run.epoch + 1,
+            raw: Arc::default(),
+            watermark: None,
+            mode: Mode::Live,
+            control: Control::Release,
+        };
+        run.pipeline.discard();
+        run.pipeline.flush(&cx).await?;
+        Ok(ShardOutcome::Cancelled { last_epoch: run.epoch })
+    }
+}
+
+fn jittered(cap: Duration) -> Duration {
+    cap.mul_f64(0.5 + rand::random::<f64>() / 2.0)
+}

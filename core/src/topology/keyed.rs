@@ -1,0 +1,283 @@
+//! The keyed stage: the `KeyedOperator` primitive that windows and reductions implement, the
+//! exchange that hashes records to keyed workers, and the worker loop.
+
+use std::hash::{BuildHasher, Hash};
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use rustc_hash::{FxBuildHasher, FxHashMap};
+use tokio::sync::mpsc;
+
+use crate::checkpoint::Epoch;
+use crate::error::Error;
+use crate::position::{EventTime, ShardId};
+use crate::runtime::metrics::Metrics;
+use crate::runtime::tracker::Tracker;
+use crate::topology::chain::{Control, Emit, EpochCx, Ident, Mode, RecordCx};
+
+/// A record after `key_by`, on its way to the keyed worker that owns its key.
+#[derive(Clone, Debug)]
+pub struct KeyedRecord<K, T> {
+    /// The key.
+    pub key: K,
+    /// The value.
+    pub value: T,
+    /// The event time.
+    pub event_time: EventTime,
+    /// The shard's watermark when the record arrived.
+    pub watermark: EventTime,
+    index: u32,
+    fanout: u32,
+}
+
+impl<K, T> KeyedRecord<K, T> {
+    /// The record's context (for a late record sent to a side output, whose identity is the
+    /// input record's).
+    pub fn cx(&self) -> RecordCx {
+        RecordCx {
+            event_time: self.event_time,
+            watermark: self.watermark,
+            ident: Ident::Record { index: self.index, fanout: self.fanout },
+        }
+    }
+}
+
+/// Where a keyed operator sends results and late records.
+pub struct KeyedOutput<'a, In, Out> {
+    main: &'a mut dyn Emit<Out>,
+    late: &'a mut dyn Emit<In>,
+    late_count: u64,
+}
+
+impl<In, Out> KeyedOutput<'_, In, Out> {
+    /// Emits a result.
+    pub fn emit(&mut self, cx: &RecordCx, value: Out) {
+        self.main.emit(cx, value);
+    }
+
+    /// Routes a record that arrived after its window closed to the late side output.
+    pub fn late<K>(&mut self, record: KeyedRecord<K, In>) {
+        self.late_count += 1;
+        let cx = record.cx();
+        self.late.emit(&cx, record.value);
+    }
+}
+
+/// A stateful operator on keyed records, with state per source shard.
+///
+/// The runtime calls `on_record` for each record of an epoch, then `on_watermark` with the
+/// shard's watermark after the epoch (never during a replay), and reports `hold` to the
+/// checkpoint tracker: the oldest epoch whose records the state still needs.
+pub trait KeyedOperator: Send + 'static {
+    /// The key type.
+    type Key: Send + 'static;
+    /// The input value type.
+    type In: Send + 'static;
+    /// The output type.
+    type Out: Send + 'static;
+    /// Everything the operator keeps for one source shard.
+    type State: Default + Send + 'static;
+
+    /// Handles one record of `epoch`.
+    fn on_record(
+        &mut self,
+        state: &mut Self::State,
+        record: KeyedRecord<Self::Key, Self::In>,
+        epoch: Epoch,
+        mode: Mode,
+        out: &mut KeyedOutput<'_, Self::In, Self::Out>,
+    );
+
+    /// The shard's watermark advanced: fire and close what it completes.
+    fn on_watermark(
+        &mut self,
+        state: &mut Self::State,
+        watermark: EventTime,
+        out: &mut KeyedOutput<'_, Self::In, Self::Out>,
+    );
+
+    /// A bounded run reached the end of its input: emit what open state holds, keep the state.
+    fn on_end_of_input(
+        &mut self,
+        _state: &mut Self::State,
+        _out: &mut KeyedOutput<'_, Self::In, Self::Out>,
+    ) {
+    }
+
+    /// The oldest epoch the state holds records of, if any.
+    fn hold(&self, state: &Self::State) -> Option<Epoch>;
+}
+
+/// One epoch of one shard for one keyed worker.
+pub(crate) struct ExchangeMsg<K, T> {
+    pub(crate) epoch: EpochCx,
+    pub(crate) records: Vec<KeyedRecord<K, T>>,
+}
+
+/// The shard-side end of an exchange: hashes each record's key to a worker and sends every
+/// worker one message per epoch (possibly without records: each worker must see every epoch).
+pub(crate) struct ExchangeEmitter<K, T, F> {
+    pub(crate) key_fn: F,
+    pub(crate) senders: Vec<mpsc::Sender<ExchangeMsg<K, T>>>,
+    pub(crate) buffers: Vec<Vec<KeyedRecord<K, T>>>,
+}
+
+impl<K, T, F> ExchangeEmitter<K, T, F> {
+    pub(crate) fn new(key_fn: F, senders: Vec<mpsc::Sender<ExchangeMsg<K, T>>>) -> Self {
+        let buffers = senders.iter().map(|_| Vec::new()).collect();
+        Self { key_fn, senders, buffers }
+    }
+}
+
+#[async_trait]
+impl<K, T, F> Emit<T> for ExchangeEmitter<K, T, F>
+where
+    K: Hash + Send + 'static,
+    T: Send + 'static,
+    F: Fn(&T) -> K + Send + 'static,
+{
+    fn emit(&mut self, cx: &RecordCx, value: T) {
+        let key = (self.key_fn)(&value);
+        let worker = if self.senders.len() == 1 {
+            0
+        } else {
+            // Multiply-shift maps the hash onto the workers without a division.
+            let h = FxBuildHasher.hash_one(&key);
+            ((u128::from(h) * self.senders.len() as u128) >> 64) as usize
+        };
+        let Ident::Record { index, fanout } = cx.ident else {
+            unreachable!("key_by runs before any keyed operator");
+        };
+        self.buffers[worker].push(KeyedRecord {
+            key,
+            value,
+            event_time: cx.event_time,
+            watermark: cx.watermark,
+            index,
+            fanout,
+        });
+    }
+
+    async fn flush(&mut self, epoch: &EpochCx) -> Result<(), Error> {
+        for (sender, buffer) in self.senders.iter().zip(&mut self.buffers) {
+            let records = std::mem::take(buffer);
+            let msg = ExchangeMsg { epoch: epoch.clone(), records };
+            // A closed channel means the worker failed; the run reports the worker's error.
+            sender.send(msg).await.map_err(|_| Error::Task("keyed worker stopped".into()))?;
+        }
+        Ok(())
+    }
+
+    async fn commit(&mut self) -> Result<(), Error> {
+        // The workers commit their own sinks and report to the tracker.
+        Ok(())
+    }
+
+    fn discard(&mut self) {
+        self.buffers.iter_mut().for_each(Vec::clear);
+    }
+}
+
+/// Runs one keyed worker until every shard task dropped its sender.
+pub(crate) struct KeyedWorker<Op: KeyedOperator> {
+    pub(crate) op: Op,
+    pub(crate) main: Box<dyn Emit<Op::Out>>,
+    pub(crate) late: Box<dyn Emit<Op::In>>,
+    pub(crate) tracker: Tracker,
+    pub(crate) path: usize,
+    pub(crate) metrics: Metrics,
+    pub(crate) topology: String,
+    pub(crate) _key: PhantomData<fn() -> Op::Key>,
+}
+
+/// Messages a worker handles before it commits its sinks and reports: bounds the work a crash
+/// repeats while letting a busy worker commit once for many small epochs.
+const MESSAGES_PER_COMMIT: usize = 64;
+
+impl<Op> KeyedWorker<Op>
+where
+    Op: KeyedOperator,
+    Op::Key: Hash + Eq,
+{
+    pub(crate) async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<ExchangeMsg<Op::Key, Op::In>>,
+    ) -> Result<(), Error> {
+        let mut states: FxHashMap<ShardId, Op::State> = FxHashMap::default();
+        let mut reports: Vec<(ShardId, Epoch, Option<Epoch>)> = Vec::new();
+        while let Some(first) = rx.recv().await {
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                if let Some(report) = self.handle(&mut states, msg).await? {
+                    reports.push(report);
+                }
+                if reports.len() < MESSAGES_PER_COMMIT {
+                    next = rx.try_recv().ok();
+                }
+            }
+            self.main.commit().await?;
+            self.late.commit().await?;
+            self.tracker.report(self.path, &reports);
+            reports.clear();
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &mut self,
+        states: &mut FxHashMap<ShardId, Op::State>,
+        msg: ExchangeMsg<Op::Key, Op::In>,
+    ) -> Result<Option<(ShardId, Epoch, Option<Epoch>)>, Error> {
+        let ExchangeMsg { epoch, records } = msg;
+        if epoch.control == Control::Release {
+            states.remove(&epoch.shard);
+            self.main.discard();
+            self.late.discard();
+            return Ok(None);
+        }
+        let state = states.entry(epoch.shard.clone()).or_default();
+        let mut out =
+            KeyedOutput { main: &mut *self.main, late: &mut *self.late, late_count: 0 };
+        for record in records {
+            self.op.on_record(state, record, epoch.epoch, epoch.mode, &mut out);
+        }
+        if epoch.mode == Mode::Live {
+            match epoch.control {
+                Control::ShardEnd => self.op.on_watermark(state, EventTime::MAX, &mut out),
+                _ => {
+                    if let Some(wm) = epoch.watermark {
+                        self.op.on_watermark(state, wm, &mut out);
+                    }
+                }
+            }
+            if epoch.control == Control::EndOfInput {
+                self.op.on_end_of_input(state, &mut out);
+            }
+        }
+        if out.late_count > 0 {
+            self.metrics.late(&self.topology, out.late_count);
+        }
+        let hold = self.op.hold(state);
+        if epoch.control == Control::ShardEnd {
+            states.remove(&epoch.shard);
+        }
+        self.main.flush(&epoch).await?;
+        self.late.flush(&epoch).await?;
+        Ok(Some((epoch.shard.clone(), epoch.epoch, hold)))
+    }
+}
+
+/// Builds the exchange senders into a shard pipeline: the type-erased registry of one run.
+pub(crate) type Exchanges = Arc<Vec<Box<dyn std::any::Any + Send + Sync>>>;
+
+/// Rebuilds a typed sender list from the registry.
+pub(crate) fn senders<K: 'static + Send, T: 'static + Send>(
+    exchanges: &Exchanges,
+    branch: usize,
+) -> Vec<mpsc::Sender<ExchangeMsg<K, T>>> {
+    exchanges[branch]
+        .downcast_ref::<Vec<mpsc::Sender<ExchangeMsg<K, T>>>>()
+        .expect("the exchange registry holds the senders of the branch's types")
+        .clone()
+}

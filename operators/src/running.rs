@@ -1,0 +1,80 @@
+//! The running (unwindowed) keyed aggregate: state per (shard, key), emitted per batch.
+
+use rustc_hash::FxHashMap;
+use shardflow_core::checkpoint::Epoch;
+use shardflow_core::position::EventTime;
+use shardflow_core::topology::{Ident, KeyedOperator, KeyedOutput, KeyedRecord, Mode, RecordCx};
+
+use crate::aggregate::Aggregator;
+use crate::key::Key;
+use crate::keyed::KeyedValue;
+
+pub(crate) struct RunningAggregate<K, T, A: Aggregator<T>> {
+    agg: A,
+    _p: std::marker::PhantomData<fn(K, T)>,
+}
+
+impl<K, T, A: Aggregator<T>> RunningAggregate<K, T, A> {
+    pub(crate) fn new(agg: A) -> Self {
+        Self { agg, _p: std::marker::PhantomData }
+    }
+}
+
+pub(crate) struct RunningState<K, Acc> {
+    slots: FxHashMap<K, (Acc, bool)>,
+    first_epoch: Option<Epoch>,
+}
+
+impl<K, Acc> Default for RunningState<K, Acc> {
+    fn default() -> Self {
+        Self { slots: FxHashMap::default(), first_epoch: None }
+    }
+}
+
+impl<K: Key, T: Send + 'static, A: Aggregator<T>> KeyedOperator for RunningAggregate<K, T, A> {
+    type Key = K;
+    type In = T;
+    type Out = KeyedValue<K, A::Out>;
+    type State = RunningState<K, A::Acc>;
+
+    fn on_record(
+        &mut self,
+        state: &mut Self::State,
+        record: KeyedRecord<K, T>,
+        epoch: Epoch,
+        _mode: Mode,
+        _out: &mut KeyedOutput<'_, T, Self::Out>,
+    ) {
+        state.first_epoch.get_or_insert(epoch);
+        let slot = state.slots.entry(record.key).or_insert_with(|| (self.agg.init(&record.value), false));
+        self.agg.add(&mut slot.0, &record.value);
+        slot.1 = true;
+    }
+
+    fn on_watermark(
+        &mut self,
+        state: &mut Self::State,
+        watermark: EventTime,
+        out: &mut KeyedOutput<'_, T, Self::Out>,
+    ) {
+        for (key, (acc, dirty)) in &mut state.slots {
+            if std::mem::take(dirty) {
+                let cx = RecordCx {
+                    event_time: watermark,
+                    watermark,
+                    ident: Ident::Keyed { key: key.key_id(), window: None },
+                };
+                out.emit(&cx, KeyedValue { key: key.clone(), value: self.agg.result(acc) });
+            }
+        }
+    }
+
+    fn on_end_of_input(&mut self, state: &mut Self::State, out: &mut KeyedOutput<'_, T, Self::Out>) {
+        self.on_watermark(state, EventTime::MAX, out);
+    }
+
+    fn hold(&self, state: &Self::State) -> Option<Epoch> {
+        // The state never closes: it needs every record of the shard.
+        state.first_epoch
+    }
+}

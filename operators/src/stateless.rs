@@ -1,0 +1,137 @@
+//! Stateless operators: `map`, `filter`, `flat_map`, `inspect`, and the fallible `try_map`
+//! whose failures go to the topology's dead-letter policy.
+
+use std::fmt::Display;
+
+use shardflow_core::topology::{Collector, FailureAction, Ident, RecordCx, ShardStage, Stage, Stream};
+
+/// Bits of the output index each `flat_map` level uses (up to 65 536 outputs per input).
+const FANOUT_BITS: u32 = 16;
+
+/// Stateless operators on any stream.
+pub trait StreamExt<T, S: Stage>: Sized {
+    /// Transforms each value.
+    fn map<U, F>(self, f: F) -> Stream<U, S::AfterOp>
+    where
+        U: Send + 'static,
+        F: Fn(T) -> U + Clone + Send + Sync + 'static;
+
+    /// Keeps the values for which `f` is true.
+    fn filter<F>(self, f: F) -> Stream<T, S::AfterOp>
+    where
+        F: Fn(&T) -> bool + Clone + Send + Sync + 'static;
+
+    /// Turns each value into any number of values.
+    fn flat_map<U, I, F>(self, f: F) -> Stream<U, S::AfterOp>
+    where
+        U: Send + 'static,
+        I: IntoIterator<Item = U>,
+        F: Fn(T) -> I + Clone + Send + Sync + 'static;
+
+    /// Looks at each value (for logging or metrics) and passes it on.
+    fn inspect<F>(self, f: F) -> Stream<T, S::AfterOp>
+    where
+        F: Fn(&T) + Clone + Send + Sync + 'static;
+}
+
+impl<T: Send + 'static, S: Stage> StreamExt<T, S> for Stream<T, S> {
+    fn map<U, F>(self, f: F) -> Stream<U, S::AfterOp>
+    where
+        U: Send + 'static,
+        F: Fn(T) -> U + Clone + Send + Sync + 'static,
+    {
+        self.stateless(move || {
+            let f = f.clone();
+            move |cx: &RecordCx, v: T, out: &mut Collector<'_, U>| out.emit(cx, f(v))
+        })
+    }
+
+    fn filter<F>(self, f: F) -> Stream<T, S::AfterOp>
+    where
+        F: Fn(&T) -> bool + Clone + Send + Sync + 'static,
+    {
+        self.stateless(move || {
+            let f = f.clone();
+            move |cx: &RecordCx, v: T, out: &mut Collector<'_, T>| {
+                if f(&v) {
+                    out.emit(cx, v);
+                }
+            }
+        })
+    }
+
+    fn flat_map<U, I, F>(self, f: F) -> Stream<U, S::AfterOp>
+    where
+        U: Send + 'static,
+        I: IntoIterator<Item = U>,
+        F: Fn(T) -> I + Clone + Send + Sync + 'static,
+    {
+        self.stateless(move || {
+            let f = f.clone();
+            move |cx: &RecordCx, v: T, out: &mut Collector<'_, U>| {
+                for (i, u) in f(v).into_iter().enumerate() {
+                    let mut cx = cx.clone();
+                    if let Ident::Record { fanout, .. } = &mut cx.ident {
+                        // Distinct, deterministic identities for each output of the record.
+                        *fanout = (*fanout << FANOUT_BITS) | (i as u32 & ((1 << FANOUT_BITS) - 1));
+                    }
+                    out.emit(&cx, u);
+                }
+            }
+        })
+    }
+
+    fn inspect<F>(self, f: F) -> Stream<T, S::AfterOp>
+    where
+        F: Fn(&T) + Clone + Send + Sync + 'static,
+    {
+        self.stateless(move || {
+            let f = f.clone();
+            move |cx: &RecordCx, v: T, out: &mut Collector<'_, T>| {
+                f(&v);
+                out.emit(cx, v);
+            }
+        })
+    }
+}
+
+/// Operators allowed only before `key_by`, where each value still has its input record.
+pub trait ShardStreamExt<T, S: ShardStage>: Sized {
+    /// Transforms each value with a function that may fail. A failure is handled by the
+    /// topology's dead-letter policy (retry, dead-letter sink with the input record, or stop
+    /// the shard); it never silently drops the record.
+    fn try_map<U, E, F>(self, name: &'static str, f: F) -> Stream<U, S::AfterOp>
+    where
+        U: Send + 'static,
+        E: Display,
+        F: Fn(&T) -> Result<U, E> + Clone + Send + Sync + 'static;
+}
+
+impl<T: Send + 'static, S: ShardStage> ShardStreamExt<T, S> for Stream<T, S> {
+    fn try_map<U, E, F>(self, name: &'static str, f: F) -> Stream<U, S::AfterOp>
+    where
+        U: Send + 'static,
+        E: Display,
+        F: Fn(&T) -> Result<U, E> + Clone + Send + Sync + 'static,
+    {
+        self.stateless(move || {
+            let f = f.clone();
+            move |cx: &RecordCx, v: T, out: &mut Collector<'_, U>| {
+                let mut attempt = 0;
+                loop {
+                    match f(&v) {
+                        Ok(u) => return out.emit(cx, u),
+                        Err(e) => match out.fail(cx, name, &e.to_string(), attempt) {
+                            FailureAction::RetryAfter(wait) => {
+                                // User functions are synchronous; so is their retry.
+                                std::thread::sleep(wait);
+                                attempt += 1;
+                            }
+                            FailureAction::Handled => return,
+                        },
+                    }
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,168 @@
+//! The operator behind tumbling and sliding windows: per shard, windows ordered by time, each
+//! holding a slot per key.
+
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap;
+use shardflow_core::checkpoint::Epoch;
+use shardflow_core::position::EventTime;
+use shardflow_core::sink::Window;
+use shardflow_core::topology::{Ident, KeyedOperator, KeyedOutput, KeyedRecord, Mode, RecordCx};
+
+use super::{WindowAssigner, WindowResult};
+use crate::aggregate::Aggregator;
+use crate::key::Key;
+
+pub(crate) struct FixedWindows<K, T, A, W> {
+    assigner: W,
+    agg: A,
+    lateness: i64,
+    scratch: Vec<Window>,
+    _p: std::marker::PhantomData<fn(K, T)>,
+}
+
+impl<K, T, A, W> FixedWindows<K, T, A, W> {
+    pub(crate) fn new(assigner: W, agg: A, lateness: i64) -> Self {
+        Self { assigner, agg, lateness, scratch: Vec::new(), _p: std::marker::PhantomData }
+    }
+}
+
+pub(crate) struct Slot<Acc> {
+    acc: Acc,
+    dirty: bool,
+}
+
+pub(crate) struct WindowState<K, Acc> {
+    slots: FxHashMap<K, Slot<Acc>>,
+    first_epoch: Epoch,
+    fired: bool,
+    dirty: bool,
+}
+
+/// Windows of one shard. All windows of an assigner have one size, so ordering by start orders
+/// them by end too.
+pub(crate) struct FixedState<K, Acc> {
+    windows: BTreeMap<Window, WindowState<K, Acc>>,
+}
+
+impl<K, Acc> Default for FixedState<K, Acc> {
+    fn default() -> Self {
+        Self { windows: BTreeMap::new() }
+    }
+}
+
+impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> FixedWindows<K, T, A, W> {
+    fn emit_window(
+        agg: &A,
+        window: Window,
+        state: &mut WindowState<K, A::Acc>,
+        watermark: EventTime,
+        out: &mut KeyedOutput<'_, T, WindowResult<K, A::Out>>,
+    ) {
+        let all = !state.fired;
+        for (key, slot) in &mut state.slots {
+            if all || slot.dirty {
+                slot.dirty = false;
+                let cx = RecordCx {
+                    event_time: window.max_timestamp(),
+                    watermark,
+                    ident: Ident::Keyed { key: key.key_id(), window: Some(window) },
+                };
+                out.emit(&cx, WindowResult { key: key.clone(), window, value: agg.result(&slot.acc) });
+            }
+        }
+        state.fired = true;
+        state.dirty = false;
+    }
+}
+
+impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperator
+    for FixedWindows<K, T, A, W>
+{
+    type Key = K;
+    type In = T;
+    type Out = WindowResult<K, A::Out>;
+    type State = FixedState<K, A::Acc>;
+
+    fn on_record(
+        &mut self,
+        state: &mut Self::State,
+        record: KeyedRecord<K, T>,
+        epoch: Epoch,
+        mode: Mode,
+        out: &mut KeyedOutput<'_, T, Self::Out>,
+    ) {
+        self.scratch.clear();
+        self.assigner.assign(record.event_time, &mut self.scratch);
+        let mut accepted = false;
+        for &window in &self.scratch {
+            let closes = window.end.saturating_add(self.lateness);
+            if let Mode::Rebuild { committed_watermark } = mode {
+                if closes <= committed_watermark {
+                    // Closed and committed before the checkpoint: final already.
+                    continue;
+                }
+            }
+            if closes <= record.watermark {
+                continue; // late for this window
+            }
+            accepted = true;
+            let w = state.windows.entry(window).or_insert_with(|| WindowState {
+                slots: FxHashMap::default(),
+                first_epoch: epoch,
+                fired: false,
+                dirty: false,
+            });
+            let slot = match w.slots.get_mut(&record.key) {
+                Some(slot) => slot,
+                None => w
+                    .slots
+                    .entry(record.key.clone())
+                    .or_insert_with(|| Slot { acc: self.agg.init(&record.value), dirty: false }),
+            };
+            self.agg.add(&mut slot.acc, &record.value);
+            if w.fired {
+                slot.dirty = true;
+                w.dirty = true;
+            }
+        }
+        if !accepted && !self.scratch.is_empty() && mode == Mode::Live {
+            out.late(record);
+        }
+    }
+
+    fn on_watermark(
+        &mut self,
+        state: &mut Self::State,
+        watermark: EventTime,
+        out: &mut KeyedOutput<'_, T, Self::Out>,
+    ) {
+        let mut closed = Vec::new();
+        for (window, w) in state.windows.iter_mut() {
+            if window.end > watermark {
+                break;
+            }
+            if !w.fired || w.dirty {
+                Self::emit_window(&self.agg, *window, w, watermark, out);
+            }
+            if window.end.saturating_add(self.lateness) <= watermark {
+                closed.push(*window);
+            }
+        }
+        for window in closed {
+            state.windows.remove(&window);
+        }
+    }
+
+    fn on_end_of_input(&mut self, state: &mut Self::State, out: &mut KeyedOutput<'_, T, Self::Out>) {
+        for (window, w) in state.windows.iter_mut() {
+            if !w.fired || w.dirty {
+                Self::emit_window(&self.agg, *window, w, EventTime::MAX, out);
+            }
+        }
+    }
+
+    fn hold(&self, state: &Self::State) -> Option<Epoch> {
+        state.windows.values().map(|w| w.first_epoch).min()
+    }
+}

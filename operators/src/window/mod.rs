@@ -1,0 +1,112 @@
+//! Event-time windows: the assigner trait, the windowed stream, and the operator that keeps
+//! windows per (shard, key), fires them when the shard's watermark passes their end, refines
+//! them for late records within the allowed lateness, and routes later records to a side output.
+
+mod fixed;
+mod session;
+mod sliding;
+mod tumbling;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use shardflow_core::position::EventTime;
+use shardflow_core::sink::Window;
+use shardflow_core::topology::{Keyed, ShardStage, Stream};
+
+use crate::aggregate::{Aggregator, Reduce};
+use crate::key::Key;
+use crate::keyed::KeyedStream;
+pub use session::SessionWindow;
+pub use sliding::SlidingWindow;
+pub use tumbling::TumblingWindow;
+
+/// Assigns records to windows by event time.
+pub trait WindowAssigner: Clone + Send + Sync + 'static {
+    /// The windows containing `event_time`, appended to `out`.
+    fn assign(&self, event_time: EventTime, out: &mut Vec<Window>);
+    /// For session windows: the inactivity gap that separates sessions.
+    fn session_gap(&self) -> Option<i64> {
+        None
+    }
+}
+
+/// A window's result for a key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowResult<K, V> {
+    /// The key.
+    pub key: K,
+    /// The window.
+    pub window: Window,
+    /// The aggregate.
+    pub value: V,
+}
+
+type LateSide<T> = Box<dyn FnOnce(Stream<T, Keyed>) + Send>;
+
+/// A keyed stream with a window assigner, before its aggregate.
+pub struct WindowedStream<T, K, F, S, W> {
+    keyed: KeyedStream<T, K, F, S>,
+    assigner: W,
+    lateness: i64,
+    late: Option<LateSide<T>>,
+}
+
+pub(crate) fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl<T, K, F, S, W> WindowedStream<T, K, F, S, W>
+where
+    T: Send + 'static,
+    K: Key,
+    F: Fn(&T) -> K + Clone + Send + Sync + 'static,
+    S: ShardStage,
+    W: WindowAssigner,
+{
+    pub(crate) fn new(keyed: KeyedStream<T, K, F, S>, assigner: W) -> Self {
+        Self { keyed, assigner, lateness: 0, late: None }
+    }
+
+    /// Keeps windows open this long after the watermark passed their end: a late record within
+    /// it refines the window's result (emitted again with the same identity).
+    pub fn allowed_lateness(mut self, lateness: Duration) -> Self {
+        self.lateness = millis(lateness);
+        self
+    }
+
+    /// Routes records later than the allowed lateness to a side output, which `side` consumes
+    /// (for example `|late| { late.sink(dir); }`). Without it they are counted in the
+    /// `shardflow_late_records_total` metric and dropped.
+    pub fn late_records(mut self, side: impl FnOnce(Stream<T, Keyed>) + Send + 'static) -> Self {
+        self.late = Some(Box::new(side));
+        self
+    }
+
+    /// Aggregates each window of each key.
+    pub fn aggregate<A: Aggregator<T>>(self, agg: A) -> Stream<WindowResult<K, A::Out>, Keyed> {
+        let Self { keyed, assigner, lateness, late } = self;
+        let (main, late_stream) = if assigner.session_gap().is_some() {
+            keyed.stream.keyed(keyed.key_fn, move || {
+                session::SessionOperator::new(assigner.clone(), agg.clone(), lateness)
+            })
+        } else {
+            keyed.stream.keyed(keyed.key_fn, move || {
+                fixed::FixedWindows::new(assigner.clone(), agg.clone(), lateness)
+            })
+        };
+        if let Some(side) = late {
+            side(late_stream);
+        }
+        main
+    }
+
+    /// Reduces each window of each key with `f`.
+    pub fn reduce<R>(self, f: R) -> Stream<WindowResult<K, T>, Keyed>
+    where
+        T: Clone,
+        R: Fn(&T, &T) -> T + Clone + Send + Sync + 'static,
+    {
+        self.aggregate(Reduce::with(f))
+    }
+}

@@ -1,0 +1,182 @@
+//! Session windows: a key's records closer than a gap form one window; the operator merges
+//! sessions as records bridge them.
+
+use std::time::Duration;
+
+use rustc_hash::FxHashMap;
+use shardflow_core::checkpoint::Epoch;
+use shardflow_core::position::EventTime;
+use shardflow_core::sink::Window;
+use shardflow_core::topology::{Ident, KeyedOperator, KeyedOutput, KeyedRecord, Mode, RecordCx};
+
+use super::{millis, WindowAssigner, WindowResult};
+use crate::aggregate::Aggregator;
+use crate::key::Key;
+
+/// Sessions of activity separated by at least `gap` without records.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionWindow {
+    gap: i64,
+}
+
+impl SessionWindow {
+    /// Sessions separated by `gap`.
+    ///
+    /// # Panics
+    /// If `gap` is under a millisecond.
+    pub fn with_gap(gap: Duration) -> Self {
+        let gap = millis(gap);
+        assert!(gap > 0, "a session gap is at least 1 ms");
+        Self { gap }
+    }
+}
+
+impl WindowAssigner for SessionWindow {
+    fn assign(&self, t: EventTime, out: &mut Vec<Window>) {
+        out.push(Window::new(t, t.saturating_add(self.gap)));
+    }
+
+    fn session_gap(&self) -> Option<i64> {
+        Some(self.gap)
+    }
+}
+
+pub(crate) struct SessionOperator<K, T, A, W> {
+    assigner: W,
+    agg: A,
+    lateness: i64,
+    _p: std::marker::PhantomData<fn(K, T)>,
+}
+
+impl<K, T, A, W> SessionOperator<K, T, A, W> {
+    pub(crate) fn new(assigner: W, agg: A, lateness: i64) -> Self {
+        Self { assigner, agg, lateness, _p: std::marker::PhantomData }
+    }
+}
+
+pub(crate) struct Session<Acc> {
+    window: Window,
+    acc: Acc,
+    first_epoch: Epoch,
+    fired: bool,
+    dirty: bool,
+}
+
+/// Sessions of one shard, per key, sorted by start and never overlapping.
+pub(crate) struct SessionState<K, Acc> {
+    keys: FxHashMap<K, Vec<Session<Acc>>>,
+}
+
+impl<K, Acc> Default for SessionState<K, Acc> {
+    fn default() -> Self {
+        Self { keys: FxHashMap::default() }
+    }
+}
+
+impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> SessionOperator<K, T, A, W> {
+    fn emit(&self, key: &K, s: &mut Session<A::Acc>, watermark: EventTime, out: &mut KeyedOutput<'_, T, WindowResult<K, A::Out>>) {
+        let cx = RecordCx {
+            event_time: s.window.max_timestamp(),
+            watermark,
+            ident: Ident::Keyed { key: key.key_id(), window: Some(s.window) },
+        };
+        out.emit(&cx, WindowResult { key: key.clone(), window: s.window, value: self.agg.result(&s.acc) });
+        s.fired = true;
+        s.dirty = false;
+    }
+}
+
+impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperator
+    for SessionOperator<K, T, A, W>
+{
+    type Key = K;
+    type In = T;
+    type Out = WindowResult<K, A::Out>;
+    type State = SessionState<K, A::Acc>;
+
+    fn on_record(
+        &mut self,
+        state: &mut Self::State,
+        record: KeyedRecord<K, T>,
+        epoch: Epoch,
+        mode: Mode,
+        out: &mut KeyedOutput<'_, T, Self::Out>,
+    ) {
+        let gap = self.assigner.session_gap().unwrap_or(1);
+        let window = Window::new(record.event_time, record.event_time.saturating_add(gap));
+        let closes = window.end.saturating_add(self.lateness);
+        if let Mode::Rebuild { committed_watermark } = mode {
+            if closes <= committed_watermark {
+                return;
+            }
+        }
+        if closes <= record.watermark {
+            if mode == Mode::Live {
+                out.late(record);
+            }
+            return;
+        }
+        let sessions = state.keys.entry(record.key).or_default();
+        let mut merged = Session {
+            window,
+            acc: self.agg.init(&record.value),
+            first_epoch: epoch,
+            fired: false,
+            dirty: false,
+        };
+        self.agg.add(&mut merged.acc, &record.value);
+        // Absorb every session the new one touches; the result is one session again.
+        let mut kept = Vec::with_capacity(sessions.len() + 1);
+        for s in sessions.drain(..) {
+            if s.window.start <= merged.window.end && merged.window.start <= s.window.end {
+                merged.window = Window::new(
+                    merged.window.start.min(s.window.start),
+                    merged.window.end.max(s.window.end),
+                );
+                self.agg.merge(&mut merged.acc, s.acc);
+                merged.first_epoch = merged.first_epoch.min(s.first_epoch);
+                // A session that grew is a new output; a fired one it replaces stays as it was.
+            } else {
+                kept.push(s);
+            }
+        }
+        kept.push(merged);
+        kept.sort_by_key(|s| s.window.start);
+        *sessions = kept;
+    }
+
+    fn on_watermark(
+        &mut self,
+        state: &mut Self::State,
+        watermark: EventTime,
+        out: &mut KeyedOutput<'_, T, Self::Out>,
+    ) {
+        let mut empty = Vec::new();
+        for (key, sessions) in state.keys.iter_mut() {
+            for s in sessions.iter_mut() {
+                if s.window.end <= watermark && (!s.fired || s.dirty) {
+                    self.emit(key, s, watermark, out);
+                }
+            }
+            sessions.retain(|s| s.window.end.saturating_add(self.lateness) > watermark);
+            if sessions.is_empty() {
+                empty.push(key.clone());
+            }
+        }
+        for key in empty {
+            state.keys.remove(&key);
+        }
+    }
+
+    fn on_end_of_input(&mut self, state: &mut Self::State, out: &mut KeyedOutput<'_, T, Self::Out>) {
+        for (key, sessions) in state.keys.iter_mut() {
+            for s in sessions.iter_mut().filter(|s| !s.fired || s.dirty) {
+                self.emit(key, s, EventTime::MAX, out);
+            }
+        }
+    }
+
+    fn hold(&self, state: &Self::State) -> Option<Epoch> {
+        state.keys.values().flatten().map(|s| s.first_epoch).min()
+    }
+}

@@ -1,1 +1,34 @@
-//! facade
+//! shardflow: typed stream processing over Amazon Kinesis Data Streams, as one binary.
+//!
+//! Declare a topology with [`Topology::builder`], run it with [`Runtime`]. The embedded backend
+//! ([`local`]) runs the same topologies on one machine without AWS.
+#![deny(missing_docs)]
+
+pub use shardflow_connectors as connectors;
+pub use shardflow_core as core;
+pub use shardflow_operators as operators;
+
+#[cfg(any())]
+pub use shardflow_connectors::local;
+pub use shardflow_core::dead_letter::{DeadLetter, DeadLetterRecord};
+pub use shardflow_core::decode::SourceExt;
+pub use shardflow_core::lease::{LeaseStore, MemoryLeaseStore};
+pub use shardflow_core::position::{EventTime, ShardId, StartPosition};
+pub use shardflow_core::runtime::metrics::Metrics;
+pub use shardflow_core::runtime::{RunMode, RunReport, Runtime, RuntimeConfig};
+pub use shardflow_core::sink::{MemorySink, Sink, Window};
+pub use shardflow_core::topology::{Stream, Topology};
+pub use shardflow_core::{Error, Result};
+
+/// Everything a topology declaration needs, in one import.
+pub mod prelude {
+    pub use shardflow_core::dead_letter::{DeadLetter, DeadLetterRecord};
+    pub use shardflow_core::decode::SourceExt;
+    pub use shardflow_core::runtime::{RunMode, Runtime, RuntimeConfig};
+    pub use shardflow_core::sink::Window;
+    pub use shardflow_core::topology::{Stream, Topology};
+    pub use shardflow_operators::{
+        Aggregator, Count, KeyBy, Max, Min, Reduce, SessionWindow, ShardStreamExt, SlidingWindow,
+        StreamExt, Sum, TumblingWindow, WindowResult,
+    };
+}

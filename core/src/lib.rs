@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod decode;
 pub mod error;
 pub mod lease;
+pub mod memory;
 pub mod position;
 pub mod record;
 pub mod sink;

@@ -1,0 +1,128 @@
+//! An in-memory stream: shards of records held in memory, for tests and benchmarks.
+
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+
+use crate::error::SourceError;
+use crate::position::{RecordPosition, SequenceNumber, ShardId, ShardInfo, StartPosition};
+use crate::record::RawBatch;
+use crate::source::{ReadBatch, ReadLimits, ShardReader, ShardStatus, Source};
+
+/// One record of a [`MemoryStream`].
+#[derive(Clone, Debug)]
+struct MemoryRecord {
+    arrival_ms: i64,
+    partition_key: Vec<u8>,
+    data: Vec<u8>,
+}
+
+/// A stream whose shards are vectors in memory; sequence numbers are indexes from 1. All shards
+/// are open (reads end at the tip); `close` ends a shard like a split parent.
+#[derive(Clone)]
+pub struct MemoryStream {
+    name: String,
+    shards: Arc<Mutex<Vec<(ShardInfo, Vec<MemoryRecord>)>>>,
+}
+
+impl MemoryStream {
+    /// A stream with `shards` empty shards named `shard-0`, `shard-1`, ...
+    pub fn new(name: impl Into<String>, shards: usize) -> Self {
+        let shards = (0..shards)
+            .map(|i| {
+                let info = ShardInfo {
+                    id: ShardId::new(format!("shard-{i}")),
+                    parents: Vec::new(),
+                    hash_key_range: (0, u128::MAX),
+                    closed: false,
+                };
+                (info, Vec::new())
+            })
+            .collect();
+        Self { name: name.into(), shards: Arc::new(Mutex::new(shards)) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(ShardInfo, Vec<MemoryRecord>)>> {
+        self.shards.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Appends a record to shard `shard`; returns its sequence number.
+    ///
+    /// # Panics
+    /// If the shard does not exist or is closed.
+    pub fn push(&self, shard: usize, arrival_ms: i64, partition_key: &[u8], data: &[u8]) -> u128 {
+        let mut shards = self.lock();
+        let (info, records) = &mut shards[shard];
+        assert!(!info.closed, "shard {} is closed", info.id);
+        records.push(MemoryRecord { arrival_ms, partition_key: partition_key.to_vec(), data: data.to_vec() });
+        records.len() as u128
+    }
+
+    /// Closes shard `shard`: readers end after its last record.
+    pub fn close(&self, shard: usize) {
+        self.lock()[shard].0.closed = true;
+    }
+}
+
+#[async_trait]
+impl Source for MemoryStream {
+    fn stream_name(&self) -> &str {
+        &self.name
+    }
+
+    async fn list_shards(&self) -> Result<Vec<ShardInfo>, SourceError> {
+        Ok(self.lock().iter().map(|(info, _)| info.clone()).collect())
+    }
+
+    async fn open_shard(
+        &self,
+        shard: &ShardInfo,
+        start: StartPosition,
+        limits: ReadLimits,
+    ) -> Result<Box<dyn ShardReader>, SourceError> {
+        let shards = self.lock();
+        let index = shards.iter().position(|(info, _)| info.id == shard.id).ok_or_else(|| {
+            SourceError::ShardNotFound { stream: self.name.clone(), shard: shard.id.clone() }
+        })?;
+        let records = &shards[index].1;
+        let next = match start {
+            StartPosition::TrimHorizon => 0,
+            StartPosition::Latest => records.len(),
+            StartPosition::AtSequence(s) => s.as_u128().map_or(records.len(), |n| n.saturating_sub(1) as usize),
+            StartPosition::After(p) => p.sequence.as_u128().map_or(records.len(), |n| n as usize),
+            StartPosition::AtTimestamp(t) => records.iter().position(|r| r.arrival_ms >= t).unwrap_or(records.len()),
+        };
+        Ok(Box::new(MemoryReader { stream: self.clone(), index, next, limits }))
+    }
+}
+
+struct MemoryReader {
+    stream: MemoryStream,
+    index: usize,
+    next: usize,
+    limits: ReadLimits,
+}
+
+#[async_trait]
+impl ShardReader for MemoryReader {
+    async fn read(&mut self) -> Result<ReadBatch, SourceError> {
+        let shards = self.stream.lock();
+        let (info, records) = &shards[self.index];
+        let mut batch = RawBatch::default();
+        while self.next < records.len()
+            && batch.len() < self.limits.max_records
+            && batch.byte_len() < self.limits.max_bytes
+        {
+            let r = &records[self.next];
+            self.next += 1;
+            let position = RecordPosition::new(SequenceNumber::from_u128(self.next as u128));
+            batch.push(position, r.arrival_ms, &r.partition_key, &r.data);
+        }
+        let status = match (self.next < records.len(), info.closed) {
+            (true, _) => ShardStatus::More,
+            (false, true) => ShardStatus::Ended,
+            (false, false) => ShardStatus::CaughtUp,
+        };
+        Ok(ReadBatch { records: batch, millis_behind_latest: Some(0), status })
+    }
+}

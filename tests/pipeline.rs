@@ -1,0 +1,198 @@
+//! End-to-end pipelines on the in-memory stream: windows, fan-out, dead letters, lateness.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use shardflow::core::memory::MemoryStream;
+use shardflow::prelude::*;
+use shardflow::{MemoryLeaseStore, MemorySink};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+struct Click {
+    user: String,
+    ts: i64,
+}
+
+fn push(stream: &MemoryStream, shard: usize, user: &str, ts: i64) {
+    let json = serde_json::to_vec(&Click { user: user.into(), ts }).unwrap();
+    stream.push(shard, ts, user.as_bytes(), &json);
+}
+
+fn bounded(parallelism: usize) -> RuntimeConfig {
+    RuntimeConfig {
+        worker_id: "test-worker".into(),
+        parallelism,
+        mode: RunMode::UntilCaughtUp,
+        checkpoint_interval: Duration::from_millis(20),
+        ..RuntimeConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tumbling_counts_per_key_and_window() {
+    let stream = MemoryStream::new("clicks", 2);
+    for i in 0..100 {
+        push(&stream, i % 2, if i % 3 == 0 { "a" } else { "b" }, i as i64 * 100);
+    }
+    let counts = MemorySink::new("counts");
+    let topology = Topology::builder("tumbling")
+        .source(stream.clone().json::<Click>())
+        .event_time(|c: &Click| c.ts)
+        .key_by(|c: &Click| c.user.clone())
+        .window(TumblingWindow::of(Duration::from_secs(1)))
+        .aggregate(Count)
+        .sink(counts.clone())
+        .build()
+        .unwrap();
+    Runtime::new(topology, Arc::new(MemoryLeaseStore::new())).with_config(bounded(2)).run().await.unwrap();
+    let got = counts.contents();
+    let total: u64 = got.values().map(|r| r.value).sum();
+    assert_eq!(total, 100, "every click counted once: {got:?}");
+    // Shard 0 has even i: window [0,1000) holds i = 0,2,4,6,8 -> a: 0,6 ; b: 2,4,8
+    let a0 = got
+        .iter()
+        .find(|((shard, _), r)| shard.as_str() == "shard-0" && r.key == "a" && r.window.start == 0)
+        .map(|(_, r)| r.value);
+    assert_eq!(a0, Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_records_land_in_the_dead_letter_sink_with_their_position() {
+    let stream = MemoryStream::new("mixed", 1);
+    push(&stream, 0, "a", 1);
+    stream.push(0, 2, b"k", b"{not json");
+    push(&stream, 0, "a", 3);
+    let dead = MemorySink::new("dead");
+    let out = MemorySink::new("out");
+    let topology = Topology::builder("dlq")
+        .dead_letter(DeadLetter::to(dead.clone()))
+        .source(stream.clone().json::<Click>())
+        .sink(out.clone())
+        .build()
+        .unwrap();
+    let leases = Arc::new(MemoryLeaseStore::new());
+    Runtime::new(topology, leases.clone()).with_config(bounded(1)).run().await.unwrap();
+    assert_eq!(out.contents().len(), 2);
+    let letters: Vec<DeadLetterRecord> = dead.contents().into_values().collect();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].position.sequence.to_string(), "2");
+    assert_eq!(letters[0].shard.as_str(), "shard-0");
+    assert_eq!(letters[0].data, b"{not json");
+    assert_eq!(letters[0].stage, "decode");
+    let lease = shardflow::LeaseStore::get(&*leases, "shard-0").await.unwrap().unwrap();
+    assert_eq!(
+        lease.checkpoint.committed,
+        shardflow::core::lease::CheckpointPosition::At(shardflow::core::position::RecordPosition::new(
+            shardflow::core::position::SequenceNumber::from_u128(3)
+        ))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_shard_keeps_the_checkpoint_before_the_bad_record() {
+    let stream = MemoryStream::new("bad", 1);
+    push(&stream, 0, "a", 1);
+    stream.push(0, 2, b"k", b"garbage");
+    let out = MemorySink::new("out");
+    let topology = Topology::builder("stop")
+        .source(stream.clone().json::<Click>())
+        .sink(out.clone())
+        .build()
+        .unwrap();
+    let leases = Arc::new(MemoryLeaseStore::new());
+    let err = Runtime::new(topology, leases.clone()).with_config(bounded(1)).run().await.unwrap_err();
+    assert!(err.to_string().contains("shard-0"), "{err}");
+    let lease = shardflow::LeaseStore::get(&*leases, "shard-0").await.unwrap().unwrap();
+    assert!(
+        !matches!(lease.checkpoint.committed, shardflow::core::lease::CheckpointPosition::At(ref p) if p.sequence.to_string() == "2"),
+        "checkpoint never passes the bad record: {:?}",
+        lease.checkpoint
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_user_function_is_retried_then_dead_lettered() {
+    let stream = MemoryStream::new("fail", 1);
+    push(&stream, 0, "ok", 1);
+    push(&stream, 0, "boom", 2);
+    let dead = MemorySink::new("dead");
+    let out = MemorySink::new("out");
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let c = calls.clone();
+    let topology = Topology::builder("retry")
+        .dead_letter(DeadLetter::retry(2, Duration::from_millis(1), DeadLetter::to(dead.clone())))
+        .source(stream.clone().json::<Click>())
+        .try_map("lookup", move |c: &Click| {
+            if c.user == "boom" {
+                calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Err("lookup failed")
+            } else {
+                Ok(c.user.clone())
+            }
+        })
+        .sink(out.clone())
+        .build()
+        .unwrap();
+    Runtime::new(topology, Arc::new(MemoryLeaseStore::new())).with_config(bounded(1)).run().await.unwrap();
+    assert_eq!(c.load(std::sync::atomic::Ordering::SeqCst), 3, "first try plus two retries");
+    assert_eq!(out.contents().len(), 1);
+    let letters: Vec<DeadLetterRecord> = dead.contents().into_values().collect();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].stage, "lookup");
+    assert_eq!(letters[0].error, "lookup failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_records_go_to_the_side_output_and_lateness_refines() {
+    let stream = MemoryStream::new("late", 1);
+    // Window [0,1000): 100, 200; then watermark jumps to 2500 (window fired); a record at 900
+    // is within 2 s lateness (refines), then watermark 5000 closes it; 950 is then too late.
+    for ts in [100, 200, 2500, 900, 5000, 950] {
+        push(&stream, 0, "a", ts);
+    }
+    let counts = MemorySink::new("counts");
+    let late = MemorySink::new("late");
+    let late2 = late.clone();
+    let topology = Topology::builder("lateness")
+        .source(stream.clone().json::<Click>())
+        .event_time(|c: &Click| c.ts)
+        .key_by(|c: &Click| c.user.clone())
+        .window(TumblingWindow::of(Duration::from_secs(1)))
+        .allowed_lateness(Duration::from_secs(2))
+        .late_records(move |s| {
+            s.sink(late2);
+        })
+        .aggregate(Count)
+        .sink(counts.clone())
+        .build()
+        .unwrap();
+    let config = RuntimeConfig { read_limits: shardflow::core::source::ReadLimits { max_records: 1, max_bytes: 1 << 20 }, ..bounded(1) };
+    Runtime::new(topology, Arc::new(MemoryLeaseStore::new())).with_config(config).run().await.unwrap();
+    let first = counts.contents().into_values().find(|r| r.window.start == 0).unwrap();
+    assert_eq!(first.value, 3, "100, 200 and the refinement 900");
+    let late: Vec<Click> = late.contents().into_values().collect();
+    assert_eq!(late, vec![Click { user: "a".into(), ts: 950 }]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_stream_fans_out_to_two_branches() {
+    let stream = MemoryStream::new("fan", 2);
+    for i in 0..40 {
+        push(&stream, i % 2, "u", i as i64);
+    }
+    let raw = MemorySink::new("raw");
+    let counts = MemorySink::new("counts");
+    let clicks = Topology::builder("fanout").source(stream.clone().json::<Click>());
+    clicks.clone().map(|c: Click| c.ts).sink(raw.clone());
+    let topology = clicks
+        .key_by(|c: &Click| c.user.clone())
+        .aggregate(Count)
+        .sink(counts.clone())
+        .build()
+        .unwrap();
+    Runtime::new(topology, Arc::new(MemoryLeaseStore::new())).with_config(bounded(2)).run().await.unwrap();
+    assert_eq!(raw.contents().len(), 40);
+    let per_shard: Vec<u64> = counts.contents().into_values().map(|v| v.value).collect();
+    assert_eq!(per_shard, vec![20, 20]);
+}

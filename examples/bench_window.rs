@@ -1,0 +1,270 @@
+//! Benchmark: the full runtime from an in-memory generating source to a counting sink, against
+//! a plain single-threaded FxHashMap loop over the same events, in the same process.
+//!
+//! `cargo run --release --example bench_window -- --events 20000000 --keys 100000 --events-per-ms 1 --window-ms 1000 --workers 2`
+//! (`--window-ms 0` runs a running keyed count with no window). Prints one `RESULT` line per
+//! system and the ratio.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use async_trait::async_trait;
+use clap::Parser;
+use rustc_hash::FxHashMap;
+use shardflow::core::error::{DecodeError, SinkError, SourceError};
+use shardflow::core::position::{RecordPosition, SequenceNumber, ShardId, ShardInfo, StartPosition};
+use shardflow::core::record::RawBatch;
+use shardflow::core::sink::{OutputBatch, OutputId, SinkContext, SinkWriter};
+use shardflow::core::source::{ReadBatch, ReadLimits, ShardReader, ShardStatus, Source};
+use shardflow::operators::KeyedValue;
+use shardflow::prelude::*;
+use shardflow::{MemoryLeaseStore, Sink};
+
+#[derive(Parser, Clone)]
+struct Args {
+    #[arg(long, default_value_t = 20_000_000)]
+    events: u64,
+    #[arg(long, default_value_t = 100_000)]
+    keys: u64,
+    #[arg(long, default_value_t = 1)]
+    events_per_ms: u64,
+    #[arg(long, default_value_t = 1000)]
+    window_ms: i64,
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    #[arg(long, default_value_t = 2)]
+    shards: usize,
+}
+
+/// The i-th event of a shard: a pseudo-random key (splitmix64) and an increasing event time.
+fn event(shard: u64, i: u64, keys: u64, per_ms: u64) -> (u64, i64) {
+    let mut z = (shard << 48 ^ i).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z % keys, (i / per_ms) as i64)
+}
+
+#[derive(Clone)]
+struct Generator {
+    args: Args,
+}
+
+#[async_trait]
+impl Source for Generator {
+    fn stream_name(&self) -> &str {
+        "generated"
+    }
+    async fn list_shards(&self) -> Result<Vec<ShardInfo>, SourceError> {
+        Ok((0..self.args.shards)
+            .map(|i| ShardInfo {
+                id: ShardId::new(format!("shard-{i}")),
+                parents: vec![],
+                hash_key_range: (0, u128::MAX),
+                closed: false,
+            })
+            .collect())
+    }
+    async fn open_shard(
+        &self,
+        shard: &ShardInfo,
+        start: StartPosition,
+        limits: ReadLimits,
+    ) -> Result<Box<dyn ShardReader>, SourceError> {
+        let index: u64 = shard.id.as_str().trim_start_matches("shard-").parse().expect("shard-N");
+        let next = match start {
+            StartPosition::After(p) => p.sequence.as_u128().expect("small") as u64,
+            _ => 0,
+        };
+        let per_shard = self.args.events / self.args.shards as u64
+            + u64::from(index < self.args.events % self.args.shards as u64);
+        Ok(Box::new(GenReader { args: self.args.clone(), index, next, end: per_shard, limits }))
+    }
+}
+
+struct GenReader {
+    args: Args,
+    index: u64,
+    next: u64,
+    end: u64,
+    limits: ReadLimits,
+}
+
+#[async_trait]
+impl ShardReader for GenReader {
+    async fn read(&mut self) -> Result<ReadBatch, SourceError> {
+        let n = (self.end - self.next).min(self.limits.max_records as u64);
+        let mut batch = RawBatch::with_capacity(n as usize, n as usize * 16);
+        for i in self.next..self.next + n {
+            let (key, ts) = event(self.index, i, self.args.keys, self.args.events_per_ms);
+            let mut data = [0u8; 16];
+            data[..8].copy_from_slice(&key.to_le_bytes());
+            data[8..].copy_from_slice(&ts.to_le_bytes());
+            batch.push(RecordPosition::new(SequenceNumber::from_u128(u128::from(i) + 1)), ts, b"", &data);
+        }
+        self.next += n;
+        let status = if self.next < self.end { ShardStatus::More } else { ShardStatus::CaughtUp };
+        Ok(ReadBatch { records: batch, millis_behind_latest: None, status })
+    }
+}
+
+/// Sums window counts; keeps the latest running count per (shard, key).
+#[derive(Clone, Default)]
+struct Counter {
+    outputs: Arc<AtomicU64>,
+    window_sum: Arc<AtomicU64>,
+    latest: Arc<Mutex<FxHashMap<(ShardId, OutputId), u64>>>,
+}
+
+struct CounterWriter<T> {
+    counter: Counter,
+    value: fn(&T) -> (u64, bool),
+}
+
+#[async_trait]
+impl<T: Send + Sync + 'static> SinkWriter<T> for CounterWriter<T> {
+    async fn write(&mut self, batch: OutputBatch<T>) -> Result<(), SinkError> {
+        self.counter.outputs.fetch_add(batch.outputs.len() as u64, Ordering::Relaxed);
+        let mut sum = 0;
+        let mut latest = None;
+        for o in batch.outputs {
+            let (v, windowed) = (self.value)(&o.value);
+            if windowed {
+                sum += v;
+            } else {
+                latest.get_or_insert_with(|| self.counter.latest.lock().unwrap()).insert((batch.shard.clone(), o.id), v);
+            }
+        }
+        self.counter.window_sum.fetch_add(sum, Ordering::Relaxed);
+        Ok(())
+    }
+    async fn commit(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+struct CounterSink<T> {
+    counter: Counter,
+    value: fn(&T) -> (u64, bool),
+}
+
+#[async_trait]
+impl<T: Send + Sync + 'static> Sink<T> for CounterSink<T> {
+    fn name(&self) -> &str {
+        "counter"
+    }
+    async fn open(&self, _cx: &SinkContext) -> Result<Box<dyn SinkWriter<T>>, SinkError> {
+        Ok(Box::new(CounterWriter { counter: self.counter.clone(), value: self.value }))
+    }
+}
+
+fn decode(record: shardflow::core::record::RawRecord<'_>) -> Result<(u64, i64), DecodeError> {
+    let d = record.data;
+    if d.len() != 16 {
+        return Err(DecodeError { format: "bench", message: format!("{} bytes, want 16", d.len()) });
+    }
+    let key = u64::from_le_bytes(d[..8].try_into().expect("8 bytes"));
+    let ts = i64::from_le_bytes(d[8..].try_into().expect("8 bytes"));
+    Ok((key, ts))
+}
+
+async fn run_shardflow(args: &Args) -> Result<(u64, u64, Duration)> {
+    let counter = Counter::default();
+    let source = Generator { args: args.clone() }.decode_fn(decode);
+    let stream = Topology::builder("bench").source(source).event_time(|e: &(u64, i64)| e.1);
+    let topology = if args.window_ms > 0 {
+        stream
+            .key_by(|e: &(u64, i64)| e.0)
+            .window(TumblingWindow::of(Duration::from_millis(args.window_ms as u64)))
+            .aggregate(Count)
+            .sink(CounterSink { counter: counter.clone(), value: |r: &WindowResult<u64, u64>| (r.value, true) })
+            .build()?
+    } else {
+        stream
+            .key_by(|e: &(u64, i64)| e.0)
+            .aggregate(Count)
+            .sink(CounterSink { counter: counter.clone(), value: |r: &KeyedValue<u64, u64>| (r.value, false) })
+            .build()?
+    };
+    let config = RuntimeConfig {
+        worker_id: "bench".into(),
+        parallelism: args.workers,
+        mode: RunMode::UntilCaughtUp,
+        read_limits: ReadLimits { max_records: 10_000, max_bytes: 4 << 20 },
+        channel_capacity: 8,
+        ..RuntimeConfig::default()
+    };
+    let started = Instant::now();
+    Runtime::new(topology, Arc::new(MemoryLeaseStore::new())).with_config(config).run().await?;
+    let took = started.elapsed();
+    let latest: u64 = counter.latest.lock().unwrap().values().sum();
+    let checksum = counter.window_sum.load(Ordering::Relaxed) + latest;
+    let outputs = if args.window_ms > 0 {
+        counter.outputs.load(Ordering::Relaxed)
+    } else {
+        counter.latest.lock().unwrap().len() as u64
+    };
+    Ok((outputs, checksum, took))
+}
+
+/// The same workload as a plain single-threaded loop: per shard, a map per open window.
+fn run_plain(args: &Args) -> (u64, u64, Duration) {
+    let started = Instant::now();
+    let (mut outputs, mut checksum) = (0u64, 0u64);
+    for shard in 0..args.shards as u64 {
+        let n = args.events / args.shards as u64 + u64::from(shard < args.events % args.shards as u64);
+        let mut counts: FxHashMap<u64, u64> = FxHashMap::default();
+        let mut window = i64::MIN;
+        for i in 0..n {
+            let (key, ts) = event(shard, i, args.keys, args.events_per_ms);
+            if args.window_ms > 0 {
+                let start = ts - ts.rem_euclid(args.window_ms);
+                if start != window {
+                    outputs += counts.len() as u64;
+                    checksum += counts.drain().map(|(_, c)| c).sum::<u64>();
+                    window = start;
+                }
+            }
+            *counts.entry(key).or_insert(0) += 1;
+        }
+        outputs += counts.len() as u64;
+        checksum += counts.values().sum::<u64>();
+    }
+    (outputs, checksum, started.elapsed())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let workload = format!(
+        "{}:keys={},events_per_ms={},window_ms={},shards={}",
+        if args.window_ms > 0 { "tumbling_count" } else { "running_count" },
+        args.keys,
+        args.events_per_ms,
+        args.window_ms,
+        args.shards
+    );
+    let (po, pc, pt) = run_plain(&args);
+    let plain_rate = args.events as f64 / pt.as_secs_f64();
+    println!(
+        "RESULT system=plain_fxhashmap workload={workload} workers=1 events={} outputs={po} checksum={pc} secs={:.3} events_per_s={:.0}",
+        args.events,
+        pt.as_secs_f64(),
+        plain_rate
+    );
+    let (so, sc, st) = run_shardflow(&args).await?;
+    let rate = args.events as f64 / st.as_secs_f64();
+    println!(
+        "RESULT system=shardflow workload={workload} workers={} events={} outputs={so} checksum={sc} secs={:.3} events_per_s={:.0}",
+        args.workers,
+        args.events,
+        st.as_secs_f64(),
+        rate
+    );
+    println!("RATIO shardflow/plain={:.3}", rate / plain_rate);
+    anyhow::ensure!(sc == args.events, "checksum {sc} != events {}", args.events);
+    anyhow::ensure!(pc == args.events, "plain checksum {pc} != events {}", args.events);
+    Ok(())
+}

@@ -14,7 +14,9 @@ use async_trait::async_trait;
 use clap::Parser;
 use rustc_hash::FxHashMap;
 use shardflow::core::error::{DecodeError, SinkError, SourceError};
-use shardflow::core::position::{RecordPosition, SequenceNumber, ShardId, ShardInfo, StartPosition};
+use shardflow::core::position::{
+    RecordPosition, SequenceNumber, ShardId, ShardInfo, StartPosition,
+};
 use shardflow::core::record::RawBatch;
 use shardflow::core::sink::{OutputBatch, OutputId, SinkContext, SinkWriter};
 use shardflow::core::source::{ReadBatch, ReadLimits, ShardReader, ShardStatus, Source};
@@ -73,14 +75,25 @@ impl Source for Generator {
         start: StartPosition,
         limits: ReadLimits,
     ) -> Result<Box<dyn ShardReader>, SourceError> {
-        let index: u64 = shard.id.as_str().trim_start_matches("shard-").parse().expect("shard-N");
+        let index: u64 = shard
+            .id
+            .as_str()
+            .trim_start_matches("shard-")
+            .parse()
+            .expect("shard-N");
         let next = match start {
             StartPosition::After(p) => p.sequence.as_u128().expect("small") as u64,
             _ => 0,
         };
         let per_shard = self.args.events / self.args.shards as u64
             + u64::from(index < self.args.events % self.args.shards as u64);
-        Ok(Box::new(GenReader { args: self.args.clone(), index, next, end: per_shard, limits }))
+        Ok(Box::new(GenReader {
+            args: self.args.clone(),
+            index,
+            next,
+            end: per_shard,
+            limits,
+        }))
     }
 }
 
@@ -102,11 +115,24 @@ impl ShardReader for GenReader {
             let mut data = [0u8; 16];
             data[..8].copy_from_slice(&key.to_le_bytes());
             data[8..].copy_from_slice(&ts.to_le_bytes());
-            batch.push(RecordPosition::new(SequenceNumber::from_u128(u128::from(i) + 1)), ts, b"", &data);
+            batch.push(
+                RecordPosition::new(SequenceNumber::from_u128(u128::from(i) + 1)),
+                ts,
+                b"",
+                &data,
+            );
         }
         self.next += n;
-        let status = if self.next < self.end { ShardStatus::More } else { ShardStatus::CaughtUp };
-        Ok(ReadBatch { records: batch, millis_behind_latest: None, status })
+        let status = if self.next < self.end {
+            ShardStatus::More
+        } else {
+            ShardStatus::CaughtUp
+        };
+        Ok(ReadBatch {
+            records: batch,
+            millis_behind_latest: None,
+            status,
+        })
     }
 }
 
@@ -126,7 +152,9 @@ struct CounterWriter<T> {
 #[async_trait]
 impl<T: Send + Sync + 'static> SinkWriter<T> for CounterWriter<T> {
     async fn write(&mut self, batch: OutputBatch<T>) -> Result<(), SinkError> {
-        self.counter.outputs.fetch_add(batch.outputs.len() as u64, Ordering::Relaxed);
+        self.counter
+            .outputs
+            .fetch_add(batch.outputs.len() as u64, Ordering::Relaxed);
         let mut sum = 0;
         let mut latest = None;
         for o in batch.outputs {
@@ -134,7 +162,9 @@ impl<T: Send + Sync + 'static> SinkWriter<T> for CounterWriter<T> {
             if windowed {
                 sum += v;
             } else {
-                latest.get_or_insert_with(|| self.counter.latest.lock().unwrap()).insert((batch.shard.clone(), o.id), v);
+                latest
+                    .get_or_insert_with(|| self.counter.latest.lock().unwrap())
+                    .insert((batch.shard.clone(), o.id), v);
             }
         }
         self.counter.window_sum.fetch_add(sum, Ordering::Relaxed);
@@ -156,48 +186,72 @@ impl<T: Send + Sync + 'static> Sink<T> for CounterSink<T> {
         "counter"
     }
     async fn open(&self, _cx: &SinkContext) -> Result<Box<dyn SinkWriter<T>>, SinkError> {
-        Ok(Box::new(CounterWriter { counter: self.counter.clone(), value: self.value }))
+        Ok(Box::new(CounterWriter {
+            counter: self.counter.clone(),
+            value: self.value,
+        }))
     }
 }
 
 fn decode(record: shardflow::core::record::RawRecord<'_>) -> Result<(u64, i64), DecodeError> {
     let d = record.data;
     if d.len() != 16 {
-        return Err(DecodeError { format: "bench", message: format!("{} bytes, want 16", d.len()) });
+        return Err(DecodeError {
+            format: "bench",
+            message: format!("{} bytes, want 16", d.len()),
+        });
     }
-    let key = u64::from_le_bytes(d[..8].try_into().expect("8 bytes"));
-    let ts = i64::from_le_bytes(d[8..].try_into().expect("8 bytes"));
-    Ok((key, ts))
+    let mut key = [0u8; 8];
+    let mut ts = [0u8; 8];
+    key.copy_from_slice(&d[..8]);
+    ts.copy_from_slice(&d[8..]);
+    Ok((u64::from_le_bytes(key), i64::from_le_bytes(ts)))
 }
 
 async fn run_shardflow(args: &Args) -> Result<(u64, u64, Duration)> {
     let counter = Counter::default();
     let source = Generator { args: args.clone() }.decode_fn(decode);
-    let stream = Topology::builder("bench").source(source).event_time(|e: &(u64, i64)| e.1);
+    let stream = Topology::builder("bench")
+        .source(source)
+        .event_time(|e: &(u64, i64)| e.1);
     let topology = if args.window_ms > 0 {
         stream
             .key_by(|e: &(u64, i64)| e.0)
-            .window(TumblingWindow::of(Duration::from_millis(args.window_ms as u64)))
+            .window(TumblingWindow::of(Duration::from_millis(
+                args.window_ms as u64,
+            )))
             .aggregate(Count)
-            .sink(CounterSink { counter: counter.clone(), value: |r: &WindowResult<u64, u64>| (r.value, true) })
+            .sink(CounterSink {
+                counter: counter.clone(),
+                value: |r: &WindowResult<u64, u64>| (r.value, true),
+            })
             .build()?
     } else {
         stream
             .key_by(|e: &(u64, i64)| e.0)
             .aggregate(Count)
-            .sink(CounterSink { counter: counter.clone(), value: |r: &KeyedValue<u64, u64>| (r.value, false) })
+            .sink(CounterSink {
+                counter: counter.clone(),
+                value: |r: &KeyedValue<u64, u64>| (r.value, false),
+            })
             .build()?
     };
     let config = RuntimeConfig {
         worker_id: "bench".into(),
         parallelism: args.workers,
         mode: RunMode::UntilCaughtUp,
-        read_limits: ReadLimits { max_records: 10_000, max_bytes: 4 << 20 },
+        read_limits: ReadLimits {
+            max_records: 10_000,
+            max_bytes: 4 << 20,
+        },
         channel_capacity: 8,
         ..RuntimeConfig::default()
     };
     let started = Instant::now();
-    Runtime::new(topology, Arc::new(MemoryLeaseStore::new())).with_config(config).run().await?;
+    Runtime::new(topology, Arc::new(MemoryLeaseStore::new()))
+        .with_config(config)
+        .run()
+        .await?;
     let took = started.elapsed();
     let latest: u64 = counter.latest.lock().unwrap().values().sum();
     let checksum = counter.window_sum.load(Ordering::Relaxed) + latest;
@@ -214,7 +268,8 @@ fn run_plain(args: &Args) -> (u64, u64, Duration) {
     let started = Instant::now();
     let (mut outputs, mut checksum) = (0u64, 0u64);
     for shard in 0..args.shards as u64 {
-        let n = args.events / args.shards as u64 + u64::from(shard < args.events % args.shards as u64);
+        let n =
+            args.events / args.shards as u64 + u64::from(shard < args.events % args.shards as u64);
         let mut counts: FxHashMap<u64, u64> = FxHashMap::default();
         let mut window = i64::MIN;
         for i in 0..n {
@@ -240,7 +295,11 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let workload = format!(
         "{}:keys={},events_per_ms={},window_ms={},shards={}",
-        if args.window_ms > 0 { "tumbling_count" } else { "running_count" },
+        if args.window_ms > 0 {
+            "tumbling_count"
+        } else {
+            "running_count"
+        },
         args.keys,
         args.events_per_ms,
         args.window_ms,
@@ -265,6 +324,10 @@ async fn main() -> Result<()> {
     );
     println!("RATIO shardflow/plain={:.3}", rate / plain_rate);
     anyhow::ensure!(sc == args.events, "checksum {sc} != events {}", args.events);
-    anyhow::ensure!(pc == args.events, "plain checksum {pc} != events {}", args.events);
+    anyhow::ensure!(
+        pc == args.events,
+        "plain checksum {pc} != events {}",
+        args.events
+    );
     Ok(())
 }

@@ -87,7 +87,15 @@ impl ShardProgress {
             Some(p) => CheckpointPosition::At(p),
             None => previous.unwrap_or(CheckpointPosition::Initial),
         };
-        self.epochs.insert(epoch, EpochEnd { anchor: Anchor { position, watermark } });
+        self.epochs.insert(
+            epoch,
+            EpochEnd {
+                anchor: Anchor {
+                    position,
+                    watermark,
+                },
+            },
+        );
         self.last_epoch = epoch;
         if replay {
             self.replay_end = epoch;
@@ -104,7 +112,11 @@ impl ShardProgress {
     /// If `path` is out of range or reports go backwards, broken invariants of the runtime.
     pub fn report(&mut self, path: usize, epoch: Epoch, hold: Option<Epoch>) {
         let state = &mut self.paths[path];
-        assert!(epoch >= state.committed, "path {path} reported epoch {epoch} after {}", state.committed);
+        assert!(
+            epoch >= state.committed,
+            "path {path} reported epoch {epoch} after {}",
+            state.committed
+        );
         state.committed = epoch;
         state.holds.push_back((epoch, hold));
     }
@@ -117,9 +129,8 @@ impl ShardProgress {
     /// Whether every path committed the shard's final epoch with no state left: the shard may
     /// be checkpointed at `SHARD_END` and its children may start.
     pub fn is_finished(&self) -> bool {
-        self.shard_end.is_some_and(|end| {
-            self.committed_epoch() >= end && self.hold_at(end).is_none()
-        })
+        self.shard_end
+            .is_some_and(|end| self.committed_epoch() >= end && self.hold_at(end).is_none())
     }
 
     /// The checkpoint the shard may advance to, or `None` while it may not move past the
@@ -168,7 +179,12 @@ impl ShardProgress {
                 self.start = anchor;
                 self.epochs = self.epochs.split_off(&keep_from);
                 self.epochs.remove(&keep_from);
-                self.epochs.insert(keep_from, EpochEnd { anchor: self.start.clone() });
+                self.epochs.insert(
+                    keep_from,
+                    EpochEnd {
+                        anchor: self.start.clone(),
+                    },
+                );
             }
         }
     }
@@ -180,7 +196,11 @@ impl ShardProgress {
             .filter_map(|path| {
                 // The last report at or before `epoch` describes the state at `epoch`: a path
                 // reports every epoch, so this is the report of `epoch` itself.
-                path.holds.iter().rev().find(|(e, _)| *e <= epoch).and_then(|(_, h)| *h)
+                path.holds
+                    .iter()
+                    .rev()
+                    .find(|(e, _)| *e <= epoch)
+                    .and_then(|(_, h)| *h)
             })
             .min()
     }
@@ -210,7 +230,13 @@ mod tests {
     fn progress(paths: usize, epochs: u64) -> ShardProgress {
         let mut p = ShardProgress::new(ShardCheckpoint::initial(), paths);
         for e in 1..=epochs {
-            p.record_epoch(e, Some(pos(u128::from(e) * 10)), Some(100 * e as i64), false, false);
+            p.record_epoch(
+                e,
+                Some(pos(u128::from(e) * 10)),
+                Some(100 * e as i64),
+                false,
+                false,
+            );
         }
         p
     }
@@ -220,12 +246,20 @@ mod tests {
         let mut p = progress(2, 3);
         assert_eq!(p.checkpoint(), None, "nothing committed");
         p.report(0, 3, None);
-        assert_eq!(p.checkpoint(), None, "one of two paths committed nothing yet");
+        assert_eq!(
+            p.checkpoint(),
+            None,
+            "one of two paths committed nothing yet"
+        );
         p.report(1, 2, None);
         let cp = p.checkpoint().unwrap();
         assert_eq!(cp.committed, at(20), "the slower path decides");
         assert_eq!(cp.committed_watermark, Some(200));
-        assert_eq!(cp.rebuild_from, at(20), "no state held: rebuild from the commit point");
+        assert_eq!(
+            cp.rebuild_from,
+            at(20),
+            "no state held: rebuild from the commit point"
+        );
     }
 
     #[test]
@@ -246,7 +280,11 @@ mod tests {
         p.report(1, 4, None);
         let cp = p.checkpoint().unwrap();
         assert_eq!(cp.committed, at(40));
-        assert_eq!(cp.rebuild_from, at(10), "at epoch 4 the window from epoch 2 was still open");
+        assert_eq!(
+            cp.rebuild_from,
+            at(10),
+            "at epoch 4 the window from epoch 2 was still open"
+        );
     }
 
     #[test]
@@ -320,12 +358,22 @@ mod tests {
         }
         for e in 5..=8 {
             for p in [&mut pruned, &mut full] {
-                p.record_epoch(e, Some(pos(u128::from(e) * 10)), Some(100 * e as i64), false, false);
+                p.record_epoch(
+                    e,
+                    Some(pos(u128::from(e) * 10)),
+                    Some(100 * e as i64),
+                    false,
+                    false,
+                );
                 p.report(0, e, Some(e - 1));
             }
             pruned.prune();
             assert_eq!(pruned.checkpoint(), full.checkpoint());
         }
-        assert!(pruned.epochs.len() <= 3, "pruned to a few epochs: {:?}", pruned.epochs.keys());
+        assert!(
+            pruned.epochs.len() <= 3,
+            "pruned to a few epochs: {:?}",
+            pruned.epochs.keys()
+        );
     }
 }

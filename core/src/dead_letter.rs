@@ -63,7 +63,11 @@ impl DeadLetter {
 
     /// Retries a failing user function `max` times, then applies `then`.
     pub fn retry(max: u32, backoff: Duration, then: DeadLetter) -> Self {
-        Self::Retry { max, backoff, then: Box::new(then) }
+        Self::Retry {
+            max,
+            backoff,
+            then: Box::new(then),
+        }
     }
 
     /// The sink this policy eventually writes to, if any.

@@ -30,8 +30,10 @@ impl<T> Default for Json<T> {
 impl<T: DeserializeOwned + Send + 'static> Decoder for Json<T> {
     type Item = T;
     fn decode(&self, record: RawRecord<'_>) -> Result<T, DecodeError> {
-        serde_json::from_slice(record.data)
-            .map_err(|e| DecodeError { format: "json", message: e.to_string() })
+        serde_json::from_slice(record.data).map_err(|e| DecodeError {
+            format: "json",
+            message: e.to_string(),
+        })
     }
 }
 
@@ -47,8 +49,10 @@ impl<T> Default for Bincode<T> {
 impl<T: DeserializeOwned + Send + 'static> Decoder for Bincode<T> {
     type Item = T;
     fn decode(&self, record: RawRecord<'_>) -> Result<T, DecodeError> {
-        bincode::deserialize(record.data)
-            .map_err(|e| DecodeError { format: "bincode", message: e.to_string() })
+        bincode::deserialize(record.data).map_err(|e| DecodeError {
+            format: "bincode",
+            message: e.to_string(),
+        })
     }
 }
 
@@ -110,7 +114,10 @@ pub trait SourceExt: Source + Sized {
 
     /// Records are decoded by `decoder`.
     fn decode_with<D: Decoder>(self, decoder: D) -> Decoded<Self, D> {
-        Decoded { source: Arc::new(self), decoder: Arc::new(decoder) }
+        Decoded {
+            source: Arc::new(self),
+            decoder: Arc::new(decoder),
+        }
     }
 
     /// Records are decoded by a function.
@@ -131,14 +138,24 @@ mod tests {
     use crate::position::{RecordPosition, SequenceNumber};
 
     fn record(data: &[u8]) -> (RecordPosition, Vec<u8>) {
-        (RecordPosition::new(SequenceNumber::from_u128(1)), data.to_vec())
+        (
+            RecordPosition::new(SequenceNumber::from_u128(1)),
+            data.to_vec(),
+        )
     }
 
     #[test]
     fn json_decoder_reports_the_parse_error() {
         let (pos, data) = record(b"{\"a\": 1");
-        let raw = RawRecord { position: &pos, arrival_ms: 0, partition_key: b"k", data: &data };
-        let err = Json::<serde_json::Value>::default().decode(raw).unwrap_err();
+        let raw = RawRecord {
+            position: &pos,
+            arrival_ms: 0,
+            partition_key: b"k",
+            data: &data,
+        };
+        let err = Json::<serde_json::Value>::default()
+            .decode(raw)
+            .unwrap_err();
         assert_eq!(err.format, "json");
         assert!(err.message.contains("EOF"), "{}", err.message);
     }
@@ -147,7 +164,12 @@ mod tests {
     fn bincode_decoder_round_trips() {
         let data = bincode::serialize(&(7u32, "x".to_owned())).unwrap();
         let pos = RecordPosition::new(SequenceNumber::from_u128(1));
-        let raw = RawRecord { position: &pos, arrival_ms: 0, partition_key: b"k", data: &data };
+        let raw = RawRecord {
+            position: &pos,
+            arrival_ms: 0,
+            partition_key: b"k",
+            data: &data,
+        };
         let got: (u32, String) = Bincode::default().decode(raw).unwrap();
         assert_eq!(got, (7, "x".to_owned()));
     }

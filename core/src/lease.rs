@@ -173,7 +173,9 @@ pub fn apply_update(
             if current.counter != expected_counter
                 || current.owner.as_deref() != Some(owner.as_str())
             {
-                return Err(LeaseError::LeaseLost { lease_key: current.key.clone() });
+                return Err(LeaseError::LeaseLost {
+                    lease_key: current.key.clone(),
+                });
             }
             match update {
                 LeaseUpdate::Checkpoint { checkpoint, .. } => {
@@ -229,7 +231,9 @@ impl MemoryLeaseStore {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Lease>> {
-        self.leases.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.leases
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -259,8 +263,9 @@ impl LeaseStore for MemoryLeaseStore {
         update: &LeaseUpdate,
     ) -> Result<Lease, LeaseError> {
         let mut leases = self.lock();
-        let current =
-            leases.get(key).ok_or_else(|| LeaseError::NotFound { lease_key: key.to_owned() })?;
+        let current = leases.get(key).ok_or_else(|| LeaseError::NotFound {
+            lease_key: key.to_owned(),
+        })?;
         let next = apply_update(current, expected_counter, update)?;
         leases.insert(key.to_owned(), next.clone());
         Ok(next)
@@ -268,8 +273,9 @@ impl LeaseStore for MemoryLeaseStore {
 
     async fn delete(&self, key: &str, expected_counter: u64) -> Result<(), LeaseError> {
         let mut leases = self.lock();
-        let current =
-            leases.get(key).ok_or_else(|| LeaseError::NotFound { lease_key: key.to_owned() })?;
+        let current = leases.get(key).ok_or_else(|| LeaseError::NotFound {
+            lease_key: key.to_owned(),
+        })?;
         if current.counter != expected_counter {
             return Err(LeaseError::ConditionFailed {
                 lease_key: key.to_owned(),
@@ -311,7 +317,10 @@ mod tests {
     fn checkpoint_resets_owner_switches() {
         let lease = Lease::new("s1", vec![]);
         let a = apply_update(&lease, 0, &LeaseUpdate::Take { owner: "a".into() }).unwrap();
-        let cp = LeaseUpdate::Checkpoint { owner: "a".into(), checkpoint: ShardCheckpoint::shard_end() };
+        let cp = LeaseUpdate::Checkpoint {
+            owner: "a".into(),
+            checkpoint: ShardCheckpoint::shard_end(),
+        };
         let done = apply_update(&a, 1, &cp).unwrap();
         assert!(done.checkpoint.is_shard_end());
         assert_eq!(done.owner_switches_since_checkpoint, 0);

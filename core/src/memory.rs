@@ -22,8 +22,10 @@ struct MemoryRecord {
 #[derive(Clone)]
 pub struct MemoryStream {
     name: String,
-    shards: Arc<Mutex<Vec<(ShardInfo, Vec<MemoryRecord>)>>>,
+    shards: Arc<Mutex<Vec<MemoryShard>>>,
 }
+
+type MemoryShard = (ShardInfo, Vec<MemoryRecord>);
 
 impl MemoryStream {
     /// A stream with `shards` empty shards named `shard-0`, `shard-1`, ...
@@ -39,11 +41,16 @@ impl MemoryStream {
                 (info, Vec::new())
             })
             .collect();
-        Self { name: name.into(), shards: Arc::new(Mutex::new(shards)) }
+        Self {
+            name: name.into(),
+            shards: Arc::new(Mutex::new(shards)),
+        }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(ShardInfo, Vec<MemoryRecord>)>> {
-        self.shards.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<MemoryShard>> {
+        self.shards
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Appends a record to shard `shard`; returns its sequence number.
@@ -54,7 +61,11 @@ impl MemoryStream {
         let mut shards = self.lock();
         let (info, records) = &mut shards[shard];
         assert!(!info.closed, "shard {} is closed", info.id);
-        records.push(MemoryRecord { arrival_ms, partition_key: partition_key.to_vec(), data: data.to_vec() });
+        records.push(MemoryRecord {
+            arrival_ms,
+            partition_key: partition_key.to_vec(),
+            data: data.to_vec(),
+        });
         records.len() as u128
     }
 
@@ -81,18 +92,32 @@ impl Source for MemoryStream {
         limits: ReadLimits,
     ) -> Result<Box<dyn ShardReader>, SourceError> {
         let shards = self.lock();
-        let index = shards.iter().position(|(info, _)| info.id == shard.id).ok_or_else(|| {
-            SourceError::ShardNotFound { stream: self.name.clone(), shard: shard.id.clone() }
-        })?;
+        let index = shards
+            .iter()
+            .position(|(info, _)| info.id == shard.id)
+            .ok_or_else(|| SourceError::ShardNotFound {
+                stream: self.name.clone(),
+                shard: shard.id.clone(),
+            })?;
         let records = &shards[index].1;
         let next = match start {
             StartPosition::TrimHorizon => 0,
             StartPosition::Latest => records.len(),
-            StartPosition::AtSequence(s) => s.as_u128().map_or(records.len(), |n| n.saturating_sub(1) as usize),
+            StartPosition::AtSequence(s) => s
+                .as_u128()
+                .map_or(records.len(), |n| n.saturating_sub(1) as usize),
             StartPosition::After(p) => p.sequence.as_u128().map_or(records.len(), |n| n as usize),
-            StartPosition::AtTimestamp(t) => records.iter().position(|r| r.arrival_ms >= t).unwrap_or(records.len()),
+            StartPosition::AtTimestamp(t) => records
+                .iter()
+                .position(|r| r.arrival_ms >= t)
+                .unwrap_or(records.len()),
         };
-        Ok(Box::new(MemoryReader { stream: self.clone(), index, next, limits }))
+        Ok(Box::new(MemoryReader {
+            stream: self.clone(),
+            index,
+            next,
+            limits,
+        }))
     }
 }
 
@@ -123,6 +148,10 @@ impl ShardReader for MemoryReader {
             (false, true) => ShardStatus::Ended,
             (false, false) => ShardStatus::CaughtUp,
         };
-        Ok(ReadBatch { records: batch, millis_behind_latest: Some(0), status })
+        Ok(ReadBatch {
+            records: batch,
+            millis_behind_latest: Some(0),
+            status,
+        })
     }
 }

@@ -72,7 +72,9 @@ impl SequenceNumber {
 
     /// Parses a decimal sequence number.
     pub fn parse(text: &str) -> Result<Self, InvalidSequenceNumber> {
-        let invalid = || InvalidSequenceNumber { text: text.to_owned() };
+        let invalid = || InvalidSequenceNumber {
+            text: text.to_owned(),
+        };
         if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
             return Err(invalid());
         }
@@ -157,12 +159,18 @@ pub struct RecordPosition {
 impl RecordPosition {
     /// The position of a plain (not aggregated) record.
     pub const fn new(sequence: SequenceNumber) -> Self {
-        Self { sequence, sub_sequence: 0 }
+        Self {
+            sequence,
+            sub_sequence: 0,
+        }
     }
 
     /// The position of user record `sub_sequence` inside an aggregated record.
     pub const fn with_sub_sequence(sequence: SequenceNumber, sub_sequence: u32) -> Self {
-        Self { sequence, sub_sequence }
+        Self {
+            sequence,
+            sub_sequence,
+        }
     }
 }
 
@@ -234,8 +242,14 @@ mod tests {
         assert!(SequenceNumber::parse("").is_err());
         assert!(SequenceNumber::parse("12a").is_err());
         assert!(SequenceNumber::parse(&"1".repeat(130)).is_err());
-        assert_eq!(SequenceNumber::parse("007").unwrap(), SequenceNumber::from_u128(7));
-        assert_eq!(SequenceNumber::parse("0").unwrap(), SequenceNumber::from_u128(0));
+        assert_eq!(
+            SequenceNumber::parse("007").unwrap(),
+            SequenceNumber::from_u128(7)
+        );
+        assert_eq!(
+            SequenceNumber::parse("0").unwrap(),
+            SequenceNumber::from_u128(0)
+        );
     }
 
     #[test]

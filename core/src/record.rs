@@ -37,7 +37,10 @@ pub struct RawRecord<'a> {
 impl RawBatch {
     /// An empty batch with room for `records` records of `bytes` bytes in all.
     pub fn with_capacity(records: usize, bytes: usize) -> Self {
-        Self { bytes: Vec::with_capacity(bytes), records: Vec::with_capacity(records) }
+        Self {
+            bytes: Vec::with_capacity(bytes),
+            records: Vec::with_capacity(records),
+        }
     }
 
     /// Appends a record. Positions must increase; the caller (a source) guarantees it.
@@ -57,7 +60,13 @@ impl RawBatch {
         let data_start = offset(self.bytes.len());
         self.bytes.extend_from_slice(data);
         let data_end = offset(self.bytes.len());
-        self.records.push(RecordMeta { position, arrival_ms, key_start, data_start, data_end });
+        self.records.push(RecordMeta {
+            position,
+            arrival_ms,
+            key_start,
+            data_start,
+            data_end,
+        });
     }
 
     /// Number of records.
@@ -134,7 +143,10 @@ mod tests {
         batch.push(pos(1), 10, b"k1", b"hello");
         batch.push(pos(2), 11, b"", b"");
         batch.push(pos(3), 12, b"key-3", b"world");
-        let got: Vec<_> = batch.iter().map(|r| (r.partition_key.to_vec(), r.data.to_vec())).collect();
+        let got: Vec<_> = batch
+            .iter()
+            .map(|r| (r.partition_key.to_vec(), r.data.to_vec()))
+            .collect();
         assert_eq!(
             got,
             vec![

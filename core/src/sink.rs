@@ -63,9 +63,16 @@ impl OutputId {
         let mut out = String::new();
         match self {
             Self::Record { position, index } => {
-                let _ = write!(out, "r/{}-{}-{}", position.sequence, position.sub_sequence, index);
+                let _ = write!(
+                    out,
+                    "r/{}-{}-{}",
+                    position.sequence, position.sub_sequence, index
+                );
             }
-            Self::Keyed { key, window: Some(w) } => {
+            Self::Keyed {
+                key,
+                window: Some(w),
+            } => {
                 let _ = write!(out, "w/{:020}-{:020}/", w.start, w.end);
                 push_escaped(&mut out, key);
             }
@@ -172,7 +179,10 @@ struct MemoryState<T> {
 
 impl<T> Clone for MemorySink<T> {
     fn clone(&self) -> Self {
-        Self { name: self.name.clone(), state: Arc::clone(&self.state) }
+        Self {
+            name: self.name.clone(),
+            state: Arc::clone(&self.state),
+        }
     }
 }
 
@@ -206,7 +216,9 @@ impl<T: Clone + Send + 'static> MemorySink<T> {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MemoryState<T>> {
         // A poisoned lock means a test thread panicked mid-update; the data is still usable.
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -222,7 +234,10 @@ impl<T: Clone + Send + Sync + 'static> Sink<T> for MemorySink<T> {
     }
 
     async fn open(&self, _cx: &SinkContext) -> Result<Box<dyn SinkWriter<T>>, SinkError> {
-        Ok(Box::new(MemoryWriter { sink: self.clone(), pending: Vec::new() }))
+        Ok(Box::new(MemoryWriter {
+            sink: self.clone(),
+            pending: Vec::new(),
+        }))
     }
 }
 
@@ -230,7 +245,8 @@ impl<T: Clone + Send + Sync + 'static> Sink<T> for MemorySink<T> {
 impl<T: Clone + Send + Sync + 'static> SinkWriter<T> for MemoryWriter<T> {
     async fn write(&mut self, batch: OutputBatch<T>) -> Result<(), SinkError> {
         let shard = batch.shard;
-        self.pending.extend(batch.outputs.into_iter().map(|o| (shard.clone(), o)));
+        self.pending
+            .extend(batch.outputs.into_iter().map(|o| (shard.clone(), o)));
         Ok(())
     }
 
@@ -238,7 +254,11 @@ impl<T: Clone + Send + Sync + 'static> SinkWriter<T> for MemoryWriter<T> {
         let mut state = self.sink.lock();
         for (shard, output) in self.pending.drain(..) {
             state.writes += 1;
-            if state.committed.insert((shard, output.id.to_path()), output.value).is_some() {
+            if state
+                .committed
+                .insert((shard, output.id.to_path()), output.value)
+                .is_some()
+            {
                 state.replaced += 1;
             }
         }
@@ -260,9 +280,22 @@ mod tests {
 
     #[test]
     fn output_paths_escape_keys_and_sort_windows_by_time() {
-        let id = OutputId::Keyed { key: "a/b c".into(), window: Some(Window::new(0, 60_000)) };
-        assert_eq!(id.to_path(), "w/00000000000000000000-00000000000000060000/a%2Fb%20c");
-        assert_eq!(OutputId::Keyed { key: "..".into(), window: None }.to_path(), "k/%..");
+        let id = OutputId::Keyed {
+            key: "a/b c".into(),
+            window: Some(Window::new(0, 60_000)),
+        };
+        assert_eq!(
+            id.to_path(),
+            "w/00000000000000000000-00000000000000060000/a%2Fb%20c"
+        );
+        assert_eq!(
+            OutputId::Keyed {
+                key: "..".into(),
+                window: None
+            }
+            .to_path(),
+            "k/%.."
+        );
         let rec = OutputId::Record {
             position: RecordPosition::with_sub_sequence(SequenceNumber::from_u128(42), 3),
             index: 1,

@@ -19,7 +19,10 @@ impl Default for ReadLimits {
     fn default() -> Self {
         // The Kinesis GetRecords maximum is 10 000 records; a smaller batch keeps epochs short,
         // so checkpoints follow the input closely.
-        Self { max_records: 2_000, max_bytes: 4 * 1024 * 1024 }
+        Self {
+            max_records: 2_000,
+            max_bytes: 4 * 1024 * 1024,
+        }
     }
 }
 

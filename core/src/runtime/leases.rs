@@ -36,12 +36,23 @@ impl LeaseManager {
 
     /// Creates a lease for every shard that has none.
     pub(crate) async fn sync(&self, shards: &[ShardInfo]) -> Result<(), LeaseError> {
-        let existing: HashMap<String, Lease> =
-            self.store.list().await?.into_iter().map(|l| (l.key.clone(), l)).collect();
+        let existing: HashMap<String, Lease> = self
+            .store
+            .list()
+            .await?
+            .into_iter()
+            .map(|l| (l.key.clone(), l))
+            .collect();
         for shard in shards {
             if !existing.contains_key(shard.id.as_str()) {
-                let parents = shard.parents.iter().map(|p| p.as_str().to_owned()).collect();
-                self.store.create_if_absent(&Lease::new(shard.id.as_str(), parents)).await?;
+                let parents = shard
+                    .parents
+                    .iter()
+                    .map(|p| p.as_str().to_owned())
+                    .collect();
+                self.store
+                    .create_if_absent(&Lease::new(shard.id.as_str(), parents))
+                    .await?;
             }
         }
         Ok(())
@@ -62,10 +73,15 @@ impl LeaseManager {
         if !takeable {
             return Ok(None);
         }
-        let take = LeaseUpdate::Take { owner: self.owner.clone() };
+        let take = LeaseUpdate::Take {
+            owner: self.owner.clone(),
+        };
         match self.store.update(&lease.key, lease.counter, &take).await {
             Ok(taken) => {
-                self.held.lock().await.insert(taken.key.clone(), taken.counter);
+                self.held
+                    .lock()
+                    .await
+                    .insert(taken.key.clone(), taken.counter);
                 Ok(Some(taken))
             }
             Err(LeaseError::ConditionFailed { .. } | LeaseError::LeaseLost { .. }) => Ok(None),
@@ -76,7 +92,9 @@ impl LeaseManager {
     async fn expired(&self, lease: &Lease) -> bool {
         let mut observed = self.observed.lock().await;
         let now = Instant::now();
-        let entry = observed.entry(lease.key.clone()).or_insert((lease.counter, now));
+        let entry = observed
+            .entry(lease.key.clone())
+            .or_insert((lease.counter, now));
         if entry.0 != lease.counter {
             *entry = (lease.counter, now);
         }
@@ -89,7 +107,9 @@ impl LeaseManager {
 
     async fn apply(&self, key: &str, update: LeaseUpdate) -> Result<Lease, LeaseError> {
         let mut held = self.held.lock().await;
-        let counter = *held.get(key).ok_or_else(|| LeaseError::LeaseLost { lease_key: key.to_owned() })?;
+        let counter = *held.get(key).ok_or_else(|| LeaseError::LeaseLost {
+            lease_key: key.to_owned(),
+        })?;
         match self.store.update(key, counter, &update).await {
             Ok(lease) => {
                 if matches!(update, LeaseUpdate::Release { .. }) {
@@ -100,7 +120,10 @@ impl LeaseManager {
                 Ok(lease)
             }
             Err(e) => {
-                if matches!(e, LeaseError::LeaseLost { .. } | LeaseError::NotFound { .. }) {
+                if matches!(
+                    e,
+                    LeaseError::LeaseLost { .. } | LeaseError::NotFound { .. }
+                ) {
                     held.remove(key);
                 }
                 Err(e)
@@ -108,8 +131,15 @@ impl LeaseManager {
         }
     }
 
-    pub(crate) async fn checkpoint(&self, key: &str, checkpoint: ShardCheckpoint) -> Result<(), LeaseError> {
-        let update = LeaseUpdate::Checkpoint { owner: self.owner.clone(), checkpoint };
+    pub(crate) async fn checkpoint(
+        &self,
+        key: &str,
+        checkpoint: ShardCheckpoint,
+    ) -> Result<(), LeaseError> {
+        let update = LeaseUpdate::Checkpoint {
+            owner: self.owner.clone(),
+            checkpoint,
+        };
         self.apply(key, update).await.map(drop)
     }
 
@@ -118,7 +148,15 @@ impl LeaseManager {
         let keys: Vec<String> = self.held.lock().await.keys().cloned().collect();
         let mut lost = Vec::new();
         for key in keys {
-            match self.apply(&key, LeaseUpdate::Renew { owner: self.owner.clone() }).await {
+            match self
+                .apply(
+                    &key,
+                    LeaseUpdate::Renew {
+                        owner: self.owner.clone(),
+                    },
+                )
+                .await
+            {
                 Ok(_) => {}
                 Err(LeaseError::LeaseLost { .. } | LeaseError::NotFound { .. }) => lost.push(key),
                 Err(error) => tracing::warn!(lease = %key, %error, "lease renewal failed"),
@@ -128,7 +166,15 @@ impl LeaseManager {
     }
 
     pub(crate) async fn release(&self, key: &str) {
-        if let Err(error) = self.apply(key, LeaseUpdate::Release { owner: self.owner.clone() }).await {
+        if let Err(error) = self
+            .apply(
+                key,
+                LeaseUpdate::Release {
+                    owner: self.owner.clone(),
+                },
+            )
+            .await
+        {
             tracing::warn!(lease = %key, %error, "lease release failed; it will expire");
         }
     }

@@ -97,25 +97,37 @@ impl Metrics {
     }
 
     pub(crate) fn read(&self, topology: &str, shard: &str, records: usize, bytes: usize) {
-        self.records_read.with_label_values(&[topology, shard]).inc_by(records as u64);
-        self.bytes_read.with_label_values(&[topology, shard]).inc_by(bytes as u64);
+        self.records_read
+            .with_label_values(&[topology, shard])
+            .inc_by(records as u64);
+        self.bytes_read
+            .with_label_values(&[topology, shard])
+            .inc_by(bytes as u64);
     }
 
     pub(crate) fn behind(&self, topology: &str, shard: &str, millis: u64) {
         let millis = i64::try_from(millis).unwrap_or(i64::MAX);
-        self.millis_behind.with_label_values(&[topology, shard]).set(millis);
+        self.millis_behind
+            .with_label_values(&[topology, shard])
+            .set(millis);
     }
 
     pub(crate) fn sink_records(&self, topology: &str, sink: &str, n: usize) {
-        self.records_written.with_label_values(&[topology, sink]).inc_by(n as u64);
+        self.records_written
+            .with_label_values(&[topology, sink])
+            .inc_by(n as u64);
     }
 
     pub(crate) fn sink_commit(&self, topology: &str, sink: &str, took: Duration) {
-        self.sink_commit.with_label_values(&[topology, sink]).observe(took.as_secs_f64());
+        self.sink_commit
+            .with_label_values(&[topology, sink])
+            .observe(took.as_secs_f64());
     }
 
     pub(crate) fn dead_lettered(&self, topology: &str, shard: &str, n: usize) {
-        self.dead_letters.with_label_values(&[topology, shard]).inc_by(n as u64);
+        self.dead_letters
+            .with_label_values(&[topology, shard])
+            .inc_by(n as u64);
     }
 
     /// Counts late records (operators call it).
@@ -128,6 +140,8 @@ impl Metrics {
     }
 
     pub(crate) fn leases(&self, topology: &str, held: usize) {
-        self.leases_held.with_label_values(&[topology]).set(held as i64);
+        self.leases_held
+            .with_label_values(&[topology])
+            .set(held as i64);
     }
 }

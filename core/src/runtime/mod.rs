@@ -1,8 +1,8 @@
 //! The runtime: runs a topology over the shards this worker holds leases for, checkpoints after
 //! sinks commit, and ends on shutdown (or, in a bounded run, when every shard is caught up).
 
-pub mod metrics;
 mod leases;
+pub mod metrics;
 mod shard_task;
 pub(crate) mod tracker;
 
@@ -77,7 +77,12 @@ impl Default for RuntimeConfig {
 impl RuntimeConfig {
     /// Checks every value, naming the first bad field.
     pub fn validate(&self) -> Result<(), BuildError> {
-        let bad = |field, reason: &str| Err(BuildError::InvalidConfig { field, reason: reason.into() });
+        let bad = |field, reason: &str| {
+            Err(BuildError::InvalidConfig {
+                field,
+                reason: reason.into(),
+            })
+        };
         if self.worker_id.is_empty() {
             return bad("worker_id", "must not be empty");
         }
@@ -88,7 +93,10 @@ impl RuntimeConfig {
             return bad("channel_capacity", "must be at least 1");
         }
         if self.read_limits.max_records == 0 || self.read_limits.max_records > 10_000 {
-            return bad("read_limits.max_records", "must be between 1 and 10000 (the GetRecords limit)");
+            return bad(
+                "read_limits.max_records",
+                "must be between 1 and 10000 (the GetRecords limit)",
+            );
         }
         if self.read_limits.max_bytes == 0 {
             return bad("read_limits.max_bytes", "must be at least 1");
@@ -184,7 +192,11 @@ impl Runtime {
             .collect();
         let exchanges = Arc::new(exchanges);
         let paths = topology.paths(n);
-        let leases = LeaseManager::new(Arc::clone(&self.leases), config.worker_id.clone(), config.lease_duration);
+        let leases = LeaseManager::new(
+            Arc::clone(&self.leases),
+            config.worker_id.clone(),
+            config.lease_duration,
+        );
 
         let mut shard_tasks: JoinSet<(ShardId, Result<ShardOutcome, Error>)> = JoinSet::new();
         let mut running: HashMap<ShardId, RunningShard> = HashMap::new();
@@ -208,9 +220,19 @@ impl Runtime {
                 let shards = topology.source.list_shards().await?;
                 leases.sync(&shards).await?;
                 let lease_list = leases.list().await?;
-                for shard in eligible(&shards, &lease_list, &running, &completed) {
-                    let lease = lease_list.iter().find(|l| l.key == shard.id.as_str()).expect("eligible shards have leases");
-                    let Some(taken) = leases.try_take(lease).await? else { continue };
+                let busy: HashSet<&ShardId> = running
+                    .keys()
+                    .chain(finishing.iter().map(|f| &f.0))
+                    .chain(&completed)
+                    .collect();
+                for shard in eligible(&shards, &lease_list, &busy) {
+                    let lease = lease_list
+                        .iter()
+                        .find(|l| l.key == shard.id.as_str())
+                        .expect("eligible shards have leases");
+                    let Some(taken) = leases.try_take(lease).await? else {
+                        continue;
+                    };
                     let cancel = CancellationToken::new();
                     tracker.start_shard(&shard.id, taken.checkpoint.clone(), paths);
                     let task = ShardTask {
@@ -224,7 +246,14 @@ impl Runtime {
                         cancel: cancel.clone(),
                     };
                     written.insert(shard.id.clone(), taken.checkpoint.clone());
-                    running.insert(shard.id.clone(), RunningShard { lease_key: taken.key.clone(), cancel, lost: false });
+                    running.insert(
+                        shard.id.clone(),
+                        RunningShard {
+                            lease_key: taken.key.clone(),
+                            cancel,
+                            lost: false,
+                        },
+                    );
                     let id = shard.id.clone();
                     tracing::info!(topology = %name, shard = %id, "processing shard");
                     shard_tasks.spawn(async move { (id, task.run().await) });
@@ -310,7 +339,17 @@ impl Runtime {
                     still.push((id, key, last_epoch, shard_end));
                     continue;
                 }
-                if let Err(error) = write_checkpoint(&leases, &tracker, &self.metrics, &name, &id, &key, &mut written).await {
+                if let Err(error) = write_checkpoint(
+                    &leases,
+                    &tracker,
+                    &self.metrics,
+                    &name,
+                    &id,
+                    &key,
+                    &mut written,
+                )
+                .await
+                {
                     tracing::warn!(topology = %name, shard = %id, %error, "final checkpoint rejected");
                 }
                 tracker.stop_shard(&id);
@@ -355,7 +394,9 @@ async fn write_checkpoint(
     key: &str,
     written: &mut HashMap<ShardId, ShardCheckpoint>,
 ) -> Result<(), crate::error::LeaseError> {
-    let Some(cp) = tracker.checkpoint(id) else { return Ok(()) };
+    let Some(cp) = tracker.checkpoint(id) else {
+        return Ok(());
+    };
     if written.get(id) == Some(&cp) {
         return Ok(());
     }
@@ -365,21 +406,30 @@ async fn write_checkpoint(
     Ok(())
 }
 
-/// Shards to start: not running, not done in this run, not finished, and whose parents all
-/// reached their end (or left no lease), so per-key order holds across resharding.
+/// Shards to start: not busy in this run (running, finishing, done), not finished, and whose
+/// parents all reached their end (or left no lease), so per-key order holds across resharding.
 fn eligible<'a>(
     shards: &'a [ShardInfo],
     leases: &[Lease],
-    running: &HashMap<ShardId, RunningShard>,
-    completed: &HashSet<ShardId>,
+    busy: &HashSet<&ShardId>,
 ) -> Vec<&'a ShardInfo> {
     let by_key: HashMap<&str, &Lease> = leases.iter().map(|l| (l.key.as_str(), l)).collect();
     shards
         .iter()
-        .filter(|s| !running.contains_key(&s.id) && !completed.contains(&s.id))
-        .filter(|s| by_key.get(s.id.as_str()).is_some_and(|l| !l.checkpoint.is_shard_end()))
+        // A shard still finishing (waiting for its last commits) is busy too: starting it
+        // again would replace its progress while its last reports are in flight.
+        .filter(|s| !busy.contains(&s.id))
         .filter(|s| {
-            s.parents.iter().all(|p| by_key.get(p.as_str()).is_none_or(|l| l.checkpoint.is_shard_end()))
+            by_key
+                .get(s.id.as_str())
+                .is_some_and(|l| !l.checkpoint.is_shard_end())
+        })
+        .filter(|s| {
+            s.parents.iter().all(|p| {
+                by_key
+                    .get(p.as_str())
+                    .is_none_or(|l| l.checkpoint.is_shard_end())
+            })
         })
         .collect()
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::Epoch;
+use crate::dead_letter::DeadLetterRecord;
 use crate::error::Error;
 use crate::lease::{CheckpointPosition, ShardCheckpoint};
 use crate::position::{EventTime, ShardInfo, StartPosition};
@@ -16,10 +17,11 @@ use crate::runtime::tracker::Tracker;
 use crate::runtime::{RunMode, RuntimeConfig};
 use crate::sink::SinkContext;
 use crate::source::{ShardReader, ShardStatus};
-use crate::topology::chain::{Control, Emit, EpochCx, Failures, Ident, Mode, RecordCx, SinkEmitter};
+use crate::topology::chain::{
+    Control, Emit, EpochCx, Failures, Ident, Mode, RecordCx, SinkEmitter,
+};
 use crate::topology::keyed::Exchanges;
 use crate::topology::stream::{InstanceCx, ShardPipeline, Topology};
-use crate::dead_letter::DeadLetterRecord;
 
 /// How a shard task ended.
 #[derive(Debug)]
@@ -63,7 +65,10 @@ impl ShardTask {
             CheckpointPosition::Initial => self.topology.start.clone(),
             CheckpointPosition::At(p) => StartPosition::After(p.clone()),
             CheckpointPosition::ShardEnd => {
-                return Ok(ShardOutcome::Finished { last_epoch: 0, shard_end: true })
+                return Ok(ShardOutcome::Finished {
+                    last_epoch: 0,
+                    shard_end: true,
+                })
             }
         };
         // Records up to the committed position only rebuild state.
@@ -84,7 +89,10 @@ impl ShardTask {
             self.topology.source.stream_name().to_owned(),
             id.clone(),
         );
-        let instance = InstanceCx { failures: Some(failures.clone()), ..instance };
+        let instance = InstanceCx {
+            failures: Some(failures.clone()),
+            ..instance
+        };
         let pipeline = self.topology.root.instantiate(&instance, failures.clone());
         let bound = pipeline.out_of_orderness_ms();
         let dead_letters = self.topology.dead_letter.sink().map(|sink| {
@@ -98,14 +106,16 @@ impl ShardTask {
             pipeline,
             dead_letters,
             failures,
-            max_event_time: self.resume.rebuild_watermark.map(|w| w.saturating_add(bound)),
+            max_event_time: self
+                .resume
+                .rebuild_watermark
+                .map(|w| w.saturating_add(bound)),
             committed_watermark: self.resume.committed_watermark.unwrap_or(EventTime::MIN),
             epoch: 0,
         };
 
-        let mut reader = match self.open(start).await? {
-            Some(reader) => reader,
-            None => return Ok(ShardOutcome::Cancelled { last_epoch: 0 }),
+        let Some(mut reader) = self.open(start).await? else {
+            return Ok(ShardOutcome::Cancelled { last_epoch: 0 });
         };
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -129,15 +139,23 @@ impl ShardTask {
                 Err(e) => return Err(e.into()),
             };
             if let Some(behind) = batch.millis_behind_latest {
-                self.metrics.behind(&self.topology.name, id.as_str(), behind);
+                self.metrics
+                    .behind(&self.topology.name, id.as_str(), behind);
             }
             let empty = batch.records.is_empty();
-            self.metrics.read(&self.topology.name, id.as_str(), batch.records.len(), batch.records.byte_len());
+            self.metrics.read(
+                &self.topology.name,
+                id.as_str(),
+                batch.records.len(),
+                batch.records.byte_len(),
+            );
             let mut rest = batch.records;
             while !rest.is_empty() {
                 let (part, replay) = match &replay_until {
                     Some(until) => {
-                        let n = (0..rest.len()).take_while(|&i| rest.get(i).position <= until).count();
+                        let n = (0..rest.len())
+                            .take_while(|&i| rest.get(i).position <= until)
+                            .count();
                         if n == rest.len() {
                             if rest.last_position() == Some(until) {
                                 replay_until = None;
@@ -154,16 +172,25 @@ impl ShardTask {
                     }
                     None => (std::mem::take(&mut rest), false),
                 };
-                self.epoch(&mut run, part, replay, Control::Continue).await?;
+                self.epoch(&mut run, part, replay, Control::Continue)
+                    .await?;
             }
             match batch.status {
                 ShardStatus::Ended => {
-                    self.epoch(&mut run, RawBatch::default(), false, Control::ShardEnd).await?;
-                    return Ok(ShardOutcome::Finished { last_epoch: run.epoch, shard_end: true });
+                    self.epoch(&mut run, RawBatch::default(), false, Control::ShardEnd)
+                        .await?;
+                    return Ok(ShardOutcome::Finished {
+                        last_epoch: run.epoch,
+                        shard_end: true,
+                    });
                 }
                 ShardStatus::CaughtUp if self.config.mode == RunMode::UntilCaughtUp => {
-                    self.epoch(&mut run, RawBatch::default(), false, Control::EndOfInput).await?;
-                    return Ok(ShardOutcome::Finished { last_epoch: run.epoch, shard_end: false });
+                    self.epoch(&mut run, RawBatch::default(), false, Control::EndOfInput)
+                        .await?;
+                    return Ok(ShardOutcome::Finished {
+                        last_epoch: run.epoch,
+                        shard_end: false,
+                    });
                 }
                 ShardStatus::CaughtUp if empty => {
                     if self.pause(self.config.idle_wait).await {
@@ -226,9 +253,13 @@ impl ShardTask {
             self.release(run).await?;
             return Err(Error::ShardStopped(stopped));
         }
-        let watermark = run.max_event_time.map(|m| m.saturating_sub(run.pipeline.out_of_orderness_ms()));
+        let watermark = run
+            .max_event_time
+            .map(|m| m.saturating_sub(run.pipeline.out_of_orderness_ms()));
         let mode = if replay {
-            Mode::Rebuild { committed_watermark: run.committed_watermark }
+            Mode::Rebuild {
+                committed_watermark: run.committed_watermark,
+            }
         } else {
             Mode::Live
         };
@@ -241,23 +272,39 @@ impl ShardTask {
             replay,
             control == Control::ShardEnd,
         );
-        let cx = EpochCx { shard: id.clone(), epoch: run.epoch, raw: Arc::clone(&raw), watermark, mode, control };
+        let cx = EpochCx {
+            shard: id.clone(),
+            epoch: run.epoch,
+            raw: Arc::clone(&raw),
+            watermark,
+            mode,
+            control,
+        };
         if !dead.is_empty() {
-            let emitter = run.dead_letters.as_mut().expect("dead letters exist only with a sink");
+            let emitter = run
+                .dead_letters
+                .as_mut()
+                .expect("dead letters exist only with a sink");
             let n = dead.len();
             for (index, letter) in dead {
-                let rcx = RecordCx { event_time: 0, watermark: 0, ident: Ident::Record { index, fanout: 0 } };
+                let rcx = RecordCx {
+                    event_time: 0,
+                    watermark: 0,
+                    ident: Ident::Record { index, fanout: 0 },
+                };
                 emitter.emit(&rcx, letter);
             }
             emitter.flush(&cx).await?;
             // Committed before the epoch is reported: the checkpoint passes a dead-lettered
             // record only once its dead letter is durable.
             emitter.commit().await?;
-            self.metrics.dead_lettered(&self.topology.name, id.as_str(), n);
+            self.metrics
+                .dead_lettered(&self.topology.name, id.as_str(), n);
         }
         run.pipeline.flush(&cx).await?;
         run.pipeline.commit().await?;
-        self.tracker.report(SHARD_PATH, &[(id.clone(), run.epoch, None)]);
+        self.tracker
+            .report(SHARD_PATH, &[(id.clone(), run.epoch, None)]);
         Ok(())
     }
 
@@ -273,7 +320,9 @@ impl ShardTask {
         };
         run.pipeline.discard();
         run.pipeline.flush(&cx).await?;
-        Ok(ShardOutcome::Cancelled { last_epoch: run.epoch })
+        Ok(ShardOutcome::Cancelled {
+            last_epoch: run.epoch,
+        })
     }
 }
 

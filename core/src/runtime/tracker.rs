@@ -19,11 +19,14 @@ pub(crate) struct Tracker {
 
 impl Tracker {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ShardId, ShardProgress>> {
-        self.shards.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.shards
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub(crate) fn start_shard(&self, shard: &ShardId, resumed: ShardCheckpoint, paths: usize) {
-        self.lock().insert(shard.clone(), ShardProgress::new(resumed, paths));
+        self.lock()
+            .insert(shard.clone(), ShardProgress::new(resumed, paths));
     }
 
     pub(crate) fn stop_shard(&self, shard: &ShardId) {
@@ -68,7 +71,9 @@ impl Tracker {
     }
 
     pub(crate) fn committed_epoch(&self, shard: &ShardId) -> Epoch {
-        self.lock().get(shard).map_or(0, ShardProgress::committed_epoch)
+        self.lock()
+            .get(shard)
+            .map_or(0, ShardProgress::committed_epoch)
     }
 
     /// Resolves at the next report of any path.

@@ -29,35 +29,68 @@ where
 
 async fn create_is_idempotent_and_keeps_the_first(store: impl LeaseStore) {
     let first = Lease::new("shard-1", vec!["shard-0".into()]);
-    assert!(store.create_if_absent(&first).await.unwrap(), "create of a new lease");
+    assert!(
+        store.create_if_absent(&first).await.unwrap(),
+        "create of a new lease"
+    );
     let second = Lease::new("shard-1", vec![]);
-    assert!(!store.create_if_absent(&second).await.unwrap(), "create of an existing lease");
-    let got = store.get("shard-1").await.unwrap().expect("created lease is readable");
+    assert!(
+        !store.create_if_absent(&second).await.unwrap(),
+        "create of an existing lease"
+    );
+    let got = store
+        .get("shard-1")
+        .await
+        .unwrap()
+        .expect("created lease is readable");
     assert_eq!(got, first, "an existing lease is not overwritten by create");
 }
 
 async fn take_requires_the_counter_it_read(store: impl LeaseStore) {
-    store.create_if_absent(&Lease::new("s", vec![])).await.unwrap();
-    let taken = store.update("s", 0, &LeaseUpdate::Take { owner: "w1".into() }).await.unwrap();
+    store
+        .create_if_absent(&Lease::new("s", vec![]))
+        .await
+        .unwrap();
+    let taken = store
+        .update("s", 0, &LeaseUpdate::Take { owner: "w1".into() })
+        .await
+        .unwrap();
     assert_eq!(taken.owner.as_deref(), Some("w1"));
     assert_eq!(taken.counter, 1);
-    let stale = store.update("s", 0, &LeaseUpdate::Take { owner: "w2".into() }).await;
+    let stale = store
+        .update("s", 0, &LeaseUpdate::Take { owner: "w2".into() })
+        .await;
     assert!(
         matches!(stale, Err(LeaseError::ConditionFailed { .. })),
         "take with a stale counter must fail with ConditionFailed, got {stale:?}"
     );
-    let stolen = store.update("s", 1, &LeaseUpdate::Take { owner: "w2".into() }).await.unwrap();
+    let stolen = store
+        .update("s", 1, &LeaseUpdate::Take { owner: "w2".into() })
+        .await
+        .unwrap();
     assert_eq!(stolen.owner.as_deref(), Some("w2"));
     assert_eq!(stolen.owner_switches_since_checkpoint, 2);
 }
 
 async fn owner_updates_fail_with_lease_lost_after_a_steal(store: impl LeaseStore) {
-    store.create_if_absent(&Lease::new("s", vec![])).await.unwrap();
-    store.update("s", 0, &LeaseUpdate::Take { owner: "w1".into() }).await.unwrap();
-    store.update("s", 1, &LeaseUpdate::Take { owner: "w2".into() }).await.unwrap();
+    store
+        .create_if_absent(&Lease::new("s", vec![]))
+        .await
+        .unwrap();
+    store
+        .update("s", 0, &LeaseUpdate::Take { owner: "w1".into() })
+        .await
+        .unwrap();
+    store
+        .update("s", 1, &LeaseUpdate::Take { owner: "w2".into() })
+        .await
+        .unwrap();
     for update in [
         LeaseUpdate::Renew { owner: "w1".into() },
-        LeaseUpdate::Checkpoint { owner: "w1".into(), checkpoint: ShardCheckpoint::shard_end() },
+        LeaseUpdate::Checkpoint {
+            owner: "w1".into(),
+            checkpoint: ShardCheckpoint::shard_end(),
+        },
         LeaseUpdate::Release { owner: "w1".into() },
     ] {
         for counter in [1, 2] {
@@ -69,24 +102,41 @@ async fn owner_updates_fail_with_lease_lost_after_a_steal(store: impl LeaseStore
             );
         }
     }
-    let renewed = store.update("s", 2, &LeaseUpdate::Renew { owner: "w2".into() }).await.unwrap();
+    let renewed = store
+        .update("s", 2, &LeaseUpdate::Renew { owner: "w2".into() })
+        .await
+        .unwrap();
     assert_eq!(renewed.counter, 3);
-    let stale = store.update("s", 2, &LeaseUpdate::Renew { owner: "w2".into() }).await;
-    assert!(matches!(stale, Err(LeaseError::LeaseLost { .. })), "stale counter: {stale:?}");
+    let stale = store
+        .update("s", 2, &LeaseUpdate::Renew { owner: "w2".into() })
+        .await;
+    assert!(
+        matches!(stale, Err(LeaseError::LeaseLost { .. })),
+        "stale counter: {stale:?}"
+    );
 }
 
 async fn checkpoints_are_read_back_exactly(store: impl LeaseStore) {
-    store.create_if_absent(&Lease::new("s", vec![])).await.unwrap();
-    store.update("s", 0, &LeaseUpdate::Take { owner: "w".into() }).await.unwrap();
-    let big = SequenceNumber::parse("49590338271490256608559692538361571095921575989136588898")
+    store
+        .create_if_absent(&Lease::new("s", vec![]))
+        .await
         .unwrap();
+    store
+        .update("s", 0, &LeaseUpdate::Take { owner: "w".into() })
+        .await
+        .unwrap();
+    let big =
+        SequenceNumber::parse("49590338271490256608559692538361571095921575989136588898").unwrap();
     let checkpoint = ShardCheckpoint {
         committed: CheckpointPosition::At(RecordPosition::with_sub_sequence(big, 7)),
         committed_watermark: Some(-5),
         rebuild_from: CheckpointPosition::At(RecordPosition::new(SequenceNumber::from_u128(3))),
         rebuild_watermark: Some(i64::MIN),
     };
-    let update = LeaseUpdate::Checkpoint { owner: "w".into(), checkpoint: checkpoint.clone() };
+    let update = LeaseUpdate::Checkpoint {
+        owner: "w".into(),
+        checkpoint: checkpoint.clone(),
+    };
     let written = store.update("s", 1, &update).await.unwrap();
     assert_eq!(written.checkpoint, checkpoint);
     assert_eq!(written.owner_switches_since_checkpoint, 0);
@@ -95,39 +145,73 @@ async fn checkpoints_are_read_back_exactly(store: impl LeaseStore) {
 }
 
 async fn release_leaves_the_lease_unowned(store: impl LeaseStore) {
-    store.create_if_absent(&Lease::new("s", vec![])).await.unwrap();
-    store.update("s", 0, &LeaseUpdate::Take { owner: "w".into() }).await.unwrap();
-    let released = store.update("s", 1, &LeaseUpdate::Release { owner: "w".into() }).await.unwrap();
+    store
+        .create_if_absent(&Lease::new("s", vec![]))
+        .await
+        .unwrap();
+    store
+        .update("s", 0, &LeaseUpdate::Take { owner: "w".into() })
+        .await
+        .unwrap();
+    let released = store
+        .update("s", 1, &LeaseUpdate::Release { owner: "w".into() })
+        .await
+        .unwrap();
     assert_eq!(released.owner, None);
     assert_eq!(store.get("s").await.unwrap().unwrap().owner, None);
-    let retaken = store.update("s", 2, &LeaseUpdate::Take { owner: "x".into() }).await.unwrap();
+    let retaken = store
+        .update("s", 2, &LeaseUpdate::Take { owner: "x".into() })
+        .await
+        .unwrap();
     assert_eq!(retaken.owner.as_deref(), Some("x"));
 }
 
 async fn delete_is_conditional_on_the_counter(store: impl LeaseStore) {
-    store.create_if_absent(&Lease::new("s", vec![])).await.unwrap();
-    store.update("s", 0, &LeaseUpdate::Take { owner: "w".into() }).await.unwrap();
+    store
+        .create_if_absent(&Lease::new("s", vec![]))
+        .await
+        .unwrap();
+    store
+        .update("s", 0, &LeaseUpdate::Take { owner: "w".into() })
+        .await
+        .unwrap();
     let stale = store.delete("s", 0).await;
-    assert!(matches!(stale, Err(LeaseError::ConditionFailed { .. })), "got {stale:?}");
+    assert!(
+        matches!(stale, Err(LeaseError::ConditionFailed { .. })),
+        "got {stale:?}"
+    );
     store.delete("s", 1).await.unwrap();
     assert_eq!(store.get("s").await.unwrap(), None);
 }
 
 async fn missing_leases_are_not_found(store: impl LeaseStore) {
     assert_eq!(store.get("nope").await.unwrap(), None);
-    let got = store.update("nope", 0, &LeaseUpdate::Take { owner: "w".into() }).await;
-    assert!(matches!(got, Err(LeaseError::NotFound { .. })), "got {got:?}");
+    let got = store
+        .update("nope", 0, &LeaseUpdate::Take { owner: "w".into() })
+        .await;
+    assert!(
+        matches!(got, Err(LeaseError::NotFound { .. })),
+        "got {got:?}"
+    );
     let got = store.delete("nope", 0).await;
-    assert!(matches!(got, Err(LeaseError::NotFound { .. })), "got {got:?}");
+    assert!(
+        matches!(got, Err(LeaseError::NotFound { .. })),
+        "got {got:?}"
+    );
 }
 
 async fn concurrent_takes_have_exactly_one_winner<S: LeaseStore>(store: Arc<S>) {
-    store.create_if_absent(&Lease::new("contended", vec![])).await.unwrap();
+    store
+        .create_if_absent(&Lease::new("contended", vec![]))
+        .await
+        .unwrap();
     let mut tasks = Vec::new();
     for i in 0..8 {
         let store = Arc::clone(&store);
         tasks.push(tokio::spawn(async move {
-            let take = LeaseUpdate::Take { owner: format!("w{i}") };
+            let take = LeaseUpdate::Take {
+                owner: format!("w{i}"),
+            };
             store.update("contended", 0, &take).await
         }));
     }
@@ -139,7 +223,11 @@ async fn concurrent_takes_have_exactly_one_winner<S: LeaseStore>(store: Arc<S>) 
             Err(other) => panic!("unexpected error from a contended take: {other:?}"),
         }
     }
-    assert_eq!(winners.len(), 1, "exactly one of 8 concurrent takes wins, got {winners:?}");
+    assert_eq!(
+        winners.len(),
+        1,
+        "exactly one of 8 concurrent takes wins, got {winners:?}"
+    );
     let lease = store.get("contended").await.unwrap().unwrap();
     assert_eq!(lease.owner, winners[0]);
     assert_eq!(lease.counter, 1);
@@ -147,8 +235,17 @@ async fn concurrent_takes_have_exactly_one_winner<S: LeaseStore>(store: Arc<S>) 
 
 async fn list_returns_every_lease_in_key_order(store: impl LeaseStore) {
     for key in ["c", "a", "b"] {
-        store.create_if_absent(&Lease::new(key, vec![])).await.unwrap();
+        store
+            .create_if_absent(&Lease::new(key, vec![]))
+            .await
+            .unwrap();
     }
-    let keys: Vec<String> = store.list().await.unwrap().into_iter().map(|l| l.key).collect();
+    let keys: Vec<String> = store
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.key)
+        .collect();
     assert_eq!(keys, ["a", "b", "c"]);
 }

@@ -4,7 +4,10 @@ use crate::position::{RecordPosition, SequenceNumber, ShardId};
 use crate::sink::{InspectSink, Output, OutputBatch, OutputId, SinkContext, Window};
 
 fn cx(instance: &str) -> SinkContext {
-    SinkContext { topology: "conformance".into(), instance: instance.into() }
+    SinkContext {
+        topology: "conformance".into(),
+        instance: instance.into(),
+    }
 }
 
 /// Runs every check against sinks made by `make` (a fresh, empty sink per check). `value(i)`
@@ -34,39 +37,90 @@ where
     let sink = make().await;
     let mut writer = sink.open(&cx("a")).await.expect("open");
     let outputs = vec![
-        Output { id: record(1, 0), value: value(1) },
-        Output { id: record(1, 1), value: value(2) },
-        Output { id: window("k/1 é"), value: value(3) },
+        Output {
+            id: record(1, 0),
+            value: value(1),
+        },
+        Output {
+            id: record(1, 1),
+            value: value(2),
+        },
+        Output {
+            id: window("k/1 é"),
+            value: value(3),
+        },
     ];
-    writer.write(OutputBatch { shard: shard.clone(), outputs }).await.expect("write");
+    writer
+        .write(OutputBatch {
+            shard: shard.clone(),
+            outputs,
+        })
+        .await
+        .expect("write");
     writer.commit().await.expect("commit");
     let got = sink.committed().await.expect("read back");
     assert_eq!(got.len(), 3, "three committed outputs, got {got:?}");
-    assert_eq!(got.get(&(shard.clone(), record(1, 1).to_path())), Some(&value(2)));
-    assert_eq!(got.get(&(shard.clone(), window("k/1 é").to_path())), Some(&value(3)));
+    assert_eq!(
+        got.get(&(shard.clone(), record(1, 1).to_path())),
+        Some(&value(2))
+    );
+    assert_eq!(
+        got.get(&(shard.clone(), window("k/1 é").to_path())),
+        Some(&value(3))
+    );
 
     // Writing an existing identity replaces it: a replay leaves one output, the latest.
     let sink = make().await;
     let mut writer = sink.open(&cx("a")).await.expect("open");
     for v in [10, 11] {
-        let outputs = vec![Output { id: window("k"), value: value(v) }];
-        writer.write(OutputBatch { shard: shard.clone(), outputs }).await.expect("write");
+        let outputs = vec![Output {
+            id: window("k"),
+            value: value(v),
+        }];
+        writer
+            .write(OutputBatch {
+                shard: shard.clone(),
+                outputs,
+            })
+            .await
+            .expect("write");
         writer.commit().await.expect("commit");
     }
     let mut replay = sink.open(&cx("b")).await.expect("open a second writer");
-    let outputs = vec![Output { id: window("k"), value: value(11) }];
-    replay.write(OutputBatch { shard: shard.clone(), outputs }).await.expect("write");
+    let outputs = vec![Output {
+        id: window("k"),
+        value: value(11),
+    }];
+    replay
+        .write(OutputBatch {
+            shard: shard.clone(),
+            outputs,
+        })
+        .await
+        .expect("write");
     replay.commit().await.expect("commit");
     let got = sink.committed().await.expect("read back");
     assert_eq!(got.len(), 1, "one identity, one output: {got:?}");
-    assert_eq!(got.get(&(shard.clone(), window("k").to_path())), Some(&value(11)));
+    assert_eq!(
+        got.get(&(shard.clone(), window("k").to_path())),
+        Some(&value(11))
+    );
 
     // The same identity from two shards is two outputs.
     let sink = make().await;
     let mut writer = sink.open(&cx("a")).await.expect("open");
     for s in [&shard, &other] {
-        let outputs = vec![Output { id: window("k"), value: value(5) }];
-        writer.write(OutputBatch { shard: s.clone(), outputs }).await.expect("write");
+        let outputs = vec![Output {
+            id: window("k"),
+            value: value(5),
+        }];
+        writer
+            .write(OutputBatch {
+                shard: s.clone(),
+                outputs,
+            })
+            .await
+            .expect("write");
     }
     writer.commit().await.expect("commit");
     assert_eq!(sink.committed().await.expect("read back").len(), 2);

@@ -197,11 +197,15 @@ impl Failures {
             dead: Vec::new(),
             stop: None,
         };
-        Self { inner: Arc::new(Mutex::new(state)) }
+        Self {
+            inner: Arc::new(Mutex::new(state)),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, FailureState> {
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub(crate) fn begin_epoch(&self, raw: &Arc<RawBatch>, replay: bool) {
@@ -331,7 +335,10 @@ where
     O: Stateless<T, U>,
 {
     fn emit(&mut self, cx: &RecordCx, value: T) {
-        let mut out = Collector { down: &mut *self.down, failures: self.failures.as_ref() };
+        let mut out = Collector {
+            down: &mut *self.down,
+            failures: self.failures.as_ref(),
+        };
         self.op.apply(cx, value, &mut out);
     }
     async fn flush(&mut self, epoch: &EpochCx) -> Result<(), Error> {
@@ -362,7 +369,14 @@ pub(crate) struct SinkEmitter<T> {
 
 impl<T: Send + 'static> SinkEmitter<T> {
     pub(crate) fn new(sink: Arc<dyn Sink<T>>, cx: SinkContext, metrics: Metrics) -> Self {
-        Self { sink, cx, writer: None, pending: Vec::new(), written: false, metrics }
+        Self {
+            sink,
+            cx,
+            writer: None,
+            pending: Vec::new(),
+            written: false,
+            metrics,
+        }
     }
 
     async fn writer(&mut self) -> Result<&mut Box<dyn SinkWriter<T>>, Error> {
@@ -429,8 +443,12 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
                 Output { id, value }
             })
             .collect();
-        self.metrics.sink_records(&self.cx.topology, self.sink.name(), outputs.len());
-        let batch = OutputBatch { shard: epoch.shard.clone(), outputs };
+        self.metrics
+            .sink_records(&self.cx.topology, self.sink.name(), outputs.len());
+        let batch = OutputBatch {
+            shard: epoch.shard.clone(),
+            outputs,
+        };
         // Writers take the batch by value and retry inside (they know which requests are safe
         // to repeat); an error here is final for this pipeline instance.
         self.writer().await?.write(batch).await?;
@@ -443,9 +461,13 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
             return Ok(());
         }
         let started = std::time::Instant::now();
-        let writer = self.writer.as_mut().expect("written implies an open writer");
+        let writer = self
+            .writer
+            .as_mut()
+            .expect("written implies an open writer");
         writer.commit().await.map_err(Error::from)?;
-        self.metrics.sink_commit(&self.cx.topology, self.sink.name(), started.elapsed());
+        self.metrics
+            .sink_commit(&self.cx.topology, self.sink.name(), started.elapsed());
         self.written = false;
         Ok(())
     }

@@ -38,7 +38,10 @@ impl<K, T> KeyedRecord<K, T> {
         RecordCx {
             event_time: self.event_time,
             watermark: self.watermark,
-            ident: Ident::Record { index: self.index, fanout: self.fanout },
+            ident: Ident::Record {
+                index: self.index,
+                fanout: self.fanout,
+            },
         }
     }
 }
@@ -126,7 +129,11 @@ pub(crate) struct ExchangeEmitter<K, T, F> {
 impl<K, T, F> ExchangeEmitter<K, T, F> {
     pub(crate) fn new(key_fn: F, senders: Vec<mpsc::Sender<ExchangeMsg<K, T>>>) -> Self {
         let buffers = senders.iter().map(|_| Vec::new()).collect();
-        Self { key_fn, senders, buffers }
+        Self {
+            key_fn,
+            senders,
+            buffers,
+        }
     }
 }
 
@@ -162,9 +169,15 @@ where
     async fn flush(&mut self, epoch: &EpochCx) -> Result<(), Error> {
         for (sender, buffer) in self.senders.iter().zip(&mut self.buffers) {
             let records = std::mem::take(buffer);
-            let msg = ExchangeMsg { epoch: epoch.clone(), records };
+            let msg = ExchangeMsg {
+                epoch: epoch.clone(),
+                records,
+            };
             // A closed channel means the worker failed; the run reports the worker's error.
-            sender.send(msg).await.map_err(|_| Error::Task("keyed worker stopped".into()))?;
+            sender
+                .send(msg)
+                .await
+                .map_err(|_| Error::Task("keyed worker stopped".into()))?;
         }
         Ok(())
     }
@@ -237,10 +250,14 @@ where
             return Ok(None);
         }
         let state = states.entry(epoch.shard.clone()).or_default();
-        let mut out =
-            KeyedOutput { main: &mut *self.main, late: &mut *self.late, late_count: 0 };
+        let mut out = KeyedOutput {
+            main: &mut *self.main,
+            late: &mut *self.late,
+            late_count: 0,
+        };
         for record in records {
-            self.op.on_record(state, record, epoch.epoch, epoch.mode, &mut out);
+            self.op
+                .on_record(state, record, epoch.epoch, epoch.mode, &mut out);
         }
         if epoch.mode == Mode::Live {
             match epoch.control {

@@ -6,4 +6,6 @@ pub mod stream;
 
 pub use chain::{Collector, Emit, FailureAction, Ident, Mode, RecordCx, Stateless, NO_WATERMARK};
 pub use keyed::{KeyedOperator, KeyedOutput, KeyedRecord};
-pub use stream::{Keyed, Pipeline, ShardStage, Sharded, Sourced, Stage, Stream, Topology, TopologyBuilder};
+pub use stream::{
+    Keyed, Pipeline, ShardStage, Sharded, Sourced, Stage, Stream, Topology, TopologyBuilder,
+};

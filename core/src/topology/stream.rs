@@ -78,20 +78,32 @@ pub(crate) struct Node<T> {
 
 impl<T: Send + 'static> Node<T> {
     fn new() -> Self {
-        Self { consumers: Mutex::new(Vec::new()), tee: Mutex::new(None) }
+        Self {
+            consumers: Mutex::new(Vec::new()),
+            tee: Mutex::new(None),
+        }
     }
 
     fn add(&self, factory: Factory<T>) {
-        self.consumers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(factory);
+        self.consumers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(factory);
     }
 
     pub(crate) fn instantiate(&self, cx: &InstanceCx) -> Box<dyn Emit<T>> {
-        let consumers = self.consumers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let consumers = self
+            .consumers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match consumers.len() {
             0 => Box::new(Discard),
             1 => consumers[0](cx),
             _ => {
-                let tee = self.tee.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let tee = self
+                    .tee
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 // Only `Stream::clone` adds a second consumer, and it sets the tee.
                 let tee = tee.expect("a stream with several consumers was cloned");
                 tee(consumers.iter().map(|f| f(cx)).collect())
@@ -122,9 +134,17 @@ pub struct Stream<T, S = Sharded> {
 
 impl<T: Clone + Send + 'static, S> Clone for Stream<T, S> {
     fn clone(&self) -> Self {
-        *self.node.tee.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+        *self
+            .node
+            .tee
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
             Some(|outs| Box::new(Tee { outs }));
-        Self { graph: Arc::clone(&self.graph), node: Arc::clone(&self.node), _stage: PhantomData }
+        Self {
+            graph: Arc::clone(&self.graph),
+            node: Arc::clone(&self.node),
+            _stage: PhantomData,
+        }
     }
 }
 
@@ -218,7 +238,11 @@ impl TopologyBuilder {
             keyed: Vec::new(),
             sinks: 0,
         };
-        Stream { graph: Arc::new(Mutex::new(graph)), node, _stage: PhantomData }
+        Stream {
+            graph: Arc::new(Mutex::new(graph)),
+            node,
+            _stage: PhantomData,
+        }
     }
 }
 
@@ -251,7 +275,10 @@ impl<T: Send + 'static> Stream<T, Sourced> {
     }
 
     fn with_source(&self, f: impl FnOnce(&SourceSettings<T>)) {
-        let graph = self.graph.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let graph = self
+            .graph
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let settings = graph
             .source_settings
             .downcast_ref::<Arc<SourceSettings<T>>>()
@@ -271,24 +298,40 @@ impl<T: Send + 'static, S: Stage> Stream<T, S> {
     {
         let child: Arc<Node<U>> = Arc::new(Node::new());
         let down = Arc::clone(&child);
-        self.node.add(Box::new(move |cx: &InstanceCx| -> Box<dyn Emit<T>> {
-            Box::new(StatelessNode {
-                op: make(),
-                down: down.instantiate(cx),
-                failures: cx.failures.clone(),
-            })
-        }));
-        Stream { graph: self.graph, node: child, _stage: PhantomData }
+        self.node
+            .add(Box::new(move |cx: &InstanceCx| -> Box<dyn Emit<T>> {
+                Box::new(StatelessNode {
+                    op: make(),
+                    down: down.instantiate(cx),
+                    failures: cx.failures.clone(),
+                })
+            }));
+        Stream {
+            graph: self.graph,
+            node: child,
+            _stage: PhantomData,
+        }
     }
 
     /// Writes the stream to `sink`. Returns a handle that builds the whole topology.
     pub fn sink(self, sink: impl Sink<T>) -> Pipeline {
         let sink: Arc<dyn Sink<T>> = Arc::new(sink);
-        self.graph.lock().unwrap_or_else(std::sync::PoisonError::into_inner).sinks += 1;
-        self.node.add(Box::new(move |cx: &InstanceCx| -> Box<dyn Emit<T>> {
-            let sink_cx = SinkContext { topology: cx.topology.clone(), instance: cx.instance.clone() };
-            Box::new(SinkEmitter::new(Arc::clone(&sink), sink_cx, cx.metrics.clone()))
-        }));
+        self.graph
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .sinks += 1;
+        self.node
+            .add(Box::new(move |cx: &InstanceCx| -> Box<dyn Emit<T>> {
+                let sink_cx = SinkContext {
+                    topology: cx.topology.clone(),
+                    instance: cx.instance.clone(),
+                };
+                Box::new(SinkEmitter::new(
+                    Arc::clone(&sink),
+                    sink_cx,
+                    cx.metrics.clone(),
+                ))
+            }));
         Pipeline { graph: self.graph }
     }
 
@@ -301,7 +344,11 @@ impl<T: Send + 'static, S: Stage> Stream<T, S> {
 impl<T: Send + 'static, S: ShardStage> Stream<T, S> {
     /// The keyed primitive: hashes `key_fn(value)` over the keyed workers and runs an operator
     /// made by `make_op` in each. Returns the operator's results and its late records.
-    pub fn keyed<K, Op, F, M>(self, key_fn: F, make_op: M) -> (Stream<Op::Out, Keyed>, Stream<T, Keyed>)
+    pub fn keyed<K, Op, F, M>(
+        self,
+        key_fn: F,
+        make_op: M,
+    ) -> (Stream<Op::Out, Keyed>, Stream<T, Keyed>)
     where
         K: Hash + Eq + Send + 'static,
         F: Fn(&T) -> K + Clone + Send + Sync + 'static,
@@ -311,7 +358,10 @@ impl<T: Send + 'static, S: ShardStage> Stream<T, S> {
         let main: Arc<Node<Op::Out>> = Arc::new(Node::new());
         let late: Arc<Node<T>> = Arc::new(Node::new());
         let branch = {
-            let mut graph = self.graph.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut graph = self
+                .graph
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             graph.keyed.push(Arc::new(KeyedBranchSpec {
                 make_op,
                 main: Arc::clone(&main),
@@ -320,11 +370,23 @@ impl<T: Send + 'static, S: ShardStage> Stream<T, S> {
             }));
             graph.keyed.len() - 1
         };
-        self.node.add(Box::new(move |cx: &InstanceCx| -> Box<dyn Emit<T>> {
-            Box::new(ExchangeEmitter::new(key_fn.clone(), senders::<K, T>(&cx.exchanges, branch)))
-        }));
-        let main = Stream { graph: Arc::clone(&self.graph), node: main, _stage: PhantomData };
-        let late = Stream { graph: self.graph, node: late, _stage: PhantomData };
+        self.node
+            .add(Box::new(move |cx: &InstanceCx| -> Box<dyn Emit<T>> {
+                Box::new(ExchangeEmitter::new(
+                    key_fn.clone(),
+                    senders::<K, T>(&cx.exchanges, branch),
+                ))
+            }));
+        let main = Stream {
+            graph: Arc::clone(&self.graph),
+            node: main,
+            _stage: PhantomData,
+        };
+        let late = Stream {
+            graph: self.graph,
+            node: late,
+            _stage: PhantomData,
+        };
         (main, late)
     }
 }
@@ -340,16 +402,26 @@ const MAX_NAME_LEN: usize = 100;
 impl Pipeline {
     /// Validates the topology.
     pub fn build(self) -> Result<Topology, BuildError> {
-        let graph = self.graph.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let graph = self
+            .graph
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let name_ok = !graph.name.is_empty()
             && graph.name.len() <= MAX_NAME_LEN
-            && graph.name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && graph
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
             && !graph.name.starts_with('.');
         if !name_ok {
-            return Err(BuildError::InvalidName { name: graph.name.clone() });
+            return Err(BuildError::InvalidName {
+                name: graph.name.clone(),
+            });
         }
         if graph.sinks == 0 {
-            return Err(BuildError::NoSink { topology: graph.name.clone() });
+            return Err(BuildError::NoSink {
+                topology: graph.name.clone(),
+            });
         }
         Ok(Topology {
             name: graph.name.clone(),
@@ -410,12 +482,21 @@ impl<D: Decoder> ShardPipeline for SourcePipeline<D> {
         for (index, record) in raw.iter().enumerate() {
             // Batches hold at most 4 GiB of records, far fewer than u32::MAX of them.
             let index = index as u32;
-            let watermark = max_event_time.map_or(NO_WATERMARK, |m| m.saturating_sub(self.bound_ms));
+            let watermark =
+                max_event_time.map_or(NO_WATERMARK, |m| m.saturating_sub(self.bound_ms));
             match self.decoder.decode(record) {
                 Ok(value) => {
-                    let event_time = self.event_time.as_ref().map_or(record.arrival_ms, |f| f(&value));
-                    *max_event_time = Some(max_event_time.map_or(event_time, |m| m.max(event_time)));
-                    let cx = RecordCx { event_time, watermark, ident: Ident::Record { index, fanout: 0 } };
+                    let event_time = self
+                        .event_time
+                        .as_ref()
+                        .map_or(record.arrival_ms, |f| f(&value));
+                    *max_event_time =
+                        Some(max_event_time.map_or(event_time, |m| m.max(event_time)));
+                    let cx = RecordCx {
+                        event_time,
+                        watermark,
+                        ident: Ident::Record { index, fanout: 0 },
+                    };
                     self.down.emit(&cx, value);
                 }
                 Err(error) => {
@@ -424,7 +505,8 @@ impl<D: Decoder> ShardPipeline for SourcePipeline<D> {
                         watermark,
                         ident: Ident::Record { index, fanout: 0 },
                     };
-                    self.failures.fail(&cx, "decode", &error.to_string(), 0, false);
+                    self.failures
+                        .fail(&cx, "decode", &error.to_string(), 0, false);
                 }
             }
         }

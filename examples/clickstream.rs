@@ -1,0 +1,206 @@
+//! Clickstream: per-campaign, per-minute impressions, clicks, conversions and click-through
+//! rate, on the embedded local backend (no AWS account needed).
+//!
+//! `cargo run --release --example clickstream` generates an AdRoll-like stream (a few hundred
+//! campaigns, partition key = campaign) into a local stream of 4 shards under `out/`, runs the
+//! topology to the end of the input, and writes one JSON file per campaign and minute to
+//! `out/clickstream-output/`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use shardflow::local::{
+    FileLeaseStore, LocalDirSink, LocalProducer, LocalSource, LocalStream, LocalStreamConfig,
+};
+use shardflow::prelude::*;
+
+#[derive(Parser)]
+struct Args {
+    /// Events to generate.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// Campaigns (partition keys).
+    #[arg(long, default_value_t = 300)]
+    campaigns: u32,
+    /// Working directory (stream, leases, output); emptied first.
+    #[arg(long, default_value = "out")]
+    dir: std::path::PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Kind {
+    Impression,
+    Click,
+    Conversion,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct AdEvent {
+    campaign: String,
+    kind: Kind,
+    ts_ms: i64,
+}
+
+/// Impressions, clicks and conversions of a campaign in a window.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+struct Funnel {
+    impressions: u64,
+    clicks: u64,
+    conversions: u64,
+}
+
+/// Counts the three kinds in one pass: a user aggregator.
+#[derive(Clone)]
+struct CountFunnel;
+
+impl Aggregator<AdEvent> for CountFunnel {
+    type Acc = Funnel;
+    type Out = Funnel;
+    fn init(&self, _first: &AdEvent) -> Funnel {
+        Funnel::default()
+    }
+    fn add(&self, acc: &mut Funnel, e: &AdEvent) {
+        match e.kind {
+            Kind::Impression => acc.impressions += 1,
+            Kind::Click => acc.clicks += 1,
+            Kind::Conversion => acc.conversions += 1,
+        }
+    }
+    fn merge(&self, acc: &mut Funnel, o: Funnel) {
+        acc.impressions += o.impressions;
+        acc.clicks += o.clicks;
+        acc.conversions += o.conversions;
+    }
+    fn result(&self, acc: &Funnel) -> Funnel {
+        *acc
+    }
+}
+
+/// What the example writes per campaign and minute.
+#[derive(Clone, Debug, Serialize)]
+struct CampaignMinute {
+    campaign: String,
+    minute_start_ms: i64,
+    impressions: u64,
+    clicks: u64,
+    conversions: u64,
+    click_through_rate: f64,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let _ = std::fs::remove_dir_all(&args.dir);
+    std::fs::create_dir_all(&args.dir).context("creating the working directory")?;
+
+    let started = Instant::now();
+    let stream = LocalStream::create(&args.dir, "clickstream", 4, LocalStreamConfig::new())
+        .context("creating the local stream")?;
+    let producer = LocalProducer::new(stream.clone());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2026);
+    let mut batch = Vec::with_capacity(10_000);
+    // One hour of traffic: 1 M events over 3 600 s.
+    let span_ms = 3_600_000i64;
+    for i in 0..args.events {
+        let campaign = format!("campaign-{:03}", rng.gen_range(0..args.campaigns));
+        let kind = match rng.gen_range(0..1000) {
+            0..=9 => Kind::Conversion,
+            10..=59 => Kind::Click,
+            _ => Kind::Impression,
+        };
+        let ts_ms =
+            1_767_225_600_000 + (i as i64 * span_ms) / args.events as i64 - rng.gen_range(0..2_000);
+        let event = AdEvent {
+            campaign: campaign.clone(),
+            kind,
+            ts_ms,
+        };
+        batch.push((campaign, serde_json::to_vec(&event)?));
+        if batch.len() == batch.capacity() {
+            producer.put_batch(&batch).await?;
+            batch.clear();
+        }
+        if (i + 1) % 250_000 == 0 {
+            println!("generated {} events", i + 1);
+        }
+    }
+    producer.put_batch(&batch).await?;
+    println!(
+        "generated {} events into 4 shards in {:.1?}",
+        args.events,
+        started.elapsed()
+    );
+
+    let out = args.dir.join("clickstream-output");
+    let seen = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&seen);
+    let topology = Topology::builder("clickstream")
+        .dead_letter(DeadLetter::to(LocalDirSink::new(
+            args.dir.join("dead-letters"),
+        )))
+        .source(LocalSource::new(&stream).json::<AdEvent>())
+        .event_time(|e: &AdEvent| e.ts_ms)
+        .max_out_of_orderness(Duration::from_secs(2))
+        .inspect(move |_| {
+            let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+            if n % 250_000 == 0 {
+                println!("processed {n} events");
+            }
+        })
+        .key_by(|e: &AdEvent| e.campaign.clone())
+        .window(TumblingWindow::of(Duration::from_secs(60)))
+        .aggregate(CountFunnel)
+        .map(|r: WindowResult<String, Funnel>| CampaignMinute {
+            campaign: r.key,
+            minute_start_ms: r.window.start,
+            impressions: r.value.impressions,
+            clicks: r.value.clicks,
+            conversions: r.value.conversions,
+            click_through_rate: if r.value.impressions == 0 {
+                0.0
+            } else {
+                r.value.clicks as f64 / r.value.impressions as f64
+            },
+        })
+        .sink(LocalDirSink::new(&out))
+        .build()?;
+    let leases = Arc::new(FileLeaseStore::new(args.dir.join("leases")));
+    let config = RuntimeConfig {
+        worker_id: "clickstream-example".into(),
+        mode: RunMode::UntilCaughtUp,
+        ..RuntimeConfig::default()
+    };
+    let run_started = Instant::now();
+    let report = Runtime::new(topology, leases)
+        .with_config(config)
+        .run()
+        .await?;
+    let took = run_started.elapsed();
+
+    let files = walk(&out)?;
+    println!(
+        "processed {} events from {} shards in {:.1?} ({:.0} events/s); wrote {} campaign-minute results to {}",
+        seen.load(Ordering::Relaxed),
+        report.shards_caught_up.len(),
+        took,
+        seen.load(Ordering::Relaxed) as f64 / took.as_secs_f64(),
+        files,
+        out.display()
+    );
+    Ok(())
+}
+
+fn walk(dir: &std::path::Path) -> Result<usize> {
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        n += if path.is_dir() { walk(&path)? } else { 1 };
+    }
+    Ok(n)
+}

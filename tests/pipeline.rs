@@ -15,7 +15,11 @@ struct Click {
 }
 
 fn push(stream: &MemoryStream, shard: usize, user: &str, ts: i64) {
-    let json = serde_json::to_vec(&Click { user: user.into(), ts }).unwrap();
+    let json = serde_json::to_vec(&Click {
+        user: user.into(),
+        ts,
+    })
+    .unwrap();
     stream.push(shard, ts, user.as_bytes(), &json);
 }
 
@@ -33,7 +37,12 @@ fn bounded(parallelism: usize) -> RuntimeConfig {
 async fn tumbling_counts_per_key_and_window() {
     let stream = MemoryStream::new("clicks", 2);
     for i in 0..100 {
-        push(&stream, i % 2, if i % 3 == 0 { "a" } else { "b" }, i as i64 * 100);
+        push(
+            &stream,
+            i % 2,
+            if i % 3 == 0 { "a" } else { "b" },
+            i as i64 * 100,
+        );
     }
     let counts = MemorySink::new("counts");
     let topology = Topology::builder("tumbling")
@@ -45,7 +54,11 @@ async fn tumbling_counts_per_key_and_window() {
         .sink(counts.clone())
         .build()
         .unwrap();
-    Runtime::new(topology, Arc::new(MemoryLeaseStore::new())).with_config(bounded(2)).run().await.unwrap();
+    Runtime::new(topology, Arc::new(MemoryLeaseStore::new()))
+        .with_config(bounded(2))
+        .run()
+        .await
+        .unwrap();
     let got = counts.contents();
     let total: u64 = got.values().map(|r| r.value).sum();
     assert_eq!(total, 100, "every click counted once: {got:?}");
@@ -72,7 +85,11 @@ async fn undecodable_records_land_in_the_dead_letter_sink_with_their_position() 
         .build()
         .unwrap();
     let leases = Arc::new(MemoryLeaseStore::new());
-    Runtime::new(topology, leases.clone()).with_config(bounded(1)).run().await.unwrap();
+    Runtime::new(topology, leases.clone())
+        .with_config(bounded(1))
+        .run()
+        .await
+        .unwrap();
     assert_eq!(out.contents().len(), 2);
     let letters: Vec<DeadLetterRecord> = dead.contents().into_values().collect();
     assert_eq!(letters.len(), 1);
@@ -80,12 +97,17 @@ async fn undecodable_records_land_in_the_dead_letter_sink_with_their_position() 
     assert_eq!(letters[0].shard.as_str(), "shard-0");
     assert_eq!(letters[0].data, b"{not json");
     assert_eq!(letters[0].stage, "decode");
-    let lease = shardflow::LeaseStore::get(&*leases, "shard-0").await.unwrap().unwrap();
+    let lease = shardflow::LeaseStore::get(&*leases, "shard-0")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         lease.checkpoint.committed,
-        shardflow::core::lease::CheckpointPosition::At(shardflow::core::position::RecordPosition::new(
-            shardflow::core::position::SequenceNumber::from_u128(3)
-        ))
+        shardflow::core::lease::CheckpointPosition::At(
+            shardflow::core::position::RecordPosition::new(
+                shardflow::core::position::SequenceNumber::from_u128(3)
+            )
+        )
     );
 }
 
@@ -101,9 +123,16 @@ async fn stop_shard_keeps_the_checkpoint_before_the_bad_record() {
         .build()
         .unwrap();
     let leases = Arc::new(MemoryLeaseStore::new());
-    let err = Runtime::new(topology, leases.clone()).with_config(bounded(1)).run().await.unwrap_err();
+    let err = Runtime::new(topology, leases.clone())
+        .with_config(bounded(1))
+        .run()
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("shard-0"), "{err}");
-    let lease = shardflow::LeaseStore::get(&*leases, "shard-0").await.unwrap().unwrap();
+    let lease = shardflow::LeaseStore::get(&*leases, "shard-0")
+        .await
+        .unwrap()
+        .unwrap();
     assert!(
         !matches!(lease.checkpoint.committed, shardflow::core::lease::CheckpointPosition::At(ref p) if p.sequence.to_string() == "2"),
         "checkpoint never passes the bad record: {:?}",
@@ -121,7 +150,11 @@ async fn failing_user_function_is_retried_then_dead_lettered() {
     let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let c = calls.clone();
     let topology = Topology::builder("retry")
-        .dead_letter(DeadLetter::retry(2, Duration::from_millis(1), DeadLetter::to(dead.clone())))
+        .dead_letter(DeadLetter::retry(
+            2,
+            Duration::from_millis(1),
+            DeadLetter::to(dead.clone()),
+        ))
         .source(stream.clone().json::<Click>())
         .try_map("lookup", move |c: &Click| {
             if c.user == "boom" {
@@ -134,8 +167,16 @@ async fn failing_user_function_is_retried_then_dead_lettered() {
         .sink(out.clone())
         .build()
         .unwrap();
-    Runtime::new(topology, Arc::new(MemoryLeaseStore::new())).with_config(bounded(1)).run().await.unwrap();
-    assert_eq!(c.load(std::sync::atomic::Ordering::SeqCst), 3, "first try plus two retries");
+    Runtime::new(topology, Arc::new(MemoryLeaseStore::new()))
+        .with_config(bounded(1))
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(
+        c.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "first try plus two retries"
+    );
     assert_eq!(out.contents().len(), 1);
     let letters: Vec<DeadLetterRecord> = dead.contents().into_values().collect();
     assert_eq!(letters.len(), 1);
@@ -167,12 +208,32 @@ async fn late_records_go_to_the_side_output_and_lateness_refines() {
         .sink(counts.clone())
         .build()
         .unwrap();
-    let config = RuntimeConfig { read_limits: shardflow::core::source::ReadLimits { max_records: 1, max_bytes: 1 << 20 }, ..bounded(1) };
-    Runtime::new(topology, Arc::new(MemoryLeaseStore::new())).with_config(config).run().await.unwrap();
-    let first = counts.contents().into_values().find(|r| r.window.start == 0).unwrap();
+    let config = RuntimeConfig {
+        read_limits: shardflow::core::source::ReadLimits {
+            max_records: 1,
+            max_bytes: 1 << 20,
+        },
+        ..bounded(1)
+    };
+    Runtime::new(topology, Arc::new(MemoryLeaseStore::new()))
+        .with_config(config)
+        .run()
+        .await
+        .unwrap();
+    let first = counts
+        .contents()
+        .into_values()
+        .find(|r| r.window.start == 0)
+        .unwrap();
     assert_eq!(first.value, 3, "100, 200 and the refinement 900");
     let late: Vec<Click> = late.contents().into_values().collect();
-    assert_eq!(late, vec![Click { user: "a".into(), ts: 950 }]);
+    assert_eq!(
+        late,
+        vec![Click {
+            user: "a".into(),
+            ts: 950
+        }]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,7 +252,11 @@ async fn one_stream_fans_out_to_two_branches() {
         .sink(counts.clone())
         .build()
         .unwrap();
-    Runtime::new(topology, Arc::new(MemoryLeaseStore::new())).with_config(bounded(2)).run().await.unwrap();
+    Runtime::new(topology, Arc::new(MemoryLeaseStore::new()))
+        .with_config(bounded(2))
+        .run()
+        .await
+        .unwrap();
     assert_eq!(raw.contents().len(), 40);
     let per_shard: Vec<u64> = counts.contents().into_values().map(|v| v.value).collect();
     assert_eq!(per_shard, vec![20, 20]);

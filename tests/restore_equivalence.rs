@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use shardflow::local::{FileLeaseStore, LocalDirSink, LocalProducer, LocalSource, LocalStream, LocalStreamConfig};
+use shardflow::local::{
+    FileLeaseStore, LocalDirSink, LocalProducer, LocalSource, LocalStream, LocalStreamConfig,
+};
 use shardflow::prelude::*;
 
 const EVENTS: u64 = 1_000_000;
@@ -80,7 +82,11 @@ async fn produce(stream: &LocalStream) -> i64 {
         // Event time advances 1 ms per event with up to 1 s of disorder: some records are
         // late beyond the bound plus lateness and take the side output.
         let ts = i as i64 - rng.gen_range(0..1_000);
-        let event = Event { key: key.clone(), ts, amount: rng.gen_range(1..100) };
+        let event = Event {
+            key: key.clone(),
+            ts,
+            amount: rng.gen_range(1..100),
+        };
         total += event.amount;
         batch.push((key, serde_json::to_vec(&event).expect("serialisable")));
         if batch.len() == 10_000 {
@@ -97,14 +103,23 @@ async fn produce(stream: &LocalStream) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aborted_and_restored_runs_write_the_same_outputs() {
     let root = tempfile::tempdir().expect("temp dir");
-    let stream = LocalStream::create(root.path(), "events", 4, LocalStreamConfig::new().fsync(false))
-        .expect("stream");
+    let stream = LocalStream::create(
+        root.path(),
+        "events",
+        4,
+        LocalStreamConfig::new().fsync(false),
+    )
+    .expect("stream");
     let input_total = produce(&stream).await;
 
     // Uninterrupted, parallelism 2.
     let straight = root.path().join("straight");
     let leases = Arc::new(FileLeaseStore::new(root.path().join("leases-straight")).fsync(false));
-    Runtime::new(topology(&stream, &straight), leases).with_config(config(2)).run().await.expect("run");
+    Runtime::new(topology(&stream, &straight), leases)
+        .with_config(config(2))
+        .run()
+        .await
+        .expect("run");
 
     // Aborted at 20 random points, restarted each time from the lease store, parallelism 3.
     let restored = root.path().join("restored");
@@ -123,31 +138,57 @@ async fn aborted_and_restored_runs_write_the_same_outputs() {
         let _ = run.await;
     }
     let leases = Arc::new(FileLeaseStore::new(&leases_dir).fsync(false));
-    Runtime::new(topology(&stream, &restored), leases).with_config(config(3)).run().await.expect("final run");
-    assert!(finished_early < ABORTS / 2, "most aborts must hit a running pipeline");
+    Runtime::new(topology(&stream, &restored), leases)
+        .with_config(config(3))
+        .run()
+        .await
+        .expect("final run");
+    assert!(
+        finished_early < ABORTS / 2,
+        "most aborts must hit a running pipeline"
+    );
 
     let a = snapshot(&straight);
     let b = snapshot(&restored);
     let windows = a.keys().filter(|p| p.starts_with("windows")).count();
     let late = a.keys().filter(|p| p.starts_with("late")).count();
-    assert!(windows > 1000, "expected many window outputs, got {windows}");
+    assert!(
+        windows > 1000,
+        "expected many window outputs, got {windows}"
+    );
     assert!(late > 0, "the input has late records");
     let missing: Vec<_> = a.keys().filter(|k| !b.contains_key(*k)).take(5).collect();
     let extra: Vec<_> = b.keys().filter(|k| !a.contains_key(*k)).take(5).collect();
-    assert!(missing.is_empty() && extra.is_empty(), "missing {missing:?}, extra {extra:?}");
-    let differing: Vec<_> = a.iter().filter(|(k, v)| b.get(*k) != Some(v)).map(|(k, _)| k).take(5).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "missing {missing:?}, extra {extra:?}"
+    );
+    let differing: Vec<_> = a
+        .iter()
+        .filter(|(k, v)| b.get(*k) != Some(v))
+        .map(|(k, _)| k)
+        .take(5)
+        .collect();
     assert!(differing.is_empty(), "outputs differ: {differing:?}");
 
     // Nothing lost, nothing twice: every event is in exactly one window or in the late output.
     let windowed: i64 = a
         .iter()
         .filter(|(p, _)| p.starts_with("windows"))
-        .map(|(_, v)| serde_json::from_slice::<WindowResult<String, i64>>(v).expect("window json").value)
+        .map(|(_, v)| {
+            serde_json::from_slice::<WindowResult<String, i64>>(v)
+                .expect("window json")
+                .value
+        })
         .sum();
     let late_total: i64 = a
         .iter()
         .filter(|(p, _)| p.starts_with("late"))
-        .map(|(_, v)| serde_json::from_slice::<Event>(v).expect("event json").amount)
+        .map(|(_, v)| {
+            serde_json::from_slice::<Event>(v)
+                .expect("event json")
+                .amount
+        })
         .sum();
     assert_eq!(windowed + late_total, input_total);
 }

@@ -48,7 +48,10 @@ pub struct Sum<T, N, F> {
 
 impl<T, N, F: Clone> Clone for Sum<T, N, F> {
     fn clone(&self) -> Self {
-        Self { f: self.f.clone(), _t: PhantomData }
+        Self {
+            f: self.f.clone(),
+            _t: PhantomData,
+        }
     }
 }
 
@@ -90,7 +93,10 @@ macro_rules! extremum {
 
         impl<T, N, F: Clone> Clone for $name<T, N, F> {
             fn clone(&self) -> Self {
-                Self { f: self.f.clone(), _t: PhantomData }
+                Self {
+                    f: self.f.clone(),
+                    _t: PhantomData,
+                }
             }
         }
 
@@ -129,8 +135,16 @@ macro_rules! extremum {
     };
 }
 
-extremum!(Min, "The smallest `f(value)`: `Min::of(|r: &Reading| r.celsius)`.", lt);
-extremum!(Max, "The largest `f(value)`: `Max::of(|r: &Reading| r.celsius)`.", gt);
+extremum!(
+    Min,
+    "The smallest `f(value)`: `Min::of(|r: &Reading| r.celsius)`.",
+    lt
+);
+extremum!(
+    Max,
+    "The largest `f(value)`: `Max::of(|r: &Reading| r.celsius)`.",
+    gt
+);
 
 /// Combines values pairwise with a function: `Reduce::with(|a, b| a.max(b))`.
 #[derive(Clone)]
@@ -165,7 +179,8 @@ where
         }
     }
     fn result(&self, acc: &Option<T>) -> T {
-        acc.clone().expect("a reduce state holds at least one value")
+        acc.clone()
+            .expect("a reduce state holds at least one value")
     }
 }
 

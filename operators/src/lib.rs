@@ -14,4 +14,6 @@ pub use aggregate::{Aggregator, Count, Max, Min, Reduce, Sum};
 pub use key::Key;
 pub use keyed::{KeyBy, KeyedStream, KeyedValue};
 pub use stateless::{ShardStreamExt, StreamExt};
-pub use window::{SessionWindow, SlidingWindow, TumblingWindow, WindowAssigner, WindowResult, WindowedStream};
+pub use window::{
+    SessionWindow, SlidingWindow, TumblingWindow, WindowAssigner, WindowResult, WindowedStream,
+};

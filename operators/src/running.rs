@@ -16,7 +16,10 @@ pub(crate) struct RunningAggregate<K, T, A: Aggregator<T>> {
 
 impl<K, T, A: Aggregator<T>> RunningAggregate<K, T, A> {
     pub(crate) fn new(agg: A) -> Self {
-        Self { agg, _p: std::marker::PhantomData }
+        Self {
+            agg,
+            _p: std::marker::PhantomData,
+        }
     }
 }
 
@@ -27,7 +30,10 @@ pub(crate) struct RunningState<K, Acc> {
 
 impl<K, Acc> Default for RunningState<K, Acc> {
     fn default() -> Self {
-        Self { slots: FxHashMap::default(), first_epoch: None }
+        Self {
+            slots: FxHashMap::default(),
+            first_epoch: None,
+        }
     }
 }
 
@@ -46,7 +52,10 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>> KeyedOperator for RunningAggre
         _out: &mut KeyedOutput<'_, T, Self::Out>,
     ) {
         state.first_epoch.get_or_insert(epoch);
-        let slot = state.slots.entry(record.key).or_insert_with(|| (self.agg.init(&record.value), false));
+        let slot = state
+            .slots
+            .entry(record.key)
+            .or_insert_with(|| (self.agg.init(&record.value), false));
         self.agg.add(&mut slot.0, &record.value);
         slot.1 = true;
     }
@@ -62,14 +71,27 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>> KeyedOperator for RunningAggre
                 let cx = RecordCx {
                     event_time: watermark,
                     watermark,
-                    ident: Ident::Keyed { key: key.key_id(), window: None },
+                    ident: Ident::Keyed {
+                        key: key.key_id(),
+                        window: None,
+                    },
                 };
-                out.emit(&cx, KeyedValue { key: key.clone(), value: self.agg.result(acc) });
+                out.emit(
+                    &cx,
+                    KeyedValue {
+                        key: key.clone(),
+                        value: self.agg.result(acc),
+                    },
+                );
             }
         }
     }
 
-    fn on_end_of_input(&mut self, state: &mut Self::State, out: &mut KeyedOutput<'_, T, Self::Out>) {
+    fn on_end_of_input(
+        &mut self,
+        state: &mut Self::State,
+        out: &mut KeyedOutput<'_, T, Self::Out>,
+    ) {
         self.on_watermark(state, EventTime::MAX, out);
     }
 

@@ -3,7 +3,9 @@
 
 use std::fmt::Display;
 
-use shardflow_core::topology::{Collector, FailureAction, Ident, RecordCx, ShardStage, Stage, Stream};
+use shardflow_core::topology::{
+    Collector, FailureAction, Ident, RecordCx, ShardStage, Stage, Stream,
+};
 
 /// Bits of the output index each `flat_map` level uses (up to 65 536 outputs per input).
 const FANOUT_BITS: u32 = 16;

@@ -5,3 +5,19 @@ mod sink;
 
 pub use lease_store::lease_store_conformance;
 pub use sink::sink_conformance;
+
+#[cfg(test)]
+mod tests {
+    use crate::lease::MemoryLeaseStore;
+    use crate::sink::MemorySink;
+
+    #[tokio::test]
+    async fn memory_lease_store_passes_the_conformance_suite() {
+        super::lease_store_conformance(|| async { MemoryLeaseStore::new() }).await;
+    }
+
+    #[tokio::test]
+    async fn memory_sink_passes_the_conformance_suite() {
+        super::sink_conformance(|| async { MemorySink::<u64>::new("memory") }, |i| i).await;
+    }
+}

@@ -23,7 +23,13 @@ pub(crate) struct FixedWindows<K, T, A, W> {
 
 impl<K, T, A, W> FixedWindows<K, T, A, W> {
     pub(crate) fn new(assigner: W, agg: A, lateness: i64) -> Self {
-        Self { assigner, agg, lateness, scratch: Vec::new(), _p: std::marker::PhantomData }
+        Self {
+            assigner,
+            agg,
+            lateness,
+            scratch: Vec::new(),
+            _p: std::marker::PhantomData,
+        }
     }
 }
 
@@ -47,7 +53,9 @@ pub(crate) struct FixedState<K, Acc> {
 
 impl<K, Acc> Default for FixedState<K, Acc> {
     fn default() -> Self {
-        Self { windows: BTreeMap::new() }
+        Self {
+            windows: BTreeMap::new(),
+        }
     }
 }
 
@@ -66,9 +74,19 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> FixedWindow
                 let cx = RecordCx {
                     event_time: window.max_timestamp(),
                     watermark,
-                    ident: Ident::Keyed { key: key.key_id(), window: Some(window) },
+                    ident: Ident::Keyed {
+                        key: key.key_id(),
+                        window: Some(window),
+                    },
                 };
-                out.emit(&cx, WindowResult { key: key.clone(), window, value: agg.result(&slot.acc) });
+                out.emit(
+                    &cx,
+                    WindowResult {
+                        key: key.clone(),
+                        window,
+                        value: agg.result(&slot.acc),
+                    },
+                );
             }
         }
         state.fired = true;
@@ -97,7 +115,10 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
         let mut accepted = false;
         for &window in &self.scratch {
             let closes = window.end.saturating_add(self.lateness);
-            if let Mode::Rebuild { committed_watermark } = mode {
+            if let Mode::Rebuild {
+                committed_watermark,
+            } = mode
+            {
                 if closes <= committed_watermark {
                     // Closed and committed before the checkpoint: final already.
                     continue;
@@ -115,10 +136,10 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
             });
             let slot = match w.slots.get_mut(&record.key) {
                 Some(slot) => slot,
-                None => w
-                    .slots
-                    .entry(record.key.clone())
-                    .or_insert_with(|| Slot { acc: self.agg.init(&record.value), dirty: false }),
+                None => w.slots.entry(record.key.clone()).or_insert_with(|| Slot {
+                    acc: self.agg.init(&record.value),
+                    dirty: false,
+                }),
             };
             self.agg.add(&mut slot.acc, &record.value);
             if w.fired {
@@ -154,7 +175,11 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
         }
     }
 
-    fn on_end_of_input(&mut self, state: &mut Self::State, out: &mut KeyedOutput<'_, T, Self::Out>) {
+    fn on_end_of_input(
+        &mut self,
+        state: &mut Self::State,
+        out: &mut KeyedOutput<'_, T, Self::Out>,
+    ) {
         for (window, w) in state.windows.iter_mut() {
             if !w.fired || w.dirty {
                 Self::emit_window(&self.agg, *window, w, EventTime::MAX, out);

@@ -65,7 +65,12 @@ where
     W: WindowAssigner,
 {
     pub(crate) fn new(keyed: KeyedStream<T, K, F, S>, assigner: W) -> Self {
-        Self { keyed, assigner, lateness: 0, late: None }
+        Self {
+            keyed,
+            assigner,
+            lateness: 0,
+            late: None,
+        }
     }
 
     /// Keeps windows open this long after the watermark passed their end: a late record within
@@ -85,7 +90,12 @@ where
 
     /// Aggregates each window of each key.
     pub fn aggregate<A: Aggregator<T>>(self, agg: A) -> Stream<WindowResult<K, A::Out>, Keyed> {
-        let Self { keyed, assigner, lateness, late } = self;
+        let Self {
+            keyed,
+            assigner,
+            lateness,
+            late,
+        } = self;
         let (main, late_stream) = if assigner.session_gap().is_some() {
             keyed.stream.keyed(keyed.key_fn, move || {
                 session::SessionOperator::new(assigner.clone(), agg.clone(), lateness)

@@ -50,7 +50,12 @@ pub(crate) struct SessionOperator<K, T, A, W> {
 
 impl<K, T, A, W> SessionOperator<K, T, A, W> {
     pub(crate) fn new(assigner: W, agg: A, lateness: i64) -> Self {
-        Self { assigner, agg, lateness, _p: std::marker::PhantomData }
+        Self {
+            assigner,
+            agg,
+            lateness,
+            _p: std::marker::PhantomData,
+        }
     }
 }
 
@@ -69,18 +74,36 @@ pub(crate) struct SessionState<K, Acc> {
 
 impl<K, Acc> Default for SessionState<K, Acc> {
     fn default() -> Self {
-        Self { keys: FxHashMap::default() }
+        Self {
+            keys: FxHashMap::default(),
+        }
     }
 }
 
 impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> SessionOperator<K, T, A, W> {
-    fn emit(&self, key: &K, s: &mut Session<A::Acc>, watermark: EventTime, out: &mut KeyedOutput<'_, T, WindowResult<K, A::Out>>) {
+    fn emit(
+        &self,
+        key: &K,
+        s: &mut Session<A::Acc>,
+        watermark: EventTime,
+        out: &mut KeyedOutput<'_, T, WindowResult<K, A::Out>>,
+    ) {
         let cx = RecordCx {
             event_time: s.window.max_timestamp(),
             watermark,
-            ident: Ident::Keyed { key: key.key_id(), window: Some(s.window) },
+            ident: Ident::Keyed {
+                key: key.key_id(),
+                window: Some(s.window),
+            },
         };
-        out.emit(&cx, WindowResult { key: key.clone(), window: s.window, value: self.agg.result(&s.acc) });
+        out.emit(
+            &cx,
+            WindowResult {
+                key: key.clone(),
+                window: s.window,
+                value: self.agg.result(&s.acc),
+            },
+        );
         s.fired = true;
         s.dirty = false;
     }
@@ -105,7 +128,10 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
         let gap = self.assigner.session_gap().unwrap_or(1);
         let window = Window::new(record.event_time, record.event_time.saturating_add(gap));
         let closes = window.end.saturating_add(self.lateness);
-        if let Mode::Rebuild { committed_watermark } = mode {
+        if let Mode::Rebuild {
+            committed_watermark,
+        } = mode
+        {
             if closes <= committed_watermark {
                 return;
             }
@@ -168,7 +194,11 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
         }
     }
 
-    fn on_end_of_input(&mut self, state: &mut Self::State, out: &mut KeyedOutput<'_, T, Self::Out>) {
+    fn on_end_of_input(
+        &mut self,
+        state: &mut Self::State,
+        out: &mut KeyedOutput<'_, T, Self::Out>,
+    ) {
         for (key, sessions) in state.keys.iter_mut() {
             for s in sessions.iter_mut().filter(|s| !s.fired || s.dirty) {
                 self.emit(key, s, EventTime::MAX, out);

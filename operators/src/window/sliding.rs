@@ -21,7 +21,10 @@ impl SlidingWindow {
     /// If `slide` is under a millisecond or longer than `size`.
     pub fn of(size: Duration, slide: Duration) -> Self {
         let (size, slide) = (millis(size), millis(slide));
-        assert!(slide > 0 && slide <= size, "a sliding window needs 0 < slide <= size");
+        assert!(
+            slide > 0 && slide <= size,
+            "a sliding window needs 0 < slide <= size"
+        );
         Self { size, slide }
     }
 }
@@ -47,7 +50,14 @@ mod tests {
         let mut out = Vec::new();
         w.assign(2500, &mut out);
         out.sort();
-        assert_eq!(out, [Window::new(0, 3000), Window::new(1000, 4000), Window::new(2000, 5000)]);
+        assert_eq!(
+            out,
+            [
+                Window::new(0, 3000),
+                Window::new(1000, 4000),
+                Window::new(2000, 5000)
+            ]
+        );
         for w in &out {
             assert!(w.start <= 2500 && 2500 < w.end);
         }

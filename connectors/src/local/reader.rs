@@ -275,7 +275,9 @@ impl ReaderState {
         let cutoff = now.saturating_sub(i64::try_from(self.retention_ms).unwrap_or(i64::MAX));
         let max_records = self.limits.max_records.max(1);
         let max_bytes = self.limits.max_bytes;
-        let mut batch = RawBatch::with_capacity(max_records.min(4096), max_bytes.min(1 << 20));
+        // Small to start: most reads at the tip return nothing, and a full batch grows it in a
+        // few doublings.
+        let mut batch = RawBatch::with_capacity(max_records.min(256), max_bytes.min(32 * 1024));
         let mut last_arrival = None;
         let mut retries = 0;
         let status = loop {

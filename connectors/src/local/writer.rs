@@ -307,7 +307,7 @@ impl Writer {
         shard: &ShardId,
         new_starting_hash_key: u128,
     ) -> Result<(ShardId, ShardId), LocalStreamError> {
-        let parent = self.open_shard(inner, shard)?;
+        let parent = self.reshardable(inner, shard)?;
         let (start, end) = (parent.starting_hash_key, parent.ending_hash_key);
         if new_starting_hash_key <= start || new_starting_hash_key > end {
             return Err(LocalStreamError::InvalidSplitKey {
@@ -342,8 +342,8 @@ impl Writer {
         shard: &ShardId,
         adjacent: &ShardId,
     ) -> Result<ShardId, LocalStreamError> {
-        let a = self.open_shard(inner, shard)?;
-        let b = self.open_shard(inner, adjacent)?;
+        let a = self.reshardable(inner, shard)?;
+        let b = self.reshardable(inner, adjacent)?;
         let touch = |x: &ShardMeta, y: &ShardMeta| {
             x.ending_hash_key.checked_add(1) == Some(y.starting_hash_key)
         };
@@ -378,7 +378,7 @@ impl Writer {
         Ok(ShardId::new(child))
     }
 
-    fn open_shard(
+    fn reshardable(
         &self,
         inner: &StreamInner,
         shard: &ShardId,

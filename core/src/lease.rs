@@ -190,6 +190,19 @@ pub fn apply_update(
     Ok(next)
 }
 
+/// Checks that `current` may be deleted by a caller that last saw `expected_counter`: the
+/// delete rule every store applies, like [`apply_update`] for updates.
+pub fn check_delete(current: &Lease, expected_counter: u64) -> Result<(), LeaseError> {
+    if current.counter == expected_counter {
+        Ok(())
+    } else {
+        Err(LeaseError::ConditionFailed {
+            lease_key: current.key.clone(),
+            reason: "lease counter changed since it was read",
+        })
+    }
+}
+
 /// Durable, linearizable storage of leases.
 ///
 /// Semantics every implementation provides (checked by `testing::lease_store_conformance`):
@@ -276,12 +289,7 @@ impl LeaseStore for MemoryLeaseStore {
         let current = leases.get(key).ok_or_else(|| LeaseError::NotFound {
             lease_key: key.to_owned(),
         })?;
-        if current.counter != expected_counter {
-            return Err(LeaseError::ConditionFailed {
-                lease_key: key.to_owned(),
-                reason: "lease counter changed since it was read",
-            });
-        }
+        check_delete(current, expected_counter)?;
         leases.remove(key);
         Ok(())
     }

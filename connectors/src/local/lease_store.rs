@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use shardflow_core::error::LeaseError;
-use shardflow_core::lease::{apply_update, Lease, LeaseStore, LeaseUpdate};
+use shardflow_core::lease::{apply_update, check_delete, Lease, LeaseStore, LeaseUpdate};
 
 use super::escape::{escape_component, unescape_component};
 use super::fs::{sync_dir, write_atomic, FileLock};
@@ -233,12 +233,7 @@ impl FileLeaseStore {
             .ok_or_else(|| LeaseError::NotFound {
                 lease_key: key.to_owned(),
             })?;
-        if current.counter != expected_counter {
-            return Err(LeaseError::ConditionFailed {
-                lease_key: key.to_owned(),
-                reason: "lease counter changed since it was read",
-            });
-        }
+        check_delete(&current, expected_counter)?;
         fs::remove_file(&path).map_err(|e| fail(FileLeaseStoreError::io("removing", &path, e)))?;
         if self.fsync {
             sync_dir(&self.dir)

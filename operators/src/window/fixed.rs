@@ -7,9 +7,9 @@ use rustc_hash::FxHashMap;
 use shardflow_core::checkpoint::Epoch;
 use shardflow_core::position::EventTime;
 use shardflow_core::sink::Window;
-use shardflow_core::topology::{Ident, KeyedOperator, KeyedOutput, KeyedRecord, Mode, RecordCx};
+use shardflow_core::topology::{KeyedOperator, KeyedOutput, KeyedRecord, Mode};
 
-use super::{WindowAssigner, WindowResult};
+use super::{admission, emit_result, Admission, WindowAssigner, WindowResult};
 use crate::aggregate::Aggregator;
 use crate::key::Key;
 
@@ -71,22 +71,7 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> FixedWindow
         for (key, slot) in &mut state.slots {
             if all || slot.dirty {
                 slot.dirty = false;
-                let cx = RecordCx {
-                    event_time: window.max_timestamp(),
-                    watermark,
-                    ident: Ident::Keyed {
-                        key: key.key_id(),
-                        window: Some(window),
-                    },
-                };
-                out.emit(
-                    &cx,
-                    WindowResult {
-                        key: key.clone(),
-                        window,
-                        value: agg.result(&slot.acc),
-                    },
-                );
+                emit_result(out, key, window, watermark, agg.result(&slot.acc));
             }
         }
         state.fired = true;
@@ -114,18 +99,8 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
         self.assigner.assign(record.event_time, &mut self.scratch);
         let mut accepted = false;
         for &window in &self.scratch {
-            let closes = window.end.saturating_add(self.lateness);
-            if let Mode::Rebuild {
-                committed_watermark,
-            } = mode
-            {
-                if closes <= committed_watermark {
-                    // Closed and committed before the checkpoint: final already.
-                    continue;
-                }
-            }
-            if closes <= record.watermark {
-                continue; // late for this window
+            if admission(window, self.lateness, record.watermark, mode) != Admission::Open {
+                continue;
             }
             accepted = true;
             let w = state.windows.entry(window).or_insert_with(|| WindowState {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use shardflow_core::position::EventTime;
 use shardflow_core::sink::Window;
-use shardflow_core::topology::{Keyed, ShardStage, Stream};
+use shardflow_core::topology::{Ident, Keyed, KeyedOutput, Mode, RecordCx, ShardStage, Stream};
 
 use crate::aggregate::{Aggregator, Reduce};
 use crate::key::Key;
@@ -50,6 +50,61 @@ pub struct WindowedStream<T, K, F, S, W> {
     assigner: W,
     lateness: i64,
     late: Option<LateSide<T>>,
+}
+
+/// Whether a record may still enter a window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// The window is open (or fired but within the allowed lateness).
+    Open,
+    /// The window closed before the record arrived: a late record.
+    Late,
+    /// A replayed record of a window that closed before the checkpoint: already final.
+    Final,
+}
+
+/// The lateness rule both window operators apply. It uses the watermark at the record's
+/// arrival, so a replay decides exactly as the first run did.
+pub(crate) fn admission(
+    window: Window,
+    lateness: i64,
+    record_watermark: EventTime,
+    mode: Mode,
+) -> Admission {
+    let closes = window.end.saturating_add(lateness);
+    match mode {
+        Mode::Rebuild {
+            committed_watermark,
+        } if closes <= committed_watermark => Admission::Final,
+        _ if closes <= record_watermark => Admission::Late,
+        _ => Admission::Open,
+    }
+}
+
+/// Emits the result of `window` for `key`, identified by both.
+pub(crate) fn emit_result<K: Key, T, V>(
+    out: &mut KeyedOutput<'_, T, WindowResult<K, V>>,
+    key: &K,
+    window: Window,
+    watermark: EventTime,
+    value: V,
+) {
+    let cx = RecordCx {
+        event_time: window.max_timestamp(),
+        watermark,
+        ident: Ident::Keyed {
+            key: key.key_id(),
+            window: Some(window),
+        },
+    };
+    out.emit(
+        &cx,
+        WindowResult {
+            key: key.clone(),
+            window,
+            value,
+        },
+    );
 }
 
 pub(crate) fn millis(d: Duration) -> i64 {

@@ -7,9 +7,9 @@ use rustc_hash::FxHashMap;
 use shardflow_core::checkpoint::Epoch;
 use shardflow_core::position::EventTime;
 use shardflow_core::sink::Window;
-use shardflow_core::topology::{Ident, KeyedOperator, KeyedOutput, KeyedRecord, Mode, RecordCx};
+use shardflow_core::topology::{KeyedOperator, KeyedOutput, KeyedRecord, Mode};
 
-use super::{millis, WindowAssigner, WindowResult};
+use super::{admission, emit_result, millis, Admission, WindowAssigner, WindowResult};
 use crate::aggregate::Aggregator;
 use crate::key::Key;
 
@@ -88,22 +88,7 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> SessionOper
         watermark: EventTime,
         out: &mut KeyedOutput<'_, T, WindowResult<K, A::Out>>,
     ) {
-        let cx = RecordCx {
-            event_time: s.window.max_timestamp(),
-            watermark,
-            ident: Ident::Keyed {
-                key: key.key_id(),
-                window: Some(s.window),
-            },
-        };
-        out.emit(
-            &cx,
-            WindowResult {
-                key: key.clone(),
-                window: s.window,
-                value: self.agg.result(&s.acc),
-            },
-        );
+        emit_result(out, key, s.window, watermark, self.agg.result(&s.acc));
         s.fired = true;
         s.dirty = false;
     }
@@ -127,20 +112,10 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
     ) {
         let gap = self.assigner.session_gap().unwrap_or(1);
         let window = Window::new(record.event_time, record.event_time.saturating_add(gap));
-        let closes = window.end.saturating_add(self.lateness);
-        if let Mode::Rebuild {
-            committed_watermark,
-        } = mode
-        {
-            if closes <= committed_watermark {
-                return;
-            }
-        }
-        if closes <= record.watermark {
-            if mode == Mode::Live {
-                out.late(record);
-            }
-            return;
+        match admission(window, self.lateness, record.watermark, mode) {
+            Admission::Open => {}
+            Admission::Late if mode == Mode::Live => return out.late(record),
+            Admission::Late | Admission::Final => return,
         }
         let sessions = state.keys.entry(record.key).or_default();
         let mut merged = Session {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use shardflow::core::lease::CheckpointPosition;
 use shardflow::local::{
     FileLeaseStore, LocalDirSink, LocalProducer, LocalSource, LocalStream, LocalStreamConfig,
 };
@@ -51,6 +52,25 @@ fn config(parallelism: usize) -> RuntimeConfig {
         checkpoint_interval: Duration::from_millis(25),
         ..RuntimeConfig::default()
     }
+}
+
+/// The smallest committed sequence number over the shards' leases (0 before any checkpoint).
+async fn min_committed(leases_dir: &Path) -> u128 {
+    let leases = shardflow::LeaseStore::list(&FileLeaseStore::new(leases_dir))
+        .await
+        .expect("leases");
+    if leases.is_empty() {
+        return 0;
+    }
+    leases
+        .iter()
+        .map(|l| match &l.checkpoint.committed {
+            CheckpointPosition::At(p) => p.sequence.as_u128().expect("local sequence numbers fit"),
+            CheckpointPosition::ShardEnd => u128::MAX,
+            CheckpointPosition::Initial => 0,
+        })
+        .min()
+        .unwrap_or(0)
 }
 
 /// Every file under `dir` (relative path to bytes), ignoring nothing: temp files would differ.
@@ -121,32 +141,50 @@ async fn aborted_and_restored_runs_write_the_same_outputs() {
         .await
         .expect("run");
 
-    // Aborted at 20 random points, restarted each time from the lease store, parallelism 3.
+    // Aborted at 20 points spread over the input, restarted each time from the lease store at
+    // parallelism 3. Attempt k is aborted once every shard's checkpoint passed 3k/80 of the
+    // input (polled, so each abort lands after real progress), plus a random delay.
     let restored = root.path().join("restored");
     let leases_dir = root.path().join("leases-restored");
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
-    let mut finished_early = 0;
-    for _ in 0..ABORTS {
+    let mut resumed_from_a_checkpoint = 0;
+    let mut aborted_mid_run = 0;
+    for attempt in 1..=ABORTS as u64 {
+        let before = min_committed(&leases_dir).await;
+        resumed_from_a_checkpoint += usize::from(before > 0);
         let leases = Arc::new(FileLeaseStore::new(&leases_dir).fsync(false));
         let runtime = Runtime::new(topology(&stream, &restored), leases).with_config(config(3));
         let run = tokio::spawn(runtime.run());
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(20..150))).await;
-        if run.is_finished() {
-            finished_early += 1;
+        // Checkpoints trail the readers, and the last quarter of the input goes by fast:
+        // the abort points are spread over the first three quarters.
+        let target = EVENTS as u128 * 3 * u128::from(attempt) / (4 * ABORTS as u128);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while min_committed(&leases_dir).await < target && !run.is_finished() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "attempt {attempt} made no progress"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..30))).await;
+        aborted_mid_run += usize::from(!run.is_finished());
         run.abort();
         let _ = run.await;
     }
+    assert!(
+        resumed_from_a_checkpoint >= ABORTS - 1,
+        "restarts resumed from checkpoints"
+    );
+    assert!(
+        aborted_mid_run >= ABORTS - 1,
+        "aborts hit running pipelines: {aborted_mid_run}"
+    );
     let leases = Arc::new(FileLeaseStore::new(&leases_dir).fsync(false));
     Runtime::new(topology(&stream, &restored), leases)
         .with_config(config(3))
         .run()
         .await
         .expect("final run");
-    assert!(
-        finished_early < ABORTS / 2,
-        "most aborts must hit a running pipeline"
-    );
 
     let a = snapshot(&straight);
     let b = snapshot(&restored);

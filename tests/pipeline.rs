@@ -261,3 +261,37 @@ async fn one_stream_fans_out_to_two_branches() {
     let per_shard: Vec<u64> = counts.contents().into_values().map(|v| v.value).collect();
     assert_eq!(per_shard, vec![20, 20]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filter_and_flat_map_give_each_output_its_own_identity() {
+    let stream = MemoryStream::new("words", 1);
+    for (i, user) in ["a b", "", "c"].iter().enumerate() {
+        push(&stream, 0, user, i as i64);
+    }
+    let out = MemorySink::new("words");
+    let topology = Topology::builder("words")
+        .source(stream.clone().json::<Click>())
+        .filter(|c: &Click| !c.user.is_empty())
+        .flat_map(|c: Click| c.user.split(' ').map(str::to_owned).collect::<Vec<_>>())
+        .sink(out.clone())
+        .build()
+        .unwrap();
+    Runtime::new(topology, Arc::new(MemoryLeaseStore::new()))
+        .with_config(bounded(1))
+        .run()
+        .await
+        .unwrap();
+    let got: Vec<(String, String)> = out
+        .contents()
+        .into_iter()
+        .map(|((_, id), word)| (id, word))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("r/1-0-0".to_owned(), "a".to_owned()),
+            ("r/1-0-1".to_owned(), "b".to_owned()),
+            ("r/3-0-0".to_owned(), "c".to_owned())
+        ]
+    );
+}

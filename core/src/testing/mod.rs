@@ -1,8 +1,10 @@
 //! Conformance suites every `LeaseStore` and `Sink` implementation passes (feature `testing`).
 
+mod keyed_harness;
 mod lease_store;
 mod sink;
 
+pub use keyed_harness::KeyedHarness;
 pub use lease_store::lease_store_conformance;
 pub use sink::sink_conformance;
 

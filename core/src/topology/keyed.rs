@@ -32,6 +32,19 @@ pub struct KeyedRecord<K, T> {
 }
 
 impl<K, T> KeyedRecord<K, T> {
+    /// A record of input record 0 of its epoch (for tests; the exchange makes real ones).
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) fn new(key: K, value: T, event_time: EventTime, watermark: EventTime) -> Self {
+        Self {
+            key,
+            value,
+            event_time,
+            watermark,
+            index: 0,
+            fanout: 0,
+        }
+    }
+
     /// The record's context (for a late record sent to a side output, whose identity is the
     /// input record's).
     pub fn cx(&self) -> RecordCx {
@@ -53,7 +66,16 @@ pub struct KeyedOutput<'a, In, Out> {
     late_count: u64,
 }
 
-impl<In, Out> KeyedOutput<'_, In, Out> {
+impl<'a, In, Out> KeyedOutput<'a, In, Out> {
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) fn new(main: &'a mut dyn Emit<Out>, late: &'a mut dyn Emit<In>) -> Self {
+        Self {
+            main,
+            late,
+            late_count: 0,
+        }
+    }
+
     /// Emits a result.
     pub fn emit(&mut self, cx: &RecordCx, value: Out) {
         self.main.emit(cx, value);

@@ -52,6 +52,44 @@ pub struct WindowedStream<T, K, F, S, W> {
     late: Option<LateSide<T>>,
 }
 
+/// Constructors of the window operators for operator tests (`KeyedHarness`); topologies get
+/// them through `window(..).aggregate(..)`.
+#[doc(hidden)]
+pub mod testing {
+    use shardflow_core::topology::KeyedOperator;
+
+    use super::{fixed::FixedWindows, session::SessionOperator, WindowAssigner, WindowResult};
+    use crate::aggregate::Aggregator;
+    use crate::key::Key;
+    use crate::keyed::KeyedValue;
+    use crate::running::RunningAggregate;
+
+    /// The tumbling/sliding window operator.
+    pub fn fixed<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner>(
+        assigner: W,
+        agg: A,
+        lateness_ms: i64,
+    ) -> impl KeyedOperator<Key = K, In = T, Out = WindowResult<K, A::Out>> {
+        FixedWindows::new(assigner, agg, lateness_ms)
+    }
+
+    /// The session window operator.
+    pub fn session<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner>(
+        assigner: W,
+        agg: A,
+        lateness_ms: i64,
+    ) -> impl KeyedOperator<Key = K, In = T, Out = WindowResult<K, A::Out>> {
+        SessionOperator::new(assigner, agg, lateness_ms)
+    }
+
+    /// The running (unwindowed) aggregate.
+    pub fn running<K: Key, T: Send + 'static, A: Aggregator<T>>(
+        agg: A,
+    ) -> impl KeyedOperator<Key = K, In = T, Out = KeyedValue<K, A::Out>> {
+        RunningAggregate::new(agg)
+    }
+}
+
 /// Whether a record may still enter a window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Admission {

@@ -1,0 +1,141 @@
+//! Drives a `KeyedOperator` the way a keyed worker does, for operator unit tests.
+
+use async_trait::async_trait;
+
+use crate::checkpoint::Epoch;
+use crate::error::Error;
+use crate::position::EventTime;
+use crate::topology::chain::{Emit, EpochCx, Mode, RecordCx, NO_WATERMARK};
+use crate::topology::keyed::{KeyedOperator, KeyedOutput, KeyedRecord};
+
+struct Collect<T>(Vec<(RecordCx, T)>);
+
+#[async_trait]
+impl<T: Send + 'static> Emit<T> for Collect<T> {
+    fn emit(&mut self, cx: &RecordCx, value: T) {
+        self.0.push((cx.clone(), value));
+    }
+    async fn flush(&mut self, _epoch: &EpochCx) -> Result<(), Error> {
+        Ok(())
+    }
+    async fn commit(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+    fn discard(&mut self) {
+        self.0.clear();
+    }
+}
+
+/// One shard's records through one operator: records carry the watermark at their arrival
+/// (largest event time so far minus `out_of_orderness`), and ending an epoch advances the
+/// operator's watermark, as the runtime does.
+pub struct KeyedHarness<Op: KeyedOperator> {
+    op: Op,
+    state: Op::State,
+    main: Collect<Op::Out>,
+    late: Collect<Op::In>,
+    max_event_time: Option<EventTime>,
+    out_of_orderness: i64,
+    epoch: Epoch,
+}
+
+impl<Op: KeyedOperator> KeyedHarness<Op> {
+    /// A harness at epoch 1 with no records seen.
+    pub fn new(op: Op, out_of_orderness: i64) -> Self {
+        Self {
+            op,
+            state: Op::State::default(),
+            main: Collect(Vec::new()),
+            late: Collect(Vec::new()),
+            max_event_time: None,
+            out_of_orderness,
+            epoch: 1,
+        }
+    }
+
+    /// The shard's watermark now.
+    pub fn watermark(&self) -> EventTime {
+        self.max_event_time
+            .map_or(NO_WATERMARK, |m| m - self.out_of_orderness)
+    }
+
+    fn feed(&mut self, key: Op::Key, value: Op::In, event_time: EventTime, mode: Mode) {
+        let record = KeyedRecord::new(key, value, event_time, self.watermark());
+        self.max_event_time = Some(
+            self.max_event_time
+                .map_or(event_time, |m| m.max(event_time)),
+        );
+        let mut out = KeyedOutput::new(&mut self.main, &mut self.late);
+        self.op
+            .on_record(&mut self.state, record, self.epoch, mode, &mut out);
+    }
+
+    /// A live record of the current epoch.
+    pub fn record(&mut self, key: Op::Key, value: Op::In, event_time: EventTime) {
+        self.feed(key, value, event_time, Mode::Live);
+    }
+
+    /// A replayed record (outputs up to `committed_watermark` were committed by an earlier run).
+    pub fn replay(
+        &mut self,
+        key: Op::Key,
+        value: Op::In,
+        event_time: EventTime,
+        committed_watermark: EventTime,
+    ) {
+        self.feed(
+            key,
+            value,
+            event_time,
+            Mode::Rebuild {
+                committed_watermark,
+            },
+        );
+    }
+
+    /// Ends the epoch: the operator sees the watermark, and the next epoch begins.
+    pub fn end_epoch(&mut self) {
+        if self.max_event_time.is_some() {
+            let watermark = self.watermark();
+            let mut out = KeyedOutput::new(&mut self.main, &mut self.late);
+            self.op.on_watermark(&mut self.state, watermark, &mut out);
+        }
+        self.epoch += 1;
+    }
+
+    /// Ends a replay epoch: no watermark (nothing fires during a replay).
+    pub fn end_replay_epoch(&mut self) {
+        self.epoch += 1;
+    }
+
+    /// A bounded run reached its end.
+    pub fn end_of_input(&mut self) {
+        let mut out = KeyedOutput::new(&mut self.main, &mut self.late);
+        self.op.on_end_of_input(&mut self.state, &mut out);
+    }
+
+    /// The shard closed: every window closes.
+    pub fn shard_end(&mut self) {
+        let mut out = KeyedOutput::new(&mut self.main, &mut self.late);
+        self.op
+            .on_watermark(&mut self.state, EventTime::MAX, &mut out);
+    }
+
+    /// The oldest epoch the state holds.
+    pub fn hold(&self) -> Option<Epoch> {
+        self.op.hold(&self.state)
+    }
+
+    /// The outputs emitted since the last call, with their contexts.
+    pub fn take_outputs(&mut self) -> Vec<(RecordCx, Op::Out)> {
+        std::mem::take(&mut self.main.0)
+    }
+
+    /// The late records routed to the side output since the last call.
+    pub fn take_late(&mut self) -> Vec<Op::In> {
+        std::mem::take(&mut self.late.0)
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect()
+    }
+}

@@ -295,3 +295,68 @@ async fn filter_and_flat_map_give_each_output_its_own_identity() {
         ]
     );
 }
+
+/// A sink whose commits take a while, so shards sit finishing while the runtime works on.
+struct SlowCommits<T>(MemorySink<T>);
+
+struct SlowWriter<T>(Box<dyn shardflow::core::sink::SinkWriter<T>>);
+
+#[async_trait::async_trait]
+impl<T: Clone + Send + Sync + 'static> shardflow::Sink<T> for SlowCommits<T> {
+    fn name(&self) -> &str {
+        "slow"
+    }
+    async fn open(
+        &self,
+        cx: &shardflow::core::sink::SinkContext,
+    ) -> Result<Box<dyn shardflow::core::sink::SinkWriter<T>>, shardflow::core::error::SinkError>
+    {
+        Ok(Box::new(SlowWriter(self.0.open(cx).await?)))
+    }
+}
+
+#[async_trait::async_trait]
+impl<T: Send + 'static> shardflow::core::sink::SinkWriter<T> for SlowWriter<T> {
+    async fn write(
+        &mut self,
+        batch: shardflow::core::sink::OutputBatch<T>,
+    ) -> Result<(), shardflow::core::error::SinkError> {
+        self.0.write(batch).await
+    }
+    async fn commit(&mut self) -> Result<(), shardflow::core::error::SinkError> {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        self.0.commit().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_sync_never_restarts_a_shard_that_is_still_finishing() {
+    let stream = MemoryStream::new("finishing", 2);
+    for i in 0..20 {
+        push(&stream, i % 2, "u", i as i64);
+    }
+    let counts = MemorySink::new("counts");
+    let topology = Topology::builder("finishing")
+        .source(stream.clone().json::<Click>())
+        .key_by(|c: &Click| c.user.clone())
+        .aggregate(Count)
+        .sink(SlowCommits(counts.clone()))
+        .build()
+        .unwrap();
+    let config = RuntimeConfig {
+        // Re-read the shard list at every turn of the run loop.
+        shard_sync_interval: Duration::ZERO,
+        read_limits: shardflow::core::source::ReadLimits {
+            max_records: 3,
+            max_bytes: 1 << 20,
+        },
+        ..bounded(2)
+    };
+    Runtime::new(topology, Arc::new(MemoryLeaseStore::new()))
+        .with_config(config)
+        .run()
+        .await
+        .unwrap();
+    let per_shard: Vec<u64> = counts.contents().into_values().map(|v| v.value).collect();
+    assert_eq!(per_shard, vec![10, 10], "each shard processed exactly once");
+}

@@ -18,7 +18,7 @@ use shardflow::core::position::{
     RecordPosition, SequenceNumber, ShardId, ShardInfo, StartPosition,
 };
 use shardflow::core::record::RawBatch;
-use shardflow::core::sink::{OutputBatch, OutputId, SinkContext, SinkWriter};
+use shardflow::core::sink::{OutputBatch, SinkContext, SinkWriter};
 use shardflow::core::source::{ReadBatch, ReadLimits, ShardReader, ShardStatus, Source};
 use shardflow::operators::KeyedValue;
 use shardflow::prelude::*;
@@ -136,17 +136,22 @@ impl ShardReader for GenReader {
     }
 }
 
-/// Sums window counts; keeps the latest running count per (shard, key).
+/// Sums window counts; keeps the latest running count per shard and key (what an idempotent
+/// sink keeps), so that the checksum is the sum of final values.
 #[derive(Clone, Default)]
 struct Counter {
     outputs: Arc<AtomicU64>,
     window_sum: Arc<AtomicU64>,
-    latest: Arc<Mutex<FxHashMap<(ShardId, OutputId), u64>>>,
+    latest: Arc<Mutex<FxHashMap<ShardId, FxHashMap<u64, u64>>>>,
 }
+
+/// What the counter reads from an output: the value, and the key for running results (whose
+/// later values replace earlier ones) or `None` for window results (each emitted once here).
+type ReadOutput<T> = fn(&T) -> (Option<u64>, u64);
 
 struct CounterWriter<T> {
     counter: Counter,
-    value: fn(&T) -> (u64, bool),
+    value: ReadOutput<T>,
 }
 
 #[async_trait]
@@ -156,17 +161,17 @@ impl<T: Send + Sync + 'static> SinkWriter<T> for CounterWriter<T> {
             .outputs
             .fetch_add(batch.outputs.len() as u64, Ordering::Relaxed);
         let mut sum = 0;
-        let mut latest = None;
+        let mut latest = self.counter.latest.lock().expect("not poisoned");
+        let shard = latest.entry(batch.shard).or_default();
         for o in batch.outputs {
-            let (v, windowed) = (self.value)(&o.value);
-            if windowed {
-                sum += v;
-            } else {
-                latest
-                    .get_or_insert_with(|| self.counter.latest.lock().unwrap())
-                    .insert((batch.shard.clone(), o.id), v);
+            match (self.value)(&o.value) {
+                (None, v) => sum += v,
+                (Some(key), v) => {
+                    shard.insert(key, v);
+                }
             }
         }
+        drop(latest);
         self.counter.window_sum.fetch_add(sum, Ordering::Relaxed);
         Ok(())
     }
@@ -177,7 +182,7 @@ impl<T: Send + Sync + 'static> SinkWriter<T> for CounterWriter<T> {
 
 struct CounterSink<T> {
     counter: Counter,
-    value: fn(&T) -> (u64, bool),
+    value: ReadOutput<T>,
 }
 
 #[async_trait]
@@ -223,7 +228,7 @@ async fn run_shardflow(args: &Args) -> Result<(u64, u64, Duration)> {
             .aggregate(Count)
             .sink(CounterSink {
                 counter: counter.clone(),
-                value: |r: &WindowResult<u64, u64>| (r.value, true),
+                value: |r: &WindowResult<u64, u64>| (None, r.value),
             })
             .build()?
     } else {
@@ -232,7 +237,7 @@ async fn run_shardflow(args: &Args) -> Result<(u64, u64, Duration)> {
             .aggregate(Count)
             .sink(CounterSink {
                 counter: counter.clone(),
-                value: |r: &KeyedValue<u64, u64>| (r.value, false),
+                value: |r: &KeyedValue<u64, u64>| (Some(r.key), r.value),
             })
             .build()?
     };
@@ -253,12 +258,24 @@ async fn run_shardflow(args: &Args) -> Result<(u64, u64, Duration)> {
         .run()
         .await?;
     let took = started.elapsed();
-    let latest: u64 = counter.latest.lock().unwrap().values().sum();
+    let latest: u64 = counter
+        .latest
+        .lock()
+        .expect("not poisoned")
+        .values()
+        .flat_map(|m| m.values())
+        .sum();
     let checksum = counter.window_sum.load(Ordering::Relaxed) + latest;
     let outputs = if args.window_ms > 0 {
         counter.outputs.load(Ordering::Relaxed)
     } else {
-        counter.latest.lock().unwrap().len() as u64
+        counter
+            .latest
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .map(|m| m.len() as u64)
+            .sum()
     };
     Ok((outputs, checksum, took))
 }

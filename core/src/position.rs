@@ -48,7 +48,9 @@ pub struct SequenceNumber(Repr);
 
 #[derive(Clone, PartialEq, Eq, Hash)]
 enum Repr {
-    Small(u128),
+    // A u128 as (high, low) halves: u64 alignment keeps a position at 32 bytes instead of 48,
+    // which matters in batches of ten thousand.
+    Small([u64; 2]),
     // Canonical decimal digits without leading zeros, always greater than u128::MAX.
     Large(Arc<str>),
 }
@@ -67,7 +69,7 @@ const MAX_SEQUENCE_DIGITS: usize = 129;
 impl SequenceNumber {
     /// A sequence number from an integer.
     pub const fn from_u128(n: u128) -> Self {
-        Self(Repr::Small(n))
+        Self(Repr::Small([(n >> 64) as u64, n as u64]))
     }
 
     /// Parses a decimal sequence number.
@@ -94,15 +96,20 @@ impl SequenceNumber {
     /// The number as a `u128`, if it fits.
     pub fn as_u128(&self) -> Option<u128> {
         match &self.0 {
-            Repr::Small(n) => Some(*n),
+            Repr::Small(n) => Some(join(*n)),
             Repr::Large(_) => None,
         }
     }
 }
 
+fn join([high, low]: [u64; 2]) -> u128 {
+    u128::from(high) << 64 | u128::from(low)
+}
+
 impl Ord for SequenceNumber {
     fn cmp(&self, other: &Self) -> Ordering {
         match (&self.0, &other.0) {
+            // Lexicographic order of (high, low) is the numeric order.
             (Repr::Small(a), Repr::Small(b)) => a.cmp(b),
             (Repr::Small(_), Repr::Large(_)) => Ordering::Less,
             (Repr::Large(_), Repr::Small(_)) => Ordering::Greater,
@@ -121,7 +128,7 @@ impl PartialOrd for SequenceNumber {
 impl fmt::Display for SequenceNumber {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.0 {
-            Repr::Small(n) => write!(f, "{n}"),
+            Repr::Small(n) => write!(f, "{}", join(*n)),
             Repr::Large(s) => f.write_str(s),
         }
     }
@@ -258,6 +265,14 @@ mod tests {
             .unwrap();
         let json = serde_json::to_string(&n).unwrap();
         assert_eq!(serde_json::from_str::<SequenceNumber>(&json).unwrap(), n);
+    }
+
+    #[test]
+    fn positions_stay_small() {
+        assert_eq!(std::mem::size_of::<RecordPosition>(), 32);
+        let n = (1u128 << 64) + 5;
+        assert_eq!(SequenceNumber::from_u128(n).as_u128(), Some(n));
+        assert!(SequenceNumber::from_u128(u128::from(u64::MAX)) < SequenceNumber::from_u128(n));
     }
 
     #[test]

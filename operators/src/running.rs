@@ -25,6 +25,9 @@ impl<K, T, A: Aggregator<T>> RunningAggregate<K, T, A> {
 
 pub(crate) struct RunningState<K, Acc> {
     slots: FxHashMap<K, (Acc, bool)>,
+    /// Keys changed since the last emission (each once: the flag in `slots` says so), so that
+    /// an epoch costs what it touched, not the number of keys.
+    touched: Vec<K>,
     first_epoch: Option<Epoch>,
 }
 
@@ -32,6 +35,7 @@ impl<K, Acc> Default for RunningState<K, Acc> {
     fn default() -> Self {
         Self {
             slots: FxHashMap::default(),
+            touched: Vec::new(),
             first_epoch: None,
         }
     }
@@ -52,12 +56,17 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>> KeyedOperator for RunningAggre
         _out: &mut KeyedOutput<'_, T, Self::Out>,
     ) {
         state.first_epoch.get_or_insert(epoch);
-        let slot = state
-            .slots
-            .entry(record.key)
-            .or_insert_with(|| (self.agg.init(&record.value), false));
+        let slot = match state.slots.get_mut(&record.key) {
+            Some(slot) => slot,
+            None => state
+                .slots
+                .entry(record.key.clone())
+                .or_insert_with(|| (self.agg.init(&record.value), false)),
+        };
         self.agg.add(&mut slot.0, &record.value);
-        slot.1 = true;
+        if !std::mem::replace(&mut slot.1, true) {
+            state.touched.push(record.key);
+        }
     }
 
     fn on_watermark(
@@ -66,7 +75,8 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>> KeyedOperator for RunningAggre
         watermark: EventTime,
         out: &mut KeyedOutput<'_, T, Self::Out>,
     ) {
-        for (key, (acc, dirty)) in &mut state.slots {
+        for key in state.touched.drain(..) {
+            let (acc, dirty) = state.slots.get_mut(&key).expect("slots are never removed");
             if std::mem::take(dirty) {
                 let cx = RecordCx {
                     event_time: watermark,
@@ -79,7 +89,7 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>> KeyedOperator for RunningAggre
                 out.emit(
                     &cx,
                     KeyedValue {
-                        key: key.clone(),
+                        key,
                         value: self.agg.result(acc),
                     },
                 );

@@ -190,7 +190,8 @@ where
 
     async fn flush(&mut self, epoch: &EpochCx) -> Result<(), Error> {
         for (sender, buffer) in self.senders.iter().zip(&mut self.buffers) {
-            let records = std::mem::take(buffer);
+            // The next epoch is likely as large: keep the capacity instead of regrowing.
+            let records = std::mem::replace(buffer, Vec::with_capacity(buffer.len()));
             let msg = ExchangeMsg {
                 epoch: epoch.clone(),
                 records,

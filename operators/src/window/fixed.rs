@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxBuildHasher, FxHashMap};
 use shardflow_core::checkpoint::Epoch;
 use shardflow_core::position::EventTime;
 use shardflow_core::sink::Window;
@@ -49,12 +49,15 @@ pub(crate) struct WindowState<K, Acc> {
 /// them by end too.
 pub(crate) struct FixedState<K, Acc> {
     windows: BTreeMap<Window, WindowState<K, Acc>>,
+    /// Keys the last closed window had: new windows start with room for as many.
+    key_hint: usize,
 }
 
 impl<K, Acc> Default for FixedState<K, Acc> {
     fn default() -> Self {
         Self {
             windows: BTreeMap::new(),
+            key_hint: 0,
         }
     }
 }
@@ -103,8 +106,9 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
                 continue;
             }
             accepted = true;
+            let key_hint = state.key_hint;
             let w = state.windows.entry(window).or_insert_with(|| WindowState {
-                slots: FxHashMap::default(),
+                slots: FxHashMap::with_capacity_and_hasher(key_hint, FxBuildHasher),
                 first_epoch: epoch,
                 fired: false,
                 dirty: false,
@@ -146,7 +150,9 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
             }
         }
         for window in closed {
-            state.windows.remove(&window);
+            if let Some(w) = state.windows.remove(&window) {
+                state.key_hint = w.slots.len();
+            }
         }
     }
 

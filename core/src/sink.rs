@@ -32,8 +32,57 @@ impl Window {
     }
 }
 
-/// A key rendered as text for output identities (inline up to 24 bytes, no allocation).
-pub type KeyId = CompactString;
+/// A key as it appears in output identities. Integer keys stay integers until a sink renders
+/// them (rendering millions of window results' keys was a measurable cost); other keys are
+/// text, inline up to 24 bytes. One key type always makes the same variant.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct KeyId(KeyRepr);
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+enum KeyRepr {
+    Unsigned(u64),
+    Signed(i64),
+    Text(CompactString),
+}
+
+impl KeyId {
+    /// An unsigned integer key.
+    pub const fn unsigned(n: u64) -> Self {
+        Self(KeyRepr::Unsigned(n))
+    }
+
+    /// A signed integer key.
+    pub const fn signed(n: i64) -> Self {
+        Self(KeyRepr::Signed(n))
+    }
+
+    /// A text key.
+    pub fn text(s: impl Into<CompactString>) -> Self {
+        Self(KeyRepr::Text(s.into()))
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            KeyRepr::Unsigned(n) => write!(f, "{n}"),
+            KeyRepr::Signed(n) => write!(f, "{n}"),
+            KeyRepr::Text(s) => f.write_str(s),
+        }
+    }
+}
+
+impl From<&str> for KeyId {
+    fn from(s: &str) -> Self {
+        Self::text(s)
+    }
+}
+
+impl From<String> for KeyId {
+    fn from(s: String) -> Self {
+        Self::text(s)
+    }
+}
 
 /// The deterministic identity of one output. A replay produces the same outputs with the same
 /// identities, so a sink that overwrites by identity ends with no duplicates.
@@ -91,9 +140,22 @@ impl fmt::Display for OutputId {
     }
 }
 
+/// Writes a key as one path component (see [`push_escaped_text`]); integers need no escaping.
+fn push_escaped(out: &mut String, key: &KeyId) {
+    match &key.0 {
+        KeyRepr::Unsigned(n) => {
+            let _ = write!(out, "{n}");
+        }
+        KeyRepr::Signed(n) => {
+            let _ = write!(out, "{n}");
+        }
+        KeyRepr::Text(s) => push_escaped_text(out, s),
+    }
+}
+
 /// Escapes a key for use as one path component: ASCII letters, digits, `-`, `_` and `.` stay;
 /// every other byte becomes `%XX`. A key that is empty or starts with `.` gets a `%` prefix.
-fn push_escaped(out: &mut String, key: &str) {
+fn push_escaped_text(out: &mut String, key: &str) {
     if key.is_empty() || key.starts_with('.') {
         out.push('%');
     }

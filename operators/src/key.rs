@@ -2,7 +2,7 @@
 
 use std::hash::Hash;
 
-use compact_str::{CompactString, ToCompactString};
+use compact_str::{format_compact, ToCompactString};
 use shardflow_core::sink::KeyId;
 
 /// A type usable as a grouping key. Its text (`key_id`) names outputs (`w/<window>/<key>`), so
@@ -12,39 +12,51 @@ pub trait Key: Hash + Eq + Clone + Send + Sync + 'static {
     fn key_id(&self) -> KeyId;
 }
 
-macro_rules! display_keys {
-    ($($t:ty),*) => {$(
+macro_rules! integer_keys {
+    ($make:ident, $as:ty: $($t:ty),*) => {$(
         impl Key for $t {
             fn key_id(&self) -> KeyId {
-                self.to_compact_string()
+                KeyId::$make(<$as>::from(*self))
             }
         }
     )*};
 }
 
-display_keys!(u8, u16, u32, u64, u128, usize, i8, i16, i32, i64, i128, isize, bool, char, String);
+integer_keys!(unsigned, u64: u8, u16, u32, u64);
+integer_keys!(signed, i64: i8, i16, i32, i64);
+
+macro_rules! text_keys {
+    ($($t:ty),*) => {$(
+        impl Key for $t {
+            fn key_id(&self) -> KeyId {
+                KeyId::text(self.to_compact_string())
+            }
+        }
+    )*};
+}
+
+text_keys!(u128, usize, i128, isize, bool, char, String);
 
 impl Key for &'static str {
     fn key_id(&self) -> KeyId {
-        CompactString::from(*self)
+        KeyId::text(*self)
     }
 }
 
 impl<A: Key, B: Key> Key for (A, B) {
     fn key_id(&self) -> KeyId {
-        let mut s = self.0.key_id();
-        s.push('|');
-        s.push_str(&self.1.key_id());
-        s
+        KeyId::text(format_compact!("{}|{}", self.0.key_id(), self.1.key_id()))
     }
 }
 
 impl<A: Key, B: Key, C: Key> Key for (A, B, C) {
     fn key_id(&self) -> KeyId {
-        let mut s = (self.0.clone(), self.1.clone()).key_id();
-        s.push('|');
-        s.push_str(&self.2.key_id());
-        s
+        KeyId::text(format_compact!(
+            "{}|{}|{}",
+            self.0.key_id(),
+            self.1.key_id(),
+            self.2.key_id()
+        ))
     }
 }
 
@@ -54,8 +66,10 @@ mod tests {
 
     #[test]
     fn keys_render_as_their_display_text() {
-        assert_eq!(42u64.key_id(), "42");
-        assert_eq!("campaign-7".to_owned().key_id(), "campaign-7");
-        assert_eq!((1u32, "x").key_id(), "1|x");
+        assert_eq!(42u64.key_id(), KeyId::unsigned(42));
+        assert_eq!(42u64.key_id().to_string(), "42");
+        assert_eq!((-3i32).key_id().to_string(), "-3");
+        assert_eq!("campaign-7".to_owned().key_id(), KeyId::text("campaign-7"));
+        assert_eq!((1u32, "x").key_id(), KeyId::text("1|x"));
     }
 }

@@ -362,7 +362,11 @@ pub(crate) struct SinkEmitter<T> {
     pub(crate) sink: Arc<dyn Sink<T>>,
     pub(crate) cx: SinkContext,
     pub(crate) writer: Option<Box<dyn SinkWriter<T>>>,
-    pub(crate) pending: Vec<(Ident, T)>,
+    /// Outputs whose identity is known at emission (keyed results).
+    pub(crate) ready: Vec<Output<T>>,
+    /// Outputs of input records: (index in the epoch's batch, fanout, value); their positions
+    /// are looked up when the epoch is flushed.
+    pub(crate) of_records: Vec<(u32, u32, T)>,
     pub(crate) written: bool,
     pub(crate) metrics: Metrics,
 }
@@ -373,7 +377,8 @@ impl<T: Send + 'static> SinkEmitter<T> {
             sink,
             cx,
             writer: None,
-            pending: Vec::new(),
+            ready: Vec::new(),
+            of_records: Vec::new(),
             written: false,
             metrics,
         }
@@ -420,29 +425,38 @@ where
 #[async_trait]
 impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
     fn emit(&mut self, cx: &RecordCx, value: T) {
-        self.pending.push((cx.ident.clone(), value));
+        match &cx.ident {
+            Ident::Record { index, fanout } => self.of_records.push((*index, *fanout, value)),
+            Ident::Keyed { key, window } => self.ready.push(Output {
+                id: OutputId::Keyed {
+                    key: key.clone(),
+                    window: *window,
+                },
+                value,
+            }),
+        }
     }
 
     async fn flush(&mut self, epoch: &EpochCx) -> Result<(), Error> {
-        if epoch.replay() || self.pending.is_empty() {
+        if epoch.replay() || (self.ready.is_empty() && self.of_records.is_empty()) {
             // Replayed outputs were committed by the run that first produced them.
-            self.pending.clear();
+            self.discard();
             return Ok(());
         }
-        let outputs: Vec<Output<T>> = self
-            .pending
-            .drain(..)
-            .map(|(ident, value)| {
-                let id = match ident {
-                    Ident::Record { index, fanout } => OutputId::Record {
+        // The next epoch likely produces as many: keep the capacity here.
+        let capacity = self.ready.len();
+        let mut outputs = std::mem::replace(&mut self.ready, Vec::with_capacity(capacity));
+        outputs.extend(
+            self.of_records
+                .drain(..)
+                .map(|(index, fanout, value)| Output {
+                    id: OutputId::Record {
                         position: epoch.raw.get(index as usize).position.clone(),
                         index: u64::from(fanout),
                     },
-                    Ident::Keyed { key, window } => OutputId::Keyed { key, window },
-                };
-                Output { id, value }
-            })
-            .collect();
+                    value,
+                }),
+        );
         self.metrics
             .sink_records(&self.cx.topology, self.sink.name(), outputs.len());
         let batch = OutputBatch {
@@ -473,6 +487,7 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
     }
 
     fn discard(&mut self) {
-        self.pending.clear();
+        self.ready.clear();
+        self.of_records.clear();
     }
 }

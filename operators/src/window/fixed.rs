@@ -1,7 +1,7 @@
 //! The operator behind tumbling and sliding windows: per shard, windows ordered by time, each
 //! holding a slot per key.
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 
 use rustc_hash::{FxBuildHasher, FxHashMap};
 use shardflow_core::checkpoint::Epoch;
@@ -45,18 +45,46 @@ pub(crate) struct WindowState<K, Acc> {
     dirty: bool,
 }
 
-/// Windows of one shard. All windows of an assigner have one size, so ordering by start orders
-/// them by end too.
+/// Windows of one shard, sorted by start. All windows of an assigner have one size, so this
+/// orders them by end too: the windows a watermark closes are a prefix, and the window most
+/// records fall in is at the back.
 pub(crate) struct FixedState<K, Acc> {
-    windows: BTreeMap<Window, WindowState<K, Acc>>,
+    windows: VecDeque<(Window, WindowState<K, Acc>)>,
     /// Keys the last closed window had: new windows start with room for as many.
     key_hint: usize,
+}
+
+impl<K, Acc> FixedState<K, Acc> {
+    /// The state of `window`, created (starting at `epoch`) if absent.
+    fn window_mut(&mut self, window: Window, epoch: Epoch) -> &mut WindowState<K, Acc> {
+        // Searching from the back finds the current window in a step or two.
+        let at = match self
+            .windows
+            .iter()
+            .rposition(|(w, _)| w.start <= window.start)
+        {
+            Some(i) if self.windows[i].0 == window => i,
+            found => {
+                let at = found.map_or(0, |i| i + 1);
+                let slots = FxHashMap::with_capacity_and_hasher(self.key_hint, FxBuildHasher);
+                let state = WindowState {
+                    slots,
+                    first_epoch: epoch,
+                    fired: false,
+                    dirty: false,
+                };
+                self.windows.insert(at, (window, state));
+                at
+            }
+        };
+        &mut self.windows[at].1
+    }
 }
 
 impl<K, Acc> Default for FixedState<K, Acc> {
     fn default() -> Self {
         Self {
-            windows: BTreeMap::new(),
+            windows: VecDeque::new(),
             key_hint: 0,
         }
     }
@@ -106,13 +134,7 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
                 continue;
             }
             accepted = true;
-            let key_hint = state.key_hint;
-            let w = state.windows.entry(window).or_insert_with(|| WindowState {
-                slots: FxHashMap::with_capacity_and_hasher(key_hint, FxBuildHasher),
-                first_epoch: epoch,
-                fired: false,
-                dirty: false,
-            });
+            let w = state.window_mut(window, epoch);
             let slot = match w.slots.get_mut(&record.key) {
                 Some(slot) => slot,
                 None => w.slots.entry(record.key.clone()).or_insert_with(|| Slot {
@@ -137,20 +159,19 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
         watermark: EventTime,
         out: &mut KeyedOutput<'_, T, Self::Out>,
     ) {
-        let mut closed = Vec::new();
-        for (window, w) in state.windows.iter_mut() {
+        for (window, w) in &mut state.windows {
             if window.end > watermark {
                 break;
             }
             if !w.fired || w.dirty {
                 Self::emit_window(&self.agg, *window, w, watermark, out);
             }
-            if window.end.saturating_add(self.lateness) <= watermark {
-                closed.push(*window);
-            }
         }
-        for window in closed {
-            if let Some(w) = state.windows.remove(&window) {
+        while let Some((window, _)) = state.windows.front() {
+            if window.end.saturating_add(self.lateness) > watermark {
+                break;
+            }
+            if let Some((_, w)) = state.windows.pop_front() {
                 state.key_hint = w.slots.len();
             }
         }
@@ -161,7 +182,7 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
         state: &mut Self::State,
         out: &mut KeyedOutput<'_, T, Self::Out>,
     ) {
-        for (window, w) in state.windows.iter_mut() {
+        for (window, w) in &mut state.windows {
             if !w.fired || w.dirty {
                 Self::emit_window(&self.agg, *window, w, EventTime::MAX, out);
             }
@@ -169,6 +190,6 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
     }
 
     fn hold(&self, state: &Self::State) -> Option<Epoch> {
-        state.windows.values().map(|w| w.first_epoch).min()
+        state.windows.iter().map(|(_, w)| w.first_epoch).min()
     }
 }

@@ -29,6 +29,7 @@ pub(crate) struct RunningState<K, Acc> {
     /// an epoch costs what it touched, not the number of keys.
     touched: Vec<K>,
     first_epoch: Option<Epoch>,
+    watermark: EventTime,
 }
 
 impl<K, Acc> Default for RunningState<K, Acc> {
@@ -37,6 +38,36 @@ impl<K, Acc> Default for RunningState<K, Acc> {
             slots: FxHashMap::default(),
             touched: Vec::new(),
             first_epoch: None,
+            watermark: EventTime::MIN,
+        }
+    }
+}
+
+impl<K: Key, T: Send + 'static, A: Aggregator<T>> RunningAggregate<K, T, A> {
+    /// Emits the current value of every key changed since the last emission.
+    fn emit_touched(
+        &self,
+        state: &mut RunningState<K, A::Acc>,
+        out: &mut KeyedOutput<'_, T, KeyedValue<K, A::Out>>,
+    ) {
+        for key in state.touched.drain(..) {
+            let (acc, dirty) = state.slots.get_mut(&key).expect("slots are never removed");
+            *dirty = false;
+            let cx = RecordCx {
+                event_time: state.watermark,
+                watermark: state.watermark,
+                ident: Ident::Keyed {
+                    key: key.key_id(),
+                    window: None,
+                },
+            };
+            out.emit(
+                &cx,
+                KeyedValue {
+                    key,
+                    value: self.agg.result(acc),
+                },
+            );
         }
     }
 }
@@ -73,28 +104,14 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>> KeyedOperator for RunningAggre
         &mut self,
         state: &mut Self::State,
         watermark: EventTime,
-        out: &mut KeyedOutput<'_, T, Self::Out>,
+        _out: &mut KeyedOutput<'_, T, Self::Out>,
     ) {
-        for key in state.touched.drain(..) {
-            let (acc, dirty) = state.slots.get_mut(&key).expect("slots are never removed");
-            if std::mem::take(dirty) {
-                let cx = RecordCx {
-                    event_time: watermark,
-                    watermark,
-                    ident: Ident::Keyed {
-                        key: key.key_id(),
-                        window: None,
-                    },
-                };
-                out.emit(
-                    &cx,
-                    KeyedValue {
-                        key,
-                        value: self.agg.result(acc),
-                    },
-                );
-            }
-        }
+        // Results go out at commit time, one per key however many epochs changed it.
+        state.watermark = watermark;
+    }
+
+    fn on_commit(&mut self, state: &mut Self::State, out: &mut KeyedOutput<'_, T, Self::Out>) {
+        self.emit_touched(state, out);
     }
 
     fn on_end_of_input(
@@ -102,7 +119,7 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>> KeyedOperator for RunningAggre
         state: &mut Self::State,
         out: &mut KeyedOutput<'_, T, Self::Out>,
     ) {
-        self.on_watermark(state, EventTime::MAX, out);
+        self.emit_touched(state, out);
     }
 
     fn hold(&self, state: &Self::State) -> Option<Epoch> {

@@ -230,12 +230,15 @@ fn sessions_of_different_keys_stay_apart() {
 }
 
 #[test]
-fn a_running_aggregate_emits_the_keys_each_epoch_changed() {
+fn a_running_aggregate_emits_each_changed_key_once_per_commit() {
     let mut h = KeyedHarness::new(running::<&'static str, i64, _>(Count), 0);
     h.record("a", 0, 1);
     h.record("b", 0, 2);
+    h.end_epoch();
     h.record("a", 0, 3);
     h.end_epoch();
+    assert!(h.take_outputs().is_empty(), "nothing before the commit");
+    h.commit();
     let mut out: Vec<_> = h
         .take_outputs()
         .into_iter()
@@ -245,6 +248,7 @@ fn a_running_aggregate_emits_the_keys_each_epoch_changed() {
     assert_eq!(out, [("a", 2), ("b", 1)]);
     h.record("b", 0, 4);
     h.end_epoch();
+    h.commit();
     let out: Vec<_> = h
         .take_outputs()
         .into_iter()

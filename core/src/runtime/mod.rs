@@ -48,6 +48,10 @@ pub struct RuntimeConfig {
     pub read_limits: ReadLimits,
     /// Wait after an empty read at the tip of a shard.
     pub idle_wait: Duration,
+    /// How long a keyed worker may gather epochs before it commits its sinks: running
+    /// aggregates emit one result per key per commit, and sinks see fewer, larger commits.
+    /// Outputs and checkpoints trail the input by up to this much more.
+    pub commit_interval: Duration,
     /// How often checkpoints are written.
     pub checkpoint_interval: Duration,
     /// A lease not renewed for this long may be taken by another worker (KCL: 10 s).
@@ -66,6 +70,7 @@ impl Default for RuntimeConfig {
             channel_capacity: 4,
             read_limits: ReadLimits::default(),
             idle_wait: Duration::from_millis(200),
+            commit_interval: Duration::from_millis(100),
             checkpoint_interval: Duration::from_secs(1),
             lease_duration: Duration::from_secs(10),
             shard_sync_interval: Duration::from_secs(10),
@@ -183,6 +188,7 @@ impl Runtime {
             tracker: tracker.clone(),
             metrics: self.metrics.clone(),
             capacity: config.channel_capacity,
+            commit_interval: config.commit_interval,
         };
         let exchanges: Vec<_> = topology
             .keyed

@@ -108,6 +108,12 @@ impl<Op: KeyedOperator> KeyedHarness<Op> {
         self.epoch += 1;
     }
 
+    /// The worker commits: operators with running results emit them.
+    pub fn commit(&mut self) {
+        let mut out = KeyedOutput::new(&mut self.main, &mut self.late);
+        self.op.on_commit(&mut self.state, &mut out);
+    }
+
     /// A bounded run reached its end.
     pub fn end_of_input(&mut self) {
         let mut out = KeyedOutput::new(&mut self.main, &mut self.late);

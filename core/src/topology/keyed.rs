@@ -67,7 +67,6 @@ pub struct KeyedOutput<'a, In, Out> {
 }
 
 impl<'a, In, Out> KeyedOutput<'a, In, Out> {
-    #[cfg(any(test, feature = "testing"))]
     pub(crate) fn new(main: &'a mut dyn Emit<Out>, late: &'a mut dyn Emit<In>) -> Self {
         Self {
             main,
@@ -124,6 +123,16 @@ pub trait KeyedOperator: Send + 'static {
 
     /// A bounded run reached the end of its input: emit what open state holds, keep the state.
     fn on_end_of_input(
+        &mut self,
+        _state: &mut Self::State,
+        _out: &mut KeyedOutput<'_, Self::In, Self::Out>,
+    ) {
+    }
+
+    /// The worker is about to commit its sinks, after one or more epochs of this shard (also
+    /// before a closed shard's state is dropped). Operators that emit running results emit
+    /// them here, so that many epochs' updates of a key become one output per commit.
+    fn on_commit(
         &mut self,
         _state: &mut Self::State,
         _out: &mut KeyedOutput<'_, Self::In, Self::Out>,
@@ -222,14 +231,15 @@ pub(crate) struct KeyedWorker<Op: KeyedOperator> {
     pub(crate) late: Box<dyn Emit<Op::In>>,
     pub(crate) tracker: Tracker,
     pub(crate) path: usize,
+    pub(crate) commit_interval: std::time::Duration,
     pub(crate) metrics: Metrics,
     pub(crate) topology: String,
     pub(crate) _key: PhantomData<fn() -> Op::Key>,
 }
 
-/// Messages a worker handles before it commits its sinks and reports: bounds the work a crash
-/// repeats while letting a busy worker commit once for many small epochs.
-const MESSAGES_PER_COMMIT: usize = 64;
+/// Most messages a worker handles before it commits its sinks and reports, whatever the commit
+/// interval: bounds what a commit carries and what a crash repeats.
+const MESSAGES_PER_COMMIT: usize = 128;
 
 impl<Op> KeyedWorker<Op>
 where
@@ -242,19 +252,59 @@ where
     ) -> Result<(), Error> {
         let mut states: FxHashMap<ShardId, Op::State> = FxHashMap::default();
         let mut reports: Vec<(ShardId, Epoch, Option<Epoch>)> = Vec::new();
-        while let Some(first) = rx.recv().await {
-            let mut next = Some(first);
-            while let Some(msg) = next.take() {
-                if let Some(report) = self.handle(&mut states, msg).await? {
-                    reports.push(report);
-                }
-                if reports.len() < MESSAGES_PER_COMMIT {
-                    next = rx.try_recv().ok();
-                }
+        // The last epoch of each shard handled since the last commit.
+        let mut uncommitted: Vec<EpochCx> = Vec::new();
+        // When the epochs gathered so far must be committed.
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let msg = match deadline {
+                None => rx.recv().await,
+                Some(at) => tokio::select! {
+                    msg = rx.recv() => msg,
+                    () = tokio::time::sleep_until(at) => {
+                        self.commit(&mut states, &mut uncommitted, &mut reports).await?;
+                        deadline = None;
+                        continue;
+                    }
+                },
+            };
+            let Some(msg) = msg else { break };
+            // The end of a shard or of the input is committed at once: a run waits for it.
+            let urgent = matches!(msg.epoch.control, Control::EndOfInput | Control::ShardEnd);
+            if let Some(report) = self.handle(&mut states, msg, &mut uncommitted).await? {
+                reports.push(report);
             }
-            self.main.commit().await?;
-            self.late.commit().await?;
-            self.tracker.report(self.path, &reports);
+            let at =
+                *deadline.get_or_insert_with(|| tokio::time::Instant::now() + self.commit_interval);
+            if urgent || reports.len() >= MESSAGES_PER_COMMIT || tokio::time::Instant::now() >= at {
+                self.commit(&mut states, &mut uncommitted, &mut reports)
+                    .await?;
+                deadline = None;
+            }
+        }
+        self.commit(&mut states, &mut uncommitted, &mut reports)
+            .await
+    }
+
+    /// Lets operators emit running results, commits the sinks, then reports the epochs.
+    async fn commit(
+        &mut self,
+        states: &mut FxHashMap<ShardId, Op::State>,
+        uncommitted: &mut Vec<EpochCx>,
+        reports: &mut Vec<(ShardId, Epoch, Option<Epoch>)>,
+    ) -> Result<(), Error> {
+        for epoch in uncommitted.drain(..) {
+            if let Some(state) = states.get_mut(&epoch.shard) {
+                let mut out = KeyedOutput::new(&mut *self.main, &mut *self.late);
+                self.op.on_commit(state, &mut out);
+                self.main.flush(&epoch).await?;
+                self.late.flush(&epoch).await?;
+            }
+        }
+        self.main.commit().await?;
+        self.late.commit().await?;
+        if !reports.is_empty() {
+            self.tracker.report(self.path, reports);
             reports.clear();
         }
         Ok(())
@@ -264,8 +314,10 @@ where
         &mut self,
         states: &mut FxHashMap<ShardId, Op::State>,
         msg: ExchangeMsg<Op::Key, Op::In>,
+        uncommitted: &mut Vec<EpochCx>,
     ) -> Result<Option<(ShardId, Epoch, Option<Epoch>)>, Error> {
         let ExchangeMsg { epoch, records } = msg;
+        uncommitted.retain(|e| e.shard != epoch.shard);
         if epoch.control == Control::Release {
             states.remove(&epoch.shard);
             self.main.discard();
@@ -273,11 +325,7 @@ where
             return Ok(None);
         }
         let state = states.entry(epoch.shard.clone()).or_default();
-        let mut out = KeyedOutput {
-            main: &mut *self.main,
-            late: &mut *self.late,
-            late_count: 0,
-        };
+        let mut out = KeyedOutput::new(&mut *self.main, &mut *self.late);
         for record in records {
             self.op
                 .on_record(state, record, epoch.epoch, epoch.mode, &mut out);
@@ -300,7 +348,10 @@ where
         }
         let hold = self.op.hold(state);
         if epoch.control == Control::ShardEnd {
+            self.op.on_commit(state, &mut out);
             states.remove(&epoch.shard);
+        } else {
+            uncommitted.push(epoch.clone());
         }
         self.main.flush(&epoch).await?;
         self.late.flush(&epoch).await?;

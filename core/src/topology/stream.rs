@@ -535,6 +535,7 @@ pub(crate) struct WorkerCx {
     pub(crate) tracker: Tracker,
     pub(crate) metrics: Metrics,
     pub(crate) capacity: usize,
+    pub(crate) commit_interval: std::time::Duration,
 }
 
 /// A keyed branch, type-erased: spawns its workers and hands out their senders.
@@ -588,6 +589,7 @@ where
                 late: self.late.instantiate(&instance),
                 tracker: cx.tracker.clone(),
                 path,
+                commit_interval: cx.commit_interval,
                 metrics: cx.metrics.clone(),
                 topology: cx.topology.clone(),
                 _key: PhantomData,

@@ -360,3 +360,58 @@ async fn a_shard_sync_never_restarts_a_shard_that_is_still_finishing() {
     let per_shard: Vec<u64> = counts.contents().into_values().map(|v| v.value).collect();
     assert_eq!(per_shard, vec![10, 10], "each shard processed exactly once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_checkpoints_and_releases_leases() {
+    let stream = MemoryStream::new("live", 2);
+    for i in 0..50 {
+        push(&stream, i % 2, "u", i as i64);
+    }
+    let out = MemorySink::new("out");
+    let topology = Topology::builder("live")
+        .source(stream.clone().json::<Click>())
+        .sink(out.clone())
+        .build()
+        .unwrap();
+    let leases = Arc::new(MemoryLeaseStore::new());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let config = RuntimeConfig {
+        mode: RunMode::Continuous,
+        idle_wait: Duration::from_millis(5),
+        ..bounded(1)
+    };
+    let run = tokio::spawn(
+        Runtime::new(topology, leases.clone())
+            .with_config(config)
+            .with_shutdown(shutdown.clone())
+            .run(),
+    );
+    // A continuous run keeps going at the tip; wait (polling, bounded) for every output.
+    for _ in 0..1_000 {
+        if out.contents().len() == 50 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(out.contents().len(), 50);
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("shutdown ends the run")
+        .unwrap()
+        .unwrap();
+    for lease in shardflow::LeaseStore::list(&*leases).await.unwrap() {
+        assert_eq!(lease.owner, None, "{} released", lease.key);
+        // 25 records per shard, sequence numbers from 1.
+        assert_eq!(
+            lease.checkpoint.committed,
+            shardflow::core::lease::CheckpointPosition::At(
+                shardflow::core::position::RecordPosition::new(
+                    shardflow::core::position::SequenceNumber::from_u128(25)
+                )
+            ),
+            "{} checkpointed at its last record",
+            lease.key
+        );
+    }
+}

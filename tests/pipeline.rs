@@ -415,3 +415,87 @@ async fn shutdown_drains_checkpoints_and_releases_leases() {
         );
     }
 }
+
+/// A dead-letter sink whose commits fail.
+struct FailingCommits;
+
+struct FailingWriter;
+
+#[async_trait::async_trait]
+impl shardflow::Sink<DeadLetterRecord> for FailingCommits {
+    fn name(&self) -> &str {
+        "failing-dead-letters"
+    }
+    async fn open(
+        &self,
+        _cx: &shardflow::core::sink::SinkContext,
+    ) -> Result<
+        Box<dyn shardflow::core::sink::SinkWriter<DeadLetterRecord>>,
+        shardflow::core::error::SinkError,
+    > {
+        Ok(Box::new(FailingWriter))
+    }
+}
+
+#[async_trait::async_trait]
+impl shardflow::core::sink::SinkWriter<DeadLetterRecord> for FailingWriter {
+    async fn write(
+        &mut self,
+        _batch: shardflow::core::sink::OutputBatch<DeadLetterRecord>,
+    ) -> Result<(), shardflow::core::error::SinkError> {
+        Ok(())
+    }
+    async fn commit(&mut self) -> Result<(), shardflow::core::error::SinkError> {
+        Err(shardflow::core::error::SinkError {
+            sink: "failing-dead-letters".into(),
+            operation: "commit",
+            retryable: false,
+            source: "disk full".into(),
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkpoint_never_passes_a_record_whose_dead_letter_was_not_committed() {
+    let stream = MemoryStream::new("dlq-fails", 1);
+    push(&stream, 0, "a", 1);
+    push(&stream, 0, "a", 2);
+    stream.push(0, 3, b"k", b"not json");
+    push(&stream, 0, "a", 4);
+    let out = MemorySink::new("out");
+    let topology = Topology::builder("dlq-fails")
+        .dead_letter(DeadLetter::to(FailingCommits))
+        .source(stream.clone().json::<Click>())
+        .sink(out.clone())
+        .build()
+        .unwrap();
+    let leases = Arc::new(MemoryLeaseStore::new());
+    // One record per epoch, so the good records before the bad one are checkpointable.
+    let config = RuntimeConfig {
+        read_limits: shardflow::core::source::ReadLimits {
+            max_records: 1,
+            max_bytes: 1 << 20,
+        },
+        ..bounded(1)
+    };
+    let err = Runtime::new(topology, leases.clone())
+        .with_config(config)
+        .run()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("disk full"), "{err}");
+    let lease = shardflow::LeaseStore::get(&*leases, "shard-0")
+        .await
+        .unwrap()
+        .unwrap();
+    match &lease.checkpoint.committed {
+        shardflow::core::lease::CheckpointPosition::At(p) => {
+            assert!(
+                p.sequence.as_u128().unwrap() < 3,
+                "checkpoint passed the bad record: {p}"
+            )
+        }
+        shardflow::core::lease::CheckpointPosition::Initial => {}
+        other => panic!("unexpected checkpoint {other:?}"),
+    }
+}

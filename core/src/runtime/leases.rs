@@ -191,3 +191,87 @@ impl LeaseManager {
         self.held.lock().await.remove(key);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::MemoryLeaseStore;
+
+    async fn owned_by_other(store: &Arc<dyn LeaseStore>) -> Lease {
+        store
+            .create_if_absent(&Lease::new("s", vec![]))
+            .await
+            .unwrap();
+        let take = LeaseUpdate::Take {
+            owner: "other".into(),
+        };
+        store.update("s", 0, &take).await.unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn another_workers_lease_is_taken_only_after_a_lease_duration_without_renewal() {
+        let store: Arc<dyn LeaseStore> = Arc::new(MemoryLeaseStore::new());
+        let lease = owned_by_other(&store).await;
+        let me = LeaseManager::new(Arc::clone(&store), "me".into(), Duration::from_secs(10));
+        assert!(
+            me.try_take(&lease).await.unwrap().is_none(),
+            "first sight starts the clock"
+        );
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(
+            me.try_take(&lease).await.unwrap().is_none(),
+            "not expired after 9 s"
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let taken = me
+            .try_take(&lease)
+            .await
+            .unwrap()
+            .expect("expired after 10 s");
+        assert_eq!(taken.owner.as_deref(), Some("me"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_restarts_the_expiry_clock() {
+        let store: Arc<dyn LeaseStore> = Arc::new(MemoryLeaseStore::new());
+        let lease = owned_by_other(&store).await;
+        let me = LeaseManager::new(Arc::clone(&store), "me".into(), Duration::from_secs(10));
+        assert!(me.try_take(&lease).await.unwrap().is_none());
+        tokio::time::advance(Duration::from_secs(8)).await;
+        let renew = LeaseUpdate::Renew {
+            owner: "other".into(),
+        };
+        let renewed = store.update("s", lease.counter, &renew).await.unwrap();
+        assert!(
+            me.try_take(&renewed).await.unwrap().is_none(),
+            "a new counter: clock restarts"
+        );
+        tokio::time::advance(Duration::from_secs(8)).await;
+        assert!(
+            me.try_take(&renewed).await.unwrap().is_none(),
+            "8 s since the renewal"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn own_and_free_leases_are_taken_at_once_and_checkpoints_need_them() {
+        let store: Arc<dyn LeaseStore> = Arc::new(MemoryLeaseStore::new());
+        store
+            .create_if_absent(&Lease::new("s", vec![]))
+            .await
+            .unwrap();
+        let me = LeaseManager::new(Arc::clone(&store), "me".into(), Duration::from_secs(10));
+        let free = store.get("s").await.unwrap().unwrap();
+        let taken = me.try_take(&free).await.unwrap().expect("a free lease");
+        // A restarted worker with the same id takes its lease back at once.
+        let again = LeaseManager::new(Arc::clone(&store), "me".into(), Duration::from_secs(10));
+        assert!(again.try_take(&taken).await.unwrap().is_some());
+        // The first instance's counter is stale now: its checkpoint is rejected.
+        let err = me
+            .checkpoint("s", ShardCheckpoint::shard_end())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, LeaseError::LeaseLost { .. }), "{err:?}");
+        assert_eq!(me.held_count().await, 0, "a lost lease is forgotten");
+    }
+}

@@ -493,7 +493,7 @@ async fn the_checkpoint_never_passes_a_record_whose_dead_letter_was_not_committe
             assert!(
                 p.sequence.as_u128().unwrap() < 3,
                 "checkpoint passed the bad record: {p}"
-            )
+            );
         }
         shardflow::core::lease::CheckpointPosition::Initial => {}
         other => panic!("unexpected checkpoint {other:?}"),

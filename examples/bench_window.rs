@@ -3,7 +3,7 @@
 //!
 //! `cargo run --release --example bench_window -- --events 20000000 --keys 100000 --events-per-ms 1 --window-ms 1000 --workers 2`
 //! (`--window-ms 0` runs a running keyed count with no window). Prints one `RESULT` line per
-//! system and the ratio.
+//! system and run (`--runs`, default 5, alternating), then the medians and their ratio.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,6 +38,12 @@ struct Args {
     workers: usize,
     #[arg(long, default_value_t = 2)]
     shards: usize,
+    /// Runs of each system, alternating; the medians are compared.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Records per read (an epoch).
+    #[arg(long, default_value_t = 10_000)]
+    batch: usize,
 }
 
 /// The i-th event of a shard: a pseudo-random key (splitmix64) and an increasing event time.
@@ -246,7 +252,7 @@ async fn run_shardflow(args: &Args) -> Result<(u64, u64, Duration)> {
         parallelism: args.workers,
         mode: RunMode::UntilCaughtUp,
         read_limits: ReadLimits {
-            max_records: 10_000,
+            max_records: args.batch,
             max_bytes: 4 << 20,
         },
         channel_capacity: 8,
@@ -307,6 +313,11 @@ fn run_plain(args: &Args) -> (u64, u64, Duration) {
     (outputs, checksum, started.elapsed())
 }
 
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -322,29 +333,45 @@ async fn main() -> Result<()> {
         args.window_ms,
         args.shards
     );
-    let (po, pc, pt) = run_plain(&args);
-    let plain_rate = args.events as f64 / pt.as_secs_f64();
-    println!(
-        "RESULT system=plain_fxhashmap workload={workload} workers=1 events={} outputs={po} checksum={pc} secs={:.3} events_per_s={:.0}",
-        args.events,
-        pt.as_secs_f64(),
-        plain_rate
-    );
-    let (so, sc, st) = run_shardflow(&args).await?;
-    let rate = args.events as f64 / st.as_secs_f64();
-    println!(
-        "RESULT system=shardflow workload={workload} workers={} events={} outputs={so} checksum={sc} secs={:.3} events_per_s={:.0}",
-        args.workers,
-        args.events,
-        st.as_secs_f64(),
-        rate
-    );
-    println!("RATIO shardflow/plain={:.3}", rate / plain_rate);
-    anyhow::ensure!(sc == args.events, "checksum {sc} != events {}", args.events);
+    anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
     anyhow::ensure!(
-        pc == args.events,
-        "plain checksum {pc} != events {}",
-        args.events
+        args.batch > 0 && args.batch <= 10_000,
+        "--batch must be 1 to 10000"
+    );
+    let (mut plain_rates, mut rates) = (Vec::new(), Vec::new());
+    for _ in 0..args.runs {
+        // Alternating runs in one process see the same machine conditions.
+        let (po, pc, pt) = run_plain(&args);
+        let plain_rate = args.events as f64 / pt.as_secs_f64();
+        println!(
+            "RESULT system=plain_fxhashmap workload={workload} workers=1 events={} outputs={po} checksum={pc} secs={:.3} events_per_s={:.0}",
+            args.events,
+            pt.as_secs_f64(),
+            plain_rate
+        );
+        anyhow::ensure!(
+            pc == args.events,
+            "plain checksum {pc} != events {}",
+            args.events
+        );
+        let (so, sc, st) = run_shardflow(&args).await?;
+        let rate = args.events as f64 / st.as_secs_f64();
+        println!(
+            "RESULT system=shardflow workload={workload} workers={} events={} outputs={so} checksum={sc} secs={:.3} events_per_s={:.0}",
+            args.workers,
+            args.events,
+            st.as_secs_f64(),
+            rate
+        );
+        anyhow::ensure!(sc == args.events, "checksum {sc} != events {}", args.events);
+        plain_rates.push(plain_rate);
+        rates.push(rate);
+    }
+    let (plain, ours) = (median(&mut plain_rates), median(&mut rates));
+    println!(
+        "MEDIAN runs={} plain_events_per_s={plain:.0} shardflow_events_per_s={ours:.0} ratio={:.3}",
+        args.runs,
+        ours / plain
     );
     Ok(())
 }

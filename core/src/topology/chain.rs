@@ -352,6 +352,13 @@ where
     }
 }
 
+/// Capacity for the buffer that replaces one handed on with `len` items: the next epoch likely
+/// holds about as many, and a little headroom saves regrowing (and copying) the whole buffer
+/// when it holds a few more.
+pub(crate) fn next_capacity(len: usize) -> usize {
+    len + len / 4
+}
+
 /// Attempts of a retryable sink operation before the pipeline fails.
 const SINK_ATTEMPTS: u32 = 6;
 /// First wait between sink attempts; doubles with full jitter.
@@ -443,8 +450,7 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
             self.discard();
             return Ok(());
         }
-        // The next epoch likely produces as many: keep the capacity here.
-        let capacity = self.ready.len();
+        let capacity = next_capacity(self.ready.len());
         let mut outputs = std::mem::replace(&mut self.ready, Vec::with_capacity(capacity));
         outputs.extend(
             self.of_records

@@ -14,7 +14,7 @@ use crate::error::Error;
 use crate::position::{EventTime, ShardId};
 use crate::runtime::metrics::Metrics;
 use crate::runtime::tracker::Tracker;
-use crate::topology::chain::{Control, Emit, EpochCx, Ident, Mode, RecordCx};
+use crate::topology::chain::{next_capacity, Control, Emit, EpochCx, Ident, Mode, RecordCx};
 
 /// A record after `key_by`, on its way to the keyed worker that owns its key.
 #[derive(Clone, Debug)]
@@ -199,8 +199,8 @@ where
 
     async fn flush(&mut self, epoch: &EpochCx) -> Result<(), Error> {
         for (sender, buffer) in self.senders.iter().zip(&mut self.buffers) {
-            // The next epoch is likely as large: keep the capacity instead of regrowing.
-            let records = std::mem::replace(buffer, Vec::with_capacity(buffer.len()));
+            let records =
+                std::mem::replace(buffer, Vec::with_capacity(next_capacity(buffer.len())));
             let msg = ExchangeMsg {
                 epoch: epoch.clone(),
                 records,

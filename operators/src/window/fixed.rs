@@ -3,7 +3,10 @@
 
 use std::collections::VecDeque;
 
-use rustc_hash::{FxBuildHasher, FxHashMap};
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
+use rustc_hash::FxBuildHasher;
 use shardflow_core::checkpoint::Epoch;
 use shardflow_core::position::EventTime;
 use shardflow_core::sink::Window;
@@ -39,7 +42,9 @@ pub(crate) struct Slot<Acc> {
 }
 
 pub(crate) struct WindowState<K, Acc> {
-    slots: FxHashMap<K, Slot<Acc>>,
+    /// (key, slot) by the key's Fx hash: one hash and one probe per record, and a key is cloned
+    /// only when it first enters the window.
+    slots: HashTable<(K, Slot<Acc>)>,
     first_epoch: Epoch,
     fired: bool,
     dirty: bool,
@@ -52,11 +57,21 @@ pub(crate) struct FixedState<K, Acc> {
     windows: VecDeque<(Window, WindowState<K, Acc>)>,
     /// Keys the last closed window had: new windows start with room for as many.
     key_hint: usize,
+    /// Index of the window the last record went to: the next one most likely goes there too.
+    last: usize,
 }
 
 impl<K, Acc> FixedState<K, Acc> {
     /// The state of `window`, created (starting at `epoch`) if absent.
+    #[inline]
     fn window_mut(&mut self, window: Window, epoch: Epoch) -> &mut WindowState<K, Acc> {
+        if self
+            .windows
+            .get(self.last)
+            .is_some_and(|(w, _)| *w == window)
+        {
+            return &mut self.windows[self.last].1;
+        }
         // Searching from the back finds the current window in a step or two.
         let at = match self
             .windows
@@ -66,7 +81,7 @@ impl<K, Acc> FixedState<K, Acc> {
             Some(i) if self.windows[i].0 == window => i,
             found => {
                 let at = found.map_or(0, |i| i + 1);
-                let slots = FxHashMap::with_capacity_and_hasher(self.key_hint, FxBuildHasher);
+                let slots = HashTable::with_capacity(self.key_hint + self.key_hint / 4);
                 let state = WindowState {
                     slots,
                     first_epoch: epoch,
@@ -77,6 +92,7 @@ impl<K, Acc> FixedState<K, Acc> {
                 at
             }
         };
+        self.last = at;
         &mut self.windows[at].1
     }
 }
@@ -86,11 +102,45 @@ impl<K, Acc> Default for FixedState<K, Acc> {
         Self {
             windows: VecDeque::new(),
             key_hint: 0,
+            last: 0,
         }
     }
 }
 
 impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> FixedWindows<K, T, A, W> {
+    /// Folds `record` into its slot of `window`.
+    #[inline]
+    fn add(
+        &self,
+        state: &mut FixedState<K, A::Acc>,
+        window: Window,
+        record: &KeyedRecord<K, T>,
+        epoch: Epoch,
+    ) {
+        let w = state.window_mut(window, epoch);
+        let hash = FxBuildHasher.hash_one(&record.key);
+        let slot = match w.slots.find_mut(hash, |(k, _)| *k == record.key) {
+            Some((_, slot)) => slot,
+            None => {
+                let slot = Slot {
+                    acc: self.agg.init(&record.value),
+                    dirty: false,
+                };
+                let entry = w
+                    .slots
+                    .insert_unique(hash, (record.key.clone(), slot), |(k, _)| {
+                        FxBuildHasher.hash_one(k)
+                    });
+                &mut entry.into_mut().1
+            }
+        };
+        self.agg.add(&mut slot.acc, &record.value);
+        if w.fired {
+            slot.dirty = true;
+            w.dirty = true;
+        }
+    }
+
     fn emit_window(
         agg: &A,
         window: Window,
@@ -126,26 +176,22 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
         mode: Mode,
         out: &mut KeyedOutput<'_, T, Self::Out>,
     ) {
+        if let Some(window) = self.assigner.single(record.event_time) {
+            match admission(window, self.lateness, record.watermark, mode) {
+                Admission::Open => self.add(state, window, &record, epoch),
+                Admission::Late if mode == Mode::Live => out.late(record),
+                Admission::Late | Admission::Final => {}
+            }
+            return;
+        }
         self.scratch.clear();
         self.assigner.assign(record.event_time, &mut self.scratch);
         let mut accepted = false;
-        for &window in &self.scratch {
-            if admission(window, self.lateness, record.watermark, mode) != Admission::Open {
-                continue;
-            }
-            accepted = true;
-            let w = state.window_mut(window, epoch);
-            let slot = match w.slots.get_mut(&record.key) {
-                Some(slot) => slot,
-                None => w.slots.entry(record.key.clone()).or_insert_with(|| Slot {
-                    acc: self.agg.init(&record.value),
-                    dirty: false,
-                }),
-            };
-            self.agg.add(&mut slot.acc, &record.value);
-            if w.fired {
-                slot.dirty = true;
-                w.dirty = true;
+        for i in 0..self.scratch.len() {
+            let window = self.scratch[i];
+            if admission(window, self.lateness, record.watermark, mode) == Admission::Open {
+                accepted = true;
+                self.add(state, window, &record, epoch);
             }
         }
         if !accepted && !self.scratch.is_empty() && mode == Mode::Live {

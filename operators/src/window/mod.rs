@@ -25,6 +25,11 @@ pub use tumbling::TumblingWindow;
 pub trait WindowAssigner: Clone + Send + Sync + 'static {
     /// The windows containing `event_time`, appended to `out`.
     fn assign(&self, event_time: EventTime, out: &mut Vec<Window>);
+    /// For assigners that give every record exactly one window (tumbling): that window. The
+    /// operator then skips the list `assign` fills.
+    fn single(&self, _event_time: EventTime) -> Option<Window> {
+        None
+    }
     /// For session windows: the inactivity gap that separates sessions.
     fn session_gap(&self) -> Option<i64> {
         None

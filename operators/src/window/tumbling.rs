@@ -27,8 +27,20 @@ impl TumblingWindow {
 
 impl WindowAssigner for TumblingWindow {
     fn assign(&self, t: EventTime, out: &mut Vec<Window>) {
+        out.push(self.window_of(t));
+    }
+
+    #[inline]
+    fn single(&self, t: EventTime) -> Option<Window> {
+        Some(self.window_of(t))
+    }
+}
+
+impl TumblingWindow {
+    #[inline]
+    fn window_of(&self, t: EventTime) -> Window {
         let start = t - t.rem_euclid(self.size);
-        out.push(Window::new(start, start + self.size));
+        Window::new(start, start + self.size)
     }
 }
 

@@ -54,12 +54,14 @@ impl RawBatch {
         partition_key: &[u8],
         data: &[u8],
     ) {
-        let offset = |len: usize| u32::try_from(len).expect("a raw batch holds at most 4 GiB");
-        let key_start = offset(self.bytes.len());
+        let key_start = self.bytes.len();
+        let data_start = key_start + partition_key.len();
+        let data_end = data_start + data.len();
+        // One check covers all three offsets: they only grow.
+        let data_end = u32::try_from(data_end).expect("a raw batch holds at most 4 GiB");
         self.bytes.extend_from_slice(partition_key);
-        let data_start = offset(self.bytes.len());
         self.bytes.extend_from_slice(data);
-        let data_end = offset(self.bytes.len());
+        let (key_start, data_start) = (key_start as u32, data_start as u32);
         self.records.push(RecordMeta {
             position,
             arrival_ms,

@@ -479,19 +479,31 @@ struct SourcePipeline<D: Decoder> {
 #[async_trait]
 impl<D: Decoder> ShardPipeline for SourcePipeline<D> {
     fn process(&mut self, raw: &Arc<RawBatch>, max_event_time: &mut Option<EventTime>) {
+        // Plain locals in the loop; the Option is only the interface.
+        let (mut seen, mut max) = (
+            max_event_time.is_some(),
+            max_event_time.unwrap_or(EventTime::MIN),
+        );
         for (index, record) in raw.iter().enumerate() {
             // Batches hold at most 4 GiB of records, far fewer than u32::MAX of them.
             let index = index as u32;
-            let watermark =
-                max_event_time.map_or(NO_WATERMARK, |m| m.saturating_sub(self.bound_ms));
+            let watermark = if seen {
+                max.saturating_sub(self.bound_ms)
+            } else {
+                NO_WATERMARK
+            };
             match self.decoder.decode(record) {
                 Ok(value) => {
-                    let event_time = self
-                        .event_time
-                        .as_ref()
-                        .map_or(record.arrival_ms, |f| f(&value));
-                    *max_event_time =
-                        Some(max_event_time.map_or(event_time, |m| m.max(event_time)));
+                    let event_time = match &self.event_time {
+                        Some(f) => f(&value),
+                        None => record.arrival_ms,
+                    };
+                    max = if seen {
+                        max.max(event_time)
+                    } else {
+                        event_time
+                    };
+                    seen = true;
                     let cx = RecordCx {
                         event_time,
                         watermark,
@@ -509,6 +521,9 @@ impl<D: Decoder> ShardPipeline for SourcePipeline<D> {
                         .fail(&cx, "decode", &error.to_string(), 0, false);
                 }
             }
+        }
+        if seen {
+            *max_event_time = Some(max);
         }
     }
 

@@ -91,18 +91,22 @@ impl RawBatch {
     /// # Panics
     /// If `index >= self.len()`.
     pub fn get(&self, index: usize) -> RawRecord<'_> {
-        let meta = &self.records[index];
+        self.view(&self.records[index])
+    }
+
+    /// The records in order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = RawRecord<'_>> + '_ {
+        self.records.iter().map(|meta| self.view(meta))
+    }
+
+    #[inline]
+    fn view<'a>(&'a self, meta: &'a RecordMeta) -> RawRecord<'a> {
         RawRecord {
             position: &meta.position,
             arrival_ms: meta.arrival_ms,
             partition_key: &self.bytes[meta.key_start as usize..meta.data_start as usize],
             data: &self.bytes[meta.data_start as usize..meta.data_end as usize],
         }
-    }
-
-    /// The records in order.
-    pub fn iter(&self) -> impl ExactSizeIterator<Item = RawRecord<'_>> + '_ {
-        (0..self.len()).map(|i| self.get(i))
     }
 
     /// The position of the first record.

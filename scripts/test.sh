@@ -1,18 +1,30 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: formatting, lints, unit, conformance and integration tests.
-# Installs what it needs (cargo crates from the lockfile); later issues add the npm emulators
-# (kinesis-local, dynalite, s3rver) here, started on free loopback ports and stopped on exit.
+# Installs what it needs (cargo crates from Cargo.lock, npm emulators from
+# tests/emulators/package-lock.json) and starts the emulators on free loopback ports, stopping
+# them on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
-echo "== cargo clippy (all targets, warnings are errors)"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo clippy (all targets and features, warnings are errors)"
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
-echo "== cargo test (workspace, all targets)"
-cargo test --workspace --all-targets --locked
+state="$(mktemp -d)"
+cleanup() {
+  scripts/emulators.sh stop "$state" || true
+  rm -rf "$state"
+}
+trap cleanup EXIT
+echo "== emulators (kinesis-local, kinesalite, dynalite, s3rver)"
+scripts/emulators.sh start "$state"
+# shellcheck disable=SC1091
+source "$state/env"
+
+echo "== cargo test (workspace, all targets and features)"
+cargo test --workspace --all-targets --all-features --locked
 
 echo "== doc tests"
-cargo test --workspace --doc --locked
+cargo test --workspace --all-features --doc --locked

@@ -499,3 +499,39 @@ async fn the_checkpoint_never_passes_a_record_whose_dead_letter_was_not_committe
         other => panic!("unexpected checkpoint {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_the_source_cannot_interpret_are_dead_lettered() {
+    let stream = MemoryStream::new("corrupt", 1);
+    push(&stream, 0, "a", 1);
+    stream.push_corrupt(
+        0,
+        2,
+        b"\xF3\x89\x9A\xC2garbage",
+        "aggregate digest mismatch",
+    );
+    push(&stream, 0, "a", 3);
+    let dead = MemorySink::new("dead");
+    let out = MemorySink::new("out");
+    let topology = Topology::builder("corrupt")
+        .dead_letter(DeadLetter::to(dead.clone()))
+        .source(stream.clone().raw())
+        .sink(out.clone())
+        .build()
+        .unwrap();
+    Runtime::new(topology, Arc::new(MemoryLeaseStore::new()))
+        .with_config(bounded(1))
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.contents().len(),
+        2,
+        "a raw decoder would have passed it on"
+    );
+    let letters: Vec<DeadLetterRecord> = dead.contents().into_values().collect();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].stage, "source");
+    assert_eq!(letters[0].error, "aggregate digest mismatch");
+    assert_eq!(letters[0].position.sequence.to_string(), "2");
+}

@@ -1,7 +1,10 @@
-//! shardflow-connectors: the backends a topology reads from and writes to. Today the embedded,
-//! file-backed `local` backend; Kinesis, DynamoDB and S3 join behind their own features.
+//! shardflow-connectors: the backends a topology reads from and writes to: the embedded,
+//! file-backed `local` backend and Kinesis (feature `kinesis`); DynamoDB and S3 join behind
+//! their own features.
 #![deny(missing_docs)]
 
+#[cfg(feature = "kinesis")]
+pub mod kinesis;
 #[cfg(feature = "local")]
 pub mod local;
 

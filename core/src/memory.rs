@@ -15,6 +15,7 @@ struct MemoryRecord {
     arrival_ms: i64,
     partition_key: Vec<u8>,
     data: Vec<u8>,
+    fault: Option<String>,
 }
 
 /// A stream whose shards are vectors in memory; sequence numbers are indexes from 1. All shards
@@ -65,8 +66,20 @@ impl MemoryStream {
             arrival_ms,
             partition_key: partition_key.to_vec(),
             data: data.to_vec(),
+            fault: None,
         });
         records.len() as u128
+    }
+
+    /// Appends a record readers deliver as one the source could not interpret (as a corrupt
+    /// KPL aggregate is), with `reason`.
+    pub fn push_corrupt(&self, shard: usize, arrival_ms: i64, data: &[u8], reason: &str) -> u128 {
+        let n = self.push(shard, arrival_ms, b"", data);
+        let mut shards = self.lock();
+        if let Some(last) = shards[shard].1.last_mut() {
+            last.fault = Some(reason.to_owned());
+        }
+        n
     }
 
     /// Closes shard `shard`: readers end after its last record.
@@ -141,7 +154,16 @@ impl ShardReader for MemoryReader {
             let r = &records[self.next];
             self.next += 1;
             let position = RecordPosition::new(SequenceNumber::from_u128(self.next as u128));
-            batch.push(position, r.arrival_ms, &r.partition_key, &r.data);
+            match &r.fault {
+                Some(reason) => batch.push_faulty(
+                    position,
+                    r.arrival_ms,
+                    &r.partition_key,
+                    &r.data,
+                    reason.clone(),
+                ),
+                None => batch.push(position, r.arrival_ms, &r.partition_key, &r.data),
+            }
         }
         let status = match (self.next < records.len(), info.closed) {
             (true, _) => ShardStatus::More,

@@ -10,6 +10,9 @@ use crate::position::{EventTime, RecordPosition};
 pub struct RawBatch {
     bytes: Vec<u8>,
     records: Vec<RecordMeta>,
+    /// Records the source could read but not make sense of (a corrupt KPL aggregate), by index,
+    /// with the reason: the pipeline sends them to the dead-letter policy. Almost always empty.
+    faults: Vec<(u32, String)>,
 }
 
 #[derive(Clone, Debug)]
@@ -40,6 +43,7 @@ impl RawBatch {
         Self {
             bytes: Vec::with_capacity(bytes),
             records: Vec::with_capacity(records),
+            faults: Vec::new(),
         }
     }
 
@@ -69,6 +73,33 @@ impl RawBatch {
             data_start,
             data_end,
         });
+    }
+
+    /// Appends a record the source could not interpret (for example a KPL aggregate whose
+    /// digest does not match): the pipeline hands it to the dead-letter policy with `reason`.
+    pub fn push_faulty(
+        &mut self,
+        position: RecordPosition,
+        arrival_ms: EventTime,
+        partition_key: &[u8],
+        data: &[u8],
+        reason: String,
+    ) {
+        let index =
+            u32::try_from(self.records.len()).expect("a raw batch holds fewer than 4 G records");
+        self.push(position, arrival_ms, partition_key, data);
+        self.faults.push((index, reason));
+    }
+
+    /// Why the record at `index` could not be interpreted, if it could not.
+    pub fn fault(&self, index: usize) -> Option<&str> {
+        if self.faults.is_empty() {
+            return None;
+        }
+        self.faults
+            .iter()
+            .find(|(i, _)| *i as usize == index)
+            .map(|(_, r)| r.as_str())
     }
 
     /// Number of records.
@@ -124,8 +155,18 @@ impl RawBatch {
         let mut rest = RawBatch::default();
         for i in at..self.len() {
             let r = self.get(i);
-            rest.push(r.position.clone(), r.arrival_ms, r.partition_key, r.data);
+            match self.fault(i) {
+                Some(reason) => rest.push_faulty(
+                    r.position.clone(),
+                    r.arrival_ms,
+                    r.partition_key,
+                    r.data,
+                    reason.to_owned(),
+                ),
+                None => rest.push(r.position.clone(), r.arrival_ms, r.partition_key, r.data),
+            }
         }
+        self.faults.retain(|(i, _)| (*i as usize) < at);
         if let Some(meta) = self.records.get(at) {
             self.bytes.truncate(meta.key_start as usize);
         }
@@ -163,6 +204,22 @@ mod tests {
         );
         assert_eq!(batch.get(2).arrival_ms, 12);
         assert_eq!(batch.last_position(), Some(&pos(3)));
+    }
+
+    #[test]
+    fn faults_stay_with_their_records_across_a_split() {
+        let mut batch = RawBatch::default();
+        batch.push(pos(1), 0, b"k", b"a");
+        batch.push_faulty(pos(2), 0, b"k", b"bad", "digest mismatch".into());
+        batch.push(pos(3), 0, b"k", b"c");
+        batch.push_faulty(pos(4), 0, b"k", b"worse", "malformed".into());
+        assert_eq!(batch.fault(1), Some("digest mismatch"));
+        assert_eq!(batch.fault(0), None);
+        let rest = batch.split_off(2);
+        assert_eq!(batch.fault(1), Some("digest mismatch"));
+        assert_eq!(rest.fault(0), None);
+        assert_eq!(rest.fault(1), Some("malformed"));
+        assert_eq!(batch.fault(3), None);
     }
 
     #[test]

@@ -492,6 +492,15 @@ impl<D: Decoder> ShardPipeline for SourcePipeline<D> {
             } else {
                 NO_WATERMARK
             };
+            if let Some(reason) = raw.fault(index as usize) {
+                let cx = RecordCx {
+                    event_time: record.arrival_ms,
+                    watermark,
+                    ident: Ident::Record { index, fanout: 0 },
+                };
+                self.failures.fail(&cx, "source", reason, 0, false);
+                continue;
+            }
             match self.decoder.decode(record) {
                 Ok(value) => {
                     let event_time = match &self.event_time {

@@ -1,0 +1,412 @@
+//! The KPL aggregated record format: many user records in one Kinesis record.
+//!
+//! Layout (as the KPL writes it and the KCL reads it): the magic bytes `F3 89 9A C2`, a protobuf
+//! `AggregatedRecord`, then the MD5 digest of the protobuf bytes. Partition keys and explicit
+//! hash keys are stored once in tables and referenced by index from each record.
+
+use md5::{Digest, Md5};
+use prost::Message;
+
+/// The four bytes that open every aggregated record.
+pub const MAGIC: [u8; 4] = [0xF3, 0x89, 0x9A, 0xC2];
+/// Length of the trailing MD5 digest.
+const DIGEST_LEN: usize = 16;
+
+/// The protobuf message of an aggregated record (field numbers from the KPL's `messages.proto`).
+#[derive(Clone, PartialEq, Message)]
+struct AggregatedRecordProto {
+    #[prost(string, repeated, tag = "1")]
+    partition_key_table: Vec<String>,
+    #[prost(string, repeated, tag = "2")]
+    explicit_hash_key_table: Vec<String>,
+    #[prost(message, repeated, tag = "3")]
+    records: Vec<RecordProto>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct RecordProto {
+    #[prost(uint64, required, tag = "1")]
+    partition_key_index: u64,
+    #[prost(uint64, optional, tag = "2")]
+    explicit_hash_key_index: Option<u64>,
+    #[prost(bytes = "vec", required, tag = "3")]
+    data: Vec<u8>,
+    #[prost(message, repeated, tag = "4")]
+    tags: Vec<TagProto>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct TagProto {
+    #[prost(string, required, tag = "1")]
+    key: String,
+    #[prost(string, optional, tag = "2")]
+    value: Option<String>,
+}
+
+/// One user record inside an aggregated record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserRecord {
+    /// Its partition key.
+    pub partition_key: String,
+    /// Its explicit hash key (a decimal 128-bit number), if the producer set one.
+    pub explicit_hash_key: Option<String>,
+    /// Its payload.
+    pub data: Vec<u8>,
+}
+
+/// Why bytes that start like an aggregated record are not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AggregationError {
+    /// Shorter than the magic plus a digest.
+    #[error("aggregated record of {len} bytes is too short for the magic and the MD5 digest")]
+    TooShort {
+        /// The record's length.
+        len: usize,
+    },
+    /// The trailing MD5 digest does not match the protobuf bytes.
+    #[error("aggregated record's MD5 digest does not match its contents (corrupt or truncated)")]
+    DigestMismatch,
+    /// The protobuf does not decode.
+    #[error("aggregated record's protobuf is malformed: {0}")]
+    Malformed(String),
+    /// A record points past the partition key or explicit hash key table.
+    #[error(
+        "user record {record} refers to {table} index {index}, past the table's {len} entries"
+    )]
+    BadIndex {
+        /// Which user record.
+        record: usize,
+        /// Which table.
+        table: &'static str,
+        /// The index it names.
+        index: u64,
+        /// The table's length.
+        len: usize,
+    },
+}
+
+/// Whether `data` is an aggregated record (starts with the magic bytes).
+pub fn is_aggregated(data: &[u8]) -> bool {
+    data.starts_with(&MAGIC)
+}
+
+/// Splits an aggregated record into its user records, in order (their index is the
+/// sub-sequence number). Returns `None` for a plain record.
+///
+/// # Errors
+/// A record with the magic bytes whose digest, protobuf or table indexes are wrong: it is
+/// neither silently dropped nor passed on as one opaque record.
+pub fn deaggregate(data: &[u8]) -> Result<Option<Vec<UserRecord>>, AggregationError> {
+    if !is_aggregated(data) {
+        return Ok(None);
+    }
+    if data.len() < MAGIC.len() + DIGEST_LEN {
+        return Err(AggregationError::TooShort { len: data.len() });
+    }
+    let (body, digest) = data[MAGIC.len()..].split_at(data.len() - MAGIC.len() - DIGEST_LEN);
+    if Md5::digest(body).as_slice() != digest {
+        return Err(AggregationError::DigestMismatch);
+    }
+    let proto = AggregatedRecordProto::decode(body)
+        .map_err(|e| AggregationError::Malformed(e.to_string()))?;
+    let lookup = |record: usize, table: &'static str, entries: &[String], index: u64| {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| entries.get(i))
+            .cloned()
+            .ok_or(AggregationError::BadIndex {
+                record,
+                table,
+                index,
+                len: entries.len(),
+            })
+    };
+    proto
+        .records
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            Ok(UserRecord {
+                partition_key: lookup(
+                    i,
+                    "partition key",
+                    &proto.partition_key_table,
+                    r.partition_key_index,
+                )?,
+                explicit_hash_key: r
+                    .explicit_hash_key_index
+                    .map(|index| {
+                        lookup(
+                            i,
+                            "explicit hash key",
+                            &proto.explicit_hash_key_table,
+                            index,
+                        )
+                    })
+                    .transpose()?,
+                data: r.data,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+/// Builds one aggregated record, tracking its encoded size exactly as records are added, so a
+/// producer can fill it up to a size limit without encoding twice.
+#[derive(Debug, Default)]
+pub struct AggregateBuilder {
+    proto: AggregatedRecordProto,
+    /// Encoded protobuf length so far.
+    body_len: usize,
+}
+
+impl AggregateBuilder {
+    /// An empty aggregate.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of user records.
+    pub fn len(&self) -> usize {
+        self.proto.records.len()
+    }
+
+    /// Whether no record was added.
+    pub fn is_empty(&self) -> bool {
+        self.proto.records.is_empty()
+    }
+
+    /// Size of the finished aggregated record (magic, protobuf and digest).
+    pub fn size(&self) -> usize {
+        MAGIC.len() + self.body_len + DIGEST_LEN
+    }
+
+    /// The size the aggregate would have with `record` added.
+    pub fn size_with(&self, record: &UserRecord) -> usize {
+        self.size() + self.growth(record)
+    }
+
+    fn growth(&self, record: &UserRecord) -> usize {
+        let mut growth = 0;
+        let pk_index = match self
+            .proto
+            .partition_key_table
+            .iter()
+            .position(|k| *k == record.partition_key)
+        {
+            Some(i) => i,
+            None => {
+                growth += field_len(1, record.partition_key.len());
+                self.proto.partition_key_table.len()
+            }
+        };
+        let ehk_index = record.explicit_hash_key.as_ref().map(|ehk| {
+            match self
+                .proto
+                .explicit_hash_key_table
+                .iter()
+                .position(|k| k == ehk)
+            {
+                Some(i) => i,
+                None => {
+                    growth += field_len(2, ehk.len());
+                    self.proto.explicit_hash_key_table.len()
+                }
+            }
+        });
+        let inner = RecordProto {
+            partition_key_index: pk_index as u64,
+            explicit_hash_key_index: ehk_index.map(|i| i as u64),
+            data: Vec::new(),
+            tags: Vec::new(),
+        }
+        .encoded_len()
+            // `data` is a required field, so the empty placeholder above was encoded too.
+            - field_len(3, 0)
+            + field_len(3, record.data.len());
+        growth + field_len(3, inner)
+    }
+
+    /// Adds a user record.
+    pub fn add(&mut self, record: UserRecord) {
+        self.body_len += self.growth(&record);
+        let pk_index = match self
+            .proto
+            .partition_key_table
+            .iter()
+            .position(|k| *k == record.partition_key)
+        {
+            Some(i) => i,
+            None => {
+                self.proto.partition_key_table.push(record.partition_key);
+                self.proto.partition_key_table.len() - 1
+            }
+        };
+        let ehk_index = record.explicit_hash_key.map(|ehk| {
+            match self
+                .proto
+                .explicit_hash_key_table
+                .iter()
+                .position(|k| *k == ehk)
+            {
+                Some(i) => i,
+                None => {
+                    self.proto.explicit_hash_key_table.push(ehk);
+                    self.proto.explicit_hash_key_table.len() - 1
+                }
+            }
+        });
+        self.proto.records.push(RecordProto {
+            partition_key_index: pk_index as u64,
+            explicit_hash_key_index: ehk_index.map(|i| i as u64),
+            data: record.data,
+            tags: Vec::new(),
+        });
+    }
+
+    /// The encoded aggregated record; the builder is empty again.
+    pub fn finish(&mut self) -> Vec<u8> {
+        let proto = std::mem::take(&mut self.proto);
+        self.body_len = 0;
+        let body = proto.encode_to_vec();
+        let mut out = Vec::with_capacity(MAGIC.len() + body.len() + DIGEST_LEN);
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&body);
+        out.extend_from_slice(&Md5::digest(&body));
+        out
+    }
+}
+
+/// Encoded length of a length-delimited protobuf field with `len` bytes of payload.
+fn field_len(tag: u32, len: usize) -> usize {
+    prost::encoding::key_len(tag) + prost::encoding::encoded_len_varint(len as u64) + len
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn record(pk: &str, ehk: Option<&str>, data: &[u8]) -> UserRecord {
+        UserRecord {
+            partition_key: pk.into(),
+            explicit_hash_key: ehk.map(Into::into),
+            data: data.to_vec(),
+        }
+    }
+
+    #[test]
+    fn plain_records_are_not_aggregated() {
+        assert_eq!(deaggregate(b"{\"hello\":1}").unwrap(), None);
+        assert_eq!(deaggregate(b"").unwrap(), None);
+    }
+
+    #[test]
+    fn an_aggregate_round_trips_in_order() {
+        let records = vec![
+            record("a", None, b"one"),
+            record("b", Some("12345"), b""),
+            record("a", Some("12345"), b"three"),
+        ];
+        let mut builder = AggregateBuilder::new();
+        for r in records.clone() {
+            builder.add(r);
+        }
+        let bytes = builder.finish();
+        assert!(is_aggregated(&bytes));
+        assert_eq!(deaggregate(&bytes).unwrap(), Some(records));
+    }
+
+    #[test]
+    fn a_flipped_bit_fails_the_digest() {
+        let mut builder = AggregateBuilder::new();
+        builder.add(record("k", None, b"payload"));
+        let mut bytes = builder.finish();
+        bytes[6] ^= 0x01;
+        assert_eq!(deaggregate(&bytes), Err(AggregationError::DigestMismatch));
+    }
+
+    #[test]
+    fn a_truncated_aggregate_is_an_error() {
+        let mut builder = AggregateBuilder::new();
+        builder.add(record("k", None, b"payload"));
+        let bytes = builder.finish();
+        assert!(deaggregate(&bytes[..bytes.len() - 3]).is_err());
+        assert_eq!(
+            deaggregate(&MAGIC),
+            Err(AggregationError::TooShort { len: 4 })
+        );
+    }
+
+    #[test]
+    fn a_valid_digest_over_garbage_is_malformed() {
+        let body = [0xFFu8, 0xFF, 0xFF];
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&body);
+        bytes.extend_from_slice(&Md5::digest(body));
+        assert!(matches!(
+            deaggregate(&bytes),
+            Err(AggregationError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn an_index_past_the_table_is_an_error() {
+        let proto = AggregatedRecordProto {
+            partition_key_table: vec!["a".into()],
+            explicit_hash_key_table: vec![],
+            records: vec![RecordProto {
+                partition_key_index: 3,
+                explicit_hash_key_index: None,
+                data: b"x".to_vec(),
+                tags: vec![],
+            }],
+        };
+        let body = proto.encode_to_vec();
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&body);
+        bytes.extend_from_slice(&Md5::digest(&body));
+        assert!(matches!(
+            deaggregate(&bytes),
+            Err(AggregationError::BadIndex { index: 3, .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn any_records_round_trip_and_sizes_are_exact(
+            records in proptest::collection::vec(
+                ("[a-z]{1,8}", proptest::option::of("[0-9]{1,39}"), proptest::collection::vec(any::<u8>(), 0..300)),
+                1..40,
+            )
+        ) {
+            let records: Vec<UserRecord> = records
+                .into_iter()
+                .map(|(pk, ehk, data)| UserRecord { partition_key: pk, explicit_hash_key: ehk, data })
+                .collect();
+            let mut builder = AggregateBuilder::new();
+            for r in records.clone() {
+                let predicted = builder.size_with(&r);
+                builder.add(r);
+                prop_assert_eq!(builder.size(), predicted);
+            }
+            let size = builder.size();
+            let bytes = builder.finish();
+            prop_assert_eq!(bytes.len(), size);
+            prop_assert_eq!(deaggregate(&bytes).unwrap(), Some(records));
+            prop_assert!(builder.is_empty());
+        }
+
+        #[test]
+        fn deaggregation_never_panics(data in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut bytes = MAGIC.to_vec();
+            bytes.extend_from_slice(&data);
+            let _ = deaggregate(&bytes);
+            let mut with_digest = MAGIC.to_vec();
+            with_digest.extend_from_slice(&data);
+            with_digest.extend_from_slice(&Md5::digest(&data));
+            let _ = deaggregate(&with_digest);
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! The Kinesis spout and stream administration against real emulators on loopback:
+//! kinesis-local (the kinesis-mock engine) and kinesalite, started by `scripts/test.sh`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+use aws_sdk_kinesis::Client;
+use shardflow_connectors::kinesis::aggregation::{AggregateBuilder, UserRecord};
+use shardflow_connectors::kinesis::{KinesisConfig, KinesisSource, SpoutConfig, StreamAdmin};
+use shardflow_core::position::{RecordPosition, ShardInfo, StartPosition};
+use shardflow_core::source::{ReadLimits, ShardStatus, Source};
+
+/// The emulators to run each test against: (name, endpoint variable).
+const EMULATORS: [(&str, &str); 2] = [
+    ("kinesis-local", "SHARDFLOW_KINESIS_ENDPOINT"),
+    ("kinesalite", "SHARDFLOW_KINESALITE_ENDPOINT"),
+];
+
+async fn clients() -> Vec<(&'static str, Client)> {
+    let mut out = Vec::new();
+    for (name, var) in EMULATORS {
+        let endpoint = std::env::var(var).unwrap_or_else(|_| {
+            panic!("{var} is not set: run scripts/test.sh, which starts the emulators")
+        });
+        out.push((name, KinesisConfig::emulator(endpoint).client().await));
+    }
+    out
+}
+
+/// A stream name unique to this test run and emulator.
+fn stream_name(test: &str) -> String {
+    format!("{test}-{}-{}", std::process::id(), rand::random::<u32>())
+}
+
+async fn put(client: &Client, stream: &str, records: &[(String, Vec<u8>)]) {
+    for chunk in records.chunks(500) {
+        let entries = chunk
+            .iter()
+            .map(|(key, data)| {
+                PutRecordsRequestEntry::builder()
+                    .partition_key(key)
+                    .data(Blob::new(data.clone()))
+                    .build()
+                    .expect("entry")
+            })
+            .collect();
+        let out = client
+            .put_records()
+            .stream_name(stream)
+            .set_records(Some(entries))
+            .send()
+            .await
+            .expect("put records");
+        assert_eq!(out.failed_record_count(), Some(0));
+    }
+}
+
+fn fast() -> SpoutConfig {
+    SpoutConfig {
+        idle_min: Duration::from_millis(20),
+        idle_max: Duration::from_millis(50),
+        ..SpoutConfig::default()
+    }
+}
+
+/// Reads a shard from `start` until the spout reports caught up or shard end.
+async fn drain(
+    source: &KinesisSource,
+    shard: &ShardInfo,
+    start: StartPosition,
+) -> (Vec<(RecordPosition, Vec<u8>)>, ShardStatus) {
+    let mut reader = source
+        .open_shard(shard, start, ReadLimits::default())
+        .await
+        .expect("open");
+    let mut out = Vec::new();
+    for _ in 0..500 {
+        let batch = reader.read().await.expect("read");
+        for r in batch.records.iter() {
+            out.push((r.position.clone(), r.data.to_vec()));
+        }
+        if batch.status != ShardStatus::More {
+            return (out, batch.status);
+        }
+    }
+    panic!("shard {} never caught up", shard.id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spout_reads_every_record_in_order_per_shard() {
+    for (emulator, client) in clients().await {
+        let stream = stream_name("order");
+        let admin = StreamAdmin::new(client.clone());
+        admin.create_stream(&stream, 2).await.expect("create");
+        let records: Vec<(String, Vec<u8>)> = (0..120)
+            .map(|i| (format!("key-{}", i % 7), format!("{i}").into_bytes()))
+            .collect();
+        put(&client, &stream, &records).await;
+
+        let source = KinesisSource::new(client.clone(), &stream).with_config(fast());
+        let shards = source.list_shards().await.expect("shards");
+        assert_eq!(shards.len(), 2, "{emulator}");
+        let mut seen = Vec::new();
+        for shard in &shards {
+            let (read, status) = drain(&source, shard, StartPosition::TrimHorizon).await;
+            assert_eq!(status, ShardStatus::CaughtUp, "{emulator}");
+            let positions: Vec<_> = read.iter().map(|(p, _)| p.clone()).collect();
+            let mut sorted = positions.clone();
+            sorted.sort();
+            assert_eq!(positions, sorted, "{emulator}: in sequence order");
+            // Within a shard, each key's records keep the order they were put in.
+            let mut by_key: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+            for (_, data) in &read {
+                let i: u32 = String::from_utf8_lossy(data).parse().expect("number");
+                by_key.entry(format!("key-{}", i % 7)).or_default().push(i);
+            }
+            for (key, values) in by_key {
+                let mut sorted = values.clone();
+                sorted.sort_unstable();
+                assert_eq!(values, sorted, "{emulator}: per-key order of {key}");
+            }
+            seen.extend(read.into_iter().map(|(_, d)| d));
+        }
+        seen.sort();
+        let mut expected: Vec<Vec<u8>> = records.into_iter().map(|(_, d)| d).collect();
+        expected.sort();
+        assert_eq!(seen, expected, "{emulator}: every record exactly once");
+        admin.delete_stream(&stream).await.expect("delete");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregated_records_are_split_and_resume_at_a_sub_sequence() {
+    for (emulator, client) in clients().await {
+        let stream = stream_name("agg");
+        let admin = StreamAdmin::new(client.clone());
+        admin.create_stream(&stream, 1).await.expect("create");
+        let mut builder = AggregateBuilder::new();
+        for i in 0..50 {
+            builder.add(UserRecord {
+                partition_key: format!("user-{i}"),
+                explicit_hash_key: None,
+                data: format!("u{i}").into_bytes(),
+            });
+        }
+        let aggregate = builder.finish();
+        let records = vec![
+            ("plain".to_owned(), b"before".to_vec()),
+            ("agg".to_owned(), aggregate),
+            ("plain".to_owned(), b"after".to_vec()),
+        ];
+        put(&client, &stream, &records).await;
+
+        let source = KinesisSource::new(client.clone(), &stream).with_config(fast());
+        let shard = source.list_shards().await.expect("shards").remove(0);
+        let (read, _) = drain(&source, &shard, StartPosition::TrimHorizon).await;
+        assert_eq!(read.len(), 52, "{emulator}: 1 + 50 + 1 user records");
+        let subs: Vec<u32> = read[1..51].iter().map(|(p, _)| p.sub_sequence).collect();
+        assert_eq!(subs, (0..50).collect::<Vec<_>>(), "{emulator}");
+        assert_eq!(read[25].1, b"u24");
+
+        // Resume after user record 24 of the aggregate: 25..49 and the plain record follow.
+        let checkpoint = read[25].0.clone();
+        let (resumed, _) = drain(&source, &shard, StartPosition::After(checkpoint)).await;
+        let data: Vec<Vec<u8>> = resumed.into_iter().map(|(_, d)| d).collect();
+        let mut expected: Vec<Vec<u8>> = (25..50).map(|i| format!("u{i}").into_bytes()).collect();
+        expected.push(b"after".to_vec());
+        assert_eq!(data, expected, "{emulator}");
+        admin.delete_stream(&stream).await.expect("delete");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_aggregate_is_delivered_as_a_fault_not_dropped() {
+    for (emulator, client) in clients().await {
+        let stream = stream_name("corrupt");
+        let admin = StreamAdmin::new(client.clone());
+        admin.create_stream(&stream, 1).await.expect("create");
+        let mut builder = AggregateBuilder::new();
+        builder.add(UserRecord {
+            partition_key: "k".into(),
+            explicit_hash_key: None,
+            data: b"x".to_vec(),
+        });
+        let mut corrupt = builder.finish();
+        let last = corrupt.len() - 1;
+        corrupt[last] ^= 0xFF; // break the digest
+        put(&client, &stream, &[("k".to_owned(), corrupt.clone())]).await;
+
+        let source = KinesisSource::new(client.clone(), &stream).with_config(fast());
+        let shard = source.list_shards().await.expect("shards").remove(0);
+        let mut reader = source
+            .open_shard(&shard, StartPosition::TrimHorizon, ReadLimits::default())
+            .await
+            .unwrap();
+        let mut found = None;
+        for _ in 0..100 {
+            let batch = reader.read().await.expect("read");
+            if !batch.records.is_empty() {
+                found = Some((
+                    batch.records.fault(0).map(str::to_owned),
+                    batch.records.get(0).data.to_vec(),
+                ));
+                break;
+            }
+        }
+        let (fault, data) = found.expect("the record is delivered");
+        assert!(
+            fault.expect("marked as a fault").contains("MD5"),
+            "{emulator}"
+        );
+        assert_eq!(
+            data, corrupt,
+            "{emulator}: the original bytes, for the dead letter"
+        );
+        admin.delete_stream(&stream).await.expect("delete");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_split_the_parent_ends_and_its_children_name_it() {
+    for (emulator, client) in clients().await {
+        let stream = stream_name("split");
+        let admin = StreamAdmin::new(client.clone());
+        admin.create_stream(&stream, 1).await.expect("create");
+        put(
+            &client,
+            &stream,
+            &(0..20)
+                .map(|i| (format!("k{i}"), vec![i as u8]))
+                .collect::<Vec<_>>(),
+        )
+        .await;
+        let parent = admin.list_shards(&stream).await.expect("shards").remove(0);
+        admin
+            .split_shard(&stream, &parent.id, 1u128 << 127)
+            .await
+            .expect("split");
+        put(
+            &client,
+            &stream,
+            &(20..40)
+                .map(|i| (format!("k{i}"), vec![i as u8]))
+                .collect::<Vec<_>>(),
+        )
+        .await;
+
+        let shards = admin.list_shards(&stream).await.expect("shards");
+        assert_eq!(shards.len(), 3, "{emulator}: parent and two children");
+        let children: Vec<_> = shards
+            .iter()
+            .filter(|s| s.parents.contains(&parent.id))
+            .collect();
+        assert_eq!(children.len(), 2, "{emulator}");
+        let closed_parent = shards
+            .iter()
+            .find(|s| s.id == parent.id)
+            .expect("parent listed");
+        assert!(closed_parent.closed, "{emulator}: the parent is closed");
+
+        let source = KinesisSource::new(client.clone(), &stream).with_config(fast());
+        let (parent_records, status) =
+            drain(&source, closed_parent, StartPosition::TrimHorizon).await;
+        assert_eq!(
+            status,
+            ShardStatus::Ended,
+            "{emulator}: the parent's reader reaches its end"
+        );
+        assert_eq!(parent_records.len(), 20, "{emulator}");
+        let mut child_records = 0;
+        for child in children {
+            child_records += drain(&source, child, StartPosition::TrimHorizon)
+                .await
+                .0
+                .len();
+        }
+        assert_eq!(child_records, 20, "{emulator}");
+        admin.delete_stream(&stream).await.expect("delete");
+    }
+}

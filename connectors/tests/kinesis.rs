@@ -280,3 +280,175 @@ async fn after_a_split_the_parent_ends_and_its_children_name_it() {
         admin.delete_stream(&stream).await.expect("delete");
     }
 }
+
+mod producer {
+    use super::*;
+    use shardflow_connectors::kinesis::{KinesisProducer, ProducerConfig, ProducerError};
+
+    async fn read_all(client: &Client, stream: &str) -> Vec<(String, Vec<u8>, RecordPosition)> {
+        let source = KinesisSource::new(client.clone(), stream).with_config(fast());
+        let mut out = Vec::new();
+        for shard in source.list_shards().await.expect("shards") {
+            let mut reader = source
+                .open_shard(&shard, StartPosition::TrimHorizon, ReadLimits::default())
+                .await
+                .expect("open");
+            for _ in 0..500 {
+                let batch = reader.read().await.expect("read");
+                for r in batch.records.iter() {
+                    out.push((
+                        String::from_utf8_lossy(r.partition_key).into_owned(),
+                        r.data.to_vec(),
+                        r.position.clone(),
+                    ));
+                }
+                if batch.status != ShardStatus::More {
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    /// Produces `n` records over 10 keys; returns what was sent, in order.
+    async fn produce(producer: &KinesisProducer, n: usize) -> Vec<(String, Vec<u8>)> {
+        let mut sent = Vec::new();
+        let mut tickets = Vec::new();
+        for i in 0..n {
+            let key = format!("key-{}", i % 10);
+            let data = format!("{key}:{i}").into_bytes();
+            tickets.push(producer.send(&key, data.clone()).await.expect("send"));
+            sent.push((key, data));
+        }
+        producer.flush().await.expect("flush");
+        for t in tickets {
+            t.outcome().await.expect("written");
+        }
+        sent
+    }
+
+    fn assert_read_back(
+        emulator: &str,
+        sent: &[(String, Vec<u8>)],
+        read: &[(String, Vec<u8>, RecordPosition)],
+    ) {
+        let mut got: Vec<Vec<u8>> = read.iter().map(|(_, d, _)| d.clone()).collect();
+        got.sort();
+        let mut want: Vec<Vec<u8>> = sent.iter().map(|(_, d)| d.clone()).collect();
+        want.sort();
+        assert_eq!(got, want, "{emulator}: every record exactly once");
+        // Per key, records come back in the order they were sent.
+        let mut by_key: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+        for (key, data, _) in read {
+            let i: u64 = String::from_utf8_lossy(data)
+                .rsplit(':')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            by_key.entry(key.as_str()).or_default().push(i);
+        }
+        for (key, values) in by_key {
+            let mut sorted = values.clone();
+            sorted.sort_unstable();
+            assert_eq!(values, sorted, "{emulator}: order of {key}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn plain_records_are_all_written_in_order_per_key() {
+        for (emulator, client) in clients().await {
+            let stream = stream_name("produce");
+            let admin = StreamAdmin::new(client.clone());
+            admin.create_stream(&stream, 2).await.expect("create");
+            let config = ProducerConfig {
+                ordered: true,
+                linger: Duration::from_millis(20),
+                ..ProducerConfig::default()
+            };
+            let producer = KinesisProducer::new(client.clone(), &stream, config)
+                .await
+                .expect("producer");
+            let sent = produce(&producer, 600).await;
+            let read = read_all(&client, &stream).await;
+            assert_read_back(emulator, &sent, &read);
+            assert!(
+                read.iter().all(|(_, _, p)| p.sub_sequence == 0),
+                "{emulator}: not aggregated"
+            );
+            assert_eq!(producer.metrics().user_records(), 600);
+            admin.delete_stream(&stream).await.expect("delete");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn aggregated_records_are_read_back_as_their_user_records() {
+        for (emulator, client) in clients().await {
+            let stream = stream_name("aggregate");
+            let admin = StreamAdmin::new(client.clone());
+            admin.create_stream(&stream, 2).await.expect("create");
+            let config = ProducerConfig {
+                ordered: true,
+                linger: Duration::from_millis(50),
+                aggregate_max_bytes: Some(4096),
+                ..ProducerConfig::default()
+            };
+            let producer = KinesisProducer::new(client.clone(), &stream, config)
+                .await
+                .expect("producer");
+            let sent = produce(&producer, 2000).await;
+            let read = read_all(&client, &stream).await;
+            assert_read_back(emulator, &sent, &read);
+            let kinesis_records = producer.metrics().kinesis_records();
+            assert!(
+                kinesis_records < 100,
+                "{emulator}: 2000 small records in few aggregates, got {kinesis_records}"
+            );
+            assert!(
+                read.iter().any(|(_, _, p)| p.sub_sequence > 0),
+                "{emulator}: aggregated"
+            );
+            let fill = producer.metrics().mean_fill_ratio();
+            assert!(
+                fill > 0.5,
+                "{emulator}: aggregates mostly full, fill {fill}"
+            );
+            admin.delete_stream(&stream).await.expect("delete");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_records_are_rejected_before_any_request() {
+        let (_, client) = clients().await.remove(0);
+        let stream = stream_name("reject");
+        let admin = StreamAdmin::new(client.clone());
+        admin.create_stream(&stream, 1).await.expect("create");
+        let producer = KinesisProducer::new(client.clone(), &stream, ProducerConfig::default())
+            .await
+            .expect("producer");
+        let too_big = vec![0u8; 1024 * 1024];
+        assert!(matches!(
+            producer.send("k", too_big).await,
+            Err(ProducerError::RecordTooLarge {
+                size: 1_048_577,
+                limit: 1_048_576
+            })
+        ));
+        assert!(matches!(
+            producer.send("", b"x".to_vec()).await,
+            Err(ProducerError::InvalidPartitionKey { chars: 0 })
+        ));
+        let long_key = "k".repeat(257);
+        assert!(matches!(
+            producer.send(&long_key, b"x".to_vec()).await,
+            Err(ProducerError::InvalidPartitionKey { chars: 257 })
+        ));
+        producer.flush().await.expect("flush");
+        assert_eq!(producer.metrics().kinesis_records(), 0);
+        assert!(
+            read_all(&client, &stream).await.is_empty(),
+            "nothing was written"
+        );
+        admin.delete_stream(&stream).await.expect("delete");
+    }
+}

@@ -87,6 +87,72 @@ impl KinesisError {
         }
     }
 
+    /// Classifies a GetRecords error by its modelled variant (a response's error code may be
+    /// absent; the variant never is).
+    pub(crate) fn from_get_records(
+        stream: &str,
+        err: SdkError<aws_sdk_kinesis::operation::get_records::GetRecordsError, HttpResponse>,
+    ) -> Self {
+        let typed = err.as_service_error().and_then(|e| {
+            if e.is_expired_iterator_exception() {
+                Some("ExpiredIteratorException")
+            } else if e.is_provisioned_throughput_exceeded_exception() {
+                Some("ProvisionedThroughputExceededException")
+            } else if e.is_kms_throttling_exception() {
+                Some("KMSThrottlingException")
+            } else {
+                None
+            }
+        });
+        let mut error = Self::from_sdk("GetRecords", stream, err);
+        if let (
+            Some(name),
+            Self::Call {
+                code, retryable, ..
+            },
+        ) = (typed, &mut error)
+        {
+            *code = name.to_owned();
+            *retryable = name != "ExpiredIteratorException";
+        }
+        error
+    }
+
+    /// Classifies a PutRecords error by its modelled variant.
+    pub(crate) fn from_put_records(
+        stream: &str,
+        err: SdkError<aws_sdk_kinesis::operation::put_records::PutRecordsError, HttpResponse>,
+    ) -> Self {
+        let typed = err.as_service_error().and_then(|e| {
+            if e.is_provisioned_throughput_exceeded_exception() {
+                Some("ProvisionedThroughputExceededException")
+            } else if e.is_kms_throttling_exception() {
+                Some("KMSThrottlingException")
+            } else if e.is_internal_failure_exception() {
+                Some("InternalFailure")
+            } else {
+                None
+            }
+        });
+        let mut error = Self::from_sdk("PutRecords", stream, err);
+        if let (
+            Some(name),
+            Self::Call {
+                code, retryable, ..
+            },
+        ) = (typed, &mut error)
+        {
+            *code = name.to_owned();
+            *retryable = true;
+        }
+        error
+    }
+
+    /// Whether this is an expired shard iterator (renew it, do not retry the same call).
+    pub fn is_expired_iterator(&self) -> bool {
+        self.code() == Some("ExpiredIteratorException")
+    }
+
     /// Whether trying again may help.
     pub fn is_retryable(&self) -> bool {
         matches!(

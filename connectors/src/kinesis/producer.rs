@@ -622,7 +622,7 @@ impl Request {
                     }
                 }
                 Err(e) => {
-                    let error = KinesisError::from_sdk("PutRecords", &self.stream, e);
+                    let error = KinesisError::from_put_records(&self.stream, e);
                     if !error.is_retryable() {
                         for entry in entries.drain(..) {
                             resolve_all(entry, &Err(ProducerError::Rejected(error.to_string())));

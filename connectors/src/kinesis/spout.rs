@@ -205,8 +205,8 @@ impl Prefetch {
             let out = match response {
                 Ok(out) => out,
                 Err(e) => {
-                    let error = KinesisError::from_sdk("GetRecords", &self.stream, e);
-                    if error.code() == Some("ExpiredIteratorException") {
+                    let error = KinesisError::from_get_records(&self.stream, e);
+                    if error.is_expired_iterator() {
                         self.metrics
                             .expired_iterator(&self.stream, self.shard.id.as_str());
                         tracing::info!(stream = %self.stream, shard = %self.shard.id, "shard iterator expired, renewing");

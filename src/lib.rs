@@ -8,6 +8,8 @@ pub use shardflow_connectors as connectors;
 pub use shardflow_core as core;
 pub use shardflow_operators as operators;
 
+#[cfg(feature = "kinesis")]
+pub use shardflow_connectors::kinesis;
 pub use shardflow_connectors::local;
 pub use shardflow_core::dead_letter::{DeadLetter, DeadLetterRecord};
 pub use shardflow_core::decode::SourceExt;

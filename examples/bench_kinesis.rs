@@ -78,10 +78,11 @@ async fn main() -> Result<()> {
     let took = started.elapsed().as_secs_f64();
     let m = producer.metrics();
     println!(
-        "RESULT system=producer records={} kinesis_records={} secs={took:.3} user_records_per_s={:.0} fill_ratio={:.3}",
+        "RESULT system=producer records={} kinesis_records={} secs={took:.3} user_records_per_s={:.0} fill_ratio_full={:.3} fill_ratio_all={:.3}",
         m.user_records(),
         m.kinesis_records(),
         m.user_records() as f64 / took,
+        m.mean_full_fill_ratio(),
         m.mean_fill_ratio()
     );
     anyhow::ensure!(m.user_records() == args.records, "every record written");

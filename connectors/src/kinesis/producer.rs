@@ -308,6 +308,14 @@ impl Batch {
     }
 }
 
+/// Why an aggregate was closed: full (the next record would not fit), or early (linger time or
+/// an explicit flush). Only full ones say how well aggregation packs a steady input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sealed {
+    Full,
+    Early,
+}
+
 /// An aggregate being filled for one predicted shard.
 struct Filling {
     builder: AggregateBuilder,
@@ -401,7 +409,7 @@ impl Worker {
             .is_some_and(|f| f.builder.size_with(&user) + first_key_len(f) > limit);
         if full {
             if let Some(filling) = self.aggregates.remove(&shard) {
-                self.seal(shard.clone(), filling, limit).await;
+                self.seal(shard.clone(), filling, limit, Sealed::Full).await;
             }
         }
         let filling = self.aggregates.entry(shard).or_insert_with(|| Filling {
@@ -415,10 +423,10 @@ impl Worker {
         filling.users.push((pending, Some(index)));
     }
 
-    async fn seal(&mut self, shard: ShardId, mut filling: Filling, limit: usize) {
+    async fn seal(&mut self, shard: ShardId, mut filling: Filling, limit: usize, why: Sealed) {
         let size = filling.builder.size() + first_key_len(&filling);
         self.metrics
-            .aggregate_filled(size as f64 / limit as f64, filling.users.len());
+            .aggregate_filled(size as f64 / limit as f64, why == Sealed::Full);
         let data = filling.builder.finish();
         let partition_key = filling.users[0].0.partition_key.clone();
         let entry = Entry {
@@ -455,7 +463,7 @@ impl Worker {
                 .collect();
             for shard in due {
                 if let Some(filling) = self.aggregates.remove(&shard) {
-                    self.seal(shard, filling, limit).await;
+                    self.seal(shard, filling, limit, Sealed::Early).await;
                 }
             }
         }
@@ -474,7 +482,7 @@ impl Worker {
             let shards: Vec<ShardId> = self.aggregates.keys().cloned().collect();
             for shard in shards {
                 if let Some(filling) = self.aggregates.remove(&shard) {
-                    self.seal(shard, filling, limit).await;
+                    self.seal(shard, filling, limit, Sealed::Early).await;
                 }
             }
         }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, Registry};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, Registry};
 
 /// Producer metrics. Cloning shares them.
 #[derive(Clone)]
@@ -13,7 +13,7 @@ pub struct ProducerMetrics {
     latency: Histogram,
     failed_entries: IntCounter,
     retries: IntCounter,
-    fill: Histogram,
+    fill: HistogramVec,
 }
 
 impl ProducerMetrics {
@@ -54,13 +54,16 @@ impl ProducerMetrics {
                 "shardflow_producer_retries_total",
                 "Entries re-sent after a failure",
             ),
-            fill: histogram(
-                HistogramOpts::new(
+            fill: {
+                let opts = HistogramOpts::new(
                     "shardflow_producer_aggregate_fill_ratio",
-                    "Size of an aggregated record over the aggregate limit",
+                    "Size of an aggregated record over the aggregate limit, by why it was sent (full, early)",
                 )
-                .buckets(vec![0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0]),
-            ),
+                .buckets(vec![0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0]);
+                let h = HistogramVec::new(opts, &["sealed"]).expect("valid metric");
+                let _ = registry.register(Box::new(h.clone()));
+                h
+            },
         }
     }
 
@@ -87,8 +90,10 @@ impl ProducerMetrics {
         self.retries.inc_by(n as u64);
     }
 
-    pub(crate) fn aggregate_filled(&self, ratio: f64, _user_records: usize) {
-        self.fill.observe(ratio);
+    pub(crate) fn aggregate_filled(&self, ratio: f64, full: bool) {
+        self.fill
+            .with_label_values(&[if full { "full" } else { "early" }])
+            .observe(ratio);
     }
 
     /// User records written so far.
@@ -111,13 +116,28 @@ impl ProducerMetrics {
         self.retries.get()
     }
 
-    /// Mean fill ratio of the aggregates written so far (0 if none).
+    /// Mean fill ratio of all aggregates written so far (0 if none).
     pub fn mean_fill_ratio(&self) -> f64 {
-        let n = self.fill.get_sample_count();
+        let (sum, n) = ["full", "early"].iter().fold((0.0, 0), |(s, n), l| {
+            let h = self.fill.with_label_values(&[l]);
+            (s + h.get_sample_sum(), n + h.get_sample_count())
+        });
         if n == 0 {
             0.0
         } else {
-            self.fill.get_sample_sum() / n as f64
+            sum / n as f64
+        }
+    }
+
+    /// Mean fill ratio of the aggregates sent because they were full: how well a steady input
+    /// packs (0 if none).
+    pub fn mean_full_fill_ratio(&self) -> f64 {
+        let h = self.fill.with_label_values(&["full"]);
+        let n = h.get_sample_count();
+        if n == 0 {
+            0.0
+        } else {
+            h.get_sample_sum() / n as f64
         }
     }
 }

@@ -5,6 +5,10 @@
 //! campaigns, partition key = campaign) into a local stream of 4 shards under `out/`, runs the
 //! topology to the end of the input, and writes one JSON file per campaign and minute to
 //! `out/clickstream-output/`.
+//!
+//! Against Kinesis (an emulator, or AWS with the default credential chain when `--endpoint` is
+//! left out): `cargo run --release --features kinesis --example clickstream -- --backend kinesis
+//! --endpoint http://127.0.0.1:4567`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,6 +34,22 @@ struct Args {
     /// Working directory (stream, leases, output); emptied first.
     #[arg(long, default_value = "out")]
     dir: std::path::PathBuf,
+    /// Where the stream lives: `local` (embedded, file-backed) or `kinesis` (needs
+    /// `--features kinesis` and `--endpoint` or AWS credentials).
+    #[arg(long, value_enum, default_value_t = Backend::Local)]
+    backend: Backend,
+    /// Kinesis endpoint (an emulator such as kinesis-local); without it, AWS's default chain.
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// Kinesis stream to create and use.
+    #[arg(long, default_value = "clickstream")]
+    stream: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Backend {
+    Local,
+    Kinesis,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -100,37 +120,22 @@ async fn main() -> Result<()> {
     std::fs::create_dir_all(&args.dir).context("creating the working directory")?;
 
     let started = Instant::now();
-    let stream = LocalStream::create(&args.dir, "clickstream", 4, LocalStreamConfig::new())
-        .context("creating the local stream")?;
-    let producer = LocalProducer::new(stream.clone());
-    let mut rng = rand::rngs::StdRng::seed_from_u64(2026);
-    let mut batch = Vec::with_capacity(10_000);
-    // One hour of traffic: 1 M events over 3 600 s.
-    let span_ms = 3_600_000i64;
-    for i in 0..args.events {
-        let campaign = format!("campaign-{:03}", rng.gen_range(0..args.campaigns));
-        let kind = match rng.gen_range(0..1000) {
-            0..=9 => Kind::Conversion,
-            10..=59 => Kind::Click,
-            _ => Kind::Impression,
-        };
-        let ts_ms =
-            1_767_225_600_000 + (i as i64 * span_ms) / args.events as i64 - rng.gen_range(0..2_000);
-        let event = AdEvent {
-            campaign: campaign.clone(),
-            kind,
-            ts_ms,
-        };
-        batch.push((campaign, serde_json::to_vec(&event)?));
-        if batch.len() == batch.capacity() {
-            producer.put_batch(&batch).await?;
-            batch.clear();
+    let events = generate(&args)?;
+    let builder = Topology::builder("clickstream").dead_letter(DeadLetter::to(LocalDirSink::new(
+        args.dir.join("dead-letters"),
+    )));
+    let clicks = match args.backend {
+        Backend::Local => {
+            let stream = LocalStream::create(&args.dir, "clickstream", 4, LocalStreamConfig::new())
+                .context("creating the local stream")?;
+            let producer = LocalProducer::new(stream.clone());
+            for chunk in events.chunks(10_000) {
+                producer.put_batch(chunk).await?;
+            }
+            builder.source(LocalSource::new(&stream).json::<AdEvent>())
         }
-        if (i + 1) % 250_000 == 0 {
-            println!("generated {} events", i + 1);
-        }
-    }
-    producer.put_batch(&batch).await?;
+        Backend::Kinesis => kinesis::source(builder, &args, &events).await?,
+    };
     println!(
         "generated {} events into 4 shards in {:.1?}",
         args.events,
@@ -140,11 +145,7 @@ async fn main() -> Result<()> {
     let out = args.dir.join("clickstream-output");
     let seen = Arc::new(AtomicU64::new(0));
     let counter = Arc::clone(&seen);
-    let topology = Topology::builder("clickstream")
-        .dead_letter(DeadLetter::to(LocalDirSink::new(
-            args.dir.join("dead-letters"),
-        )))
-        .source(LocalSource::new(&stream).json::<AdEvent>())
+    let topology = clicks
         .event_time(|e: &AdEvent| e.ts_ms)
         .max_out_of_orderness(Duration::from_secs(2))
         .inspect(move |_| {
@@ -194,6 +195,96 @@ async fn main() -> Result<()> {
         out.display()
     );
     Ok(())
+}
+
+/// An AdRoll-like hour of traffic: (partition key = campaign, JSON event) pairs.
+fn generate(args: &Args) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2026);
+    let span_ms = 3_600_000i64;
+    let mut events = Vec::with_capacity(usize::try_from(args.events).unwrap_or(0));
+    for i in 0..args.events {
+        let campaign = format!("campaign-{:03}", rng.gen_range(0..args.campaigns));
+        let kind = match rng.gen_range(0..1000) {
+            0..=9 => Kind::Conversion,
+            10..=59 => Kind::Click,
+            _ => Kind::Impression,
+        };
+        let ts_ms =
+            1_767_225_600_000 + (i as i64 * span_ms) / args.events as i64 - rng.gen_range(0..2_000);
+        let event = AdEvent {
+            campaign: campaign.clone(),
+            kind,
+            ts_ms,
+        };
+        events.push((campaign, serde_json::to_vec(&event)?));
+    }
+    Ok(events)
+}
+
+#[cfg(feature = "kinesis")]
+mod kinesis {
+    //! The Kinesis backend of the example: a stream of 4 shards, written with the aggregating
+    //! producer and read with the spout.
+    use super::*;
+    use shardflow::core::topology::{Sourced, TopologyBuilder};
+    use shardflow::kinesis::{
+        KinesisConfig, KinesisProducer, KinesisSource, ProducerConfig, StreamAdmin,
+    };
+
+    pub async fn source(
+        builder: TopologyBuilder,
+        args: &Args,
+        events: &[(String, Vec<u8>)],
+    ) -> Result<shardflow::Stream<AdEvent, Sourced>> {
+        let config = match &args.endpoint {
+            Some(endpoint) => KinesisConfig::emulator(endpoint.clone()),
+            None => KinesisConfig::new(),
+        };
+        let client = config.client().await;
+        let admin = StreamAdmin::new(client.clone());
+        let _ = admin.delete_stream(&args.stream).await; // a fresh stream each run
+        while admin.describe(&args.stream).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        admin
+            .create_stream(&args.stream, 4)
+            .await
+            .context("creating the Kinesis stream")?;
+        let producer = KinesisProducer::new(
+            client.clone(),
+            &args.stream,
+            ProducerConfig {
+                aggregate_max_bytes: Some(1024 * 1024 - 512),
+                ..ProducerConfig::default()
+            },
+        )
+        .await?;
+        for (key, data) in events {
+            let _ticket = producer.send(key, data.clone()).await?;
+        }
+        producer.flush().await?;
+        println!(
+            "wrote {} events in {} Kinesis records (aggregated)",
+            producer.metrics().user_records(),
+            producer.metrics().kinesis_records()
+        );
+        Ok(builder.source(KinesisSource::new(client, &args.stream).json::<AdEvent>()))
+    }
+}
+
+#[cfg(not(feature = "kinesis"))]
+mod kinesis {
+    //! Without the `kinesis` feature the example runs on the local backend only.
+    use super::*;
+    use shardflow::core::topology::{Sourced, TopologyBuilder};
+
+    pub async fn source(
+        _builder: TopologyBuilder,
+        _args: &Args,
+        _events: &[(String, Vec<u8>)],
+    ) -> Result<shardflow::Stream<AdEvent, Sourced>> {
+        anyhow::bail!("--backend kinesis needs the kinesis feature: cargo run --release --features kinesis --example clickstream -- --backend kinesis --endpoint URL")
+    }
 }
 
 fn walk(dir: &std::path::Path) -> Result<usize> {

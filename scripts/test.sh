@@ -28,3 +28,6 @@ cargo test --workspace --all-targets --all-features --locked
 
 echo "== doc tests"
 cargo test --workspace --all-features --doc --locked
+
+echo "== fuzz the KPL de-aggregator (needs nightly; skipped with a message otherwise)"
+scripts/fuzz.sh 20

@@ -3,7 +3,7 @@
 //! their own features.
 #![deny(missing_docs)]
 
-#[cfg(feature = "kinesis")]
+#[cfg(feature = "kpl")]
 pub mod kinesis;
 #[cfg(feature = "local")]
 pub mod local;

@@ -86,6 +86,11 @@ pub enum AggregationError {
     },
 }
 
+/// The MD5 digest that closes an aggregated record, of its protobuf bytes.
+pub fn digest(body: &[u8]) -> [u8; DIGEST_LEN] {
+    Md5::digest(body).into()
+}
+
 /// Whether `data` is an aggregated record (starts with the magic bytes).
 pub fn is_aggregated(data: &[u8]) -> bool {
     data.starts_with(&MAGIC)

@@ -8,6 +8,8 @@
 #
 # Tests read SHARDFLOW_KINESIS_ENDPOINT, SHARDFLOW_KINESALITE_ENDPOINT,
 # SHARDFLOW_DYNAMODB_ENDPOINT and SHARDFLOW_S3_ENDPOINT; each test uses its own names.
+# SHARDFLOW_KINESIS_FAST_CLOCK_ENDPOINT is a second kinesis-local whose clock runs 100 times
+# faster (libfaketime, Debian package faketime), so that shard iterators expire in 3 s.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 emulators="$root/tests/emulators"
@@ -48,9 +50,14 @@ start() {
       exit 1
     }
   fi
-  local kinesis kinesis_tls kinesalite dynamo s3
+  local kinesis kinesis_tls kinesalite dynamo s3 fast fast_tls
   kinesis=$(free_port); kinesis_tls=$(free_port); kinesalite=$(free_port)
-  dynamo=$(free_port); s3=$(free_port)
+  dynamo=$(free_port); s3=$(free_port); fast=$(free_port); fast_tls=$(free_port)
+  local faketime_lib=/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1
+  if [ ! -f "$faketime_lib" ]; then
+    echo "emulators: $faketime_lib is missing: apt-get install faketime" >&2
+    return 1
+  fi
 
   # kinesis-local reads server.json from its working directory: start it from its package.
   (cd "$emulators/node_modules/kinesis-local" && \
@@ -59,6 +66,13 @@ start() {
     MERGE_SHARDS_DURATION=0ms UPDATE_SHARD_COUNT_DURATION=0ms SHARD_LIMIT=200 LOG_LEVEL=WARN \
     exec node main.js >"$state/kinesis-local.log" 2>&1) &
   echo $! >>"$state/pids"; local kinesis_pid=$!
+
+  (cd "$emulators/node_modules/kinesis-local" && \
+    LD_PRELOAD=$faketime_lib FAKETIME="+0 x100" FAKETIME_NO_CACHE=1 \
+    KINESIS_MOCK_PLAIN_PORT=$fast KINESIS_MOCK_TLS_PORT=$fast_tls \
+    CREATE_STREAM_DURATION=0ms DELETE_STREAM_DURATION=0ms LOG_LEVEL=ERROR \
+    exec node main.js >"$state/kinesis-local-fast-clock.log" 2>&1) &
+  echo $! >>"$state/pids"; local fast_pid=$!
 
   "$emulators/node_modules/.bin/kinesalite" --port "$kinesalite" --createStreamMs 0 \
     --deleteStreamMs 0 --updateStreamMs 0 --shardLimit 200 >"$state/kinesalite.log" 2>&1 &
@@ -74,6 +88,7 @@ start() {
   echo $! >>"$state/pids"; local s3_pid=$!
 
   wait_http kinesis-local "http://127.0.0.1:$kinesis/" "$kinesis_pid"
+  wait_http kinesis-local-fast-clock "http://127.0.0.1:$fast/" "$fast_pid"
   wait_http kinesalite "http://127.0.0.1:$kinesalite/" "$kinesalite_pid"
   wait_http dynalite "http://127.0.0.1:$dynamo/" "$dynamo_pid"
   wait_http s3rver "http://127.0.0.1:$s3/" "$s3_pid"
@@ -81,10 +96,11 @@ start() {
   cat >"$state/env" <<ENV
 export SHARDFLOW_KINESIS_ENDPOINT=http://127.0.0.1:$kinesis
 export SHARDFLOW_KINESALITE_ENDPOINT=http://127.0.0.1:$kinesalite
+export SHARDFLOW_KINESIS_FAST_CLOCK_ENDPOINT=http://127.0.0.1:$fast
 export SHARDFLOW_DYNAMODB_ENDPOINT=http://127.0.0.1:$dynamo
 export SHARDFLOW_S3_ENDPOINT=http://127.0.0.1:$s3
 ENV
-  echo "emulators: kinesis-local :$kinesis, kinesalite :$kinesalite, dynalite :$dynamo, s3rver :$s3"
+  echo "emulators: kinesis-local :$kinesis (fast clock :$fast), kinesalite :$kinesalite, dynalite :$dynamo, s3rver :$s3"
 }
 
 stop() {

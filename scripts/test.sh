@@ -18,6 +18,10 @@ cleanup() {
   rm -rf "$state"
 }
 trap cleanup EXIT
+if [ ! -f /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ]; then
+  echo "== installing faketime (Debian) for the fast-clock Kinesis emulator"
+  apt-get install -y -q faketime >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q faketime >/dev/null; }
+fi
 echo "== emulators (kinesis-local, kinesalite, dynalite, s3rver)"
 scripts/emulators.sh start "$state"
 # shellcheck disable=SC1091

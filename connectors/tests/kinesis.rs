@@ -590,3 +590,66 @@ async fn scaling_and_retention_changes_take_effect() {
     );
     admin.delete_stream(&stream).await.expect("delete");
 }
+
+/// Against kinesis-local with its clock 100 times faster (libfaketime), so that a shard iterator
+/// expires after 3 s instead of 5 minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_iterator_that_expires_while_the_pipeline_is_slow_is_renewed_without_loss() {
+    use shardflow_connectors::kinesis::SpoutMetrics;
+    let var = "SHARDFLOW_KINESIS_FAST_CLOCK_ENDPOINT";
+    let endpoint =
+        std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: run scripts/test.sh"));
+    let client = KinesisConfig::emulator(endpoint).client().await;
+    let stream = stream_name("expiry");
+    let admin = StreamAdmin::new(client.clone());
+    admin.create_stream(&stream, 1).await.expect("create");
+    let records: Vec<(String, Vec<u8>)> = (0..30u8).map(|i| ("k".to_owned(), vec![i])).collect();
+    put(&client, &stream, &records).await;
+
+    // Five records per call and a one-batch queue: the prefetch task holds its next iterator
+    // while the pipeline does not read.
+    let metrics = SpoutMetrics::unregistered();
+    let config = SpoutConfig {
+        queue_batches: 1,
+        ..fast()
+    };
+    let source = KinesisSource::new(client.clone(), &stream)
+        .with_config(config)
+        .with_metrics(metrics.clone());
+    let shard = source.list_shards().await.expect("shards").remove(0);
+    let limits = ReadLimits {
+        max_records: 5,
+        max_bytes: 1 << 20,
+    };
+    let mut reader = source
+        .open_shard(&shard, StartPosition::TrimHorizon, limits)
+        .await
+        .expect("open");
+    let mut got: Vec<u8> = reader
+        .read()
+        .await
+        .expect("read")
+        .records
+        .iter()
+        .map(|r| r.data[0])
+        .collect();
+    // A slow pipeline: 5 s here is over 8 minutes on the emulator's clock, past the 5-minute expiry.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for _ in 0..100 {
+        let batch = reader.read().await.expect("read");
+        got.extend(batch.records.iter().map(|r| r.data[0]));
+        if batch.status != ShardStatus::More {
+            break;
+        }
+    }
+    assert_eq!(
+        got,
+        (0..30).collect::<Vec<u8>>(),
+        "every record once, in order"
+    );
+    assert!(
+        metrics.expired_count(&stream, shard.id.as_str()) >= 1,
+        "the iterator expired and was renewed"
+    );
+    admin.delete_stream(&stream).await.expect("delete");
+}

@@ -368,3 +368,49 @@ async fn a_throttled_or_failed_request_is_sent_again_whole_and_written_once() {
         "each record written once"
     );
 }
+
+#[tokio::test]
+async fn send_waits_while_the_buffer_is_full() {
+    // Every attempt fails, so the first record holds its bytes until its deadline.
+    let put = mock!(Client::put_records).then_compute_output(|r| {
+        let entries = r
+            .records()
+            .iter()
+            .map(|_| {
+                PutRecordsResultEntry::builder()
+                    .error_code("InternalFailure")
+                    .error_message("boom")
+                    .build()
+            })
+            .collect::<Vec<_>>();
+        PutRecordsOutput::builder()
+            .set_records(Some(entries))
+            .failed_record_count(1)
+            .build()
+            .expect("output")
+    });
+    let client = mock_client!(aws_sdk_kinesis, RuleMode::MatchAny, &[&put], |b| b
+        .retry_config(RetryConfig::disabled()));
+    let config = ProducerConfig {
+        max_buffered_bytes: 1024 * 1024, // room for one of the records below, not two
+        linger: Duration::from_millis(1),
+        record_ttl: Duration::from_millis(1500),
+        backoff_base: Duration::from_millis(5),
+        backoff_max: Duration::from_millis(20),
+        ..ProducerConfig::default()
+    };
+    let producer = KinesisProducer::new(client, "faults", config)
+        .await
+        .expect("producer");
+    let big = vec![0u8; 600 * 1024];
+    let first = producer.send("a", big.clone()).await.expect("first fits");
+    let blocked =
+        tokio::time::timeout(Duration::from_millis(300), producer.send("b", big.clone())).await;
+    assert!(blocked.is_err(), "the second send waits for buffer space");
+    assert!(
+        first.outcome().await.is_err(),
+        "the first expires, freeing its bytes"
+    );
+    let second = tokio::time::timeout(Duration::from_secs(5), producer.send("b", big)).await;
+    assert!(second.expect("space again").is_ok());
+}

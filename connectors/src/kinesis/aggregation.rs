@@ -4,6 +4,8 @@
 //! `AggregatedRecord`, then the MD5 digest of the protobuf bytes. Partition keys and explicit
 //! hash keys are stored once in tables and referenced by index from each record.
 
+use std::collections::HashMap;
+
 use md5::{Digest, Md5};
 use prost::Message;
 
@@ -157,11 +159,42 @@ pub fn deaggregate(data: &[u8]) -> Result<Option<Vec<UserRecord>>, AggregationEr
         .map(Some)
 }
 
+/// A string table of an aggregate (partition keys or explicit hash keys): entries in order,
+/// with an index so that a lookup does not scan the table.
+#[derive(Debug, Default)]
+struct Table {
+    entries: Vec<String>,
+    index: HashMap<String, u64>,
+}
+
+impl Table {
+    fn find(&self, value: &str) -> Option<u64> {
+        self.index.get(value).copied()
+    }
+
+    /// The index of `value`, added if new.
+    fn intern(&mut self, value: String) -> u64 {
+        if let Some(i) = self.find(&value) {
+            return i;
+        }
+        let i = self.entries.len() as u64;
+        self.index.insert(value.clone(), i);
+        self.entries.push(value);
+        i
+    }
+
+    fn len(&self) -> u64 {
+        self.entries.len() as u64
+    }
+}
+
 /// Builds one aggregated record, tracking its encoded size exactly as records are added, so a
 /// producer can fill it up to a size limit without encoding twice.
 #[derive(Debug, Default)]
 pub struct AggregateBuilder {
-    proto: AggregatedRecordProto,
+    partition_keys: Table,
+    explicit_hash_keys: Table,
+    records: Vec<RecordProto>,
     /// Encoded protobuf length so far.
     body_len: usize,
 }
@@ -174,12 +207,12 @@ impl AggregateBuilder {
 
     /// Number of user records.
     pub fn len(&self) -> usize {
-        self.proto.records.len()
+        self.records.len()
     }
 
     /// Whether no record was added.
     pub fn is_empty(&self) -> bool {
-        self.proto.records.is_empty()
+        self.records.is_empty()
     }
 
     /// Size of the finished aggregated record (magic, protobuf and digest).
@@ -192,37 +225,25 @@ impl AggregateBuilder {
         self.size() + self.growth(record)
     }
 
+    /// Bytes `record` adds to the protobuf: new table entries, and the record itself.
     fn growth(&self, record: &UserRecord) -> usize {
         let mut growth = 0;
-        let pk_index = match self
-            .proto
-            .partition_key_table
-            .iter()
-            .position(|k| *k == record.partition_key)
-        {
-            Some(i) => i,
-            None => {
+        let pk_index = self
+            .partition_keys
+            .find(&record.partition_key)
+            .unwrap_or_else(|| {
                 growth += field_len(1, record.partition_key.len());
-                self.proto.partition_key_table.len()
-            }
-        };
-        let ehk_index = record.explicit_hash_key.as_ref().map(|ehk| {
-            match self
-                .proto
-                .explicit_hash_key_table
-                .iter()
-                .position(|k| k == ehk)
-            {
-                Some(i) => i,
-                None => {
-                    growth += field_len(2, ehk.len());
-                    self.proto.explicit_hash_key_table.len()
-                }
-            }
+                self.partition_keys.len()
+            });
+        let ehk_index = record.explicit_hash_key.as_deref().map(|ehk| {
+            self.explicit_hash_keys.find(ehk).unwrap_or_else(|| {
+                growth += field_len(2, ehk.len());
+                self.explicit_hash_keys.len()
+            })
         });
         let inner = RecordProto {
-            partition_key_index: pk_index as u64,
-            explicit_hash_key_index: ehk_index.map(|i| i as u64),
+            partition_key_index: pk_index,
+            explicit_hash_key_index: ehk_index,
             data: Vec::new(),
             tags: Vec::new(),
         }
@@ -236,35 +257,13 @@ impl AggregateBuilder {
     /// Adds a user record.
     pub fn add(&mut self, record: UserRecord) {
         self.body_len += self.growth(&record);
-        let pk_index = match self
-            .proto
-            .partition_key_table
-            .iter()
-            .position(|k| *k == record.partition_key)
-        {
-            Some(i) => i,
-            None => {
-                self.proto.partition_key_table.push(record.partition_key);
-                self.proto.partition_key_table.len() - 1
-            }
-        };
-        let ehk_index = record.explicit_hash_key.map(|ehk| {
-            match self
-                .proto
-                .explicit_hash_key_table
-                .iter()
-                .position(|k| *k == ehk)
-            {
-                Some(i) => i,
-                None => {
-                    self.proto.explicit_hash_key_table.push(ehk);
-                    self.proto.explicit_hash_key_table.len() - 1
-                }
-            }
-        });
-        self.proto.records.push(RecordProto {
-            partition_key_index: pk_index as u64,
-            explicit_hash_key_index: ehk_index.map(|i| i as u64),
+        let partition_key_index = self.partition_keys.intern(record.partition_key);
+        let explicit_hash_key_index = record
+            .explicit_hash_key
+            .map(|ehk| self.explicit_hash_keys.intern(ehk));
+        self.records.push(RecordProto {
+            partition_key_index,
+            explicit_hash_key_index,
             data: record.data,
             tags: Vec::new(),
         });
@@ -272,8 +271,17 @@ impl AggregateBuilder {
 
     /// The encoded aggregated record; the builder is empty again.
     pub fn finish(&mut self) -> Vec<u8> {
-        let proto = std::mem::take(&mut self.proto);
-        self.body_len = 0;
+        let Self {
+            partition_keys,
+            explicit_hash_keys,
+            records,
+            ..
+        } = std::mem::take(self);
+        let proto = AggregatedRecordProto {
+            partition_key_table: partition_keys.entries,
+            explicit_hash_key_table: explicit_hash_keys.entries,
+            records,
+        };
         let body = proto.encode_to_vec();
         let mut out = Vec::with_capacity(MAGIC.len() + body.len() + DIGEST_LEN);
         out.extend_from_slice(&MAGIC);

@@ -93,7 +93,7 @@ impl KinesisError {
         stream: &str,
         err: SdkError<aws_sdk_kinesis::operation::get_records::GetRecordsError, HttpResponse>,
     ) -> Self {
-        let typed = err.as_service_error().and_then(|e| {
+        let variant = err.as_service_error().and_then(|e| {
             if e.is_expired_iterator_exception() {
                 Some("ExpiredIteratorException")
             } else if e.is_provisioned_throughput_exceeded_exception() {
@@ -104,18 +104,9 @@ impl KinesisError {
                 None
             }
         });
-        let mut error = Self::from_sdk("GetRecords", stream, err);
-        if let (
-            Some(name),
-            Self::Call {
-                code, retryable, ..
-            },
-        ) = (typed, &mut error)
-        {
-            *code = name.to_owned();
-            *retryable = name != "ExpiredIteratorException";
-        }
-        error
+        // An expired iterator is renewed, not retried as it is.
+        Self::from_sdk("GetRecords", stream, err)
+            .with_variant(variant, |name| name != "ExpiredIteratorException")
     }
 
     /// Classifies a PutRecords error by its modelled variant.
@@ -123,7 +114,7 @@ impl KinesisError {
         stream: &str,
         err: SdkError<aws_sdk_kinesis::operation::put_records::PutRecordsError, HttpResponse>,
     ) -> Self {
-        let typed = err.as_service_error().and_then(|e| {
+        let variant = err.as_service_error().and_then(|e| {
             if e.is_provisioned_throughput_exceeded_exception() {
                 Some("ProvisionedThroughputExceededException")
             } else if e.is_kms_throttling_exception() {
@@ -134,18 +125,26 @@ impl KinesisError {
                 None
             }
         });
-        let mut error = Self::from_sdk("PutRecords", stream, err);
+        Self::from_sdk("PutRecords", stream, err).with_variant(variant, |_| true)
+    }
+
+    /// Names the error after the modelled variant, when known, with its retryability.
+    fn with_variant(
+        mut self,
+        variant: Option<&'static str>,
+        retryable_if: impl Fn(&str) -> bool,
+    ) -> Self {
         if let (
             Some(name),
             Self::Call {
                 code, retryable, ..
             },
-        ) = (typed, &mut error)
+        ) = (variant, &mut self)
         {
             *code = name.to_owned();
-            *retryable = true;
+            *retryable = retryable_if(name);
         }
-        error
+        self
     }
 
     /// Whether this is an expired shard iterator (renew it, do not retry the same call).

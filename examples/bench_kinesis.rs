@@ -13,9 +13,8 @@ use clap::Parser;
 use shardflow::core::position::StartPosition;
 use shardflow::core::source::{ReadLimits, ShardStatus, Source};
 use shardflow::kinesis::aggregation::deaggregate;
-use shardflow::kinesis::{
-    KinesisConfig, KinesisProducer, KinesisSource, ProducerConfig, StreamAdmin,
-};
+use shardflow::kinesis::{KinesisProducer, KinesisSource, ProducerConfig, StreamAdmin};
+use shardflow::AwsConfig;
 
 #[derive(Parser)]
 struct Args {
@@ -55,7 +54,7 @@ async fn main() -> Result<()> {
         None => std::env::var("SHARDFLOW_KINESIS_ENDPOINT")
             .context("give --endpoint or set SHARDFLOW_KINESIS_ENDPOINT")?,
     };
-    let client = KinesisConfig::emulator(endpoint).client().await;
+    let client = AwsConfig::emulator(endpoint).kinesis_client().await;
     let stream = format!("bench-{}", std::process::id());
     let admin = StreamAdmin::new(client.clone());
     admin.create_stream(&stream, args.shards).await?;

@@ -227,9 +227,8 @@ mod kinesis {
     //! producer and read with the spout.
     use super::*;
     use shardflow::core::topology::{Sourced, TopologyBuilder};
-    use shardflow::kinesis::{
-        KinesisConfig, KinesisProducer, KinesisSource, ProducerConfig, StreamAdmin,
-    };
+    use shardflow::kinesis::{KinesisProducer, KinesisSource, ProducerConfig, StreamAdmin};
+    use shardflow::AwsConfig;
 
     pub async fn source(
         builder: TopologyBuilder,
@@ -237,10 +236,10 @@ mod kinesis {
         events: &[(String, Vec<u8>)],
     ) -> Result<shardflow::Stream<AdEvent, Sourced>> {
         let config = match &args.endpoint {
-            Some(endpoint) => KinesisConfig::emulator(endpoint.clone()),
-            None => KinesisConfig::new(),
+            Some(endpoint) => AwsConfig::emulator(endpoint.clone()),
+            None => AwsConfig::new(),
         };
-        let client = config.client().await;
+        let client = config.kinesis_client().await;
         let admin = StreamAdmin::new(client.clone());
         let _ = admin.delete_stream(&args.stream).await; // a fresh stream each run
         while admin.describe(&args.stream).await.is_ok() {

@@ -11,6 +11,10 @@ pub use shardflow_operators as operators;
 #[cfg(feature = "kinesis")]
 pub use shardflow_connectors::kinesis;
 pub use shardflow_connectors::local;
+#[cfg(feature = "dynamodb")]
+pub use shardflow_connectors::dynamodb;
+#[cfg(any(feature = "kinesis", feature = "dynamodb"))]
+pub use shardflow_connectors::AwsConfig;
 pub use shardflow_core::dead_letter::{DeadLetter, DeadLetterRecord};
 pub use shardflow_core::decode::SourceExt;
 pub use shardflow_core::lease::{LeaseStore, MemoryLeaseStore};

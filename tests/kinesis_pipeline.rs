@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use shardflow::kinesis::{
-    KinesisConfig, KinesisProducer, KinesisSource, ProducerConfig, SpoutConfig, StreamAdmin,
+    KinesisProducer, KinesisSource, ProducerConfig, SpoutConfig, StreamAdmin,
 };
 use shardflow::prelude::*;
+use shardflow::AwsConfig;
 use shardflow::{MemoryLeaseStore, MemorySink};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -30,7 +31,7 @@ async fn clients() -> Vec<(&'static str, aws_sdk_kinesis::Client)> {
         let endpoint = std::env::var(var).unwrap_or_else(|_| {
             panic!("{var} is not set: run scripts/test.sh, which starts the emulators")
         });
-        out.push((name, KinesisConfig::emulator(endpoint).client().await));
+        out.push((name, AwsConfig::emulator(endpoint).kinesis_client().await));
     }
     out
 }

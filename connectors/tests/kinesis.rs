@@ -8,7 +8,8 @@ use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use aws_sdk_kinesis::Client;
 use shardflow_connectors::kinesis::aggregation::{AggregateBuilder, UserRecord};
-use shardflow_connectors::kinesis::{KinesisConfig, KinesisSource, SpoutConfig, StreamAdmin};
+use shardflow_connectors::kinesis::{KinesisSource, SpoutConfig, StreamAdmin};
+use shardflow_connectors::AwsConfig;
 use shardflow_core::position::{RecordPosition, ShardInfo, StartPosition};
 use shardflow_core::source::{ReadLimits, ShardStatus, Source};
 
@@ -24,7 +25,7 @@ async fn clients() -> Vec<(&'static str, Client)> {
         let endpoint = std::env::var(var).unwrap_or_else(|_| {
             panic!("{var} is not set: run scripts/test.sh, which starts the emulators")
         });
-        out.push((name, KinesisConfig::emulator(endpoint).client().await));
+        out.push((name, AwsConfig::emulator(endpoint).kinesis_client().await));
     }
     out
 }
@@ -599,7 +600,7 @@ async fn an_iterator_that_expires_while_the_pipeline_is_slow_is_renewed_without_
     let var = "SHARDFLOW_KINESIS_FAST_CLOCK_ENDPOINT";
     let endpoint =
         std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: run scripts/test.sh"));
-    let client = KinesisConfig::emulator(endpoint).client().await;
+    let client = AwsConfig::emulator(endpoint).kinesis_client().await;
     let stream = stream_name("expiry");
     let admin = StreamAdmin::new(client.clone());
     admin.create_stream(&stream, 1).await.expect("create");

@@ -7,8 +7,6 @@ pub mod aggregation;
 #[cfg(feature = "kinesis")]
 pub mod admin;
 #[cfg(feature = "kinesis")]
-mod config;
-#[cfg(feature = "kinesis")]
 mod error;
 #[cfg(feature = "kinesis")]
 mod metrics;
@@ -21,8 +19,6 @@ mod spout;
 
 #[cfg(feature = "kinesis")]
 pub use admin::{StreamAdmin, StreamSummary};
-#[cfg(feature = "kinesis")]
-pub use config::KinesisConfig;
 #[cfg(feature = "kinesis")]
 pub use error::KinesisError;
 #[cfg(feature = "kinesis")]

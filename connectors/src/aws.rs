@@ -1,23 +1,21 @@
-//! Connecting to Kinesis: region, endpoint override (for emulators), credentials from
-//! aws-config's default chain unless static ones are given.
+//! Connecting to AWS services (Kinesis, DynamoDB): region, endpoint override (for emulators),
+//! credentials from aws-config's default chain unless static ones are given.
 
-use aws_config::BehaviorVersion;
+use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_credential_types::Credentials;
-use aws_sdk_kinesis::config::Region;
-use aws_sdk_kinesis::Client;
 
-/// Where and how to reach Kinesis.
+/// Where and how to reach AWS.
 #[derive(Clone, Default)]
-pub struct KinesisConfig {
+pub struct AwsConfig {
     region: Option<String>,
     endpoint: Option<String>,
     static_credentials: Option<(String, String)>,
 }
 
-impl std::fmt::Debug for KinesisConfig {
+impl std::fmt::Debug for AwsConfig {
     // Secrets never reach logs: only whether static credentials are set.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KinesisConfig")
+        f.debug_struct("AwsConfig")
             .field("region", &self.region)
             .field("endpoint", &self.endpoint)
             .field(
@@ -31,7 +29,7 @@ impl std::fmt::Debug for KinesisConfig {
 /// Region used with emulators, which accept any.
 const EMULATOR_REGION: &str = "us-east-1";
 
-impl KinesisConfig {
+impl AwsConfig {
     /// The default chain: region and credentials from the environment, profile or instance.
     pub fn new() -> Self {
         Self::default()
@@ -67,8 +65,8 @@ impl KinesisConfig {
         self
     }
 
-    /// A Kinesis client.
-    pub async fn client(&self) -> Client {
+    /// The shared SDK configuration: region and credentials.
+    async fn shared(&self) -> SdkConfig {
         let mut loader = aws_config::defaults(BehaviorVersion::latest());
         if let Some(region) = &self.region {
             loader = loader.region(Region::new(region.clone()));
@@ -82,12 +80,27 @@ impl KinesisConfig {
                 "shardflow-static",
             ));
         }
-        let shared = loader.load().await;
-        let mut builder = aws_sdk_kinesis::config::Builder::from(&shared);
+        loader.load().await
+    }
+
+    /// A Kinesis client.
+    #[cfg(feature = "kinesis")]
+    pub async fn kinesis_client(&self) -> aws_sdk_kinesis::Client {
+        let mut builder = aws_sdk_kinesis::config::Builder::from(&self.shared().await);
         if let Some(endpoint) = &self.endpoint {
             builder = builder.endpoint_url(endpoint);
         }
-        Client::from_conf(builder.build())
+        aws_sdk_kinesis::Client::from_conf(builder.build())
+    }
+
+    /// A DynamoDB client.
+    #[cfg(feature = "dynamodb")]
+    pub async fn dynamodb_client(&self) -> aws_sdk_dynamodb::Client {
+        let mut builder = aws_sdk_dynamodb::config::Builder::from(&self.shared().await);
+        if let Some(endpoint) = &self.endpoint {
+            builder = builder.endpoint_url(endpoint);
+        }
+        aws_sdk_dynamodb::Client::from_conf(builder.build())
     }
 }
 
@@ -97,8 +110,7 @@ mod tests {
 
     #[test]
     fn debug_output_hides_secrets() {
-        let config =
-            KinesisConfig::emulator("http://127.0.0.1:1").static_credentials("AKIA", "s3cr3t");
+        let config = AwsConfig::emulator("http://127.0.0.1:1").static_credentials("AKIA", "s3cr3t");
         let shown = format!("{config:?}");
         assert!(
             !shown.contains("s3cr3t") && !shown.contains("AKIA"),

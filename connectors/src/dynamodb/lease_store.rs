@@ -1,0 +1,440 @@
+//! `DynamoLeaseStore`: leases as items of a DynamoDB table, one per shard, in the spirit of the
+//! KCL's lease table. Every mutation is a conditional write on the lease counter, and the rule
+//! that decides it is core's `apply_update`, the same as every other store.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::error::SdkError;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
+    ScalarAttributeType, TableStatus,
+};
+use aws_sdk_dynamodb::Client;
+
+use shardflow_core::error::{BoxError, LeaseError};
+use shardflow_core::lease::{
+    apply_update, check_delete, CheckpointPosition, Lease, LeaseStore, LeaseUpdate, ShardCheckpoint,
+};
+use shardflow_core::position::{RecordPosition, SequenceNumber};
+
+// Attribute names: the KCL's where it has one.
+const LEASE_KEY: &str = "leaseKey";
+const LEASE_OWNER: &str = "leaseOwner";
+const LEASE_COUNTER: &str = "leaseCounter";
+const CHECKPOINT: &str = "checkpoint";
+const CHECKPOINT_SUB: &str = "checkpointSubSequenceNumber";
+const OWNER_SWITCHES: &str = "ownerSwitchesSinceCheckpoint";
+const PARENTS: &str = "parentShardId";
+// shardflow's own: the rebuild point for open windows and the watermarks.
+const COMMITTED_WATERMARK: &str = "committedWatermark";
+const REBUILD_FROM: &str = "rebuildFrom";
+const REBUILD_FROM_SUB: &str = "rebuildFromSubSequenceNumber";
+const REBUILD_WATERMARK: &str = "rebuildWatermark";
+
+// Checkpoint sentinels, as the KCL writes them.
+const SHARD_END: &str = "SHARD_END";
+const INITIAL: &str = "TRIM_HORIZON";
+
+/// Longest wait for a created table to become ACTIVE.
+const TABLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Leases in a DynamoDB table (created on first use, on-demand billing).
+#[derive(Clone, Debug)]
+pub struct DynamoLeaseStore {
+    client: Client,
+    table: String,
+}
+
+type Item = HashMap<String, AttributeValue>;
+
+fn store_error(
+    operation: &'static str,
+    retryable: bool,
+    source: impl Into<BoxError>,
+) -> LeaseError {
+    LeaseError::Store {
+        operation,
+        retryable,
+        source: source.into(),
+    }
+}
+
+fn sdk_error<E>(
+    operation: &'static str,
+    err: SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>,
+) -> LeaseError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let retryable = match &err {
+        SdkError::ServiceError(e) => {
+            e.raw().status().as_u16() >= 500 || e.raw().status().as_u16() == 429
+        }
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            true
+        }
+        _ => false,
+    };
+    store_error(operation, retryable, err)
+}
+
+impl DynamoLeaseStore {
+    /// Leases in `table`, created (on-demand billing) if it does not exist yet.
+    ///
+    /// # Errors
+    /// The table could not be described or created, or did not become active.
+    pub async fn open(client: Client, table: impl Into<String>) -> Result<Self, LeaseError> {
+        let store = Self {
+            client,
+            table: table.into(),
+        };
+        store.ensure_table().await?;
+        Ok(store)
+    }
+
+    /// The table name a topology's leases use by default.
+    pub fn default_table_name(topology: &str) -> String {
+        format!("shardflow-leases-{topology}")
+    }
+
+    async fn ensure_table(&self) -> Result<(), LeaseError> {
+        let exists = match self
+            .client
+            .describe_table()
+            .table_name(&self.table)
+            .send()
+            .await
+        {
+            Ok(_) => true,
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_resource_not_found_exception()) =>
+            {
+                false
+            }
+            Err(e) => return Err(sdk_error("describe table", e)),
+        };
+        if !exists {
+            let created = self
+                .client
+                .create_table()
+                .table_name(&self.table)
+                .billing_mode(BillingMode::PayPerRequest)
+                .attribute_definitions(
+                    AttributeDefinition::builder()
+                        .attribute_name(LEASE_KEY)
+                        .attribute_type(ScalarAttributeType::S)
+                        .build()
+                        .map_err(|e| store_error("create table", false, e))?,
+                )
+                .key_schema(
+                    KeySchemaElement::builder()
+                        .attribute_name(LEASE_KEY)
+                        .key_type(KeyType::Hash)
+                        .build()
+                        .map_err(|e| store_error("create table", false, e))?,
+                )
+                .send()
+                .await;
+            match created {
+                Ok(_) => {}
+                // Another worker created it first: fine.
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|s| s.is_resource_in_use_exception()) => {}
+                Err(e) => return Err(sdk_error("create table", e)),
+            }
+        }
+        let deadline = tokio::time::Instant::now() + TABLE_TIMEOUT;
+        loop {
+            let out = self
+                .client
+                .describe_table()
+                .table_name(&self.table)
+                .send()
+                .await
+                .map_err(|e| sdk_error("describe table", e))?;
+            if out.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(store_error(
+                    "create table",
+                    true,
+                    format!("table {} not ACTIVE after {TABLE_TIMEOUT:?}", self.table),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn read(&self, key: &str) -> Result<Option<Lease>, LeaseError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key(LEASE_KEY, AttributeValue::S(key.to_owned()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| sdk_error("get lease", e))?;
+        out.item().map(from_item).transpose()
+    }
+
+    /// Writes `lease` if the stored counter is still `expected_counter`; `false` if it moved.
+    async fn put_if_counter(
+        &self,
+        lease: &Lease,
+        expected_counter: u64,
+    ) -> Result<bool, LeaseError> {
+        let put = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(to_item(lease)))
+            .condition_expression("#counter = :expected")
+            .expression_attribute_names("#counter", LEASE_COUNTER)
+            .expression_attribute_values(
+                ":expected",
+                AttributeValue::N(expected_counter.to_string()),
+            )
+            .send()
+            .await;
+        match put {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(sdk_error("update lease", e)),
+        }
+    }
+}
+
+#[async_trait]
+impl LeaseStore for DynamoLeaseStore {
+    async fn list(&self) -> Result<Vec<Lease>, LeaseError> {
+        let mut leases = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let out = self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| sdk_error("list leases", e))?;
+            for item in out.items() {
+                leases.push(from_item(item)?);
+            }
+            match out.last_evaluated_key() {
+                Some(key) if !key.is_empty() => start = Some(key.clone()),
+                _ => break,
+            }
+        }
+        leases.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(leases)
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Lease>, LeaseError> {
+        self.read(key).await
+    }
+
+    async fn create_if_absent(&self, lease: &Lease) -> Result<bool, LeaseError> {
+        let put = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(to_item(lease)))
+            .condition_expression("attribute_not_exists(#key)")
+            .expression_attribute_names("#key", LEASE_KEY)
+            .send()
+            .await;
+        match put {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(sdk_error("create lease", e)),
+        }
+    }
+
+    async fn update(
+        &self,
+        key: &str,
+        expected_counter: u64,
+        update: &LeaseUpdate,
+    ) -> Result<Lease, LeaseError> {
+        let current = self.read(key).await?.ok_or_else(|| LeaseError::NotFound {
+            lease_key: key.to_owned(),
+        })?;
+        let next = apply_update(&current, expected_counter, update)?;
+        if self.put_if_counter(&next, expected_counter).await? {
+            return Ok(next);
+        }
+        // The counter moved between the read and the write: the same verdict `apply_update`
+        // gives a stale counter.
+        Err(match update {
+            LeaseUpdate::Take { .. } => LeaseError::ConditionFailed {
+                lease_key: key.to_owned(),
+                reason: "lease counter changed since it was read",
+            },
+            _ => LeaseError::LeaseLost {
+                lease_key: key.to_owned(),
+            },
+        })
+    }
+
+    async fn delete(&self, key: &str, expected_counter: u64) -> Result<(), LeaseError> {
+        let current = self.read(key).await?.ok_or_else(|| LeaseError::NotFound {
+            lease_key: key.to_owned(),
+        })?;
+        check_delete(&current, expected_counter)?;
+        let deleted = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .key(LEASE_KEY, AttributeValue::S(key.to_owned()))
+            .condition_expression("#counter = :expected")
+            .expression_attribute_names("#counter", LEASE_COUNTER)
+            .expression_attribute_values(
+                ":expected",
+                AttributeValue::N(expected_counter.to_string()),
+            )
+            .send()
+            .await;
+        match deleted {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
+            {
+                Err(LeaseError::ConditionFailed {
+                    lease_key: key.to_owned(),
+                    reason: "lease counter changed since it was read",
+                })
+            }
+            Err(e) => Err(sdk_error("delete lease", e)),
+        }
+    }
+}
+
+fn position_text(p: &CheckpointPosition) -> (String, u32) {
+    match p {
+        CheckpointPosition::Initial => (INITIAL.to_owned(), 0),
+        CheckpointPosition::ShardEnd => (SHARD_END.to_owned(), 0),
+        CheckpointPosition::At(r) => (r.sequence.to_string(), r.sub_sequence),
+    }
+}
+
+fn to_item(lease: &Lease) -> Item {
+    let mut item = Item::new();
+    item.insert(LEASE_KEY.into(), AttributeValue::S(lease.key.clone()));
+    if let Some(owner) = &lease.owner {
+        item.insert(LEASE_OWNER.into(), AttributeValue::S(owner.clone()));
+    }
+    item.insert(
+        LEASE_COUNTER.into(),
+        AttributeValue::N(lease.counter.to_string()),
+    );
+    let cp = &lease.checkpoint;
+    let (committed, committed_sub) = position_text(&cp.committed);
+    item.insert(CHECKPOINT.into(), AttributeValue::S(committed));
+    item.insert(
+        CHECKPOINT_SUB.into(),
+        AttributeValue::N(committed_sub.to_string()),
+    );
+    let (rebuild, rebuild_sub) = position_text(&cp.rebuild_from);
+    item.insert(REBUILD_FROM.into(), AttributeValue::S(rebuild));
+    item.insert(
+        REBUILD_FROM_SUB.into(),
+        AttributeValue::N(rebuild_sub.to_string()),
+    );
+    if let Some(w) = cp.committed_watermark {
+        item.insert(COMMITTED_WATERMARK.into(), AttributeValue::N(w.to_string()));
+    }
+    if let Some(w) = cp.rebuild_watermark {
+        item.insert(REBUILD_WATERMARK.into(), AttributeValue::N(w.to_string()));
+    }
+    if !lease.parents.is_empty() {
+        // A string set may not be empty: no attribute means no parents.
+        item.insert(PARENTS.into(), AttributeValue::Ss(lease.parents.clone()));
+    }
+    item.insert(
+        OWNER_SWITCHES.into(),
+        AttributeValue::N(lease.owner_switches_since_checkpoint.to_string()),
+    );
+    item
+}
+
+fn from_item(item: &Item) -> Result<Lease, LeaseError> {
+    let bad = |what: &str| {
+        store_error(
+            "read lease",
+            false,
+            format!("lease item has a missing or malformed {what}: {item:?}"),
+        )
+    };
+    let text = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned();
+    let number = |name: &str| -> Result<Option<i128>, LeaseError> {
+        item.get(name)
+            .map(|v| {
+                v.as_n()
+                    .ok()
+                    .and_then(|n| n.parse::<i128>().ok())
+                    .ok_or_else(|| bad(name))
+            })
+            .transpose()
+    };
+    let position = |name: &str, sub: &str| -> Result<CheckpointPosition, LeaseError> {
+        let text = text(name).ok_or_else(|| bad(name))?;
+        Ok(match text.as_str() {
+            INITIAL => CheckpointPosition::Initial,
+            SHARD_END => CheckpointPosition::ShardEnd,
+            digits => {
+                let sequence = SequenceNumber::parse(digits).map_err(|_| bad(name))?;
+                let sub = u32::try_from(number(sub)?.unwrap_or(0)).map_err(|_| bad(sub))?;
+                CheckpointPosition::At(RecordPosition::with_sub_sequence(sequence, sub))
+            }
+        })
+    };
+    let watermark = |name: &str| -> Result<Option<i64>, LeaseError> {
+        number(name)?
+            .map(|n| i64::try_from(n).map_err(|_| bad(name)))
+            .transpose()
+    };
+    let counter = |name: &str| -> Result<u64, LeaseError> {
+        u64::try_from(number(name)?.unwrap_or(0)).map_err(|_| bad(name))
+    };
+    Ok(Lease {
+        key: text(LEASE_KEY).ok_or_else(|| bad(LEASE_KEY))?,
+        owner: text(LEASE_OWNER),
+        counter: counter(LEASE_COUNTER)?,
+        checkpoint: ShardCheckpoint {
+            committed: position(CHECKPOINT, CHECKPOINT_SUB)?,
+            committed_watermark: watermark(COMMITTED_WATERMARK)?,
+            rebuild_from: position(REBUILD_FROM, REBUILD_FROM_SUB)?,
+            rebuild_watermark: watermark(REBUILD_WATERMARK)?,
+        },
+        parents: {
+            let mut parents = item
+                .get(PARENTS)
+                .and_then(|v| v.as_ss().ok())
+                .cloned()
+                .unwrap_or_default();
+            // A string set has no order; keep the leases' order stable.
+            parents.sort();
+            parents
+        },
+        owner_switches_since_checkpoint: counter(OWNER_SWITCHES)?,
+    })
+}

@@ -1,0 +1,43 @@
+//! `DynamoLeaseStore` passes the lease store conformance suite against dynalite (started by
+//! scripts/test.sh), each check on a table of its own.
+
+use shardflow_connectors::dynamodb::DynamoLeaseStore;
+use shardflow_connectors::AwsConfig;
+use shardflow_core::testing::lease_store_conformance;
+
+async fn client() -> aws_sdk_dynamodb::Client {
+    let var = "SHARDFLOW_DYNAMODB_ENDPOINT";
+    let endpoint =
+        std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: run scripts/test.sh"));
+    AwsConfig::emulator(endpoint).dynamodb_client().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dynamodb_lease_store_passes_the_conformance_suite() {
+    let client = client().await;
+    lease_store_conformance(|| {
+        let client = client.clone();
+        async move {
+            let table = format!("leases-{}-{}", std::process::id(), rand::random::<u32>());
+            DynamoLeaseStore::open(client, table).await.expect("table")
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opening_an_existing_table_keeps_its_leases() {
+    use shardflow_core::lease::{Lease, LeaseStore};
+    let client = client().await;
+    let table = format!("reopen-{}-{}", std::process::id(), rand::random::<u32>());
+    let store = DynamoLeaseStore::open(client.clone(), &table)
+        .await
+        .expect("create");
+    store
+        .create_if_absent(&Lease::new("shard-a", vec!["p2".into(), "p1".into()]))
+        .await
+        .unwrap();
+    let again = DynamoLeaseStore::open(client, &table).await.expect("open");
+    let lease = again.get("shard-a").await.unwrap().expect("kept");
+    assert_eq!(lease.parents, ["p1", "p2"]);
+}

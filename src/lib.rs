@@ -8,11 +8,11 @@ pub use shardflow_connectors as connectors;
 pub use shardflow_core as core;
 pub use shardflow_operators as operators;
 
+#[cfg(feature = "dynamodb")]
+pub use shardflow_connectors::dynamodb;
 #[cfg(feature = "kinesis")]
 pub use shardflow_connectors::kinesis;
 pub use shardflow_connectors::local;
-#[cfg(feature = "dynamodb")]
-pub use shardflow_connectors::dynamodb;
 #[cfg(any(feature = "kinesis", feature = "dynamodb"))]
 pub use shardflow_connectors::AwsConfig;
 pub use shardflow_core::dead_letter::{DeadLetter, DeadLetterRecord};

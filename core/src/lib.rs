@@ -2,6 +2,7 @@
 //! checkpoint tracker, and the `Source`, `Sink` and `LeaseStore` traits. No AWS SDK here.
 #![deny(missing_docs)]
 
+pub mod balance;
 pub mod checkpoint;
 pub mod decode;
 pub mod error;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+use crate::balance::{plan, Observed, Plan};
 use crate::error::LeaseError;
 use crate::lease::{Lease, LeaseStore, LeaseUpdate, ShardCheckpoint};
 use crate::position::ShardInfo;
@@ -62,17 +63,23 @@ impl LeaseManager {
         self.store.list().await
     }
 
-    /// Takes `lease` if it is free, ours from an earlier run, or expired. Returns the lease as
-    /// taken, or `None` if another worker holds it or won the race.
-    pub(crate) async fn try_take(&self, lease: &Lease) -> Result<Option<Lease>, LeaseError> {
-        let takeable = match lease.owner.as_deref() {
-            None => true,
-            Some(owner) if owner == self.owner => true,
-            Some(_) => self.expired(lease).await,
-        };
-        if !takeable {
-            return Ok(None);
+    /// This round's plan over `candidates` (the leases this worker may process): free and
+    /// expired leases to take, leases to steal toward an even spread (see `balance::plan`).
+    pub(crate) async fn plan(&self, candidates: &[&Lease], max_steal: usize) -> Plan {
+        let mut observed = Vec::with_capacity(candidates.len());
+        for lease in candidates {
+            let expired = match lease.owner.as_deref() {
+                Some(owner) if owner != self.owner => self.expired(lease).await,
+                _ => false,
+            };
+            observed.push(Observed { lease, expired });
         }
+        plan(&self.owner, &observed, max_steal)
+    }
+
+    /// Takes `lease` (free, expired, stolen, or ours from an earlier run) if its counter is
+    /// still the one read. Returns the lease as taken, or `None` if another worker won the race.
+    pub(crate) async fn take(&self, lease: &Lease) -> Result<Option<Lease>, LeaseError> {
         let take = LeaseUpdate::Take {
             owner: self.owner.clone(),
         };
@@ -87,6 +94,11 @@ impl LeaseManager {
             Err(LeaseError::ConditionFailed { .. } | LeaseError::LeaseLost { .. }) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// Whether this worker is the recorded owner of `lease`.
+    pub(crate) fn owns(&self, lease: &Lease) -> bool {
+        lease.owner.as_deref() == Some(self.owner.as_str())
     }
 
     async fn expired(&self, lease: &Lease) -> bool {
@@ -213,21 +225,25 @@ mod tests {
         let store: Arc<dyn LeaseStore> = Arc::new(MemoryLeaseStore::new());
         let lease = owned_by_other(&store).await;
         let me = LeaseManager::new(Arc::clone(&store), "me".into(), Duration::from_secs(10));
-        assert!(
-            me.try_take(&lease).await.unwrap().is_none(),
+        // The other worker holds its one lease: nothing to take or steal while it is alive.
+        assert_eq!(
+            me.plan(&[&lease], 1).await,
+            Plan::default(),
             "first sight starts the clock"
         );
         tokio::time::advance(Duration::from_secs(9)).await;
-        assert!(
-            me.try_take(&lease).await.unwrap().is_none(),
+        assert_eq!(
+            me.plan(&[&lease], 1).await,
+            Plan::default(),
             "not expired after 9 s"
         );
         tokio::time::advance(Duration::from_secs(1)).await;
-        let taken = me
-            .try_take(&lease)
-            .await
-            .unwrap()
-            .expect("expired after 10 s");
+        assert_eq!(
+            me.plan(&[&lease], 1).await.take,
+            ["s"],
+            "expired after 10 s"
+        );
+        let taken = me.take(&lease).await.unwrap().expect("taken");
         assert_eq!(taken.owner.as_deref(), Some("me"));
     }
 
@@ -236,19 +252,21 @@ mod tests {
         let store: Arc<dyn LeaseStore> = Arc::new(MemoryLeaseStore::new());
         let lease = owned_by_other(&store).await;
         let me = LeaseManager::new(Arc::clone(&store), "me".into(), Duration::from_secs(10));
-        assert!(me.try_take(&lease).await.unwrap().is_none());
+        assert_eq!(me.plan(&[&lease], 1).await, Plan::default());
         tokio::time::advance(Duration::from_secs(8)).await;
         let renew = LeaseUpdate::Renew {
             owner: "other".into(),
         };
         let renewed = store.update("s", lease.counter, &renew).await.unwrap();
-        assert!(
-            me.try_take(&renewed).await.unwrap().is_none(),
+        assert_eq!(
+            me.plan(&[&renewed], 1).await,
+            Plan::default(),
             "a new counter: clock restarts"
         );
         tokio::time::advance(Duration::from_secs(8)).await;
-        assert!(
-            me.try_take(&renewed).await.unwrap().is_none(),
+        assert_eq!(
+            me.plan(&[&renewed], 1).await,
+            Plan::default(),
             "8 s since the renewal"
         );
     }
@@ -262,10 +280,12 @@ mod tests {
             .unwrap();
         let me = LeaseManager::new(Arc::clone(&store), "me".into(), Duration::from_secs(10));
         let free = store.get("s").await.unwrap().unwrap();
-        let taken = me.try_take(&free).await.unwrap().expect("a free lease");
-        // A restarted worker with the same id takes its lease back at once.
+        assert_eq!(me.plan(&[&free], 1).await.take, ["s"]);
+        let taken = me.take(&free).await.unwrap().expect("a free lease");
+        // A restarted worker with the same id owns it already and takes it back at once.
         let again = LeaseManager::new(Arc::clone(&store), "me".into(), Duration::from_secs(10));
-        assert!(again.try_take(&taken).await.unwrap().is_some());
+        assert!(again.owns(&taken));
+        assert!(again.take(&taken).await.unwrap().is_some());
         // The first instance's counter is stale now: its checkpoint is rejected.
         let err = me
             .checkpoint("s", ShardCheckpoint::shard_end())

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::checkpoint::Epoch;
 use crate::error::{BuildError, Error, ShardStopped};
 use crate::lease::{Lease, LeaseStore, ShardCheckpoint};
-use crate::position::{ShardId, ShardInfo};
+use crate::position::ShardId;
 use crate::source::ReadLimits;
 use crate::topology::stream::{Topology, WorkerCx};
 use leases::LeaseManager;
@@ -56,8 +56,12 @@ pub struct RuntimeConfig {
     pub checkpoint_interval: Duration,
     /// A lease not renewed for this long may be taken by another worker (KCL: 10 s).
     pub lease_duration: Duration,
-    /// How often the shard list is re-read to find children of resharded shards.
+    /// How often the shard list is re-read and leases rebalanced (children of resharded shards,
+    /// expired leases, workers that joined).
     pub shard_sync_interval: Duration,
+    /// Leases stolen from a busier worker per round at most (KCL: 1), so that a joining worker
+    /// does not cause a stealing storm.
+    pub max_leases_to_steal: usize,
     /// Whether the run ends by itself.
     pub mode: RunMode,
 }
@@ -74,6 +78,7 @@ impl Default for RuntimeConfig {
             checkpoint_interval: Duration::from_secs(1),
             lease_duration: Duration::from_secs(10),
             shard_sync_interval: Duration::from_secs(10),
+            max_leases_to_steal: 1,
             mode: RunMode::Continuous,
         }
     }
@@ -226,17 +231,43 @@ impl Runtime {
                 let shards = topology.source.list_shards().await?;
                 leases.sync(&shards).await?;
                 let lease_list = leases.list().await?;
-                let busy: HashSet<&ShardId> = running
+                // A shard still finishing (waiting for its last commits) is busy too: starting it
+                // again would replace its progress while its last reports are in flight.
+                let busy: HashSet<ShardId> = running
                     .keys()
                     .chain(finishing.iter().map(|f| &f.0))
                     .chain(&completed)
+                    .cloned()
                     .collect();
-                for shard in eligible(&shards, &lease_list, &busy) {
-                    let lease = lease_list
+                let candidates = processable(&lease_list);
+                let plan = leases.plan(&candidates, config.max_leases_to_steal).await;
+                // Planned takes and steals, and this worker's own leases from an earlier run.
+                let mut keys: Vec<&str> = plan
+                    .take
+                    .iter()
+                    .chain(&plan.steal)
+                    .map(String::as_str)
+                    .collect();
+                keys.extend(
+                    candidates
                         .iter()
-                        .find(|l| l.key == shard.id.as_str())
-                        .expect("eligible shards have leases");
-                    let Some(taken) = leases.try_take(lease).await? else {
+                        .filter(|l| leases.owns(l))
+                        .map(|l| l.key.as_str()),
+                );
+                keys.sort_unstable();
+                keys.dedup();
+                for key in keys {
+                    let Some(shard) = shards.iter().find(|s| s.id.as_str() == key) else {
+                        continue;
+                    };
+                    if busy.contains(&shard.id) {
+                        continue;
+                    }
+                    let lease = candidates
+                        .iter()
+                        .find(|l| l.key == key)
+                        .expect("planned from candidates");
+                    let Some(taken) = leases.take(lease).await? else {
                         continue;
                     };
                     let cancel = CancellationToken::new();
@@ -412,29 +443,18 @@ async fn write_checkpoint(
     Ok(())
 }
 
-/// Shards to start: not busy in this run (running, finishing, done), not finished, and whose
-/// parents all reached their end (or left no lease), so per-key order holds across resharding.
-fn eligible<'a>(
-    shards: &'a [ShardInfo],
-    leases: &[Lease],
-    busy: &HashSet<&ShardId>,
-) -> Vec<&'a ShardInfo> {
+/// Leases this worker may process: not finished, and every parent reached its end (or left no
+/// lease), so per-key order holds across resharding.
+fn processable(leases: &[Lease]) -> Vec<&Lease> {
     let by_key: HashMap<&str, &Lease> = leases.iter().map(|l| (l.key.as_str(), l)).collect();
-    shards
+    leases
         .iter()
-        // A shard still finishing (waiting for its last commits) is busy too: starting it
-        // again would replace its progress while its last reports are in flight.
-        .filter(|s| !busy.contains(&s.id))
-        .filter(|s| {
-            by_key
-                .get(s.id.as_str())
-                .is_some_and(|l| !l.checkpoint.is_shard_end())
-        })
-        .filter(|s| {
-            s.parents.iter().all(|p| {
+        .filter(|l| !l.checkpoint.is_shard_end())
+        .filter(|l| {
+            l.parents.iter().all(|p| {
                 by_key
                     .get(p.as_str())
-                    .is_none_or(|l| l.checkpoint.is_shard_end())
+                    .is_none_or(|p| p.checkpoint.is_shard_end())
             })
         })
         .collect()

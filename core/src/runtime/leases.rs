@@ -198,6 +198,12 @@ impl LeaseManager {
         }
     }
 
+    /// The counter this worker last wrote for `key`, if it holds the lease (for model tests).
+    #[cfg(test)]
+    pub(crate) async fn held_counter(&self, key: &str) -> Option<u64> {
+        self.held.lock().await.get(key).copied()
+    }
+
     /// Forgets a lease without writing (it is lost anyway).
     pub(crate) async fn forget(&self, key: &str) {
         self.held.lock().await.remove(key);

@@ -1,6 +1,8 @@
 //! The runtime: runs a topology over the shards this worker holds leases for, checkpoints after
 //! sinks commit, and ends on shutdown (or, in a bounded run, when every shard is caught up).
 
+#[cfg(test)]
+mod lease_model;
 mod leases;
 pub mod metrics;
 mod shard_task;

@@ -535,3 +535,106 @@ async fn records_the_source_cannot_interpret_are_dead_lettered() {
     assert_eq!(letters[0].error, "aggregate digest mismatch");
     assert_eq!(letters[0].position.sequence.to_string(), "2");
 }
+
+/// Records the lease epoch of every batch written through it.
+struct EpochRecorder<T> {
+    inner: MemorySink<T>,
+    seen: Arc<std::sync::Mutex<Vec<(String, u64)>>>,
+}
+
+struct EpochRecorderWriter<T> {
+    inner: Box<dyn shardflow::core::sink::SinkWriter<T>>,
+    seen: Arc<std::sync::Mutex<Vec<(String, u64)>>>,
+}
+
+#[async_trait::async_trait]
+impl<T: Clone + Send + Sync + 'static> shardflow::Sink<T> for EpochRecorder<T> {
+    fn name(&self) -> &str {
+        "epochs"
+    }
+    async fn open(
+        &self,
+        cx: &shardflow::core::sink::SinkContext,
+    ) -> Result<Box<dyn shardflow::core::sink::SinkWriter<T>>, shardflow::core::error::SinkError>
+    {
+        Ok(Box::new(EpochRecorderWriter {
+            inner: self.inner.open(cx).await?,
+            seen: Arc::clone(&self.seen),
+        }))
+    }
+}
+
+#[async_trait::async_trait]
+impl<T: Send + 'static> shardflow::core::sink::SinkWriter<T> for EpochRecorderWriter<T> {
+    async fn write(
+        &mut self,
+        batch: shardflow::core::sink::OutputBatch<T>,
+    ) -> Result<(), shardflow::core::error::SinkError> {
+        self.seen
+            .lock()
+            .unwrap()
+            .push((batch.shard.as_str().to_owned(), batch.lease_epoch.0));
+        self.inner.write(batch).await
+    }
+    async fn commit(&mut self) -> Result<(), shardflow::core::error::SinkError> {
+        self.inner.commit().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sinks_receive_the_lease_epoch_and_a_later_owner_has_a_larger_one() {
+    let stream = MemoryStream::new("epochs", 2);
+    let leases = Arc::new(MemoryLeaseStore::new());
+    let mut epochs_by_run = Vec::new();
+    for (run, worker) in ["first", "second"].into_iter().enumerate() {
+        for i in 0..10 {
+            push(&stream, i % 2, "u", (run * 10 + i) as i64);
+        }
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let records = EpochRecorder {
+            inner: MemorySink::new("records"),
+            seen: Arc::clone(&seen),
+        };
+        let counts = EpochRecorder {
+            inner: MemorySink::new("counts"),
+            seen: Arc::clone(&seen),
+        };
+        let clicks = Topology::builder("epochs").source(stream.clone().json::<Click>());
+        clicks.clone().sink(records);
+        let topology = clicks
+            .key_by(|c: &Click| c.user.clone())
+            .aggregate(Count)
+            .sink(counts)
+            .build()
+            .unwrap();
+        let config = RuntimeConfig {
+            worker_id: worker.into(),
+            ..bounded(2)
+        };
+        let store: Arc<dyn shardflow::LeaseStore> = leases.clone();
+        Runtime::new(topology, Arc::clone(&store))
+            .with_config(config)
+            .run()
+            .await
+            .unwrap();
+        let seen = seen.lock().unwrap().clone();
+        assert!(!seen.is_empty(), "run {run} wrote outputs");
+        // The epoch is the counter the worker's take left on the lease: the one the next
+        // owner's take starts from.
+        for (shard, epoch) in &seen {
+            let lease = store.get(shard).await.unwrap().unwrap();
+            assert!(
+                *epoch > 0 && *epoch < lease.counter,
+                "run {run}: epoch {epoch} of {shard} is the take's counter, below the final {}",
+                lease.counter
+            );
+        }
+        epochs_by_run.push(seen);
+    }
+    let first_max = epochs_by_run[0].iter().map(|e| e.1).max().unwrap();
+    let second_min = epochs_by_run[1].iter().map(|e| e.1).min().unwrap();
+    assert!(
+        second_min > first_max,
+        "the later owner fences the earlier one: {second_min} > {first_max}"
+    );
+}

@@ -68,6 +68,21 @@ impl ShardCheckpoint {
     }
 }
 
+/// A worker's fencing token for one shard: the lease counter it observed when it took the
+/// lease. Every take bumps the counter, so a later owner always holds a larger epoch, and a sink
+/// can refuse a write from a stale owner (one paused or partitioned past its lease) that would
+/// overwrite a newer owner's output.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct LeaseEpoch(pub u64);
+
+impl std::fmt::Display for LeaseEpoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 /// One lease: one item per shard, in the spirit of the KCL lease table.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
@@ -88,6 +103,11 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// The owner's fencing token, meaningful on the lease as its owner took it.
+    pub const fn epoch(&self) -> LeaseEpoch {
+        LeaseEpoch(self.counter)
+    }
+
     /// A new, unowned lease with no progress.
     pub fn new(key: impl Into<String>, parents: Vec<String>) -> Self {
         Self {

@@ -9,6 +9,7 @@ use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 use crate::error::SinkError;
+use crate::lease::LeaseEpoch;
 use crate::position::{EventTime, RecordPosition, ShardId};
 
 /// A window of event time, `[start, end)` in milliseconds.
@@ -182,6 +183,9 @@ pub struct Output<T> {
 pub struct OutputBatch<T> {
     /// The source shard the outputs derive from.
     pub shard: ShardId,
+    /// The writing worker's lease epoch for `shard` (its fencing token): a sink that keeps
+    /// it with the output can refuse to let an older epoch overwrite a newer one.
+    pub lease_epoch: LeaseEpoch,
     /// The outputs.
     pub outputs: Vec<Output<T>>,
 }

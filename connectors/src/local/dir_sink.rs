@@ -474,6 +474,7 @@ fn read_outputs<T: DeserializeOwned>(
 
 #[cfg(test)]
 mod tests {
+    use shardflow_core::lease::LeaseEpoch;
     use shardflow_core::position::{RecordPosition, SequenceNumber};
     use shardflow_core::sink::{Output, OutputId, Window};
 
@@ -502,6 +503,7 @@ mod tests {
         writer
             .write(OutputBatch {
                 shard: ShardId::new("shardId-000000000000"),
+                lease_epoch: LeaseEpoch(1),
                 outputs,
             })
             .await
@@ -545,6 +547,7 @@ mod tests {
             writer
                 .write(OutputBatch {
                     shard: shard.clone(),
+                    lease_epoch: LeaseEpoch(1),
                     outputs,
                 })
                 .await
@@ -571,6 +574,7 @@ mod tests {
         let err = writer
             .write(OutputBatch {
                 shard: ShardId::new("s"),
+                lease_epoch: LeaseEpoch(1),
                 outputs,
             })
             .await

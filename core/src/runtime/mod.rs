@@ -277,6 +277,7 @@ impl Runtime {
                     let task = ShardTask {
                         shard: shard.clone(),
                         resume: taken.checkpoint.clone(),
+                        lease_epoch: taken.epoch(),
                         topology: Arc::clone(&topology),
                         config: Arc::clone(&config),
                         tracker: tracker.clone(),

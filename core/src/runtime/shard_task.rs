@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::checkpoint::Epoch;
 use crate::dead_letter::DeadLetterRecord;
 use crate::error::Error;
-use crate::lease::{CheckpointPosition, ShardCheckpoint};
+use crate::lease::{CheckpointPosition, LeaseEpoch, ShardCheckpoint};
 use crate::position::{EventTime, ShardInfo, StartPosition};
 use crate::record::RawBatch;
 use crate::runtime::metrics::Metrics;
@@ -41,6 +41,7 @@ const MAX_READ_BACKOFF: Duration = Duration::from_secs(5);
 pub(crate) struct ShardTask {
     pub(crate) shard: ShardInfo,
     pub(crate) resume: ShardCheckpoint,
+    pub(crate) lease_epoch: LeaseEpoch,
     pub(crate) topology: Arc<Topology>,
     pub(crate) config: Arc<RuntimeConfig>,
     pub(crate) tracker: Tracker,
@@ -274,6 +275,7 @@ impl ShardTask {
         );
         let cx = EpochCx {
             shard: id.clone(),
+            lease_epoch: self.lease_epoch,
             epoch: run.epoch,
             raw: Arc::clone(&raw),
             watermark,
@@ -312,6 +314,7 @@ impl ShardTask {
     async fn release(&self, run: &mut Running) -> Result<ShardOutcome, Error> {
         let cx = EpochCx {
             shard: self.shard.id.clone(),
+            lease_epoch: self.lease_epoch,
             epoch: run.epoch + 1,
             raw: Arc::default(),
             watermark: None,

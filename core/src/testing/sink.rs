@@ -1,5 +1,6 @@
 //! The sink conformance suite: commit makes outputs durable, identities overwrite.
 
+use crate::lease::LeaseEpoch;
 use crate::position::{RecordPosition, SequenceNumber, ShardId};
 use crate::sink::{InspectSink, Output, OutputBatch, OutputId, SinkContext, Window};
 
@@ -53,6 +54,7 @@ where
     writer
         .write(OutputBatch {
             shard: shard.clone(),
+            lease_epoch: LeaseEpoch(1),
             outputs,
         })
         .await
@@ -80,6 +82,7 @@ where
         writer
             .write(OutputBatch {
                 shard: shard.clone(),
+                lease_epoch: LeaseEpoch(1),
                 outputs,
             })
             .await
@@ -94,6 +97,7 @@ where
     replay
         .write(OutputBatch {
             shard: shard.clone(),
+            lease_epoch: LeaseEpoch(1),
             outputs,
         })
         .await
@@ -117,6 +121,7 @@ where
         writer
             .write(OutputBatch {
                 shard: s.clone(),
+                lease_epoch: LeaseEpoch(1),
                 outputs,
             })
             .await

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use crate::checkpoint::Epoch;
 use crate::dead_letter::{DeadLetter, DeadLetterRecord};
 use crate::error::{Error, ShardStopped, SinkError};
+use crate::lease::LeaseEpoch;
 use crate::position::{EventTime, ShardId};
 use crate::record::RawBatch;
 use crate::runtime::metrics::Metrics;
@@ -54,6 +55,8 @@ pub enum Ident {
 pub struct EpochCx {
     /// The source shard.
     pub shard: ShardId,
+    /// The worker's lease epoch for the shard (the fencing token sinks receive).
+    pub lease_epoch: LeaseEpoch,
     /// The epoch.
     pub epoch: Epoch,
     /// The epoch's raw records (resolves `Ident::Record` to positions).
@@ -467,6 +470,7 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
             .sink_records(&self.cx.topology, self.sink.name(), outputs.len());
         let batch = OutputBatch {
             shard: epoch.shard.clone(),
+            lease_epoch: epoch.lease_epoch,
             outputs,
         };
         // Writers take the batch by value and retry inside (they know which requests are safe

@@ -12,7 +12,7 @@ use shardflow::kinesis::{
 };
 use shardflow::prelude::*;
 use shardflow::AwsConfig;
-use shardflow::{MemoryLeaseStore, MemorySink};
+use shardflow::{LeaseStore, MemoryLeaseStore, MemorySink};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 struct Event {
@@ -129,7 +129,8 @@ async fn every_record_is_processed_once_across_a_split_and_a_merge_parents_first
             .sink(out.clone())
             .build()
             .unwrap();
-        let report = Runtime::new(topology, Arc::new(MemoryLeaseStore::new()))
+        let leases = Arc::new(MemoryLeaseStore::new());
+        let report = Runtime::new(topology, leases.clone())
             .with_config(bounded())
             .run()
             .await
@@ -138,6 +139,10 @@ async fn every_record_is_processed_once_across_a_split_and_a_merge_parents_first
             report.shards_ended.len(),
             3,
             "{emulator}: the split parent and both merge parents ended"
+        );
+        assert!(
+            leases.get(first.id.as_str()).await.unwrap().is_none(),
+            "{emulator}: the split parent's lease is cleaned up once its children started"
         );
 
         let mut values: Vec<u64> = out.contents().into_values().collect();
@@ -160,6 +165,40 @@ async fn every_record_is_processed_once_across_a_split_and_a_merge_parents_first
                 "{emulator}: {key} processed in order across the reshards"
             );
         }
+
+        // A second run cleans the merge parents' leases, leases no finished shard again and
+        // repeats nothing.
+        let again = MemorySink::new("again");
+        let topology = Topology::builder("reshard")
+            .source(source(&client, &stream).json::<Event>())
+            .map(|e: Event| e.n)
+            .sink(again.clone())
+            .build()
+            .unwrap();
+        Runtime::new(topology, leases.clone())
+            .with_config(bounded())
+            .run()
+            .await
+            .expect("second run");
+        assert!(again.contents().is_empty(), "{emulator}: nothing repeated");
+        let mut left: Vec<String> = leases
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| l.key)
+            .collect();
+        left.sort();
+        let mut open: Vec<String> = admin
+            .list_shards(&stream)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|s| !s.closed)
+            .map(|s| s.id.as_str().to_owned())
+            .collect();
+        open.sort();
+        assert_eq!(left, open, "{emulator}: only the open shards keep leases");
         admin.delete_stream(&stream).await.expect("delete");
     }
 }

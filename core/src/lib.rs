@@ -10,6 +10,7 @@ pub mod lease;
 pub mod memory;
 pub mod position;
 pub mod record;
+pub mod shard_sync;
 pub mod sink;
 pub mod source;
 #[cfg(any(test, feature = "testing"))]

@@ -13,6 +13,7 @@ use crate::balance::{plan, Observed, Plan};
 use crate::error::LeaseError;
 use crate::lease::{Lease, LeaseStore, LeaseUpdate, ShardCheckpoint};
 use crate::position::ShardInfo;
+use crate::shard_sync::{leases_to_clean, leases_to_create};
 
 pub(crate) struct LeaseManager {
     store: Arc<dyn LeaseStore>,
@@ -35,25 +36,35 @@ impl LeaseManager {
         }
     }
 
-    /// Creates a lease for every shard that has none.
+    /// Creates a lease for every new shard (see `shard_sync`).
     pub(crate) async fn sync(&self, shards: &[ShardInfo]) -> Result<(), LeaseError> {
-        let existing: HashMap<String, Lease> = self
-            .store
-            .list()
-            .await?
-            .into_iter()
-            .map(|l| (l.key.clone(), l))
-            .collect();
-        for shard in shards {
-            if !existing.contains_key(shard.id.as_str()) {
-                let parents = shard
-                    .parents
-                    .iter()
-                    .map(|p| p.as_str().to_owned())
-                    .collect();
-                self.store
-                    .create_if_absent(&Lease::new(shard.id.as_str(), parents))
-                    .await?;
+        let existing = self.store.list().await?;
+        for shard in leases_to_create(shards, &existing) {
+            let parents = shard
+                .parents
+                .iter()
+                .map(|p| p.as_str().to_owned())
+                .collect();
+            self.store
+                .create_if_absent(&Lease::new(shard.id.as_str(), parents))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the leases of finished parents whose children all started (see `shard_sync`).
+    pub(crate) async fn clean_finished_parents(
+        &self,
+        shards: &[ShardInfo],
+    ) -> Result<(), LeaseError> {
+        let existing = self.store.list().await?;
+        for lease in leases_to_clean(shards, &existing) {
+            // Conditional on the counter read: a lease someone changed since is left for a
+            // later round. Another worker deleting it first is just as good.
+            match self.store.delete(&lease.key, lease.counter).await {
+                Ok(()) => tracing::info!(lease = %lease.key, "finished parent's lease deleted"),
+                Err(LeaseError::ConditionFailed { .. } | LeaseError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(())

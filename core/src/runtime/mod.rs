@@ -298,6 +298,8 @@ impl Runtime {
                     tracing::info!(topology = %name, shard = %id, "processing shard");
                     shard_tasks.spawn(async move { (id, task.run().await) });
                 }
+                // After the takes, so that children started in this round free their parents.
+                leases.clean_finished_parents(&shards).await?;
                 self.metrics.leases(&name, leases.held_count().await);
             }
             if running.is_empty() && finishing.is_empty() {

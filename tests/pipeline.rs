@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use shardflow::core::memory::MemoryStream;
 use shardflow::prelude::*;
-use shardflow::{MemoryLeaseStore, MemorySink};
+use shardflow::{LeaseStore, MemoryLeaseStore, MemorySink};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 struct Click {
@@ -637,4 +637,140 @@ async fn sinks_receive_the_lease_epoch_and_a_later_owner_has_a_larger_one() {
         second_min > first_max,
         "the later owner fences the earlier one: {second_min} > {first_max}"
     );
+}
+
+/// A lease store whose writes hang while `blocked` is set (a DynamoDB outage or a partition
+/// as the worker sees it), so the worker cannot renew.
+struct StallingLeaseStore {
+    inner: MemoryLeaseStore,
+    blocked: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl shardflow::LeaseStore for StallingLeaseStore {
+    async fn list(
+        &self,
+    ) -> Result<Vec<shardflow::core::lease::Lease>, shardflow::core::error::LeaseError> {
+        self.inner.list().await
+    }
+    async fn get(
+        &self,
+        key: &str,
+    ) -> Result<Option<shardflow::core::lease::Lease>, shardflow::core::error::LeaseError> {
+        self.inner.get(key).await
+    }
+    async fn create_if_absent(
+        &self,
+        lease: &shardflow::core::lease::Lease,
+    ) -> Result<bool, shardflow::core::error::LeaseError> {
+        self.inner.create_if_absent(lease).await
+    }
+    async fn update(
+        &self,
+        key: &str,
+        expected_counter: u64,
+        update: &shardflow::core::lease::LeaseUpdate,
+    ) -> Result<shardflow::core::lease::Lease, shardflow::core::error::LeaseError> {
+        while self.blocked.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.inner.update(key, expected_counter, update).await
+    }
+    async fn delete(
+        &self,
+        key: &str,
+        expected_counter: u64,
+    ) -> Result<(), shardflow::core::error::LeaseError> {
+        self.inner.delete(key, expected_counter).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_that_cannot_renew_sends_nothing_more_to_its_sinks_once_its_lease_may_have_moved()
+{
+    let stream = MemoryStream::new("stalled", 1);
+    let out = MemorySink::new("out");
+    let topology = Topology::builder("stalled")
+        .source(stream.clone().json::<Click>())
+        .sink(out.clone())
+        .build()
+        .unwrap();
+    let store = Arc::new(StallingLeaseStore {
+        inner: MemoryLeaseStore::new(),
+        blocked: false.into(),
+    });
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let config = RuntimeConfig {
+        worker_id: "a".into(),
+        mode: RunMode::Continuous,
+        idle_wait: Duration::from_millis(10),
+        checkpoint_interval: Duration::from_millis(100),
+        lease_duration: Duration::from_secs(1),
+        shard_sync_interval: Duration::from_millis(100),
+        ..bounded(1)
+    };
+    let run = tokio::spawn(
+        Runtime::new(topology, store.clone())
+            .with_config(config)
+            .with_shutdown(shutdown.clone())
+            .run(),
+    );
+    let wait_for = |n: usize| {
+        let out = out.clone();
+        async move {
+            for _ in 0..1_000 {
+                if out.contents().len() >= n {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    for i in 0..10 {
+        push(&stream, 0, "u", i);
+    }
+    wait_for(10).await;
+    assert_eq!(out.contents().len(), 10);
+
+    // The store stalls; past the lease duration, another worker may own the shard.
+    store
+        .blocked
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    for i in 10..20 {
+        push(&stream, 0, "u", i);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        out.contents().len(),
+        10,
+        "records read after the lease may have moved wait for a renewal"
+    );
+
+    // It did move: worker b stole it. When the store answers again, a's renewal fails and
+    // the shard stops there, before records 10..20 reach the sink.
+    let lease = store.inner.get("shard-0").await.unwrap().unwrap();
+    let steal = shardflow::core::lease::LeaseUpdate::Take { owner: "b".into() };
+    store
+        .inner
+        .update("shard-0", lease.counter, &steal)
+        .await
+        .unwrap();
+    store
+        .blocked
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(out.contents().len(), 10, "a never wrote past its lease");
+    // b never renews (it is no real worker): a lease duration later a takes the shard back
+    // with a new epoch and processes the rest from the checkpoint.
+    wait_for(20).await;
+    assert_eq!(out.contents().len(), 20);
+    let lease = store.inner.get("shard-0").await.unwrap().unwrap();
+    assert_eq!(lease.owner.as_deref(), Some("a"));
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("shutdown ends the run")
+        .unwrap()
+        .unwrap();
 }

@@ -13,16 +13,22 @@ use crate::balance::{plan, Observed, Plan};
 use crate::error::LeaseError;
 use crate::lease::{Lease, LeaseStore, LeaseUpdate, ShardCheckpoint};
 use crate::position::ShardInfo;
+use crate::runtime::lease_guard::LeaseGuard;
 use crate::shard_sync::{leases_to_clean, leases_to_create};
 
 pub(crate) struct LeaseManager {
     store: Arc<dyn LeaseStore>,
     owner: String,
     lease_duration: Duration,
-    /// Counter of each lease this worker holds, as last written by it.
-    held: Mutex<HashMap<String, u64>>,
+    /// Each lease this worker holds: the counter it last wrote, and how long it may act on it.
+    held: Mutex<HashMap<String, Held>>,
     /// Counter of other workers' leases and when this worker first saw it.
     observed: Mutex<HashMap<String, (u64, Instant)>>,
+}
+
+struct Held {
+    counter: u64,
+    guard: LeaseGuard,
 }
 
 impl LeaseManager {
@@ -94,12 +100,16 @@ impl LeaseManager {
         let take = LeaseUpdate::Take {
             owner: self.owner.clone(),
         };
+        let started = Instant::now();
         match self.store.update(&lease.key, lease.counter, &take).await {
             Ok(taken) => {
-                self.held
-                    .lock()
-                    .await
-                    .insert(taken.key.clone(), taken.counter);
+                let held = Held {
+                    counter: taken.counter,
+                    guard: LeaseGuard::new(started, self.lease_duration),
+                };
+                if let Some(old) = self.held.lock().await.insert(taken.key.clone(), held) {
+                    old.guard.revoke();
+                }
                 Ok(Some(taken))
             }
             Err(LeaseError::ConditionFailed { .. } | LeaseError::LeaseLost { .. }) => Ok(None),
@@ -130,15 +140,19 @@ impl LeaseManager {
 
     async fn apply(&self, key: &str, update: LeaseUpdate) -> Result<Lease, LeaseError> {
         let mut held = self.held.lock().await;
-        let counter = *held.get(key).ok_or_else(|| LeaseError::LeaseLost {
+        let entry = held.get_mut(key).ok_or_else(|| LeaseError::LeaseLost {
             lease_key: key.to_owned(),
         })?;
-        match self.store.update(key, counter, &update).await {
+        let started = Instant::now();
+        match self.store.update(key, entry.counter, &update).await {
             Ok(lease) => {
                 if matches!(update, LeaseUpdate::Release { .. }) {
+                    entry.guard.revoke();
                     held.remove(key);
                 } else {
-                    held.insert(key.to_owned(), lease.counter);
+                    // Any write bumps the counter, which restarts other workers' expiry clocks.
+                    entry.counter = lease.counter;
+                    entry.guard.extend(started, self.lease_duration);
                 }
                 Ok(lease)
             }
@@ -147,6 +161,7 @@ impl LeaseManager {
                     e,
                     LeaseError::LeaseLost { .. } | LeaseError::NotFound { .. }
                 ) {
+                    entry.guard.revoke();
                     held.remove(key);
                 }
                 Err(e)
@@ -212,12 +227,19 @@ impl LeaseManager {
     /// The counter this worker last wrote for `key`, if it holds the lease (for model tests).
     #[cfg(test)]
     pub(crate) async fn held_counter(&self, key: &str) -> Option<u64> {
-        self.held.lock().await.get(key).copied()
+        self.held.lock().await.get(key).map(|h| h.counter)
+    }
+
+    /// How long this worker may act on `key`, while it holds it.
+    pub(crate) async fn guard(&self, key: &str) -> Option<LeaseGuard> {
+        self.held.lock().await.get(key).map(|h| h.guard.clone())
     }
 
     /// Forgets a lease without writing (it is lost anyway).
     pub(crate) async fn forget(&self, key: &str) {
-        self.held.lock().await.remove(key);
+        if let Some(held) = self.held.lock().await.remove(key) {
+            held.guard.revoke();
+        }
     }
 }
 

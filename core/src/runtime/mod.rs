@@ -1,6 +1,7 @@
 //! The runtime: runs a topology over the shards this worker holds leases for, checkpoints after
 //! sinks commit, and ends on shutdown (or, in a bounded run, when every shard is caught up).
 
+mod lease_guard;
 #[cfg(test)]
 mod lease_model;
 mod leases;
@@ -116,8 +117,13 @@ impl RuntimeConfig {
         if self.checkpoint_interval.is_zero() {
             return bad("checkpoint_interval", "must be positive");
         }
-        if self.lease_duration < self.checkpoint_interval {
-            return bad("lease_duration", "must be at least the checkpoint interval");
+        // Leases are renewed on checkpoint ticks once a third of the lease duration passed;
+        // the next tick must come well before the lease runs out by this worker's own clock.
+        if self.lease_duration < self.checkpoint_interval * 2 {
+            return bad(
+                "lease_duration",
+                "must be at least twice the checkpoint interval",
+            );
         }
         Ok(())
     }
@@ -273,11 +279,13 @@ impl Runtime {
                         continue;
                     };
                     let cancel = CancellationToken::new();
+                    let lease_guard = leases.guard(&taken.key).await.expect("just taken");
                     tracker.start_shard(&shard.id, taken.checkpoint.clone(), paths);
                     let task = ShardTask {
                         shard: shard.clone(),
                         resume: taken.checkpoint.clone(),
                         lease_epoch: taken.epoch(),
+                        lease_guard,
                         topology: Arc::clone(&topology),
                         config: Arc::clone(&config),
                         tracker: tracker.clone(),
@@ -463,4 +471,63 @@ fn processable(leases: &[Lease]) -> Vec<&Lease> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+
+    fn field_of(config: &RuntimeConfig) -> Option<&'static str> {
+        match config.validate() {
+            Ok(()) => None,
+            Err(BuildError::InvalidConfig { field, .. }) => Some(field),
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid_and_each_bad_value_names_its_field() {
+        let ok = RuntimeConfig::default();
+        assert_eq!(field_of(&ok), None);
+        let cases: [(RuntimeConfig, &str); 5] = [
+            (
+                RuntimeConfig {
+                    worker_id: String::new(),
+                    ..ok.clone()
+                },
+                "worker_id",
+            ),
+            (
+                RuntimeConfig {
+                    parallelism: 0,
+                    ..ok.clone()
+                },
+                "parallelism",
+            ),
+            (
+                RuntimeConfig {
+                    channel_capacity: 0,
+                    ..ok.clone()
+                },
+                "channel_capacity",
+            ),
+            (
+                RuntimeConfig {
+                    checkpoint_interval: Duration::ZERO,
+                    ..ok.clone()
+                },
+                "checkpoint_interval",
+            ),
+            (
+                RuntimeConfig {
+                    lease_duration: Duration::from_millis(1_500),
+                    ..ok
+                },
+                "lease_duration",
+            ),
+        ];
+        for (config, field) in cases {
+            assert_eq!(field_of(&config), Some(field));
+        }
+    }
 }

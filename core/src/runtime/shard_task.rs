@@ -12,6 +12,7 @@ use crate::error::Error;
 use crate::lease::{CheckpointPosition, LeaseEpoch, ShardCheckpoint};
 use crate::position::{EventTime, ShardInfo, StartPosition};
 use crate::record::RawBatch;
+use crate::runtime::lease_guard::LeaseGuard;
 use crate::runtime::metrics::Metrics;
 use crate::runtime::tracker::Tracker;
 use crate::runtime::{RunMode, RuntimeConfig};
@@ -42,6 +43,9 @@ pub(crate) struct ShardTask {
     pub(crate) shard: ShardInfo,
     pub(crate) resume: ShardCheckpoint,
     pub(crate) lease_epoch: LeaseEpoch,
+    /// Checked before each batch goes on to the sinks: a worker paused past its lease waits
+    /// for a renewal (and learns there whether the lease is still its own).
+    pub(crate) lease_guard: LeaseGuard,
     pub(crate) topology: Arc<Topology>,
     pub(crate) config: Arc<RuntimeConfig>,
     pub(crate) tracker: Tracker,
@@ -139,6 +143,9 @@ impl ShardTask {
                 }
                 Err(e) => return Err(e.into()),
             };
+            if !self.lease_guard.wait_valid(&self.cancel).await {
+                return self.release(&mut run).await;
+            }
             if let Some(behind) = batch.millis_behind_latest {
                 self.metrics
                     .behind(&self.topology.name, id.as_str(), behind);

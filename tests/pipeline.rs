@@ -774,3 +774,96 @@ async fn a_worker_that_cannot_renew_sends_nothing_more_to_its_sinks_once_its_lea
         .unwrap()
         .unwrap();
 }
+
+/// Refuses its first commit as fenced (a newer lease epoch wrote), then behaves.
+struct FencedOnce {
+    inner: MemorySink<Click>,
+    refused: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+struct FencedOnceWriter {
+    inner: Box<dyn shardflow::core::sink::SinkWriter<Click>>,
+    refused: Arc<std::sync::atomic::AtomicUsize>,
+    epoch: u64,
+}
+
+#[async_trait::async_trait]
+impl shardflow::Sink<Click> for FencedOnce {
+    fn name(&self) -> &str {
+        "fenced-once"
+    }
+    async fn open(
+        &self,
+        cx: &shardflow::core::sink::SinkContext,
+    ) -> Result<Box<dyn shardflow::core::sink::SinkWriter<Click>>, shardflow::core::error::SinkError>
+    {
+        Ok(Box::new(FencedOnceWriter {
+            inner: self.inner.open(cx).await?,
+            refused: Arc::clone(&self.refused),
+            epoch: 0,
+        }))
+    }
+}
+
+#[async_trait::async_trait]
+impl shardflow::core::sink::SinkWriter<Click> for FencedOnceWriter {
+    async fn write(
+        &mut self,
+        batch: shardflow::core::sink::OutputBatch<Click>,
+    ) -> Result<(), shardflow::core::error::SinkError> {
+        self.epoch = batch.lease_epoch.0;
+        self.inner.write(batch).await
+    }
+    async fn commit(&mut self) -> Result<(), shardflow::core::error::SinkError> {
+        if self
+            .refused
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            == 0
+        {
+            return Err(shardflow::core::error::SinkError {
+                sink: "fenced-once".into(),
+                operation: "commit",
+                retryable: false,
+                source: Box::new(shardflow::core::error::Fenced {
+                    shard: shardflow::ShardId::new("shard-0"),
+                    output: "r/1-0-0".into(),
+                    epoch: self.epoch,
+                }),
+            });
+        }
+        self.inner.commit().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_write_stops_the_shard_not_the_run_and_the_shard_is_replayed() {
+    let stream = MemoryStream::new("fenced", 1);
+    for i in 0..10 {
+        push(&stream, 0, "u", i);
+    }
+    let out = MemorySink::new("out");
+    let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let topology = Topology::builder("fenced")
+        .source(stream.clone().json::<Click>())
+        .sink(FencedOnce {
+            inner: out.clone(),
+            refused: Arc::clone(&refused),
+        })
+        .build()
+        .unwrap();
+    let config = RuntimeConfig {
+        shard_sync_interval: Duration::from_millis(10),
+        ..bounded(1)
+    };
+    Runtime::new(topology, Arc::new(MemoryLeaseStore::new()))
+        .with_config(config)
+        .run()
+        .await
+        .expect("a fenced shard does not fail the run");
+    assert!(refused.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    assert_eq!(
+        out.contents().len(),
+        10,
+        "the shard was taken again and replayed from its checkpoint"
+    );
+}

@@ -68,6 +68,28 @@ pub struct SinkError {
     pub source: BoxError,
 }
 
+impl SinkError {
+    /// Whether the sink refused the write because a newer lease epoch already wrote (part of)
+    /// it: this writer's lease moved on, and its shard must stop (see [`Fenced`]).
+    pub fn is_fenced(&self) -> bool {
+        self.source.downcast_ref::<Fenced>().is_some()
+    }
+}
+
+/// A fencing sink refused a write from a stale lease epoch: a newer owner of the shard already
+/// wrote the output. Carried as the source of a [`SinkError`]; test with
+/// [`SinkError::is_fenced`].
+#[derive(Debug, thiserror::Error)]
+#[error("output {output} of shard {shard} was written by a newer lease epoch than this writer's {epoch}")]
+pub struct Fenced {
+    /// The source shard.
+    pub shard: ShardId,
+    /// The output's identity path.
+    pub output: String,
+    /// The refused writer's epoch.
+    pub epoch: u64,
+}
+
 /// A lease operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

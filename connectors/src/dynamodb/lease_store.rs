@@ -3,14 +3,10 @@
 //! that decides it is core's `apply_update`, the same as every other store.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::error::SdkError;
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
-    ScalarAttributeType, TableStatus,
-};
+use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_dynamodb::Client;
 
 use shardflow_core::error::{BoxError, LeaseError};
@@ -18,6 +14,8 @@ use shardflow_core::lease::{
     apply_update, check_delete, CheckpointPosition, Lease, LeaseStore, LeaseUpdate, ShardCheckpoint,
 };
 use shardflow_core::position::{RecordPosition, SequenceNumber};
+
+use super::table::ensure_table;
 
 // Attribute names: the KCL's where it has one.
 const LEASE_KEY: &str = "leaseKey";
@@ -36,9 +34,6 @@ const REBUILD_WATERMARK: &str = "rebuildWatermark";
 // Checkpoint sentinels, as the KCL writes them.
 const SHARD_END: &str = "SHARD_END";
 const INITIAL: &str = "TRIM_HORIZON";
-
-/// Longest wait for a created table to become ACTIVE.
-const TABLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Leases in a DynamoDB table (created on first use, on-demand billing).
 #[derive(Clone, Debug)]
@@ -100,74 +95,9 @@ impl DynamoLeaseStore {
     }
 
     async fn ensure_table(&self) -> Result<(), LeaseError> {
-        let exists = match self
-            .client
-            .describe_table()
-            .table_name(&self.table)
-            .send()
+        ensure_table(&self.client, &self.table, LEASE_KEY)
             .await
-        {
-            Ok(_) => true,
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_resource_not_found_exception()) =>
-            {
-                false
-            }
-            Err(e) => return Err(sdk_error("describe table", e)),
-        };
-        if !exists {
-            let created = self
-                .client
-                .create_table()
-                .table_name(&self.table)
-                .billing_mode(BillingMode::PayPerRequest)
-                .attribute_definitions(
-                    AttributeDefinition::builder()
-                        .attribute_name(LEASE_KEY)
-                        .attribute_type(ScalarAttributeType::S)
-                        .build()
-                        .map_err(|e| store_error("create table", false, e))?,
-                )
-                .key_schema(
-                    KeySchemaElement::builder()
-                        .attribute_name(LEASE_KEY)
-                        .key_type(KeyType::Hash)
-                        .build()
-                        .map_err(|e| store_error("create table", false, e))?,
-                )
-                .send()
-                .await;
-            match created {
-                Ok(_) => {}
-                // Another worker created it first: fine.
-                Err(e)
-                    if e.as_service_error()
-                        .is_some_and(|s| s.is_resource_in_use_exception()) => {}
-                Err(e) => return Err(sdk_error("create table", e)),
-            }
-        }
-        let deadline = tokio::time::Instant::now() + TABLE_TIMEOUT;
-        loop {
-            let out = self
-                .client
-                .describe_table()
-                .table_name(&self.table)
-                .send()
-                .await
-                .map_err(|e| sdk_error("describe table", e))?;
-            if out.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(store_error(
-                    "create table",
-                    true,
-                    format!("table {} not ACTIVE after {TABLE_TIMEOUT:?}", self.table),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            .map_err(|e| store_error(e.operation, e.retryable, e.source))
     }
 
     async fn read(&self, key: &str) -> Result<Option<Lease>, LeaseError> {

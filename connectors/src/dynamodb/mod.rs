@@ -1,5 +1,10 @@
-//! DynamoDB: the lease store that coordinates workers (feature `dynamodb`).
+//! DynamoDB: the lease store that coordinates workers, and a fencing, idempotent sink
+//! (feature `dynamodb`).
 
+mod attribute;
 mod lease_store;
+mod sink;
+mod table;
 
 pub use lease_store::DynamoLeaseStore;
+pub use sink::{DynamoSink, DynamoSinkError, DynamoWriteMode};

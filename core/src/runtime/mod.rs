@@ -348,6 +348,14 @@ impl Runtime {
                             tracker.stop_shard(&id);
                             leases.forget(&shard.lease_key).await;
                         }
+                        Ok(ShardOutcome::Fenced) => {
+                            tracker.stop_shard(&id);
+                            leases.forget(&shard.lease_key).await;
+                            // Look at the lease table again: the newer owner keeps the shard,
+                            // or, if the lease is still this worker's, it resumes from the
+                            // checkpoint.
+                            need_sync = true;
+                        }
                         Err(Error::ShardStopped(stop)) => {
                             tracker.stop_shard(&id);
                             completed.insert(id);

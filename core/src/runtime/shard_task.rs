@@ -31,6 +31,8 @@ pub(crate) enum ShardOutcome {
     Finished { last_epoch: Epoch, shard_end: bool },
     /// Stopped on request (shutdown or lost lease) after `last_epoch`.
     Cancelled { last_epoch: Epoch },
+    /// A sink refused a write as stale: a newer lease epoch owns the shard.
+    Fenced,
 }
 
 /// The path number of the shard task itself (its sinks and dead letters).
@@ -180,21 +182,31 @@ impl ShardTask {
                     }
                     None => (std::mem::take(&mut rest), false),
                 };
-                self.epoch(&mut run, part, replay, Control::Continue)
-                    .await?;
+                let done = self.epoch(&mut run, part, replay, Control::Continue).await;
+                if let Some(fenced) = self.fenced(&mut run, done).await? {
+                    return Ok(fenced);
+                }
             }
             match batch.status {
                 ShardStatus::Ended => {
-                    self.epoch(&mut run, RawBatch::default(), false, Control::ShardEnd)
-                        .await?;
+                    let done = self
+                        .epoch(&mut run, RawBatch::default(), false, Control::ShardEnd)
+                        .await;
+                    if let Some(fenced) = self.fenced(&mut run, done).await? {
+                        return Ok(fenced);
+                    }
                     return Ok(ShardOutcome::Finished {
                         last_epoch: run.epoch,
                         shard_end: true,
                     });
                 }
                 ShardStatus::CaughtUp if self.config.mode == RunMode::UntilCaughtUp => {
-                    self.epoch(&mut run, RawBatch::default(), false, Control::EndOfInput)
-                        .await?;
+                    let done = self
+                        .epoch(&mut run, RawBatch::default(), false, Control::EndOfInput)
+                        .await;
+                    if let Some(fenced) = self.fenced(&mut run, done).await? {
+                        return Ok(fenced);
+                    }
                     return Ok(ShardOutcome::Finished {
                         last_epoch: run.epoch,
                         shard_end: false,
@@ -315,6 +327,25 @@ impl ShardTask {
         self.tracker
             .report(SHARD_PATH, &[(id.clone(), run.epoch, None)]);
         Ok(())
+    }
+
+    /// Passes an epoch's result on, except a sink's fencing refusal: the lease moved on, so the
+    /// shard stops like a lost lease (state dropped, nothing checkpointed) instead of failing
+    /// the run.
+    async fn fenced(
+        &self,
+        run: &mut Running,
+        done: Result<(), Error>,
+    ) -> Result<Option<ShardOutcome>, Error> {
+        match done {
+            Ok(()) => Ok(None),
+            Err(Error::Sink(error)) if error.is_fenced() => {
+                tracing::warn!(shard = %self.shard.id, %error, "fenced by a newer lease epoch; stopping the shard");
+                self.release(run).await?;
+                Ok(Some(ShardOutcome::Fenced))
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// Tells the keyed workers to drop the shard's state and returns `Cancelled`.

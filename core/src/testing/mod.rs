@@ -6,7 +6,7 @@ mod sink;
 
 pub use keyed_harness::KeyedHarness;
 pub use lease_store::lease_store_conformance;
-pub use sink::sink_conformance;
+pub use sink::{fencing_sink_conformance, sink_conformance};
 
 #[cfg(test)]
 mod tests {

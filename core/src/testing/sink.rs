@@ -136,3 +136,66 @@ where
     writer.commit().await.expect("empty commit");
     assert!(sink.committed().await.expect("read back").is_empty());
 }
+
+/// Checks a fencing sink: an output written under a lease epoch cannot be overwritten from an
+/// older epoch (the write or its commit fails with [`SinkError::is_fenced`] and the newer value
+/// stays); the same or a newer epoch may overwrite it (a refined window result).
+///
+/// # Panics
+/// On the first check the sink fails, naming it.
+///
+/// [`SinkError::is_fenced`]: crate::error::SinkError::is_fenced
+pub async fn fencing_sink_conformance<T, S, F, Fut>(make: F, value: impl Fn(u64) -> T)
+where
+    T: Clone + PartialEq + std::fmt::Debug + Send + Sync + 'static,
+    S: InspectSink<T>,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = S>,
+{
+    let shard = ShardId::new("shardId-000000000000");
+    let id = OutputId::Keyed {
+        key: "k".into(),
+        window: Some(Window::new(0, 60_000)),
+    };
+    let sink = make().await;
+    let put = |epoch: u64, v: u64| OutputBatch {
+        shard: shard.clone(),
+        lease_epoch: LeaseEpoch(epoch),
+        outputs: vec![Output {
+            id: id.clone(),
+            value: value(v),
+        }],
+    };
+    let read = || async {
+        sink.committed()
+            .await
+            .expect("read back")
+            .get(&(shard.clone(), id.to_path()))
+            .cloned()
+    };
+    let mut newer = sink.open(&cx("newer")).await.expect("open");
+    newer.write(put(5, 1)).await.expect("write");
+    newer.commit().await.expect("commit");
+
+    let mut stale = sink.open(&cx("stale")).await.expect("open");
+    let refused = match stale.write(put(4, 2)).await {
+        Err(e) => e,
+        Ok(()) => stale
+            .commit()
+            .await
+            .expect_err("a stale epoch's overwrite is refused"),
+    };
+    assert!(refused.is_fenced(), "refused as fenced: {refused}");
+    assert_eq!(read().await, Some(value(1)), "the newer value stays");
+
+    newer.write(put(5, 3)).await.expect("write");
+    newer
+        .commit()
+        .await
+        .expect("the same epoch refines its output");
+    assert_eq!(read().await, Some(value(3)));
+    let mut next = sink.open(&cx("next")).await.expect("open");
+    next.write(put(6, 4)).await.expect("write");
+    next.commit().await.expect("a newer epoch overwrites");
+    assert_eq!(read().await, Some(value(4)));
+}

@@ -1,0 +1,272 @@
+//! `DynamoSink` against dynalite (started by scripts/test.sh): the sink and fencing conformance
+//! suites in both write modes, oversized items refused with a clear error; and, with scripted
+//! SDK responses, throttled puts retried and unprocessed batch items re-sent.
+
+use std::time::Duration;
+
+use aws_sdk_dynamodb::config::retry::RetryConfig;
+use aws_sdk_dynamodb::operation::batch_write_item::BatchWriteItemOutput;
+use aws_sdk_dynamodb::operation::describe_table::DescribeTableOutput;
+use aws_sdk_dynamodb::operation::put_item::{PutItemError, PutItemOutput};
+use aws_sdk_dynamodb::types::error::ProvisionedThroughputExceededException;
+use aws_sdk_dynamodb::types::{
+    AttributeValue, PutRequest, TableDescription, TableStatus, WriteRequest,
+};
+use aws_sdk_dynamodb::Client;
+use aws_smithy_mocks::{mock, mock_client, RuleMode};
+use serde::{Deserialize, Serialize};
+use shardflow_connectors::dynamodb::{DynamoSink, DynamoSinkError, DynamoWriteMode};
+use shardflow_connectors::AwsConfig;
+use shardflow_core::lease::LeaseEpoch;
+use shardflow_core::position::ShardId;
+use shardflow_core::sink::{Output, OutputBatch, OutputId, Sink, SinkContext, Window};
+use shardflow_core::testing::{fencing_sink_conformance, sink_conformance};
+
+async fn client() -> Client {
+    let var = "SHARDFLOW_DYNAMODB_ENDPOINT";
+    let endpoint =
+        std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: run scripts/test.sh"));
+    AwsConfig::emulator(endpoint).dynamodb_client().await
+}
+
+fn table(prefix: &str) -> String {
+    format!("{prefix}-{}-{}", std::process::id(), rand::random::<u32>())
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Stats {
+    campaign: String,
+    clicks: u64,
+    ctr: f64,
+    tags: Vec<String>,
+}
+
+fn stats(i: u64) -> Stats {
+    Stats {
+        campaign: format!("c-{i}"),
+        clicks: i,
+        ctr: i as f64 / 8.0,
+        tags: vec!["a".into(), format!("t{i}")],
+    }
+}
+
+fn cx() -> SinkContext {
+    SinkContext {
+        topology: "t".into(),
+        instance: "w".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dynamodb_sink_passes_the_sink_and_fencing_suites_in_both_modes() {
+    let client = client().await;
+    for mode in [DynamoWriteMode::default(), DynamoWriteMode::Batch] {
+        let make = || {
+            let client = client.clone();
+            async move {
+                DynamoSink::<Stats>::open(client, table("sink"))
+                    .await
+                    .expect("table")
+                    .mode(mode)
+            }
+        };
+        sink_conformance(make, stats).await;
+    }
+    fencing_sink_conformance(
+        || {
+            let client = client.clone();
+            async move {
+                DynamoSink::<Stats>::open(client, table("fenced"))
+                    .await
+                    .expect("table")
+            }
+        },
+        stats,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn window_results_are_items_a_user_can_query_by_key_and_window() {
+    let client = client().await;
+    let name = table("layout");
+    let sink = DynamoSink::<Stats>::open(client.clone(), &name)
+        .await
+        .expect("table");
+    let mut writer = sink.open(&cx()).await.unwrap();
+    writer
+        .write(OutputBatch {
+            shard: ShardId::new("shardId-000000000003"),
+            lease_epoch: LeaseEpoch(7),
+            outputs: vec![Output {
+                id: OutputId::Keyed {
+                    key: "c-1".into(),
+                    window: Some(Window::new(60_000, 120_000)),
+                },
+                value: stats(3),
+            }],
+        })
+        .await
+        .unwrap();
+    writer.commit().await.unwrap();
+    let item = client
+        .get_item()
+        .table_name(&name)
+        .key(
+            "id",
+            AttributeValue::S(
+                "t/shardId-000000000003/w/00000000000000060000-00000000000000120000/c-1".into(),
+            ),
+        )
+        .send()
+        .await
+        .unwrap()
+        .item
+        .expect("the item, under its identity");
+    let n = |k: &str| item[k].as_n().unwrap().clone();
+    assert_eq!(item["key"].as_s().unwrap(), "c-1");
+    assert_eq!(n("windowStart"), "60000");
+    assert_eq!(n("windowEnd"), "120000");
+    assert_eq!(n("leaseEpoch"), "7");
+    let value = item["value"].as_m().unwrap();
+    assert_eq!(value["clicks"].as_n().unwrap(), "3");
+    assert_eq!(value["campaign"].as_s().unwrap(), "c-3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_item_over_400_kb_is_refused_at_write_with_a_clear_error() {
+    let sink = DynamoSink::<String>::open(client().await, table("big"))
+        .await
+        .expect("table");
+    let mut writer = sink.open(&cx()).await.unwrap();
+    let err = writer
+        .write(OutputBatch {
+            shard: ShardId::new("s"),
+            lease_epoch: LeaseEpoch(1),
+            outputs: vec![Output {
+                id: OutputId::Keyed {
+                    key: "k".into(),
+                    window: None,
+                },
+                value: "x".repeat(410 * 1024),
+            }],
+        })
+        .await
+        .expect_err("too large");
+    assert!(!err.retryable);
+    assert!(
+        matches!(
+            err.source.downcast_ref::<DynamoSinkError>(),
+            Some(DynamoSinkError::ItemTooLarge { .. })
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("t/s/k/k"), "names the item: {err}");
+    writer.commit().await.expect("nothing was buffered");
+    use shardflow_core::sink::InspectSink;
+    assert!(sink.committed().await.unwrap().is_empty());
+}
+
+fn active_table() -> DescribeTableOutput {
+    DescribeTableOutput::builder()
+        .table(
+            TableDescription::builder()
+                .table_status(TableStatus::Active)
+                .build(),
+        )
+        .build()
+}
+
+fn one_output(key: &str) -> OutputBatch<u64> {
+    OutputBatch {
+        shard: ShardId::new("s"),
+        lease_epoch: LeaseEpoch(1),
+        outputs: vec![Output {
+            id: OutputId::Keyed {
+                key: key.into(),
+                window: None,
+            },
+            value: 1,
+        }],
+    }
+}
+
+#[tokio::test]
+async fn throttled_puts_are_retried_with_backoff() {
+    let describe = mock!(Client::describe_table).then_output(active_table);
+    let put = mock!(Client::put_item)
+        .sequence()
+        .error(|| {
+            PutItemError::ProvisionedThroughputExceededException(
+                ProvisionedThroughputExceededException::builder()
+                    .message("slow down")
+                    .build(),
+            )
+        })
+        .times(2)
+        .output(|| PutItemOutput::builder().build())
+        .build();
+    let client = mock_client!(
+        aws_sdk_dynamodb,
+        RuleMode::MatchAny,
+        &[&describe, &put],
+        |b| b.retry_config(RetryConfig::disabled())
+    );
+    let sink = DynamoSink::<u64>::open(client, "mocked").await.unwrap();
+    let mut writer = sink.open(&cx()).await.unwrap();
+    writer.write(one_output("k")).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), writer.commit())
+        .await
+        .expect("bounded")
+        .expect("written after two throttles");
+    assert_eq!(put.num_calls(), 3);
+}
+
+#[tokio::test]
+async fn unprocessed_batch_items_are_re_sent_and_only_they() {
+    let describe = mock!(Client::describe_table).then_output(active_table);
+    let sent: std::sync::Arc<std::sync::Mutex<Vec<usize>>> = Default::default();
+    let seen = sent.clone();
+    let batch = mock!(Client::batch_write_item)
+        .match_requests(move |r| {
+            let n = r.request_items().map_or(0, |m| m["mocked"].len());
+            seen.lock().unwrap().push(n);
+            true
+        })
+        .sequence()
+        .output(|| {
+            let left = WriteRequest::builder()
+                .put_request(
+                    PutRequest::builder()
+                        .item("id", AttributeValue::S("t/s/k/b".into()))
+                        .build()
+                        .unwrap(),
+                )
+                .build();
+            BatchWriteItemOutput::builder()
+                .unprocessed_items("mocked", vec![left])
+                .build()
+        })
+        .output(|| BatchWriteItemOutput::builder().build())
+        .build();
+    let client = mock_client!(
+        aws_sdk_dynamodb,
+        RuleMode::MatchAny,
+        &[&describe, &batch],
+        |b| b.retry_config(RetryConfig::disabled())
+    );
+    let sink = DynamoSink::<u64>::open(client, "mocked")
+        .await
+        .unwrap()
+        .mode(DynamoWriteMode::Batch);
+    let mut writer = sink.open(&cx()).await.unwrap();
+    for key in ["a", "b", "c"] {
+        writer.write(one_output(key)).await.unwrap();
+    }
+    writer.commit().await.expect("all written in the end");
+    assert_eq!(
+        *sent.lock().unwrap(),
+        [3, 1],
+        "then only the unprocessed one"
+    );
+}

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use crate::lease::{CheckpointPosition, ShardCheckpoint};
 use crate::position::{EventTime, RecordPosition};
+use crate::sink::Held;
 
 /// An epoch number: the n-th batch a shard task read in this run, from 1.
 pub type Epoch = u64;
@@ -44,6 +45,8 @@ pub struct ShardProgress {
     last_epoch: Epoch,
     replay_end: Epoch,
     shard_end: Option<Epoch>,
+    /// The furthest `committed` may go while a sink holds outputs back (`SinkWriter::held`).
+    cap: Option<CheckpointPosition>,
 }
 
 impl ShardProgress {
@@ -64,6 +67,7 @@ impl ShardProgress {
             last_epoch: 0,
             replay_end: 0,
             shard_end: None,
+            cap: None,
         }
     }
 
@@ -121,6 +125,15 @@ impl ShardProgress {
         state.holds.push_back((epoch, hold));
     }
 
+    /// A sink of the shard's own path holds outputs back: outputs are durable only through
+    /// `held` (`None`: nothing held). Replaces the previous cap.
+    pub fn hold_back(&mut self, held: Option<&Held>) {
+        self.cap = held.map(|h| match h {
+            Held::Nothing => self.resumed.committed.clone(),
+            Held::Through(p) => CheckpointPosition::At(p.clone()),
+        });
+    }
+
     /// The last epoch every path committed.
     pub fn committed_epoch(&self) -> Epoch {
         self.paths.iter().map(|p| p.committed).min().unwrap_or(0)
@@ -129,8 +142,10 @@ impl ShardProgress {
     /// Whether every path committed the shard's final epoch with no state left: the shard may
     /// be checkpointed at `SHARD_END` and its children may start.
     pub fn is_finished(&self) -> bool {
-        self.shard_end
-            .is_some_and(|end| self.committed_epoch() >= end && self.hold_at(end).is_none())
+        self.cap.is_none()
+            && self
+                .shard_end
+                .is_some_and(|end| self.committed_epoch() >= end && self.hold_at(end).is_none())
     }
 
     /// The checkpoint the shard may advance to, or `None` while it may not move past the
@@ -143,11 +158,25 @@ impl ShardProgress {
         if committed == 0 || committed < self.replay_end {
             return None;
         }
-        let end = self.anchor(committed)?;
-        let rebuild = match self.hold_at(committed) {
+        let mut end = self.anchor(committed)?;
+        let mut rebuild = match self.hold_at(committed) {
             None => end.clone(),
             Some(held) => self.anchor(held.saturating_sub(1).min(committed))?,
         };
+        if let Some(cap) = &self.cap {
+            if !position_le(&end.position, cap) {
+                // Mid-epoch: the watermark of the last epoch end at or before the cap is a
+                // safe (lower) watermark for it.
+                let before = self.anchor(self.epoch_through(cap))?;
+                end = Anchor {
+                    position: cap.clone(),
+                    watermark: before.watermark,
+                };
+            }
+            if !position_le(&rebuild.position, &end.position) {
+                rebuild = end.clone();
+            }
+        }
         let checkpoint = ShardCheckpoint {
             committed: end.position,
             committed_watermark: end.watermark,
@@ -169,10 +198,14 @@ impl ShardProgress {
                 path.holds.pop_front();
             }
         }
-        let keep_from = match self.hold_at(committed) {
+        let mut keep_from = match self.hold_at(committed) {
             Some(held) => held.saturating_sub(1).min(committed),
             None => committed,
         };
+        if let Some(cap) = &self.cap {
+            // The anchor a capped checkpoint takes its watermark from must stay.
+            keep_from = keep_from.min(self.epoch_through(cap));
+        }
         if keep_from > 0 {
             if let Some(anchor) = self.anchor(keep_from) {
                 // Epochs before `keep_from` are never a rebuild point again: holds only grow.
@@ -205,11 +238,29 @@ impl ShardProgress {
             .min()
     }
 
+    /// The last epoch (0: the start) ending at or before `position`.
+    fn epoch_through(&self, position: &CheckpointPosition) -> Epoch {
+        self.epochs
+            .iter()
+            .take_while(|(_, e)| position_le(&e.anchor.position, position))
+            .last()
+            .map_or(0, |(epoch, _)| *epoch)
+    }
+
     fn anchor(&self, epoch: Epoch) -> Option<Anchor> {
         if epoch == 0 {
             return Some(self.start.clone());
         }
         self.epochs.get(&epoch).map(|e| e.anchor.clone())
+    }
+}
+
+/// `a` is at or before `b` in a shard.
+fn position_le(a: &CheckpointPosition, b: &CheckpointPosition) -> bool {
+    match (a, b) {
+        (CheckpointPosition::Initial, _) | (_, CheckpointPosition::ShardEnd) => true,
+        (CheckpointPosition::At(x), CheckpointPosition::At(y)) => x <= y,
+        (CheckpointPosition::At(_) | CheckpointPosition::ShardEnd, _) => false,
     }
 }
 
@@ -239,6 +290,47 @@ mod tests {
             );
         }
         p
+    }
+
+    #[test]
+    fn a_sink_holding_outputs_back_caps_the_checkpoint_mid_epoch() {
+        let mut p = progress(1, 3);
+        p.report(0, 3, None);
+        p.hold_back(Some(&Held::Through(pos(15))));
+        let cp = p.checkpoint().expect("moves to the cap");
+        assert_eq!(cp.committed, at(15));
+        assert_eq!(
+            cp.committed_watermark,
+            Some(100),
+            "the watermark of the last epoch end before the cap"
+        );
+        assert_eq!(cp.rebuild_from, at(15), "never past committed");
+        p.prune();
+        assert_eq!(
+            p.checkpoint().unwrap().committed,
+            at(15),
+            "pruning keeps it"
+        );
+        p.hold_back(Some(&Held::Through(pos(99))));
+        assert_eq!(
+            p.checkpoint().unwrap().committed,
+            at(30),
+            "a cap past the end"
+        );
+        p.hold_back(None);
+        assert_eq!(p.checkpoint().unwrap().committed, at(30));
+    }
+
+    #[test]
+    fn nothing_durable_yet_keeps_the_resumed_checkpoint_and_the_shard_unfinished() {
+        let mut p = progress(1, 2);
+        p.record_epoch(3, None, Some(300), false, true);
+        p.report(0, 3, None);
+        p.hold_back(Some(&Held::Nothing));
+        assert_eq!(p.checkpoint(), None, "no move past the resumed point");
+        assert!(!p.is_finished(), "held outputs keep the shard open");
+        p.hold_back(None);
+        assert!(p.is_finished());
     }
 
     #[test]

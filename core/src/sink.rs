@@ -213,15 +213,46 @@ pub trait Sink<T>: Send + Sync + 'static {
     async fn open(&self, cx: &SinkContext) -> Result<Box<dyn SinkWriter<T>>, SinkError>;
 }
 
+/// How far a shard's outputs are durable while a writer keeps later ones buffered across
+/// commits (see [`SinkWriter::held`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Held {
+    /// Nothing this writer wrote for the shard is durable yet.
+    Nothing,
+    /// Outputs of records up to and including this position are durable; later ones wait.
+    Through(RecordPosition),
+}
+
 /// Writes outputs for one pipeline instance.
 #[async_trait]
 pub trait SinkWriter<T>: Send {
     /// Writes (or buffers) a batch.
     async fn write(&mut self, batch: OutputBatch<T>) -> Result<(), SinkError>;
 
-    /// Makes everything written so far durable. The runtime checkpoints past an input only
-    /// after every output derived from it was committed.
+    /// Makes everything written so far durable, except what [`held`](Self::held) reports.
+    /// The runtime checkpoints past an input only after every output derived from it was
+    /// committed and is not held.
     async fn commit(&mut self) -> Result<(), SinkError>;
+
+    /// For a writer that gathers the outputs of records into larger units across commits (an
+    /// S3 object of a fixed number of records): per shard with outputs still buffered after a
+    /// commit, how far its outputs are durable. The shard's checkpoint never passes that point,
+    /// so a replay starts at the first buffered record. Only outputs of records
+    /// ([`OutputId::Record`], on the shard's own path before any `key_by`) may be held.
+    /// Default: nothing is held.
+    fn held(&self) -> Vec<(ShardId, Held)> {
+        Vec::new()
+    }
+
+    /// The shard's input ended (it was closed, or a bounded run reached its tip): make every
+    /// output buffered for it durable now, cutting a short unit if need be.
+    async fn end_shard(&mut self, _shard: &ShardId) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    /// The shard is no longer this worker's: drop what is buffered for it (the next owner
+    /// replays it from the checkpoint).
+    fn release_shard(&mut self, _shard: &ShardId) {}
 }
 
 /// A sink whose committed contents a test can read back, for the conformance suite.

@@ -213,6 +213,10 @@ impl ShardTask {
                     });
                 }
                 ShardStatus::CaughtUp if empty => {
+                    let done = self.idle_commit(&mut run).await;
+                    if let Some(fenced) = self.fenced(&mut run, done).await? {
+                        return Ok(fenced);
+                    }
                     if self.pause(self.config.idle_wait).await {
                         return self.release(&mut run).await;
                     }
@@ -324,8 +328,19 @@ impl ShardTask {
         }
         run.pipeline.flush(&cx).await?;
         run.pipeline.commit().await?;
+        self.tracker.hold_back(id, &run.pipeline.held());
         self.tracker
             .report(SHARD_PATH, &[(id.clone(), run.epoch, None)]);
+        Ok(())
+    }
+
+    /// On a quiet shard, lets sinks that hold outputs back deliver them on their own clock.
+    async fn idle_commit(&self, run: &mut Running) -> Result<(), Error> {
+        if run.pipeline.held().is_empty() {
+            return Ok(());
+        }
+        run.pipeline.commit().await?;
+        self.tracker.hold_back(&self.shard.id, &run.pipeline.held());
         Ok(())
     }
 

@@ -9,6 +9,7 @@ use tokio::sync::Notify;
 use crate::checkpoint::{Epoch, ShardProgress};
 use crate::lease::ShardCheckpoint;
 use crate::position::{EventTime, RecordPosition, ShardId};
+use crate::sink::Held;
 
 /// Progress of every shard this worker processes. Cloning shares it.
 #[derive(Clone, Default)]
@@ -57,6 +58,23 @@ impl Tracker {
                     p.report(path, *epoch, *hold);
                 }
             }
+        }
+        self.reported.notify_waiters();
+    }
+
+    /// The shard path's sinks hold outputs back (`None`: nothing held). The most restrictive
+    /// of several holds counts.
+    pub(crate) fn hold_back(&self, shard: &ShardId, held: &[(ShardId, Held)]) {
+        let mut strictest: Option<&Held> = None;
+        for (_, h) in held.iter().filter(|(s, _)| s == shard) {
+            strictest = Some(match (strictest, h) {
+                (None, h) | (Some(Held::Through(_)), h @ Held::Nothing) => h,
+                (Some(Held::Through(a)), Held::Through(b)) if b < a => h,
+                (Some(current), _) => current,
+            });
+        }
+        if let Some(p) = self.lock().get_mut(shard) {
+            p.hold_back(strictest);
         }
         self.reported.notify_waiters();
     }

@@ -2,7 +2,7 @@
 
 use crate::lease::LeaseEpoch;
 use crate::position::{RecordPosition, SequenceNumber, ShardId};
-use crate::sink::{InspectSink, Output, OutputBatch, OutputId, SinkContext, Window};
+use crate::sink::{Held, InspectSink, Output, OutputBatch, OutputId, SinkContext, Window};
 
 fn cx(instance: &str) -> SinkContext {
     SinkContext {
@@ -60,6 +60,35 @@ where
         .await
         .expect("write");
     writer.commit().await.expect("commit");
+    // A writer may hold outputs of records back across commits, but must say how far they
+    // are durable: an output missing after a commit is one it reports held.
+    let got = sink.committed().await.expect("read back");
+    let held = writer.held();
+    for n in [0, 1] {
+        let id = record(1, n);
+        if !got.contains_key(&(shard.clone(), id.to_path())) {
+            let covered = held.iter().any(|(s, h)| {
+                s == &shard
+                    && match h {
+                        Held::Nothing => true,
+                        Held::Through(q) => q < &RecordPosition::new(SequenceNumber::from_u128(1)),
+                    }
+            });
+            assert!(
+                covered,
+                "{id} neither durable after commit nor reported held: {held:?}"
+            );
+        }
+    }
+    assert!(
+        got.contains_key(&(shard.clone(), window("k/1 é").to_path())),
+        "keyed outputs are never held"
+    );
+    writer.end_shard(&shard).await.expect("end shard");
+    assert!(
+        writer.held().is_empty(),
+        "nothing held after the shard ended"
+    );
     let got = sink.committed().await.expect("read back");
     assert_eq!(got.len(), 3, "three committed outputs, got {got:?}");
     assert_eq!(

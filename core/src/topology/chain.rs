@@ -13,7 +13,9 @@ use crate::lease::LeaseEpoch;
 use crate::position::{EventTime, ShardId};
 use crate::record::RawBatch;
 use crate::runtime::metrics::Metrics;
-use crate::sink::{KeyId, Output, OutputBatch, OutputId, Sink, SinkContext, SinkWriter, Window};
+use crate::sink::{
+    Held, KeyId, Output, OutputBatch, OutputId, Sink, SinkContext, SinkWriter, Window,
+};
 
 /// The watermark before any record was seen.
 pub const NO_WATERMARK: EventTime = EventTime::MIN;
@@ -115,6 +117,8 @@ pub trait Emit<T>: Send {
     async fn commit(&mut self) -> Result<(), Error>;
     /// Drops what was buffered for the current epoch (the shard stops before it).
     fn discard(&mut self);
+    /// Adds what this consumer's sinks hold back after a commit (see `SinkWriter::held`).
+    fn held(&self, _out: &mut Vec<(ShardId, Held)>) {}
 }
 
 /// Fans a value out to several consumers (a stream handle used more than once).
@@ -146,6 +150,9 @@ impl<T: Clone + Send + 'static> Emit<T> for Tee<T> {
     }
     fn discard(&mut self) {
         self.outs.iter_mut().for_each(|o| o.discard());
+    }
+    fn held(&self, out: &mut Vec<(ShardId, Held)>) {
+        self.outs.iter().for_each(|o| o.held(out));
     }
 }
 
@@ -353,6 +360,9 @@ where
     fn discard(&mut self) {
         self.down.discard();
     }
+    fn held(&self, out: &mut Vec<(ShardId, Held)>) {
+        self.down.held(out);
+    }
 }
 
 /// Capacity for the buffer that replaces one handed on with `len` items: the next epoch likely
@@ -451,8 +461,58 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
         if epoch.replay() || (self.ready.is_empty() && self.of_records.is_empty()) {
             // Replayed outputs were committed by the run that first produced them.
             self.discard();
+        } else {
+            self.write(epoch).await?;
+        }
+        match epoch.control {
+            Control::ShardEnd | Control::EndOfInput => {
+                if let Some(writer) = self.writer.as_mut() {
+                    writer.end_shard(&epoch.shard).await?;
+                }
+            }
+            Control::Release => {
+                if let Some(writer) = self.writer.as_mut() {
+                    writer.release_shard(&epoch.shard);
+                }
+            }
+            Control::Continue => {}
+        }
+        Ok(())
+    }
+
+    async fn commit(&mut self) -> Result<(), Error> {
+        if !self.written {
             return Ok(());
         }
+        let started = std::time::Instant::now();
+        let writer = self
+            .writer
+            .as_mut()
+            .expect("written implies an open writer");
+        writer.commit().await.map_err(Error::from)?;
+        self.metrics
+            .sink_commit(&self.cx.topology, self.sink.name(), started.elapsed());
+        // A writer holding outputs back gets commits even without new writes, so that it can
+        // deliver them within its latency bound on a quiet shard.
+        self.written = !writer.held().is_empty();
+        Ok(())
+    }
+
+    fn discard(&mut self) {
+        self.ready.clear();
+        self.of_records.clear();
+    }
+
+    fn held(&self, out: &mut Vec<(ShardId, Held)>) {
+        if let Some(writer) = &self.writer {
+            out.extend(writer.held());
+        }
+    }
+}
+
+impl<T: Send + 'static> SinkEmitter<T> {
+    /// Hands the epoch's outputs to the writer.
+    async fn write(&mut self, epoch: &EpochCx) -> Result<(), Error> {
         let capacity = next_capacity(self.ready.len());
         let mut outputs = std::mem::replace(&mut self.ready, Vec::with_capacity(capacity));
         outputs.extend(
@@ -478,26 +538,5 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
         self.writer().await?.write(batch).await?;
         self.written = true;
         Ok(())
-    }
-
-    async fn commit(&mut self) -> Result<(), Error> {
-        if !self.written {
-            return Ok(());
-        }
-        let started = std::time::Instant::now();
-        let writer = self
-            .writer
-            .as_mut()
-            .expect("written implies an open writer");
-        writer.commit().await.map_err(Error::from)?;
-        self.metrics
-            .sink_commit(&self.cx.topology, self.sink.name(), started.elapsed());
-        self.written = false;
-        Ok(())
-    }
-
-    fn discard(&mut self) {
-        self.ready.clear();
-        self.of_records.clear();
     }
 }

@@ -14,11 +14,11 @@ use tokio::task::JoinSet;
 use crate::dead_letter::DeadLetter;
 use crate::decode::{Decoded, Decoder};
 use crate::error::{BuildError, Error};
-use crate::position::{EventTime, StartPosition};
+use crate::position::{EventTime, ShardId, StartPosition};
 use crate::record::RawBatch;
 use crate::runtime::metrics::Metrics;
 use crate::runtime::tracker::Tracker;
-use crate::sink::{Sink, SinkContext};
+use crate::sink::{Held, Sink, SinkContext};
 use crate::source::Source;
 use crate::topology::chain::{
     Discard, Emit, EpochCx, Failures, Ident, RecordCx, SinkEmitter, Stateless, StatelessNode, Tee,
@@ -448,6 +448,8 @@ pub(crate) trait ShardPipeline: Send {
     async fn flush(&mut self, epoch: &EpochCx) -> Result<(), Error>;
     async fn commit(&mut self) -> Result<(), Error>;
     fn discard(&mut self);
+    /// What the shard path's sinks hold back after a commit.
+    fn held(&self) -> Vec<(ShardId, Held)>;
 }
 
 /// Makes shard pipelines (type-erased over the source's item type).
@@ -550,6 +552,11 @@ impl<D: Decoder> ShardPipeline for SourcePipeline<D> {
 
     fn discard(&mut self) {
         self.down.discard();
+    }
+    fn held(&self) -> Vec<(ShardId, Held)> {
+        let mut out = Vec::new();
+        self.down.held(&mut out);
+        out
     }
 }
 

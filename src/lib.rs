@@ -13,7 +13,9 @@ pub use shardflow_connectors::dynamodb;
 #[cfg(feature = "kinesis")]
 pub use shardflow_connectors::kinesis;
 pub use shardflow_connectors::local;
-#[cfg(any(feature = "kinesis", feature = "dynamodb"))]
+#[cfg(feature = "s3")]
+pub use shardflow_connectors::s3;
+#[cfg(any(feature = "kinesis", feature = "dynamodb", feature = "s3"))]
 pub use shardflow_connectors::AwsConfig;
 pub use shardflow_core::dead_letter::{DeadLetter, DeadLetterRecord};
 pub use shardflow_core::decode::SourceExt;

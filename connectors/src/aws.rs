@@ -1,4 +1,4 @@
-//! Connecting to AWS services (Kinesis, DynamoDB): region, endpoint override (for emulators),
+//! Connecting to AWS services (Kinesis, DynamoDB, S3): region, endpoint override (for emulators),
 //! credentials from aws-config's default chain unless static ones are given.
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
@@ -10,6 +10,7 @@ pub struct AwsConfig {
     region: Option<String>,
     endpoint: Option<String>,
     static_credentials: Option<(String, String)>,
+    path_style: bool,
 }
 
 impl std::fmt::Debug for AwsConfig {
@@ -18,6 +19,7 @@ impl std::fmt::Debug for AwsConfig {
         f.debug_struct("AwsConfig")
             .field("region", &self.region)
             .field("endpoint", &self.endpoint)
+            .field("path_style", &self.path_style)
             .field(
                 "static_credentials",
                 &self.static_credentials.as_ref().map(|_| "<redacted>"),
@@ -35,12 +37,21 @@ impl AwsConfig {
         Self::default()
     }
 
-    /// An emulator at `endpoint` (plain HTTP on loopback), with fixed test credentials.
+    /// An emulator at `endpoint` (plain HTTP on loopback), with fixed test credentials and
+    /// path-style S3 addressing.
     pub fn emulator(endpoint: impl Into<String>) -> Self {
         Self::new()
             .region(EMULATOR_REGION)
             .endpoint(endpoint)
             .static_credentials("shardflow-test", "shardflow-test")
+            .path_style(true)
+    }
+
+    /// Addresses S3 buckets in the path (`endpoint/bucket/key`) instead of the host name, as
+    /// S3-compatible stores and emulators often need.
+    pub fn path_style(mut self, path_style: bool) -> Self {
+        self.path_style = path_style;
+        self
     }
 
     /// The AWS region.
@@ -101,6 +112,17 @@ impl AwsConfig {
             builder = builder.endpoint_url(endpoint);
         }
         aws_sdk_dynamodb::Client::from_conf(builder.build())
+    }
+
+    /// An S3 client.
+    #[cfg(feature = "s3")]
+    pub async fn s3_client(&self) -> aws_sdk_s3::Client {
+        let mut builder = aws_sdk_s3::config::Builder::from(&self.shared().await)
+            .force_path_style(self.path_style);
+        if let Some(endpoint) = &self.endpoint {
+            builder = builder.endpoint_url(endpoint);
+        }
+        aws_sdk_s3::Client::from_conf(builder.build())
     }
 }
 

@@ -1,0 +1,752 @@
+//! `S3Sink`: the outputs of records cut into objects of a fixed number of records per shard,
+//! named by the first record's position, so a replay cuts the same objects and overwrites them
+//! with the same content; keyed results one object each, named by their identity.
+//!
+//! Layout under `<prefix>/<topology>/`:
+//! - `<shard>/<first sequence, 56 digits>-<sub-sequence>.jsonl[.gz]` (or `.bin[.gz]`): records.
+//!   Metadata: `shard`, `first-sequence`, `first-sub`, `last-sequence`, `last-sub`, `records`,
+//!   `lease-epoch`.
+//! - `[dt=YYYY-MM-DD/hour=HH/]<shard>/<identity path>.json[.gz]`: keyed results (window results
+//!   partitioned by their window's start with [`S3Sink::partition_windows_by_hour`]).
+//!
+//! Objects are cut by count or size, by a latency bound on a quiet shard, and at shard end.
+//! What decides a cut in one run (time, say) must decide it in the replay too: before starting
+//! an object the writer looks for an existing one at the same first record and, if there is
+//! one, ends the new object where that one ended. The same lookup fences: an object written by
+//! a newer lease epoch is never overwritten (the check and the put are two requests; S3 offers
+//! no condition both emulators and all regions honour, so a writer paused between them could
+//! still overwrite; the runtime's lease guard keeps that window short).
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use aws_sdk_s3::Client;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use shardflow_core::error::{BoxError, Fenced, SinkError};
+use shardflow_core::lease::LeaseEpoch;
+use shardflow_core::position::{RecordPosition, SequenceNumber, ShardId};
+use shardflow_core::sink::{
+    Held, InspectSink, Output, OutputBatch, OutputId, Sink, SinkContext, SinkWriter,
+};
+
+use super::objects::{self, RequestError};
+
+type Encode<T> = dyn Fn(&OutputId, &T, &mut Vec<u8>) -> Result<(), BoxError> + Send + Sync;
+
+/// How outputs become bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    /// `{"id": "<identity>", "value": <value>}` per line; keyed results as the JSON value.
+    JsonLines,
+    /// The output's bytes as they are, concatenated.
+    Raw,
+}
+
+/// What went wrong in the S3 sink, as the source of a [`SinkError`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum S3SinkError {
+    /// An output could not be encoded.
+    #[error("output {id} cannot be encoded: {source}")]
+    Encode {
+        /// The output's identity.
+        id: String,
+        /// Why.
+        source: BoxError,
+    },
+    /// A stored object does not hold what this sink writes.
+    #[error("object {key} is malformed: {reason}")]
+    Malformed {
+        /// The object key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Raw objects carry no identities to read back.
+    #[error("objects in the raw format carry no output identities")]
+    NoIdentities,
+    /// An S3 request failed.
+    #[error("{operation} failed: {source}")]
+    Request {
+        /// The API call.
+        operation: &'static str,
+        /// The SDK's error.
+        source: BoxError,
+    },
+}
+
+/// Writes outputs of type `T` to S3 objects.
+pub struct S3Sink<T> {
+    inner: Arc<Inner<T>>,
+}
+
+struct Inner<T> {
+    client: Client,
+    bucket: String,
+    prefix: String,
+    name: String,
+    format: Format,
+    encode: Arc<Encode<T>>,
+    decode: Option<fn(&[u8]) -> Result<T, BoxError>>,
+    records_per_object: usize,
+    max_object_bytes: usize,
+    max_latency: Duration,
+    gzip: bool,
+    multipart_above: usize,
+    partition_windows_by_hour: bool,
+}
+
+impl<T> Clone for S3Sink<T> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<T: Serialize + DeserializeOwned + 'static> S3Sink<T> {
+    /// Newline-delimited JSON: one `{"id": …, "value": …}` line per record output, so a reader
+    /// can see (and deduplicate by) each output's identity.
+    pub fn json_lines(
+        client: Client,
+        bucket: impl Into<String>,
+        prefix: impl Into<String>,
+    ) -> Self {
+        let encode: Arc<Encode<T>> = Arc::new(|id: &OutputId, value: &T, out: &mut Vec<u8>| {
+            match id {
+                OutputId::Record { .. } => {
+                    #[derive(Serialize)]
+                    struct Line<'a, V> {
+                        id: String,
+                        value: &'a V,
+                    }
+                    serde_json::to_writer(
+                        &mut *out,
+                        &Line {
+                            id: id.to_path(),
+                            value,
+                        },
+                    )?;
+                    out.push(b'\n');
+                }
+                OutputId::Keyed { .. } => serde_json::to_writer(&mut *out, value)?,
+            }
+            Ok(())
+        });
+        Self::new(
+            client,
+            bucket.into(),
+            prefix.into(),
+            Format::JsonLines,
+            encode,
+        )
+        .with_decode(|bytes| Ok(serde_json::from_slice(bytes)?))
+    }
+}
+
+impl<T: AsRef<[u8]> + 'static> S3Sink<T> {
+    /// Each output's bytes as they are, concatenated (add delimiters in the topology).
+    pub fn raw(client: Client, bucket: impl Into<String>, prefix: impl Into<String>) -> Self {
+        let encode: Arc<Encode<T>> = Arc::new(|_: &OutputId, value: &T, out: &mut Vec<u8>| {
+            out.extend_from_slice(value.as_ref());
+            Ok(())
+        });
+        Self::new(client, bucket.into(), prefix.into(), Format::Raw, encode)
+    }
+}
+
+impl<T> S3Sink<T> {
+    fn new(
+        client: Client,
+        bucket: String,
+        prefix: String,
+        format: Format,
+        encode: Arc<Encode<T>>,
+    ) -> Self {
+        let prefix = prefix.trim_matches('/').to_owned();
+        Self {
+            inner: Arc::new(Inner {
+                name: format!("s3://{bucket}/{prefix}"),
+                client,
+                bucket,
+                prefix,
+                format,
+                encode,
+                decode: None,
+                records_per_object: 10_000,
+                max_object_bytes: 64 * 1024 * 1024,
+                max_latency: Duration::from_secs(60),
+                gzip: false,
+                multipart_above: 16 * 1024 * 1024,
+                partition_windows_by_hour: false,
+            }),
+        }
+    }
+
+    fn configure(mut self, f: impl FnOnce(&mut Inner<T>)) -> Self {
+        f(Arc::get_mut(&mut self.inner).expect("configure the sink before cloning it"));
+        self
+    }
+
+    fn with_decode(self, decode: fn(&[u8]) -> Result<T, BoxError>) -> Self {
+        self.configure(|i| i.decode = Some(decode))
+    }
+
+    /// Records per object (default 10 000): a replay cuts objects at the same records.
+    ///
+    /// # Panics
+    /// If `n` is zero.
+    #[must_use]
+    pub fn records_per_object(self, n: usize) -> Self {
+        assert!(n > 0, "records_per_object must be at least 1");
+        self.configure(|i| i.records_per_object = n)
+    }
+
+    /// Cut an object once it holds this many bytes, before compression (default 64 MiB).
+    ///
+    /// # Panics
+    /// If `bytes` is zero.
+    #[must_use]
+    pub fn max_object_bytes(self, bytes: usize) -> Self {
+        assert!(bytes > 0, "max_object_bytes must be at least 1");
+        self.configure(|i| i.max_object_bytes = bytes)
+    }
+
+    /// A quiet shard's records are delivered at most this long after the first of them
+    /// arrived at the sink (default 60 s).
+    #[must_use]
+    pub fn max_latency(self, latency: Duration) -> Self {
+        self.configure(|i| i.max_latency = latency)
+    }
+
+    /// Gzip objects (`Content-Encoding: gzip`, `.gz` suffix).
+    #[must_use]
+    pub fn gzip(self, gzip: bool) -> Self {
+        self.configure(|i| i.gzip = gzip)
+    }
+
+    /// Upload objects larger than this in parts (default 16 MiB; parts of 8 MiB).
+    #[must_use]
+    pub fn multipart_above(self, bytes: usize) -> Self {
+        self.configure(|i| i.multipart_above = bytes.max(objects::PART_BYTES))
+    }
+
+    /// Put window results under `dt=YYYY-MM-DD/hour=HH/` of their window's start (UTC).
+    #[must_use]
+    pub fn partition_windows_by_hour(self) -> Self {
+        self.configure(|i| i.partition_windows_by_hour = true)
+    }
+}
+
+impl<T> Inner<T> {
+    fn error(
+        &self,
+        operation: &'static str,
+        retryable: bool,
+        source: impl Into<BoxError>,
+    ) -> SinkError {
+        SinkError {
+            sink: self.name.clone(),
+            operation,
+            retryable,
+            source: source.into(),
+        }
+    }
+
+    fn request_error(&self, e: RequestError) -> SinkError {
+        self.error(
+            "write",
+            e.retryable,
+            S3SinkError::Request {
+                operation: e.operation,
+                source: e.source,
+            },
+        )
+    }
+
+    fn topology_prefix(&self, topology: &str) -> String {
+        if self.prefix.is_empty() {
+            format!("{topology}/")
+        } else {
+            format!("{}/{topology}/", self.prefix)
+        }
+    }
+
+    fn suffix(&self, single: bool) -> &'static str {
+        match (self.format, single, self.gzip) {
+            (Format::JsonLines, false, false) => ".jsonl",
+            (Format::JsonLines, false, true) => ".jsonl.gz",
+            (Format::JsonLines, true, false) => ".json",
+            (Format::JsonLines, true, true) => ".json.gz",
+            (Format::Raw, _, false) => ".bin",
+            (Format::Raw, _, true) => ".bin.gz",
+        }
+    }
+
+    fn records_key(&self, topology: &str, shard: &ShardId, first: &RecordPosition) -> String {
+        format!(
+            "{}{}/{:0>56}-{}{}",
+            self.topology_prefix(topology),
+            shard.as_str(),
+            first.sequence.to_string(),
+            first.sub_sequence,
+            self.suffix(false)
+        )
+    }
+
+    fn keyed_key(&self, topology: &str, shard: &ShardId, id: &OutputId) -> String {
+        let mut key = self.topology_prefix(topology);
+        if let (
+            true,
+            OutputId::Keyed {
+                window: Some(w), ..
+            },
+        ) = (self.partition_windows_by_hour, id)
+        {
+            key.push_str(&hour_partition(w.start));
+        }
+        key.push_str(shard.as_str());
+        key.push('/');
+        key.push_str(&id.to_path());
+        key.push_str(self.suffix(true));
+        key
+    }
+
+    fn content_type(&self, single: bool) -> &'static str {
+        match (self.format, single) {
+            (Format::JsonLines, false) => "application/x-ndjson",
+            (Format::JsonLines, true) => "application/json",
+            (Format::Raw, _) => "application/octet-stream",
+        }
+    }
+
+    fn compress(&self, body: Vec<u8>) -> Result<Vec<u8>, SinkError> {
+        if !self.gzip {
+            return Ok(body);
+        }
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder
+            .write_all(&body)
+            .and_then(|()| encoder.finish())
+            .map_err(|e| self.error("write", false, e))
+    }
+
+    /// Refuses if `metadata` says a newer lease epoch wrote the object.
+    fn check_fence(
+        &self,
+        metadata: &HashMap<String, String>,
+        shard: &ShardId,
+        output: String,
+        epoch: LeaseEpoch,
+    ) -> Result<(), SinkError> {
+        let written_by = metadata
+            .get("lease-epoch")
+            .and_then(|e| e.parse::<u64>().ok())
+            .unwrap_or(0);
+        if written_by > epoch.0 {
+            return Err(self.error(
+                "write",
+                false,
+                Fenced {
+                    shard: shard.clone(),
+                    output,
+                    epoch: epoch.0,
+                },
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `dt=YYYY-MM-DD/hour=HH/` of a UTC time in milliseconds.
+fn hour_partition(ms: i64) -> String {
+    let days = ms.div_euclid(86_400_000);
+    let hour = ms.rem_euclid(86_400_000) / 3_600_000;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("dt={year:04}-{month:02}-{day:02}/hour={hour:02}/")
+}
+
+/// The object being filled for one shard.
+struct Filling {
+    first: RecordPosition,
+    last: RecordPosition,
+    records: usize,
+    body: Vec<u8>,
+    epoch: LeaseEpoch,
+    started: Instant,
+    /// Where an object already stored at `first` ended: the replay ends there too.
+    ends_at: Option<RecordPosition>,
+}
+
+#[derive(Default)]
+struct ShardState {
+    filling: Option<Filling>,
+    /// The last record of the last object this writer stored.
+    durable: Option<RecordPosition>,
+}
+
+struct S3Writer<T> {
+    inner: Arc<Inner<T>>,
+    topology: String,
+    shards: BTreeMap<ShardId, ShardState>,
+    /// Keyed results, one object each, by key: the last write of an identity wins.
+    singles: BTreeMap<String, (ShardId, OutputId, LeaseEpoch, Vec<u8>)>,
+}
+
+#[async_trait]
+impl<T: Send + Sync + 'static> Sink<T> for S3Sink<T> {
+    fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    async fn open(&self, cx: &SinkContext) -> Result<Box<dyn SinkWriter<T>>, SinkError> {
+        Ok(Box::new(S3Writer {
+            inner: Arc::clone(&self.inner),
+            topology: cx.topology.clone(),
+            shards: BTreeMap::new(),
+            singles: BTreeMap::new(),
+        }))
+    }
+}
+
+impl<T: Send + Sync + 'static> S3Writer<T> {
+    fn encode(&self, id: &OutputId, value: &T, out: &mut Vec<u8>) -> Result<(), SinkError> {
+        (self.inner.encode)(id, value, out).map_err(|source| {
+            self.inner.error(
+                "write",
+                false,
+                S3SinkError::Encode {
+                    id: id.to_path(),
+                    source,
+                },
+            )
+        })
+    }
+
+    /// Starts an object at `first`, ending where a stored one at the same place ended.
+    async fn start(
+        &self,
+        shard: &ShardId,
+        first: &RecordPosition,
+        epoch: LeaseEpoch,
+    ) -> Result<Filling, SinkError> {
+        let key = self.inner.records_key(&self.topology, shard, first);
+        let stored = objects::head(&self.inner.client, &self.inner.bucket, &key)
+            .await
+            .map_err(|e| self.inner.request_error(e))?;
+        let ends_at = match stored {
+            None => None,
+            Some(metadata) => {
+                self.inner
+                    .check_fence(&metadata, shard, key.clone(), epoch)?;
+                Some(last_position(&metadata).ok_or_else(|| {
+                    self.inner.error(
+                        "write",
+                        false,
+                        S3SinkError::Malformed {
+                            key: key.clone(),
+                            reason: "no last-sequence metadata".into(),
+                        },
+                    )
+                })?)
+            }
+        };
+        Ok(Filling {
+            first: first.clone(),
+            last: first.clone(),
+            records: 0,
+            body: Vec::new(),
+            epoch,
+            started: Instant::now(),
+            ends_at,
+        })
+    }
+
+    /// Stores the shard's filling object.
+    async fn seal(&mut self, shard: &ShardId) -> Result<(), SinkError> {
+        let Some(filling) = self.shards.get_mut(shard).and_then(|s| s.filling.take()) else {
+            return Ok(());
+        };
+        let key = self
+            .inner
+            .records_key(&self.topology, shard, &filling.first);
+        let metadata: HashMap<String, String> = [
+            ("shard", shard.as_str().to_owned()),
+            ("first-sequence", filling.first.sequence.to_string()),
+            ("first-sub", filling.first.sub_sequence.to_string()),
+            ("last-sequence", filling.last.sequence.to_string()),
+            ("last-sub", filling.last.sub_sequence.to_string()),
+            ("records", filling.records.to_string()),
+            ("lease-epoch", filling.epoch.0.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let body = self.inner.compress(filling.body)?;
+        objects::put(
+            &self.inner.client,
+            &self.inner.bucket,
+            &key,
+            &body,
+            &metadata,
+            self.inner.content_type(false),
+            self.inner.gzip.then_some("gzip"),
+            self.inner.multipart_above,
+        )
+        .await
+        .map_err(|e| self.inner.request_error(e))?;
+        self.shards.entry(shard.clone()).or_default().durable = Some(filling.last);
+        Ok(())
+    }
+
+    /// Whether the filling object ends before `next` (a record not yet in it).
+    fn full_before(&self, filling: &Filling, next: &RecordPosition) -> bool {
+        match &filling.ends_at {
+            // Replaying over a stored object: end exactly where it ended.
+            Some(end) => next > end,
+            None => {
+                filling.records >= self.inner.records_per_object
+                    || filling.body.len() >= self.inner.max_object_bytes
+            }
+        }
+    }
+
+    async fn write_record(
+        &mut self,
+        shard: &ShardId,
+        epoch: LeaseEpoch,
+        output: &Output<T>,
+        position: &RecordPosition,
+    ) -> Result<(), SinkError> {
+        let mut encoded = Vec::new();
+        self.encode(&output.id, &output.value, &mut encoded)?;
+        let new_record = match self.shards.get(shard).and_then(|s| s.filling.as_ref()) {
+            // Outputs of one record (flat_map) always share an object.
+            Some(f) if &f.last == position && f.records > 0 => false,
+            Some(f) if self.full_before(f, position) => {
+                self.seal(shard).await?;
+                true
+            }
+            _ => true,
+        };
+        if self.shards.get(shard).is_none_or(|s| s.filling.is_none()) {
+            let filling = self.start(shard, position, epoch).await?;
+            self.shards.entry(shard.clone()).or_default().filling = Some(filling);
+        }
+        let filling = self
+            .shards
+            .get_mut(shard)
+            .and_then(|s| s.filling.as_mut())
+            .expect("started above");
+        if new_record {
+            filling.records += 1;
+            filling.last = position.clone();
+        }
+        filling.body.extend_from_slice(&encoded);
+        Ok(())
+    }
+}
+
+fn last_position(metadata: &HashMap<String, String>) -> Option<RecordPosition> {
+    let sequence = SequenceNumber::parse(metadata.get("last-sequence")?).ok()?;
+    let sub: u32 = metadata.get("last-sub")?.parse().ok()?;
+    Some(RecordPosition::with_sub_sequence(sequence, sub))
+}
+
+#[async_trait]
+impl<T: Send + Sync + 'static> SinkWriter<T> for S3Writer<T> {
+    async fn write(&mut self, batch: OutputBatch<T>) -> Result<(), SinkError> {
+        for output in &batch.outputs {
+            match &output.id {
+                OutputId::Record { position, .. } => {
+                    self.write_record(&batch.shard, batch.lease_epoch, output, position)
+                        .await?;
+                }
+                OutputId::Keyed { .. } => {
+                    let mut body = Vec::new();
+                    self.encode(&output.id, &output.value, &mut body)?;
+                    let key = self
+                        .inner
+                        .keyed_key(&self.topology, &batch.shard, &output.id);
+                    self.singles.insert(
+                        key,
+                        (
+                            batch.shard.clone(),
+                            output.id.clone(),
+                            batch.lease_epoch,
+                            body,
+                        ),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn commit(&mut self) -> Result<(), SinkError> {
+        for (key, (shard, id, epoch, body)) in std::mem::take(&mut self.singles) {
+            if let Some(metadata) = objects::head(&self.inner.client, &self.inner.bucket, &key)
+                .await
+                .map_err(|e| self.inner.request_error(e))?
+            {
+                self.inner
+                    .check_fence(&metadata, &shard, id.to_path(), epoch)?;
+            }
+            let metadata: HashMap<String, String> = [
+                ("shard".to_owned(), shard.as_str().to_owned()),
+                ("identity".to_owned(), id.to_path()),
+                ("lease-epoch".to_owned(), epoch.0.to_string()),
+            ]
+            .into();
+            let body = self.inner.compress(body)?;
+            objects::put(
+                &self.inner.client,
+                &self.inner.bucket,
+                &key,
+                &body,
+                &metadata,
+                self.inner.content_type(true),
+                self.inner.gzip.then_some("gzip"),
+                self.inner.multipart_above,
+            )
+            .await
+            .map_err(|e| self.inner.request_error(e))?;
+        }
+        // The latency bound: a filling object older than it is stored short (and a replay
+        // finds it and ends there too).
+        let overdue: Vec<ShardId> = self
+            .shards
+            .iter()
+            .filter(|(_, s)| {
+                s.filling.as_ref().is_some_and(|f| {
+                    f.ends_at.is_none() && f.started.elapsed() >= self.inner.max_latency
+                })
+            })
+            .map(|(shard, _)| shard.clone())
+            .collect();
+        for shard in overdue {
+            self.seal(&shard).await?;
+        }
+        Ok(())
+    }
+
+    fn held(&self) -> Vec<(ShardId, Held)> {
+        self.shards
+            .iter()
+            .filter(|(_, s)| s.filling.is_some())
+            .map(|(shard, s)| {
+                let held = s.durable.clone().map_or(Held::Nothing, Held::Through);
+                (shard.clone(), held)
+            })
+            .collect()
+    }
+
+    async fn end_shard(&mut self, shard: &ShardId) -> Result<(), SinkError> {
+        self.seal(shard).await?;
+        self.shards.remove(shard);
+        Ok(())
+    }
+
+    fn release_shard(&mut self, shard: &ShardId) {
+        self.shards.remove(shard);
+    }
+}
+
+#[async_trait]
+impl<T: Send + Sync + 'static> InspectSink<T> for S3Sink<T> {
+    /// Reads every object of every topology under the prefix (for tests and small outputs).
+    async fn committed(&self) -> Result<BTreeMap<(ShardId, String), T>, SinkError> {
+        let inner = &self.inner;
+        let decode = inner
+            .decode
+            .ok_or_else(|| inner.error("read", false, S3SinkError::NoIdentities))?;
+        let prefix = if inner.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", inner.prefix)
+        };
+        let keys = objects::list(&inner.client, &inner.bucket, &prefix)
+            .await
+            .map_err(|e| inner.request_error(e))?;
+        let mut out = BTreeMap::new();
+        for key in keys {
+            let (body, metadata) = objects::get(&inner.client, &inner.bucket, &key)
+                .await
+                .map_err(|e| inner.request_error(e))?;
+            let malformed = |reason: String| {
+                inner.error(
+                    "read",
+                    false,
+                    S3SinkError::Malformed {
+                        key: key.clone(),
+                        reason,
+                    },
+                )
+            };
+            let body = if key.ends_with(".gz") {
+                let mut plain = Vec::new();
+                std::io::Read::read_to_end(
+                    &mut flate2::read::GzDecoder::new(&body[..]),
+                    &mut plain,
+                )
+                .map_err(|e| malformed(e.to_string()))?;
+                plain
+            } else {
+                body
+            };
+            let shard = ShardId::new(
+                metadata
+                    .get("shard")
+                    .ok_or_else(|| malformed("no shard metadata".into()))?
+                    .as_str(),
+            );
+            if let Some(identity) = metadata.get("identity") {
+                let value = decode(&body).map_err(|e| malformed(e.to_string()))?;
+                out.insert((shard, identity.clone()), value);
+                continue;
+            }
+            for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                #[derive(serde::Deserialize)]
+                struct Line {
+                    id: String,
+                    value: serde_json::Value,
+                }
+                let line: Line =
+                    serde_json::from_slice(line).map_err(|e| malformed(e.to_string()))?;
+                let value = serde_json::to_vec(&line.value)
+                    .map_err(BoxError::from)
+                    .and_then(|bytes| decode(&bytes))
+                    .map_err(|e| malformed(e.to_string()))?;
+                out.insert((shard.clone(), line.id), value);
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hour_partition;
+
+    #[test]
+    fn hour_partitions_are_utc_civil_dates() {
+        assert_eq!(hour_partition(0), "dt=1970-01-01/hour=00/");
+        // 2024-02-29T13:05:00Z, a leap day.
+        assert_eq!(hour_partition(1_709_211_900_000), "dt=2024-02-29/hour=13/");
+        assert_eq!(hour_partition(-1), "dt=1969-12-31/hour=23/");
+    }
+}

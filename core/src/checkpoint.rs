@@ -45,8 +45,8 @@ pub struct ShardProgress {
     last_epoch: Epoch,
     replay_end: Epoch,
     shard_end: Option<Epoch>,
-    /// The furthest `committed` may go while a sink holds outputs back (`SinkWriter::held`).
-    cap: Option<CheckpointPosition>,
+    /// Where sinks of the shard's own path let the checkpoint stop (`SinkWriter::held`).
+    holds: Vec<Held>,
 }
 
 impl ShardProgress {
@@ -67,7 +67,7 @@ impl ShardProgress {
             last_epoch: 0,
             replay_end: 0,
             shard_end: None,
-            cap: None,
+            holds: Vec::new(),
         }
     }
 
@@ -125,13 +125,26 @@ impl ShardProgress {
         state.holds.push_back((epoch, hold));
     }
 
-    /// A sink of the shard's own path holds outputs back: outputs are durable only through
-    /// `held` (`None`: nothing held). Replaces the previous cap.
-    pub fn hold_back(&mut self, held: Option<&Held>) {
-        self.cap = held.map(|h| match h {
-            Held::Nothing => self.resumed.committed.clone(),
-            Held::Through(p) => CheckpointPosition::At(p.clone()),
-        });
+    /// Where the sinks of the shard's own path let the checkpoint stop, one [`Held`] per
+    /// sink that constrains it (none: no constraint). Replaces the previous ones.
+    pub fn hold_back(&mut self, holds: Vec<Held>) {
+        self.holds = holds;
+    }
+
+    /// The furthest position at or before `position` every holding sink lets the checkpoint
+    /// stop at: snapping for one sink can land inside another's unit, so until no sink moves it.
+    fn stop_at(&self, position: &CheckpointPosition) -> CheckpointPosition {
+        let mut at = position.clone();
+        loop {
+            let next = self
+                .holds
+                .iter()
+                .fold(at.clone(), |at, h| h.snap(&at, &self.resumed.committed));
+            if next == at {
+                return at;
+            }
+            at = next;
+        }
     }
 
     /// The last epoch every path committed.
@@ -142,7 +155,7 @@ impl ShardProgress {
     /// Whether every path committed the shard's final epoch with no state left: the shard may
     /// be checkpointed at `SHARD_END` and its children may start.
     pub fn is_finished(&self) -> bool {
-        self.cap.is_none()
+        self.holds.iter().all(|h| !h.buffered)
             && self
                 .shard_end
                 .is_some_and(|end| self.committed_epoch() >= end && self.hold_at(end).is_none())
@@ -163,13 +176,21 @@ impl ShardProgress {
             None => end.clone(),
             Some(held) => self.anchor(held.saturating_sub(1).min(committed))?,
         };
-        if let Some(cap) = &self.cap {
-            if !position_le(&end.position, cap) {
-                // Mid-epoch: the watermark of the last epoch end at or before the cap is a
-                // safe (lower) watermark for it.
-                let before = self.anchor(self.epoch_through(cap))?;
+        if !self.holds.is_empty() {
+            let stop = self.stop_at(&end.position);
+            if stop != end.position {
+                // The checkpoint moves back into epoch `through + 1`: the watermark and the
+                // operator state as of the end of epoch `through` describe it safely (a
+                // lower watermark re-emits, never skips; older holds rebuild more, never
+                // less), plus whatever that epoch's records up to the stop opened.
+                let through = self.epoch_through(&stop);
+                let before = self.anchor(through)?;
+                rebuild = match self.hold_at(through) {
+                    None => before.clone(),
+                    Some(held) => self.anchor(held.saturating_sub(1).min(through))?,
+                };
                 end = Anchor {
-                    position: cap.clone(),
+                    position: stop,
                     watermark: before.watermark,
                 };
             }
@@ -189,23 +210,25 @@ impl ShardProgress {
     /// Forgets what no future checkpoint needs: epochs before the current rebuild point and
     /// hold reports before the committed epoch.
     pub fn prune(&mut self) {
-        let committed = self.committed_epoch();
+        let mut committed = self.committed_epoch();
         if committed < self.replay_end || committed == 0 {
             return;
+        }
+        if !self.holds.is_empty() {
+            // A held-back checkpoint sits in an earlier epoch: keep what it is derived from.
+            if let Some(end) = self.anchor(committed) {
+                committed = committed.min(self.epoch_through(&self.stop_at(&end.position)));
+            }
         }
         for path in &mut self.paths {
             while path.holds.len() > 1 && path.holds[1].0 <= committed {
                 path.holds.pop_front();
             }
         }
-        let mut keep_from = match self.hold_at(committed) {
+        let keep_from = match self.hold_at(committed) {
             Some(held) => held.saturating_sub(1).min(committed),
             None => committed,
         };
-        if let Some(cap) = &self.cap {
-            // The anchor a capped checkpoint takes its watermark from must stay.
-            keep_from = keep_from.min(self.epoch_through(cap));
-        }
         if keep_from > 0 {
             if let Some(anchor) = self.anchor(keep_from) {
                 // Epochs before `keep_from` are never a rebuild point again: holds only grow.
@@ -255,13 +278,8 @@ impl ShardProgress {
     }
 }
 
-/// `a` is at or before `b` in a shard.
 fn position_le(a: &CheckpointPosition, b: &CheckpointPosition) -> bool {
-    match (a, b) {
-        (CheckpointPosition::Initial, _) | (_, CheckpointPosition::ShardEnd) => true,
-        (CheckpointPosition::At(x), CheckpointPosition::At(y)) => x <= y,
-        (CheckpointPosition::At(_) | CheckpointPosition::ShardEnd, _) => false,
-    }
+    a.le(b)
 }
 
 #[cfg(test)]
@@ -292,33 +310,83 @@ mod tests {
         p
     }
 
+    fn held(cuts: &[u128], buffered: bool) -> Held {
+        Held {
+            cuts: cuts.iter().map(|n| pos(*n)).collect(),
+            buffered,
+        }
+    }
+
     #[test]
-    fn a_sink_holding_outputs_back_caps_the_checkpoint_mid_epoch() {
+    fn a_sink_holding_outputs_back_stops_the_checkpoint_at_its_last_cut_mid_epoch() {
         let mut p = progress(1, 3);
         p.report(0, 3, None);
-        p.hold_back(Some(&Held::Through(pos(15))));
-        let cp = p.checkpoint().expect("moves to the cap");
+        p.hold_back(vec![held(&[7, 15], true)]);
+        let cp = p.checkpoint().expect("moves to the cut");
         assert_eq!(cp.committed, at(15));
         assert_eq!(
             cp.committed_watermark,
             Some(100),
-            "the watermark of the last epoch end before the cap"
+            "the watermark of the last epoch end before the cut"
         );
-        assert_eq!(cp.rebuild_from, at(15), "never past committed");
+        assert_eq!(
+            cp.rebuild_from,
+            at(10),
+            "state rebuilt from the epoch end before the stop"
+        );
         p.prune();
         assert_eq!(
             p.checkpoint().unwrap().committed,
             at(15),
             "pruning keeps it"
         );
-        p.hold_back(Some(&Held::Through(pos(99))));
+        p.hold_back(vec![held(&[15], false)]);
         assert_eq!(
             p.checkpoint().unwrap().committed,
             at(30),
-            "a cap past the end"
+            "nothing buffered: free after the last cut"
         );
-        p.hold_back(None);
-        assert_eq!(p.checkpoint().unwrap().committed, at(30));
+    }
+
+    #[test]
+    fn a_lagging_path_never_puts_the_checkpoint_inside_a_stored_unit() {
+        let mut p = progress(2, 3);
+        // The sink's own path is through epoch 3 with units ending at 12 and 26; another
+        // path only through epoch 2 (position 20), inside the unit 13..=26.
+        p.report(0, 3, None);
+        p.report(1, 2, None);
+        p.hold_back(vec![held(&[12, 26], false)]);
+        assert_eq!(p.checkpoint().unwrap().committed, at(12));
+        // Two holding sinks: stops valid for both (their cuts interleave).
+        p.report(1, 3, None);
+        p.hold_back(vec![held(&[10, 20], true), held(&[15, 30], false)]);
+        assert_eq!(
+            p.checkpoint(),
+            None,
+            "no common cut after the resumed start"
+        );
+        p.hold_back(vec![held(&[10, 20], true), held(&[10, 30], true)]);
+        assert_eq!(p.checkpoint().unwrap().committed, at(10));
+    }
+
+    #[test]
+    fn a_checkpoint_held_back_to_an_earlier_epoch_rebuilds_what_was_open_then() {
+        let mut p = progress(2, 3);
+        p.report(0, 3, None);
+        // The keyed path: a window opened in epoch 1 and closed in epoch 3.
+        p.report(1, 1, Some(1));
+        p.report(1, 2, Some(1));
+        p.report(1, 3, Some(3));
+        p.hold_back(vec![held(&[15], true)]);
+        let cp = p.checkpoint().unwrap();
+        assert_eq!(cp.committed, at(15));
+        assert_eq!(
+            cp.rebuild_from,
+            CheckpointPosition::Initial,
+            "the window open at position 15 is rebuilt from its first epoch"
+        );
+        p.prune();
+        assert_eq!(p.checkpoint().unwrap(), cp, "pruning keeps the decision");
     }
 
     #[test]
@@ -326,10 +394,10 @@ mod tests {
         let mut p = progress(1, 2);
         p.record_epoch(3, None, Some(300), false, true);
         p.report(0, 3, None);
-        p.hold_back(Some(&Held::Nothing));
+        p.hold_back(vec![held(&[], true)]);
         assert_eq!(p.checkpoint(), None, "no move past the resumed point");
-        assert!(!p.is_finished(), "held outputs keep the shard open");
-        p.hold_back(None);
+        assert!(!p.is_finished(), "buffered outputs keep the shard open");
+        p.hold_back(Vec::new());
         assert!(p.is_finished());
     }
 

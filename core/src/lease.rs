@@ -21,6 +21,17 @@ pub enum CheckpointPosition {
     ShardEnd,
 }
 
+impl CheckpointPosition {
+    /// Whether `self` is at or before `other` in a shard.
+    pub fn le(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Initial, _) | (_, Self::ShardEnd) => true,
+            (Self::At(x), Self::At(y)) => x <= y,
+            (Self::At(_) | Self::ShardEnd, _) => false,
+        }
+    }
+}
+
 /// How far a shard's processing has gone, as stored in its lease.
 ///
 /// `committed` is the classic KCL checkpoint: every output derived from records up to it is

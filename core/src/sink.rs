@@ -9,7 +9,7 @@ use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 use crate::error::SinkError;
-use crate::lease::LeaseEpoch;
+use crate::lease::{CheckpointPosition, LeaseEpoch};
 use crate::position::{EventTime, RecordPosition, ShardId};
 
 /// A window of event time, `[start, end)` in milliseconds.
@@ -213,14 +213,44 @@ pub trait Sink<T>: Send + Sync + 'static {
     async fn open(&self, cx: &SinkContext) -> Result<Box<dyn SinkWriter<T>>, SinkError>;
 }
 
-/// How far a shard's outputs are durable while a writer keeps later ones buffered across
-/// commits (see [`SinkWriter::held`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Held {
-    /// Nothing this writer wrote for the shard is durable yet.
-    Nothing,
-    /// Outputs of records up to and including this position are durable; later ones wait.
-    Through(RecordPosition),
+/// Where a writer that gathers the outputs of records into larger units (S3 objects) lets a
+/// shard's checkpoint stop, and whether it still buffers outputs (see [`SinkWriter::held`]).
+///
+/// A checkpoint inside a stored unit would make a replay start a new unit in the middle of
+/// it, duplicating the records after the checkpoint; so a checkpoint stops only at a cut (the
+/// end of a unit), at the checkpoint the shard resumed from, or, when nothing is buffered,
+/// anywhere after the last cut (no unit spans it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Held {
+    /// Ends of units this writer stored for the shard, ascending (the most recent ones).
+    pub cuts: Vec<RecordPosition>,
+    /// Outputs after the last cut are buffered, not yet durable.
+    pub buffered: bool,
+}
+
+impl Held {
+    /// The furthest position at or before `position` where the checkpoint may stop, given
+    /// that `resumed` (at or before `position`) is always a valid stop.
+    pub fn snap(
+        &self,
+        position: &CheckpointPosition,
+        resumed: &CheckpointPosition,
+    ) -> CheckpointPosition {
+        let after_last_cut = match self.cuts.last() {
+            None => true,
+            Some(last) => CheckpointPosition::At(last.clone()).le(position),
+        };
+        if !self.buffered && after_last_cut {
+            return position.clone();
+        }
+        self.cuts
+            .iter()
+            .rev()
+            .map(|c| CheckpointPosition::At(c.clone()))
+            .find(|c| c.le(position))
+            .filter(|c| resumed.le(c))
+            .unwrap_or_else(|| resumed.clone())
+    }
 }
 
 /// Writes outputs for one pipeline instance.
@@ -235,11 +265,11 @@ pub trait SinkWriter<T>: Send {
     async fn commit(&mut self) -> Result<(), SinkError>;
 
     /// For a writer that gathers the outputs of records into larger units across commits (an
-    /// S3 object of a fixed number of records): per shard with outputs still buffered after a
-    /// commit, how far its outputs are durable. The shard's checkpoint never passes that point,
-    /// so a replay starts at the first buffered record. Only outputs of records
-    /// ([`OutputId::Record`], on the shard's own path before any `key_by`) may be held.
-    /// Default: nothing is held.
+    /// S3 object of a fixed number of records): per shard it stored units for or buffers
+    /// outputs of, where the shard's checkpoint may stop ([`Held`]). The runtime never
+    /// checkpoints inside a unit or past buffered outputs, so a replay starts where a unit
+    /// starts. Only outputs of records ([`OutputId::Record`], on the shard's own path before
+    /// any `key_by`) may be held. Default: no constraint.
     fn held(&self) -> Vec<(ShardId, Held)> {
         Vec::new()
     }

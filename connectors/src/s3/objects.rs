@@ -98,18 +98,29 @@ pub(crate) async fn head(
     .await
 }
 
-/// Writes `body` to `key` with `metadata`: one PutObject, or a multipart upload when the body
-/// is larger than `multipart_above`.
+/// An object to store.
+pub(crate) struct NewObject<'a> {
+    pub(crate) body: &'a [u8],
+    pub(crate) metadata: &'a HashMap<String, String>,
+    pub(crate) content_type: &'a str,
+    pub(crate) content_encoding: Option<&'a str>,
+}
+
+/// Writes `object` to `key`: one PutObject, or a multipart upload when the body is larger
+/// than `multipart_above`.
 pub(crate) async fn put(
     client: &Client,
     bucket: &str,
     key: &str,
-    body: &[u8],
-    metadata: &HashMap<String, String>,
-    content_type: &str,
-    content_encoding: Option<&str>,
+    object: NewObject<'_>,
     multipart_above: usize,
 ) -> Result<(), RequestError> {
+    let NewObject {
+        body,
+        metadata,
+        content_type,
+        content_encoding,
+    } = object;
     if body.len() <= multipart_above {
         return retried(|| async {
             client

@@ -17,7 +17,7 @@
 //! no condition both emulators and all regions honour, so a writer paused between them could
 //! still overwrite; the runtime's lease guard keeps that window short).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,9 +34,10 @@ use shardflow_core::sink::{
     Held, InspectSink, Output, OutputBatch, OutputId, Sink, SinkContext, SinkWriter,
 };
 
-use super::objects::{self, RequestError};
+use super::objects::{self, NewObject, RequestError};
 
 type Encode<T> = dyn Fn(&OutputId, &T, &mut Vec<u8>) -> Result<(), BoxError> + Send + Sync;
+type Decode<T> = fn(&[u8]) -> Result<T, BoxError>;
 
 /// How outputs become bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,7 +93,7 @@ struct Inner<T> {
     name: String,
     format: Format,
     encode: Arc<Encode<T>>,
-    decode: Option<fn(&[u8]) -> Result<T, BoxError>>,
+    decode: Option<Decode<T>>,
     records_per_object: usize,
     max_object_bytes: usize,
     max_latency: Duration,
@@ -141,7 +142,7 @@ impl<T: Serialize + DeserializeOwned + 'static> S3Sink<T> {
         Self::new(
             client,
             bucket.into(),
-            prefix.into(),
+            &prefix.into(),
             Format::JsonLines,
             encode,
         )
@@ -156,7 +157,7 @@ impl<T: AsRef<[u8]> + 'static> S3Sink<T> {
             out.extend_from_slice(value.as_ref());
             Ok(())
         });
-        Self::new(client, bucket.into(), prefix.into(), Format::Raw, encode)
+        Self::new(client, bucket.into(), &prefix.into(), Format::Raw, encode)
     }
 }
 
@@ -164,7 +165,7 @@ impl<T> S3Sink<T> {
     fn new(
         client: Client,
         bucket: String,
-        prefix: String,
+        prefix: &str,
         format: Format,
         encode: Arc<Encode<T>>,
     ) -> Self {
@@ -193,7 +194,7 @@ impl<T> S3Sink<T> {
         self
     }
 
-    fn with_decode(self, decode: fn(&[u8]) -> Result<T, BoxError>) -> Self {
+    fn with_decode(self, decode: Decode<T>) -> Self {
         self.configure(|i| i.decode = Some(decode))
     }
 
@@ -392,11 +393,15 @@ struct Filling {
     ends_at: Option<RecordPosition>,
 }
 
+/// Cuts remembered per shard: checkpoints lag the sink by far fewer objects than this.
+const MAX_CUTS: usize = 256;
+
 #[derive(Default)]
 struct ShardState {
     filling: Option<Filling>,
-    /// The last record of the last object this writer stored.
-    durable: Option<RecordPosition>,
+    /// The last records of the objects this writer stored, oldest first: the checkpoint
+    /// stops only at one of them (or where the shard resumed), never inside an object.
+    cuts: VecDeque<RecordPosition>,
 }
 
 struct S3Writer<T> {
@@ -497,19 +502,26 @@ impl<T: Send + Sync + 'static> S3Writer<T> {
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
         let body = self.inner.compress(filling.body)?;
+        let object = NewObject {
+            body: &body,
+            metadata: &metadata,
+            content_type: self.inner.content_type(false),
+            content_encoding: self.inner.gzip.then_some("gzip"),
+        };
         objects::put(
             &self.inner.client,
             &self.inner.bucket,
             &key,
-            &body,
-            &metadata,
-            self.inner.content_type(false),
-            self.inner.gzip.then_some("gzip"),
+            object,
             self.inner.multipart_above,
         )
         .await
         .map_err(|e| self.inner.request_error(e))?;
-        self.shards.entry(shard.clone()).or_default().durable = Some(filling.last);
+        let cuts = &mut self.shards.entry(shard.clone()).or_default().cuts;
+        if cuts.len() == MAX_CUTS {
+            cuts.pop_front();
+        }
+        cuts.push_back(filling.last);
         Ok(())
     }
 
@@ -613,14 +625,17 @@ impl<T: Send + Sync + 'static> SinkWriter<T> for S3Writer<T> {
             ]
             .into();
             let body = self.inner.compress(body)?;
+            let object = NewObject {
+                body: &body,
+                metadata: &metadata,
+                content_type: self.inner.content_type(true),
+                content_encoding: self.inner.gzip.then_some("gzip"),
+            };
             objects::put(
                 &self.inner.client,
                 &self.inner.bucket,
                 &key,
-                &body,
-                &metadata,
-                self.inner.content_type(true),
-                self.inner.gzip.then_some("gzip"),
+                object,
                 self.inner.multipart_above,
             )
             .await
@@ -647,9 +662,12 @@ impl<T: Send + Sync + 'static> SinkWriter<T> for S3Writer<T> {
     fn held(&self) -> Vec<(ShardId, Held)> {
         self.shards
             .iter()
-            .filter(|(_, s)| s.filling.is_some())
+            .filter(|(_, s)| s.filling.is_some() || !s.cuts.is_empty())
             .map(|(shard, s)| {
-                let held = s.durable.clone().map_or(Held::Nothing, Held::Through);
+                let held = Held {
+                    cuts: s.cuts.iter().cloned().collect(),
+                    buffered: s.filling.is_some(),
+                };
                 (shard.clone(), held)
             })
             .collect()

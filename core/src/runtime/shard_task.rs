@@ -336,7 +336,7 @@ impl ShardTask {
 
     /// On a quiet shard, lets sinks that hold outputs back deliver them on their own clock.
     async fn idle_commit(&self, run: &mut Running) -> Result<(), Error> {
-        if run.pipeline.held().is_empty() {
+        if !run.pipeline.held().iter().any(|(_, h)| h.buffered) {
             return Ok(());
         }
         run.pipeline.commit().await?;

@@ -62,19 +62,15 @@ impl Tracker {
         self.reported.notify_waiters();
     }
 
-    /// The shard path's sinks hold outputs back (`None`: nothing held). The most restrictive
-    /// of several holds counts.
+    /// Where the shard path's sinks let `shard`'s checkpoint stop (see `SinkWriter::held`).
     pub(crate) fn hold_back(&self, shard: &ShardId, held: &[(ShardId, Held)]) {
-        let mut strictest: Option<&Held> = None;
-        for (_, h) in held.iter().filter(|(s, _)| s == shard) {
-            strictest = Some(match (strictest, h) {
-                (None, h) | (Some(Held::Through(_)), h @ Held::Nothing) => h,
-                (Some(Held::Through(a)), Held::Through(b)) if b < a => h,
-                (Some(current), _) => current,
-            });
-        }
+        let holds = held
+            .iter()
+            .filter(|(s, _)| s == shard)
+            .map(|(_, h)| h.clone())
+            .collect();
         if let Some(p) = self.lock().get_mut(shard) {
-            p.hold_back(strictest);
+            p.hold_back(holds);
         }
         self.reported.notify_waiters();
     }

@@ -2,7 +2,7 @@
 
 use crate::lease::LeaseEpoch;
 use crate::position::{RecordPosition, SequenceNumber, ShardId};
-use crate::sink::{Held, InspectSink, Output, OutputBatch, OutputId, SinkContext, Window};
+use crate::sink::{InspectSink, Output, OutputBatch, OutputId, SinkContext, Window};
 
 fn cx(instance: &str) -> SinkContext {
     SinkContext {
@@ -67,12 +67,9 @@ where
     for n in [0, 1] {
         let id = record(1, n);
         if !got.contains_key(&(shard.clone(), id.to_path())) {
+            let position = RecordPosition::new(SequenceNumber::from_u128(1));
             let covered = held.iter().any(|(s, h)| {
-                s == &shard
-                    && match h {
-                        Held::Nothing => true,
-                        Held::Through(q) => q < &RecordPosition::new(SequenceNumber::from_u128(1)),
-                    }
+                s == &shard && h.buffered && h.cuts.last().is_none_or(|cut| cut < &position)
             });
             assert!(
                 covered,

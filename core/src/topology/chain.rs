@@ -494,7 +494,7 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
             .sink_commit(&self.cx.topology, self.sink.name(), started.elapsed());
         // A writer holding outputs back gets commits even without new writes, so that it can
         // deliver them within its latency bound on a quiet shard.
-        self.written = !writer.held().is_empty();
+        self.written = writer.held().iter().any(|(_, h)| h.buffered);
         Ok(())
     }
 

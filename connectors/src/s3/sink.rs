@@ -455,20 +455,20 @@ impl<T: Send + Sync + 'static> S3Writer<T> {
             .map_err(|e| self.inner.request_error(e))?;
         let ends_at = match stored {
             None => None,
-            Some(metadata) => {
-                self.inner
-                    .check_fence(&metadata, shard, key.clone(), epoch)?;
-                Some(last_position(&metadata).ok_or_else(|| {
-                    self.inner.error(
-                        "write",
-                        false,
-                        S3SinkError::Malformed {
-                            key: key.clone(),
-                            reason: "no last-sequence metadata".into(),
-                        },
-                    )
-                })?)
-            }
+            Some(metadata) => match last_position(&metadata) {
+                Some(end) => {
+                    self.inner
+                        .check_fence(&metadata, shard, key.clone(), epoch)?;
+                    Some(end)
+                }
+                // Not an object this sink completed: S3 stores a PUT whole or not at all, but
+                // s3rver was seen to keep an object without its metadata after a worker was
+                // killed mid-PUT. It can only be a crashed run's last object: replace it.
+                None => {
+                    tracing::warn!(key = %key, "object without shardflow metadata; replacing it");
+                    None
+                }
+            },
         };
         Ok(Filling {
             first: first.clone(),

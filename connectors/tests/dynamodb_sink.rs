@@ -270,3 +270,58 @@ async fn unprocessed_batch_items_are_re_sent_and_only_they() {
         "then only the unprocessed one"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_too_large_for_an_item_sends_its_record_to_the_dead_letter_sink() {
+    use shardflow_core::dead_letter::{DeadLetter, DeadLetterRecord};
+    use shardflow_core::decode::SourceExt;
+    use shardflow_core::lease::MemoryLeaseStore;
+    use shardflow_core::memory::MemoryStream;
+    use shardflow_core::runtime::{RunMode, Runtime, RuntimeConfig};
+    use shardflow_core::sink::{InspectSink, MemorySink};
+    use shardflow_core::topology::Topology;
+
+    let stream = MemoryStream::new("big", 1);
+    for size in [10, 500 * 1024, 20] {
+        stream.push(0, 0, b"k", &serde_json::to_vec(&"x".repeat(size)).unwrap());
+    }
+    let sink = DynamoSink::<String>::open(client().await, table("dead"))
+        .await
+        .expect("table");
+    let dead = MemorySink::<DeadLetterRecord>::new("dead");
+    let topology = Topology::builder("big")
+        .dead_letter(DeadLetter::to(dead.clone()))
+        .source(stream.json::<String>())
+        .sink(sink.clone())
+        .build()
+        .unwrap();
+    Runtime::new(topology, std::sync::Arc::new(MemoryLeaseStore::new()))
+        .with_config(RuntimeConfig {
+            mode: RunMode::UntilCaughtUp,
+            ..RuntimeConfig::default()
+        })
+        .run()
+        .await
+        .expect("the run goes on past the oversized output");
+    let written: Vec<usize> = sink
+        .committed()
+        .await
+        .unwrap()
+        .into_values()
+        .map(|v| v.len())
+        .collect();
+    assert_eq!(written, [10, 20], "the other records were written");
+    let letters: Vec<DeadLetterRecord> = dead.contents().into_values().collect();
+    assert_eq!(letters.len(), 1);
+    assert!(
+        letters[0].stage.contains("dynamodb"),
+        "{}",
+        letters[0].stage
+    );
+    assert!(
+        letters[0].error.contains("item limit"),
+        "{}",
+        letters[0].error
+    );
+    assert_eq!(letters[0].data.len(), 500 * 1024 + 2, "the record's bytes");
+}

@@ -211,6 +211,14 @@ pub trait Sink<T>: Send + Sync + 'static {
 
     /// Opens a writer. Each pipeline instance (a shard task or a keyed worker) opens its own.
     async fn open(&self, cx: &SinkContext) -> Result<Box<dyn SinkWriter<T>>, SinkError>;
+
+    /// Refuses, before it is buffered, an output this sink could never write (too large for
+    /// the store, not encodable): on a shard's own path (before any `key_by`) the output's
+    /// input record then goes to the topology's dead-letter policy with this reason, instead
+    /// of the write failing the run. Default: every output is accepted.
+    fn check(&self, _value: &T) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Where a writer that gathers the outputs of records into larger units (S3 objects) lets a

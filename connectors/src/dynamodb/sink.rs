@@ -36,6 +36,8 @@ use super::table::ensure_table;
 
 /// DynamoDB's item size limit.
 pub const MAX_ITEM_BYTES: usize = 400 * 1024;
+/// Room `check` leaves for the identity attributes (id, shard, path, key, window, epoch).
+const IDENTITY_ROOM: usize = 2 * 1024;
 /// Items per BatchWriteItem request (the API's limit).
 const BATCH_ITEMS: usize = 25;
 
@@ -387,6 +389,21 @@ struct DynamoWriter<T> {
 impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Sink<T> for DynamoSink<T> {
     fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    /// Refuses values that do not encode, or whose item would be over 400 KB (its value plus
+    /// room for the identity attributes): their input records go to the dead-letter policy.
+    fn check(&self, value: &T) -> Result<(), String> {
+        let value = serde_json::to_value(value).map_err(|e| format!("cannot be encoded: {e}"))?;
+        let mut item = HashMap::with_capacity(1);
+        item.insert("value".to_owned(), to_attribute(&value));
+        let size = item_size(&item) + IDENTITY_ROOM;
+        if size > MAX_ITEM_BYTES {
+            return Err(format!(
+                "item of about {size} bytes is over DynamoDB's {MAX_ITEM_BYTES}-byte item limit"
+            ));
+        }
+        Ok(())
     }
 
     async fn open(&self, cx: &SinkContext) -> Result<Box<dyn SinkWriter<T>>, SinkError> {

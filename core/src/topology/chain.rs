@@ -389,6 +389,9 @@ pub(crate) struct SinkEmitter<T> {
     pub(crate) of_records: Vec<(u32, u32, T)>,
     pub(crate) written: bool,
     pub(crate) metrics: Metrics,
+    /// Where outputs the sink refuses (`Sink::check`) send their input record, on a shard's
+    /// own path.
+    pub(crate) failures: Option<Failures>,
 }
 
 impl<T: Send + 'static> SinkEmitter<T> {
@@ -401,7 +404,14 @@ impl<T: Send + 'static> SinkEmitter<T> {
             of_records: Vec::new(),
             written: false,
             metrics,
+            failures: None,
         }
+    }
+
+    /// Dead-letters the input records of outputs the sink refuses.
+    pub(crate) fn with_failures(mut self, failures: Option<Failures>) -> Self {
+        self.failures = failures;
+        self
     }
 
     async fn writer(&mut self) -> Result<&mut Box<dyn SinkWriter<T>>, Error> {
@@ -446,7 +456,16 @@ where
 impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
     fn emit(&mut self, cx: &RecordCx, value: T) {
         match &cx.ident {
-            Ident::Record { index, fanout } => self.of_records.push((*index, *fanout, value)),
+            Ident::Record { index, fanout } => {
+                if let Some(failures) = &self.failures {
+                    if let Err(reason) = self.sink.check(&value) {
+                        let stage = format!("sink {}", self.sink.name());
+                        failures.fail(cx, &stage, &reason, 0, false);
+                        return;
+                    }
+                }
+                self.of_records.push((*index, *fanout, value));
+            }
             Ident::Keyed { key, window } => self.ready.push(Output {
                 id: OutputId::Keyed {
                     key: key.clone(),

@@ -326,11 +326,10 @@ impl<T: Send + 'static, S: Stage> Stream<T, S> {
                     topology: cx.topology.clone(),
                     instance: cx.instance.clone(),
                 };
-                Box::new(SinkEmitter::new(
-                    Arc::clone(&sink),
-                    sink_cx,
-                    cx.metrics.clone(),
-                ))
+                Box::new(
+                    SinkEmitter::new(Arc::clone(&sink), sink_cx, cx.metrics.clone())
+                        .with_failures(cx.failures.clone()),
+                )
             }));
         Pipeline { graph: self.graph }
     }

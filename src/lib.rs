@@ -5,6 +5,7 @@
 #![deny(missing_docs)]
 
 pub use shardflow_connectors as connectors;
+pub mod ops;
 pub use shardflow_core as core;
 pub use shardflow_operators as operators;
 
@@ -22,7 +23,7 @@ pub use shardflow_core::decode::SourceExt;
 pub use shardflow_core::lease::{LeaseStore, MemoryLeaseStore};
 pub use shardflow_core::position::{EventTime, ShardId, StartPosition};
 pub use shardflow_core::runtime::metrics::Metrics;
-pub use shardflow_core::runtime::{RunMode, RunReport, Runtime, RuntimeConfig};
+pub use shardflow_core::runtime::{Health, RunMode, RunReport, Runtime, RuntimeConfig};
 pub use shardflow_core::sink::{MemorySink, Sink, Window};
 pub use shardflow_core::topology::{Stream, Topology};
 pub use shardflow_core::{Error, Result};

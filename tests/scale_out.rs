@@ -90,12 +90,10 @@ mod worker {
     use shardflow::core::error::SinkError;
     use shardflow::core::sink::{OutputBatch, SinkContext, SinkWriter};
     use shardflow::dynamodb::DynamoLeaseStore;
-    use shardflow::kinesis::{KinesisSource, SpoutConfig};
+    use shardflow::kinesis::{KinesisSource, SpoutConfig, SpoutMetrics};
     use shardflow::local::LocalDirSink;
     use shardflow::prelude::*;
     use shardflow::{AwsConfig, Sink};
-    use tokio::signal::unix::{signal, SignalKind};
-    use tokio_util::sync::CancellationToken;
 
     use super::{now_micros, Event, LEASE_DURATION, SYNC_INTERVAL, TOPOLOGY};
 
@@ -132,6 +130,13 @@ mod worker {
             .dynamodb_client()
             .await;
         let leases = DynamoLeaseStore::open(dynamodb, var("LEASE_TABLE")?).await?;
+        // The operations endpoint on a free loopback port, written where the test finds it.
+        let registry = prometheus::Registry::new();
+        let metrics = shardflow::Metrics::new(&registry);
+        let health = shardflow::Health::new();
+        let ops =
+            shardflow::ops::serve("127.0.0.1:0".parse()?, registry.clone(), health.clone()).await?;
+        std::fs::write(var("OPS_ADDR_FILE")?, ops.local_addr().to_string())?;
         let spout = SpoutConfig {
             idle_min: Duration::from_millis(50),
             idle_max: Duration::from_millis(200),
@@ -141,6 +146,7 @@ mod worker {
             .source(
                 KinesisSource::new(kinesis, var("STREAM")?)
                     .with_config(spout)
+                    .with_metrics(SpoutMetrics::new(&registry))
                     .json::<Event>(),
             )
             .map(|e: Event| e.id);
@@ -151,13 +157,7 @@ mod worker {
         let topology = ids
             .sink(LocalDirSink::new(var("OUT_DIR")?).fsync(false))
             .build()?;
-        let shutdown = CancellationToken::new();
-        let on_term = shutdown.clone();
-        let mut term = signal(SignalKind::terminate())?;
-        tokio::spawn(async move {
-            term.recv().await;
-            on_term.cancel();
-        });
+        let shutdown = shardflow::ops::shutdown_on_signals()?;
         let config = RuntimeConfig {
             worker_id,
             parallelism: 1,
@@ -168,6 +168,8 @@ mod worker {
         };
         Runtime::new(topology, Arc::new(leases))
             .with_config(config)
+            .with_metrics(metrics)
+            .with_health(health)
             .with_shutdown(shutdown)
             .run()
             .await?;
@@ -288,6 +290,7 @@ mod scenario {
                 .arg("worker")
                 .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
                 .env("WORKER_ID", &id)
+                .env("OPS_ADDR_FILE", self.dir.join(format!("{id}.addr")))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log)
@@ -315,6 +318,22 @@ mod scenario {
 
         fn worker_log(&self, id: &str) -> String {
             std::fs::read_to_string(self.dir.join(format!("{id}.log"))).unwrap_or_default()
+        }
+
+        /// `GET path` from the worker's operations endpoint: (status, body).
+        fn get(&self, id: &str, path: &str) -> (u16, String) {
+            use std::io::{Read as _, Write as _};
+            let addr = std::fs::read_to_string(self.dir.join(format!("{id}.addr")))
+                .expect("the worker wrote its endpoint address");
+            let mut stream = std::net::TcpStream::connect(addr.trim()).expect("connect");
+            write!(stream, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+            let mut response = String::new();
+            stream.read_to_string(&mut response).unwrap();
+            let status = response[9..12].parse().unwrap();
+            let body = response
+                .split_once("\r\n\r\n")
+                .map_or(String::new(), |(_, b)| b.to_owned());
+            (status, body)
         }
 
         fn live(&self) -> BTreeSet<String> {
@@ -495,6 +514,45 @@ mod scenario {
         assert_eq!(counts, [2, 3, 3]);
         println!("scale_out: 1 -> 3 workers balanced 3/3/2 in {took:.1?}");
 
+        // The operations endpoint: healthy, and /metrics (parsed as Prometheus text) moves as
+        // records flow.
+        let (status, body) = cluster.get("w1", "/healthz");
+        assert_eq!(status, 200, "{body}");
+        let records_read = |id: &str| -> f64 {
+            let (status, body) = cluster.get(id, "/metrics");
+            assert_eq!(status, 200);
+            let lines = body.lines().map(|l| Ok(l.to_owned()));
+            let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
+            for name in [
+                "shardflow_leases_held",
+                "shardflow_checkpoints_written_total",
+                "shardflow_kinesis_millis_behind_latest",
+            ] {
+                assert!(
+                    scrape.samples.iter().any(|s| s.metric == name),
+                    "{name} missing from /metrics"
+                );
+            }
+            scrape
+                .samples
+                .iter()
+                .filter(|s| s.metric == "shardflow_records_read_total")
+                .map(|s| match s.value {
+                    prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                    _ => 0.0,
+                })
+                .sum()
+        };
+        let before = records_read("w1");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after = records_read("w1");
+        assert!(
+            after > before,
+            "records_read_total moves: {before} -> {after}"
+        );
+        let (status, _) = cluster.get("w1", "/nope");
+        assert_eq!(status, 404);
+
         // (2) kill -9 a worker, three times; a replacement joins after each failover.
         let bound = LEASE_DURATION + SYNC_INTERVAL + FAILOVER_SLACK;
         let mut failovers = Vec::new();
@@ -655,6 +713,81 @@ mod scenario {
             held.len()
         );
         await_balance(&store, &cluster, Duration::from_secs(60)).await;
+        // Measured now, before phase 5 moves leases again.
+        let log = read_log(&commit_log);
+        let mut newest_epoch: HashMap<&str, u64> = HashMap::new();
+        for c in &log {
+            let e = newest_epoch.entry(c.shard.as_str()).or_default();
+            *e = (*e).max(c.epoch);
+        }
+        let stale: Vec<&Commit> = log
+            .iter()
+            .filter(|c| c.worker == stopped && c.at_micros > resumed_at)
+            .filter(|c| c.epoch < newest_epoch[c.shard.as_str()])
+            .collect();
+        // After SIGCONT a paused worker acts on a lease only after renewing it, which fails: at
+        // most the one commit each shard task was inside when stopped can still land.
+        let stale_commits: BTreeSet<(&str, u64)> = stale
+            .iter()
+            .map(|c| (c.shard.as_str(), c.at_micros))
+            .collect();
+        assert!(
+            stale_commits.len() <= held.len(),
+            "{stopped} went on committing {} times after SIGCONT with lost leases",
+            stale_commits.len()
+        );
+        let stale = stale.len();
+
+        // (5) SIGTERM a worker mid-stream: it drains, checkpoints and releases its leases, so
+        // the others resume its shards without waiting for a lease to expire.
+        let by_owner = owners(&store).await;
+        let (leaving, held) = by_owner
+            .iter()
+            .find_map(|(o, keys)| o.clone().map(|o| (o, keys.clone())))
+            .expect("a worker with leases");
+        let termed_at = now_micros();
+        let started = Instant::now();
+        cluster.signal(&leaving, "TERM");
+        let mut child = cluster.workers.remove(&leaving).unwrap();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{leaving} did not exit within 10 s of SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let exited = started.elapsed();
+        assert!(
+            status.success(),
+            "{leaving}: {status}\n{}",
+            cluster.worker_log(&leaving)
+        );
+        let mut resumed: HashMap<String, u64> = HashMap::new();
+        while resumed.len() < held.len() {
+            for c in read_log(&commit_log) {
+                if c.at_micros > termed_at && c.worker != leaving && held.contains(&c.shard) {
+                    resumed.entry(c.shard).or_insert(c.at_micros);
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{leaving}'s shards {held:?} not resumed: {resumed:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let handoff = Duration::from_micros(resumed.values().max().unwrap() - termed_at);
+        println!(
+            "scale_out: SIGTERM {leaving} ({} shards): exited after {exited:.2?}, shards resumed \
+             elsewhere after {handoff:.2?} (released, no expiry wait)",
+            held.len()
+        );
+        assert!(
+            handoff < LEASE_DURATION,
+            "a released lease is taken without waiting for it to expire: {handoff:?}"
+        );
 
         // Drain: stop producing, wait until every acknowledged id was committed somewhere.
         producer.stop.store(true, Ordering::Relaxed);
@@ -724,28 +857,6 @@ mod scenario {
         assert!(acked.is_subset(&distinct), "every acknowledged id present");
         let commits_per_id = log.len() as f64 / distinct.len() as f64;
         let replays = log.len() - distinct.len();
-        let mut newest_epoch: HashMap<&str, u64> = HashMap::new();
-        for c in &log {
-            let e = newest_epoch.entry(c.shard.as_str()).or_default();
-            *e = (*e).max(c.epoch);
-        }
-        let stale: Vec<&Commit> = log
-            .iter()
-            .filter(|c| c.worker == stopped && c.at_micros > resumed_at)
-            .filter(|c| c.epoch < newest_epoch[c.shard.as_str()])
-            .collect();
-        // After SIGCONT a paused worker acts on a lease only after renewing it, which fails: at
-        // most the one commit each shard task was inside when stopped can still land.
-        let stale_commits: BTreeSet<(&str, u64)> = stale
-            .iter()
-            .map(|c| (c.shard.as_str(), c.at_micros))
-            .collect();
-        assert!(
-            stale_commits.len() <= held.len(),
-            "{stopped} went on committing {} times after SIGCONT with lost leases",
-            stale_commits.len()
-        );
-        let stale = stale.len();
         println!(
             "scale_out: {} ids in the output exactly once; {replays} replayed commits absorbed \
              ({commits_per_id:.3} commits per id); {stale} late commits by the SIGSTOPped worker",

@@ -22,5 +22,5 @@ pub mod runtime;
 pub mod topology;
 
 pub use dead_letter::{DeadLetter, DeadLetterRecord};
-pub use runtime::{RunMode, RunReport, Runtime, RuntimeConfig};
+pub use runtime::{Health, RunMode, RunReport, Runtime, RuntimeConfig};
 pub use topology::{Stream, Topology};

@@ -181,10 +181,12 @@ impl LeaseManager {
         self.apply(key, update).await.map(drop)
     }
 
-    /// Renews every held lease; returns the keys that were lost.
-    pub(crate) async fn renew_all(&self) -> Vec<String> {
+    /// Renews every held lease; returns the keys that were lost and how many renewals failed
+    /// for other reasons (the store unreachable, say).
+    pub(crate) async fn renew_all(&self) -> (Vec<String>, usize) {
         let keys: Vec<String> = self.held.lock().await.keys().cloned().collect();
         let mut lost = Vec::new();
+        let mut failed = 0;
         for key in keys {
             match self
                 .apply(
@@ -197,10 +199,13 @@ impl LeaseManager {
             {
                 Ok(_) => {}
                 Err(LeaseError::LeaseLost { .. } | LeaseError::NotFound { .. }) => lost.push(key),
-                Err(error) => tracing::warn!(lease = %key, %error, "lease renewal failed"),
+                Err(error) => {
+                    failed += 1;
+                    tracing::warn!(lease = %key, %error, "lease renewal failed");
+                }
             }
         }
-        lost
+        (lost, failed)
     }
 
     pub(crate) async fn release(&self, key: &str) {

@@ -1,6 +1,7 @@
 //! The runtime: runs a topology over the shards this worker holds leases for, checkpoints after
 //! sinks commit, and ends on shutdown (or, in a bounded run, when every shard is caught up).
 
+mod health;
 mod lease_guard;
 #[cfg(test)]
 mod lease_model;
@@ -22,6 +23,7 @@ use crate::lease::{Lease, LeaseStore, ShardCheckpoint};
 use crate::position::ShardId;
 use crate::source::ReadLimits;
 use crate::topology::stream::{Topology, WorkerCx};
+pub use health::Health;
 use leases::LeaseManager;
 use metrics::Metrics;
 use shard_task::{ShardOutcome, ShardTask};
@@ -145,6 +147,7 @@ pub struct Runtime {
     config: RuntimeConfig,
     metrics: Metrics,
     shutdown: CancellationToken,
+    health: Health,
 }
 
 struct RunningShard {
@@ -162,7 +165,14 @@ impl Runtime {
             config: RuntimeConfig::default(),
             metrics: Metrics::unregistered(),
             shutdown: CancellationToken::new(),
+            health: Health::new(),
         }
+    }
+
+    /// Reports whether the lease table is reachable into `health` (for a `/healthz`).
+    pub fn with_health(mut self, health: Health) -> Self {
+        self.health = health;
+        self
     }
 
     /// Sets the configuration.
@@ -191,6 +201,7 @@ impl Runtime {
     /// shard stopped by the `StopShard` dead-letter policy (reported when the run ends).
     pub async fn run(self) -> Result<RunReport, Error> {
         self.config.validate()?;
+        self.health.set_lease_duration(self.config.lease_duration);
         let config = Arc::new(self.config.clone());
         let topology = Arc::clone(&self.topology);
         let tracker = Tracker::default();
@@ -308,6 +319,7 @@ impl Runtime {
                 }
                 // After the takes, so that children started in this round free their parents.
                 leases.clean_finished_parents(&shards).await?;
+                self.health.lease_round_ok();
                 self.metrics.leases(&name, leases.held_count().await);
             }
             if running.is_empty() && finishing.is_empty() {
@@ -372,7 +384,11 @@ impl Runtime {
                 _ = ticker.tick() => {
                     if last_renew.elapsed() >= config.lease_duration / 3 {
                         last_renew = tokio::time::Instant::now();
-                        for key in leases.renew_all().await {
+                        let (lost, failed) = leases.renew_all().await;
+                        if failed == 0 {
+                            self.health.lease_round_ok();
+                        }
+                        for key in lost {
                             for r in running.values_mut().filter(|r| r.lease_key == key) {
                                 tracing::warn!(topology = %name, lease = %key, "lease lost");
                                 r.lost = true;

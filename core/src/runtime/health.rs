@@ -1,0 +1,92 @@
+//! Whether a worker can still reach its lease table: healthy while its last successful lease
+//! round (a shard sync, or a renewal round without store errors) is within a lease duration.
+//! A worker that cannot renew will lose its leases; a health check should say so first.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Shared between the runtime (which reports) and a health endpoint (which asks). Cloning
+/// shares it.
+#[derive(Clone, Debug)]
+pub struct Health {
+    inner: Arc<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    base: Instant,
+    /// Milliseconds after `base` of the last successful lease round, plus one (0: never).
+    last_ok_ms: AtomicU64,
+    lease_duration_ms: AtomicU64,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Health {
+    /// Unhealthy until the runtime's first successful lease round.
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::new(State {
+                base: Instant::now(),
+                last_ok_ms: AtomicU64::new(0),
+                lease_duration_ms: AtomicU64::new(10_000),
+            }),
+        }
+    }
+
+    /// Whether the last successful lease round is within a lease duration.
+    pub fn is_healthy(&self) -> bool {
+        self.since_last_ok().is_some_and(|d| {
+            d.as_millis() < u128::from(self.inner.lease_duration_ms.load(Ordering::Acquire))
+        })
+    }
+
+    /// How long ago the last successful lease round was, if there was one.
+    pub fn since_last_ok(&self) -> Option<Duration> {
+        let last = self.inner.last_ok_ms.load(Ordering::Acquire);
+        (last > 0).then(|| {
+            let at = self.inner.base + Duration::from_millis(last - 1);
+            Instant::now().saturating_duration_since(at)
+        })
+    }
+
+    pub(crate) fn set_lease_duration(&self, lease_duration: Duration) {
+        let ms = u64::try_from(lease_duration.as_millis()).unwrap_or(u64::MAX);
+        self.inner.lease_duration_ms.store(ms, Ordering::Release);
+    }
+
+    pub(crate) fn lease_round_ok(&self) {
+        let ms = Instant::now()
+            .saturating_duration_since(self.inner.base)
+            .as_millis();
+        let ms = u64::try_from(ms).unwrap_or(u64::MAX - 1) + 1;
+        self.inner.last_ok_ms.fetch_max(ms, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn healthy_only_within_a_lease_duration_of_the_last_good_round() {
+        let health = Health::new();
+        health.set_lease_duration(Duration::from_secs(3));
+        assert!(!health.is_healthy(), "not before the first round");
+        health.lease_round_ok();
+        assert!(health.is_healthy());
+        tokio::time::advance(Duration::from_millis(2_900)).await;
+        assert!(health.is_healthy());
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert!(!health.is_healthy(), "no good round for over 3 s");
+        health.lease_round_ok();
+        assert!(health.is_healthy());
+    }
+}

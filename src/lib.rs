@@ -6,6 +6,8 @@
 
 pub use shardflow_connectors as connectors;
 pub mod ops;
+pub mod run;
+pub use run::run;
 pub use shardflow_core as core;
 pub use shardflow_operators as operators;
 

@@ -1,0 +1,234 @@
+//! `shardflow::run`: the worker's `main`. Reads its settings (flags, `SHARDFLOW_*` environment,
+//! a TOML file), sets up logs, builds the topology with the settings' clients, picks the lease
+//! store (a directory on the local backend, DynamoDB on AWS), serves `/metrics` and `/healthz`,
+//! and runs until SIGTERM or SIGINT (drain, checkpoint, release leases; a second signal exits).
+//!
+//! ```no_run
+//! use shardflow::prelude::*;
+//! use shardflow::local::{LocalDirSink, LocalSource};
+//!
+//! fn main() -> std::process::ExitCode {
+//!     shardflow::run(|cx| async move {
+//!         let stream = cx.local_stream()?;
+//!         Ok(Topology::builder("copy")
+//!             .source(LocalSource::new(&stream).raw())
+//!             .sink(LocalDirSink::new("out/"))
+//!             .build()?)
+//!     })
+//! }
+//! ```
+
+mod settings;
+
+use std::future::Future;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use prometheus::Registry;
+use shardflow_connectors::local::{FileLeaseStore, LocalStream};
+use shardflow_core::lease::LeaseStore;
+use shardflow_core::runtime::metrics::Metrics;
+use shardflow_core::runtime::{Health, RunReport, Runtime};
+use shardflow_core::topology::Topology;
+use tokio_util::sync::CancellationToken;
+
+pub use settings::{Backend, Flags, LogFormat, Settings, SettingsError};
+
+/// What the topology's builder gets: the settings, the metrics registry the endpoint serves,
+/// and clients made from them.
+pub struct RunContext {
+    settings: Settings,
+    registry: Registry,
+}
+
+impl RunContext {
+    /// The resolved settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The registry `/metrics` serves: register a source's or sink's metrics here.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The local backend's stream named by the settings, under `local_dir/stream`.
+    ///
+    /// # Errors
+    /// The stream does not exist or cannot be opened.
+    pub fn local_stream(&self) -> anyhow::Result<LocalStream> {
+        let dir = self.settings.local_dir.join("stream");
+        LocalStream::open(&dir, &self.settings.stream).with_context(|| {
+            format!(
+                "opening local stream {} in {}",
+                self.settings.stream,
+                dir.display()
+            )
+        })
+    }
+
+    #[cfg(any(feature = "kinesis", feature = "dynamodb", feature = "s3"))]
+    fn aws(&self, endpoint: Option<&String>) -> crate::AwsConfig {
+        let mut config = crate::AwsConfig::new();
+        if let Some(region) = &self.settings.region {
+            config = config.region(region.clone());
+        }
+        if let Some(endpoint) = endpoint {
+            config = config.endpoint(endpoint.clone());
+        }
+        config
+    }
+
+    /// A Kinesis client for the settings' region and endpoint.
+    #[cfg(feature = "kinesis")]
+    pub async fn kinesis_client(&self) -> aws_sdk_kinesis::Client {
+        self.aws(self.settings.kinesis_endpoint.as_ref())
+            .kinesis_client()
+            .await
+    }
+
+    /// A DynamoDB client for the settings' region and endpoint.
+    #[cfg(feature = "dynamodb")]
+    pub async fn dynamodb_client(&self) -> aws_sdk_dynamodb::Client {
+        self.aws(self.settings.dynamodb_endpoint.as_ref())
+            .dynamodb_client()
+            .await
+    }
+
+    /// An S3 client for the settings' region and endpoint (path-style with an endpoint).
+    #[cfg(feature = "s3")]
+    pub async fn s3_client(&self) -> aws_sdk_s3::Client {
+        self.aws(self.settings.s3_endpoint.as_ref())
+            .path_style(self.settings.s3_endpoint.is_some())
+            .s3_client()
+            .await
+    }
+}
+
+/// Runs a worker: settings from the command line, environment and config file; `build` makes
+/// the topology. Exit status 2 for bad settings, 1 for a failed run, 0 after a graceful stop.
+pub fn run<F, Fut>(build: F) -> ExitCode
+where
+    F: FnOnce(RunContext) -> Fut,
+    Fut: Future<Output = anyhow::Result<Topology>>,
+{
+    let settings = match Settings::resolve(Flags::parse()) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("shardflow: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logs(settings.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("shardflow: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run_with(settings, build, None)) {
+        Ok(report) => {
+            tracing::info!(ended = report.shards_ended.len(), "stopped");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "worker failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Human-readable or JSON logs to stderr; `RUST_LOG` filters (default `info`).
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second initialisation (tests) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// [`run`] with resolved settings, inside a tokio runtime; `shutdown` replaces the signal
+/// handlers (for tests and embedding).
+///
+/// # Errors
+/// Building the topology, opening the lease store or the endpoint, or the run failed.
+pub async fn run_with<F, Fut>(
+    settings: Settings,
+    build: F,
+    shutdown: Option<CancellationToken>,
+) -> anyhow::Result<RunReport>
+where
+    F: FnOnce(RunContext) -> Fut,
+    Fut: Future<Output = anyhow::Result<Topology>>,
+{
+    let registry = Registry::new();
+    let cx = RunContext {
+        settings: settings.clone(),
+        registry: registry.clone(),
+    };
+    let topology = build(cx).await.context("building the topology")?;
+    let leases: Arc<dyn LeaseStore> = match settings.backend {
+        Backend::Local => Arc::new(FileLeaseStore::new(
+            settings.local_dir.join("leases").join(topology.name()),
+        )),
+        Backend::Aws => aws_leases(&settings, topology.name()).await?,
+    };
+    let health = Health::new();
+    let ops = crate::ops::serve(settings.metrics_addr, registry.clone(), health.clone())
+        .await
+        .with_context(|| format!("binding the metrics endpoint {}", settings.metrics_addr))?;
+    tracing::info!(
+        topology = topology.name(),
+        worker = settings.runtime.worker_id,
+        endpoint = %ops.local_addr(),
+        "starting"
+    );
+    let shutdown = match shutdown {
+        Some(token) => token,
+        None => crate::ops::shutdown_on_signals().context("installing signal handlers")?,
+    };
+    let report = Runtime::new(topology, leases)
+        .with_config(settings.runtime)
+        .with_metrics(Metrics::new(&registry))
+        .with_health(health)
+        .with_shutdown(shutdown)
+        .run()
+        .await?;
+    Ok(report)
+}
+
+#[cfg(feature = "dynamodb")]
+async fn aws_leases(settings: &Settings, topology: &str) -> anyhow::Result<Arc<dyn LeaseStore>> {
+    use shardflow_connectors::dynamodb::DynamoLeaseStore;
+    let mut config = crate::AwsConfig::new();
+    if let Some(region) = &settings.region {
+        config = config.region(region.clone());
+    }
+    if let Some(endpoint) = &settings.dynamodb_endpoint {
+        config = config.endpoint(endpoint.clone());
+    }
+    let table = settings
+        .lease_table
+        .clone()
+        .unwrap_or_else(|| DynamoLeaseStore::default_table_name(topology));
+    let store = DynamoLeaseStore::open(config.dynamodb_client().await, &table)
+        .await
+        .with_context(|| format!("opening the lease table {table}"))?;
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "dynamodb"))]
+async fn aws_leases(_settings: &Settings, _topology: &str) -> anyhow::Result<Arc<dyn LeaseStore>> {
+    anyhow::bail!("backend `aws` keeps leases in DynamoDB: build with the `dynamodb` feature")
+}

@@ -1,0 +1,90 @@
+//! `shardflow::run_with`: a worker configured from flags runs a topology on the local backend,
+//! serves its endpoint, and on shutdown drains, checkpoints and releases its leases.
+
+use std::time::Duration;
+
+use clap::Parser as _;
+use shardflow::local::{LocalDirSink, LocalProducer, LocalSource, LocalStream, LocalStreamConfig};
+use shardflow::prelude::*;
+use shardflow::run::{run_with, Flags, Settings};
+use shardflow::LeaseStore as _;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_from_flags_processes_and_stops_gracefully() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = LocalStream::create(
+        dir.path().join("stream"),
+        "events",
+        2,
+        LocalStreamConfig::new(),
+    )
+    .unwrap();
+    let producer = LocalProducer::new(stream);
+    for i in 0..100u32 {
+        producer
+            .put(&format!("k{i}"), i.to_string().into_bytes())
+            .await
+            .unwrap();
+    }
+    let local_dir = dir.path().display().to_string();
+    let flags = Flags::try_parse_from([
+        "worker",
+        "--stream",
+        "events",
+        "--local-dir",
+        &local_dir,
+        "--worker-id",
+        "runner-test",
+        "--checkpoint-interval",
+        "50ms",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ])
+    .unwrap();
+    let settings = Settings::resolve(flags).unwrap();
+    let out = dir.path().join("out");
+    let sink_dir = out.clone();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(run_with(
+        settings,
+        move |cx| async move {
+            let stream = cx.local_stream()?;
+            Ok(Topology::builder("copy")
+                .source(LocalSource::new(&stream).json::<u32>())
+                .sink(LocalDirSink::new(&sink_dir))
+                .build()?)
+        },
+        Some(shutdown.clone()),
+    ));
+    let sink = LocalDirSink::new(&out);
+    for _ in 0..500 {
+        if sink
+            .read_topology::<u32>("copy")
+            .await
+            .map_or(0, |m| m.len())
+            == 100
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sink.read_topology::<u32>("copy").await.unwrap().len(), 100);
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("stops within 10 s")
+        .unwrap()
+        .expect("a clean run");
+    let leases = shardflow::local::FileLeaseStore::new(dir.path().join("leases").join("copy"));
+    let all = leases.list().await.unwrap();
+    assert_eq!(all.len(), 2);
+    for lease in all {
+        assert_eq!(lease.owner, None, "{} released", lease.key);
+        assert_ne!(
+            lease.checkpoint.committed,
+            shardflow::core::lease::CheckpointPosition::Initial,
+            "{} checkpointed",
+            lease.key
+        );
+    }
+}

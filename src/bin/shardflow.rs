@@ -1,0 +1,534 @@
+//! The `shardflow` operations tool: stream administration, `put` and `tail` (like kcat for
+//! Kafka), lease inspection, and a cost estimate. AWS credentials come from the default chain;
+//! `--kinesis-endpoint` and `--dynamodb-endpoint` point calls at emulators or VPC endpoints.
+
+use std::io::{BufRead as _, IsTerminal as _, Write as _};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use shardflow::core::position::{ShardId, StartPosition};
+use shardflow::core::source::{ReadLimits, ShardStatus, Source as _};
+use shardflow::dynamodb::DynamoLeaseStore;
+use shardflow::kinesis::{KinesisProducer, KinesisSource, ProducerConfig, StreamAdmin};
+use shardflow::{AwsConfig, LeaseStore as _};
+
+#[derive(Parser)]
+#[command(
+    name = "shardflow",
+    about = "Operate Kinesis streams and shardflow workers"
+)]
+struct Cli {
+    /// AWS region (default: the AWS default chain).
+    #[arg(long, global = true, env = "SHARDFLOW_REGION")]
+    region: Option<String>,
+    /// Kinesis endpoint override (an emulator, a VPC endpoint).
+    #[arg(long, global = true, env = "SHARDFLOW_KINESIS_ENDPOINT")]
+    kinesis_endpoint: Option<String>,
+    /// DynamoDB endpoint override.
+    #[arg(long, global = true, env = "SHARDFLOW_DYNAMODB_ENDPOINT")]
+    dynamodb_endpoint: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create, describe and reshape streams.
+    Stream {
+        #[command(subcommand)]
+        action: StreamAction,
+    },
+    /// Put lines (from stdin or a file) as records.
+    Put {
+        /// The stream.
+        stream: String,
+        /// Read lines from this file instead of stdin.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Partition key of every record (default: the line number, spreading over shards).
+        #[arg(long)]
+        key: Option<String>,
+        /// Pack records into KPL aggregated records (fewer, fuller PUT payload units).
+        #[arg(long)]
+        aggregate: bool,
+    },
+    /// Print records of every shard from a start position, de-aggregating KPL records.
+    Tail {
+        /// The stream.
+        stream: String,
+        /// trim-horizon, latest, or a time (RFC 3339, e.g. 2026-11-26T08:00:00Z).
+        #[arg(long, default_value = "trim-horizon")]
+        from: String,
+        /// Stop after this many records.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Keep waiting for new records instead of stopping at the tip.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Inspect a topology's lease table.
+    Leases {
+        #[command(subcommand)]
+        action: LeaseAction,
+    },
+    /// Estimate shards and PUT payload units for an event rate and size.
+    Cost {
+        /// Events per second.
+        #[arg(long)]
+        events_per_second: f64,
+        /// Bytes per event (payload plus partition key).
+        #[arg(long)]
+        event_bytes: f64,
+    },
+}
+
+#[derive(Subcommand)]
+enum StreamAction {
+    /// Create a stream.
+    Create {
+        /// The stream.
+        stream: String,
+        /// Shards.
+        #[arg(long, default_value_t = 1)]
+        shards: i32,
+    },
+    /// Status, open shards, retention and the shard list.
+    Describe {
+        /// The stream.
+        stream: String,
+    },
+    /// Split a shard (at the middle of its hash key range by default).
+    Split {
+        /// The stream.
+        stream: String,
+        /// The shard.
+        shard: String,
+        /// Starting hash key of the new upper child.
+        #[arg(long)]
+        at: Option<u128>,
+    },
+    /// Merge two adjacent shards.
+    Merge {
+        /// The stream.
+        stream: String,
+        /// One shard.
+        shard: String,
+        /// The adjacent shard.
+        adjacent: String,
+    },
+    /// Reshard uniformly to a number of open shards.
+    Scale {
+        /// The stream.
+        stream: String,
+        /// Open shards wanted.
+        shards: i32,
+    },
+    /// Set the retention period.
+    Retention {
+        /// The stream.
+        stream: String,
+        /// Hours (24 to 8760).
+        hours: i32,
+    },
+}
+
+#[derive(Subcommand)]
+enum LeaseAction {
+    /// Owner, counter, checkpoint and lag (milliseconds behind the tip) per shard.
+    List {
+        /// The lease table.
+        table: String,
+        /// The stream, to measure each shard's lag behind its tip.
+        #[arg(long)]
+        stream: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(execute(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("shardflow: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Clients for the region and endpoints given.
+struct Clients {
+    region: Option<String>,
+    kinesis_endpoint: Option<String>,
+    dynamodb_endpoint: Option<String>,
+}
+
+impl Clients {
+    fn config(&self, endpoint: Option<&String>) -> AwsConfig {
+        let mut config = AwsConfig::new();
+        if let Some(region) = &self.region {
+            config = config.region(region.clone());
+        }
+        if let Some(endpoint) = endpoint {
+            config = config.endpoint(endpoint.clone());
+        }
+        config
+    }
+
+    async fn kinesis_client(&self) -> aws_sdk_kinesis::Client {
+        self.config(self.kinesis_endpoint.as_ref())
+            .kinesis_client()
+            .await
+    }
+
+    async fn dynamodb_client(&self) -> aws_sdk_dynamodb::Client {
+        self.config(self.dynamodb_endpoint.as_ref())
+            .dynamodb_client()
+            .await
+    }
+}
+
+async fn execute(cli: Cli) -> anyhow::Result<()> {
+    let config = Clients {
+        region: cli.region,
+        kinesis_endpoint: cli.kinesis_endpoint,
+        dynamodb_endpoint: cli.dynamodb_endpoint,
+    };
+    match cli.command {
+        Command::Stream { action } => stream(config, action).await,
+        Command::Put {
+            stream,
+            file,
+            key,
+            aggregate,
+        } => put(config, &stream, file, key, aggregate).await,
+        Command::Tail {
+            stream,
+            from,
+            limit,
+            follow,
+        } => tail(config, &stream, &from, limit, follow).await,
+        Command::Leases {
+            action: LeaseAction::List { table, stream },
+        } => leases(config, &table, stream.as_deref()).await,
+        Command::Cost {
+            events_per_second,
+            event_bytes,
+        } => {
+            print!("{}", cost(events_per_second, event_bytes)?);
+            Ok(())
+        }
+    }
+}
+
+async fn stream(config: Clients, action: StreamAction) -> anyhow::Result<()> {
+    let admin = StreamAdmin::new(config.kinesis_client().await);
+    match action {
+        StreamAction::Create { stream, shards } => {
+            admin.create_stream(&stream, shards).await?;
+            println!("created {stream} with {shards} shards");
+        }
+        StreamAction::Describe { stream } => {
+            let summary = admin.describe(&stream).await?;
+            println!(
+                "{stream}: {}, {} open shards, retention {} h",
+                summary.status, summary.open_shards, summary.retention_hours
+            );
+            for shard in admin.list_shards(&stream).await? {
+                let parents: Vec<&str> = shard.parents.iter().map(ShardId::as_str).collect();
+                println!(
+                    "  {} {} hash {:#x}..{:#x}{}",
+                    shard.id.as_str(),
+                    if shard.closed { "closed" } else { "open" },
+                    shard.hash_key_range.0,
+                    shard.hash_key_range.1,
+                    if parents.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" parents {}", parents.join(","))
+                    }
+                );
+            }
+        }
+        StreamAction::Split { stream, shard, at } => {
+            let shards = admin.list_shards(&stream).await?;
+            let info = shards
+                .iter()
+                .find(|s| s.id.as_str() == shard)
+                .with_context(|| format!("no shard {shard} in {stream}"))?;
+            let at = at.unwrap_or(info.hash_key_range.0 / 2 + info.hash_key_range.1 / 2 + 1);
+            admin.split_shard(&stream, &info.id, at).await?;
+            println!("split {shard} at {at:#x}");
+        }
+        StreamAction::Merge {
+            stream,
+            shard,
+            adjacent,
+        } => {
+            admin
+                .merge_shards(&stream, &ShardId::new(&shard), &ShardId::new(&adjacent))
+                .await?;
+            println!("merged {shard} and {adjacent}");
+        }
+        StreamAction::Scale { stream, shards } => {
+            admin.update_shard_count(&stream, shards).await?;
+            println!("scaled {stream} to {shards} shards");
+        }
+        StreamAction::Retention { stream, hours } => {
+            admin.set_retention(&stream, hours).await?;
+            println!("retention of {stream} set to {hours} h");
+        }
+    }
+    Ok(())
+}
+
+async fn put(
+    config: Clients,
+    stream: &str,
+    file: Option<PathBuf>,
+    key: Option<String>,
+    aggregate: bool,
+) -> anyhow::Result<()> {
+    let producer_config = ProducerConfig {
+        aggregate_max_bytes: aggregate.then_some(50 * 1024),
+        ..ProducerConfig::default()
+    };
+    let producer = KinesisProducer::new(config.kinesis_client().await, stream, producer_config)
+        .await
+        .context("starting the producer")?;
+    let (reader, total): (Box<dyn std::io::BufRead>, Option<u64>) = match &file {
+        Some(path) => {
+            let f =
+                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            let len = f.metadata().map(|m| m.len()).ok();
+            (Box::new(std::io::BufReader::new(f)), len)
+        }
+        None => (Box::new(std::io::stdin().lock()), None),
+    };
+    // A progress bar for a file, on a terminal only.
+    let progress = match total {
+        Some(len) if std::io::stderr().is_terminal() => indicatif::ProgressBar::new(len),
+        _ => indicatif::ProgressBar::hidden(),
+    };
+    let mut tickets = Vec::new();
+    for (n, line) in reader.lines().enumerate() {
+        let line = line.context("reading input")?;
+        progress.inc(line.len() as u64 + 1);
+        let partition_key = key.clone().unwrap_or_else(|| n.to_string());
+        tickets.push(producer.send(&partition_key, line.into_bytes()).await?);
+    }
+    producer.flush().await?;
+    let count = tickets.len();
+    for ticket in tickets {
+        ticket.outcome().await.context("a record was not written")?;
+    }
+    progress.finish_and_clear();
+    eprintln!("put {count} records to {stream}");
+    Ok(())
+}
+
+fn start_position(from: &str) -> anyhow::Result<StartPosition> {
+    Ok(match from {
+        "trim-horizon" => StartPosition::TrimHorizon,
+        "latest" => StartPosition::Latest,
+        time => {
+            let at = humantime::parse_rfc3339_weak(time).with_context(|| {
+                format!("--from takes trim-horizon, latest or an RFC 3339 time, not {time:?}")
+            })?;
+            let ms = at
+                .duration_since(std::time::UNIX_EPOCH)
+                .context("a time after 1970")?
+                .as_millis();
+            StartPosition::AtTimestamp(i64::try_from(ms)?)
+        }
+    })
+}
+
+async fn tail(
+    config: Clients,
+    stream: &str,
+    from: &str,
+    limit: Option<usize>,
+    follow: bool,
+) -> anyhow::Result<()> {
+    let start = start_position(from)?;
+    let source = KinesisSource::new(config.kinesis_client().await, stream);
+    let shards = source.list_shards().await?;
+    let mut readers = Vec::new();
+    for shard in &shards {
+        readers.push((
+            shard.id.clone(),
+            source
+                .open_shard(shard, start.clone(), ReadLimits::default())
+                .await?,
+            false,
+        ));
+    }
+    let mut printed = 0;
+    let stdout = std::io::stdout();
+    loop {
+        let mut all_done = true;
+        for (id, reader, done) in &mut readers {
+            if *done {
+                continue;
+            }
+            let batch = reader.read().await?;
+            let mut out = stdout.lock();
+            for record in batch.records.iter() {
+                writeln!(
+                    out,
+                    "{}\t{}/{}\t{}",
+                    id.as_str(),
+                    record.position.sequence,
+                    record.position.sub_sequence,
+                    String::from_utf8_lossy(record.data)
+                )?;
+                printed += 1;
+                if limit.is_some_and(|l| printed >= l) {
+                    return Ok(());
+                }
+            }
+            match batch.status {
+                ShardStatus::Ended => *done = true,
+                ShardStatus::CaughtUp if !follow => *done = true,
+                _ => all_done = false,
+            }
+        }
+        if all_done {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn leases(config: Clients, table: &str, stream: Option<&str>) -> anyhow::Result<()> {
+    let store = DynamoLeaseStore::open(config.dynamodb_client().await, table)
+        .await
+        .with_context(|| format!("opening lease table {table}"))?;
+    let kinesis = match stream {
+        Some(_) => Some(config.kinesis_client().await),
+        None => None,
+    };
+    println!("shard\towner\tcounter\tcheckpoint\tlag_ms");
+    for lease in store.list().await? {
+        let checkpoint = match &lease.checkpoint.committed {
+            shardflow::core::lease::CheckpointPosition::Initial => "TRIM_HORIZON".to_owned(),
+            shardflow::core::lease::CheckpointPosition::ShardEnd => "SHARD_END".to_owned(),
+            shardflow::core::lease::CheckpointPosition::At(p) => {
+                format!("{}/{}", p.sequence, p.sub_sequence)
+            }
+        };
+        let lag = match (&kinesis, stream) {
+            (Some(client), Some(stream)) => lag_ms(client, stream, &lease).await,
+            _ => None,
+        };
+        println!(
+            "{}\t{}\t{}\t{}\t{}",
+            lease.key,
+            lease.owner.as_deref().unwrap_or("-"),
+            lease.counter,
+            checkpoint,
+            lag.map_or_else(|| "-".to_owned(), |l| l.to_string())
+        );
+    }
+    Ok(())
+}
+
+/// How far behind the shard's tip the checkpoint is (MillisBehindLatest of a read right after
+/// it), if the shard is open and readable.
+async fn lag_ms(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+    lease: &shardflow::core::lease::Lease,
+) -> Option<i64> {
+    use aws_sdk_kinesis::types::ShardIteratorType;
+    let request = client
+        .get_shard_iterator()
+        .stream_name(stream)
+        .shard_id(&lease.key);
+    let request = match &lease.checkpoint.committed {
+        shardflow::core::lease::CheckpointPosition::Initial => {
+            request.shard_iterator_type(ShardIteratorType::TrimHorizon)
+        }
+        shardflow::core::lease::CheckpointPosition::At(p) => request
+            .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
+            .starting_sequence_number(p.sequence.to_string()),
+        shardflow::core::lease::CheckpointPosition::ShardEnd => return Some(0),
+    };
+    let iterator = request.send().await.ok()?.shard_iterator?;
+    let out = client
+        .get_records()
+        .shard_iterator(iterator)
+        .limit(1)
+        .send()
+        .await
+        .ok()?;
+    out.millis_behind_latest
+}
+
+/// Shards and PUT payload units (25 KB each) per second, with and without aggregation.
+fn cost(events_per_second: f64, event_bytes: f64) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        events_per_second > 0.0 && event_bytes > 0.0,
+        "--events-per-second and --event-bytes must be positive"
+    );
+    anyhow::ensure!(
+        event_bytes <= 1024.0 * 1024.0,
+        "--event-bytes must be at most 1 MiB (the record limit)"
+    );
+    const SHARD_RECORDS: f64 = 1000.0;
+    const SHARD_BYTES: f64 = 1024.0 * 1024.0;
+    const UNIT: f64 = 25.0 * 1024.0;
+    const AGGREGATE: f64 = 50.0 * 1024.0;
+    let bytes = events_per_second * event_bytes;
+    let plain_shards = (events_per_second / SHARD_RECORDS)
+        .max(bytes / SHARD_BYTES)
+        .ceil()
+        .max(1.0);
+    let plain_units = events_per_second * (event_bytes / UNIT).ceil();
+    // Aggregated: events packed into ~50 KB records (a few bytes of framing each).
+    let per_record = (AGGREGATE / (event_bytes + 8.0)).floor().max(1.0);
+    let records = events_per_second / per_record;
+    let aggregated_shards = (records / SHARD_RECORDS)
+        .max(bytes / SHARD_BYTES)
+        .ceil()
+        .max(1.0);
+    let aggregated_units = records * (per_record * (event_bytes + 8.0) / UNIT).ceil();
+    Ok(format!(
+        "{events_per_second} events/s of {event_bytes} B = {:.2} MiB/s\n\
+         without aggregation: {plain_shards} shards, {plain_units:.0} PUT payload units/s\n\
+         with aggregation ({per_record} events per record): {aggregated_shards} shards, \
+         {aggregated_units:.0} PUT payload units/s\n",
+        bytes / SHARD_BYTES
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cost;
+
+    #[test]
+    fn cost_counts_shards_by_records_and_bytes_and_units_by_25_kb() {
+        let small = cost(10_000.0, 100.0).unwrap();
+        assert!(
+            small.contains("without aggregation: 10 shards, 10000 PUT"),
+            "{small}"
+        );
+        assert!(
+            small.contains("with aggregation (474 events per record): 1 shards"),
+            "{small}"
+        );
+        let big = cost(100.0, 30_000.0).unwrap();
+        assert!(
+            big.contains("without aggregation: 3 shards, 200 PUT"),
+            "{big}"
+        );
+        assert!(cost(0.0, 1.0).is_err());
+    }
+}

@@ -127,6 +127,52 @@ async fn every_subcommand_against_the_emulators() {
     assert_eq!(cells[1..4], ["worker-a", "1", "TRIM_HORIZON"], "{listed}");
     assert!(cells[4].parse::<i64>().is_ok(), "a lag in ms: {row}");
 
+    // Reset: refused while owned, a dry run changes nothing, then TRIM_HORIZON.
+    let checkpoint = LeaseUpdate::Checkpoint {
+        owner: "worker-a".into(),
+        checkpoint: shardflow::core::lease::ShardCheckpoint::shard_end(),
+    };
+    store
+        .update("shardId-000000000001", 1, &checkpoint)
+        .await
+        .unwrap();
+    let refused = shardflow(&["leases", "reset", &table, "--to", "trim-horizon"], None);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("owned by worker-a"),
+        "names the owned lease"
+    );
+    let release = LeaseUpdate::Release {
+        owner: "worker-a".into(),
+    };
+    store
+        .update("shardId-000000000001", 2, &release)
+        .await
+        .unwrap();
+    let dry = ok(
+        &[
+            "leases",
+            "reset",
+            &table,
+            "--to",
+            "trim-horizon",
+            "--dry-run",
+        ],
+        None,
+    );
+    assert!(
+        dry.contains("SHARD_END -> TRIM_HORIZON\t(dry run)"),
+        "{dry}"
+    );
+    let lease = store.get("shardId-000000000001").await.unwrap().unwrap();
+    assert!(lease.checkpoint.is_shard_end(), "a dry run writes nothing");
+    ok(&["leases", "reset", &table, "--to", "trim-horizon"], None);
+    let lease = store.get("shardId-000000000001").await.unwrap().unwrap();
+    assert_eq!(
+        lease.checkpoint,
+        shardflow::core::lease::ShardCheckpoint::initial()
+    );
+
     let cost = ok(
         &[
             "cost",

@@ -158,6 +158,12 @@ pub enum LeaseUpdate {
         /// The current owner.
         owner: String,
     },
+    /// An operator moves the progress of an unowned lease (replay from the start, say). Refused
+    /// while a worker owns it: stop the workers (they release their leases) first.
+    Reset {
+        /// The new progress.
+        checkpoint: ShardCheckpoint,
+    },
 }
 
 impl LeaseUpdate {
@@ -168,6 +174,7 @@ impl LeaseUpdate {
             Self::Renew { .. } => "renew",
             Self::Checkpoint { .. } => "checkpoint",
             Self::Release { .. } => "release",
+            Self::Reset { .. } => "reset",
         }
     }
 }
@@ -178,6 +185,7 @@ impl LeaseUpdate {
 /// - `Take` requires `counter == expected_counter`; a mismatch is `ConditionFailed`.
 /// - `Renew`, `Checkpoint`, `Release` also require `owner` to be the current owner; a mismatch
 ///   is `LeaseLost`, the error that stops a shard's pipeline.
+/// - `Reset` requires the counter and no owner; otherwise `ConditionFailed`.
 pub fn apply_update(
     current: &Lease,
     expected_counter: u64,
@@ -198,6 +206,22 @@ pub fn apply_update(
             }
             next.owner = Some(owner.clone());
         }
+        LeaseUpdate::Reset { checkpoint } => {
+            if current.counter != expected_counter {
+                return Err(LeaseError::ConditionFailed {
+                    lease_key: current.key.clone(),
+                    reason: "lease counter changed since it was read",
+                });
+            }
+            if current.owner.is_some() {
+                return Err(LeaseError::ConditionFailed {
+                    lease_key: current.key.clone(),
+                    reason: "lease is owned by a worker: stop the workers before a reset",
+                });
+            }
+            next.checkpoint = checkpoint.clone();
+            next.owner_switches_since_checkpoint = 0;
+        }
         LeaseUpdate::Renew { owner }
         | LeaseUpdate::Checkpoint { owner, .. }
         | LeaseUpdate::Release { owner } => {
@@ -214,7 +238,9 @@ pub fn apply_update(
                     next.owner_switches_since_checkpoint = 0;
                 }
                 LeaseUpdate::Release { .. } => next.owner = None,
-                _ => {}
+                LeaseUpdate::Take { .. }
+                | LeaseUpdate::Renew { .. }
+                | LeaseUpdate::Reset { .. } => {}
             }
         }
     }
@@ -350,6 +376,27 @@ mod tests {
         // Right owner, stale counter: lost too.
         let err = apply_update(&b, 1, &LeaseUpdate::Renew { owner: "b".into() }).unwrap_err();
         assert!(matches!(err, LeaseError::LeaseLost { .. }));
+    }
+
+    #[test]
+    fn reset_moves_an_unowned_lease_and_refuses_an_owned_one() {
+        let mut lease = Lease::new("s", vec![]);
+        lease.checkpoint = ShardCheckpoint::shard_end();
+        let reset = LeaseUpdate::Reset {
+            checkpoint: ShardCheckpoint::initial(),
+        };
+        let moved = apply_update(&lease, 0, &reset).unwrap();
+        assert_eq!(moved.checkpoint, ShardCheckpoint::initial());
+        assert_eq!(moved.counter, 1);
+        let owned = apply_update(&moved, 1, &LeaseUpdate::Take { owner: "w".into() }).unwrap();
+        assert!(matches!(
+            apply_update(&owned, 2, &reset),
+            Err(LeaseError::ConditionFailed { .. })
+        ));
+        assert!(matches!(
+            apply_update(&moved, 0, &reset),
+            Err(LeaseError::ConditionFailed { .. })
+        ));
     }
 
     #[test]

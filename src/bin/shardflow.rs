@@ -145,6 +145,24 @@ enum LeaseAction {
         #[arg(long)]
         stream: Option<String>,
     },
+    /// Move every checkpoint back to TRIM_HORIZON (the topology replays what the stream
+    /// retains). Workers must be stopped: an owned lease is refused.
+    Reset {
+        /// The lease table.
+        table: String,
+        /// Where to: trim-horizon.
+        #[arg(long, value_enum)]
+        to: ResetTo,
+        /// Show the change without making it.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ResetTo {
+    /// The oldest retained record.
+    TrimHorizon,
 }
 
 fn main() -> ExitCode {
@@ -217,6 +235,9 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Leases {
             action: LeaseAction::List { table, stream },
         } => leases(config, &table, stream.as_deref()).await,
+        Command::Leases {
+            action: LeaseAction::Reset { table, to, dry_run },
+        } => reset(config, &table, to, dry_run).await,
         Command::Cost {
             events_per_second,
             event_bytes,
@@ -417,13 +438,7 @@ async fn leases(config: Clients, table: &str, stream: Option<&str>) -> anyhow::R
     };
     println!("shard\towner\tcounter\tcheckpoint\tlag_ms");
     for lease in store.list().await? {
-        let checkpoint = match &lease.checkpoint.committed {
-            shardflow::core::lease::CheckpointPosition::Initial => "TRIM_HORIZON".to_owned(),
-            shardflow::core::lease::CheckpointPosition::ShardEnd => "SHARD_END".to_owned(),
-            shardflow::core::lease::CheckpointPosition::At(p) => {
-                format!("{}/{}", p.sequence, p.sub_sequence)
-            }
-        };
+        let checkpoint = describe(&lease.checkpoint.committed);
         let lag = match (&kinesis, stream) {
             (Some(client), Some(stream)) => lag_ms(client, stream, &lease).await,
             _ => None,
@@ -436,6 +451,58 @@ async fn leases(config: Clients, table: &str, stream: Option<&str>) -> anyhow::R
             checkpoint,
             lag.map_or_else(|| "-".to_owned(), |l| l.to_string())
         );
+    }
+    Ok(())
+}
+
+fn describe(position: &shardflow::core::lease::CheckpointPosition) -> String {
+    use shardflow::core::lease::CheckpointPosition;
+    match position {
+        CheckpointPosition::Initial => "TRIM_HORIZON".to_owned(),
+        CheckpointPosition::ShardEnd => "SHARD_END".to_owned(),
+        CheckpointPosition::At(p) => format!("{}/{}", p.sequence, p.sub_sequence),
+    }
+}
+
+async fn reset(config: Clients, table: &str, to: ResetTo, dry_run: bool) -> anyhow::Result<()> {
+    use shardflow::core::lease::{LeaseUpdate, ShardCheckpoint};
+    let store = DynamoLeaseStore::open(config.dynamodb_client().await, table)
+        .await
+        .with_context(|| format!("opening lease table {table}"))?;
+    let target = match to {
+        ResetTo::TrimHorizon => ShardCheckpoint::initial(),
+    };
+    let leases = store.list().await?;
+    let owned: Vec<String> = leases
+        .iter()
+        .filter_map(|l| {
+            l.owner
+                .as_ref()
+                .map(|o| format!("{} (owned by {o})", l.key))
+        })
+        .collect();
+    anyhow::ensure!(
+        owned.is_empty(),
+        "stop the workers first; these leases are owned: {}",
+        owned.join(", ")
+    );
+    for lease in &leases {
+        println!(
+            "{}	{} -> {}{}",
+            lease.key,
+            describe(&lease.checkpoint.committed),
+            describe(&target.committed),
+            if dry_run { "	(dry run)" } else { "" }
+        );
+        if !dry_run {
+            let update = LeaseUpdate::Reset {
+                checkpoint: target.clone(),
+            };
+            store
+                .update(&lease.key, lease.counter, &update)
+                .await
+                .with_context(|| format!("resetting {}", lease.key))?;
+        }
     }
     Ok(())
 }

@@ -214,7 +214,7 @@ impl LeaseStore for DynamoLeaseStore {
         // The counter moved between the read and the write: the same verdict `apply_update`
         // gives a stale counter.
         Err(match update {
-            LeaseUpdate::Take { .. } => LeaseError::ConditionFailed {
+            LeaseUpdate::Take { .. } | LeaseUpdate::Reset { .. } => LeaseError::ConditionFailed {
                 lease_key: key.to_owned(),
                 reason: "lease counter changed since it was read",
             },

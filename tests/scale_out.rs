@@ -525,6 +525,7 @@ mod scenario {
             let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
             for name in [
                 "shardflow_leases_held",
+                "shardflow_leases_taken_total",
                 "shardflow_checkpoints_written_total",
                 "shardflow_kinesis_millis_behind_latest",
             ] {

@@ -16,6 +16,8 @@ pub struct Metrics {
     late_records: IntCounterVec,
     checkpoints: IntCounterVec,
     leases_held: IntGaugeVec,
+    leases_taken: IntCounterVec,
+    leases_lost: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -88,6 +90,18 @@ impl Metrics {
                 "Leases this worker holds",
                 &["topology"],
             ),
+            leases_taken: counter(
+                registry,
+                "shardflow_leases_taken_total",
+                "Leases this worker took (free, expired, stolen or its own after a restart)",
+                &["topology"],
+            ),
+            leases_lost: counter(
+                registry,
+                "shardflow_leases_lost_total",
+                "Leases this worker lost (stolen, expired, or fenced by a sink)",
+                &["topology"],
+            ),
         }
     }
 
@@ -137,6 +151,14 @@ impl Metrics {
 
     pub(crate) fn checkpointed(&self, topology: &str, shard: &str) {
         self.checkpoints.with_label_values(&[topology, shard]).inc();
+    }
+
+    pub(crate) fn lease_taken(&self, topology: &str) {
+        self.leases_taken.with_label_values(&[topology]).inc();
+    }
+
+    pub(crate) fn lease_lost(&self, topology: &str) {
+        self.leases_lost.with_label_values(&[topology]).inc();
     }
 
     pub(crate) fn leases(&self, topology: &str, held: usize) {

@@ -289,6 +289,7 @@ impl Runtime {
                     let Some(taken) = leases.take(lease).await? else {
                         continue;
                     };
+                    self.metrics.lease_taken(&name);
                     let cancel = CancellationToken::new();
                     let lease_guard = leases.guard(&taken.key).await.expect("just taken");
                     tracker.start_shard(&shard.id, taken.checkpoint.clone(), paths);
@@ -361,6 +362,7 @@ impl Runtime {
                             leases.forget(&shard.lease_key).await;
                         }
                         Ok(ShardOutcome::Fenced) => {
+                            self.metrics.lease_lost(&name);
                             tracker.stop_shard(&id);
                             leases.forget(&shard.lease_key).await;
                             // Look at the lease table again: the newer owner keeps the shard,
@@ -389,6 +391,7 @@ impl Runtime {
                             self.health.lease_round_ok();
                         }
                         for key in lost {
+                            self.metrics.lease_lost(&name);
                             for r in running.values_mut().filter(|r| r.lease_key == key) {
                                 tracing::warn!(topology = %name, lease = %key, "lease lost");
                                 r.lost = true;

@@ -35,6 +35,18 @@ fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("worker") {
         return worker::main();
     }
+    // Behave like a libtest binary towards `cargo test [FILTER] [-- --list]`: run only when
+    // no filter is given or one matches this test's name.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--list") {
+        println!("scale_out: test");
+        return ExitCode::SUCCESS;
+    }
+    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+    if !filters.is_empty() && !filters.iter().any(|f| "scale_out".contains(f.as_str())) {
+        println!("scale_out: filtered out");
+        return ExitCode::SUCCESS;
+    }
     scenario::main()
 }
 

@@ -126,9 +126,12 @@ impl ShardProgress {
     }
 
     /// Where the sinks of the shard's own path let the checkpoint stop, one [`Held`] per
-    /// sink that constrains it (none: no constraint). Replaces the previous ones.
-    pub fn hold_back(&mut self, holds: Vec<Held>) {
+    /// sink that constrains it (none: no constraint). Replaces the previous ones; returns
+    /// whether they changed.
+    pub fn hold_back(&mut self, holds: Vec<Held>) -> bool {
+        let changed = self.holds != holds;
         self.holds = holds;
+        changed
     }
 
     /// The furthest position at or before `position` every holding sink lets the checkpoint
@@ -194,7 +197,7 @@ impl ShardProgress {
                     watermark: before.watermark,
                 };
             }
-            if !position_le(&rebuild.position, &end.position) {
+            if !rebuild.position.le(&end.position) {
                 rebuild = end.clone();
             }
         }
@@ -265,7 +268,7 @@ impl ShardProgress {
     fn epoch_through(&self, position: &CheckpointPosition) -> Epoch {
         self.epochs
             .iter()
-            .take_while(|(_, e)| position_le(&e.anchor.position, position))
+            .take_while(|(_, e)| e.anchor.position.le(position))
             .last()
             .map_or(0, |(epoch, _)| *epoch)
     }
@@ -276,10 +279,6 @@ impl ShardProgress {
         }
         self.epochs.get(&epoch).map(|e| e.anchor.clone())
     }
-}
-
-fn position_le(a: &CheckpointPosition, b: &CheckpointPosition) -> bool {
-    a.le(b)
 }
 
 #[cfg(test)]

@@ -337,6 +337,33 @@ impl<T> Inner<T> {
             .map_err(|e| self.error("write", false, e))
     }
 
+    /// Compresses (if configured) and stores one object: a records object, or a `single`
+    /// keyed result.
+    async fn store(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        metadata: &HashMap<String, String>,
+        single: bool,
+    ) -> Result<(), SinkError> {
+        let body = self.compress(body)?;
+        let object = NewObject {
+            body: &body,
+            metadata,
+            content_type: self.content_type(single),
+            content_encoding: self.gzip.then_some("gzip"),
+        };
+        objects::put(
+            &self.client,
+            &self.bucket,
+            key,
+            object,
+            self.multipart_above,
+        )
+        .await
+        .map_err(|e| self.request_error(e))
+    }
+
     /// Refuses if `metadata` says a newer lease epoch wrote the object.
     fn check_fence(
         &self,
@@ -501,22 +528,9 @@ impl<T: Send + Sync + 'static> S3Writer<T> {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
-        let body = self.inner.compress(filling.body)?;
-        let object = NewObject {
-            body: &body,
-            metadata: &metadata,
-            content_type: self.inner.content_type(false),
-            content_encoding: self.inner.gzip.then_some("gzip"),
-        };
-        objects::put(
-            &self.inner.client,
-            &self.inner.bucket,
-            &key,
-            object,
-            self.inner.multipart_above,
-        )
-        .await
-        .map_err(|e| self.inner.request_error(e))?;
+        self.inner
+            .store(&key, filling.body, &metadata, false)
+            .await?;
         let cuts = &mut self.shards.entry(shard.clone()).or_default().cuts;
         if cuts.len() == MAX_CUTS {
             cuts.pop_front();
@@ -624,22 +638,7 @@ impl<T: Send + Sync + 'static> SinkWriter<T> for S3Writer<T> {
                 ("lease-epoch".to_owned(), epoch.0.to_string()),
             ]
             .into();
-            let body = self.inner.compress(body)?;
-            let object = NewObject {
-                body: &body,
-                metadata: &metadata,
-                content_type: self.inner.content_type(true),
-                content_encoding: self.inner.gzip.then_some("gzip"),
-            };
-            objects::put(
-                &self.inner.client,
-                &self.inner.bucket,
-                &key,
-                object,
-                self.inner.multipart_above,
-            )
-            .await
-            .map_err(|e| self.inner.request_error(e))?;
+            self.inner.store(&key, body, &metadata, true).await?;
         }
         // The latency bound: a filling object older than it is stored short (and a replay
         // finds it and ends there too).

@@ -69,10 +69,14 @@ impl Tracker {
             .filter(|(s, _)| s == shard)
             .map(|(_, h)| h.clone())
             .collect();
-        if let Some(p) = self.lock().get_mut(shard) {
-            p.hold_back(holds);
+        let changed = self
+            .lock()
+            .get_mut(shard)
+            .is_some_and(|p| p.hold_back(holds));
+        // Most sinks hold nothing: no wake-up per epoch for an unchanged nothing.
+        if changed {
+            self.reported.notify_waiters();
         }
-        self.reported.notify_waiters();
     }
 
     /// The checkpoint `shard` may advance to, if it moved.

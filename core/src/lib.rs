@@ -8,6 +8,7 @@ pub mod decode;
 pub mod error;
 pub mod lease;
 pub mod memory;
+pub mod pool;
 pub mod position;
 pub mod record;
 pub mod shard_sync;

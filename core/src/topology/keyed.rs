@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::checkpoint::Epoch;
 use crate::error::Error;
+use crate::pool::VecPool;
 use crate::position::{EventTime, ShardId};
 use crate::runtime::metrics::Metrics;
 use crate::runtime::tracker::Tracker;
@@ -149,20 +150,45 @@ pub(crate) struct ExchangeMsg<K, T> {
     pub(crate) records: Vec<KeyedRecord<K, T>>,
 }
 
+/// Record buffers of one exchange: a worker gives back each one it emptied, a shard task takes
+/// one for each it sends.
+pub(crate) type RecordPool<K, T> = Arc<VecPool<KeyedRecord<K, T>>>;
+
+/// The pool of an exchange with `workers` workers: a spare buffer per worker and one more;
+/// buffers of more than 2 MiB are not kept.
+pub(crate) fn record_pool<K, T>(workers: usize) -> RecordPool<K, T> {
+    Arc::new(VecPool::new(workers + 1, 2 << 20))
+}
+
+/// The shard tasks' side of one keyed branch: a sender per worker and the buffer pool.
+pub(crate) struct Exchange<K, T> {
+    pub(crate) senders: Vec<mpsc::Sender<ExchangeMsg<K, T>>>,
+    pub(crate) pool: RecordPool<K, T>,
+}
+
+impl<K, T> Clone for Exchange<K, T> {
+    fn clone(&self) -> Self {
+        Self {
+            senders: self.senders.clone(),
+            pool: Arc::clone(&self.pool),
+        }
+    }
+}
+
 /// The shard-side end of an exchange: hashes each record's key to a worker and sends every
 /// worker one message per epoch (possibly without records: each worker must see every epoch).
 pub(crate) struct ExchangeEmitter<K, T, F> {
     pub(crate) key_fn: F,
-    pub(crate) senders: Vec<mpsc::Sender<ExchangeMsg<K, T>>>,
+    pub(crate) exchange: Exchange<K, T>,
     pub(crate) buffers: Vec<Vec<KeyedRecord<K, T>>>,
 }
 
 impl<K, T, F> ExchangeEmitter<K, T, F> {
-    pub(crate) fn new(key_fn: F, senders: Vec<mpsc::Sender<ExchangeMsg<K, T>>>) -> Self {
-        let buffers = senders.iter().map(|_| Vec::new()).collect();
+    pub(crate) fn new(key_fn: F, exchange: Exchange<K, T>) -> Self {
+        let buffers = exchange.senders.iter().map(|_| Vec::new()).collect();
         Self {
             key_fn,
-            senders,
+            exchange,
             buffers,
         }
     }
@@ -177,12 +203,13 @@ where
 {
     fn emit(&mut self, cx: &RecordCx, value: T) {
         let key = (self.key_fn)(&value);
-        let worker = if self.senders.len() == 1 {
+        let workers = self.buffers.len();
+        let worker = if workers == 1 {
             0
         } else {
             // Multiply-shift maps the hash onto the workers without a division.
             let h = FxBuildHasher.hash_one(&key);
-            ((u128::from(h) * self.senders.len() as u128) >> 64) as usize
+            ((u128::from(h) * workers as u128) >> 64) as usize
         };
         let Ident::Record { index, fanout } = cx.ident else {
             unreachable!("key_by runs before any keyed operator");
@@ -198,9 +225,9 @@ where
     }
 
     async fn flush(&mut self, epoch: &EpochCx) -> Result<(), Error> {
-        for (sender, buffer) in self.senders.iter().zip(&mut self.buffers) {
-            let records =
-                std::mem::replace(buffer, Vec::with_capacity(next_capacity(buffer.len())));
+        let Exchange { senders, pool } = &self.exchange;
+        for (sender, buffer) in senders.iter().zip(&mut self.buffers) {
+            let records = std::mem::replace(buffer, pool.take(next_capacity(buffer.len())));
             let msg = ExchangeMsg {
                 epoch: epoch.clone(),
                 records,
@@ -230,6 +257,8 @@ pub(crate) struct KeyedWorker<Op: KeyedOperator> {
     pub(crate) main: Box<dyn Emit<Op::Out>>,
     pub(crate) late: Box<dyn Emit<Op::In>>,
     pub(crate) tracker: Tracker,
+    /// Where emptied record buffers go back to the shard tasks.
+    pub(crate) pool: RecordPool<Op::Key, Op::In>,
     pub(crate) path: usize,
     pub(crate) commit_interval: std::time::Duration,
     pub(crate) metrics: Metrics,
@@ -316,7 +345,7 @@ where
         msg: ExchangeMsg<Op::Key, Op::In>,
         uncommitted: &mut Vec<EpochCx>,
     ) -> Result<Option<(ShardId, Epoch, Option<Epoch>)>, Error> {
-        let ExchangeMsg { epoch, records } = msg;
+        let ExchangeMsg { epoch, mut records } = msg;
         uncommitted.retain(|e| e.shard != epoch.shard);
         if epoch.control == Control::Release {
             states.remove(&epoch.shard);
@@ -326,10 +355,11 @@ where
         }
         let state = states.entry(epoch.shard.clone()).or_default();
         let mut out = KeyedOutput::new(&mut *self.main, &mut *self.late);
-        for record in records {
+        for record in records.drain(..) {
             self.op
                 .on_record(state, record, epoch.epoch, epoch.mode, &mut out);
         }
+        self.pool.give(records);
         if epoch.mode == Mode::Live {
             match epoch.control {
                 Control::ShardEnd => self.op.on_watermark(state, EventTime::MAX, &mut out),
@@ -362,13 +392,13 @@ where
 /// Builds the exchange senders into a shard pipeline: the type-erased registry of one run.
 pub(crate) type Exchanges = Arc<Vec<Box<dyn std::any::Any + Send + Sync>>>;
 
-/// Rebuilds a typed sender list from the registry.
-pub(crate) fn senders<K: 'static + Send, T: 'static + Send>(
+/// Takes a branch's typed exchange from the registry.
+pub(crate) fn exchange<K: 'static + Send, T: 'static + Send>(
     exchanges: &Exchanges,
     branch: usize,
-) -> Vec<mpsc::Sender<ExchangeMsg<K, T>>> {
+) -> Exchange<K, T> {
     exchanges[branch]
-        .downcast_ref::<Vec<mpsc::Sender<ExchangeMsg<K, T>>>>()
-        .expect("the exchange registry holds the senders of the branch's types")
+        .downcast_ref::<Exchange<K, T>>()
+        .expect("the exchange registry holds the exchange of the branch's types")
         .clone()
 }

@@ -24,7 +24,9 @@ use crate::topology::chain::{
     Discard, Emit, EpochCx, Failures, Ident, RecordCx, SinkEmitter, Stateless, StatelessNode, Tee,
     NO_WATERMARK,
 };
-use crate::topology::keyed::{senders, ExchangeEmitter, Exchanges, KeyedOperator, KeyedWorker};
+use crate::topology::keyed::{
+    exchange, record_pool, Exchange, ExchangeEmitter, Exchanges, KeyedOperator, KeyedWorker,
+};
 
 /// Where in the topology a stream is; operators are allowed or not by stage.
 pub trait Stage: Send + Sync + 'static {
@@ -373,7 +375,7 @@ impl<T: Send + 'static, S: ShardStage> Stream<T, S> {
             .add(Box::new(move |cx: &InstanceCx| -> Box<dyn Emit<T>> {
                 Box::new(ExchangeEmitter::new(
                     key_fn.clone(),
-                    senders::<K, T>(&cx.exchanges, branch),
+                    exchange::<K, T>(&cx.exchanges, branch),
                 ))
             }));
         let main = Stream {
@@ -568,7 +570,7 @@ pub(crate) struct WorkerCx {
     pub(crate) commit_interval: std::time::Duration,
 }
 
-/// A keyed branch, type-erased: spawns its workers and hands out their senders.
+/// A keyed branch, type-erased: spawns its workers and hands out their exchange.
 pub(crate) trait KeyedBranch: Send + Sync {
     /// Spawns `n` workers reporting as paths `first_path..first_path + n`; returns the
     /// `Vec<mpsc::Sender<ExchangeMsg<K, T>>>` for the exchange registry.
@@ -602,6 +604,7 @@ where
         tasks: &mut JoinSet<Result<(), Error>>,
     ) -> Box<dyn Any + Send + Sync> {
         let mut senders = Vec::with_capacity(n);
+        let pool = record_pool(n);
         for worker in 0..n {
             let (tx, rx) = mpsc::channel(cx.capacity);
             senders.push(tx);
@@ -618,6 +621,7 @@ where
                 main: self.main.instantiate(&instance),
                 late: self.late.instantiate(&instance),
                 tracker: cx.tracker.clone(),
+                pool: Arc::clone(&pool),
                 path,
                 commit_interval: cx.commit_interval,
                 metrics: cx.metrics.clone(),
@@ -626,6 +630,6 @@ where
             };
             tasks.spawn(worker.run(rx));
         }
-        Box::new(senders)
+        Box::new(Exchange { senders, pool })
     }
 }

@@ -81,12 +81,7 @@ impl Source for Generator {
         start: StartPosition,
         limits: ReadLimits,
     ) -> Result<Box<dyn ShardReader>, SourceError> {
-        let index: u64 = shard
-            .id
-            .as_str()
-            .trim_start_matches("shard-")
-            .parse()
-            .expect("shard-N");
+        let index = shard_index(&shard.id) as u64;
         let next = match start {
             StartPosition::After(p) => p.sequence.as_u128().expect("small") as u64,
             _ => 0,
@@ -143,12 +138,33 @@ impl ShardReader for GenReader {
 }
 
 /// Sums window counts; keeps the latest running count per shard and key (what an idempotent
-/// sink keeps), so that the checksum is the sum of final values.
-#[derive(Clone, Default)]
+/// sink keeps: a table indexed by shard and key, keys being below `--keys`), so that the
+/// checksum is the sum of final values.
+#[derive(Clone)]
 struct Counter {
     outputs: Arc<AtomicU64>,
     window_sum: Arc<AtomicU64>,
-    latest: Arc<Mutex<FxHashMap<ShardId, FxHashMap<u64, u64>>>>,
+    latest: Arc<Mutex<Vec<Vec<Option<u64>>>>>,
+}
+
+impl Counter {
+    fn new(args: &Args) -> Self {
+        let keys = usize::try_from(args.keys).expect("--keys fits in memory");
+        Self {
+            outputs: Arc::default(),
+            window_sum: Arc::default(),
+            latest: Arc::new(Mutex::new(vec![vec![None; keys]; args.shards])),
+        }
+    }
+}
+
+/// The index of a generated shard (`shard-N`).
+fn shard_index(shard: &ShardId) -> usize {
+    shard
+        .as_str()
+        .trim_start_matches("shard-")
+        .parse()
+        .expect("shard-N")
 }
 
 /// What the counter reads from an output: the value, and the key for running results (whose
@@ -168,13 +184,11 @@ impl<T: Send + Sync + 'static> SinkWriter<T> for CounterWriter<T> {
             .fetch_add(batch.outputs.len() as u64, Ordering::Relaxed);
         let mut sum = 0;
         let mut latest = self.counter.latest.lock().expect("not poisoned");
-        let shard = latest.entry(batch.shard).or_default();
+        let shard = &mut latest[shard_index(&batch.shard)];
         for o in batch.outputs {
             match (self.value)(&o.value) {
                 (None, v) => sum += v,
-                (Some(key), v) => {
-                    shard.insert(key, v);
-                }
+                (Some(key), v) => shard[key as usize] = Some(v),
             }
         }
         drop(latest);
@@ -220,7 +234,7 @@ fn decode(record: shardflow::core::record::RawRecord<'_>) -> Result<(u64, i64), 
 }
 
 async fn run_shardflow(args: &Args) -> Result<(u64, u64, Duration)> {
-    let counter = Counter::default();
+    let counter = Counter::new(args);
     let source = Generator { args: args.clone() }.decode_fn(decode);
     let stream = Topology::builder("bench")
         .source(source)
@@ -268,8 +282,9 @@ async fn run_shardflow(args: &Args) -> Result<(u64, u64, Duration)> {
         .latest
         .lock()
         .expect("not poisoned")
-        .values()
-        .flat_map(|m| m.values())
+        .iter()
+        .flatten()
+        .flatten()
         .sum();
     let checksum = counter.window_sum.load(Ordering::Relaxed) + latest;
     let outputs = if args.window_ms > 0 {
@@ -279,9 +294,10 @@ async fn run_shardflow(args: &Args) -> Result<(u64, u64, Duration)> {
             .latest
             .lock()
             .expect("not poisoned")
-            .values()
-            .map(|m| m.len() as u64)
-            .sum()
+            .iter()
+            .flatten()
+            .filter(|v| v.is_some())
+            .count() as u64
     };
     Ok((outputs, checksum, took))
 }

@@ -124,7 +124,7 @@ async fn every_subcommand_against_the_emulators() {
         .find(|l| l.starts_with("shardId-000000000001"))
         .expect("the lease's row");
     let cells: Vec<&str> = row.split('\t').collect();
-    assert_eq!(cells[1..4], ["worker-a", "1", "TRIM_HORIZON"], "{listed}");
+    assert_eq!(cells[1..4], ["worker-a", "1", "INITIAL"], "{listed}");
     assert!(cells[4].parse::<i64>().is_ok(), "a lag in ms: {row}");
 
     // Reset: refused while owned, a dry run changes nothing, then TRIM_HORIZON.
@@ -170,7 +170,34 @@ async fn every_subcommand_against_the_emulators() {
     let lease = store.get("shardId-000000000001").await.unwrap().unwrap();
     assert_eq!(
         lease.checkpoint,
-        shardflow::core::lease::ShardCheckpoint::initial()
+        shardflow::core::lease::ShardCheckpoint::trim_horizon()
+    );
+    // To a time: shown, then written as an AT_TIMESTAMP checkpoint.
+    let time = "2026-11-26T08:00:00.250Z";
+    let dry = ok(
+        &["leases", "reset", &table, "--to", time, "--dry-run"],
+        None,
+    );
+    assert!(
+        dry.contains("TRIM_HORIZON -> AT_TIMESTAMP 2026-11-26T08:00:00.250Z\t(dry run)"),
+        "{dry}"
+    );
+    ok(&["leases", "reset", &table, "--to", time], None);
+    let lease = store.get("shardId-000000000001").await.unwrap().unwrap();
+    assert_eq!(
+        lease.checkpoint,
+        shardflow::core::lease::ShardCheckpoint::at_timestamp(1_795_680_000_250)
+    );
+    let listed = ok(&["leases", "list", &table, "--stream", &stream], None);
+    assert!(
+        listed.contains("AT_TIMESTAMP 2026-11-26T08:00:00.250Z"),
+        "{listed}"
+    );
+    let bad = shardflow(&["leases", "reset", &table, "--to", "last tuesday"], None);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("takes trim-horizon or an RFC 3339 time"),
+        "names what --to takes"
     );
 
     let cost = ok(

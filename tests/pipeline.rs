@@ -867,3 +867,63 @@ async fn a_fenced_write_stops_the_shard_not_the_run_and_the_shard_is_replayed() 
         "the shard was taken again and replayed from its checkpoint"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_reset_replays_from_a_time_or_the_trim_horizon() {
+    use shardflow::core::lease::{CheckpointPosition, LeaseUpdate, ShardCheckpoint};
+    let stream = MemoryStream::new("resettable", 1);
+    for i in 0..10 {
+        push(&stream, 0, "u", i * 100);
+    }
+    let leases = Arc::new(MemoryLeaseStore::new());
+    // A topology that starts new shards at LATEST: only a reset makes it read old records.
+    let run = |sink: MemorySink<Click>| {
+        let topology = Topology::builder("reset")
+            .start_at(shardflow::core::position::StartPosition::Latest)
+            .source(stream.clone().json::<Click>())
+            .sink(sink)
+            .build()
+            .unwrap();
+        Runtime::new(topology, Arc::clone(&leases) as Arc<dyn LeaseStore>).with_config(bounded(1))
+    };
+    let first = MemorySink::new("first");
+    run(first.clone()).run().await.unwrap();
+    assert!(first.contents().is_empty(), "LATEST skips what was there");
+
+    let reset = |checkpoint: ShardCheckpoint| {
+        let leases = Arc::clone(&leases);
+        async move {
+            let lease = leases.get("shard-0").await.unwrap().unwrap();
+            assert_eq!(lease.owner, None, "the run released its lease");
+            leases
+                .update("shard-0", lease.counter, &LeaseUpdate::Reset { checkpoint })
+                .await
+                .unwrap();
+        }
+    };
+    let times = |sink: &MemorySink<Click>| -> Vec<i64> {
+        let mut ts: Vec<i64> = sink.contents().values().map(|c| c.ts).collect();
+        ts.sort_unstable();
+        ts
+    };
+
+    reset(ShardCheckpoint::at_timestamp(500)).await;
+    let since = MemorySink::new("since");
+    run(since.clone()).run().await.unwrap();
+    assert_eq!(
+        times(&since),
+        vec![500, 600, 700, 800, 900],
+        "what arrived from 500 ms on"
+    );
+    let lease = leases.get("shard-0").await.unwrap().unwrap();
+    assert!(
+        matches!(lease.checkpoint.committed, CheckpointPosition::At(_)),
+        "the replay checkpoints as it goes: {:?}",
+        lease.checkpoint
+    );
+
+    reset(ShardCheckpoint::trim_horizon()).await;
+    let all = MemorySink::new("all");
+    run(all.clone()).run().await.unwrap();
+    assert_eq!(times(&all), (0..10).map(|i| i * 100).collect::<Vec<_>>());
+}

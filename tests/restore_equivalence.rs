@@ -67,7 +67,9 @@ async fn min_committed(leases_dir: &Path) -> u128 {
         .map(|l| match &l.checkpoint.committed {
             CheckpointPosition::At(p) => p.sequence.as_u128().expect("local sequence numbers fit"),
             CheckpointPosition::ShardEnd => u128::MAX,
-            CheckpointPosition::Initial => 0,
+            CheckpointPosition::Initial
+            | CheckpointPosition::TrimHorizon
+            | CheckpointPosition::AtTimestamp(_) => 0,
         })
         .min()
         .unwrap_or(0)

@@ -15,6 +15,12 @@ use crate::position::{EventTime, RecordPosition};
 pub enum CheckpointPosition {
     /// Nothing processed yet: start at the topology's initial position.
     Initial,
+    /// Nothing processed yet: start at the oldest record the stream retains, whatever the
+    /// topology's initial position (an operator's reset, `shardflow leases reset`).
+    TrimHorizon,
+    /// Nothing processed yet: start at the first record that arrived at or after this time,
+    /// in milliseconds since the epoch (an operator's reset).
+    AtTimestamp(EventTime),
     /// Everything up to and including this record.
     At(RecordPosition),
     /// The whole shard, which is closed; its children may start.
@@ -25,10 +31,20 @@ impl CheckpointPosition {
     /// Whether `self` is at or before `other` in a shard.
     pub fn le(&self, other: &Self) -> bool {
         match (self, other) {
-            (Self::Initial, _) | (_, Self::ShardEnd) => true,
+            (Self::Initial | Self::TrimHorizon | Self::AtTimestamp(_), _) | (_, Self::ShardEnd) => {
+                true
+            }
             (Self::At(x), Self::At(y)) => x <= y,
             (Self::At(_) | Self::ShardEnd, _) => false,
         }
+    }
+
+    /// Whether nothing of the shard was processed yet (reading starts at a start position).
+    pub const fn is_unprocessed(&self) -> bool {
+        matches!(
+            self,
+            Self::Initial | Self::TrimHorizon | Self::AtTimestamp(_)
+        )
     }
 }
 
@@ -59,6 +75,28 @@ impl ShardCheckpoint {
             committed: CheckpointPosition::Initial,
             committed_watermark: None,
             rebuild_from: CheckpointPosition::Initial,
+            rebuild_watermark: None,
+        }
+    }
+
+    /// The checkpoint of a shard to be processed again from the oldest retained record, as an
+    /// operator's reset leaves it: nothing committed, no watermark.
+    pub const fn trim_horizon() -> Self {
+        Self {
+            committed: CheckpointPosition::TrimHorizon,
+            committed_watermark: None,
+            rebuild_from: CheckpointPosition::TrimHorizon,
+            rebuild_watermark: None,
+        }
+    }
+
+    /// The checkpoint of a shard to be processed again from the first record that arrived at or
+    /// after `ms` (milliseconds since the epoch), as an operator's reset leaves it.
+    pub const fn at_timestamp(ms: EventTime) -> Self {
+        Self {
+            committed: CheckpointPosition::AtTimestamp(ms),
+            committed_watermark: None,
+            rebuild_from: CheckpointPosition::AtTimestamp(ms),
             rebuild_watermark: None,
         }
     }
@@ -355,6 +393,23 @@ impl LeaseStore for MemoryLeaseStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn starts_come_before_every_record_and_shard_end_after() {
+        use crate::position::SequenceNumber;
+        let record = CheckpointPosition::At(RecordPosition::new(SequenceNumber::from_u128(5)));
+        for start in [
+            CheckpointPosition::Initial,
+            CheckpointPosition::TrimHorizon,
+            CheckpointPosition::AtTimestamp(1_000),
+        ] {
+            assert!(start.is_unprocessed());
+            assert!(start.le(&record) && !record.le(&start), "{start:?}");
+            assert!(start.le(&CheckpointPosition::ShardEnd));
+        }
+        assert!(!record.is_unprocessed());
+        assert!(record.le(&CheckpointPosition::ShardEnd));
+    }
 
     #[test]
     fn take_bumps_counter_and_counts_owner_switches() {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use shardflow::core::lease::ShardCheckpoint;
 use shardflow::core::position::{ShardId, StartPosition};
 use shardflow::core::source::{ReadLimits, ShardStatus, Source as _};
 use shardflow::dynamodb::DynamoLeaseStore;
@@ -145,24 +146,19 @@ enum LeaseAction {
         #[arg(long)]
         stream: Option<String>,
     },
-    /// Move every checkpoint back to TRIM_HORIZON (the topology replays what the stream
-    /// retains). Workers must be stopped: an owned lease is refused.
+    /// Move every checkpoint to TRIM_HORIZON (the topology replays what the stream retains) or
+    /// to a time (it replays what arrived since). Workers must be stopped: an owned lease is
+    /// refused.
     Reset {
         /// The lease table.
         table: String,
-        /// Where to: trim-horizon.
-        #[arg(long, value_enum)]
-        to: ResetTo,
+        /// Where to: trim-horizon, or a time (RFC 3339, e.g. 2026-11-26T08:00:00Z).
+        #[arg(long, value_parser = reset_point)]
+        to: ShardCheckpoint,
         /// Show the change without making it.
         #[arg(long)]
         dry_run: bool,
     },
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum ResetTo {
-    /// The oldest retained record.
-    TrimHorizon,
 }
 
 fn main() -> ExitCode {
@@ -354,20 +350,32 @@ async fn put(
     Ok(())
 }
 
+/// Milliseconds since the epoch of an RFC 3339 time.
+fn epoch_ms(time: &str) -> Option<i64> {
+    let at = humantime::parse_rfc3339_weak(time).ok()?;
+    let ms = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis();
+    i64::try_from(ms).ok()
+}
+
+/// `leases reset --to`: trim-horizon or an RFC 3339 time.
+fn reset_point(to: &str) -> Result<ShardCheckpoint, String> {
+    match to {
+        "trim-horizon" => Ok(ShardCheckpoint::trim_horizon()),
+        time => epoch_ms(time)
+            .map(ShardCheckpoint::at_timestamp)
+            .ok_or_else(|| {
+                format!("takes trim-horizon or an RFC 3339 time after 1970, not {time:?}")
+            }),
+    }
+}
+
 fn start_position(from: &str) -> anyhow::Result<StartPosition> {
     Ok(match from {
         "trim-horizon" => StartPosition::TrimHorizon,
         "latest" => StartPosition::Latest,
-        time => {
-            let at = humantime::parse_rfc3339_weak(time).with_context(|| {
-                format!("--from takes trim-horizon, latest or an RFC 3339 time, not {time:?}")
-            })?;
-            let ms = at
-                .duration_since(std::time::UNIX_EPOCH)
-                .context("a time after 1970")?
-                .as_millis();
-            StartPosition::AtTimestamp(i64::try_from(ms)?)
-        }
+        time => StartPosition::AtTimestamp(epoch_ms(time).with_context(|| {
+            format!("--from takes trim-horizon, latest or an RFC 3339 time, not {time:?}")
+        })?),
     })
 }
 
@@ -458,20 +466,27 @@ async fn leases(config: Clients, table: &str, stream: Option<&str>) -> anyhow::R
 fn describe(position: &shardflow::core::lease::CheckpointPosition) -> String {
     use shardflow::core::lease::CheckpointPosition;
     match position {
-        CheckpointPosition::Initial => "TRIM_HORIZON".to_owned(),
+        CheckpointPosition::Initial => "INITIAL".to_owned(),
+        CheckpointPosition::TrimHorizon => "TRIM_HORIZON".to_owned(),
+        CheckpointPosition::AtTimestamp(ms) => {
+            let at = std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(*ms).unwrap_or(0));
+            format!("AT_TIMESTAMP {}", humantime::format_rfc3339_millis(at))
+        }
         CheckpointPosition::ShardEnd => "SHARD_END".to_owned(),
         CheckpointPosition::At(p) => format!("{}/{}", p.sequence, p.sub_sequence),
     }
 }
 
-async fn reset(config: Clients, table: &str, to: ResetTo, dry_run: bool) -> anyhow::Result<()> {
-    use shardflow::core::lease::{LeaseUpdate, ShardCheckpoint};
+async fn reset(
+    config: Clients,
+    table: &str,
+    target: ShardCheckpoint,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    use shardflow::core::lease::LeaseUpdate;
     let store = DynamoLeaseStore::open(config.dynamodb_client().await, table)
         .await
         .with_context(|| format!("opening lease table {table}"))?;
-    let target = match to {
-        ResetTo::TrimHorizon => ShardCheckpoint::initial(),
-    };
     let leases = store.list().await?;
     let owned: Vec<String> = leases
         .iter()
@@ -520,9 +535,14 @@ async fn lag_ms(
         .stream_name(stream)
         .shard_id(&lease.key);
     let request = match &lease.checkpoint.committed {
-        shardflow::core::lease::CheckpointPosition::Initial => {
+        // The topology's initial position is not in the table: TRIM_HORIZON is the upper bound.
+        shardflow::core::lease::CheckpointPosition::Initial
+        | shardflow::core::lease::CheckpointPosition::TrimHorizon => {
             request.shard_iterator_type(ShardIteratorType::TrimHorizon)
         }
+        shardflow::core::lease::CheckpointPosition::AtTimestamp(ms) => request
+            .shard_iterator_type(ShardIteratorType::AtTimestamp)
+            .timestamp(aws_sdk_kinesis::primitives::DateTime::from_millis(*ms)),
         shardflow::core::lease::CheckpointPosition::At(p) => request
             .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
             .starting_sequence_number(p.sequence.to_string()),

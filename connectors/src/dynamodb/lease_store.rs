@@ -30,10 +30,15 @@ const COMMITTED_WATERMARK: &str = "committedWatermark";
 const REBUILD_FROM: &str = "rebuildFrom";
 const REBUILD_FROM_SUB: &str = "rebuildFromSubSequenceNumber";
 const REBUILD_WATERMARK: &str = "rebuildWatermark";
+// The time of an AT_TIMESTAMP checkpoint (ms since the epoch); the KCL keeps it in its config.
+const CHECKPOINT_TIMESTAMP: &str = "checkpointTimestamp";
+const REBUILD_FROM_TIMESTAMP: &str = "rebuildFromTimestamp";
 
-// Checkpoint sentinels, as the KCL writes them.
+// Checkpoint sentinels: the KCL's, and shardflow's own for "the topology's initial position".
 const SHARD_END: &str = "SHARD_END";
-const INITIAL: &str = "TRIM_HORIZON";
+const TRIM_HORIZON: &str = "TRIM_HORIZON";
+const AT_TIMESTAMP: &str = "AT_TIMESTAMP";
+const INITIAL: &str = "INITIAL";
 
 /// Leases in a DynamoDB table (created on first use, on-demand billing).
 #[derive(Clone, Debug)]
@@ -258,11 +263,15 @@ impl LeaseStore for DynamoLeaseStore {
     }
 }
 
-fn position_text(p: &CheckpointPosition) -> (String, u32) {
+/// A checkpoint position as the item stores it: the `checkpoint` text, the sub-sequence number
+/// and, for `AT_TIMESTAMP`, the time.
+fn position_text(p: &CheckpointPosition) -> (String, u32, Option<i64>) {
     match p {
-        CheckpointPosition::Initial => (INITIAL.to_owned(), 0),
-        CheckpointPosition::ShardEnd => (SHARD_END.to_owned(), 0),
-        CheckpointPosition::At(r) => (r.sequence.to_string(), r.sub_sequence),
+        CheckpointPosition::Initial => (INITIAL.to_owned(), 0, None),
+        CheckpointPosition::TrimHorizon => (TRIM_HORIZON.to_owned(), 0, None),
+        CheckpointPosition::AtTimestamp(ms) => (AT_TIMESTAMP.to_owned(), 0, Some(*ms)),
+        CheckpointPosition::ShardEnd => (SHARD_END.to_owned(), 0, None),
+        CheckpointPosition::At(r) => (r.sequence.to_string(), r.sub_sequence, None),
     }
 }
 
@@ -277,18 +286,30 @@ fn to_item(lease: &Lease) -> Item {
         AttributeValue::N(lease.counter.to_string()),
     );
     let cp = &lease.checkpoint;
-    let (committed, committed_sub) = position_text(&cp.committed);
+    let (committed, committed_sub, committed_time) = position_text(&cp.committed);
     item.insert(CHECKPOINT.into(), AttributeValue::S(committed));
     item.insert(
         CHECKPOINT_SUB.into(),
         AttributeValue::N(committed_sub.to_string()),
     );
-    let (rebuild, rebuild_sub) = position_text(&cp.rebuild_from);
+    if let Some(ms) = committed_time {
+        item.insert(
+            CHECKPOINT_TIMESTAMP.into(),
+            AttributeValue::N(ms.to_string()),
+        );
+    }
+    let (rebuild, rebuild_sub, rebuild_time) = position_text(&cp.rebuild_from);
     item.insert(REBUILD_FROM.into(), AttributeValue::S(rebuild));
     item.insert(
         REBUILD_FROM_SUB.into(),
         AttributeValue::N(rebuild_sub.to_string()),
     );
+    if let Some(ms) = rebuild_time {
+        item.insert(
+            REBUILD_FROM_TIMESTAMP.into(),
+            AttributeValue::N(ms.to_string()),
+        );
+    }
     if let Some(w) = cp.committed_watermark {
         item.insert(COMMITTED_WATERMARK.into(), AttributeValue::N(w.to_string()));
     }
@@ -325,10 +346,15 @@ fn from_item(item: &Item) -> Result<Lease, LeaseError> {
             })
             .transpose()
     };
-    let position = |name: &str, sub: &str| -> Result<CheckpointPosition, LeaseError> {
+    let position = |name: &str, sub: &str, time: &str| -> Result<CheckpointPosition, LeaseError> {
         let text = text(name).ok_or_else(|| bad(name))?;
         Ok(match text.as_str() {
             INITIAL => CheckpointPosition::Initial,
+            TRIM_HORIZON => CheckpointPosition::TrimHorizon,
+            AT_TIMESTAMP => {
+                let ms = number(time)?.ok_or_else(|| bad(time))?;
+                CheckpointPosition::AtTimestamp(i64::try_from(ms).map_err(|_| bad(time))?)
+            }
             SHARD_END => CheckpointPosition::ShardEnd,
             digits => {
                 let sequence = SequenceNumber::parse(digits).map_err(|_| bad(name))?;
@@ -350,9 +376,9 @@ fn from_item(item: &Item) -> Result<Lease, LeaseError> {
         owner: text(LEASE_OWNER),
         counter: counter(LEASE_COUNTER)?,
         checkpoint: ShardCheckpoint {
-            committed: position(CHECKPOINT, CHECKPOINT_SUB)?,
+            committed: position(CHECKPOINT, CHECKPOINT_SUB, CHECKPOINT_TIMESTAMP)?,
             committed_watermark: watermark(COMMITTED_WATERMARK)?,
-            rebuild_from: position(REBUILD_FROM, REBUILD_FROM_SUB)?,
+            rebuild_from: position(REBUILD_FROM, REBUILD_FROM_SUB, REBUILD_FROM_TIMESTAMP)?,
             rebuild_watermark: watermark(REBUILD_WATERMARK)?,
         },
         parents: {

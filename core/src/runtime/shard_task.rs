@@ -70,6 +70,8 @@ impl ShardTask {
         let id = self.shard.id.clone();
         let start = match &self.resume.rebuild_from {
             CheckpointPosition::Initial => self.topology.start.clone(),
+            CheckpointPosition::TrimHorizon => StartPosition::TrimHorizon,
+            CheckpointPosition::AtTimestamp(ms) => StartPosition::AtTimestamp(*ms),
             CheckpointPosition::At(p) => StartPosition::After(p.clone()),
             CheckpointPosition::ShardEnd => {
                 return Ok(ShardOutcome::Finished {
@@ -81,7 +83,7 @@ impl ShardTask {
         // Records up to the committed position only rebuild state.
         let mut replay_until = match (&self.resume.committed, &self.resume.rebuild_from) {
             (CheckpointPosition::At(c), CheckpointPosition::At(r)) if c > r => Some(c.clone()),
-            (CheckpointPosition::At(c), CheckpointPosition::Initial) => Some(c.clone()),
+            (CheckpointPosition::At(c), r) if r.is_unprocessed() => Some(c.clone()),
             _ => None,
         };
         let instance = InstanceCx {

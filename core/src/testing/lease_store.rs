@@ -142,6 +142,25 @@ async fn checkpoints_are_read_back_exactly(store: impl LeaseStore) {
     assert_eq!(written.owner_switches_since_checkpoint, 0);
     let read = store.get("s").await.unwrap().unwrap();
     assert_eq!(read, written, "a checkpoint reads back exactly as written");
+
+    // An operator's resets, once the worker let go: to a time, then to the trim horizon.
+    store
+        .update("s", 2, &LeaseUpdate::Release { owner: "w".into() })
+        .await
+        .unwrap();
+    for (counter, reset) in (3..).zip([
+        ShardCheckpoint::at_timestamp(1_764_000_000_123),
+        ShardCheckpoint::trim_horizon(),
+        ShardCheckpoint::initial(),
+    ]) {
+        let update = LeaseUpdate::Reset {
+            checkpoint: reset.clone(),
+        };
+        let written = store.update("s", counter, &update).await.unwrap();
+        assert_eq!(written.checkpoint, reset);
+        let read = store.get("s").await.unwrap().unwrap();
+        assert_eq!(read, written, "a reset checkpoint reads back exactly");
+    }
 }
 
 async fn release_leaves_the_lease_unowned(store: impl LeaseStore) {

@@ -927,3 +927,233 @@ async fn an_operators_reset_replays_from_a_time_or_the_trim_horizon() {
     run(all.clone()).run().await.unwrap();
     assert_eq!(times(&all), (0..10).map(|i| i * 100).collect::<Vec<_>>());
 }
+
+/// The samples of `metric` in `registry`, as (labels, value).
+fn samples(registry: &prometheus::Registry, metric: &str) -> Vec<(Vec<(String, String)>, f64)> {
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap();
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    scrape
+        .samples
+        .into_iter()
+        .filter(|s| s.metric == metric)
+        .map(|s| {
+            let value = match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            };
+            let mut labels: Vec<(String, String)> = s
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            labels.sort();
+            (labels, value)
+        })
+        .collect()
+}
+
+/// The sum of `metric` over the samples whose `label` is `value`.
+fn sum_where(registry: &prometheus::Registry, metric: &str, label: &str, value: &str) -> f64 {
+    samples(registry, metric)
+        .iter()
+        .filter(|(labels, _)| labels.iter().any(|(k, v)| k == label && v == value))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_records_per_operator_and_shard_and_bytes_per_sink() {
+    let stream = MemoryStream::new("metered", 2);
+    for i in 0..100 {
+        push(
+            &stream,
+            i % 2,
+            if i % 4 < 2 { "a" } else { "b" },
+            i as i64 * 10,
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let files = shardflow::local::LocalDirSink::new(dir.path());
+    let topology = Topology::builder("metered")
+        .source(stream.clone().json::<Click>())
+        .event_time(|c: &Click| c.ts)
+        .map(|c: Click| c)
+        .filter(|c: &Click| c.ts % 20 == 0)
+        .key_by(|c: &Click| c.user.clone())
+        .window(TumblingWindow::of(Duration::from_millis(100)))
+        .aggregate(Count)
+        .sink(files.clone())
+        .build()
+        .unwrap();
+    let registry = prometheus::Registry::new();
+    Runtime::new(topology, Arc::new(MemoryLeaseStore::new()))
+        .with_config(bounded(2))
+        .with_metrics(shardflow::Metrics::new(&registry))
+        .run()
+        .await
+        .unwrap();
+    let io = |operator: &str| {
+        (
+            sum_where(
+                &registry,
+                "shardflow_operator_records_in_total",
+                "operator",
+                operator,
+            ),
+            sum_where(
+                &registry,
+                "shardflow_operator_records_out_total",
+                "operator",
+                operator,
+            ),
+        )
+    };
+    assert_eq!(io("1-map"), (100.0, 100.0));
+    assert_eq!(
+        io("2-filter"),
+        (100.0, 50.0),
+        "even shard numbers' every other record"
+    );
+    let stored = files
+        .read_topology::<WindowResult<String, u64>>("metered")
+        .await
+        .unwrap();
+    assert_eq!(io("3-window"), (50.0, stored.len() as f64));
+    for shard in ["shard-0", "shard-1"] {
+        let written = sum_where(&registry, "shardflow_records_written_total", "shard", shard);
+        let in_dir = stored.keys().filter(|(s, _)| s.as_str() == shard).count();
+        assert_eq!(written, in_dir as f64, "{shard}: outputs written");
+    }
+    let on_disk: u64 = walk(dir.path())
+        .iter()
+        .map(|f| f.metadata().unwrap().len())
+        .sum();
+    assert!(on_disk > 0);
+    assert_eq!(
+        sum_where(
+            &registry,
+            "shardflow_bytes_written_total",
+            "topology",
+            "metered"
+        ),
+        on_disk as f64,
+        "bytes as stored"
+    );
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// A sink whose commits wait until the test opens its gate.
+#[derive(Clone)]
+struct GatedSink {
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+struct GatedWriter {
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+#[async_trait::async_trait]
+impl shardflow::Sink<Click> for GatedSink {
+    fn name(&self) -> &str {
+        "gated"
+    }
+    async fn open(
+        &self,
+        _cx: &shardflow::core::sink::SinkContext,
+    ) -> Result<Box<dyn shardflow::core::sink::SinkWriter<Click>>, shardflow::core::error::SinkError>
+    {
+        Ok(Box::new(GatedWriter {
+            gate: Arc::clone(&self.gate),
+        }))
+    }
+}
+
+#[async_trait::async_trait]
+impl shardflow::core::sink::SinkWriter<Click> for GatedWriter {
+    async fn write(
+        &mut self,
+        _batch: shardflow::core::sink::OutputBatch<Click>,
+    ) -> Result<(), shardflow::core::error::SinkError> {
+        Ok(())
+    }
+    async fn commit(&mut self) -> Result<(), shardflow::core::error::SinkError> {
+        let _open = self.gate.acquire().await.expect("the gate is never closed");
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_lag_counts_records_read_but_not_yet_checkpointed() {
+    let stream = MemoryStream::new("lagging", 1);
+    for i in 0..10 {
+        push(&stream, 0, "u", i);
+    }
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let topology = Topology::builder("lagging")
+        .source(stream.clone().json::<Click>())
+        .sink(GatedSink {
+            gate: Arc::clone(&gate),
+        })
+        .build()
+        .unwrap();
+    let registry = prometheus::Registry::new();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let config = RuntimeConfig {
+        mode: RunMode::Continuous,
+        ..bounded(1)
+    };
+    let run = tokio::spawn(
+        Runtime::new(topology, Arc::new(MemoryLeaseStore::new()))
+            .with_config(config)
+            .with_metrics(shardflow::Metrics::new(&registry))
+            .with_shutdown(shutdown.clone())
+            .run(),
+    );
+    let lag = || {
+        sum_where(
+            &registry,
+            "shardflow_checkpoint_lag_records",
+            "shard",
+            "shard-0",
+        )
+    };
+    let wait_for = |want: f64| async move {
+        for _ in 0..500 {
+            if lag() == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("checkpoint lag stayed at {} instead of {want}", lag());
+    };
+    wait_for(10.0).await;
+    gate.add_permits(1_000_000);
+    wait_for(0.0).await;
+    for i in 10..15 {
+        push(&stream, 0, "u", i);
+    }
+    wait_for(0.0).await;
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+    assert!(
+        samples(&registry, "shardflow_checkpoint_lag_records").is_empty(),
+        "a released shard's gauge is dropped"
+    );
+}

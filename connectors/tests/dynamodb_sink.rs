@@ -109,6 +109,11 @@ async fn window_results_are_items_a_user_can_query_by_key_and_window() {
         .await
         .unwrap();
     writer.commit().await.unwrap();
+    let bytes = writer.bytes_written();
+    assert!(
+        (100..1_000).contains(&bytes),
+        "one item of a few hundred bytes counted: {bytes}"
+    );
     let item = client
         .get_item()
         .table_name(&name)

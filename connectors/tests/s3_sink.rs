@@ -258,6 +258,11 @@ async fn raw_gzip_and_multipart_objects_hold_the_bytes_written() {
         .unwrap();
     let compressed = object.body.collect().await.unwrap().into_bytes();
     assert!(compressed.len() > 8 * 1024 * 1024, "multipart sized");
+    assert_eq!(
+        writer.bytes_written(),
+        compressed.len() as u64,
+        "the writer counts the bytes it stored"
+    );
     let mut plain = Vec::new();
     flate2::read::GzDecoder::new(&compressed[..])
         .read_to_end(&mut plain)

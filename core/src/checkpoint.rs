@@ -21,6 +21,23 @@ pub type Epoch = u64;
 struct Anchor {
     position: CheckpointPosition,
     watermark: Option<EventTime>,
+    /// Records read in this run up to here.
+    read: u64,
+}
+
+/// One epoch as the shard task read it.
+#[derive(Clone, Debug)]
+pub struct EpochRead {
+    /// The position of its last record (`None` for an empty batch).
+    pub last: Option<RecordPosition>,
+    /// How many records it holds.
+    pub records: usize,
+    /// The shard's watermark after it.
+    pub watermark: Option<EventTime>,
+    /// Whether it only rebuilds state (up to the resumed `committed` position).
+    pub replay: bool,
+    /// Whether it is the shard's last.
+    pub shard_end: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -60,6 +77,7 @@ impl ShardProgress {
             start: Anchor {
                 position: resumed.rebuild_from.clone(),
                 watermark: resumed.rebuild_watermark,
+                read: 0,
             },
             resumed,
             epochs: BTreeMap::new(),
@@ -71,42 +89,52 @@ impl ShardProgress {
         }
     }
 
-    /// Registers the next epoch: it ends at `last` (or where the previous one ended, for an
-    /// empty final batch) with the watermark `watermark`. `replay` marks epochs that only
-    /// rebuild state (up to the resumed `committed` position); `shard_end` marks the last.
+    /// Registers the next epoch: it ends at `read.last` (or where the previous one ended, for
+    /// an empty final batch). Epochs marked `replay` only rebuild state; `shard_end` marks the
+    /// last.
     ///
     /// # Panics
     /// If `epoch` is not the next epoch number, a broken invariant of the shard task.
-    pub fn record_epoch(
-        &mut self,
-        epoch: Epoch,
-        last: Option<RecordPosition>,
-        watermark: Option<EventTime>,
-        replay: bool,
-        shard_end: bool,
-    ) {
+    pub fn record_epoch(&mut self, epoch: Epoch, read: EpochRead) {
         assert_eq!(epoch, self.last_epoch + 1, "epochs are registered in order");
-        let previous = self.anchor(self.last_epoch).map(|a| a.position);
-        let position = match last {
+        let previous = self.anchor(self.last_epoch);
+        let position = match read.last {
             Some(p) => CheckpointPosition::At(p),
-            None => previous.unwrap_or(CheckpointPosition::Initial),
+            None => previous
+                .as_ref()
+                .map_or(CheckpointPosition::Initial, |a| a.position.clone()),
         };
+        let before = previous.map_or(0, |a| a.read);
         self.epochs.insert(
             epoch,
             EpochEnd {
                 anchor: Anchor {
                     position,
-                    watermark,
+                    watermark: read.watermark,
+                    read: before + read.records as u64,
                 },
             },
         );
         self.last_epoch = epoch;
-        if replay {
+        if read.replay {
             self.replay_end = epoch;
         }
-        if shard_end {
+        if read.shard_end {
             self.shard_end = Some(epoch);
         }
+    }
+
+    /// Records read in this run that `checkpoint` (the last one written, or the resumed one)
+    /// does not cover: what a crash now would read again, besides rebuilding open windows.
+    pub fn lag(&self, checkpoint: &CheckpointPosition) -> u64 {
+        let read = self.anchor(self.last_epoch).map_or(0, |a| a.read);
+        if *checkpoint == CheckpointPosition::ShardEnd {
+            return 0;
+        }
+        let covered = self
+            .anchor(self.epoch_through(checkpoint))
+            .map_or(0, |a| a.read);
+        read.saturating_sub(covered)
     }
 
     /// Path `path` committed every output derived from epochs up to `epoch`; at that point
@@ -195,6 +223,7 @@ impl ShardProgress {
                 end = Anchor {
                     position: stop,
                     watermark: before.watermark,
+                    read: before.read,
                 };
             }
             if !rebuild.position.le(&end.position) {
@@ -294,16 +323,34 @@ mod tests {
         CheckpointPosition::At(pos(n))
     }
 
+    /// An epoch of ten records.
+    fn read(
+        last: Option<RecordPosition>,
+        watermark: Option<EventTime>,
+        replay: bool,
+        shard_end: bool,
+    ) -> EpochRead {
+        EpochRead {
+            last,
+            records: 10,
+            watermark,
+            replay,
+            shard_end,
+        }
+    }
+
     /// Epoch `e` ends at sequence `10 * e` with watermark `100 * e`.
     fn progress(paths: usize, epochs: u64) -> ShardProgress {
         let mut p = ShardProgress::new(ShardCheckpoint::initial(), paths);
         for e in 1..=epochs {
             p.record_epoch(
                 e,
-                Some(pos(u128::from(e) * 10)),
-                Some(100 * e as i64),
-                false,
-                false,
+                read(
+                    Some(pos(u128::from(e) * 10)),
+                    Some(100 * e as i64),
+                    false,
+                    false,
+                ),
             );
         }
         p
@@ -391,7 +438,7 @@ mod tests {
     #[test]
     fn nothing_durable_yet_keeps_the_resumed_checkpoint_and_the_shard_unfinished() {
         let mut p = progress(1, 2);
-        p.record_epoch(3, None, Some(300), false, true);
+        p.record_epoch(3, read(None, Some(300), false, true));
         p.report(0, 3, None);
         p.hold_back(vec![held(&[], true)]);
         assert_eq!(p.checkpoint(), None, "no move past the resumed point");
@@ -455,8 +502,8 @@ mod tests {
             rebuild_watermark: Some(50),
         };
         let mut p = ShardProgress::new(resumed, 1);
-        p.record_epoch(1, Some(pos(7)), Some(70), true, false);
-        p.record_epoch(2, Some(pos(9)), Some(90), false, false);
+        p.record_epoch(1, read(Some(pos(7)), Some(70), true, false));
+        p.record_epoch(2, read(Some(pos(9)), Some(90), false, false));
         p.report(0, 1, Some(1));
         assert_eq!(p.checkpoint(), None, "a replay epoch changes nothing");
         p.report(0, 2, Some(1));
@@ -474,8 +521,8 @@ mod tests {
             rebuild_watermark: Some(100),
         };
         let mut p = ShardProgress::new(resumed, 1);
-        p.record_epoch(1, Some(pos(20)), Some(200), true, false);
-        p.record_epoch(2, Some(pos(30)), Some(300), true, false);
+        p.record_epoch(1, read(Some(pos(20)), Some(200), true, false));
+        p.record_epoch(2, read(Some(pos(30)), Some(300), true, false));
         p.report(0, 1, Some(1));
         assert_eq!(p.checkpoint(), None);
         p.report(0, 2, Some(1));
@@ -485,7 +532,7 @@ mod tests {
     #[test]
     fn shard_end_needs_every_path_and_no_state() {
         let mut p = progress(2, 2);
-        p.record_epoch(3, None, Some(300), false, true);
+        p.record_epoch(3, read(None, Some(300), false, true));
         p.report(0, 3, None);
         p.report(1, 3, Some(2));
         assert!(!p.is_finished(), "state still held");
@@ -498,7 +545,7 @@ mod tests {
     #[test]
     fn empty_final_epoch_ends_where_the_previous_ended() {
         let mut p = progress(1, 1);
-        p.record_epoch(2, None, Some(100), false, false);
+        p.record_epoch(2, read(None, Some(100), false, false));
         p.report(0, 2, Some(2));
         let cp = p.checkpoint().unwrap();
         assert_eq!(cp.committed, at(10));
@@ -519,10 +566,12 @@ mod tests {
             for p in [&mut pruned, &mut full] {
                 p.record_epoch(
                     e,
-                    Some(pos(u128::from(e) * 10)),
-                    Some(100 * e as i64),
-                    false,
-                    false,
+                    read(
+                        Some(pos(u128::from(e) * 10)),
+                        Some(100 * e as i64),
+                        false,
+                        false,
+                    ),
                 );
                 p.report(0, e, Some(e - 1));
             }
@@ -534,5 +583,29 @@ mod tests {
             "pruned to a few epochs: {:?}",
             pruned.epochs.keys()
         );
+    }
+
+    #[test]
+    fn lag_counts_the_records_read_after_the_checkpoint() {
+        let mut p = progress(1, 4);
+        assert_eq!(
+            p.lag(&CheckpointPosition::Initial),
+            40,
+            "nothing covered yet"
+        );
+        assert_eq!(p.lag(&at(20)), 20, "epochs 3 and 4");
+        assert_eq!(
+            p.lag(&at(25)),
+            20,
+            "mid-epoch: the partial epoch still counts"
+        );
+        assert_eq!(p.lag(&at(40)), 0);
+        p.report(0, 4, Some(3));
+        let cp = p.checkpoint().expect("moves");
+        p.prune();
+        assert_eq!(p.lag(&cp.committed), 0, "pruning keeps the counts");
+        p.record_epoch(5, read(Some(pos(50)), Some(500), false, false));
+        assert_eq!(p.lag(&cp.committed), 10);
+        assert_eq!(p.lag(&CheckpointPosition::ShardEnd), 0);
     }
 }

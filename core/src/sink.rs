@@ -291,6 +291,13 @@ pub trait SinkWriter<T>: Send {
     /// The shard is no longer this worker's: drop what is buffered for it (the next owner
     /// replays it from the checkpoint).
     fn release_shard(&mut self, _shard: &ShardId) {}
+
+    /// Bytes this writer stored since it was opened, as it counts them (file, object or item
+    /// bytes), for the `shardflow_bytes_written_total` metric. Writers that do not count
+    /// report 0.
+    fn bytes_written(&self) -> u64 {
+        0
+    }
 }
 
 /// A sink whose committed contents a test can read back, for the conformance suite.

@@ -62,9 +62,9 @@ where
     /// lives as long as the shard, so a restart replays the shard from its start: prefer a
     /// window for unbounded streams.
     pub fn aggregate<A: Aggregator<T>>(self, agg: A) -> Stream<KeyedValue<K, A::Out>, Keyed> {
-        let (main, _late) = self
-            .stream
-            .keyed(self.key_fn, move || RunningAggregate::new(agg.clone()));
+        let (main, _late) = self.stream.keyed("aggregate", self.key_fn, move || {
+            RunningAggregate::new(agg.clone())
+        });
         main
     }
 

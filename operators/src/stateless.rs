@@ -42,7 +42,7 @@ impl<T: Send + 'static, S: Stage> StreamExt<T, S> for Stream<T, S> {
         U: Send + 'static,
         F: Fn(T) -> U + Clone + Send + Sync + 'static,
     {
-        self.stateless(move || {
+        self.stateless("map", move || {
             let f = f.clone();
             move |cx: &RecordCx, v: T, out: &mut Collector<'_, U>| out.emit(cx, f(v))
         })
@@ -52,7 +52,7 @@ impl<T: Send + 'static, S: Stage> StreamExt<T, S> for Stream<T, S> {
     where
         F: Fn(&T) -> bool + Clone + Send + Sync + 'static,
     {
-        self.stateless(move || {
+        self.stateless("filter", move || {
             let f = f.clone();
             move |cx: &RecordCx, v: T, out: &mut Collector<'_, T>| {
                 if f(&v) {
@@ -68,7 +68,7 @@ impl<T: Send + 'static, S: Stage> StreamExt<T, S> for Stream<T, S> {
         I: IntoIterator<Item = U>,
         F: Fn(T) -> I + Clone + Send + Sync + 'static,
     {
-        self.stateless(move || {
+        self.stateless("flat_map", move || {
             let f = f.clone();
             move |cx: &RecordCx, v: T, out: &mut Collector<'_, U>| {
                 for (i, u) in f(v).into_iter().enumerate() {
@@ -87,7 +87,7 @@ impl<T: Send + 'static, S: Stage> StreamExt<T, S> for Stream<T, S> {
     where
         F: Fn(&T) + Clone + Send + Sync + 'static,
     {
-        self.stateless(move || {
+        self.stateless("inspect", move || {
             let f = f.clone();
             move |cx: &RecordCx, v: T, out: &mut Collector<'_, T>| {
                 f(&v);
@@ -116,7 +116,7 @@ impl<T: Send + 'static, S: ShardStage> ShardStreamExt<T, S> for Stream<T, S> {
         E: Display,
         F: Fn(&T) -> Result<U, E> + Clone + Send + Sync + 'static,
     {
-        self.stateless(move || {
+        self.stateless(name, move || {
             let f = f.clone();
             move |cx: &RecordCx, v: T, out: &mut Collector<'_, U>| {
                 let mut attempt = 0;

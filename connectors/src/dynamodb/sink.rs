@@ -382,6 +382,8 @@ struct DynamoWriter<T> {
     /// By item id: the last write of an identity within a commit wins, and a batch never
     /// holds one key twice (DynamoDB rejects that).
     pending: BTreeMap<String, Pending>,
+    /// Item bytes (as DynamoDB sizes them) of the commits so far.
+    bytes_written: u64,
     _values: PhantomData<fn(T)>,
 }
 
@@ -411,6 +413,7 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Sink<T> for Dynamo
             inner: Arc::clone(&self.inner),
             topology: cx.topology.clone(),
             pending: BTreeMap::new(),
+            bytes_written: 0,
             _values: PhantomData,
         }))
     }
@@ -490,6 +493,20 @@ impl<T: Serialize + Send + 'static> SinkWriter<T> for DynamoWriter<T> {
         if items.is_empty() {
             return Ok(());
         }
+        let bytes: usize = items.iter().map(|p| item_size(&p.item)).sum();
+        self.put(items).await?;
+        self.bytes_written += bytes as u64;
+        Ok(())
+    }
+
+    fn bytes_written(&self) -> u64 {
+        self.bytes_written
+    }
+}
+
+impl<T> DynamoWriter<T> {
+    /// Writes a commit's items as the mode says.
+    async fn put(&self, items: Vec<Pending>) -> Result<(), SinkError> {
         match self.inner.mode {
             DynamoWriteMode::Batch => self.inner.put_batches(items).await,
             DynamoWriteMode::Fenced { concurrency } => {

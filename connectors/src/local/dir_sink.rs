@@ -232,6 +232,7 @@ impl<T: Serialize + Send + Sync + 'static> Sink<T> for LocalDirSink {
             topology_dir,
             known_dirs: HashSet::new(),
             dirty_dirs: BTreeSet::new(),
+            bytes_written: 0,
             _values: PhantomData,
         }))
     }
@@ -263,6 +264,8 @@ struct DirSinkWriter<T> {
     known_dirs: HashSet<PathBuf>,
     /// Directories with entries written since the last commit.
     dirty_dirs: BTreeSet<PathBuf>,
+    /// Bytes of the files written so far.
+    bytes_written: u64,
     _values: PhantomData<fn(T)>,
 }
 
@@ -290,6 +293,7 @@ impl<T: Serialize + Send + Sync + 'static> SinkWriter<T> for DirSinkWriter<T> {
             bytes.push(b'\n');
             files.push((shard_dir.join(format!("{path}{OUTPUT_SUFFIX}")), bytes));
         }
+        let bytes: usize = files.iter().map(|(_, b)| b.len()).sum();
         let mut state = OutputDirs {
             root: self.sink.root.to_path_buf(),
             known: std::mem::take(&mut self.known_dirs),
@@ -315,7 +319,13 @@ impl<T: Serialize + Send + Sync + 'static> SinkWriter<T> for DirSinkWriter<T> {
         };
         self.known_dirs = state.known;
         self.dirty_dirs = state.dirty;
-        result.map_err(|e| self.sink.error("write", e))
+        result.map_err(|e| self.sink.error("write", e))?;
+        self.bytes_written += bytes as u64;
+        Ok(())
+    }
+
+    fn bytes_written(&self) -> u64 {
+        self.bytes_written
     }
 
     async fn commit(&mut self) -> Result<(), SinkError> {

@@ -338,14 +338,14 @@ impl<T> Inner<T> {
     }
 
     /// Compresses (if configured) and stores one object: a records object, or a `single`
-    /// keyed result.
+    /// keyed result. Returns the bytes stored.
     async fn store(
         &self,
         key: &str,
         body: Vec<u8>,
         metadata: &HashMap<String, String>,
         single: bool,
-    ) -> Result<(), SinkError> {
+    ) -> Result<u64, SinkError> {
         let body = self.compress(body)?;
         let object = NewObject {
             body: &body,
@@ -361,7 +361,8 @@ impl<T> Inner<T> {
             self.multipart_above,
         )
         .await
-        .map_err(|e| self.request_error(e))
+        .map_err(|e| self.request_error(e))?;
+        Ok(body.len() as u64)
     }
 
     /// Refuses if `metadata` says a newer lease epoch wrote the object.
@@ -437,6 +438,8 @@ struct S3Writer<T> {
     shards: BTreeMap<ShardId, ShardState>,
     /// Keyed results, one object each, by key: the last write of an identity wins.
     singles: BTreeMap<String, (ShardId, OutputId, LeaseEpoch, Vec<u8>)>,
+    /// Bytes of the objects stored so far (after compression).
+    bytes_written: u64,
 }
 
 #[async_trait]
@@ -451,6 +454,7 @@ impl<T: Send + Sync + 'static> Sink<T> for S3Sink<T> {
             topology: cx.topology.clone(),
             shards: BTreeMap::new(),
             singles: BTreeMap::new(),
+            bytes_written: 0,
         }))
     }
 }
@@ -528,7 +532,8 @@ impl<T: Send + Sync + 'static> S3Writer<T> {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
-        self.inner
+        self.bytes_written += self
+            .inner
             .store(&key, filling.body, &metadata, false)
             .await?;
         let cuts = &mut self.shards.entry(shard.clone()).or_default().cuts;
@@ -595,6 +600,10 @@ fn last_position(metadata: &HashMap<String, String>) -> Option<RecordPosition> {
 
 #[async_trait]
 impl<T: Send + Sync + 'static> SinkWriter<T> for S3Writer<T> {
+    fn bytes_written(&self) -> u64 {
+        self.bytes_written
+    }
+
     async fn write(&mut self, batch: OutputBatch<T>) -> Result<(), SinkError> {
         for output in &batch.outputs {
             match &output.id {
@@ -638,7 +647,7 @@ impl<T: Send + Sync + 'static> SinkWriter<T> for S3Writer<T> {
                 ("lease-epoch".to_owned(), epoch.0.to_string()),
             ]
             .into();
-            self.inner.store(&key, body, &metadata, true).await?;
+            self.bytes_written += self.inner.store(&key, body, &metadata, true).await?;
         }
         // The latency bound: a filling object older than it is stored short (and a replay
         // finds it and ends there too).

@@ -11,10 +11,14 @@ pub struct Metrics {
     bytes_read: IntCounterVec,
     millis_behind: IntGaugeVec,
     records_written: IntCounterVec,
+    bytes_written: IntCounterVec,
+    operator_in: IntCounterVec,
+    operator_out: IntCounterVec,
     sink_commit: HistogramVec,
     dead_letters: IntCounterVec,
     late_records: IntCounterVec,
     checkpoints: IntCounterVec,
+    checkpoint_lag: IntGaugeVec,
     leases_held: IntGaugeVec,
     leases_taken: IntCounterVec,
     leases_lost: IntCounterVec,
@@ -64,7 +68,25 @@ impl Metrics {
                 registry,
                 "shardflow_records_written_total",
                 "Outputs written to a sink",
+                &["topology", "shard", "sink"],
+            ),
+            bytes_written: counter(
+                registry,
+                "shardflow_bytes_written_total",
+                "Bytes a sink stored (as the sink counts them: file, object or item bytes)",
                 &["topology", "sink"],
+            ),
+            operator_in: counter(
+                registry,
+                "shardflow_operator_records_in_total",
+                "Records into an operator (operators are named <n>-<kind> in topology order)",
+                &["topology", "shard", "operator"],
+            ),
+            operator_out: counter(
+                registry,
+                "shardflow_operator_records_out_total",
+                "Records out of an operator",
+                &["topology", "shard", "operator"],
             ),
             sink_commit,
             dead_letters: counter(
@@ -78,6 +100,11 @@ impl Metrics {
                 "shardflow_late_records_total",
                 "Records that arrived after their window closed",
                 &["topology"],
+            ),
+            checkpoint_lag: gauge(
+                "shardflow_checkpoint_lag_records",
+                "Records read from the shard that its last written checkpoint does not cover",
+                &["topology", "shard"],
             ),
             checkpoints: counter(
                 registry,
@@ -126,10 +153,29 @@ impl Metrics {
             .set(millis);
     }
 
-    pub(crate) fn sink_records(&self, topology: &str, sink: &str, n: usize) {
+    pub(crate) fn sink_records(&self, topology: &str, shard: &str, sink: &str, n: usize) {
         self.records_written
-            .with_label_values(&[topology, sink])
+            .with_label_values(&[topology, shard, sink])
             .inc_by(n as u64);
+    }
+
+    pub(crate) fn sink_bytes(&self, topology: &str, sink: &str, bytes: u64) {
+        if bytes > 0 {
+            self.bytes_written
+                .with_label_values(&[topology, sink])
+                .inc_by(bytes);
+        }
+    }
+
+    /// Counts an epoch's records into and out of an operator.
+    pub(crate) fn operator(&self, topology: &str, shard: &str, operator: &str, io: (u64, u64)) {
+        let labels = [topology, shard, operator];
+        if io.0 > 0 {
+            self.operator_in.with_label_values(&labels).inc_by(io.0);
+        }
+        if io.1 > 0 {
+            self.operator_out.with_label_values(&labels).inc_by(io.1);
+        }
     }
 
     pub(crate) fn sink_commit(&self, topology: &str, sink: &str, took: Duration) {
@@ -147,6 +193,19 @@ impl Metrics {
     /// Counts late records (operators call it).
     pub fn late(&self, topology: &str, n: u64) {
         self.late_records.with_label_values(&[topology]).inc_by(n);
+    }
+
+    pub(crate) fn checkpoint_lag(&self, topology: &str, shard: &str, records: u64) {
+        self.checkpoint_lag
+            .with_label_values(&[topology, shard])
+            .set(i64::try_from(records).unwrap_or(i64::MAX));
+    }
+
+    /// Drops the per-shard gauges of a shard this worker no longer processes, so that they do
+    /// not report its last values forever.
+    pub(crate) fn forget_shard(&self, topology: &str, shard: &str) {
+        let _ = self.millis_behind.remove_label_values(&[topology, shard]);
+        let _ = self.checkpoint_lag.remove_label_values(&[topology, shard]);
     }
 
     pub(crate) fn checkpointed(&self, topology: &str, shard: &str) {

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::Epoch;
 use crate::error::{BuildError, Error, ShardStopped};
-use crate::lease::{Lease, LeaseStore, ShardCheckpoint};
+use crate::lease::{CheckpointPosition, Lease, LeaseStore, ShardCheckpoint};
 use crate::position::ShardId;
 use crate::source::ReadLimits;
 use crate::topology::stream::{Topology, WorkerCx};
@@ -359,11 +359,13 @@ impl Runtime {
                         }
                         Ok(ShardOutcome::Cancelled { .. }) => {
                             tracker.stop_shard(&id);
+                            self.metrics.forget_shard(&name, id.as_str());
                             leases.forget(&shard.lease_key).await;
                         }
                         Ok(ShardOutcome::Fenced) => {
                             self.metrics.lease_lost(&name);
                             tracker.stop_shard(&id);
+                            self.metrics.forget_shard(&name, id.as_str());
                             leases.forget(&shard.lease_key).await;
                             // Look at the lease table again: the newer owner keeps the shard,
                             // or, if the lease is still this worker's, it resumes from the
@@ -372,12 +374,14 @@ impl Runtime {
                         }
                         Err(Error::ShardStopped(stop)) => {
                             tracker.stop_shard(&id);
+                            self.metrics.forget_shard(&name, id.as_str());
                             completed.insert(id);
                             stopped.push(stop);
                         }
                         Err(error) => {
                             tracing::error!(topology = %name, shard = %id, %error, "shard failed");
                             tracker.stop_shard(&id);
+                            self.metrics.forget_shard(&name, id.as_str());
                             running.values().for_each(|r| r.cancel.cancel());
                             failure.get_or_insert(error);
                         }
@@ -430,6 +434,7 @@ impl Runtime {
                     tracing::warn!(topology = %name, shard = %id, %error, "final checkpoint rejected");
                 }
                 tracker.stop_shard(&id);
+                self.metrics.forget_shard(&name, id.as_str());
                 if shard_end {
                     report.shards_ended.push(id.clone());
                     need_sync = true;
@@ -471,15 +476,18 @@ async fn write_checkpoint(
     key: &str,
     written: &mut HashMap<ShardId, ShardCheckpoint>,
 ) -> Result<(), crate::error::LeaseError> {
-    let Some(cp) = tracker.checkpoint(id) else {
-        return Ok(());
-    };
-    if written.get(id) == Some(&cp) {
-        return Ok(());
+    if let Some(cp) = tracker.checkpoint(id) {
+        if written.get(id) != Some(&cp) {
+            leases.checkpoint(key, cp.clone()).await?;
+            metrics.checkpointed(topology, id.as_str());
+            written.insert(id.clone(), cp);
+        }
     }
-    leases.checkpoint(key, cp.clone()).await?;
-    metrics.checkpointed(topology, id.as_str());
-    written.insert(id.clone(), cp);
+    // Until this run writes one, nothing it read is covered.
+    let covered = written
+        .get(id)
+        .map_or(&CheckpointPosition::Initial, |cp| &cp.committed);
+    metrics.checkpoint_lag(topology, id.as_str(), tracker.lag(id, covered));
     Ok(())
 }
 

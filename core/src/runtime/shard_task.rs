@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint::Epoch;
+use crate::checkpoint::{Epoch, EpochRead};
 use crate::dead_letter::DeadLetterRecord;
 use crate::error::Error;
 use crate::lease::{CheckpointPosition, LeaseEpoch, ShardCheckpoint};
@@ -293,10 +293,13 @@ impl ShardTask {
         self.tracker.record_epoch(
             id,
             run.epoch,
-            raw.last_position().cloned(),
-            watermark,
-            replay,
-            control == Control::ShardEnd,
+            EpochRead {
+                last: raw.last_position().cloned(),
+                records: raw.len(),
+                watermark,
+                replay,
+                shard_end: control == Control::ShardEnd,
+            },
         );
         let cx = EpochCx {
             shard: id.clone(),

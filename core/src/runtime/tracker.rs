@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use crate::checkpoint::{Epoch, ShardProgress};
-use crate::lease::ShardCheckpoint;
-use crate::position::{EventTime, RecordPosition, ShardId};
+use crate::checkpoint::{Epoch, EpochRead, ShardProgress};
+use crate::lease::{CheckpointPosition, ShardCheckpoint};
+use crate::position::ShardId;
 use crate::sink::Held;
 
 /// Progress of every shard this worker processes. Cloning shares it.
@@ -34,18 +34,15 @@ impl Tracker {
         self.lock().remove(shard);
     }
 
-    pub(crate) fn record_epoch(
-        &self,
-        shard: &ShardId,
-        epoch: Epoch,
-        last: Option<RecordPosition>,
-        watermark: Option<EventTime>,
-        replay: bool,
-        shard_end: bool,
-    ) {
+    pub(crate) fn record_epoch(&self, shard: &ShardId, epoch: Epoch, read: EpochRead) {
         if let Some(p) = self.lock().get_mut(shard) {
-            p.record_epoch(epoch, last, watermark, replay, shard_end);
+            p.record_epoch(epoch, read);
         }
+    }
+
+    /// Records of `shard` read in this run and not covered by `checkpoint`.
+    pub(crate) fn lag(&self, shard: &ShardId, checkpoint: &CheckpointPosition) -> u64 {
+        self.lock().get(shard).map_or(0, |p| p.lag(checkpoint))
     }
 
     /// Path `path` committed these (shard, epoch, hold) reports.

@@ -16,6 +16,7 @@ use crate::runtime::metrics::Metrics;
 use crate::sink::{
     Held, KeyId, Output, OutputBatch, OutputId, Sink, SinkContext, SinkWriter, Window,
 };
+use crate::topology::stream::InstanceCx;
 
 /// The watermark before any record was seen.
 pub const NO_WATERMARK: EventTime = EventTime::MIN;
@@ -296,11 +297,13 @@ impl Failures {
 pub struct Collector<'a, U> {
     down: &'a mut dyn Emit<U>,
     failures: Option<&'a Failures>,
+    emitted: &'a mut u64,
 }
 
 impl<U> Collector<'_, U> {
     /// Emits a result.
     pub fn emit(&mut self, cx: &RecordCx, value: U) {
+        *self.emitted += 1;
         self.down.emit(cx, value);
     }
 
@@ -335,6 +338,45 @@ pub(crate) struct StatelessNode<O, U> {
     pub(crate) op: O,
     pub(crate) down: Box<dyn Emit<U>>,
     pub(crate) failures: Option<Failures>,
+    pub(crate) counts: OperatorCounts,
+}
+
+/// Records into and out of one operator instance, counted per record and handed to the
+/// metrics once per epoch.
+pub(crate) struct OperatorCounts {
+    label: Arc<str>,
+    topology: String,
+    metrics: Metrics,
+    records_in: u64,
+    records_out: u64,
+}
+
+impl OperatorCounts {
+    pub(crate) fn new(label: Arc<str>, cx: &InstanceCx) -> Self {
+        Self {
+            label,
+            topology: cx.topology.clone(),
+            metrics: cx.metrics.clone(),
+            records_in: 0,
+            records_out: 0,
+        }
+    }
+
+    /// Adds an epoch's counts to the metrics of `shard`.
+    pub(crate) fn report(&mut self, shard: &ShardId) {
+        let io = (
+            std::mem::take(&mut self.records_in),
+            std::mem::take(&mut self.records_out),
+        );
+        self.metrics
+            .operator(&self.topology, shard.as_str(), &self.label, io);
+    }
+
+    /// Forgets counts of records that will be processed again.
+    pub(crate) fn discard(&mut self) {
+        self.records_in = 0;
+        self.records_out = 0;
+    }
 }
 
 #[async_trait]
@@ -345,19 +387,23 @@ where
     O: Stateless<T, U>,
 {
     fn emit(&mut self, cx: &RecordCx, value: T) {
+        self.counts.records_in += 1;
         let mut out = Collector {
             down: &mut *self.down,
             failures: self.failures.as_ref(),
+            emitted: &mut self.counts.records_out,
         };
         self.op.apply(cx, value, &mut out);
     }
     async fn flush(&mut self, epoch: &EpochCx) -> Result<(), Error> {
+        self.counts.report(&epoch.shard);
         self.down.flush(epoch).await
     }
     async fn commit(&mut self) -> Result<(), Error> {
         self.down.commit().await
     }
     fn discard(&mut self) {
+        self.counts.discard();
         self.down.discard();
     }
     fn held(&self, out: &mut Vec<(ShardId, Held)>) {
@@ -388,6 +434,8 @@ pub(crate) struct SinkEmitter<T> {
     /// are looked up when the epoch is flushed.
     pub(crate) of_records: Vec<(u32, u32, T)>,
     pub(crate) written: bool,
+    /// What the writer's `bytes_written` was at the last commit.
+    pub(crate) bytes_reported: u64,
     pub(crate) metrics: Metrics,
     /// Where outputs the sink refuses (`Sink::check`) send their input record, on a shard's
     /// own path.
@@ -403,6 +451,7 @@ impl<T: Send + 'static> SinkEmitter<T> {
             ready: Vec::new(),
             of_records: Vec::new(),
             written: false,
+            bytes_reported: 0,
             metrics,
             failures: None,
         }
@@ -511,6 +560,13 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
         writer.commit().await.map_err(Error::from)?;
         self.metrics
             .sink_commit(&self.cx.topology, self.sink.name(), started.elapsed());
+        let bytes = writer.bytes_written();
+        self.metrics.sink_bytes(
+            &self.cx.topology,
+            self.sink.name(),
+            bytes.saturating_sub(self.bytes_reported),
+        );
+        self.bytes_reported = bytes;
         // A writer holding outputs back gets commits even without new writes, so that it can
         // deliver them within its latency bound on a quiet shard.
         self.written = writer.held().iter().any(|(_, h)| h.buffered);
@@ -545,8 +601,12 @@ impl<T: Send + 'static> SinkEmitter<T> {
                     value,
                 }),
         );
-        self.metrics
-            .sink_records(&self.cx.topology, self.sink.name(), outputs.len());
+        self.metrics.sink_records(
+            &self.cx.topology,
+            epoch.shard.as_str(),
+            self.sink.name(),
+            outputs.len(),
+        );
         let batch = OutputBatch {
             shard: epoch.shard.clone(),
             lease_epoch: epoch.lease_epoch,

@@ -65,6 +65,7 @@ pub struct KeyedOutput<'a, In, Out> {
     main: &'a mut dyn Emit<Out>,
     late: &'a mut dyn Emit<In>,
     late_count: u64,
+    emitted: u64,
 }
 
 impl<'a, In, Out> KeyedOutput<'a, In, Out> {
@@ -73,11 +74,13 @@ impl<'a, In, Out> KeyedOutput<'a, In, Out> {
             main,
             late,
             late_count: 0,
+            emitted: 0,
         }
     }
 
     /// Emits a result.
     pub fn emit(&mut self, cx: &RecordCx, value: Out) {
+        self.emitted += 1;
         self.main.emit(cx, value);
     }
 
@@ -256,6 +259,8 @@ pub(crate) struct KeyedWorker<Op: KeyedOperator> {
     pub(crate) op: Op,
     pub(crate) main: Box<dyn Emit<Op::Out>>,
     pub(crate) late: Box<dyn Emit<Op::In>>,
+    /// The operator's metrics label.
+    pub(crate) label: Arc<str>,
     pub(crate) tracker: Tracker,
     /// Where emptied record buffers go back to the shard tasks.
     pub(crate) pool: RecordPool<Op::Key, Op::In>,
@@ -326,6 +331,8 @@ where
             if let Some(state) = states.get_mut(&epoch.shard) {
                 let mut out = KeyedOutput::new(&mut *self.main, &mut *self.late);
                 self.op.on_commit(state, &mut out);
+                let emitted = out.emitted;
+                self.count(&epoch.shard, 0, emitted);
                 self.main.flush(&epoch).await?;
                 self.late.flush(&epoch).await?;
             }
@@ -337,6 +344,16 @@ where
             reports.clear();
         }
         Ok(())
+    }
+
+    /// Adds records into and results out of the operator to the metrics of `shard`.
+    fn count(&self, shard: &ShardId, records_in: u64, records_out: u64) {
+        self.metrics.operator(
+            &self.topology,
+            shard.as_str(),
+            &self.label,
+            (records_in, records_out),
+        );
     }
 
     async fn handle(
@@ -355,6 +372,7 @@ where
         }
         let state = states.entry(epoch.shard.clone()).or_default();
         let mut out = KeyedOutput::new(&mut *self.main, &mut *self.late);
+        let records_in = records.len() as u64;
         for record in records.drain(..) {
             self.op
                 .on_record(state, record, epoch.epoch, epoch.mode, &mut out);
@@ -383,6 +401,8 @@ where
         } else {
             uncommitted.push(epoch.clone());
         }
+        let emitted = out.emitted;
+        self.count(&epoch.shard, records_in, emitted);
         self.main.flush(&epoch).await?;
         self.late.flush(&epoch).await?;
         Ok(Some((epoch.shard.clone(), epoch.epoch, hold)))

@@ -21,8 +21,8 @@ use crate::runtime::tracker::Tracker;
 use crate::sink::{Held, Sink, SinkContext};
 use crate::source::Source;
 use crate::topology::chain::{
-    Discard, Emit, EpochCx, Failures, Ident, RecordCx, SinkEmitter, Stateless, StatelessNode, Tee,
-    NO_WATERMARK,
+    Discard, Emit, EpochCx, Failures, Ident, OperatorCounts, RecordCx, SinkEmitter, Stateless,
+    StatelessNode, Tee, NO_WATERMARK,
 };
 use crate::topology::keyed::{
     exchange, record_pool, Exchange, ExchangeEmitter, Exchanges, KeyedOperator, KeyedWorker,
@@ -125,6 +125,16 @@ pub(crate) struct Graph {
     source_settings: Box<dyn Any + Send + Sync>,
     keyed: Vec<Arc<dyn KeyedBranch>>,
     sinks: usize,
+    /// Operators added so far: each is labelled `<n>-<kind>` in metrics, in the order added.
+    operators: usize,
+}
+
+impl Graph {
+    /// The metrics label of the next operator of `kind`.
+    fn label(&mut self, kind: &str) -> Arc<str> {
+        self.operators += 1;
+        format!("{}-{kind}", self.operators).into()
+    }
 }
 
 /// A typed stream of values of type `T` at stage `S`. Clone it to fan out to several branches.
@@ -239,6 +249,7 @@ impl TopologyBuilder {
             source_settings: Box::new(settings),
             keyed: Vec::new(),
             sinks: 0,
+            operators: 0,
         };
         Stream {
             graph: Arc::new(Mutex::new(graph)),
@@ -292,7 +303,8 @@ impl<T: Send + 'static> Stream<T, Sourced> {
 impl<T: Send + 'static, S: Stage> Stream<T, S> {
     /// The stateless primitive: `op` (made fresh for each pipeline instance) turns each value
     /// into zero or more values. `map`, `filter`, `flat_map` and `try_map` are built on it.
-    pub fn stateless<U, O, M>(self, make: M) -> Stream<U, S::AfterOp>
+    /// `kind` names it in metrics (`<n>-<kind>`, n its place in the topology).
+    pub fn stateless<U, O, M>(self, kind: &str, make: M) -> Stream<U, S::AfterOp>
     where
         U: Send + 'static,
         O: Stateless<T, U>,
@@ -300,12 +312,18 @@ impl<T: Send + 'static, S: Stage> Stream<T, S> {
     {
         let child: Arc<Node<U>> = Arc::new(Node::new());
         let down = Arc::clone(&child);
+        let label = self
+            .graph
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .label(kind);
         self.node
             .add(Box::new(move |cx: &InstanceCx| -> Box<dyn Emit<T>> {
                 Box::new(StatelessNode {
                     op: make(),
                     down: down.instantiate(cx),
                     failures: cx.failures.clone(),
+                    counts: OperatorCounts::new(Arc::clone(&label), cx),
                 })
             }));
         Stream {
@@ -344,9 +362,11 @@ impl<T: Send + 'static, S: Stage> Stream<T, S> {
 
 impl<T: Send + 'static, S: ShardStage> Stream<T, S> {
     /// The keyed primitive: hashes `key_fn(value)` over the keyed workers and runs an operator
-    /// made by `make_op` in each. Returns the operator's results and its late records.
+    /// made by `make_op` in each. Returns the operator's results and its late records. `kind`
+    /// names it in metrics, as for [`Stream::stateless`].
     pub fn keyed<K, Op, F, M>(
         self,
+        kind: &str,
         key_fn: F,
         make_op: M,
     ) -> (Stream<Op::Out, Keyed>, Stream<T, Keyed>)
@@ -363,8 +383,10 @@ impl<T: Send + 'static, S: ShardStage> Stream<T, S> {
                 .graph
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let label = graph.label(kind);
             graph.keyed.push(Arc::new(KeyedBranchSpec {
                 make_op,
+                label,
                 main: Arc::clone(&main),
                 late: Arc::clone(&late),
                 _op: PhantomData,
@@ -585,6 +607,7 @@ pub(crate) trait KeyedBranch: Send + Sync {
 
 struct KeyedBranchSpec<Op: KeyedOperator, M> {
     make_op: M,
+    label: Arc<str>,
     main: Arc<Node<Op::Out>>,
     late: Arc<Node<Op::In>>,
     _op: PhantomData<fn() -> Op>,
@@ -620,6 +643,7 @@ where
                 op: (self.make_op)(),
                 main: self.main.instantiate(&instance),
                 late: self.late.instantiate(&instance),
+                label: Arc::clone(&self.label),
                 tracker: cx.tracker.clone(),
                 pool: Arc::clone(&pool),
                 path,

@@ -195,11 +195,11 @@ where
             late,
         } = self;
         let (main, late_stream) = if assigner.session_gap().is_some() {
-            keyed.stream.keyed(keyed.key_fn, move || {
+            keyed.stream.keyed("session_window", keyed.key_fn, move || {
                 session::SessionOperator::new(assigner.clone(), agg.clone(), lateness)
             })
         } else {
-            keyed.stream.keyed(keyed.key_fn, move || {
+            keyed.stream.keyed("window", keyed.key_fn, move || {
                 fixed::FixedWindows::new(assigner.clone(), agg.clone(), lateness)
             })
         };

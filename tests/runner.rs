@@ -88,3 +88,67 @@ async fn a_worker_from_flags_processes_and_stops_gracefully() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_with_until_caught_up_processes_what_the_stream_holds_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = LocalStream::create(
+        dir.path().join("stream"),
+        "backlog",
+        3,
+        LocalStreamConfig::new(),
+    )
+    .unwrap();
+    let producer = LocalProducer::new(stream);
+    for i in 0..300u32 {
+        producer
+            .put(&format!("k{i}"), i.to_string().into_bytes())
+            .await
+            .unwrap();
+    }
+    let local_dir = dir.path().display().to_string();
+    let flags = Flags::try_parse_from([
+        "worker",
+        "--stream",
+        "backlog",
+        "--local-dir",
+        &local_dir,
+        "--until-caught-up",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ])
+    .unwrap();
+    let settings = Settings::resolve(flags).unwrap();
+    let out = dir.path().join("out");
+    let sink_dir = out.clone();
+    // No shutdown token: the run ends by itself.
+    let report = tokio::time::timeout(
+        Duration::from_secs(30),
+        run_with(
+            settings,
+            move |cx| async move {
+                let stream = cx.local_stream()?;
+                Ok(Topology::builder("backfill")
+                    .source(LocalSource::new(&stream).json::<u32>())
+                    .sink(LocalDirSink::new(&sink_dir))
+                    .build()?)
+            },
+            Some(tokio_util::sync::CancellationToken::new()),
+        ),
+    )
+    .await
+    .expect("a bounded run ends by itself")
+    .expect("a clean run");
+    let mut got: Vec<u32> = LocalDirSink::new(&out)
+        .read_topology::<u32>("backfill")
+        .await
+        .unwrap()
+        .into_values()
+        .collect();
+    got.sort_unstable();
+    assert_eq!(got, (0..300).collect::<Vec<_>>(), "every record, once");
+    assert!(
+        report.shards_ended.is_empty(),
+        "open shards are read to their tip, not ended"
+    );
+}

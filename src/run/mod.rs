@@ -1,7 +1,9 @@
 //! `shardflow::run`: the worker's `main`. Reads its settings (flags, `SHARDFLOW_*` environment,
 //! a TOML file), sets up logs, builds the topology with the settings' clients, picks the lease
 //! store (a directory on the local backend, DynamoDB on AWS), serves `/metrics` and `/healthz`,
-//! and runs until SIGTERM or SIGINT (drain, checkpoint, release leases; a second signal exits).
+//! and runs until SIGTERM or SIGINT (drain, checkpoint, release leases; a second signal exits),
+//! or with `--until-caught-up` until it processed what the stream holds (a backfill, with a
+//! progress line on a terminal).
 //!
 //! ```no_run
 //! use shardflow::prelude::*;
@@ -18,6 +20,7 @@
 //! }
 //! ```
 
+mod progress;
 mod settings;
 
 use std::future::Future;
@@ -30,7 +33,7 @@ use prometheus::Registry;
 use shardflow_connectors::local::{FileLeaseStore, LocalStream};
 use shardflow_core::lease::LeaseStore;
 use shardflow_core::runtime::metrics::Metrics;
-use shardflow_core::runtime::{Health, RunReport, Runtime};
+use shardflow_core::runtime::{Health, RunMode, RunReport, Runtime};
 use shardflow_core::topology::Topology;
 use tokio_util::sync::CancellationToken;
 
@@ -198,14 +201,20 @@ where
         Some(token) => token,
         None => crate::ops::shutdown_on_signals().context("installing signal handlers")?,
     };
+    let bounded = settings.runtime.mode == RunMode::UntilCaughtUp;
+    let metrics = Metrics::new(&registry);
+    let progress = bounded.then(|| progress::Progress::start(registry));
     let report = Runtime::new(topology, leases)
         .with_config(settings.runtime)
-        .with_metrics(Metrics::new(&registry))
+        .with_metrics(metrics)
         .with_health(health)
         .with_shutdown(shutdown)
         .run()
-        .await?;
-    Ok(report)
+        .await;
+    if let Some(progress) = progress {
+        progress.finish();
+    }
+    Ok(report?)
 }
 
 #[cfg(feature = "dynamodb")]

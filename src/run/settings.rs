@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
-use shardflow_core::runtime::RuntimeConfig;
+use shardflow_core::runtime::{RunMode, RuntimeConfig};
 
 /// Where the stream, leases and AWS clients come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -89,6 +89,10 @@ pub struct Flags {
     /// human or json.
     #[arg(long, env = "SHARDFLOW_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Process what the stream holds now and exit (a backfill, say after `shardflow leases
+    /// reset`), instead of running until a signal. Shows progress on a terminal.
+    #[arg(long, env = "SHARDFLOW_UNTIL_CAUGHT_UP")]
+    pub until_caught_up: bool,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -116,6 +120,7 @@ struct FileSettings {
     max_leases_to_steal: Option<usize>,
     metrics_addr: Option<SocketAddr>,
     log_format: Option<LogFormat>,
+    until_caught_up: Option<bool>,
 }
 
 /// Resolved settings of a worker.
@@ -225,6 +230,11 @@ impl Settings {
                 .max_leases_to_steal
                 .or(file.max_leases_to_steal)
                 .unwrap_or(defaults.max_leases_to_steal),
+            mode: if flags.until_caught_up || file.until_caught_up.unwrap_or(false) {
+                RunMode::UntilCaughtUp
+            } else {
+                defaults.mode
+            },
             ..defaults
         };
         runtime.validate().map_err(|e| match e {
@@ -305,6 +315,21 @@ mod tests {
             "loopback by default"
         );
         assert_eq!(settings.log_format, LogFormat::Human);
+        assert_eq!(
+            settings.runtime.mode,
+            RunMode::Continuous,
+            "runs until a signal"
+        );
+    }
+
+    #[test]
+    fn until_caught_up_comes_from_the_flag_or_the_file() {
+        let bounded = Settings::resolve(flags(&["--stream", "s", "--until-caught-up"])).unwrap();
+        assert_eq!(bounded.runtime.mode, RunMode::UntilCaughtUp);
+        let file = config_file("stream = \"s\"\nuntil_caught_up = true\n");
+        let path = file.path().to_str().unwrap();
+        let from_file = Settings::resolve(flags(&["--config", path])).unwrap();
+        assert_eq!(from_file.runtime.mode, RunMode::UntilCaughtUp);
     }
 
     #[test]

@@ -8,8 +8,10 @@
 //! SIGCONT it: it finds its leases lost and its checkpoints refused. At the end every acknowledged
 //! id is in the output exactly once, and SIGTERM releases every lease.
 //!
-//! The test binary is also the worker (`scale_out worker`, configured by environment variables),
-//! so no extra binary ships with the crate. Every worker appends each commit to a shared log
+//! The test binary is also the worker (with `SCALE_OUT_WORKER` set): its `main` is
+//! `shardflow::run`, configured by `SHARDFLOW_*` variables as a deployed worker would be, so the
+//! SIGTERM phase goes through the runner's own signal handling. No extra binary ships with the
+//! crate. Every worker appends each commit to a shared log
 //! (worker, shard, lease epoch, id, time), which is how the test sees who processed what, when.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -21,6 +23,8 @@ use serde::{Deserialize, Serialize};
 
 const TOPOLOGY: &str = "scale-out";
 const SHARDS: i32 = 8;
+/// Set in the environment of the worker processes.
+const WORKER_ENV: &str = "SCALE_OUT_WORKER";
 const LEASE_DURATION: Duration = Duration::from_secs(3);
 const SYNC_INTERVAL: Duration = Duration::from_millis(500);
 /// Slack on top of lease duration + one sync interval for a failover: renewal cadence, reads.
@@ -32,7 +36,8 @@ struct Event {
 }
 
 fn main() -> ExitCode {
-    if std::env::args().nth(1).as_deref() == Some("worker") {
+    // The test binary doubles as the worker: `shardflow::run`, configured by SHARDFLOW_*.
+    if std::env::var_os(WORKER_ENV).is_some() {
         return worker::main();
     }
     // Behave like a libtest binary towards `cargo test [FILTER] [-- --list]`: run only when
@@ -94,98 +99,49 @@ mod worker {
 
     use std::io::Write as _;
     use std::path::PathBuf;
-    use std::sync::Arc;
     use std::time::Duration;
 
     use anyhow::Context as _;
     use async_trait::async_trait;
     use shardflow::core::error::SinkError;
     use shardflow::core::sink::{OutputBatch, SinkContext, SinkWriter};
-    use shardflow::dynamodb::DynamoLeaseStore;
     use shardflow::kinesis::{KinesisSource, SpoutConfig, SpoutMetrics};
     use shardflow::local::LocalDirSink;
     use shardflow::prelude::*;
-    use shardflow::{AwsConfig, Sink};
+    use shardflow::Sink;
 
-    use super::{now_micros, Event, LEASE_DURATION, SYNC_INTERVAL, TOPOLOGY};
+    use super::{now_micros, Event, TOPOLOGY};
 
+    /// The worker's `main`, as a user writes it: settings (backend, endpoints, stream, lease
+    /// table and timings, worker id, metrics address) come from SHARDFLOW_* variables, and
+    /// SIGTERM drains, checkpoints and releases.
     pub(super) fn main() -> std::process::ExitCode {
-        tracing_subscriber::fmt()
-            .with_writer(std::io::stderr)
-            .with_ansi(false)
-            .with_env_filter("info")
-            .init();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
-        match runtime.block_on(serve()) {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(error) => {
-                eprintln!("worker failed: {error:#}");
-                std::process::ExitCode::FAILURE
-            }
-        }
+        shardflow::run(|cx| async move {
+            let spout = SpoutConfig {
+                idle_min: Duration::from_millis(50),
+                idle_max: Duration::from_millis(200),
+                ..SpoutConfig::default()
+            };
+            let ids = Topology::builder(TOPOLOGY)
+                .source(
+                    KinesisSource::new(cx.kinesis_client().await, cx.settings().stream.clone())
+                        .with_config(spout)
+                        .with_metrics(SpoutMetrics::new(cx.registry()))
+                        .json::<Event>(),
+                )
+                .map(|e: Event| e.id);
+            ids.clone().sink(CommitLog {
+                path: var("COMMIT_LOG")?.into(),
+                worker: cx.settings().runtime.worker_id.clone(),
+            });
+            Ok(ids
+                .sink(LocalDirSink::new(var("OUT_DIR")?).fsync(false))
+                .build()?)
+        })
     }
 
     fn var(name: &str) -> anyhow::Result<String> {
         std::env::var(name).with_context(|| format!("{name} is not set"))
-    }
-
-    async fn serve() -> anyhow::Result<()> {
-        let worker_id = var("WORKER_ID")?;
-        let kinesis = AwsConfig::emulator(var("SHARDFLOW_KINESIS_ENDPOINT")?)
-            .kinesis_client()
-            .await;
-        let dynamodb = AwsConfig::emulator(var("SHARDFLOW_DYNAMODB_ENDPOINT")?)
-            .dynamodb_client()
-            .await;
-        let leases = DynamoLeaseStore::open(dynamodb, var("LEASE_TABLE")?).await?;
-        // The operations endpoint on a free loopback port, written where the test finds it.
-        let registry = prometheus::Registry::new();
-        let metrics = shardflow::Metrics::new(&registry);
-        let health = shardflow::Health::new();
-        let ops =
-            shardflow::ops::serve("127.0.0.1:0".parse()?, registry.clone(), health.clone()).await?;
-        std::fs::write(var("OPS_ADDR_FILE")?, ops.local_addr().to_string())?;
-        let spout = SpoutConfig {
-            idle_min: Duration::from_millis(50),
-            idle_max: Duration::from_millis(200),
-            ..SpoutConfig::default()
-        };
-        let ids = Topology::builder(TOPOLOGY)
-            .source(
-                KinesisSource::new(kinesis, var("STREAM")?)
-                    .with_config(spout)
-                    .with_metrics(SpoutMetrics::new(&registry))
-                    .json::<Event>(),
-            )
-            .map(|e: Event| e.id);
-        ids.clone().sink(CommitLog {
-            path: var("COMMIT_LOG")?.into(),
-            worker: worker_id.clone(),
-        });
-        let topology = ids
-            .sink(LocalDirSink::new(var("OUT_DIR")?).fsync(false))
-            .build()?;
-        let shutdown = shardflow::ops::shutdown_on_signals()?;
-        let config = RuntimeConfig {
-            worker_id,
-            parallelism: 1,
-            lease_duration: LEASE_DURATION,
-            checkpoint_interval: Duration::from_millis(250),
-            shard_sync_interval: SYNC_INTERVAL,
-            ..RuntimeConfig::default()
-        };
-        Runtime::new(topology, Arc::new(leases))
-            .with_config(config)
-            .with_metrics(metrics)
-            .with_health(health)
-            .with_shutdown(shutdown)
-            .run()
-            .await?;
-        Ok(())
     }
 
     /// Appends `worker shard epoch id micros` per output at commit, one write per commit.
@@ -298,11 +254,16 @@ mod scenario {
             self.spawned += 1;
             let id = format!("w{}", self.spawned);
             let log = std::fs::File::create(self.dir.join(format!("{id}.log"))).unwrap();
+            // A free loopback port for the worker's endpoint (released just before it binds).
+            let addr = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port");
+            std::fs::write(self.dir.join(format!("{id}.addr")), addr.to_string()).unwrap();
             let child = Command::new(&self.exe)
-                .arg("worker")
+                .env(WORKER_ENV, "1")
                 .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
-                .env("WORKER_ID", &id)
-                .env("OPS_ADDR_FILE", self.dir.join(format!("{id}.addr")))
+                .env("SHARDFLOW_WORKER_ID", &id)
+                .env("SHARDFLOW_METRICS_ADDR", addr.to_string())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log)
@@ -503,10 +464,24 @@ mod scenario {
         let mut cluster = Cluster {
             exe: std::env::current_exe().unwrap(),
             env: vec![
+                ("SHARDFLOW_BACKEND", "aws".into()),
+                ("SHARDFLOW_REGION", "us-east-1".into()),
+                ("AWS_ACCESS_KEY_ID", "shardflow-test".into()),
+                ("AWS_SECRET_ACCESS_KEY", "shardflow-test".into()),
                 ("SHARDFLOW_KINESIS_ENDPOINT", kinesis_endpoint),
                 ("SHARDFLOW_DYNAMODB_ENDPOINT", dynamodb_endpoint),
-                ("STREAM", stream.clone()),
-                ("LEASE_TABLE", table),
+                ("SHARDFLOW_STREAM", stream.clone()),
+                ("SHARDFLOW_LEASE_TABLE", table),
+                ("SHARDFLOW_PARALLELISM", "1".into()),
+                (
+                    "SHARDFLOW_LEASE_DURATION",
+                    format!("{}ms", LEASE_DURATION.as_millis()),
+                ),
+                ("SHARDFLOW_CHECKPOINT_INTERVAL", "250ms".into()),
+                (
+                    "SHARDFLOW_SHARD_SYNC_INTERVAL",
+                    format!("{}ms", SYNC_INTERVAL.as_millis()),
+                ),
                 ("OUT_DIR", out_dir.display().to_string()),
                 ("COMMIT_LOG", commit_log.display().to_string()),
             ],

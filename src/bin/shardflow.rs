@@ -401,13 +401,30 @@ async fn tail(
     }
     let mut printed = 0;
     let stdout = std::io::stdout();
-    loop {
+    // Records sent to a file or a pipe (a replay, a dump) get a progress line on the terminal.
+    let progress = if !stdout.is_terminal() && std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new_spinner()
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} tail {elapsed}: {pos} records {msg}")
+            .expect("a valid template"),
+    );
+    let mut behind: std::collections::HashMap<ShardId, i64> = std::collections::HashMap::new();
+    let result = loop {
         let mut all_done = true;
         for (id, reader, done) in &mut readers {
             if *done {
                 continue;
             }
             let batch = reader.read().await?;
+            progress.inc(batch.records.len() as u64);
+            if let Some(ms) = batch.millis_behind_latest {
+                behind.insert(id.clone(), i64::try_from(ms).unwrap_or(i64::MAX));
+                let slowest = behind.values().max().copied().unwrap_or(0);
+                progress.set_message(format!("({}s behind the tip)", slowest / 1000));
+            }
             let mut out = stdout.lock();
             for record in batch.records.iter() {
                 writeln!(
@@ -420,8 +437,12 @@ async fn tail(
                 )?;
                 printed += 1;
                 if limit.is_some_and(|l| printed >= l) {
-                    return Ok(());
+                    break;
                 }
+            }
+            if limit.is_some_and(|l| printed >= l) {
+                all_done = true;
+                break;
             }
             match batch.status {
                 ShardStatus::Ended => *done = true,
@@ -430,10 +451,12 @@ async fn tail(
             }
         }
         if all_done {
-            return Ok(());
+            break Ok(());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    };
+    progress.finish_and_clear();
+    result
 }
 
 async fn leases(config: Clients, table: &str, stream: Option<&str>) -> anyhow::Result<()> {

@@ -9,23 +9,23 @@ use shardflow::prelude::*;
 use shardflow::run::{run_with, Flags, Settings};
 use shardflow::LeaseStore as _;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_from_flags_processes_and_stops_gracefully() {
-    let dir = tempfile::tempdir().unwrap();
-    let stream = LocalStream::create(
-        dir.path().join("stream"),
-        "events",
-        2,
-        LocalStreamConfig::new(),
-    )
-    .unwrap();
+/// Creates the local stream `name` under `dir/stream` holding the numbers `0..count` as JSON.
+async fn local_stream_holding(dir: &std::path::Path, name: &str, shards: u32, count: u32) {
+    let stream =
+        LocalStream::create(dir.join("stream"), name, shards, LocalStreamConfig::new()).unwrap();
     let producer = LocalProducer::new(stream);
-    for i in 0..100u32 {
+    for i in 0..count {
         producer
             .put(&format!("k{i}"), i.to_string().into_bytes())
             .await
             .unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_from_flags_processes_and_stops_gracefully() {
+    let dir = tempfile::tempdir().unwrap();
+    local_stream_holding(dir.path(), "events", 2, 100).await;
     let local_dir = dir.path().display().to_string();
     let flags = Flags::try_parse_from([
         "worker",
@@ -92,20 +92,7 @@ async fn a_worker_from_flags_processes_and_stops_gracefully() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backfill_with_until_caught_up_processes_what_the_stream_holds_and_exits() {
     let dir = tempfile::tempdir().unwrap();
-    let stream = LocalStream::create(
-        dir.path().join("stream"),
-        "backlog",
-        3,
-        LocalStreamConfig::new(),
-    )
-    .unwrap();
-    let producer = LocalProducer::new(stream);
-    for i in 0..300u32 {
-        producer
-            .put(&format!("k{i}"), i.to_string().into_bytes())
-            .await
-            .unwrap();
-    }
+    local_stream_holding(dir.path(), "backlog", 3, 300).await;
     let local_dir = dir.path().display().to_string();
     let flags = Flags::try_parse_from([
         "worker",

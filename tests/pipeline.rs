@@ -1157,3 +1157,94 @@ async fn checkpoint_lag_counts_records_read_but_not_yet_checkpointed() {
         "a released shard's gauge is dropped"
     );
 }
+
+/// A lease store whose first `failures` listings fail, as a throttled or briefly unavailable
+/// DynamoDB table does (`retryable`) or a table the worker may not read does (not retryable).
+struct FlakyLeaseStore {
+    inner: MemoryLeaseStore,
+    failures: std::sync::atomic::AtomicU32,
+    retryable: bool,
+}
+
+#[async_trait::async_trait]
+impl shardflow::LeaseStore for FlakyLeaseStore {
+    async fn list(
+        &self,
+    ) -> Result<Vec<shardflow::core::lease::Lease>, shardflow::core::error::LeaseError> {
+        use std::sync::atomic::Ordering;
+        if self
+            .failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(shardflow::core::error::LeaseError::Store {
+                operation: "list",
+                retryable: self.retryable,
+                source: "ProvisionedThroughputExceededException".into(),
+            });
+        }
+        self.inner.list().await
+    }
+    async fn get(
+        &self,
+        key: &str,
+    ) -> Result<Option<shardflow::core::lease::Lease>, shardflow::core::error::LeaseError> {
+        self.inner.get(key).await
+    }
+    async fn create_if_absent(
+        &self,
+        lease: &shardflow::core::lease::Lease,
+    ) -> Result<bool, shardflow::core::error::LeaseError> {
+        self.inner.create_if_absent(lease).await
+    }
+    async fn update(
+        &self,
+        key: &str,
+        expected_counter: u64,
+        update: &shardflow::core::lease::LeaseUpdate,
+    ) -> Result<shardflow::core::lease::Lease, shardflow::core::error::LeaseError> {
+        self.inner.update(key, expected_counter, update).await
+    }
+    async fn delete(
+        &self,
+        key: &str,
+        expected_counter: u64,
+    ) -> Result<(), shardflow::core::error::LeaseError> {
+        self.inner.delete(key, expected_counter).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shard_sync_that_fails_transiently_is_retried_and_a_lasting_failure_ends_the_run() {
+    let stream = MemoryStream::new("flaky", 2);
+    for i in 0..20 {
+        push(&stream, i % 2, "u", i as i64);
+    }
+    let run = |retryable: bool, failures: u32| {
+        let out = MemorySink::new("out");
+        let topology = Topology::builder("flaky")
+            .source(stream.clone().json::<Click>())
+            .sink(out.clone())
+            .build()
+            .unwrap();
+        let store = Arc::new(FlakyLeaseStore {
+            inner: MemoryLeaseStore::new(),
+            failures: failures.into(),
+            retryable,
+        });
+        let run = Runtime::new(topology, store).with_config(bounded(1)).run();
+        async move { (run.await, out) }
+    };
+    let (result, out) = run(true, 3).await;
+    result.expect("three throttled listings are retried");
+    assert_eq!(
+        out.contents().len(),
+        20,
+        "every record processed after the retries"
+    );
+
+    let (result, out) = run(false, 1).await;
+    let error = result.expect_err("a failure that retrying will not mend ends the run");
+    assert!(!error.is_retryable(), "{error}");
+    assert!(out.contents().is_empty());
+}

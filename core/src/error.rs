@@ -128,6 +128,20 @@ pub enum LeaseError {
     },
 }
 
+impl LeaseError {
+    /// Whether the operation may succeed if tried again: only a store failure marked so (a
+    /// lost lease or a failed condition will not change by retrying).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::Store {
+                retryable: true,
+                ..
+            }
+        )
+    }
+}
+
 /// A payload could not be decoded into the stream's record type.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("cannot decode record as {format}: {message}")]
@@ -217,6 +231,18 @@ pub enum Error {
     /// A task of the runtime panicked or was cancelled unexpectedly.
     #[error("runtime task failed: {0}")]
     Task(String),
+}
+
+impl Error {
+    /// Whether the operation may succeed if tried again (a throttled or unavailable service).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Source(e) => e.is_retryable(),
+            Self::Sink(e) => e.retryable,
+            Self::Lease(e) => e.is_retryable(),
+            Self::Build(_) | Self::ShardStopped(_) | Self::Task(_) => false,
+        }
+    }
 }
 
 /// Shorthand for results with the umbrella error.

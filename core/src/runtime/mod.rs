@@ -237,91 +237,119 @@ impl Runtime {
         let mut report = RunReport::default();
         let mut ticker = tokio::time::interval(config.checkpoint_interval);
         let mut last_renew = tokio::time::Instant::now();
-        let mut last_sync: Option<tokio::time::Instant> = None;
+        let mut next_sync = tokio::time::Instant::now();
+        let mut failed_syncs: u32 = 0;
         let mut need_sync = true;
         let name = topology.name.clone();
         let mut failure: Option<Error> = None;
 
         loop {
-            let sync_due = last_sync.is_none_or(|t| t.elapsed() >= config.shard_sync_interval);
-            if (need_sync || sync_due) && !self.shutdown.is_cancelled() {
+            let sync_due = tokio::time::Instant::now() >= next_sync;
+            let retrying = failed_syncs > 0;
+            if ((need_sync && !retrying) || sync_due) && !self.shutdown.is_cancelled() {
                 need_sync = false;
-                last_sync = Some(tokio::time::Instant::now());
-                let shards = topology.source.list_shards().await?;
-                leases.sync(&shards).await?;
-                let lease_list = leases.list().await?;
-                // A shard still finishing (waiting for its last commits) is busy too: starting it
-                // again would replace its progress while its last reports are in flight.
-                let busy: HashSet<ShardId> = running
-                    .keys()
-                    .chain(finishing.iter().map(|f| &f.0))
-                    .chain(&completed)
-                    .cloned()
-                    .collect();
-                let candidates = processable(&lease_list);
-                let plan = leases.plan(&candidates, config.max_leases_to_steal).await;
-                // Planned takes and steals, and this worker's own leases from an earlier run.
-                let mut keys: Vec<&str> = plan
-                    .take
-                    .iter()
-                    .chain(&plan.steal)
-                    .map(String::as_str)
-                    .collect();
-                keys.extend(
-                    candidates
+                let round: Result<(), Error> = async {
+                    let shards = topology.source.list_shards().await?;
+                    leases.sync(&shards).await?;
+                    let lease_list = leases.list().await?;
+                    // A shard still finishing (waiting for its last commits) is busy too: starting it
+                    // again would replace its progress while its last reports are in flight.
+                    let busy: HashSet<ShardId> = running
+                        .keys()
+                        .chain(finishing.iter().map(|f| &f.0))
+                        .chain(&completed)
+                        .cloned()
+                        .collect();
+                    let candidates = processable(&lease_list);
+                    let plan = leases.plan(&candidates, config.max_leases_to_steal).await;
+                    // Planned takes and steals, and this worker's own leases from an earlier run.
+                    let mut keys: Vec<&str> = plan
+                        .take
                         .iter()
-                        .filter(|l| leases.owns(l))
-                        .map(|l| l.key.as_str()),
-                );
-                keys.sort_unstable();
-                keys.dedup();
-                for key in keys {
-                    let Some(shard) = shards.iter().find(|s| s.id.as_str() == key) else {
-                        continue;
-                    };
-                    if busy.contains(&shard.id) {
-                        continue;
-                    }
-                    let lease = candidates
-                        .iter()
-                        .find(|l| l.key == key)
-                        .expect("planned from candidates");
-                    let Some(taken) = leases.take(lease).await? else {
-                        continue;
-                    };
-                    self.metrics.lease_taken(&name);
-                    let cancel = CancellationToken::new();
-                    let lease_guard = leases.guard(&taken.key).await.expect("just taken");
-                    tracker.start_shard(&shard.id, taken.checkpoint.clone(), paths);
-                    let task = ShardTask {
-                        shard: shard.clone(),
-                        resume: taken.checkpoint.clone(),
-                        lease_epoch: taken.epoch(),
-                        lease_guard,
-                        topology: Arc::clone(&topology),
-                        config: Arc::clone(&config),
-                        tracker: tracker.clone(),
-                        metrics: self.metrics.clone(),
-                        exchanges: Arc::clone(&exchanges),
-                        cancel: cancel.clone(),
-                    };
-                    written.insert(shard.id.clone(), taken.checkpoint.clone());
-                    running.insert(
-                        shard.id.clone(),
-                        RunningShard {
-                            lease_key: taken.key.clone(),
-                            cancel,
-                            lost: false,
-                        },
+                        .chain(&plan.steal)
+                        .map(String::as_str)
+                        .collect();
+                    keys.extend(
+                        candidates
+                            .iter()
+                            .filter(|l| leases.owns(l))
+                            .map(|l| l.key.as_str()),
                     );
-                    let id = shard.id.clone();
-                    tracing::info!(topology = %name, shard = %id, "processing shard");
-                    shard_tasks.spawn(async move { (id, task.run().await) });
+                    keys.sort_unstable();
+                    keys.dedup();
+                    for key in keys {
+                        let Some(shard) = shards.iter().find(|s| s.id.as_str() == key) else {
+                            continue;
+                        };
+                        if busy.contains(&shard.id) {
+                            continue;
+                        }
+                        let lease = candidates
+                            .iter()
+                            .find(|l| l.key == key)
+                            .expect("planned from candidates");
+                        let Some(taken) = leases.take(lease).await? else {
+                            continue;
+                        };
+                        self.metrics.lease_taken(&name);
+                        let cancel = CancellationToken::new();
+                        let lease_guard = leases.guard(&taken.key).await.expect("just taken");
+                        tracker.start_shard(&shard.id, taken.checkpoint.clone(), paths);
+                        let task = ShardTask {
+                            shard: shard.clone(),
+                            resume: taken.checkpoint.clone(),
+                            lease_epoch: taken.epoch(),
+                            lease_guard,
+                            topology: Arc::clone(&topology),
+                            config: Arc::clone(&config),
+                            tracker: tracker.clone(),
+                            metrics: self.metrics.clone(),
+                            exchanges: Arc::clone(&exchanges),
+                            cancel: cancel.clone(),
+                        };
+                        written.insert(shard.id.clone(), taken.checkpoint.clone());
+                        running.insert(
+                            shard.id.clone(),
+                            RunningShard {
+                                lease_key: taken.key.clone(),
+                                cancel,
+                                lost: false,
+                            },
+                        );
+                        let id = shard.id.clone();
+                        tracing::info!(topology = %name, shard = %id, "processing shard");
+                        shard_tasks.spawn(async move { (id, task.run().await) });
+                    }
+                    // After the takes, so that children started in this round free their parents.
+                    leases.clean_finished_parents(&shards).await?;
+                    Ok(())
                 }
-                // After the takes, so that children started in this round free their parents.
-                leases.clean_finished_parents(&shards).await?;
-                self.health.lease_round_ok();
-                self.metrics.leases(&name, leases.held_count().await);
+                .await;
+                match round {
+                    Ok(()) => {
+                        failed_syncs = 0;
+                        next_sync = tokio::time::Instant::now() + config.shard_sync_interval;
+                        self.health.lease_round_ok();
+                        self.metrics.leases(&name, leases.held_count().await);
+                    }
+                    Err(error) if error.is_retryable() => {
+                        // A throttled or unavailable stream or lease table: the shards already
+                        // running go on; the round is tried again after a backoff (and
+                        // /healthz fails once no round succeeded for a lease duration).
+                        failed_syncs += 1;
+                        // Still owed: a bounded run does not end before a round succeeds.
+                        need_sync = true;
+                        let backoff = sync_backoff(failed_syncs, config.shard_sync_interval);
+                        tracing::warn!(topology = %name, %error, ?backoff, "shard sync failed, retrying");
+                        next_sync = tokio::time::Instant::now() + backoff;
+                    }
+                    Err(error) => {
+                        tracing::error!(topology = %name, %error, "shard sync failed");
+                        running.values().for_each(|r| r.cancel.cancel());
+                        failure.get_or_insert(error);
+                        next_sync = tokio::time::Instant::now() + config.shard_sync_interval;
+                    }
+                }
             }
             if running.is_empty() && finishing.is_empty() {
                 let bounded_done = config.mode == RunMode::UntilCaughtUp && !need_sync;
@@ -465,6 +493,14 @@ impl Runtime {
         }
         Ok(report)
     }
+}
+
+/// The wait before the `failures`-th retry of a failed shard sync: 250 ms doubling, at most
+/// the sync interval.
+fn sync_backoff(failures: u32, interval: Duration) -> Duration {
+    Duration::from_millis(250)
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(interval)
 }
 
 async fn write_checkpoint(

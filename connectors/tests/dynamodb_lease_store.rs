@@ -41,3 +41,50 @@ async fn opening_an_existing_table_keeps_its_leases() {
     let lease = again.get("shard-a").await.unwrap().expect("kept");
     assert_eq!(lease.parents, ["p1", "p2"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_sentinels_keep_their_meaning_across_versions() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    use shardflow_core::lease::{Lease, LeaseStore, LeaseUpdate, ShardCheckpoint};
+    let client = client().await;
+    let table = format!("sentinels-{}-{}", std::process::id(), rand::random::<u32>());
+    let store = DynamoLeaseStore::open(client.clone(), &table)
+        .await
+        .expect("create");
+    let raw = |key: &'static str| {
+        let client = client.clone();
+        let table = table.clone();
+        async move {
+            let item = client
+                .get_item()
+                .table_name(table)
+                .key("leaseKey", AttributeValue::S(key.into()))
+                .send()
+                .await
+                .unwrap()
+                .item
+                .unwrap();
+            item["checkpoint"].as_s().unwrap().clone()
+        }
+    };
+    // A new lease is written as earlier versions (and the KCL) wrote it, and such an item
+    // means "the topology's start", not an operator's reset.
+    store
+        .create_if_absent(&Lease::new("s", vec![]))
+        .await
+        .unwrap();
+    assert_eq!(raw("s").await, "TRIM_HORIZON");
+    let lease = store.get("s").await.unwrap().unwrap();
+    assert_eq!(lease.checkpoint, ShardCheckpoint::initial());
+    // An operator's resets have sentinels of their own.
+    let reset = LeaseUpdate::Reset {
+        checkpoint: ShardCheckpoint::trim_horizon(),
+    };
+    store.update("s", 0, &reset).await.unwrap();
+    assert_eq!(raw("s").await, "TRIM_HORIZON_RESET");
+    let reset = LeaseUpdate::Reset {
+        checkpoint: ShardCheckpoint::at_timestamp(1_795_680_000_250),
+    };
+    store.update("s", 1, &reset).await.unwrap();
+    assert_eq!(raw("s").await, "AT_TIMESTAMP");
+}

@@ -26,17 +26,22 @@ impl<T> VecPool<T> {
         }
     }
 
-    /// An empty vector with room for at least `capacity` items: a spare one if there is one.
+    /// An empty vector with room for at least `capacity` items: a spare one if one fits (at
+    /// most four times larger, so that small holders do not keep big buffers). Asking for
+    /// nothing allocates nothing.
     pub fn take(&self, capacity: usize) -> Vec<T> {
-        let spare = self
+        if capacity == 0 {
+            return Vec::new();
+        }
+        let mut spare = self
             .spare
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .pop();
-        match spare {
-            Some(v) if v.capacity() >= capacity => v,
-            // Growing an empty vector would copy its whole old allocation for nothing.
-            _ => Vec::with_capacity(capacity),
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let fits = |v: &Vec<T>| v.capacity() >= capacity && v.capacity() / 4 <= capacity;
+        match spare.iter().rposition(fits) {
+            Some(at) => spare.swap_remove(at),
+            // Growing a spare would copy its whole old allocation for nothing.
+            None => Vec::with_capacity(capacity),
         }
     }
 
@@ -87,7 +92,7 @@ mod tests {
         v.extend(0..100u32);
         let ptr = v.as_ptr();
         pool.give(v);
-        let again = pool.take(10);
+        let again = pool.take(40);
         assert!(again.is_empty());
         assert_eq!(again.as_ptr(), ptr);
         assert!(again.capacity() >= 100);
@@ -107,9 +112,20 @@ mod tests {
     }
 
     #[test]
-    fn a_spare_too_small_grows_to_the_asked_capacity() {
-        let pool = VecPool::new(1, 1 << 20);
+    fn a_spare_too_small_or_too_large_stays_in_the_pool() {
+        let pool = VecPool::new(2, 1 << 20);
         pool.give(vec![0u64; 4]);
         assert!(pool.take(1000).capacity() >= 1000);
+        assert_eq!(
+            pool.spares(),
+            1,
+            "the small spare waits for a small request"
+        );
+        pool.give(Vec::with_capacity(100_000));
+        assert!(pool.take(10).capacity() < 100_000, "not the big one");
+        assert_eq!(pool.take(0).capacity(), 0, "nothing asked, nothing taken");
+        assert_eq!(pool.spares(), 2);
+        assert_eq!(pool.take(3).capacity(), 4, "a spare that fits");
+        assert_eq!(pool.spares(), 1);
     }
 }

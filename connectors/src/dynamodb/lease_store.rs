@@ -34,11 +34,13 @@ const REBUILD_WATERMARK: &str = "rebuildWatermark";
 const CHECKPOINT_TIMESTAMP: &str = "checkpointTimestamp";
 const REBUILD_FROM_TIMESTAMP: &str = "rebuildFromTimestamp";
 
-// Checkpoint sentinels: the KCL's, and shardflow's own for "the topology's initial position".
+// Checkpoint sentinels. "The topology's initial position" has always been written as the KCL's
+// TRIM_HORIZON, so tables written by earlier versions keep their meaning; an operator's reset
+// to the trim horizon (whatever the topology's start) has its own sentinel.
 const SHARD_END: &str = "SHARD_END";
-const TRIM_HORIZON: &str = "TRIM_HORIZON";
+const INITIAL: &str = "TRIM_HORIZON";
+const TRIM_HORIZON_RESET: &str = "TRIM_HORIZON_RESET";
 const AT_TIMESTAMP: &str = "AT_TIMESTAMP";
-const INITIAL: &str = "INITIAL";
 
 /// Leases in a DynamoDB table (created on first use, on-demand billing).
 #[derive(Clone, Debug)]
@@ -268,7 +270,7 @@ impl LeaseStore for DynamoLeaseStore {
 fn position_text(p: &CheckpointPosition) -> (String, u32, Option<i64>) {
     match p {
         CheckpointPosition::Initial => (INITIAL.to_owned(), 0, None),
-        CheckpointPosition::TrimHorizon => (TRIM_HORIZON.to_owned(), 0, None),
+        CheckpointPosition::TrimHorizon => (TRIM_HORIZON_RESET.to_owned(), 0, None),
         CheckpointPosition::AtTimestamp(ms) => (AT_TIMESTAMP.to_owned(), 0, Some(*ms)),
         CheckpointPosition::ShardEnd => (SHARD_END.to_owned(), 0, None),
         CheckpointPosition::At(r) => (r.sequence.to_string(), r.sub_sequence, None),
@@ -350,7 +352,7 @@ fn from_item(item: &Item) -> Result<Lease, LeaseError> {
         let text = text(name).ok_or_else(|| bad(name))?;
         Ok(match text.as_str() {
             INITIAL => CheckpointPosition::Initial,
-            TRIM_HORIZON => CheckpointPosition::TrimHorizon,
+            TRIM_HORIZON_RESET => CheckpointPosition::TrimHorizon,
             AT_TIMESTAMP => {
                 let ms = number(time)?.ok_or_else(|| bad(time))?;
                 CheckpointPosition::AtTimestamp(i64::try_from(ms).map_err(|_| bad(time))?)

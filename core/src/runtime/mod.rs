@@ -246,7 +246,11 @@ impl Runtime {
         loop {
             let sync_due = tokio::time::Instant::now() >= next_sync;
             let retrying = failed_syncs > 0;
-            if ((need_sync && !retrying) || sync_due) && !self.shutdown.is_cancelled() {
+            // No new shards once the run failed: it is winding down.
+            if ((need_sync && !retrying) || sync_due)
+                && !self.shutdown.is_cancelled()
+                && failure.is_none()
+            {
                 need_sync = false;
                 let round: Result<(), Error> = async {
                     let shards = topology.source.list_shards().await?;

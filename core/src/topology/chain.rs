@@ -396,7 +396,12 @@ where
         self.op.apply(cx, value, &mut out);
     }
     async fn flush(&mut self, epoch: &EpochCx) -> Result<(), Error> {
-        self.counts.report(&epoch.shard);
+        // A replay only rebuilds state: its records were counted by the run that read them.
+        if epoch.replay() {
+            self.counts.discard();
+        } else {
+            self.counts.report(&epoch.shard);
+        }
         self.down.flush(epoch).await
     }
     async fn commit(&mut self) -> Result<(), Error> {

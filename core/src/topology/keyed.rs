@@ -332,7 +332,9 @@ where
                 let mut out = KeyedOutput::new(&mut *self.main, &mut *self.late);
                 self.op.on_commit(state, &mut out);
                 let emitted = out.emitted;
-                self.count(&epoch.shard, 0, emitted);
+                if !epoch.replay() {
+                    self.count(&epoch.shard, 0, emitted);
+                }
                 self.main.flush(&epoch).await?;
                 self.late.flush(&epoch).await?;
             }
@@ -401,8 +403,11 @@ where
         } else {
             uncommitted.push(epoch.clone());
         }
-        let emitted = out.emitted;
-        self.count(&epoch.shard, records_in, emitted);
+        if epoch.mode == Mode::Live {
+            // A replay only rebuilds state: the run that first read it counted it.
+            let emitted = out.emitted;
+            self.count(&epoch.shard, records_in, emitted);
+        }
         self.main.flush(&epoch).await?;
         self.late.flush(&epoch).await?;
         Ok(Some((epoch.shard.clone(), epoch.epoch, hold)))

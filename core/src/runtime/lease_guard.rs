@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -17,10 +18,9 @@ pub(crate) struct LeaseGuard {
     base: Instant,
     /// Milliseconds after `base` until which the lease is surely still ours.
     valid_until_ms: Arc<AtomicU64>,
+    /// Wakes a shard task waiting for a renewal.
+    renewed: Arc<Notify>,
 }
-
-/// How often a paused shard task looks again.
-const RECHECK: Duration = Duration::from_millis(20);
 
 impl LeaseGuard {
     /// A guard valid for `duration` from `acted_at` (when the take began).
@@ -28,6 +28,7 @@ impl LeaseGuard {
         let guard = Self {
             base: acted_at,
             valid_until_ms: Arc::new(AtomicU64::new(0)),
+            renewed: Arc::new(Notify::new()),
         };
         guard.extend(acted_at, duration);
         guard
@@ -38,6 +39,7 @@ impl LeaseGuard {
         let until = acted_at.saturating_duration_since(self.base) + duration;
         let ms = u64::try_from(until.as_millis()).unwrap_or(u64::MAX);
         self.valid_until_ms.fetch_max(ms, Ordering::AcqRel);
+        self.renewed.notify_waiters();
     }
 
     /// The lease is lost: never valid again.
@@ -53,13 +55,19 @@ impl LeaseGuard {
     /// Waits until the lease is valid; false if `cancel` fired first (the lease was lost or the
     /// worker is shutting down).
     pub(crate) async fn wait_valid(&self, cancel: &CancellationToken) -> bool {
-        while !self.is_valid() {
+        loop {
+            // Registered before the check, so that a renewal in between still wakes us.
+            let renewed = self.renewed.notified();
+            tokio::pin!(renewed);
+            renewed.as_mut().enable();
+            if self.is_valid() {
+                return !cancel.is_cancelled();
+            }
             tokio::select! {
                 () = cancel.cancelled() => return false,
-                () = tokio::time::sleep(RECHECK) => {}
+                () = renewed => {}
             }
         }
-        !cancel.is_cancelled()
     }
 }
 

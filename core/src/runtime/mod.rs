@@ -435,11 +435,22 @@ impl Runtime {
                             }
                         }
                     }
-                    for (id, r) in running.iter_mut() {
-                        if let Err(lost) = write_checkpoint(&leases, &tracker, &self.metrics, &name, id, &r.lease_key, &mut written).await {
-                            tracing::warn!(topology = %name, shard = %id, error = %lost, "checkpoint rejected");
-                            r.lost = true;
-                            r.cancel.cancel();
+                    for (id, r) in running.iter_mut().filter(|(_, r)| !r.lost) {
+                        match write_checkpoint(&leases, &tracker, &self.metrics, &name, id, &r.lease_key, &mut written).await {
+                            Ok(()) => {}
+                            Err(error) if error.is_retryable() => {
+                                // The next tick writes it; the lease guard keeps the shard
+                                // from acting past its lease meanwhile.
+                                tracing::warn!(topology = %name, shard = %id, %error, "checkpoint failed, retrying");
+                            }
+                            Err(error) => {
+                                // Lost (stolen, or taken after expiry) or refused: the same
+                                // message as a lost renewal, so one search finds both.
+                                self.metrics.lease_lost(&name);
+                                tracing::warn!(topology = %name, lease = %r.lease_key, %error, "lease lost (checkpoint rejected)");
+                                r.lost = true;
+                                r.cancel.cancel();
+                            }
                         }
                     }
                 }

@@ -338,8 +338,8 @@ impl Runtime {
                     }
                     Err(error) if error.is_retryable() => {
                         // A throttled or unavailable stream or lease table: the shards already
-                        // running go on; the round is tried again after a backoff (and
-                        // /healthz fails once no round succeeded for a lease duration).
+                        // running go on; the round is tried again after a backoff (/healthz
+                        // fails only if renewals fail too).
                         failed_syncs += 1;
                         // Still owed: a bounded run does not end before a round succeeds.
                         need_sync = true;

@@ -639,18 +639,34 @@ async fn sinks_receive_the_lease_epoch_and_a_later_owner_has_a_larger_one() {
     );
 }
 
-/// A lease store whose writes hang while `blocked` is set (a DynamoDB outage or a partition
-/// as the worker sees it), so the worker cannot renew.
-struct StallingLeaseStore {
+/// A memory lease store with the faults a worker meets against DynamoDB: writes that hang while
+/// `blocked` is set (an outage or a partition, so the worker cannot renew), and listings that
+/// fail `list_failures` times, retryably (throttling) or not (a table it may not read).
+#[derive(Default)]
+struct FaultyLeaseStore {
     inner: MemoryLeaseStore,
     blocked: std::sync::atomic::AtomicBool,
+    list_failures: std::sync::atomic::AtomicU32,
+    retryable: bool,
 }
 
 #[async_trait::async_trait]
-impl shardflow::LeaseStore for StallingLeaseStore {
+impl shardflow::LeaseStore for FaultyLeaseStore {
     async fn list(
         &self,
     ) -> Result<Vec<shardflow::core::lease::Lease>, shardflow::core::error::LeaseError> {
+        use std::sync::atomic::Ordering;
+        if self
+            .list_failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(shardflow::core::error::LeaseError::Store {
+                operation: "list",
+                retryable: self.retryable,
+                source: "ProvisionedThroughputExceededException".into(),
+            });
+        }
         self.inner.list().await
     }
     async fn get(
@@ -695,10 +711,7 @@ async fn a_worker_that_cannot_renew_sends_nothing_more_to_its_sinks_once_its_lea
         .sink(out.clone())
         .build()
         .unwrap();
-    let store = Arc::new(StallingLeaseStore {
-        inner: MemoryLeaseStore::new(),
-        blocked: false.into(),
-    });
+    let store = Arc::new(FaultyLeaseStore::default());
     let shutdown = tokio_util::sync::CancellationToken::new();
     let config = RuntimeConfig {
         worker_id: "a".into(),
@@ -1158,62 +1171,6 @@ async fn checkpoint_lag_counts_records_read_but_not_yet_checkpointed() {
     );
 }
 
-/// A lease store whose first `failures` listings fail, as a throttled or briefly unavailable
-/// DynamoDB table does (`retryable`) or a table the worker may not read does (not retryable).
-struct FlakyLeaseStore {
-    inner: MemoryLeaseStore,
-    failures: std::sync::atomic::AtomicU32,
-    retryable: bool,
-}
-
-#[async_trait::async_trait]
-impl shardflow::LeaseStore for FlakyLeaseStore {
-    async fn list(
-        &self,
-    ) -> Result<Vec<shardflow::core::lease::Lease>, shardflow::core::error::LeaseError> {
-        use std::sync::atomic::Ordering;
-        if self
-            .failures
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            return Err(shardflow::core::error::LeaseError::Store {
-                operation: "list",
-                retryable: self.retryable,
-                source: "ProvisionedThroughputExceededException".into(),
-            });
-        }
-        self.inner.list().await
-    }
-    async fn get(
-        &self,
-        key: &str,
-    ) -> Result<Option<shardflow::core::lease::Lease>, shardflow::core::error::LeaseError> {
-        self.inner.get(key).await
-    }
-    async fn create_if_absent(
-        &self,
-        lease: &shardflow::core::lease::Lease,
-    ) -> Result<bool, shardflow::core::error::LeaseError> {
-        self.inner.create_if_absent(lease).await
-    }
-    async fn update(
-        &self,
-        key: &str,
-        expected_counter: u64,
-        update: &shardflow::core::lease::LeaseUpdate,
-    ) -> Result<shardflow::core::lease::Lease, shardflow::core::error::LeaseError> {
-        self.inner.update(key, expected_counter, update).await
-    }
-    async fn delete(
-        &self,
-        key: &str,
-        expected_counter: u64,
-    ) -> Result<(), shardflow::core::error::LeaseError> {
-        self.inner.delete(key, expected_counter).await
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_shard_sync_that_fails_transiently_is_retried_and_a_lasting_failure_ends_the_run() {
     let stream = MemoryStream::new("flaky", 2);
@@ -1227,10 +1184,10 @@ async fn a_shard_sync_that_fails_transiently_is_retried_and_a_lasting_failure_en
             .sink(out.clone())
             .build()
             .unwrap();
-        let store = Arc::new(FlakyLeaseStore {
-            inner: MemoryLeaseStore::new(),
-            failures: failures.into(),
+        let store = Arc::new(FaultyLeaseStore {
+            list_failures: failures.into(),
             retryable,
+            ..FaultyLeaseStore::default()
         });
         let run = Runtime::new(topology, store).with_config(bounded(1)).run();
         async move { (run.await, out) }

@@ -374,6 +374,8 @@ struct Pending {
     path: String,
     epoch: LeaseEpoch,
     item: HashMap<String, AttributeValue>,
+    /// The item's size as DynamoDB counts it (measured once, when it was built).
+    size: usize,
 }
 
 struct DynamoWriter<T> {
@@ -425,7 +427,7 @@ impl<T: Serialize> DynamoWriter<T> {
         shard: &ShardId,
         epoch: LeaseEpoch,
         output: &Output<T>,
-    ) -> Result<(String, HashMap<String, AttributeValue>), DynamoSinkError> {
+    ) -> Result<(String, HashMap<String, AttributeValue>, usize), DynamoSinkError> {
         let path = output.id.to_path();
         let id = format!("{}/{}/{path}", self.topology, shard.as_str());
         let value =
@@ -463,7 +465,7 @@ impl<T: Serialize> DynamoWriter<T> {
         if size > MAX_ITEM_BYTES {
             return Err(DynamoSinkError::ItemTooLarge { id, size });
         }
-        Ok((id, item))
+        Ok((id, item, size))
     }
 }
 
@@ -471,7 +473,7 @@ impl<T: Serialize> DynamoWriter<T> {
 impl<T: Serialize + Send + 'static> SinkWriter<T> for DynamoWriter<T> {
     async fn write(&mut self, batch: OutputBatch<T>) -> Result<(), SinkError> {
         for output in &batch.outputs {
-            let (id, item) = self
+            let (id, item, size) = self
                 .item(&batch.shard, batch.lease_epoch, output)
                 .map_err(|e| self.inner.error("write", false, e))?;
             let path = output.id.to_path();
@@ -482,6 +484,7 @@ impl<T: Serialize + Send + 'static> SinkWriter<T> for DynamoWriter<T> {
                     path,
                     epoch: batch.lease_epoch,
                     item,
+                    size,
                 },
             );
         }
@@ -493,7 +496,7 @@ impl<T: Serialize + Send + 'static> SinkWriter<T> for DynamoWriter<T> {
         if items.is_empty() {
             return Ok(());
         }
-        let bytes: usize = items.iter().map(|p| item_size(&p.item)).sum();
+        let bytes: usize = items.iter().map(|p| p.size).sum();
         self.put(items).await?;
         self.bytes_written += bytes as u64;
         Ok(())

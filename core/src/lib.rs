@@ -2,16 +2,16 @@
 //! checkpoint tracker, and the `Source`, `Sink` and `LeaseStore` traits. No AWS SDK here.
 #![deny(missing_docs)]
 
-pub mod balance;
-pub mod checkpoint;
 pub mod decode;
 pub mod error;
 pub mod lease;
 pub mod memory;
+pub mod metrics;
+pub mod operator;
 pub mod pool;
 pub mod position;
+pub mod protocol;
 pub mod record;
-pub mod shard_sync;
 pub mod sink;
 pub mod source;
 #[cfg(any(test, feature = "testing"))]
@@ -19,8 +19,13 @@ pub mod testing;
 
 pub use error::{Error, Result};
 pub mod dead_letter;
+mod exec;
 pub mod runtime;
 pub mod topology;
+pub(crate) mod tracker;
+
+// The protocol's modules at the paths they had before they moved to `protocol/`.
+pub use protocol::{balance, checkpoint, shard_sync};
 
 pub use dead_letter::{DeadLetter, DeadLetterRecord};
 pub use runtime::{Health, RunMode, RunReport, Runtime, RuntimeConfig};

@@ -9,12 +9,12 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::balance::{plan, Observed, Plan};
 use crate::error::LeaseError;
 use crate::lease::{Lease, LeaseStore, LeaseUpdate, ShardCheckpoint};
 use crate::position::ShardInfo;
+use crate::protocol::balance::{plan, Observed, Plan};
+use crate::protocol::shard_sync::{leases_to_clean, leases_to_create};
 use crate::runtime::lease_guard::LeaseGuard;
-use crate::shard_sync::{leases_to_clean, leases_to_create};
 
 pub(crate) struct LeaseManager {
     store: Arc<dyn LeaseStore>,

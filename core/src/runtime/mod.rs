@@ -6,9 +6,10 @@ mod lease_guard;
 #[cfg(test)]
 mod lease_model;
 mod leases;
-pub mod metrics;
 mod shard_task;
-pub(crate) mod tracker;
+
+/// The metrics at the path they had before they moved below `topology/`.
+pub use crate::metrics;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -17,17 +18,17 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint::Epoch;
 use crate::error::{BuildError, Error, ShardStopped};
 use crate::lease::{CheckpointPosition, Lease, LeaseStore, ShardCheckpoint};
+use crate::metrics::Metrics;
 use crate::position::ShardId;
+use crate::protocol::checkpoint::Epoch;
 use crate::source::ReadLimits;
-use crate::topology::stream::{Topology, WorkerCx};
+use crate::topology::{Topology, WorkerCx};
+use crate::tracker::Tracker;
 pub use health::Health;
 use leases::LeaseManager;
-use metrics::Metrics;
 use shard_task::{ShardOutcome, ShardTask};
-use tracker::Tracker;
 
 /// Whether a run ends by itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -6,23 +6,21 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint::{Epoch, EpochRead};
 use crate::dead_letter::DeadLetterRecord;
 use crate::error::Error;
+use crate::exec::{Failures, SinkEmitter};
 use crate::lease::{CheckpointPosition, LeaseEpoch, ShardCheckpoint};
+use crate::metrics::Metrics;
+use crate::operator::{Control, Emit, EpochCx, Ident, Mode, RecordCx};
 use crate::position::{EventTime, ShardInfo, StartPosition};
+use crate::protocol::checkpoint::{Epoch, EpochRead};
 use crate::record::RawBatch;
 use crate::runtime::lease_guard::LeaseGuard;
-use crate::runtime::metrics::Metrics;
-use crate::runtime::tracker::Tracker;
 use crate::runtime::{RunMode, RuntimeConfig};
 use crate::sink::SinkContext;
 use crate::source::{ShardReader, ShardStatus};
-use crate::topology::chain::{
-    Control, Emit, EpochCx, Failures, Ident, Mode, RecordCx, SinkEmitter,
-};
-use crate::topology::keyed::Exchanges;
-use crate::topology::stream::{InstanceCx, ShardPipeline, Topology};
+use crate::topology::{Exchanges, InstanceCx, ShardPipeline, Topology};
+use crate::tracker::Tracker;
 
 /// How a shard task ended.
 #[derive(Debug)]
@@ -99,10 +97,10 @@ impl ShardTask {
             id.clone(),
         );
         let instance = InstanceCx {
-            failures: Some(failures.clone()),
+            failures: Some(Arc::new(failures.clone())),
             ..instance
         };
-        let pipeline = self.topology.root.instantiate(&instance, failures.clone());
+        let pipeline = self.topology.root.instantiate(&instance);
         let bound = pipeline.out_of_orderness_ms();
         let dead_letters = self.topology.dead_letter.sink().map(|sink| {
             let cx = SinkContext {

@@ -2,11 +2,12 @@
 
 use async_trait::async_trait;
 
-use crate::checkpoint::Epoch;
 use crate::error::Error;
+use crate::operator::{
+    Emit, EpochCx, KeyedOperator, KeyedOutput, KeyedRecord, Mode, RecordCx, NO_WATERMARK,
+};
 use crate::position::EventTime;
-use crate::topology::chain::{Emit, EpochCx, Mode, RecordCx, NO_WATERMARK};
-use crate::topology::keyed::{KeyedOperator, KeyedOutput, KeyedRecord};
+use crate::protocol::checkpoint::Epoch;
 
 struct Collect<T>(Vec<(RecordCx, T)>);
 

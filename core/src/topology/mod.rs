@@ -1,11 +1,33 @@
-//! Declaring topologies: the typed builder, the fused chain and the keyed stage.
+//! Declaring topologies: the typed builder, the graph of declared stages, and the stage types.
+//! Nothing here executes: `exec/` instantiates what is declared and `runtime/` drives it.
 
-pub mod chain;
-pub mod keyed;
-pub mod stream;
+mod graph;
+mod stage;
+mod stream;
 
-pub use chain::{Collector, Emit, FailureAction, Ident, Mode, RecordCx, Stateless, NO_WATERMARK};
-pub use keyed::{KeyedOperator, KeyedOutput, KeyedRecord};
-pub use stream::{
-    Keyed, Pipeline, ShardStage, Sharded, Sourced, Stage, Stream, Topology, TopologyBuilder,
+pub(crate) use graph::{
+    lock, EventTimeFn, ExchangeDecl, Exchanges, FanOut, InstanceCx, Instantiate, InstantiateBranch,
+    InstantiateRoot, KeyedBranchDecl, Node, ShardPipeline, SinkDecl, SourceDecl, StatelessDecl,
+    TeeDecl, WorkerCx,
 };
+pub use stage::{Keyed, ShardStage, Sharded, Sourced, Stage};
+pub use stream::{Pipeline, Stream, Topology, TopologyBuilder};
+
+// What operators implement, at the paths it had before it moved to `operator/`.
+pub use crate::operator::{
+    Collector, Emit, FailureAction, Ident, KeyedOperator, KeyedOutput, KeyedRecord, Mode, RecordCx,
+    Stateless, NO_WATERMARK,
+};
+
+/// The push chain's operator-facing types, at their old path (see [`crate::operator`]).
+pub mod chain {
+    pub use crate::operator::{
+        Collector, Control, Emit, EpochCx, FailureAction, Ident, Mode, RecordCx, Stateless,
+        NO_WATERMARK,
+    };
+}
+
+/// The keyed stage's operator-facing types, at their old path (see [`crate::operator`]).
+pub mod keyed {
+    pub use crate::operator::{KeyedOperator, KeyedOutput, KeyedRecord};
+}

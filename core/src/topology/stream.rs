@@ -1,141 +1,23 @@
 //! The typed topology builder: `Topology::builder`, stream handles with their stage, and the
 //! primitives (`stateless`, `keyed`, `sink`) that operators are built on.
 
-use std::any::Any;
 use std::hash::Hash;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use tokio::sync::mpsc;
-use tokio::task::JoinSet;
-
 use crate::dead_letter::DeadLetter;
 use crate::decode::{Decoded, Decoder};
-use crate::error::{BuildError, Error};
-use crate::position::{EventTime, ShardId, StartPosition};
-use crate::record::RawBatch;
-use crate::runtime::metrics::Metrics;
-use crate::runtime::tracker::Tracker;
-use crate::sink::{Held, Sink, SinkContext};
+use crate::error::BuildError;
+use crate::operator::{KeyedOperator, Stateless};
+use crate::position::{EventTime, StartPosition};
+use crate::sink::Sink;
 use crate::source::Source;
-use crate::topology::chain::{
-    Discard, Emit, EpochCx, Failures, Ident, OperatorCounts, RecordCx, SinkEmitter, Stateless,
-    StatelessNode, Tee, NO_WATERMARK,
+use crate::topology::graph::{
+    lock, ExchangeDecl, Graph, InstantiateBranch, InstantiateRoot, KeyedBranchDecl, Node, SinkDecl,
+    SourceDecl, SourceSettings, StatelessDecl, TeeDecl,
 };
-use crate::topology::keyed::{
-    exchange, record_pool, Exchange, ExchangeEmitter, Exchanges, KeyedOperator, KeyedWorker,
-};
-
-/// Where in the topology a stream is; operators are allowed or not by stage.
-pub trait Stage: Send + Sync + 'static {
-    /// The stage of a stateless operator's output.
-    type AfterOp: Stage;
-}
-
-/// Stages before `key_by`, where every value still has its input record: fallible operators
-/// (whose failures are dead-lettered with the record) and `key_by` itself live here.
-pub trait ShardStage: Stage {}
-
-/// Straight out of the source: event time and watermarks are configured here.
-#[derive(Debug)]
-pub enum Sourced {}
-/// After a stateless operator, before `key_by`.
-#[derive(Debug)]
-pub enum Sharded {}
-/// After a keyed operator: results of windows and reductions.
-#[derive(Debug)]
-pub enum Keyed {}
-
-impl Stage for Sourced {
-    type AfterOp = Sharded;
-}
-impl Stage for Sharded {
-    type AfterOp = Sharded;
-}
-impl Stage for Keyed {
-    type AfterOp = Keyed;
-}
-impl ShardStage for Sourced {}
-impl ShardStage for Sharded {}
-
-/// What a pipeline instance (a shard task or a keyed worker) is built with.
-pub(crate) struct InstanceCx {
-    pub(crate) topology: String,
-    pub(crate) instance: String,
-    pub(crate) failures: Option<Failures>,
-    pub(crate) exchanges: Exchanges,
-    pub(crate) metrics: Metrics,
-}
-
-type Factory<T> = Box<dyn Fn(&InstanceCx) -> Box<dyn Emit<T>> + Send + Sync>;
-type TeeMaker<T> = fn(Vec<Box<dyn Emit<T>>>) -> Box<dyn Emit<T>>;
-
-/// A point of the graph: the consumers of one stream.
-pub(crate) struct Node<T> {
-    consumers: Mutex<Vec<Factory<T>>>,
-    tee: Mutex<Option<TeeMaker<T>>>,
-}
-
-impl<T: Send + 'static> Node<T> {
-    fn new() -> Self {
-        Self {
-            consumers: Mutex::new(Vec::new()),
-            tee: Mutex::new(None),
-        }
-    }
-
-    fn add(&self, factory: Factory<T>) {
-        self.consumers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(factory);
-    }
-
-    pub(crate) fn instantiate(&self, cx: &InstanceCx) -> Box<dyn Emit<T>> {
-        let consumers = self
-            .consumers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match consumers.len() {
-            0 => Box::new(Discard),
-            1 => consumers[0](cx),
-            _ => {
-                let tee = self
-                    .tee
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                // Only `Stream::clone` adds a second consumer, and it sets the tee.
-                let tee = tee.expect("a stream with several consumers was cloned");
-                tee(consumers.iter().map(|f| f(cx)).collect())
-            }
-        }
-    }
-}
-
-/// The whole graph while it is being declared.
-pub(crate) struct Graph {
-    name: String,
-    dead_letter: DeadLetter,
-    start: StartPosition,
-    source: Option<Arc<dyn Source>>,
-    root: Option<Arc<dyn RootFactory>>,
-    /// The `Arc<SourceSettings<T>>` of the source's item type.
-    source_settings: Box<dyn Any + Send + Sync>,
-    keyed: Vec<Arc<dyn KeyedBranch>>,
-    sinks: usize,
-    /// Operators added so far: each is labelled `<n>-<kind>` in metrics, in the order added.
-    operators: usize,
-}
-
-impl Graph {
-    /// The metrics label of the next operator of `kind`.
-    fn label(&mut self, kind: &str) -> Arc<str> {
-        self.operators += 1;
-        format!("{}-{kind}", self.operators).into()
-    }
-}
+use crate::topology::stage::{Keyed, ShardStage, Sharded, Sourced, Stage};
 
 /// A typed stream of values of type `T` at stage `S`. Clone it to fan out to several branches.
 pub struct Stream<T, S = Sharded> {
@@ -146,12 +28,7 @@ pub struct Stream<T, S = Sharded> {
 
 impl<T: Clone + Send + 'static, S> Clone for Stream<T, S> {
     fn clone(&self) -> Self {
-        *self
-            .node
-            .tee
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Some(|outs| Box::new(Tee { outs }));
+        *lock(&self.node.fan_out) = Some(Arc::new(TeeDecl));
         Self {
             graph: Arc::clone(&self.graph),
             node: Arc::clone(&self.node),
@@ -171,8 +48,8 @@ pub struct TopologyBuilder {
 pub struct Topology {
     pub(crate) name: String,
     pub(crate) source: Arc<dyn Source>,
-    pub(crate) root: Arc<dyn RootFactory>,
-    pub(crate) keyed: Vec<Arc<dyn KeyedBranch>>,
+    pub(crate) root: Arc<dyn InstantiateRoot>,
+    pub(crate) keyed: Vec<Arc<dyn InstantiateBranch>>,
     pub(crate) dead_letter: DeadLetter,
     pub(crate) start: StartPosition,
 }
@@ -235,7 +112,7 @@ impl TopologyBuilder {
             event_time: Mutex::new(None),
             out_of_orderness: Mutex::new(Duration::ZERO),
         });
-        let spec = Arc::new(SourceSpec {
+        let root = Arc::new(SourceDecl {
             decoder: source.decoder,
             settings: Arc::clone(&settings),
             node: Arc::clone(&node),
@@ -245,7 +122,7 @@ impl TopologyBuilder {
             dead_letter: self.dead_letter,
             start: self.start,
             source: Some(source.source),
-            root: Some(spec),
+            root: Some(root),
             source_settings: Box::new(settings),
             keyed: Vec::new(),
             sinks: 0,
@@ -257,19 +134,6 @@ impl TopologyBuilder {
             _stage: PhantomData,
         }
     }
-}
-
-type EventTimeFn<T> = Arc<dyn Fn(&T) -> EventTime + Send + Sync>;
-
-struct SourceSettings<T> {
-    event_time: Mutex<Option<EventTimeFn<T>>>,
-    out_of_orderness: Mutex<Duration>,
-}
-
-struct SourceSpec<D: Decoder> {
-    decoder: Arc<D>,
-    settings: Arc<SourceSettings<D::Item>>,
-    node: Arc<Node<D::Item>>,
 }
 
 impl<T: Send + 'static> Stream<T, Sourced> {
@@ -288,10 +152,7 @@ impl<T: Send + 'static> Stream<T, Sourced> {
     }
 
     fn with_source(&self, f: impl FnOnce(&SourceSettings<T>)) {
-        let graph = self
-            .graph
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let graph = lock(&self.graph);
         let settings = graph
             .source_settings
             .downcast_ref::<Arc<SourceSettings<T>>>()
@@ -311,21 +172,12 @@ impl<T: Send + 'static, S: Stage> Stream<T, S> {
         M: Fn() -> O + Send + Sync + 'static,
     {
         let child: Arc<Node<U>> = Arc::new(Node::new());
-        let down = Arc::clone(&child);
-        let label = self
-            .graph
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .label(kind);
-        self.node
-            .add(Box::new(move |cx: &InstanceCx| -> Box<dyn Emit<T>> {
-                Box::new(StatelessNode {
-                    op: make(),
-                    down: down.instantiate(cx),
-                    failures: cx.failures.clone(),
-                    counts: OperatorCounts::new(Arc::clone(&label), cx),
-                })
-            }));
+        let label = lock(&self.graph).label(kind);
+        self.node.add(Arc::new(StatelessDecl {
+            make,
+            label,
+            down: Arc::clone(&child),
+        }));
         Stream {
             graph: self.graph,
             node: child,
@@ -336,21 +188,8 @@ impl<T: Send + 'static, S: Stage> Stream<T, S> {
     /// Writes the stream to `sink`. Returns a handle that builds the whole topology.
     pub fn sink(self, sink: impl Sink<T>) -> Pipeline {
         let sink: Arc<dyn Sink<T>> = Arc::new(sink);
-        self.graph
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .sinks += 1;
-        self.node
-            .add(Box::new(move |cx: &InstanceCx| -> Box<dyn Emit<T>> {
-                let sink_cx = SinkContext {
-                    topology: cx.topology.clone(),
-                    instance: cx.instance.clone(),
-                };
-                Box::new(
-                    SinkEmitter::new(Arc::clone(&sink), sink_cx, cx.metrics.clone())
-                        .with_failures(cx.failures.clone()),
-                )
-            }));
+        lock(&self.graph).sinks += 1;
+        self.node.add(Arc::new(SinkDecl { sink }));
         Pipeline { graph: self.graph }
     }
 
@@ -379,12 +218,9 @@ impl<T: Send + 'static, S: ShardStage> Stream<T, S> {
         let main: Arc<Node<Op::Out>> = Arc::new(Node::new());
         let late: Arc<Node<T>> = Arc::new(Node::new());
         let branch = {
-            let mut graph = self
-                .graph
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut graph = lock(&self.graph);
             let label = graph.label(kind);
-            graph.keyed.push(Arc::new(KeyedBranchSpec {
+            graph.keyed.push(Arc::new(KeyedBranchDecl::<Op, _> {
                 make_op,
                 label,
                 main: Arc::clone(&main),
@@ -393,13 +229,11 @@ impl<T: Send + 'static, S: ShardStage> Stream<T, S> {
             }));
             graph.keyed.len() - 1
         };
-        self.node
-            .add(Box::new(move |cx: &InstanceCx| -> Box<dyn Emit<T>> {
-                Box::new(ExchangeEmitter::new(
-                    key_fn.clone(),
-                    exchange::<K, T>(&cx.exchanges, branch),
-                ))
-            }));
+        self.node.add(Arc::new(ExchangeDecl {
+            key_fn,
+            branch,
+            _key: PhantomData,
+        }));
         let main = Stream {
             graph: Arc::clone(&self.graph),
             node: main,
@@ -425,10 +259,7 @@ const MAX_NAME_LEN: usize = 100;
 impl Pipeline {
     /// Validates the topology.
     pub fn build(self) -> Result<Topology, BuildError> {
-        let graph = self
-            .graph
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let graph = lock(&self.graph);
         let name_ok = !graph.name.is_empty()
             && graph.name.len() <= MAX_NAME_LEN
             && graph
@@ -454,206 +285,5 @@ impl Pipeline {
             dead_letter: graph.dead_letter.clone(),
             start: graph.start.clone(),
         })
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// A shard pipeline: decode, timestamp, and push a batch through the fused chain.
-#[async_trait]
-pub(crate) trait ShardPipeline: Send {
-    /// Pushes `raw` through the chain; `max_event_time` carries the shard's largest event time.
-    fn process(&mut self, raw: &Arc<RawBatch>, max_event_time: &mut Option<EventTime>);
-    /// How far the watermark trails the largest event time, in milliseconds.
-    fn out_of_orderness_ms(&self) -> i64;
-    async fn flush(&mut self, epoch: &EpochCx) -> Result<(), Error>;
-    async fn commit(&mut self) -> Result<(), Error>;
-    fn discard(&mut self);
-    /// What the shard path's sinks hold back after a commit.
-    fn held(&self) -> Vec<(ShardId, Held)>;
-}
-
-/// Makes shard pipelines (type-erased over the source's item type).
-pub(crate) trait RootFactory: Send + Sync {
-    fn instantiate(&self, cx: &InstanceCx, failures: Failures) -> Box<dyn ShardPipeline>;
-}
-
-impl<D: Decoder> RootFactory for SourceSpec<D> {
-    fn instantiate(&self, cx: &InstanceCx, failures: Failures) -> Box<dyn ShardPipeline> {
-        let bound = *lock(&self.settings.out_of_orderness);
-        Box::new(SourcePipeline {
-            decoder: Arc::clone(&self.decoder),
-            event_time: lock(&self.settings.event_time).clone(),
-            bound_ms: i64::try_from(bound.as_millis()).unwrap_or(i64::MAX),
-            down: self.node.instantiate(cx),
-            failures,
-        })
-    }
-}
-
-struct SourcePipeline<D: Decoder> {
-    decoder: Arc<D>,
-    event_time: Option<EventTimeFn<D::Item>>,
-    bound_ms: i64,
-    down: Box<dyn Emit<D::Item>>,
-    failures: Failures,
-}
-
-#[async_trait]
-impl<D: Decoder> ShardPipeline for SourcePipeline<D> {
-    fn process(&mut self, raw: &Arc<RawBatch>, max_event_time: &mut Option<EventTime>) {
-        // Plain locals in the loop; the Option is only the interface.
-        let (mut seen, mut max) = (
-            max_event_time.is_some(),
-            max_event_time.unwrap_or(EventTime::MIN),
-        );
-        for (index, record) in raw.iter().enumerate() {
-            // Batches hold at most 4 GiB of records, far fewer than u32::MAX of them.
-            let index = index as u32;
-            let watermark = if seen {
-                max.saturating_sub(self.bound_ms)
-            } else {
-                NO_WATERMARK
-            };
-            if let Some(reason) = raw.fault(index as usize) {
-                let cx = RecordCx {
-                    event_time: record.arrival_ms,
-                    watermark,
-                    ident: Ident::Record { index, fanout: 0 },
-                };
-                self.failures.fail(&cx, "source", reason, 0, false);
-                continue;
-            }
-            match self.decoder.decode(record) {
-                Ok(value) => {
-                    let event_time = match &self.event_time {
-                        Some(f) => f(&value),
-                        None => record.arrival_ms,
-                    };
-                    max = if seen {
-                        max.max(event_time)
-                    } else {
-                        event_time
-                    };
-                    seen = true;
-                    let cx = RecordCx {
-                        event_time,
-                        watermark,
-                        ident: Ident::Record { index, fanout: 0 },
-                    };
-                    self.down.emit(&cx, value);
-                }
-                Err(error) => {
-                    let cx = RecordCx {
-                        event_time: record.arrival_ms,
-                        watermark,
-                        ident: Ident::Record { index, fanout: 0 },
-                    };
-                    self.failures
-                        .fail(&cx, "decode", &error.to_string(), 0, false);
-                }
-            }
-        }
-        if seen {
-            *max_event_time = Some(max);
-        }
-    }
-
-    fn out_of_orderness_ms(&self) -> i64 {
-        self.bound_ms
-    }
-
-    async fn flush(&mut self, epoch: &EpochCx) -> Result<(), Error> {
-        self.down.flush(epoch).await
-    }
-
-    async fn commit(&mut self) -> Result<(), Error> {
-        self.down.commit().await
-    }
-
-    fn discard(&mut self) {
-        self.down.discard();
-    }
-    fn held(&self) -> Vec<(ShardId, Held)> {
-        let mut out = Vec::new();
-        self.down.held(&mut out);
-        out
-    }
-}
-
-/// What a keyed worker is built with.
-pub(crate) struct WorkerCx {
-    pub(crate) topology: String,
-    pub(crate) tracker: Tracker,
-    pub(crate) metrics: Metrics,
-    pub(crate) capacity: usize,
-    pub(crate) commit_interval: std::time::Duration,
-}
-
-/// A keyed branch, type-erased: spawns its workers and hands out their exchange.
-pub(crate) trait KeyedBranch: Send + Sync {
-    /// Spawns `n` workers reporting as paths `first_path..first_path + n`; returns the
-    /// `Vec<mpsc::Sender<ExchangeMsg<K, T>>>` for the exchange registry.
-    fn spawn(
-        &self,
-        n: usize,
-        first_path: usize,
-        cx: &WorkerCx,
-        tasks: &mut JoinSet<Result<(), Error>>,
-    ) -> Box<dyn Any + Send + Sync>;
-}
-
-struct KeyedBranchSpec<Op: KeyedOperator, M> {
-    make_op: M,
-    label: Arc<str>,
-    main: Arc<Node<Op::Out>>,
-    late: Arc<Node<Op::In>>,
-    _op: PhantomData<fn() -> Op>,
-}
-
-impl<Op, M> KeyedBranch for KeyedBranchSpec<Op, M>
-where
-    Op: KeyedOperator,
-    Op::Key: Hash + Eq,
-    M: Fn() -> Op + Send + Sync + 'static,
-{
-    fn spawn(
-        &self,
-        n: usize,
-        first_path: usize,
-        cx: &WorkerCx,
-        tasks: &mut JoinSet<Result<(), Error>>,
-    ) -> Box<dyn Any + Send + Sync> {
-        let mut senders = Vec::with_capacity(n);
-        let pool = record_pool(n);
-        for worker in 0..n {
-            let (tx, rx) = mpsc::channel(cx.capacity);
-            senders.push(tx);
-            let path = first_path + worker;
-            let instance = InstanceCx {
-                topology: cx.topology.clone(),
-                instance: format!("worker-{path}"),
-                failures: None,
-                exchanges: Arc::new(Vec::new()),
-                metrics: cx.metrics.clone(),
-            };
-            let worker = KeyedWorker {
-                op: (self.make_op)(),
-                main: self.main.instantiate(&instance),
-                late: self.late.instantiate(&instance),
-                label: Arc::clone(&self.label),
-                tracker: cx.tracker.clone(),
-                pool: Arc::clone(&pool),
-                path,
-                commit_interval: cx.commit_interval,
-                metrics: cx.metrics.clone(),
-                topology: cx.topology.clone(),
-                _key: PhantomData,
-            };
-            tasks.spawn(worker.run(rx));
-        }
-        Box::new(Exchange { senders, pool })
     }
 }

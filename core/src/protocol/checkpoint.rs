@@ -1,4 +1,4 @@
-//! The checkpoint tracker: pure decisions of how far a shard's checkpoint may advance.
+//! Checkpoint progress: pure decisions of how far a shard's checkpoint may advance.
 //!
 //! A shard's input is cut into epochs (one per read batch). Every path from the shard to a sink
 //! (the shard task's own sinks and dead letters, and each keyed worker of each keyed branch)

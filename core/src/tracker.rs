@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use crate::checkpoint::{Epoch, EpochRead, ShardProgress};
 use crate::lease::{CheckpointPosition, ShardCheckpoint};
 use crate::position::ShardId;
+use crate::protocol::checkpoint::{Epoch, EpochRead, ShardProgress};
 use crate::sink::Held;
 
 /// Progress of every shard this worker processes. Cloning shares it.

@@ -1,0 +1,122 @@
+//! The failure handler behind a shard's dead-letter policy: gathers the dead letters and the
+//! stop request of the epoch being processed.
+
+use std::sync::{Arc, Mutex};
+
+use crate::dead_letter::{DeadLetter, DeadLetterRecord};
+use crate::error::ShardStopped;
+use crate::operator::{FailureAction, Ident, RecordCx, ReportFailure};
+use crate::position::ShardId;
+use crate::record::RawBatch;
+
+/// Applies a shard's dead-letter policy to failed records of the current epoch.
+#[derive(Clone)]
+pub(crate) struct Failures {
+    inner: Arc<Mutex<FailureState>>,
+}
+
+struct FailureState {
+    policy: DeadLetter,
+    stream: String,
+    shard: ShardId,
+    raw: Arc<RawBatch>,
+    replay: bool,
+    dead: Vec<(u32, DeadLetterRecord)>,
+    stop: Option<ShardStopped>,
+}
+
+impl Failures {
+    pub(crate) fn new(policy: DeadLetter, stream: String, shard: ShardId) -> Self {
+        let state = FailureState {
+            policy,
+            stream,
+            shard,
+            raw: Arc::default(),
+            replay: false,
+            dead: Vec::new(),
+            stop: None,
+        };
+        Self {
+            inner: Arc::new(Mutex::new(state)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FailureState> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn begin_epoch(&self, raw: &Arc<RawBatch>, replay: bool) {
+        let mut state = self.lock();
+        state.raw = Arc::clone(raw);
+        state.replay = replay;
+    }
+
+    /// Takes the dead letters and the stop request of the epoch.
+    /// Dead letters come with the index of their record in the epoch's batch.
+    pub(crate) fn end_epoch(&self) -> (Vec<(u32, DeadLetterRecord)>, Option<ShardStopped>) {
+        let mut state = self.lock();
+        state.raw = Arc::default();
+        let dead = std::mem::take(&mut state.dead);
+        (dead, state.stop.take())
+    }
+}
+
+impl ReportFailure for Failures {
+    fn fail(
+        &self,
+        cx: &RecordCx,
+        stage: &str,
+        error: &str,
+        attempt: u32,
+        retryable: bool,
+    ) -> FailureAction {
+        let mut state = self.lock();
+        let Ident::Record { index, .. } = cx.ident else {
+            // Fallible operators exist only before `key_by` (the types see to it), where every
+            // value still has its input record.
+            unreachable!("a fallible operator ran on a keyed result");
+        };
+        let mut policy = &state.policy;
+        if let DeadLetter::Retry { max, backoff, then } = policy {
+            if retryable && attempt < *max && !state.replay {
+                return FailureAction::RetryAfter(backoff.saturating_mul(1 << attempt.min(16)));
+            }
+            policy = then;
+        }
+        if state.replay {
+            // Replayed records were dead-lettered (or stopped the shard) in the run that
+            // committed them; nothing to do again.
+            return FailureAction::Handled;
+        }
+        let record = state.raw.get(index as usize);
+        match policy {
+            DeadLetter::To(_) => {
+                let letter = DeadLetterRecord {
+                    stream: state.stream.clone(),
+                    shard: state.shard.clone(),
+                    position: record.position.clone(),
+                    partition_key: String::from_utf8_lossy(record.partition_key).into_owned(),
+                    data: record.data.to_vec(),
+                    stage: stage.to_owned(),
+                    error: error.to_owned(),
+                };
+                // One dead letter per input record, even if two branches fail on it.
+                if !state.dead.iter().any(|(i, _)| *i == index) {
+                    state.dead.push((index, letter));
+                }
+            }
+            DeadLetter::StopShard | DeadLetter::Retry { .. } => {
+                if state.stop.is_none() {
+                    state.stop = Some(ShardStopped::BadRecord {
+                        shard: state.shard.clone(),
+                        position: record.position.clone(),
+                        reason: format!("{stage}: {error}"),
+                    });
+                }
+            }
+        }
+        FailureAction::Handled
+    }
+}

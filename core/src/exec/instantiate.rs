@@ -1,0 +1,153 @@
+//! How each declared stage becomes a running one: the executor's side of the interfaces that
+//! `topology/` declares (`Instantiate`, `FanOut`, `InstantiateRoot`, `InstantiateBranch`).
+
+use std::any::Any;
+use std::hash::Hash;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::decode::Decoder;
+use crate::error::Error;
+use crate::operator::{Emit, KeyedOperator, Stateless};
+use crate::sink::SinkContext;
+use crate::topology::{
+    lock, ExchangeDecl, FanOut, InstanceCx, Instantiate, InstantiateBranch, InstantiateRoot,
+    KeyedBranchDecl, Node, ShardPipeline, SinkDecl, SourceDecl, StatelessDecl, TeeDecl, WorkerCx,
+};
+
+use super::chain::{Discard, OperatorCounts, StatelessNode, Tee};
+use super::exchange::{exchange, record_pool, Exchange, ExchangeEmitter};
+use super::keyed_worker::KeyedWorker;
+use super::sink_emitter::SinkEmitter;
+use super::source_pipeline::SourcePipeline;
+
+impl<T: Send + 'static> Node<T> {
+    /// The running chain below this node for one pipeline instance.
+    pub(crate) fn instantiate(&self, cx: &InstanceCx) -> Box<dyn Emit<T>> {
+        let consumers = lock(&self.consumers);
+        match consumers.len() {
+            0 => Box::new(Discard),
+            1 => consumers[0].instantiate(cx),
+            _ => {
+                // Only `Stream::clone` adds a second consumer, and it declares the fan-out.
+                let fan_out = lock(&self.fan_out)
+                    .clone()
+                    .expect("a stream with several consumers was cloned");
+                fan_out.fan_out(consumers.iter().map(|c| c.instantiate(cx)).collect())
+            }
+        }
+    }
+}
+
+impl<T: Clone + Send + 'static> FanOut<T> for TeeDecl {
+    fn fan_out(&self, outs: Vec<Box<dyn Emit<T>>>) -> Box<dyn Emit<T>> {
+        Box::new(Tee { outs })
+    }
+}
+
+impl<T, U, O, M> Instantiate<T> for StatelessDecl<U, M>
+where
+    T: Send + 'static,
+    U: Send + 'static,
+    O: Stateless<T, U>,
+    M: Fn() -> O + Send + Sync + 'static,
+{
+    fn instantiate(&self, cx: &InstanceCx) -> Box<dyn Emit<T>> {
+        Box::new(StatelessNode {
+            op: (self.make)(),
+            down: self.down.instantiate(cx),
+            failures: cx.failures.clone(),
+            counts: OperatorCounts::new(Arc::clone(&self.label), cx),
+        })
+    }
+}
+
+impl<T: Send + 'static> Instantiate<T> for SinkDecl<T> {
+    fn instantiate(&self, cx: &InstanceCx) -> Box<dyn Emit<T>> {
+        let sink_cx = SinkContext {
+            topology: cx.topology.clone(),
+            instance: cx.instance.clone(),
+        };
+        Box::new(
+            SinkEmitter::new(Arc::clone(&self.sink), sink_cx, cx.metrics.clone())
+                .with_failures(cx.failures.clone()),
+        )
+    }
+}
+
+impl<T, K, F> Instantiate<T> for ExchangeDecl<K, F>
+where
+    T: Send + 'static,
+    K: Hash + Send + 'static,
+    F: Fn(&T) -> K + Clone + Send + Sync + 'static,
+{
+    fn instantiate(&self, cx: &InstanceCx) -> Box<dyn Emit<T>> {
+        Box::new(ExchangeEmitter::new(
+            self.key_fn.clone(),
+            exchange::<K, T>(&cx.exchanges, self.branch),
+        ))
+    }
+}
+
+impl<D: Decoder> InstantiateRoot for SourceDecl<D> {
+    fn instantiate(&self, cx: &InstanceCx) -> Box<dyn ShardPipeline> {
+        let bound = *lock(&self.settings.out_of_orderness);
+        Box::new(SourcePipeline {
+            decoder: Arc::clone(&self.decoder),
+            event_time: lock(&self.settings.event_time).clone(),
+            bound_ms: i64::try_from(bound.as_millis()).unwrap_or(i64::MAX),
+            down: self.node.instantiate(cx),
+            failures: cx
+                .failures
+                .clone()
+                .expect("a shard pipeline has its dead-letter policy"),
+        })
+    }
+}
+
+impl<Op, M> InstantiateBranch for KeyedBranchDecl<Op, M>
+where
+    Op: KeyedOperator,
+    Op::Key: Hash + Eq,
+    M: Fn() -> Op + Send + Sync + 'static,
+{
+    fn spawn(
+        &self,
+        n: usize,
+        first_path: usize,
+        cx: &WorkerCx,
+        tasks: &mut JoinSet<Result<(), Error>>,
+    ) -> Box<dyn Any + Send + Sync> {
+        let mut senders = Vec::with_capacity(n);
+        let pool = record_pool(n);
+        for worker in 0..n {
+            let (tx, rx) = mpsc::channel(cx.capacity);
+            senders.push(tx);
+            let path = first_path + worker;
+            let instance = InstanceCx {
+                topology: cx.topology.clone(),
+                instance: format!("worker-{path}"),
+                failures: None,
+                exchanges: Arc::new(Vec::new()),
+                metrics: cx.metrics.clone(),
+            };
+            let worker = KeyedWorker {
+                op: (self.make_op)(),
+                main: self.main.instantiate(&instance),
+                late: self.late.instantiate(&instance),
+                label: Arc::clone(&self.label),
+                tracker: cx.tracker.clone(),
+                pool: Arc::clone(&pool),
+                path,
+                commit_interval: cx.commit_interval,
+                metrics: cx.metrics.clone(),
+                topology: cx.topology.clone(),
+                _key: std::marker::PhantomData,
+            };
+            tasks.spawn(worker.run(rx));
+        }
+        Box::new(Exchange { senders, pool })
+    }
+}

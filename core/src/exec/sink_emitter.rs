@@ -1,0 +1,217 @@
+//! The sink end of a chain: buffers an epoch's outputs, hands them to the sink's writer on
+//! flush, commits on commit, retrying retryable sink errors with backoff and jitter.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::{Error, SinkError};
+use crate::metrics::Metrics;
+use crate::operator::{Control, Emit, EpochCx, Ident, RecordCx, ReportFailure};
+use crate::position::ShardId;
+use crate::sink::{Held, Output, OutputBatch, OutputId, Sink, SinkContext, SinkWriter};
+
+use super::chain::next_capacity;
+
+/// Attempts of a retryable sink operation before the pipeline fails.
+const SINK_ATTEMPTS: u32 = 6;
+/// First wait between sink attempts; doubles with full jitter.
+const SINK_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Feeds a sink writer: buffers an epoch's outputs, writes them on flush, commits on commit.
+pub(crate) struct SinkEmitter<T> {
+    pub(crate) sink: Arc<dyn Sink<T>>,
+    pub(crate) cx: SinkContext,
+    pub(crate) writer: Option<Box<dyn SinkWriter<T>>>,
+    /// Outputs whose identity is known at emission (keyed results).
+    pub(crate) ready: Vec<Output<T>>,
+    /// Outputs of input records: (index in the epoch's batch, fanout, value); their positions
+    /// are looked up when the epoch is flushed.
+    pub(crate) of_records: Vec<(u32, u32, T)>,
+    pub(crate) written: bool,
+    /// What the writer's `bytes_written` was at the last commit.
+    pub(crate) bytes_reported: u64,
+    pub(crate) metrics: Metrics,
+    /// Where outputs the sink refuses (`Sink::check`) send their input record, on a shard's
+    /// own path.
+    pub(crate) failures: Option<Arc<dyn ReportFailure>>,
+}
+
+impl<T: Send + 'static> SinkEmitter<T> {
+    pub(crate) fn new(sink: Arc<dyn Sink<T>>, cx: SinkContext, metrics: Metrics) -> Self {
+        Self {
+            sink,
+            cx,
+            writer: None,
+            ready: Vec::new(),
+            of_records: Vec::new(),
+            written: false,
+            bytes_reported: 0,
+            metrics,
+            failures: None,
+        }
+    }
+
+    /// Dead-letters the input records of outputs the sink refuses.
+    pub(crate) fn with_failures(mut self, failures: Option<Arc<dyn ReportFailure>>) -> Self {
+        self.failures = failures;
+        self
+    }
+
+    async fn writer(&mut self) -> Result<&mut Box<dyn SinkWriter<T>>, Error> {
+        if self.writer.is_none() {
+            let sink = Arc::clone(&self.sink);
+            let cx = self.cx.clone();
+            let writer = with_retries(|| {
+                let sink = Arc::clone(&sink);
+                let cx = cx.clone();
+                async move { sink.open(&cx).await }
+            })
+            .await?;
+            self.writer = Some(writer);
+        }
+        Ok(self.writer.as_mut().expect("writer was just opened"))
+    }
+}
+
+/// Runs a sink operation, retrying retryable errors with exponential backoff and full jitter.
+pub(crate) async fn with_retries<R, F, Fut>(mut op: F) -> Result<R, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<R, SinkError>>,
+{
+    let mut attempt = 0;
+    loop {
+        match op().await {
+            Ok(r) => return Ok(r),
+            Err(e) if e.retryable && attempt + 1 < SINK_ATTEMPTS => {
+                let cap = SINK_BACKOFF.saturating_mul(1 << attempt);
+                let wait = cap.mul_f64(rand::random::<f64>());
+                tracing::warn!(sink = %e.sink, error = %e, ?wait, "sink operation failed, retrying");
+                tokio::time::sleep(wait).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+#[async_trait]
+impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
+    fn emit(&mut self, cx: &RecordCx, value: T) {
+        match &cx.ident {
+            Ident::Record { index, fanout } => {
+                if let Some(failures) = &self.failures {
+                    if let Err(reason) = self.sink.check(&value) {
+                        let stage = format!("sink {}", self.sink.name());
+                        failures.fail(cx, &stage, &reason, 0, false);
+                        return;
+                    }
+                }
+                self.of_records.push((*index, *fanout, value));
+            }
+            Ident::Keyed { key, window } => self.ready.push(Output {
+                id: OutputId::Keyed {
+                    key: key.clone(),
+                    window: *window,
+                },
+                value,
+            }),
+        }
+    }
+
+    async fn flush(&mut self, epoch: &EpochCx) -> Result<(), Error> {
+        if epoch.replay() || (self.ready.is_empty() && self.of_records.is_empty()) {
+            // Replayed outputs were committed by the run that first produced them.
+            self.discard();
+        } else {
+            self.write(epoch).await?;
+        }
+        match epoch.control {
+            Control::ShardEnd | Control::EndOfInput => {
+                if let Some(writer) = self.writer.as_mut() {
+                    writer.end_shard(&epoch.shard).await?;
+                }
+            }
+            Control::Release => {
+                if let Some(writer) = self.writer.as_mut() {
+                    writer.release_shard(&epoch.shard);
+                }
+            }
+            Control::Continue => {}
+        }
+        Ok(())
+    }
+
+    async fn commit(&mut self) -> Result<(), Error> {
+        if !self.written {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let writer = self
+            .writer
+            .as_mut()
+            .expect("written implies an open writer");
+        writer.commit().await.map_err(Error::from)?;
+        self.metrics
+            .sink_commit(&self.cx.topology, self.sink.name(), started.elapsed());
+        let bytes = writer.bytes_written();
+        self.metrics.sink_bytes(
+            &self.cx.topology,
+            self.sink.name(),
+            bytes.saturating_sub(self.bytes_reported),
+        );
+        self.bytes_reported = bytes;
+        // A writer holding outputs back gets commits even without new writes, so that it can
+        // deliver them within its latency bound on a quiet shard.
+        self.written = writer.held().iter().any(|(_, h)| h.buffered);
+        Ok(())
+    }
+
+    fn discard(&mut self) {
+        self.ready.clear();
+        self.of_records.clear();
+    }
+
+    fn held(&self, out: &mut Vec<(ShardId, Held)>) {
+        if let Some(writer) = &self.writer {
+            out.extend(writer.held());
+        }
+    }
+}
+
+impl<T: Send + 'static> SinkEmitter<T> {
+    /// Hands the epoch's outputs to the writer.
+    async fn write(&mut self, epoch: &EpochCx) -> Result<(), Error> {
+        let capacity = next_capacity(self.ready.len());
+        let mut outputs = std::mem::replace(&mut self.ready, Vec::with_capacity(capacity));
+        outputs.extend(
+            self.of_records
+                .drain(..)
+                .map(|(index, fanout, value)| Output {
+                    id: OutputId::Record {
+                        position: epoch.raw.get(index as usize).position.clone(),
+                        index: u64::from(fanout),
+                    },
+                    value,
+                }),
+        );
+        self.metrics.sink_records(
+            &self.cx.topology,
+            epoch.shard.as_str(),
+            self.sink.name(),
+            outputs.len(),
+        );
+        let batch = OutputBatch {
+            shard: epoch.shard.clone(),
+            lease_epoch: epoch.lease_epoch,
+            outputs,
+        };
+        // Writers take the batch by value and retry inside (they know which requests are safe
+        // to repeat); an error here is final for this pipeline instance.
+        self.writer().await?.write(batch).await?;
+        self.written = true;
+        Ok(())
+    }
+}

@@ -1,0 +1,24 @@
+//! The `Emit` trait: a consumer of values in a fused push chain.
+
+use async_trait::async_trait;
+
+use crate::error::Error;
+use crate::operator::context::{EpochCx, RecordCx};
+use crate::position::ShardId;
+use crate::sink::Held;
+
+/// A consumer of values in a fused chain. `emit` is synchronous and buffers; `flush` and
+/// `commit` do the I/O once per epoch.
+#[async_trait]
+pub trait Emit<T>: Send {
+    /// Takes one value.
+    fn emit(&mut self, cx: &RecordCx, value: T);
+    /// Writes what the epoch produced.
+    async fn flush(&mut self, epoch: &EpochCx) -> Result<(), Error>;
+    /// Makes everything written durable.
+    async fn commit(&mut self) -> Result<(), Error>;
+    /// Drops what was buffered for the current epoch (the shard stops before it).
+    fn discard(&mut self);
+    /// Adds what this consumer's sinks hold back after a commit (see `SinkWriter::held`).
+    fn held(&self, _out: &mut Vec<(ShardId, Held)>) {}
+}

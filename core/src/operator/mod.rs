@@ -1,0 +1,14 @@
+//! What operators implement and see: the `Emit` push interface, per-record and per-epoch
+//! context, and the `Stateless` and `KeyedOperator` traits with their outputs. The declaration
+//! (`topology/`) and the execution (`exec/`) both build on this module; it builds on neither.
+
+mod context;
+mod emit;
+mod keyed;
+mod stateless;
+
+pub use context::{Control, EpochCx, Ident, Mode, RecordCx, NO_WATERMARK};
+pub use emit::Emit;
+pub use keyed::{KeyedOperator, KeyedOutput, KeyedRecord};
+pub(crate) use stateless::ReportFailure;
+pub use stateless::{Collector, FailureAction, Stateless};

@@ -1,0 +1,186 @@
+//! The declared graph: nodes (the consumers of one stream), the declarations of the stages
+//! that consume them, and the interfaces through which the executor (`exec/`) turns a
+//! declaration into running instances.
+//!
+//! Everything here is data. Each declaration type has its behaviour in `exec/` (which
+//! implements the traits below for it), so that this module names nothing of the machinery:
+//! the runtime instantiates a topology only through these traits.
+
+use std::any::Any;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::task::JoinSet;
+
+use crate::dead_letter::DeadLetter;
+use crate::decode::Decoder;
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::operator::{Emit, EpochCx, KeyedOperator, ReportFailure};
+use crate::position::{EventTime, ShardId, StartPosition};
+use crate::record::RawBatch;
+use crate::sink::{Held, Sink};
+use crate::source::Source;
+use crate::tracker::Tracker;
+
+/// What a pipeline instance (a shard task or a keyed worker) is built with.
+pub(crate) struct InstanceCx {
+    pub(crate) topology: String,
+    pub(crate) instance: String,
+    /// The shard's dead-letter policy, on a shard's own path (none in keyed workers).
+    pub(crate) failures: Option<Arc<dyn ReportFailure>>,
+    pub(crate) exchanges: Exchanges,
+    pub(crate) metrics: Metrics,
+}
+
+/// The exchanges of one run, by keyed branch, type-erased: each is the `exec` exchange of its
+/// branch's key and value types.
+pub(crate) type Exchanges = Arc<Vec<Box<dyn Any + Send + Sync>>>;
+
+/// What a keyed worker is built with.
+pub(crate) struct WorkerCx {
+    pub(crate) topology: String,
+    pub(crate) tracker: Tracker,
+    pub(crate) metrics: Metrics,
+    pub(crate) capacity: usize,
+    pub(crate) commit_interval: Duration,
+}
+
+/// A declared consumer of a stream of `T`, instantiated once per pipeline instance.
+pub(crate) trait Instantiate<T>: Send + Sync {
+    fn instantiate(&self, cx: &InstanceCx) -> Box<dyn Emit<T>>;
+}
+
+/// How several consumers of one stream share its values (declared when a stream is cloned,
+/// where its values are known to be `Clone`).
+pub(crate) trait FanOut<T>: Send + Sync {
+    fn fan_out(&self, outs: Vec<Box<dyn Emit<T>>>) -> Box<dyn Emit<T>>;
+}
+
+/// Fan-out by cloning each value for every consumer but the last.
+pub(crate) struct TeeDecl;
+
+/// A point of the graph: the consumers of one stream.
+pub(crate) struct Node<T> {
+    pub(crate) consumers: Mutex<Vec<Arc<dyn Instantiate<T>>>>,
+    pub(crate) fan_out: Mutex<Option<Arc<dyn FanOut<T>>>>,
+}
+
+impl<T: Send + 'static> Node<T> {
+    pub(crate) fn new() -> Self {
+        Self {
+            consumers: Mutex::new(Vec::new()),
+            fan_out: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn add(&self, consumer: Arc<dyn Instantiate<T>>) {
+        lock(&self.consumers).push(consumer);
+    }
+}
+
+/// A stateless operator made fresh by `make` for each instance, feeding `down`.
+pub(crate) struct StatelessDecl<U, M> {
+    pub(crate) make: M,
+    pub(crate) label: Arc<str>,
+    pub(crate) down: Arc<Node<U>>,
+}
+
+/// A sink.
+pub(crate) struct SinkDecl<T> {
+    pub(crate) sink: Arc<dyn Sink<T>>,
+}
+
+/// `key_by`: records go to the workers of keyed branch `branch` by `key_fn`.
+pub(crate) struct ExchangeDecl<K, F> {
+    pub(crate) key_fn: F,
+    pub(crate) branch: usize,
+    pub(crate) _key: PhantomData<fn() -> K>,
+}
+
+/// A keyed branch: the operator made by `make_op` in each keyed worker, its results and its
+/// late records.
+pub(crate) struct KeyedBranchDecl<Op: KeyedOperator, M> {
+    pub(crate) make_op: M,
+    pub(crate) label: Arc<str>,
+    pub(crate) main: Arc<Node<Op::Out>>,
+    pub(crate) late: Arc<Node<Op::In>>,
+    pub(crate) _op: PhantomData<fn() -> Op>,
+}
+
+pub(crate) type EventTimeFn<T> = Arc<dyn Fn(&T) -> EventTime + Send + Sync>;
+
+/// How event time is read off the source's records.
+pub(crate) struct SourceSettings<T> {
+    pub(crate) event_time: Mutex<Option<EventTimeFn<T>>>,
+    pub(crate) out_of_orderness: Mutex<Duration>,
+}
+
+/// The source's decoder, event-time settings and first node.
+pub(crate) struct SourceDecl<D: Decoder> {
+    pub(crate) decoder: Arc<D>,
+    pub(crate) settings: Arc<SourceSettings<D::Item>>,
+    pub(crate) node: Arc<Node<D::Item>>,
+}
+
+/// A shard pipeline as the shard task drives it: decode, timestamp, and push a batch through
+/// the fused chain, then flush and commit its sinks.
+#[async_trait]
+pub(crate) trait ShardPipeline: Send {
+    /// Pushes `raw` through the chain; `max_event_time` carries the shard's largest event time.
+    fn process(&mut self, raw: &Arc<RawBatch>, max_event_time: &mut Option<EventTime>);
+    /// How far the watermark trails the largest event time, in milliseconds.
+    fn out_of_orderness_ms(&self) -> i64;
+    async fn flush(&mut self, epoch: &EpochCx) -> Result<(), Error>;
+    async fn commit(&mut self) -> Result<(), Error>;
+    fn discard(&mut self);
+    /// What the shard path's sinks hold back after a commit.
+    fn held(&self) -> Vec<(ShardId, Held)>;
+}
+
+/// Makes shard pipelines (type-erased over the source's item type).
+pub(crate) trait InstantiateRoot: Send + Sync {
+    fn instantiate(&self, cx: &InstanceCx) -> Box<dyn ShardPipeline>;
+}
+
+/// A keyed branch, type-erased: spawns its workers and hands out their exchange.
+pub(crate) trait InstantiateBranch: Send + Sync {
+    /// Spawns `n` workers reporting as paths `first_path..first_path + n`; returns the branch's
+    /// exchange for the registry.
+    fn spawn(
+        &self,
+        n: usize,
+        first_path: usize,
+        cx: &WorkerCx,
+        tasks: &mut JoinSet<Result<(), Error>>,
+    ) -> Box<dyn Any + Send + Sync>;
+}
+
+/// The whole graph while it is being declared.
+pub(crate) struct Graph {
+    pub(crate) name: String,
+    pub(crate) dead_letter: DeadLetter,
+    pub(crate) start: StartPosition,
+    pub(crate) source: Option<Arc<dyn Source>>,
+    pub(crate) root: Option<Arc<dyn InstantiateRoot>>,
+    /// The `Arc<SourceSettings<T>>` of the source's item type.
+    pub(crate) source_settings: Box<dyn Any + Send + Sync>,
+    pub(crate) keyed: Vec<Arc<dyn InstantiateBranch>>,
+    pub(crate) sinks: usize,
+    /// Operators added so far: each is labelled `<n>-<kind>` in metrics, in the order added.
+    pub(crate) operators: usize,
+}
+
+impl Graph {
+    /// The metrics label of the next operator of `kind`.
+    pub(crate) fn label(&mut self, kind: &str) -> Arc<str> {
+        self.operators += 1;
+        format!("{}-{kind}", self.operators).into()
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -1,0 +1,34 @@
+//! Stage types: where in the topology a stream is, so that operators are allowed or not by
+//! stage at compile time.
+
+/// Where in the topology a stream is; operators are allowed or not by stage.
+pub trait Stage: Send + Sync + 'static {
+    /// The stage of a stateless operator's output.
+    type AfterOp: Stage;
+}
+
+/// Stages before `key_by`, where every value still has its input record: fallible operators
+/// (whose failures are dead-lettered with the record) and `key_by` itself live here.
+pub trait ShardStage: Stage {}
+
+/// Straight out of the source: event time and watermarks are configured here.
+#[derive(Debug)]
+pub enum Sourced {}
+/// After a stateless operator, before `key_by`.
+#[derive(Debug)]
+pub enum Sharded {}
+/// After a keyed operator: results of windows and reductions.
+#[derive(Debug)]
+pub enum Keyed {}
+
+impl Stage for Sourced {
+    type AfterOp = Sharded;
+}
+impl Stage for Sharded {
+    type AfterOp = Sharded;
+}
+impl Stage for Keyed {
+    type AfterOp = Keyed;
+}
+impl ShardStage for Sourced {}
+impl ShardStage for Sharded {}

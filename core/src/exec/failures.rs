@@ -7,6 +7,7 @@ use crate::dead_letter::{DeadLetter, DeadLetterRecord};
 use crate::error::ShardStopped;
 use crate::operator::{FailureAction, Ident, RecordCx, ReportFailure};
 use crate::position::ShardId;
+use crate::protocol::failure::{on_failure, OnFailure};
 use crate::record::RawBatch;
 
 /// Applies a shard's dead-letter policy to failed records of the current epoch.
@@ -78,21 +79,12 @@ impl ReportFailure for Failures {
             // value still has its input record.
             unreachable!("a fallible operator ran on a keyed result");
         };
-        let mut policy = &state.policy;
-        if let DeadLetter::Retry { max, backoff, then } = policy {
-            if retryable && attempt < *max && !state.replay {
-                return FailureAction::RetryAfter(backoff.saturating_mul(1 << attempt.min(16)));
-            }
-            policy = then;
-        }
-        if state.replay {
-            // Replayed records were dead-lettered (or stopped the shard) in the run that
-            // committed them; nothing to do again.
-            return FailureAction::Handled;
-        }
+        let decision = on_failure(&state.policy, attempt, retryable, state.replay);
         let record = state.raw.get(index as usize);
-        match policy {
-            DeadLetter::To(_) => {
+        match decision {
+            OnFailure::Retry(wait) => return FailureAction::RetryAfter(wait),
+            OnFailure::Replayed => {}
+            OnFailure::DeadLetter => {
                 let letter = DeadLetterRecord {
                     stream: state.stream.clone(),
                     shard: state.shard.clone(),
@@ -107,7 +99,7 @@ impl ReportFailure for Failures {
                     state.dead.push((index, letter));
                 }
             }
-            DeadLetter::StopShard | DeadLetter::Retry { .. } => {
+            OnFailure::StopShard => {
                 if state.stop.is_none() {
                     state.stop = Some(ShardStopped::BadRecord {
                         shard: state.shard.clone(),

@@ -4,5 +4,8 @@
 
 pub mod balance;
 pub mod checkpoint;
+pub mod failure;
 pub mod lease_rules;
+pub mod outcome;
+pub mod resume;
 pub mod shard_sync;

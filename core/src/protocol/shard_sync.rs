@@ -4,11 +4,16 @@
 //! A parent's lease is deleted once it reached shard end and every child has started (been
 //! taken at least once), as in the KCL. A shard whose descendant holds a lease is never given a
 //! new one: its records were processed (or it was cleaned up) before that descendant began.
+//! A child is processed only once every parent reached its end, which keeps per-key order
+//! across resharding; each round a worker starts the leases `balance::plan` gives it and its
+//! own leases from an earlier run.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::Duration;
 
 use crate::lease::Lease;
-use crate::position::ShardInfo;
+use crate::position::{ShardId, ShardInfo};
+use crate::protocol::balance::Plan;
 
 /// Shards that need a new lease: no lease of their own and no descendant with a lease.
 pub fn leases_to_create<'a>(shards: &'a [ShardInfo], leases: &[Lease]) -> Vec<&'a ShardInfo> {
@@ -36,6 +41,66 @@ pub fn leases_to_clean<'a>(shards: &[ShardInfo], leases: &'a [Lease]) -> Vec<&'a
             })
         })
         .collect()
+}
+
+/// Leases a worker may process: not finished, and every parent reached its end (or left no
+/// lease), so per-key order holds across resharding.
+pub fn processable(leases: &[Lease]) -> Vec<&Lease> {
+    let by_key: HashMap<&str, &Lease> = leases.iter().map(|l| (l.key.as_str(), l)).collect();
+    leases
+        .iter()
+        .filter(|l| !l.checkpoint.is_shard_end())
+        .filter(|l| {
+            l.parents.iter().all(|p| {
+                by_key
+                    .get(p.as_str())
+                    .is_none_or(|p| p.checkpoint.is_shard_end())
+            })
+        })
+        .collect()
+}
+
+/// The leases worker `me` starts this round, in key order: those the plan takes or steals, and
+/// its own (a restart with the same worker id), among `candidates` (the processable leases),
+/// of shards the stream lists, and not `busy` (running, finishing, or done in this run:
+/// starting one again would replace progress whose last reports are still in flight).
+pub fn leases_to_start<'a>(
+    me: &str,
+    plan: &Plan,
+    candidates: &[&'a Lease],
+    shards: &[ShardInfo],
+    busy: &BTreeSet<ShardId>,
+) -> Vec<&'a Lease> {
+    let mut keys: Vec<&str> = plan
+        .take
+        .iter()
+        .chain(&plan.steal)
+        .map(String::as_str)
+        .collect();
+    keys.extend(
+        candidates
+            .iter()
+            .filter(|l| l.owner.as_deref() == Some(me))
+            .map(|l| l.key.as_str()),
+    );
+    keys.sort_unstable();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|key| {
+            shards
+                .iter()
+                .any(|s| s.id.as_str() == *key && !busy.contains(&s.id))
+        })
+        .filter_map(|key| candidates.iter().copied().find(|l| l.key == key))
+        .collect()
+}
+
+/// The wait before the `failures`-th retry of a failed shard sync: 250 ms doubling, at most
+/// the sync interval.
+pub fn retry_after(failures: u32, interval: Duration) -> Duration {
+    Duration::from_millis(250)
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(interval)
 }
 
 fn children_of(shards: &[ShardInfo]) -> HashMap<&str, Vec<&str>> {

@@ -118,6 +118,7 @@ impl LeaseManager {
     }
 
     /// Whether this worker is the recorded owner of `lease`.
+    #[cfg(test)]
     pub(crate) fn owns(&self, lease: &Lease) -> bool {
         lease.owner.as_deref() == Some(self.owner.as_str())
     }

@@ -9,11 +9,12 @@ use tokio_util::sync::CancellationToken;
 use crate::dead_letter::DeadLetterRecord;
 use crate::error::Error;
 use crate::exec::{Failures, SinkEmitter};
-use crate::lease::{CheckpointPosition, LeaseEpoch, ShardCheckpoint};
+use crate::lease::{LeaseEpoch, ShardCheckpoint};
 use crate::metrics::Metrics;
 use crate::operator::{Control, Emit, EpochCx, Ident, Mode, RecordCx};
 use crate::position::{EventTime, ShardInfo, StartPosition};
 use crate::protocol::checkpoint::{Epoch, EpochRead};
+use crate::protocol::resume::{plan_resume, split_replay, ResumePlan};
 use crate::record::RawBatch;
 use crate::runtime::lease_guard::LeaseGuard;
 use crate::runtime::{RunMode, RuntimeConfig};
@@ -66,23 +67,17 @@ struct Running {
 impl ShardTask {
     pub(crate) async fn run(self) -> Result<ShardOutcome, Error> {
         let id = self.shard.id.clone();
-        let start = match &self.resume.rebuild_from {
-            CheckpointPosition::Initial => self.topology.start.clone(),
-            CheckpointPosition::TrimHorizon => StartPosition::TrimHorizon,
-            CheckpointPosition::AtTimestamp(ms) => StartPosition::AtTimestamp(*ms),
-            CheckpointPosition::At(p) => StartPosition::After(p.clone()),
-            CheckpointPosition::ShardEnd => {
+        let (start, mut replay_until) = match plan_resume(&self.resume, &self.topology.start) {
+            ResumePlan::Finished => {
                 return Ok(ShardOutcome::Finished {
                     last_epoch: 0,
                     shard_end: true,
                 })
             }
-        };
-        // Records up to the committed position only rebuild state.
-        let mut replay_until = match (&self.resume.committed, &self.resume.rebuild_from) {
-            (CheckpointPosition::At(c), CheckpointPosition::At(r)) if c > r => Some(c.clone()),
-            (CheckpointPosition::At(c), r) if r.is_unprocessed() => Some(c.clone()),
-            _ => None,
+            ResumePlan::Read {
+                start,
+                replay_until,
+            } => (start, replay_until),
         };
         let instance = InstanceCx {
             topology: self.topology.name.clone(),
@@ -163,20 +158,14 @@ impl ShardTask {
             while !rest.is_empty() {
                 let (part, replay) = match &replay_until {
                     Some(until) => {
-                        let n = (0..rest.len())
-                            .take_while(|&i| rest.get(i).position <= until)
-                            .count();
-                        if n == rest.len() {
-                            if rest.last_position() == Some(until) {
-                                replay_until = None;
-                            }
-                            (std::mem::take(&mut rest), true)
-                        } else if n == 0 {
+                        let split = split_replay(&rest, until);
+                        if split.done {
                             replay_until = None;
+                        }
+                        if split.replayed == 0 {
                             (std::mem::take(&mut rest), false)
                         } else {
-                            let tail = rest.split_off(n);
-                            replay_until = None;
+                            let tail = rest.split_off(split.replayed);
                             (std::mem::replace(&mut rest, tail), true)
                         }
                     }

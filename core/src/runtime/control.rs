@@ -1,0 +1,475 @@
+//! The worker's control loop as a state struct: it syncs shards and leases, starts a task per
+//! leased shard, renews leases and writes checkpoints on a tick, and winds shards down when
+//! their tasks end. Every decision it takes comes from `protocol/`; this module executes them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use tokio::task::JoinSet;
+use tokio::time::{Instant, Interval};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, LeaseError, ShardStopped};
+use crate::lease::{CheckpointPosition, ShardCheckpoint};
+use crate::metrics::Metrics;
+use crate::position::ShardId;
+use crate::protocol::checkpoint::Epoch;
+use crate::protocol::lease_rules::renewal_due;
+use crate::protocol::outcome::{after_task, finished, run_over, AfterTask, Finished, TaskEnd};
+use crate::protocol::shard_sync::{leases_to_start, processable, retry_after};
+use crate::topology::{Exchanges, Topology};
+use crate::tracker::Tracker;
+
+use super::health::Health;
+use super::leases::LeaseManager;
+use super::shard_task::{ShardOutcome, ShardTask};
+use super::{RunMode, RunReport, RuntimeConfig};
+
+/// A shard whose task runs.
+struct RunningShard {
+    lease_key: String,
+    /// Stops the task (shutdown, a lost lease, the run failing).
+    cancel: CancellationToken,
+    /// The worker learned that the lease moved: the task's end writes nothing more.
+    lost: bool,
+}
+
+/// A shard whose task ended and whose last epochs the keyed workers may still be committing.
+struct Finishing {
+    shard: ShardId,
+    lease_key: String,
+    /// Every path must have committed this epoch before the final checkpoint is written.
+    last_epoch: Epoch,
+    shard_end: bool,
+}
+
+/// When the next shard sync is due.
+struct SyncSchedule {
+    /// The next periodic round.
+    next: Instant,
+    /// Rounds failed in a row with a retryable error (the next waits `retry_after`).
+    failures: u32,
+    /// A round is owed now: at the start, after a shard ended (its children may start), after
+    /// a fence, and after a failed round (a bounded run does not end before one succeeds).
+    owed: bool,
+}
+
+/// The state of one `Runtime::run`.
+pub(crate) struct ControlLoop {
+    pub(crate) topology: Arc<Topology>,
+    pub(crate) config: Arc<RuntimeConfig>,
+    pub(crate) leases: LeaseManager,
+    pub(crate) tracker: Tracker,
+    pub(crate) metrics: Metrics,
+    pub(crate) health: Health,
+    pub(crate) shutdown: CancellationToken,
+    /// The keyed branches' exchanges, handed to every shard task.
+    pub(crate) exchanges: Exchanges,
+    /// Paths from a shard to its sinks (the tracker waits for each).
+    pub(crate) paths: usize,
+    /// One task per shard being read; each ends with its shard's outcome.
+    shard_tasks: JoinSet<(ShardId, Result<ShardOutcome, Error>)>,
+    /// Shards whose task runs.
+    running: BTreeMap<ShardId, RunningShard>,
+    /// Shards waiting for their last epochs to be committed before their final checkpoint.
+    finishing: Vec<Finishing>,
+    /// Shards done in this run (finished, caught up or stopped): never started again by it.
+    completed: BTreeSet<ShardId>,
+    /// The checkpoint last written (or resumed) per shard: an unchanged one is not written.
+    written: BTreeMap<ShardId, ShardCheckpoint>,
+    /// Shards the dead-letter policy stopped, reported when the run ends.
+    stopped: Vec<ShardStopped>,
+    report: RunReport,
+    /// When this worker last renewed its leases.
+    last_renew: Instant,
+    sync: SyncSchedule,
+    /// The error that ends the run, once there is one: no new shard starts after it.
+    failure: Option<Error>,
+}
+
+impl ControlLoop {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        topology: Arc<Topology>,
+        config: Arc<RuntimeConfig>,
+        leases: LeaseManager,
+        tracker: Tracker,
+        metrics: Metrics,
+        health: Health,
+        shutdown: CancellationToken,
+        exchanges: Exchanges,
+    ) -> Self {
+        let paths = topology.paths(config.parallelism);
+        let now = Instant::now();
+        Self {
+            topology,
+            config,
+            leases,
+            tracker,
+            metrics,
+            health,
+            shutdown,
+            exchanges,
+            paths,
+            shard_tasks: JoinSet::new(),
+            running: BTreeMap::new(),
+            finishing: Vec::new(),
+            completed: BTreeSet::new(),
+            written: BTreeMap::new(),
+            stopped: Vec::new(),
+            report: RunReport::default(),
+            last_renew: now,
+            sync: SyncSchedule {
+                next: now,
+                failures: 0,
+                owed: true,
+            },
+            failure: None,
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.topology.name
+    }
+
+    /// Runs until the run is over; `workers` are the keyed workers, whose end fails the run.
+    pub(crate) async fn run(
+        mut self,
+        workers: &mut JoinSet<Result<(), Error>>,
+    ) -> Result<RunReport, Error> {
+        let mut ticker: Interval = tokio::time::interval(self.config.checkpoint_interval);
+        loop {
+            if self.sync_due() {
+                self.sync_round().await;
+            }
+            let idle = self.running.is_empty() && self.finishing.is_empty();
+            let bounded = self.config.mode == RunMode::UntilCaughtUp;
+            if run_over(
+                idle,
+                bounded,
+                self.sync.owed,
+                self.shutdown.is_cancelled(),
+                self.failure.is_some(),
+            ) {
+                break;
+            }
+            let stop_readers =
+                !self.running.is_empty() && self.running.values().all(|r| !r.cancel.is_cancelled());
+            tokio::select! {
+                () = self.shutdown.cancelled(), if stop_readers => {
+                    tracing::info!(topology = %self.name(), "shutting down: stopping readers");
+                    self.running.values().for_each(|r| r.cancel.cancel());
+                }
+                Some(joined) = workers.join_next() => {
+                    let error = match joined {
+                        Ok(Ok(())) => Error::Task("keyed worker ended early".into()),
+                        Ok(Err(e)) => e,
+                        Err(e) => Error::Task(e.to_string()),
+                    };
+                    tracing::error!(topology = %self.name(), %error, "keyed worker failed");
+                    self.running.values().for_each(|r| r.cancel.cancel());
+                    self.failure.get_or_insert(error);
+                    // The other shards cannot make progress; stop waiting for them.
+                    self.finishing.clear();
+                    break;
+                }
+                Some(joined) = self.shard_tasks.join_next() => {
+                    let (id, outcome) = joined.map_err(|e| Error::Task(e.to_string()))?;
+                    self.on_task_end(id, outcome).await;
+                }
+                _ = ticker.tick() => self.on_tick().await,
+                () = self.tracker.reported(), if !self.finishing.is_empty() => {}
+            }
+            self.finish_committed().await;
+        }
+        self.wind_down(workers).await
+    }
+
+    /// Whether a shard sync round runs now: owed (and not backing off after a failure) or
+    /// due, and the run neither stopping nor failed.
+    fn sync_due(&self) -> bool {
+        let due = Instant::now() >= self.sync.next;
+        let retrying = self.sync.failures > 0;
+        ((self.sync.owed && !retrying) || due)
+            && !self.shutdown.is_cancelled()
+            && self.failure.is_none()
+    }
+
+    /// One shard sync: leases for new shards, this round's takes and steals, and the cleanup
+    /// of finished parents; retryable failures are retried after a backoff.
+    async fn sync_round(&mut self) {
+        self.sync.owed = false;
+        match self.sync_and_start().await {
+            Ok(()) => {
+                self.sync.failures = 0;
+                self.sync.next = Instant::now() + self.config.shard_sync_interval;
+                self.health.lease_round_ok();
+                let held = self.leases.held_count().await;
+                self.metrics.leases(self.name(), held);
+            }
+            Err(error) if error.is_retryable() => {
+                // A throttled or unavailable stream or lease table: the shards already running
+                // go on; the round is tried again after a backoff (/healthz fails only if
+                // renewals fail too).
+                self.sync.failures += 1;
+                self.sync.owed = true;
+                let backoff = retry_after(self.sync.failures, self.config.shard_sync_interval);
+                tracing::warn!(topology = %self.name(), %error, ?backoff, "shard sync failed, retrying");
+                self.sync.next = Instant::now() + backoff;
+            }
+            Err(error) => {
+                tracing::error!(topology = %self.name(), %error, "shard sync failed");
+                self.running.values().for_each(|r| r.cancel.cancel());
+                self.failure.get_or_insert(error);
+                self.sync.next = Instant::now() + self.config.shard_sync_interval;
+            }
+        }
+    }
+
+    async fn sync_and_start(&mut self) -> Result<(), Error> {
+        let shards = self.topology.source.list_shards().await?;
+        self.leases.sync(&shards).await?;
+        let lease_list = self.leases.list().await?;
+        let busy: BTreeSet<ShardId> = self
+            .running
+            .keys()
+            .chain(self.finishing.iter().map(|f| &f.shard))
+            .chain(&self.completed)
+            .cloned()
+            .collect();
+        let candidates = processable(&lease_list);
+        let plan = self
+            .leases
+            .plan(&candidates, self.config.max_leases_to_steal)
+            .await;
+        let start = leases_to_start(&self.config.worker_id, &plan, &candidates, &shards, &busy);
+        for lease in start {
+            let shard = shards
+                .iter()
+                .find(|s| s.id.as_str() == lease.key)
+                .expect("started leases are of listed shards")
+                .clone();
+            let Some(taken) = self.leases.take(lease).await? else {
+                continue;
+            };
+            self.metrics.lease_taken(self.name());
+            let cancel = CancellationToken::new();
+            let lease_guard = self.leases.guard(&taken.key).await.expect("just taken");
+            self.tracker
+                .start_shard(&shard.id, taken.checkpoint.clone(), self.paths);
+            let task = ShardTask {
+                shard: shard.clone(),
+                resume: taken.checkpoint.clone(),
+                lease_epoch: taken.epoch(),
+                lease_guard,
+                topology: Arc::clone(&self.topology),
+                config: Arc::clone(&self.config),
+                tracker: self.tracker.clone(),
+                metrics: self.metrics.clone(),
+                exchanges: Arc::clone(&self.exchanges),
+                cancel: cancel.clone(),
+            };
+            self.written
+                .insert(shard.id.clone(), taken.checkpoint.clone());
+            self.running.insert(
+                shard.id.clone(),
+                RunningShard {
+                    lease_key: taken.key.clone(),
+                    cancel,
+                    lost: false,
+                },
+            );
+            let id = shard.id.clone();
+            tracing::info!(topology = %self.name(), shard = %id, "processing shard");
+            self.shard_tasks
+                .spawn(async move { (id, task.run().await) });
+        }
+        // After the takes, so that children started in this round free their parents.
+        self.leases.clean_finished_parents(&shards).await?;
+        Ok(())
+    }
+
+    /// A shard task ended: decide what happens to its shard (`protocol::outcome`).
+    async fn on_task_end(&mut self, id: ShardId, outcome: Result<ShardOutcome, Error>) {
+        let shard = self
+            .running
+            .remove(&id)
+            .expect("a finished task was running");
+        let (end, error) = match outcome {
+            Ok(ShardOutcome::Finished {
+                last_epoch,
+                shard_end,
+            }) => (
+                TaskEnd::Finished {
+                    last_epoch,
+                    shard_end,
+                },
+                None,
+            ),
+            Ok(ShardOutcome::Cancelled { last_epoch }) => (TaskEnd::Cancelled { last_epoch }, None),
+            Ok(ShardOutcome::Fenced) => (TaskEnd::Fenced, None),
+            Err(Error::ShardStopped(stop)) => (TaskEnd::Stopped, Some(Error::ShardStopped(stop))),
+            Err(error) => (TaskEnd::Failed, Some(error)),
+        };
+        match after_task(end, shard.lost) {
+            AfterTask::Finish {
+                last_epoch,
+                shard_end,
+            } => self.finishing.push(Finishing {
+                shard: id,
+                lease_key: shard.lease_key,
+                last_epoch,
+                shard_end,
+            }),
+            AfterTask::Forget { resync, count_lost } => {
+                if count_lost {
+                    self.metrics.lease_lost(self.name());
+                }
+                self.forget(&id).await;
+                self.leases.forget(&shard.lease_key).await;
+                // Look at the lease table again: the newer owner keeps the shard, or, if the
+                // lease is still this worker's, it resumes from the checkpoint.
+                self.sync.owed |= resync;
+            }
+            AfterTask::Stop => {
+                self.forget(&id).await;
+                self.completed.insert(id);
+                if let Some(Error::ShardStopped(stop)) = error {
+                    self.stopped.push(stop);
+                }
+            }
+            AfterTask::FailRun => {
+                let error = error.expect("a failed task has its error");
+                tracing::error!(topology = %self.name(), shard = %id, %error, "shard failed");
+                self.forget(&id).await;
+                self.running.values().for_each(|r| r.cancel.cancel());
+                self.failure.get_or_insert(error);
+            }
+        }
+    }
+
+    /// Drops the shard's progress and per-shard metrics.
+    async fn forget(&self, id: &ShardId) {
+        self.tracker.stop_shard(id);
+        self.metrics.forget_shard(self.name(), id.as_str());
+    }
+
+    /// The checkpoint tick: renew leases when due, then write every running shard's checkpoint.
+    async fn on_tick(&mut self) {
+        if renewal_due(self.last_renew.elapsed(), self.config.lease_duration) {
+            self.last_renew = Instant::now();
+            let (lost, failed) = self.leases.renew_all().await;
+            if failed == 0 {
+                self.health.lease_round_ok();
+            }
+            for key in lost {
+                self.metrics.lease_lost(self.name());
+                let name = self.topology.name.clone();
+                for r in self.running.values_mut().filter(|r| r.lease_key == key) {
+                    tracing::warn!(topology = %name, lease = %key, "lease lost");
+                    r.lost = true;
+                    r.cancel.cancel();
+                }
+            }
+        }
+        let ids: Vec<ShardId> = self
+            .running
+            .iter()
+            .filter(|(_, r)| !r.lost)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            let key = self.running[&id].lease_key.clone();
+            match self.write_checkpoint(&id, &key).await {
+                Ok(()) => {}
+                Err(error) if error.is_retryable() => {
+                    // The next tick writes it; the lease guard keeps the shard from acting
+                    // past its lease meanwhile.
+                    tracing::warn!(topology = %self.name(), shard = %id, %error, "checkpoint failed, retrying");
+                }
+                Err(error) => {
+                    // Lost (stolen, or taken after expiry) or refused: the same message as a
+                    // lost renewal, so one search finds both.
+                    self.metrics.lease_lost(self.name());
+                    tracing::warn!(topology = %self.name(), lease = %key, %error, "lease lost (checkpoint rejected)");
+                    if let Some(r) = self.running.get_mut(&id) {
+                        r.lost = true;
+                        r.cancel.cancel();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Shards whose last epoch every path committed: final checkpoint, then free them.
+    async fn finish_committed(&mut self) {
+        let mut still = Vec::new();
+        for f in std::mem::take(&mut self.finishing) {
+            if self.tracker.committed_epoch(&f.shard) < f.last_epoch {
+                still.push(f);
+                continue;
+            }
+            if let Err(error) = self.write_checkpoint(&f.shard, &f.lease_key).await {
+                tracing::warn!(topology = %self.name(), shard = %f.shard, %error, "final checkpoint rejected");
+            }
+            self.forget(&f.shard).await;
+            let bounded = self.config.mode == RunMode::UntilCaughtUp;
+            match finished(f.shard_end, bounded, self.shutdown.is_cancelled()) {
+                Finished::Ended => {
+                    self.report.shards_ended.push(f.shard.clone());
+                    self.sync.owed = true;
+                }
+                Finished::CaughtUp => self.report.shards_caught_up.push(f.shard.clone()),
+                Finished::Released => {}
+            }
+            self.completed.insert(f.shard);
+        }
+        self.finishing = still;
+    }
+
+    /// Writes `id`'s checkpoint if the tracker moved it, and updates the lag gauge.
+    async fn write_checkpoint(&mut self, id: &ShardId, key: &str) -> Result<(), LeaseError> {
+        if let Some(cp) = self.tracker.checkpoint(id) {
+            if self.written.get(id) != Some(&cp) {
+                self.leases.checkpoint(key, cp.clone()).await?;
+                self.metrics.checkpointed(self.name(), id.as_str());
+                self.written.insert(id.clone(), cp);
+            }
+        }
+        // Until this run writes one, nothing it read is covered.
+        let covered = self
+            .written
+            .get(id)
+            .map_or(&CheckpointPosition::Initial, |cp| &cp.committed);
+        self.metrics
+            .checkpoint_lag(self.name(), id.as_str(), self.tracker.lag(id, covered));
+        Ok(())
+    }
+
+    /// Ends the run: stops the shard tasks, releases the leases of a run that did not fail,
+    /// waits for the keyed workers, and reports.
+    async fn wind_down(
+        mut self,
+        workers: &mut JoinSet<Result<(), Error>>,
+    ) -> Result<RunReport, Error> {
+        self.shard_tasks.shutdown().await;
+        if self.failure.is_none() {
+            self.leases.release_all().await;
+        }
+        // The workers end when every sender of their channels is gone.
+        drop(self.exchanges);
+        drop(self.shard_tasks);
+        while let Some(joined) = workers.join_next().await {
+            if let Ok(Err(e)) = joined {
+                self.failure.get_or_insert(e);
+            }
+        }
+        if let Some(error) = self.failure {
+            return Err(error);
+        }
+        if let Some(stop) = self.stopped.into_iter().next() {
+            return Err(Error::ShardStopped(stop));
+        }
+        Ok(self.report)
+    }
+}

@@ -11,6 +11,7 @@ pub mod operator;
 pub mod pool;
 pub mod position;
 pub mod protocol;
+pub mod random;
 pub mod record;
 pub mod sink;
 pub mod source;

@@ -86,6 +86,72 @@ impl MemoryStream {
     pub fn close(&self, shard: usize) {
         self.lock()[shard].0.closed = true;
     }
+
+    /// Splits open shard `shard` at the middle of its hash-key range, as Kinesis `SplitShard`
+    /// does: the parent closes and two children (named `shard-<n>` by their index) take its
+    /// range. Returns the children's indexes.
+    ///
+    /// # Panics
+    /// If the shard does not exist or is closed.
+    pub fn split(&self, shard: usize) -> (usize, usize) {
+        let mut shards = self.lock();
+        let (parent, _) = &mut shards[shard];
+        assert!(!parent.closed, "shard {} is closed", parent.id);
+        parent.closed = true;
+        let (low, high) = parent.hash_key_range;
+        let middle = low + (high - low) / 2;
+        let parents = vec![parent.id.clone()];
+        let first = shards.len();
+        for range in [(low, middle), (middle + 1, high)] {
+            let info = ShardInfo {
+                id: ShardId::new(format!("shard-{}", shards.len())),
+                parents: parents.clone(),
+                hash_key_range: range,
+                closed: false,
+            };
+            shards.push((info, Vec::new()));
+        }
+        (first, first + 1)
+    }
+
+    /// Merges open shards `a` and `b`, as Kinesis `MergeShards` does: both close and one child
+    /// takes both ranges. Returns the child's index.
+    ///
+    /// # Panics
+    /// If a shard does not exist or is closed, or `a == b`.
+    pub fn merge(&self, a: usize, b: usize) -> usize {
+        assert_ne!(a, b, "a shard merges with another shard");
+        let mut shards = self.lock();
+        for i in [a, b] {
+            assert!(!shards[i].0.closed, "shard {} is closed", shards[i].0.id);
+            shards[i].0.closed = true;
+        }
+        let range = (
+            shards[a]
+                .0
+                .hash_key_range
+                .0
+                .min(shards[b].0.hash_key_range.0),
+            shards[a]
+                .0
+                .hash_key_range
+                .1
+                .max(shards[b].0.hash_key_range.1),
+        );
+        let info = ShardInfo {
+            id: ShardId::new(format!("shard-{}", shards.len())),
+            parents: vec![shards[a].0.id.clone(), shards[b].0.id.clone()],
+            hash_key_range: range,
+            closed: false,
+        };
+        shards.push((info, Vec::new()));
+        shards.len() - 1
+    }
+
+    /// Every shard as the stream describes it, by index.
+    pub fn shards(&self) -> Vec<ShardInfo> {
+        self.lock().iter().map(|(info, _)| info.clone()).collect()
+    }
 }
 
 #[async_trait]

@@ -71,8 +71,13 @@ impl<T: Send + 'static> Instantiate<T> for SinkDecl<T> {
             instance: cx.instance.clone(),
         };
         Box::new(
-            SinkEmitter::new(Arc::clone(&self.sink), sink_cx, cx.metrics.clone())
-                .with_failures(cx.failures.clone()),
+            SinkEmitter::new(
+                Arc::clone(&self.sink),
+                sink_cx,
+                cx.metrics.clone(),
+                cx.random.clone(),
+            )
+            .with_failures(cx.failures.clone()),
         )
     }
 }
@@ -132,6 +137,7 @@ where
                 failures: None,
                 exchanges: Arc::new(Vec::new()),
                 metrics: cx.metrics.clone(),
+                random: cx.random.clone(),
             };
             let worker = KeyedWorker {
                 op: (self.make_op)(),

@@ -58,6 +58,7 @@ where
             let msg = match deadline {
                 None => rx.recv().await,
                 Some(at) => tokio::select! {
+                    biased;
                     msg = rx.recv() => msg,
                     () = tokio::time::sleep_until(at) => {
                         self.commit(&mut states, &mut uncommitted, &mut reports).await?;

@@ -10,6 +10,7 @@ use crate::error::{Error, SinkError};
 use crate::metrics::Metrics;
 use crate::operator::{Control, Emit, EpochCx, Ident, RecordCx, ReportFailure};
 use crate::position::ShardId;
+use crate::random::Random;
 use crate::sink::{Held, Output, OutputBatch, OutputId, Sink, SinkContext, SinkWriter};
 
 use super::chain::next_capacity;
@@ -36,10 +37,17 @@ pub(crate) struct SinkEmitter<T> {
     /// Where outputs the sink refuses (`Sink::check`) send their input record, on a shard's
     /// own path.
     pub(crate) failures: Option<Arc<dyn ReportFailure>>,
+    /// Backoff jitter.
+    pub(crate) random: Random,
 }
 
 impl<T: Send + 'static> SinkEmitter<T> {
-    pub(crate) fn new(sink: Arc<dyn Sink<T>>, cx: SinkContext, metrics: Metrics) -> Self {
+    pub(crate) fn new(
+        sink: Arc<dyn Sink<T>>,
+        cx: SinkContext,
+        metrics: Metrics,
+        random: Random,
+    ) -> Self {
         Self {
             sink,
             cx,
@@ -50,6 +58,7 @@ impl<T: Send + 'static> SinkEmitter<T> {
             bytes_reported: 0,
             metrics,
             failures: None,
+            random,
         }
     }
 
@@ -63,7 +72,7 @@ impl<T: Send + 'static> SinkEmitter<T> {
         if self.writer.is_none() {
             let sink = Arc::clone(&self.sink);
             let cx = self.cx.clone();
-            let writer = with_retries(|| {
+            let writer = with_retries(&self.random, || {
                 let sink = Arc::clone(&sink);
                 let cx = cx.clone();
                 async move { sink.open(&cx).await }
@@ -76,7 +85,7 @@ impl<T: Send + 'static> SinkEmitter<T> {
 }
 
 /// Runs a sink operation, retrying retryable errors with exponential backoff and full jitter.
-pub(crate) async fn with_retries<R, F, Fut>(mut op: F) -> Result<R, Error>
+pub(crate) async fn with_retries<R, F, Fut>(random: &Random, mut op: F) -> Result<R, Error>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<R, SinkError>>,
@@ -87,7 +96,7 @@ where
             Ok(r) => return Ok(r),
             Err(e) if e.retryable && attempt + 1 < SINK_ATTEMPTS => {
                 let cap = SINK_BACKOFF.saturating_mul(1 << attempt);
-                let wait = cap.mul_f64(rand::random::<f64>());
+                let wait = random.full_jitter(cap);
                 tracing::warn!(sink = %e.sink, error = %e, ?wait, "sink operation failed, retrying");
                 tokio::time::sleep(wait).await;
                 attempt += 1;

@@ -17,9 +17,11 @@ use crate::protocol::checkpoint::Epoch;
 use crate::protocol::lease_rules::renewal_due;
 use crate::protocol::outcome::{after_task, finished, run_over, AfterTask, Finished, TaskEnd};
 use crate::protocol::shard_sync::{leases_to_start, processable, retry_after};
+use crate::random::Random;
 use crate::topology::{Exchanges, Topology};
 use crate::tracker::Tracker;
 
+use super::decisions::DecisionLog;
 use super::health::Health;
 use super::leases::LeaseManager;
 use super::shard_task::{ShardOutcome, ShardTask};
@@ -85,6 +87,8 @@ pub(crate) struct ControlLoop {
     sync: SyncSchedule,
     /// The error that ends the run, once there is one: no new shard starts after it.
     failure: Option<Error>,
+    random: Random,
+    decisions: DecisionLog,
 }
 
 impl ControlLoop {
@@ -98,6 +102,8 @@ impl ControlLoop {
         health: Health,
         shutdown: CancellationToken,
         exchanges: Exchanges,
+        random: Random,
+        decisions: DecisionLog,
     ) -> Self {
         let paths = topology.paths(config.parallelism);
         let now = Instant::now();
@@ -125,6 +131,8 @@ impl ControlLoop {
                 owed: true,
             },
             failure: None,
+            random,
+            decisions,
         }
     }
 
@@ -156,6 +164,7 @@ impl ControlLoop {
             let stop_readers =
                 !self.running.is_empty() && self.running.values().all(|r| !r.cancel.is_cancelled());
             tokio::select! {
+                biased;
                 () = self.shutdown.cancelled(), if stop_readers => {
                     tracing::info!(topology = %self.name(), "shutting down: stopping readers");
                     self.running.values().for_each(|r| r.cancel.cancel());
@@ -167,6 +176,8 @@ impl ControlLoop {
                         Err(e) => Error::Task(e.to_string()),
                     };
                     tracing::error!(topology = %self.name(), %error, "keyed worker failed");
+                    self.decisions
+                        .record(|| format!("keyed worker failed: {error}"));
                     self.running.values().for_each(|r| r.cancel.cancel());
                     self.failure.get_or_insert(error);
                     // The other shards cannot make progress; stop waiting for them.
@@ -208,6 +219,8 @@ impl ControlLoop {
                 self.metrics.leases(self.name(), held);
             }
             Err(error) if error.is_retryable() => {
+                self.decisions
+                    .record(|| format!("sync failed, retryable: {error}"));
                 // A throttled or unavailable stream or lease table: the shards already running
                 // go on; the round is tried again after a backoff (/healthz fails only if
                 // renewals fail too).
@@ -218,6 +231,7 @@ impl ControlLoop {
                 self.sync.next = Instant::now() + backoff;
             }
             Err(error) => {
+                self.decisions.record(|| format!("sync failed: {error}"));
                 tracing::error!(topology = %self.name(), %error, "shard sync failed");
                 self.running.values().for_each(|r| r.cancel.cancel());
                 self.failure.get_or_insert(error);
@@ -250,8 +264,18 @@ impl ControlLoop {
                 .expect("started leases are of listed shards")
                 .clone();
             let Some(taken) = self.leases.take(lease).await? else {
+                self.decisions
+                    .record(|| format!("take {} lost the race", lease.key));
                 continue;
             };
+            self.decisions.record(|| {
+                format!(
+                    "take {} epoch {} resume {:?}",
+                    taken.key,
+                    taken.epoch(),
+                    taken.checkpoint
+                )
+            });
             self.metrics.lease_taken(self.name());
             let cancel = CancellationToken::new();
             let lease_guard = self.leases.guard(&taken.key).await.expect("just taken");
@@ -268,6 +292,7 @@ impl ControlLoop {
                 metrics: self.metrics.clone(),
                 exchanges: Arc::clone(&self.exchanges),
                 cancel: cancel.clone(),
+                random: self.random.clone(),
             };
             self.written
                 .insert(shard.id.clone(), taken.checkpoint.clone());
@@ -311,7 +336,10 @@ impl ControlLoop {
             Err(Error::ShardStopped(stop)) => (TaskEnd::Stopped, Some(Error::ShardStopped(stop))),
             Err(error) => (TaskEnd::Failed, Some(error)),
         };
-        match after_task(end, shard.lost) {
+        let decision = after_task(end, shard.lost);
+        self.decisions
+            .record(|| format!("shard {id} ended {end:?}: {decision:?}"));
+        match decision {
             AfterTask::Finish {
                 last_epoch,
                 shard_end,
@@ -363,6 +391,7 @@ impl ControlLoop {
                 self.health.lease_round_ok();
             }
             for key in lost {
+                self.decisions.record(|| format!("renewal lost {key}"));
                 self.metrics.lease_lost(self.name());
                 let name = self.topology.name.clone();
                 for r in self.running.values_mut().filter(|r| r.lease_key == key) {
@@ -388,6 +417,8 @@ impl ControlLoop {
                     tracing::warn!(topology = %self.name(), shard = %id, %error, "checkpoint failed, retrying");
                 }
                 Err(error) => {
+                    self.decisions
+                        .record(|| format!("checkpoint of {id} rejected: {error}"));
                     // Lost (stolen, or taken after expiry) or refused: the same message as a
                     // lost renewal, so one search finds both.
                     self.metrics.lease_lost(self.name());
@@ -409,6 +440,8 @@ impl ControlLoop {
                 still.push(f);
                 continue;
             }
+            self.decisions
+                .record(|| format!("final checkpoint of {}", f.shard));
             if let Err(error) = self.write_checkpoint(&f.shard, &f.lease_key).await {
                 tracing::warn!(topology = %self.name(), shard = %f.shard, %error, "final checkpoint rejected");
             }
@@ -432,6 +465,8 @@ impl ControlLoop {
         if let Some(cp) = self.tracker.checkpoint(id) {
             if self.written.get(id) != Some(&cp) {
                 self.leases.checkpoint(key, cp.clone()).await?;
+                self.decisions
+                    .record(|| format!("checkpoint {id} {:?} {:?}", cp.committed, cp.rebuild_from));
                 self.metrics.checkpointed(self.name(), id.as_str());
                 self.written.insert(id.clone(), cp);
             }

@@ -64,6 +64,7 @@ impl LeaseGuard {
                 return !cancel.is_cancelled();
             }
             tokio::select! {
+                biased;
                 () = cancel.cancelled() => return false,
                 () = renewed => {}
             }

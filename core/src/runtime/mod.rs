@@ -2,6 +2,7 @@
 //! sinks commit, and ends on shutdown (or, in a bounded run, when every shard is caught up).
 
 mod control;
+mod decisions;
 mod health;
 mod lease_guard;
 #[cfg(test)]
@@ -22,10 +23,12 @@ use crate::error::{BuildError, Error};
 use crate::lease::LeaseStore;
 use crate::metrics::Metrics;
 use crate::position::ShardId;
+use crate::random::Random;
 use crate::source::ReadLimits;
 use crate::topology::{Topology, WorkerCx};
 use crate::tracker::Tracker;
 use control::ControlLoop;
+pub use decisions::DecisionLog;
 pub use health::Health;
 use leases::LeaseManager;
 
@@ -148,6 +151,8 @@ pub struct Runtime {
     metrics: Metrics,
     shutdown: CancellationToken,
     health: Health,
+    random: Random,
+    decisions: DecisionLog,
 }
 
 impl Runtime {
@@ -160,6 +165,8 @@ impl Runtime {
             metrics: Metrics::unregistered(),
             shutdown: CancellationToken::new(),
             health: Health::new(),
+            random: Random::from_entropy(),
+            decisions: DecisionLog::default(),
         }
     }
 
@@ -188,6 +195,18 @@ impl Runtime {
         self
     }
 
+    /// Draws backoff jitter from `random` (a seeded one makes a simulated run repeatable).
+    pub fn with_random(mut self, random: Random) -> Self {
+        self.random = random;
+        self
+    }
+
+    /// Records the runtime's decisions in `log`.
+    pub fn with_decisions(mut self, log: DecisionLog) -> Self {
+        self.decisions = log;
+        self
+    }
+
     /// Runs until shutdown (or, in a bounded run, until every shard is caught up).
     ///
     /// # Errors
@@ -207,6 +226,7 @@ impl Runtime {
             metrics: self.metrics.clone(),
             capacity: config.channel_capacity,
             commit_interval: config.commit_interval,
+            random: self.random.clone(),
         };
         let exchanges: Vec<_> = topology
             .keyed
@@ -228,6 +248,8 @@ impl Runtime {
             self.health,
             self.shutdown,
             Arc::new(exchanges),
+            self.random,
+            self.decisions,
         )
         .run(&mut workers)
         .await

@@ -15,6 +15,7 @@ use crate::operator::{Control, Emit, EpochCx, Ident, Mode, RecordCx};
 use crate::position::{EventTime, ShardInfo, StartPosition};
 use crate::protocol::checkpoint::{Epoch, EpochRead};
 use crate::protocol::resume::{plan_resume, split_replay, ResumePlan};
+use crate::random::Random;
 use crate::record::RawBatch;
 use crate::runtime::lease_guard::LeaseGuard;
 use crate::runtime::{RunMode, RuntimeConfig};
@@ -53,6 +54,8 @@ pub(crate) struct ShardTask {
     pub(crate) metrics: Metrics,
     pub(crate) exchanges: Exchanges,
     pub(crate) cancel: CancellationToken,
+    /// Backoff jitter.
+    pub(crate) random: Random,
 }
 
 struct Running {
@@ -85,6 +88,7 @@ impl ShardTask {
             failures: None,
             exchanges: Arc::clone(&self.exchanges),
             metrics: self.metrics.clone(),
+            random: self.random.clone(),
         };
         let failures = Failures::new(
             self.topology.dead_letter.clone(),
@@ -102,7 +106,12 @@ impl ShardTask {
                 topology: self.topology.name.clone(),
                 instance: format!("dead-letters-{id}"),
             };
-            SinkEmitter::new(Arc::clone(sink), cx, self.metrics.clone())
+            SinkEmitter::new(
+                Arc::clone(sink),
+                cx,
+                self.metrics.clone(),
+                self.random.clone(),
+            )
         });
         let mut run = Running {
             pipeline,
@@ -122,6 +131,7 @@ impl ShardTask {
         let mut backoff = Duration::from_millis(100);
         loop {
             let batch = tokio::select! {
+                biased;
                 () = self.cancel.cancelled() => return self.release(&mut run).await,
                 batch = reader.read() => batch,
             };
@@ -132,7 +142,7 @@ impl ShardTask {
                 }
                 Err(e) if e.is_retryable() => {
                     tracing::warn!(shard = %id, error = %e, "read failed, backing off");
-                    if self.pause(jittered(backoff)).await {
+                    if self.pause(self.random.equal_jitter(backoff)).await {
                         return self.release(&mut run).await;
                     }
                     backoff = (backoff * 2).min(MAX_READ_BACKOFF);
@@ -228,7 +238,7 @@ impl ShardTask {
                 Ok(reader) => return Ok(Some(reader)),
                 Err(e) if e.is_retryable() => {
                     tracing::warn!(shard = %self.shard.id, error = %e, "opening shard failed, backing off");
-                    if self.pause(jittered(backoff)).await {
+                    if self.pause(self.random.equal_jitter(backoff)).await {
                         return Ok(None);
                     }
                     backoff = (backoff * 2).min(MAX_READ_BACKOFF);
@@ -241,6 +251,7 @@ impl ShardTask {
     /// Waits, or returns true at once if cancelled.
     async fn pause(&self, wait: Duration) -> bool {
         tokio::select! {
+            biased;
             () = self.cancel.cancelled() => true,
             () = tokio::time::sleep(wait) => false,
         }
@@ -372,8 +383,4 @@ impl ShardTask {
             last_epoch: run.epoch,
         })
     }
-}
-
-fn jittered(cap: Duration) -> Duration {
-    cap.mul_f64(0.5 + rand::random::<f64>() / 2.0)
 }

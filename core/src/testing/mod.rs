@@ -1,11 +1,18 @@
-//! Conformance suites every `LeaseStore` and `Sink` implementation passes (feature `testing`).
+//! Conformance suites every `LeaseStore` and `Sink` implementation passes, and the test
+//! doubles the simulation checker is built from (feature `testing`).
 
+mod holding;
 mod keyed_harness;
 mod lease_store;
+mod scripted;
+mod scripted_leases;
 mod sink;
 
+pub use holding::HoldingSink;
 pub use keyed_harness::KeyedHarness;
 pub use lease_store::lease_store_conformance;
+pub use scripted::ScriptedSink;
+pub use scripted_leases::ScriptedLeaseStore;
 pub use sink::{fencing_sink_conformance, sink_conformance};
 
 #[cfg(test)]
@@ -16,6 +23,15 @@ mod tests {
     #[tokio::test]
     async fn memory_lease_store_passes_the_conformance_suite() {
         super::lease_store_conformance(|| async { MemoryLeaseStore::new() }).await;
+    }
+
+    #[tokio::test]
+    async fn the_holding_sink_model_passes_the_conformance_suite() {
+        super::sink_conformance(
+            || async { super::HoldingSink::<u64>::new("holding", 3, std::time::Duration::ZERO) },
+            |i| i,
+        )
+        .await;
     }
 
     #[tokio::test]

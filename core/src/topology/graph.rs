@@ -20,6 +20,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::operator::{Emit, EpochCx, KeyedOperator, ReportFailure};
 use crate::position::{EventTime, ShardId, StartPosition};
+use crate::random::Random;
 use crate::record::RawBatch;
 use crate::sink::{Held, Sink};
 use crate::source::Source;
@@ -33,6 +34,8 @@ pub(crate) struct InstanceCx {
     pub(crate) failures: Option<Arc<dyn ReportFailure>>,
     pub(crate) exchanges: Exchanges,
     pub(crate) metrics: Metrics,
+    /// Backoff jitter.
+    pub(crate) random: Random,
 }
 
 /// The exchanges of one run, by keyed branch, type-erased: each is the `exec` exchange of its
@@ -46,6 +49,7 @@ pub(crate) struct WorkerCx {
     pub(crate) metrics: Metrics,
     pub(crate) capacity: usize,
     pub(crate) commit_interval: Duration,
+    pub(crate) random: Random,
 }
 
 /// A declared consumer of a stream of `T`, instantiated once per pipeline instance.

@@ -1,0 +1,49 @@
+//! A log of the decisions a runtime takes (leases taken, where shards resume, checkpoints
+//! written, how shard tasks ended), for simulations that check that two runs of one seed
+//! decide alike. Off unless a caller asks for it.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::time::Instant;
+
+/// Where a runtime records its decisions. Cloning shares it.
+#[derive(Clone, Debug, Default)]
+pub struct DecisionLog {
+    entries: Option<Arc<Mutex<Vec<String>>>>,
+    start: Option<Instant>,
+}
+
+impl DecisionLog {
+    /// A log that keeps every decision, stamped with the milliseconds since it was made.
+    pub fn recording() -> Self {
+        Self {
+            entries: Some(Arc::default()),
+            start: Some(Instant::now()),
+        }
+    }
+
+    /// Whether decisions are kept.
+    pub fn is_recording(&self) -> bool {
+        self.entries.is_some()
+    }
+
+    /// Records one decision; `entry` is only called when recording.
+    pub(crate) fn record(&self, entry: impl FnOnce() -> String) {
+        if let (Some(entries), Some(start)) = (&self.entries, self.start) {
+            let line = format!("{:>8} {}", start.elapsed().as_millis(), entry());
+            entries
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(line);
+        }
+    }
+
+    /// Every decision recorded so far, oldest first.
+    pub fn entries(&self) -> Vec<String> {
+        self.entries.as_ref().map_or_else(Vec::new, |e| {
+            e.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+        })
+    }
+}

@@ -1,0 +1,127 @@
+//! `ScriptedLeaseStore`: wraps any lease store and follows a script: block updates, fail the
+//! next listings, report the next renewals as lost, and log every update that succeeded.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::LeaseError;
+use crate::lease::{Lease, LeaseStore, LeaseUpdate};
+
+#[derive(Debug, Default)]
+struct Script {
+    blocked: bool,
+    list_failures: u32,
+    list_failures_retryable: bool,
+    lose_renewals: u32,
+    log: Vec<Lease>,
+}
+
+/// A lease store that follows a script before handing on to the store it wraps. Cloning
+/// shares the store and the script.
+pub struct ScriptedLeaseStore<S> {
+    inner: Arc<S>,
+    script: Arc<Mutex<Script>>,
+}
+
+impl<S> Clone for ScriptedLeaseStore<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+            script: Arc::clone(&self.script),
+        }
+    }
+}
+
+impl<S: LeaseStore> ScriptedLeaseStore<S> {
+    /// Wraps `inner` with an empty script.
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner: Arc::new(inner),
+            script: Arc::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Script> {
+        self.script
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Updates wait while blocked (a lease table out of reach).
+    pub fn block_updates(&self, blocked: bool) {
+        self.lock().blocked = blocked;
+    }
+
+    /// The next `n` listings fail, retryably or not.
+    pub fn fail_lists(&self, n: u32, retryable: bool) {
+        let mut script = self.lock();
+        script.list_failures = n;
+        script.list_failures_retryable = retryable;
+    }
+
+    /// The next `n` renewals answer `LeaseLost` without writing (the worker believes another
+    /// took the lease; the table still names it).
+    pub fn lose_renewals(&self, n: u32) {
+        self.lock().lose_renewals = n;
+    }
+
+    /// Every lease as an update left it, oldest first.
+    pub fn log(&self) -> Vec<Lease> {
+        self.lock().log.clone()
+    }
+}
+
+#[async_trait]
+impl<S: LeaseStore> LeaseStore for ScriptedLeaseStore<S> {
+    async fn list(&self) -> Result<Vec<Lease>, LeaseError> {
+        {
+            let mut script = self.lock();
+            if script.list_failures > 0 {
+                script.list_failures -= 1;
+                return Err(LeaseError::Store {
+                    operation: "list",
+                    retryable: script.list_failures_retryable,
+                    source: "failure injected by the test script".into(),
+                });
+            }
+        }
+        self.inner.list().await
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Lease>, LeaseError> {
+        self.inner.get(key).await
+    }
+
+    async fn create_if_absent(&self, lease: &Lease) -> Result<bool, LeaseError> {
+        self.inner.create_if_absent(lease).await
+    }
+
+    async fn update(
+        &self,
+        key: &str,
+        expected_counter: u64,
+        update: &LeaseUpdate,
+    ) -> Result<Lease, LeaseError> {
+        while self.lock().blocked {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if matches!(update, LeaseUpdate::Renew { .. }) {
+            let mut script = self.lock();
+            if script.lose_renewals > 0 {
+                script.lose_renewals -= 1;
+                return Err(LeaseError::LeaseLost {
+                    lease_key: key.to_owned(),
+                });
+            }
+        }
+        let lease = self.inner.update(key, expected_counter, update).await?;
+        self.lock().log.push(lease.clone());
+        Ok(lease)
+    }
+
+    async fn delete(&self, key: &str, expected_counter: u64) -> Result<(), LeaseError> {
+        self.inner.delete(key, expected_counter).await
+    }
+}

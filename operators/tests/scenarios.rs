@@ -1,0 +1,566 @@
+//! Named scenarios where the effectively-once promise broke, each reproduced in process on the
+//! in-memory stream (issue 11's list); the simulation checker (`tests/simulation.rs`) looks
+//! for the ones nobody listed.
+
+mod sim;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use shardflow_core::dead_letter::DeadLetter;
+use shardflow_core::decode::SourceExt;
+use shardflow_core::lease::{CheckpointPosition, LeaseStore, MemoryLeaseStore};
+use shardflow_core::memory::MemoryStream;
+use shardflow_core::runtime::{RunMode, Runtime, RuntimeConfig};
+use shardflow_core::sink::MemorySink;
+use shardflow_core::testing::{HoldingSink, ScriptedLeaseStore, ScriptedSink};
+use shardflow_core::topology::Topology;
+use shardflow_operators::{
+    Count, KeyBy, SessionWindow, ShardStreamExt, SlidingWindow, StreamExt, TumblingWindow,
+};
+use sim::model::{decode, encode, Event};
+use tokio_util::sync::CancellationToken;
+
+/// 2024-01-01, in milliseconds: event and arrival times start here.
+const T0: i64 = 1_704_067_200_000;
+
+fn event(uid: u64, key: u32, ts: i64) -> Event {
+    Event {
+        uid,
+        key,
+        ts,
+        value: 1,
+    }
+}
+
+/// Appends `e` to `shard`, arriving at its own event time (or at `T0` for times far off).
+fn push(stream: &MemoryStream, shard: usize, e: &Event) {
+    let arrival = if (T0 - 86_400_000..T0 + 86_400_000).contains(&e.ts) {
+        e.ts
+    } else {
+        T0
+    };
+    stream.push(shard, arrival, b"k", &encode(e));
+}
+
+fn config(mode: RunMode) -> RuntimeConfig {
+    RuntimeConfig {
+        worker_id: "w".into(),
+        parallelism: 2,
+        checkpoint_interval: Duration::from_millis(20),
+        lease_duration: Duration::from_millis(300),
+        shard_sync_interval: Duration::from_millis(100),
+        idle_wait: Duration::from_millis(20),
+        commit_interval: Duration::from_millis(10),
+        mode,
+        ..RuntimeConfig::default()
+    }
+}
+
+fn value_of<V: Clone + Send + Sync + 'static>(sink: &MemorySink<V>, path: &str) -> Option<V> {
+    sink.contents()
+        .into_iter()
+        .find(|((_, p), _)| p == path)
+        .map(|(_, v)| v)
+}
+
+async fn lease_committed(leases: &dyn LeaseStore, key: &str) -> CheckpointPosition {
+    leases
+        .get(key)
+        .await
+        .unwrap()
+        .map_or(CheckpointPosition::Initial, |l| l.checkpoint.committed)
+}
+
+fn seq(p: &CheckpointPosition) -> u128 {
+    match p {
+        CheckpointPosition::At(p) => p.sequence.as_u128().unwrap(),
+        CheckpointPosition::ShardEnd => u128::MAX,
+        _ => 0,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_graceful_stop_emits_the_updates_a_running_aggregate_had_not_emitted_yet() {
+    let stream = MemoryStream::new("counts", 1);
+    for i in 0..10 {
+        push(&stream, 0, &event(i, 1, T0 + i as i64));
+    }
+    let counts = MemorySink::new("counts");
+    let topology = || {
+        Topology::builder("stop")
+            .source(stream.clone().decode_fn(decode))
+            .key_by(|e: &Event| e.key)
+            .aggregate(Count)
+            .sink(counts.clone())
+            .build()
+            .unwrap()
+    };
+    let leases = Arc::new(MemoryLeaseStore::new());
+    let shutdown = CancellationToken::new();
+    // Running results go out once per commit; the next commit is an hour away.
+    let slow = RuntimeConfig {
+        commit_interval: Duration::from_secs(3_600),
+        ..config(RunMode::Continuous)
+    };
+    let run = tokio::spawn(
+        Runtime::new(topology(), leases.clone())
+            .with_config(slow)
+            .with_shutdown(shutdown.clone())
+            .run(),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        counts.contents().is_empty(),
+        "nothing emitted before the stop"
+    );
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+    assert_eq!(
+        value_of(&counts, "k/1").map(|r| r.value),
+        Some(10),
+        "the stop emits the final count"
+    );
+    // A later run has nothing new to add and leaves the result as it is.
+    Runtime::new(topology(), leases)
+        .with_config(config(RunMode::UntilCaughtUp))
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(value_of(&counts, "k/1").map(|r| r.value), Some(10));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_restarted_mid_session_is_the_session_an_uninterrupted_run_gives() {
+    let stream = MemoryStream::new("sessions", 1);
+    // One session of 21 records 100 ms apart (gap 1 s): [T0, T0 + 3000).
+    for i in 0..16 {
+        push(&stream, 0, &event(i, 1, T0 + 100 * i as i64));
+    }
+    let sessions = MemorySink::new("sessions");
+    let topology = || {
+        Topology::builder("sessions")
+            .source(stream.clone().decode_fn(decode))
+            .event_time(|e: &Event| e.ts)
+            .key_by(|e: &Event| e.key)
+            .window(SessionWindow::with_gap(Duration::from_secs(1)))
+            .aggregate(Count)
+            .sink(sessions.clone())
+            .build()
+            .unwrap()
+    };
+    let leases = Arc::new(MemoryLeaseStore::new());
+    let run = tokio::spawn(
+        Runtime::new(topology(), leases.clone())
+            .with_config(config(RunMode::Continuous))
+            .run(),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    run.abort();
+    let _ = run.await;
+    assert_eq!(
+        seq(&lease_committed(&*leases, "shard-0").await),
+        16,
+        "the first run checkpointed all it read: the restart replays it"
+    );
+    for i in 16..21 {
+        push(&stream, 0, &event(i, 1, T0 + 100 * i as i64));
+    }
+    stream.close(0);
+    Runtime::new(topology(), leases)
+        .with_config(config(RunMode::UntilCaughtUp))
+        .run()
+        .await
+        .unwrap();
+    let whole = format!("w/{:020}-{:020}/1", T0, T0 + 3_000);
+    assert_eq!(
+        value_of(&sessions, &whole).map(|r| r.value),
+        Some(21),
+        "sessions: {:?}",
+        sessions.contents()
+    );
+    assert_eq!(sessions.contents().len(), 1, "one session, nothing else");
+}
+
+#[tokio::test(start_paused = true)]
+async fn flat_map_outputs_have_their_own_identities_after_key_by_past_65536_and_three_deep() {
+    let stream = MemoryStream::new("fanout", 1);
+    for i in 0..4 {
+        push(&stream, 0, &event(i, i as u32 % 2, T0 + 10 * i as i64));
+    }
+    stream.close(0);
+    let after_key_by = MemorySink::new("after-key-by");
+    let wide = MemorySink::new("wide");
+    let deep = MemorySink::new("deep");
+    let source = Topology::builder("fanout")
+        .source(stream.clone().decode_fn(decode))
+        .event_time(|e: &Event| e.ts);
+    let windows = source.clone();
+    let records = source.clone();
+    windows
+        .key_by(|e: &Event| e.key)
+        .window(TumblingWindow::of(Duration::from_secs(1)))
+        .aggregate(Count)
+        .flat_map(|r| (0..3u64).map(move |i| r.value * 10 + i))
+        .sink(after_key_by.clone());
+    records
+        .clone()
+        .filter(|e: &Event| e.uid == 0)
+        .flat_map(|e: Event| (0..70_000u64).map(move |i| e.uid + i))
+        .sink(wide.clone());
+    let topology = records
+        .filter(|e: &Event| e.uid == 1)
+        .flat_map(|e: Event| [e.clone(), e])
+        .flat_map(|e: Event| [e.clone(), e])
+        .flat_map(|e: Event| [e.clone(), e])
+        .sink(deep.clone())
+        .build()
+        .unwrap();
+    Runtime::new(topology, Arc::new(MemoryLeaseStore::new()))
+        .with_config(config(RunMode::UntilCaughtUp))
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(
+        after_key_by.contents().len(),
+        2 * 3,
+        "two window results, three outputs each"
+    );
+    assert_eq!(wide.contents().len(), 70_000, "no wrap at 65 536 outputs");
+    assert_eq!(
+        deep.contents().len(),
+        8,
+        "2 x 2 x 2 outputs, none overwritten"
+    );
+}
+
+#[test]
+fn a_sink_holding_record_outputs_after_key_by_is_refused_at_build_time() {
+    let stream = MemoryStream::new("late", 1);
+    let held_late = HoldingSink::new("held-late", 10, Duration::from_secs(1));
+    let built = Topology::builder("late")
+        .source(stream.decode_fn(decode))
+        .event_time(|e: &Event| e.ts)
+        .key_by(|e: &Event| e.key)
+        .window(TumblingWindow::of(Duration::from_secs(1)))
+        .late_records(move |late| {
+            late.sink(held_late);
+        })
+        .aggregate(Count)
+        .sink(MemorySink::new("counts"))
+        .build();
+    let error = built.expect_err("a holding sink after key_by cannot cut per source shard");
+    assert!(error.to_string().contains("held-late"), "{error}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_record_from_a_far_future_clock_makes_nothing_else_late() {
+    let stream = MemoryStream::new("clocks", 1);
+    let year = 365 * 86_400_000;
+    let events = [
+        event(0, 1, T0 + 100),
+        event(1, 1, T0 + 1_100),
+        event(2, 1, T0 + 76 * year), // a producer clock in 2100
+        event(3, 1, T0 + 2_100),
+        event(4, 1, T0 + 3_100),
+    ];
+    for e in &events {
+        stream.push(0, T0 + 10 * e.uid as i64, b"k", &encode(e));
+    }
+    stream.close(0);
+    let counts = MemorySink::new("counts");
+    let late = MemorySink::new("late");
+    let late_side = late.clone();
+    let topology = Topology::builder("clocks")
+        .source(stream.clone().decode_fn(decode))
+        .event_time(|e: &Event| e.ts)
+        .key_by(|e: &Event| e.key)
+        .window(TumblingWindow::of(Duration::from_secs(1)))
+        .late_records(move |l| {
+            l.sink(late_side);
+        })
+        .aggregate(Count)
+        .sink(counts.clone())
+        .build()
+        .unwrap();
+    Runtime::new(topology, Arc::new(MemoryLeaseStore::new()))
+        .with_config(config(RunMode::UntilCaughtUp))
+        .run()
+        .await
+        .unwrap();
+    let counted: u64 = counts.contents().values().map(|r| r.value).sum();
+    assert_eq!(
+        counted,
+        4,
+        "every record but the far-future one: {:?}",
+        counts.contents()
+    );
+    let late: Vec<Event> = late.contents().into_values().collect();
+    assert_eq!(
+        late,
+        [events[2].clone()],
+        "the far-future record is handled as late"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn extreme_event_times_never_overflow_window_arithmetic() {
+    let stream = MemoryStream::new("extremes", 1);
+    let events = [
+        event(0, 1, i64::MIN),
+        event(1, 1, T0),
+        event(2, 1, i64::MAX),
+        event(3, 1, T0 + 500),
+    ];
+    for e in &events {
+        stream.push(0, T0, b"k", &encode(e));
+    }
+    stream.close(0);
+    let sinks: Vec<MemorySink<_>> = (0..3).map(|i| MemorySink::new(format!("w{i}"))).collect();
+    let late: Vec<MemorySink<Event>> = (0..3)
+        .map(|i| MemorySink::new(format!("late{i}")))
+        .collect();
+    let source = Topology::builder("extremes")
+        .source(stream.clone().decode_fn(decode))
+        .event_time(|e: &Event| e.ts);
+    let (l0, l1, l2) = (late[0].clone(), late[1].clone(), late[2].clone());
+    source
+        .clone()
+        .key_by(|e: &Event| e.key)
+        .window(TumblingWindow::of(Duration::from_secs(1)))
+        .late_records(move |l| {
+            l.sink(l0);
+        })
+        .aggregate(Count)
+        .sink(sinks[0].clone());
+    source
+        .clone()
+        .key_by(|e: &Event| e.key)
+        .window(SlidingWindow::of(
+            Duration::from_secs(2),
+            Duration::from_secs(1),
+        ))
+        .late_records(move |l| {
+            l.sink(l1);
+        })
+        .aggregate(Count)
+        .sink(sinks[1].clone());
+    let topology = source
+        .key_by(|e: &Event| e.key)
+        .window(SessionWindow::with_gap(Duration::from_secs(1)))
+        .late_records(move |l| {
+            l.sink(l2);
+        })
+        .aggregate(Count)
+        .sink(sinks[2].clone())
+        .build()
+        .unwrap();
+    Runtime::new(topology, Arc::new(MemoryLeaseStore::new()))
+        .with_config(config(RunMode::UntilCaughtUp))
+        .run()
+        .await
+        .unwrap();
+    for (i, sink) in sinks.iter().enumerate() {
+        for r in sink.contents().values() {
+            assert!(r.window.start < r.window.end, "an inverted window: {r:?}");
+        }
+        let mut late: Vec<u64> = late[i].contents().values().map(|e| e.uid).collect();
+        late.sort_unstable();
+        assert_eq!(late, [0, 2], "operator {i}: both extremes are late");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_running_aggregates_shard_reaches_its_end_so_that_its_children_start() {
+    let stream = MemoryStream::new("reshard", 1);
+    for i in 0..5 {
+        push(&stream, 0, &event(i, 1, T0 + i as i64));
+    }
+    let (a, b) = stream.split(0);
+    for i in 5..10 {
+        push(&stream, a, &event(i, 2, T0 + i as i64));
+        push(&stream, b, &event(i + 100, 3, T0 + i as i64));
+    }
+    stream.close(a);
+    stream.close(b);
+    let counts = MemorySink::new("counts");
+    let topology = Topology::builder("reshard")
+        .source(stream.clone().decode_fn(decode))
+        .key_by(|e: &Event| e.key)
+        .aggregate(Count)
+        .sink(counts.clone())
+        .build()
+        .unwrap();
+    let leases = Arc::new(MemoryLeaseStore::new());
+    Runtime::new(topology, leases.clone())
+        .with_config(config(RunMode::UntilCaughtUp))
+        .run()
+        .await
+        .unwrap();
+    let parent = leases.get("shard-0").await.unwrap();
+    assert!(
+        parent.is_none_or(|l| l.checkpoint.is_shard_end()),
+        "the parent reached its end (its lease is deleted once its children started)"
+    );
+    for shard in ["shard-1", "shard-2"] {
+        assert_eq!(
+            lease_committed(&*leases, shard).await,
+            CheckpointPosition::ShardEnd,
+            "{shard} read to its end"
+        );
+    }
+    let keys: Vec<String> = counts
+        .contents()
+        .into_keys()
+        .map(|(s, p)| format!("{s} {p}"))
+        .collect();
+    assert_eq!(keys, ["shard-0 k/1", "shard-1 k/2", "shard-2 k/3"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shard_released_and_taken_again_never_mixes_its_two_lives() {
+    let stream = MemoryStream::new("again", 1);
+    let counts = ScriptedSink::new(MemorySink::new("counts"));
+    // A slow keyed sink: reports of the first life are still on their way when it ends.
+    counts.delay_commits(Duration::from_millis(150));
+    let topology = Topology::builder("again")
+        .source(stream.clone().decode_fn(decode))
+        .event_time(|e: &Event| e.ts)
+        .key_by(|e: &Event| e.key)
+        .window(TumblingWindow::of(Duration::from_millis(100)))
+        .aggregate(Count)
+        .sink(counts.clone())
+        .build()
+        .unwrap();
+    let leases = ScriptedLeaseStore::new(MemoryLeaseStore::new());
+    let shutdown = CancellationToken::new();
+    // Reports of many epochs travel together: the first life's are still in the worker when the
+    // second life begins.
+    let gathering = RuntimeConfig {
+        commit_interval: Duration::from_secs(1),
+        ..config(RunMode::Continuous)
+    };
+    let run = tokio::spawn(
+        Runtime::new(topology, Arc::new(leases.clone()))
+            .with_config(gathering)
+            .with_shutdown(shutdown.clone())
+            .run(),
+    );
+    for i in 0..200 {
+        push(&stream, 0, &event(i, 1, T0 + 10 * i as i64));
+        if i == 50 {
+            // The worker believes its lease moved; the table still names it, so it takes
+            // the lease back at the next sync.
+            leases.lose_renewals(1);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stream.close(0);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    shutdown.cancel();
+    run.await
+        .unwrap()
+        .expect("the run survives the shard's second life");
+    let counted: u64 = counts.inner().contents().values().map(|r| r.value).sum();
+    assert_eq!(counted, 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_holding_sinks_on_one_shard_let_its_checkpoint_advance() {
+    let stream = MemoryStream::new("archive", 1);
+    // Units of 7 records and of 5 even records: the two sinks share a cut every 70 records.
+    let raw = HoldingSink::new("raw", 7, Duration::from_secs(3_600));
+    let filtered = HoldingSink::new("filtered", 5, Duration::from_secs(3_600));
+    let topology = |stream: &MemoryStream| {
+        let source = Topology::builder("archive").source(stream.clone().decode_fn(decode));
+        source.clone().sink(raw.clone());
+        source
+            .filter(|e: &Event| e.uid % 2 == 0)
+            .sink(filtered.clone())
+            .build()
+            .unwrap()
+    };
+    let leases = Arc::new(MemoryLeaseStore::new());
+    let shutdown = CancellationToken::new();
+    let small_reads = |mode| RuntimeConfig {
+        read_limits: shardflow_core::source::ReadLimits {
+            max_records: 5,
+            max_bytes: 1 << 20,
+        },
+        ..config(mode)
+    };
+    let run = tokio::spawn(
+        Runtime::new(topology(&stream), leases.clone())
+            .with_config(small_reads(RunMode::Continuous))
+            .with_shutdown(shutdown.clone())
+            .run(),
+    );
+    for i in 0..300 {
+        push(&stream, 0, &event(i, 1, T0 + i as i64));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let committed = seq(&lease_committed(&*leases, "shard-0").await);
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+    assert!(
+        committed >= 290,
+        "the checkpoint follows the input to within a unit: at {committed} of 300"
+    );
+    // The stop dropped what the sinks still buffered; the next run delivers it exactly once.
+    stream.close(0);
+    Runtime::new(topology(&stream), leases)
+        .with_config(small_reads(RunMode::UntilCaughtUp))
+        .run()
+        .await
+        .unwrap();
+    let (all, dups) = raw.contents_and_duplicates();
+    assert!(dups.is_empty(), "{dups:?}");
+    assert_eq!(all.len(), 300);
+    let (even, dups) = filtered.contents_and_duplicates();
+    assert!(dups.is_empty(), "{dups:?}");
+    assert_eq!(even.len(), 150);
+}
+
+#[tokio::test(start_paused = true)]
+async fn try_map_retries_wait_on_the_runtime_clock_without_blocking_its_thread() {
+    let stream = MemoryStream::new("retry", 1);
+    push(&stream, 0, &event(0, 1, T0));
+    stream.close(0);
+    let calls: Arc<Mutex<Vec<tokio::time::Instant>>> = Arc::default();
+    let seen = Arc::clone(&calls);
+    let out = MemorySink::new("out");
+    let topology = Topology::builder("retry")
+        .dead_letter(DeadLetter::retry(
+            3,
+            Duration::from_secs(60),
+            DeadLetter::StopShard,
+        ))
+        .source(stream.clone().decode_fn(decode))
+        .try_map("flaky", move |e: &Event| {
+            let mut calls = seen.lock().unwrap();
+            calls.push(tokio::time::Instant::now());
+            if calls.len() < 3 {
+                Err("not yet")
+            } else {
+                Ok(e.clone())
+            }
+        })
+        .sink(out.clone())
+        .build()
+        .unwrap();
+    Runtime::new(topology, Arc::new(MemoryLeaseStore::new()))
+        .with_config(config(RunMode::UntilCaughtUp))
+        .run()
+        .await
+        .unwrap();
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 3);
+    assert!(
+        calls[1] - calls[0] >= Duration::from_secs(60)
+            && calls[2] - calls[1] >= Duration::from_secs(120),
+        "the waits are the runtime's own (paused) clock, not a blocked thread: {:?}",
+        calls.windows(2).map(|w| w[1] - w[0]).collect::<Vec<_>>()
+    );
+    assert_eq!(out.contents().len(), 1);
+}

@@ -1,0 +1,559 @@
+//! Runs one seed: a random topology, random input and a random schedule of faults on a
+//! single-threaded runtime with paused time, then compares every sink with the oracle.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shardflow_core::error::Error;
+use shardflow_core::lease::{LeaseStore, MemoryLeaseStore};
+use shardflow_core::memory::MemoryStream;
+use shardflow_core::random::Random;
+use shardflow_core::runtime::{DecisionLog, RunMode, RunReport, Runtime, RuntimeConfig};
+use shardflow_core::source::ReadLimits;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::model::{encode, Event};
+use super::oracle::{expected, Input, DEFAULT_MAX_SKEW};
+use super::spec::{topology, SimSink, Sinks, Spec};
+
+/// A fault the schedule can inject.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Fault {
+    /// The worker is killed at once (its task dropped): nothing more is written.
+    Abort,
+    /// The worker is stopped gracefully and started again.
+    Stop,
+    /// The worker is restarted with another number of keyed workers.
+    Rescale,
+    Split,
+    Merge,
+    /// A sink fails its next writes or commits.
+    SinkFails,
+    /// A sink's commits stall for a while.
+    SinkStalls,
+    /// A keyed branch's sink is slow for the rest of the run.
+    SlowSink,
+}
+
+pub const FAULTS: [Fault; 8] = [
+    Fault::Abort,
+    Fault::Stop,
+    Fault::Rescale,
+    Fault::Split,
+    Fault::Merge,
+    Fault::SinkFails,
+    Fault::SinkStalls,
+    Fault::SlowSink,
+];
+
+/// What a seed did and found.
+#[derive(Debug, Default)]
+pub struct SeedReport {
+    pub seed: u64,
+    pub spec: String,
+    /// Everything that did not hold; empty when the seed passed.
+    pub failures: Vec<String>,
+    pub faults: BTreeMap<Fault, u32>,
+    pub kinds: Vec<&'static str>,
+    pub decisions: Vec<String>,
+    /// Every sink's final contents, rendered, for determinism checks.
+    pub contents: String,
+    pub records: usize,
+}
+
+/// The base of arrival times: the simulation's clock starts here (2024-01-01).
+const EPOCH_MS: i64 = 1_704_067_200_000;
+
+struct World {
+    random: Random,
+    spec: Spec,
+    stream: MemoryStream,
+    leases: Arc<MemoryLeaseStore>,
+    sinks: Sinks,
+    decisions: DecisionLog,
+    started: Instant,
+    inputs: BTreeMap<String, Vec<Input>>,
+    uid: u64,
+    worker: Option<Worker>,
+    parallelism: usize,
+    /// Runs that ended because a sink failed beyond its retries (a failure the script injected):
+    /// the worker is restarted, as a supervisor would.
+    runs_failed_by_sinks: u32,
+    failures: Vec<String>,
+}
+
+struct Worker {
+    handle: JoinHandle<Result<RunReport, Error>>,
+    shutdown: CancellationToken,
+}
+
+fn below(random: &Random, n: usize) -> usize {
+    (random.fraction() * n as f64) as usize % n.max(1)
+}
+
+impl World {
+    fn now_ms(&self) -> i64 {
+        EPOCH_MS + self.started.elapsed().as_millis() as i64
+    }
+
+    fn config(&self) -> RuntimeConfig {
+        let r = &self.random;
+        let checkpoint_ms = [20, 50, 200][below(r, 3)];
+        RuntimeConfig {
+            worker_id: "sim".into(),
+            parallelism: self.parallelism,
+            channel_capacity: 1 + below(r, 4),
+            read_limits: ReadLimits {
+                max_records: 1 + below(r, 40),
+                max_bytes: 1 << 20,
+            },
+            idle_wait: Duration::from_millis(50),
+            commit_interval: Duration::from_millis([5, 50, 300][below(r, 3)]),
+            checkpoint_interval: Duration::from_millis(checkpoint_ms),
+            lease_duration: Duration::from_millis(checkpoint_ms * 10),
+            shard_sync_interval: Duration::from_millis(500),
+            max_leases_to_steal: 1,
+            mode: RunMode::Continuous,
+        }
+    }
+
+    fn start(&mut self) {
+        let shutdown = CancellationToken::new();
+        let runtime = Runtime::new(
+            topology(&self.spec, &self.stream, &self.sinks),
+            Arc::clone(&self.leases) as Arc<dyn LeaseStore>,
+        )
+        .with_config(self.config())
+        .with_random(self.random.clone())
+        .with_decisions(self.decisions.clone())
+        .with_shutdown(shutdown.clone());
+        self.worker = Some(Worker {
+            handle: tokio::spawn(runtime.run()),
+            shutdown,
+        });
+    }
+
+    /// Notes a run that ended by itself, and starts another.
+    async fn check_worker(&mut self) {
+        let finished = self.worker.as_ref().is_some_and(|w| w.handle.is_finished());
+        if !finished {
+            return;
+        }
+        let worker = self.worker.take().expect("finished implies present");
+        match worker.handle.await {
+            Ok(Ok(_)) => self
+                .failures
+                .push("a continuous run ended by itself".into()),
+            Ok(Err(error)) if injected(&error) => self.runs_failed_by_sinks += 1,
+            Ok(Err(error)) => self.failures.push(format!("the run failed: {error}")),
+            Err(join) => self.failures.push(format!("the run panicked: {join}")),
+        }
+        self.start();
+    }
+
+    async fn abort(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.handle.abort();
+            let _ = worker.handle.await;
+        }
+    }
+
+    async fn stop(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.shutdown.cancel();
+            match worker.handle.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) if injected(&error) => self.runs_failed_by_sinks += 1,
+                Ok(Err(error)) => self
+                    .failures
+                    .push(format!("a graceful stop failed: {error}")),
+                Err(join) => self.failures.push(format!("the run panicked: {join}")),
+            }
+        }
+    }
+
+    fn open_shards(&self) -> Vec<usize> {
+        self.stream
+            .shards()
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.closed)
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    fn produce(&mut self, n: usize) {
+        let open = self.open_shards();
+        let disorder = self.spec.out_of_orderness.max(100);
+        for _ in 0..n {
+            let r = &self.random;
+            let shard = open[below(r, open.len())];
+            let arrival = self.now_ms();
+            let roll = r.fraction();
+            let ts = if self.spec.extremes && roll < 0.01 {
+                if r.fraction() < 0.5 {
+                    i64::MIN
+                } else {
+                    i64::MAX
+                }
+            } else if roll < 0.02 {
+                // A producer with a clock ten years ahead.
+                arrival + 10 * 365 * 86_400_000
+            } else if roll < 0.08 {
+                // Late beyond any bound.
+                arrival - 5_000 - below(r, 5_000) as i64
+            } else {
+                arrival - below(r, 2 * disorder as usize) as i64
+            };
+            self.uid += 1;
+            let event = Event {
+                uid: self.uid,
+                key: below(r, 20) as u32,
+                ts,
+                value: below(r, 1_000) as i64 - 100,
+            };
+            let data = if r.fraction() < 0.02 {
+                b"not an event".to_vec()
+            } else {
+                encode(&event)
+            };
+            let key = event.key.to_string();
+            let seq = self.stream.push(shard, arrival, key.as_bytes(), &data);
+            let id = self.stream.shards()[shard].id.to_string();
+            self.inputs
+                .entry(id)
+                .or_default()
+                .push(Input { seq, arrival, data });
+        }
+    }
+
+    fn sink_scripts(&self) -> Vec<&dyn Script> {
+        let mut out: Vec<&dyn Script> = Vec::new();
+        for s in &self.sinks.branches {
+            match s {
+                SimSink::Records(s) => out.push(s),
+                SimSink::Holding(s) => out.push(s),
+                SimSink::Results(s) => out.push(s),
+            }
+        }
+        out.extend(self.sinks.late.values().map(|s| s as &dyn Script));
+        out.push(&self.sinks.dead);
+        out
+    }
+
+    /// Whether every shard was read to its end (its lease at SHARD_END, or cleaned up).
+    async fn all_ended(&self) -> bool {
+        let Ok(leases) = self.leases.list().await else {
+            return false;
+        };
+        let shards = self.stream.shards();
+        let leaves_leased = shards
+            .iter()
+            .filter(|s| !shards.iter().any(|c| c.parents.contains(&s.id)))
+            .all(|s| leases.iter().any(|l| l.key == s.id.as_str()));
+        leaves_leased && leases.iter().all(|l| l.checkpoint.is_shard_end())
+    }
+}
+
+/// Whether a run failed because a sink failed as the script told it to.
+fn injected(error: &Error) -> bool {
+    error
+        .to_string()
+        .contains("failure injected by the test script")
+}
+
+/// The part of a scripted sink the schedule drives, whatever its output type.
+trait Script {
+    fn fail_writes(&self, n: u32);
+    fn fail_commits(&self, n: u32);
+    fn stall_until(&self, until: Instant);
+    fn delay_commits(&self, delay: Duration);
+}
+
+impl<S> Script for shardflow_core::testing::ScriptedSink<S> {
+    fn fail_writes(&self, n: u32) {
+        Self::fail_writes(self, n);
+    }
+    fn fail_commits(&self, n: u32) {
+        Self::fail_commits(self, n);
+    }
+    fn stall_until(&self, until: Instant) {
+        Self::stall_until(self, until);
+    }
+    fn delay_commits(&self, delay: Duration) {
+        Self::delay_commits(self, delay);
+    }
+}
+
+/// Runs seed `seed` to the end and checks it.
+pub fn run_seed(seed: u64) -> SeedReport {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a runtime");
+    runtime.block_on(simulate(seed))
+}
+
+async fn simulate(seed: u64) -> SeedReport {
+    let random = Random::seeded(seed);
+    let spec = Spec::random(&random);
+    let stream = MemoryStream::new("sim", spec.shards);
+    let sinks = Sinks::new(&spec);
+    let mut world = World {
+        parallelism: 1 + below(&random, 3),
+        random,
+        stream,
+        leases: Arc::new(MemoryLeaseStore::new()),
+        sinks,
+        decisions: DecisionLog::recording(),
+        started: Instant::now(),
+        inputs: BTreeMap::new(),
+        uid: 0,
+        worker: None,
+        runs_failed_by_sinks: 0,
+        failures: Vec::new(),
+        spec,
+    };
+    let mut report = SeedReport {
+        seed,
+        spec: format!("{:?}", world.spec),
+        kinds: world.spec.kinds(),
+        ..SeedReport::default()
+    };
+    world.start();
+    let steps = 10 + below(&world.random, 20);
+    for _ in 0..steps {
+        let r = world.random.clone();
+        let roll = below(&r, 100);
+        let fault = match roll {
+            0..=39 => {
+                let n = 1 + below(&r, 40);
+                world.produce(n);
+                None
+            }
+            40..=54 => None,
+            55..=62 => Some(Fault::Abort),
+            63..=68 => Some(Fault::Stop),
+            69..=73 => Some(Fault::Rescale),
+            74..=79 => Some(Fault::Split),
+            80..=84 => Some(Fault::Merge),
+            85..=89 => Some(Fault::SinkFails),
+            90..=94 => Some(Fault::SinkStalls),
+            _ => Some(Fault::SlowSink),
+        };
+        let applied = match fault {
+            None => true,
+            Some(Fault::Abort) => {
+                world.abort().await;
+                world.start();
+                true
+            }
+            Some(Fault::Stop) => {
+                world.stop().await;
+                world.start();
+                true
+            }
+            Some(Fault::Rescale) => {
+                world.abort().await;
+                world.parallelism = 1 + below(&r, 4);
+                world.start();
+                true
+            }
+            Some(Fault::Split) => {
+                let open = world.open_shards();
+                if open.len() < 6 {
+                    world.stream.split(open[below(&r, open.len())]);
+                    true
+                } else {
+                    false
+                }
+            }
+            Some(Fault::Merge) => {
+                let open = world.open_shards();
+                if open.len() >= 2 {
+                    let a = below(&r, open.len());
+                    let b = (a + 1 + below(&r, open.len() - 1)) % open.len();
+                    world.stream.merge(open[a], open[b]);
+                    true
+                } else {
+                    false
+                }
+            }
+            Some(Fault::SinkFails) => {
+                let scripts = world.sink_scripts();
+                let s = scripts[below(&r, scripts.len())];
+                if r.fraction() < 0.5 {
+                    s.fail_writes(1 + below(&r, 2) as u32);
+                } else {
+                    s.fail_commits(1 + below(&r, 2) as u32);
+                }
+                true
+            }
+            Some(Fault::SinkStalls) => {
+                let scripts = world.sink_scripts();
+                let s = scripts[below(&r, scripts.len())];
+                s.stall_until(
+                    Instant::now() + Duration::from_millis(200 + below(&r, 3_000) as u64),
+                );
+                true
+            }
+            Some(Fault::SlowSink) => {
+                let scripts = world.sink_scripts();
+                let s = scripts[below(&r, scripts.len())];
+                s.delay_commits(Duration::from_millis(1 + below(&r, 50) as u64));
+                true
+            }
+        };
+        if let (Some(f), true) = (fault, applied) {
+            *report.faults.entry(f).or_default() += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(below(&r, 1_500) as u64)).await;
+        world.check_worker().await;
+    }
+    // The end: every shard closes; the worker reads them all to their end.
+    for i in world.open_shards() {
+        world.stream.close(i);
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        world.check_worker().await;
+        if world.all_ended().await {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let leases = world.leases.list().await.unwrap_or_default();
+            let stuck: Vec<String> = leases
+                .iter()
+                .filter(|l| !l.checkpoint.is_shard_end())
+                .map(|l| format!("{} at {:?}", l.key, l.checkpoint.committed))
+                .collect();
+            world
+                .failures
+                .push(format!("shards never reached their end: {stuck:?}"));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    world.stop().await;
+    let expected = expected(&world.spec, &world.inputs, DEFAULT_MAX_SKEW);
+    report.records = world.inputs.values().map(Vec::len).sum();
+    compare(&world, &expected, &mut report);
+    report.failures.splice(0..0, world.failures.drain(..));
+    report.decisions = world.decisions.entries();
+    report
+}
+
+fn diff<V: PartialEq + std::fmt::Debug>(
+    what: &str,
+    want: &BTreeMap<(String, String), V>,
+    got: &BTreeMap<(String, String), V>,
+    failures: &mut Vec<String>,
+) {
+    let missing: Vec<_> = want
+        .keys()
+        .filter(|k| !got.contains_key(*k))
+        .take(3)
+        .collect();
+    let extra: Vec<_> = got
+        .keys()
+        .filter(|k| !want.contains_key(*k))
+        .take(3)
+        .collect();
+    let wrong: Vec<_> = want
+        .iter()
+        .filter_map(|(k, v)| got.get(k).filter(|g| *g != v).map(|g| (k, v, g)))
+        .take(3)
+        .collect();
+    let (n_missing, n_extra) = (
+        want.keys().filter(|k| !got.contains_key(*k)).count(),
+        got.keys().filter(|k| !want.contains_key(*k)).count(),
+    );
+    let n_wrong = want
+        .iter()
+        .filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v))
+        .count();
+    if n_missing + n_extra + n_wrong > 0 {
+        failures.push(format!(
+            "{what}: {n_missing} missing {missing:?}, {n_extra} unexpected {extra:?}, \
+             {n_wrong} wrong (identity, want, got) {wrong:?}"
+        ));
+    }
+}
+
+fn keyed<V: Clone>(
+    m: BTreeMap<(shardflow_core::position::ShardId, String), V>,
+) -> BTreeMap<(String, String), V> {
+    m.into_iter()
+        .map(|((s, p), v)| ((s.to_string(), p), v))
+        .collect()
+}
+
+fn compare(world: &World, expected: &super::oracle::Expected, report: &mut SeedReport) {
+    let mut rendered = String::new();
+    for (i, sink) in world.sinks.branches.iter().enumerate() {
+        match sink {
+            SimSink::Records(s) => {
+                let got = keyed(s.inner().contents());
+                diff(
+                    &format!("branch {i} records"),
+                    &expected.records[&i],
+                    &got,
+                    &mut report.failures,
+                );
+                rendered.push_str(&format!("{got:?}\n"));
+            }
+            SimSink::Holding(s) => {
+                let (got, duplicates) = s.inner().contents_and_duplicates();
+                if !duplicates.is_empty() {
+                    report.failures.push(format!(
+                        "branch {i} holding sink stored {} outputs twice: {:?}",
+                        duplicates.len(),
+                        &duplicates[..duplicates.len().min(3)]
+                    ));
+                }
+                let got = keyed(got);
+                diff(
+                    &format!("branch {i} held records"),
+                    &expected.records[&i],
+                    &got,
+                    &mut report.failures,
+                );
+                rendered.push_str(&format!("{got:?}\n"));
+            }
+            SimSink::Results(s) => {
+                let mut got = keyed(s.inner().contents());
+                rendered.push_str(&format!("{got:?}\n"));
+                // An earlier emission a filter let through, where the final one is filtered out.
+                let earlier = &expected.earlier[&i];
+                got.retain(|k, v| !earlier.get(k).is_some_and(|vs| vs.contains(v)));
+                diff(
+                    &format!("branch {i} results"),
+                    &expected.results[&i],
+                    &got,
+                    &mut report.failures,
+                );
+            }
+        }
+    }
+    for (i, s) in &world.sinks.late {
+        let got = keyed(s.inner().contents());
+        diff(
+            &format!("branch {i} late records"),
+            &expected.late[i],
+            &got,
+            &mut report.failures,
+        );
+        rendered.push_str(&format!("{got:?}\n"));
+    }
+    let dead: BTreeMap<(String, String), String> = keyed(world.sinks.dead.inner().contents())
+        .into_iter()
+        .map(|(k, d)| (k, d.stage))
+        .collect();
+    diff("dead letters", &expected.dead, &dead, &mut report.failures);
+    rendered.push_str(&format!("{dead:?}\n"));
+    report.contents = rendered;
+}

@@ -1,0 +1,596 @@
+//! A random topology: its declaration as data, drawn from the seed, built with the real
+//! builder API. The oracle interprets the same data by the documented semantics.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use shardflow_core::dead_letter::{DeadLetter, DeadLetterRecord};
+use shardflow_core::decode::SourceExt;
+use shardflow_core::memory::MemoryStream;
+use shardflow_core::random::Random;
+use shardflow_core::sink::MemorySink;
+use shardflow_core::testing::{HoldingSink, ScriptedSink};
+use shardflow_core::topology::{Keyed, ShardStage, Sharded, Stream, Topology};
+use shardflow_operators::{
+    Count, KeyBy, Max, SessionWindow, ShardStreamExt, SlidingWindow, StreamExt, Sum, TumblingWindow,
+};
+
+use super::model::{decode, Event, Res};
+
+/// A stateless user function.
+#[derive(Clone, Copy, Debug)]
+pub enum Op {
+    Map {
+        add: i64,
+    },
+    Filter {
+        modulo: i64,
+        rest: i64,
+    },
+    FlatMap {
+        copies: u8,
+    },
+    /// Fails for ever on values divisible by `fail_mod` (dead-lettered), and on the first call
+    /// for each record whose value is divisible by `flaky_mod` (retried).
+    TryMap {
+        fail_mod: i64,
+        flaky_mod: i64,
+    },
+}
+
+impl Op {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Map { .. } => "map",
+            Op::Filter { .. } => "filter",
+            Op::FlatMap { .. } => "flat_map",
+            Op::TryMap { .. } => "try_map",
+        }
+    }
+
+    pub fn map_value(add: i64, v: i64) -> i64 {
+        v.wrapping_add(add)
+    }
+
+    pub fn keeps(modulo: i64, rest: i64, v: i64) -> bool {
+        v.rem_euclid(modulo) != rest
+    }
+
+    pub fn copy_value(v: i64, i: u8) -> i64 {
+        v.wrapping_mul(4).wrapping_add(i64::from(i))
+    }
+
+    pub fn fails_for_ever(fail_mod: i64, v: i64) -> bool {
+        v.rem_euclid(fail_mod) == 0
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Agg {
+    Count,
+    Sum,
+    Max,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum KeyedSpec {
+    Tumbling {
+        size: i64,
+        lateness: i64,
+    },
+    Sliding {
+        size: i64,
+        slide: i64,
+        lateness: i64,
+    },
+    Session {
+        gap: i64,
+        lateness: i64,
+    },
+    Running,
+}
+
+impl KeyedSpec {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            KeyedSpec::Tumbling { .. } => "tumbling",
+            KeyedSpec::Sliding { .. } => "sliding",
+            KeyedSpec::Session { .. } => "session",
+            KeyedSpec::Running => "running",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum SinkSpec {
+    Plain,
+    /// Units of `per_unit` records or `latency_ms` on a quiet shard (S3Sink's model).
+    Holding {
+        per_unit: usize,
+        latency_ms: u64,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub enum Branch {
+    Records {
+        ops: Vec<Op>,
+        sink: SinkSpec,
+    },
+    Keyed {
+        ops: Vec<Op>,
+        key_mod: u32,
+        op: KeyedSpec,
+        agg: Agg,
+        after: Vec<Op>,
+        late: bool,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub shards: usize,
+    pub out_of_orderness: i64,
+    pub pre: Vec<Op>,
+    pub branches: Vec<Branch>,
+    /// Records with extreme event times (i64::MIN, i64::MAX) are generated.
+    pub extremes: bool,
+}
+
+/// Most `flat_map`s on one path from an identity root (the source or a keyed operator).
+pub const MAX_FANOUT_DEPTH: usize = 3;
+
+fn pick<T: Copy>(random: &Random, options: &[T]) -> T {
+    options[(random.fraction() * options.len() as f64) as usize % options.len()]
+}
+
+fn chance(random: &Random, p: f64) -> bool {
+    random.fraction() < p
+}
+
+fn below(random: &Random, n: usize) -> usize {
+    (random.fraction() * n as f64) as usize % n.max(1)
+}
+
+fn stateless_op(random: &Random, fallible: bool, depth: &mut usize) -> Op {
+    loop {
+        let op = match below(random, if fallible { 4 } else { 3 }) {
+            0 => Op::Map {
+                add: pick(random, &[1, 7, -3]),
+            },
+            1 => Op::Filter {
+                modulo: pick(random, &[3, 5, 7]),
+                rest: pick(random, &[0, 1]),
+            },
+            2 => Op::FlatMap {
+                copies: pick(random, &[0, 1, 2, 3]),
+            },
+            _ => Op::TryMap {
+                fail_mod: pick(random, &[11, 13, 17]),
+                flaky_mod: pick(random, &[2, 3, 5]),
+            },
+        };
+        if matches!(op, Op::FlatMap { .. }) {
+            if *depth >= MAX_FANOUT_DEPTH {
+                continue;
+            }
+            *depth += 1;
+        }
+        return op;
+    }
+}
+
+fn ops(random: &Random, n: usize, fallible: bool, depth: &mut usize) -> Vec<Op> {
+    (0..below(random, n + 1))
+        .map(|_| stateless_op(random, fallible, depth))
+        .collect()
+}
+
+impl Spec {
+    /// A random topology.
+    pub fn random(random: &Random) -> Self {
+        let mut depth = 0;
+        let pre = ops(random, 2, true, &mut depth);
+        let branches = (0..1 + below(random, 3))
+            .map(|_| {
+                let mut depth = depth;
+                if chance(random, 0.3) {
+                    Branch::Records {
+                        ops: ops(random, 2, true, &mut depth),
+                        sink: if chance(random, 0.5) {
+                            SinkSpec::Holding {
+                                per_unit: 1 + below(random, 8),
+                                latency_ms: pick(random, &[100, 500, 2_000]),
+                            }
+                        } else {
+                            SinkSpec::Plain
+                        },
+                    }
+                } else {
+                    let ops = ops(random, 1, true, &mut depth);
+                    let lateness = pick(random, &[0, 100, 1_000]);
+                    let op = match below(random, 4) {
+                        0 => KeyedSpec::Tumbling {
+                            size: pick(random, &[100, 500, 2_000]),
+                            lateness,
+                        },
+                        1 => {
+                            let size = pick(random, &[200, 1_000]);
+                            KeyedSpec::Sliding {
+                                size,
+                                slide: size / pick(random, &[2, 4]),
+                                lateness,
+                            }
+                        }
+                        2 => KeyedSpec::Session {
+                            gap: pick(random, &[100, 500]),
+                            lateness,
+                        },
+                        _ => KeyedSpec::Running,
+                    };
+                    let mut after_depth = 0;
+                    Branch::Keyed {
+                        ops,
+                        key_mod: pick(random, &[1, 3, 8, 1000]),
+                        op,
+                        agg: pick(random, &[Agg::Count, Agg::Sum, Agg::Max]),
+                        after: self::ops(random, 2, false, &mut after_depth),
+                        late: !matches!(op, KeyedSpec::Running) && chance(random, 0.6),
+                    }
+                }
+            })
+            .collect();
+        Self {
+            shards: 1 + below(random, 3),
+            out_of_orderness: pick(random, &[0, 50, 200, 1_000]),
+            pre,
+            branches,
+            extremes: chance(random, 0.2),
+        }
+    }
+
+    /// The most `flat_map`s on one path from an identity root.
+    pub fn fanout_depth(&self) -> usize {
+        let flat = |ops: &[Op]| {
+            ops.iter()
+                .filter(|o| matches!(o, Op::FlatMap { .. }))
+                .count()
+        };
+        let pre = flat(&self.pre);
+        self.branches
+            .iter()
+            .map(|b| match b {
+                Branch::Records { ops, .. } => pre + flat(ops),
+                Branch::Keyed { ops, after, .. } => (pre + flat(ops)).max(flat(after)),
+            })
+            .max()
+            .unwrap_or(0)
+            .max(pre)
+    }
+
+    /// Operator kinds in the topology, for the coverage table.
+    pub fn kinds(&self) -> Vec<&'static str> {
+        let mut kinds: Vec<&'static str> = self.pre.iter().map(Op::name).collect();
+        for b in &self.branches {
+            match b {
+                Branch::Records { ops, sink } => {
+                    kinds.extend(ops.iter().map(Op::name));
+                    if matches!(sink, SinkSpec::Holding { .. }) {
+                        kinds.push("holding_sink");
+                    }
+                }
+                Branch::Keyed {
+                    ops,
+                    op,
+                    after,
+                    late,
+                    ..
+                } => {
+                    kinds.extend(ops.iter().chain(after).map(Op::name));
+                    kinds.push(op.kind());
+                    if *late {
+                        kinds.push("late_output");
+                    }
+                }
+            }
+        }
+        kinds.sort_unstable();
+        kinds.dedup();
+        kinds
+    }
+}
+
+/// The sinks of one simulated topology, shared by every run of it.
+#[derive(Clone)]
+pub enum SimSink {
+    Records(ScriptedSink<MemorySink<Event>>),
+    Holding(ScriptedSink<HoldingSink<Event>>),
+    Results(ScriptedSink<MemorySink<Res>>),
+}
+
+#[derive(Clone)]
+pub struct Sinks {
+    /// One per branch, in branch order.
+    pub branches: Vec<SimSink>,
+    /// The late side output of each keyed branch that has one.
+    pub late: BTreeMap<usize, ScriptedSink<MemorySink<Event>>>,
+    pub dead: ScriptedSink<MemorySink<DeadLetterRecord>>,
+    /// How often each flaky record failed so far (by uid): the first call fails.
+    pub flaky: Arc<Mutex<BTreeMap<u64, u32>>>,
+}
+
+impl Sinks {
+    pub fn new(spec: &Spec) -> Self {
+        let mut late = BTreeMap::new();
+        let branches = spec
+            .branches
+            .iter()
+            .enumerate()
+            .map(|(i, b)| match b {
+                Branch::Records {
+                    sink: SinkSpec::Plain,
+                    ..
+                } => SimSink::Records(ScriptedSink::new(MemorySink::new(format!("records-{i}")))),
+                Branch::Records {
+                    sink:
+                        SinkSpec::Holding {
+                            per_unit,
+                            latency_ms,
+                        },
+                    ..
+                } => SimSink::Holding(ScriptedSink::new(HoldingSink::new(
+                    format!("holding-{i}"),
+                    *per_unit,
+                    Duration::from_millis(*latency_ms),
+                ))),
+                Branch::Keyed { late: has_late, .. } => {
+                    if *has_late {
+                        late.insert(i, ScriptedSink::new(MemorySink::new(format!("late-{i}"))));
+                    }
+                    SimSink::Results(ScriptedSink::new(MemorySink::new(format!("results-{i}"))))
+                }
+            })
+            .collect();
+        Self {
+            branches,
+            late,
+            dead: ScriptedSink::new(MemorySink::new("dead-letters")),
+            flaky: Arc::default(),
+        }
+    }
+}
+
+fn apply_ops<S>(
+    stream: Stream<Event, S>,
+    ops: &[Op],
+    flaky: &Arc<Mutex<BTreeMap<u64, u32>>>,
+) -> Stream<Event, Sharded>
+where
+    S: ShardStage<AfterOp = Sharded>,
+{
+    let (first, rest) = match ops.split_first() {
+        Some((first, rest)) => (*first, rest),
+        None => (Op::Map { add: 0 }, &[][..]),
+    };
+    let mut s = apply_op(stream, first, flaky);
+    for op in rest {
+        s = apply_op(s, *op, flaky);
+    }
+    s
+}
+
+fn apply_op<S>(
+    stream: Stream<Event, S>,
+    op: Op,
+    flaky: &Arc<Mutex<BTreeMap<u64, u32>>>,
+) -> Stream<Event, Sharded>
+where
+    S: ShardStage<AfterOp = Sharded>,
+{
+    match op {
+        Op::Map { add } => stream.map(move |mut e: Event| {
+            e.value = Op::map_value(add, e.value);
+            e
+        }),
+        Op::Filter { modulo, rest } => {
+            stream.filter(move |e: &Event| Op::keeps(modulo, rest, e.value))
+        }
+        Op::FlatMap { copies } => stream.flat_map(move |e: Event| {
+            (0..copies).map(move |i| Event {
+                value: Op::copy_value(e.value, i),
+                ..e.clone()
+            })
+        }),
+        Op::TryMap {
+            fail_mod,
+            flaky_mod,
+        } => {
+            let flaky = Arc::clone(flaky);
+            stream.try_map("try_map", move |e: &Event| {
+                if Op::fails_for_ever(fail_mod, e.value) {
+                    return Err("fails for ever");
+                }
+                if e.value.rem_euclid(flaky_mod) == 0 {
+                    let mut calls = flaky.lock().unwrap();
+                    let n = calls.entry(e.uid).or_default();
+                    *n += 1;
+                    if *n == 1 {
+                        return Err("flaky");
+                    }
+                }
+                Ok(e.clone())
+            })
+        }
+    }
+}
+
+fn apply_after(stream: Stream<Res, Keyed>, ops: &[Op]) -> Stream<Res, Keyed> {
+    let mut s = stream;
+    for op in ops {
+        s = match *op {
+            Op::Map { add } => s.map(move |mut r: Res| {
+                r.value = Op::map_value(add, r.value);
+                r
+            }),
+            Op::Filter { modulo, rest } => {
+                s.filter(move |r: &Res| Op::keeps(modulo, rest, r.value))
+            }
+            Op::FlatMap { copies } => s.flat_map(move |r: Res| {
+                (0..copies).map(move |i| Res {
+                    value: Op::copy_value(r.value, i),
+                    ..r.clone()
+                })
+            }),
+            Op::TryMap { .. } => unreachable!("no fallible operators after key_by"),
+        };
+    }
+    s
+}
+
+/// The topology of `spec` over `stream`, writing to `sinks`.
+pub fn topology(spec: &Spec, stream: &MemoryStream, sinks: &Sinks) -> Topology {
+    let source = Topology::builder("sim")
+        .dead_letter(DeadLetter::retry(
+            2,
+            Duration::from_millis(5),
+            DeadLetter::to(sinks.dead.clone()),
+        ))
+        .source(stream.clone().decode_fn(decode))
+        .event_time(|e: &Event| e.ts)
+        .max_out_of_orderness(Duration::from_millis(spec.out_of_orderness as u64));
+    let head = apply_ops(source, &spec.pre, &sinks.flaky);
+    let mut pipeline = None;
+    for (i, branch) in spec.branches.iter().enumerate() {
+        let stream = head.clone();
+        let p = match branch {
+            Branch::Records { ops, .. } => {
+                let s = if ops.is_empty() {
+                    stream
+                } else {
+                    apply_ops(stream, ops, &sinks.flaky)
+                };
+                match &sinks.branches[i] {
+                    SimSink::Records(sink) => s.sink(sink.clone()),
+                    SimSink::Holding(sink) => s.sink(sink.clone()),
+                    SimSink::Results(_) => unreachable!("a records branch has a records sink"),
+                }
+            }
+            Branch::Keyed {
+                ops,
+                key_mod,
+                op,
+                agg,
+                after,
+                ..
+            } => {
+                let s = if ops.is_empty() {
+                    stream
+                } else {
+                    apply_ops(stream, ops, &sinks.flaky)
+                };
+                let m = *key_mod;
+                let keyed = s.key_by(move |e: &Event| e.key % m);
+                let late = sinks.late.get(&i).cloned();
+                let results = keyed_results(keyed, *op, *agg, late);
+                let SimSink::Results(sink) = &sinks.branches[i] else {
+                    unreachable!("a keyed branch has a results sink")
+                };
+                apply_after(results, after).sink(sink.clone())
+            }
+        };
+        pipeline = Some(p);
+    }
+    pipeline
+        .expect("a topology has a branch")
+        .build()
+        .expect("a valid topology")
+}
+
+fn keyed_results<F>(
+    keyed: shardflow_operators::keyed::KeyedStream<Event, u32, F, Sharded>,
+    op: KeyedSpec,
+    agg: Agg,
+    late: Option<ScriptedSink<MemorySink<Event>>>,
+) -> Stream<Res, Keyed>
+where
+    F: Fn(&Event) -> u32 + Clone + Send + Sync + 'static,
+{
+    macro_rules! windowed {
+        ($assigner:expr, $lateness:expr) => {{
+            let mut w = keyed
+                .window($assigner)
+                .allowed_lateness(Duration::from_millis($lateness as u64));
+            if let Some(late) = late {
+                w = w.late_records(move |l| {
+                    l.sink(late);
+                });
+            }
+            match agg {
+                Agg::Count => w.aggregate(Count).map(|r| Res {
+                    key: r.key,
+                    start: r.window.start,
+                    end: r.window.end,
+                    value: r.value as i64,
+                }),
+                Agg::Sum => w.aggregate(Sum::of(|e: &Event| e.value)).map(|r| Res {
+                    key: r.key,
+                    start: r.window.start,
+                    end: r.window.end,
+                    value: r.value,
+                }),
+                Agg::Max => w.aggregate(Max::of(|e: &Event| e.value)).map(|r| Res {
+                    key: r.key,
+                    start: r.window.start,
+                    end: r.window.end,
+                    value: r.value,
+                }),
+            }
+        }};
+    }
+    match op {
+        KeyedSpec::Tumbling { size, lateness } => {
+            windowed!(
+                TumblingWindow::of(Duration::from_millis(size as u64)),
+                lateness
+            )
+        }
+        KeyedSpec::Sliding {
+            size,
+            slide,
+            lateness,
+        } => windowed!(
+            SlidingWindow::of(
+                Duration::from_millis(size as u64),
+                Duration::from_millis(slide as u64)
+            ),
+            lateness
+        ),
+        KeyedSpec::Session { gap, lateness } => {
+            windowed!(
+                SessionWindow::with_gap(Duration::from_millis(gap as u64)),
+                lateness
+            )
+        }
+        KeyedSpec::Running => match agg {
+            Agg::Count => keyed.aggregate(Count).map(|r| Res {
+                key: r.key,
+                start: 0,
+                end: 0,
+                value: r.value as i64,
+            }),
+            Agg::Sum => keyed.aggregate(Sum::of(|e: &Event| e.value)).map(|r| Res {
+                key: r.key,
+                start: 0,
+                end: 0,
+                value: r.value,
+            }),
+            Agg::Max => keyed.aggregate(Max::of(|e: &Event| e.value)).map(|r| Res {
+                key: r.key,
+                start: 0,
+                end: 0,
+                value: r.value,
+            }),
+        },
+    }
+}

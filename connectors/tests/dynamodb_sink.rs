@@ -102,6 +102,7 @@ async fn window_results_are_items_a_user_can_query_by_key_and_window() {
                 id: OutputId::Keyed {
                     key: "c-1".into(),
                     window: Some(Window::new(60_000, 120_000)),
+                    index: 0,
                 },
                 value: stats(3),
             }],
@@ -152,6 +153,7 @@ async fn an_item_over_400_kb_is_refused_at_write_with_a_clear_error() {
                 id: OutputId::Keyed {
                     key: "k".into(),
                     window: None,
+                    index: 0,
                 },
                 value: "x".repeat(410 * 1024),
             }],
@@ -190,6 +192,7 @@ fn one_output(key: &str) -> OutputBatch<u64> {
             id: OutputId::Keyed {
                 key: key.into(),
                 window: None,
+                index: 0,
             },
             value: 1,
         }],

@@ -180,6 +180,31 @@ pub enum BuildError {
         /// The rejected name.
         name: String,
     },
+    /// A sink that gathers record outputs into units across commits takes records after
+    /// `key_by`, where several keyed workers write one shard's records.
+    #[error(
+        "sink {sink:?} of topology {topology:?} gathers record outputs into units across commits, \
+         which after key_by several keyed workers would cut differently in every run: archive \
+         records before key_by, or send late records to a sink that stores each output on its own"
+    )]
+    HoldingSinkAfterKeyBy {
+        /// The topology name.
+        topology: String,
+        /// The sink's name.
+        sink: String,
+    },
+    /// More fanning-out operators (`flat_map`s) on one path than output identities can number.
+    #[error(
+        "topology {topology:?} chains {depth} flat_maps on one path; at most {max} fit in output identities"
+    )]
+    FanOutTooDeep {
+        /// The topology name.
+        topology: String,
+        /// The deepest chain.
+        depth: usize,
+        /// The most allowed.
+        max: usize,
+    },
     /// A configuration value is out of range.
     #[error("invalid value for {field}: {reason}")]
     InvalidConfig {

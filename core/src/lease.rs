@@ -67,6 +67,12 @@ pub struct ShardCheckpoint {
     pub rebuild_from: CheckpointPosition,
     /// The watermark after the record at `rebuild_from`.
     pub rebuild_watermark: Option<EventTime>,
+    /// Where sinks that gather record outputs into units across commits (`S3Sink`) have
+    /// them durable, by sink name, where that is not `committed`: a replay writes to such a
+    /// sink only outputs of records after its own position, so that it starts a unit exactly
+    /// where its last stored one ended. `rebuild_from` is never after any of them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sinks: BTreeMap<String, CheckpointPosition>,
 }
 
 impl ShardCheckpoint {
@@ -77,6 +83,7 @@ impl ShardCheckpoint {
             committed_watermark: None,
             rebuild_from: CheckpointPosition::Initial,
             rebuild_watermark: None,
+            sinks: BTreeMap::new(),
         }
     }
 
@@ -88,6 +95,7 @@ impl ShardCheckpoint {
             committed_watermark: None,
             rebuild_from: CheckpointPosition::TrimHorizon,
             rebuild_watermark: None,
+            sinks: BTreeMap::new(),
         }
     }
 
@@ -99,6 +107,7 @@ impl ShardCheckpoint {
             committed_watermark: None,
             rebuild_from: CheckpointPosition::AtTimestamp(ms),
             rebuild_watermark: None,
+            sinks: BTreeMap::new(),
         }
     }
 
@@ -109,6 +118,7 @@ impl ShardCheckpoint {
             committed_watermark: None,
             rebuild_from: CheckpointPosition::ShardEnd,
             rebuild_watermark: None,
+            sinks: BTreeMap::new(),
         }
     }
 

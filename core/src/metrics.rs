@@ -17,6 +17,9 @@ pub struct Metrics {
     sink_commit: HistogramVec,
     dead_letters: IntCounterVec,
     late_records: IntCounterVec,
+    untimely_records: IntCounterVec,
+    watermark: IntGaugeVec,
+    event_time_lag: IntGaugeVec,
     checkpoints: IntCounterVec,
     checkpoint_lag: IntGaugeVec,
     leases_held: IntGaugeVec,
@@ -100,6 +103,22 @@ impl Metrics {
                 "shardflow_late_records_total",
                 "Records that arrived after their window closed",
                 &["topology"],
+            ),
+            untimely_records: counter(
+                registry,
+                "shardflow_untimely_records_total",
+                "Records whose event time was invalid or beyond the maximum skew ahead of their arrival (late for every window)",
+                &["topology", "shard"],
+            ),
+            watermark: gauge(
+                "shardflow_watermark_ms",
+                "The shard's event-time watermark, in milliseconds since the Unix epoch",
+                &["topology", "shard"],
+            ),
+            event_time_lag: gauge(
+                "shardflow_event_time_lag_ms",
+                "How far the shard's watermark trails the wall clock, in milliseconds",
+                &["topology", "shard"],
             ),
             checkpoint_lag: gauge(
                 "shardflow_checkpoint_lag_records",
@@ -195,6 +214,22 @@ impl Metrics {
         self.late_records.with_label_values(&[topology]).inc_by(n);
     }
 
+    pub(crate) fn untimely(&self, topology: &str, shard: &str, n: usize) {
+        self.untimely_records
+            .with_label_values(&[topology, shard])
+            .inc_by(n as u64);
+    }
+
+    /// The shard's watermark after an epoch, and how far it trails `now_ms` (the wall clock).
+    pub(crate) fn watermark(&self, topology: &str, shard: &str, watermark: i64, now_ms: i64) {
+        self.watermark
+            .with_label_values(&[topology, shard])
+            .set(watermark);
+        self.event_time_lag
+            .with_label_values(&[topology, shard])
+            .set(now_ms.saturating_sub(watermark).max(0));
+    }
+
     pub(crate) fn checkpoint_lag(&self, topology: &str, shard: &str, records: u64) {
         self.checkpoint_lag
             .with_label_values(&[topology, shard])
@@ -206,6 +241,8 @@ impl Metrics {
     pub(crate) fn forget_shard(&self, topology: &str, shard: &str) {
         let _ = self.millis_behind.remove_label_values(&[topology, shard]);
         let _ = self.checkpoint_lag.remove_label_values(&[topology, shard]);
+        let _ = self.watermark.remove_label_values(&[topology, shard]);
+        let _ = self.event_time_lag.remove_label_values(&[topology, shard]);
     }
 
     pub(crate) fn checkpointed(&self, topology: &str, shard: &str) {

@@ -9,7 +9,7 @@ use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 use crate::error::SinkError;
-use crate::lease::{CheckpointPosition, LeaseEpoch};
+use crate::lease::LeaseEpoch;
 use crate::position::{EventTime, RecordPosition, ShardId};
 
 /// A window of event time, `[start, end)` in milliseconds.
@@ -97,18 +97,32 @@ pub enum OutputId {
         /// Which of the record's outputs.
         index: u64,
     },
-    /// A keyed result: for a key and, for windowed results, a window.
+    /// A keyed result: for a key and, for windowed results, a window; `index` numbers the
+    /// outputs `flat_map`s after the keyed operator made of the result (0 without them).
     Keyed {
         /// The key, rendered.
         key: KeyId,
         /// The window, for windowed results.
         window: Option<Window>,
+        /// Which output of the result.
+        #[serde(default)]
+        index: u64,
     },
 }
 
 impl OutputId {
+    /// A keyed result's identity: `key` and `window`, before any `flat_map`.
+    pub fn keyed(key: KeyId, window: Option<Window>) -> Self {
+        Self::Keyed {
+            key,
+            window,
+            index: 0,
+        }
+    }
+
     /// A relative path naming this output, safe as a file or object name:
-    /// `r/<sequence>-<sub>-<index>`, `w/<start>-<end>/<key>` or `k/<key>`.
+    /// `r/<sequence>-<sub>-<index>`, `w/<start>-<end>/<key>` or `k/<key>`, the last two with
+    /// `/<index>` after them when `index` is not 0.
     pub fn to_path(&self) -> String {
         let mut out = String::new();
         match self {
@@ -119,16 +133,17 @@ impl OutputId {
                     position.sequence, position.sub_sequence, index
                 );
             }
-            Self::Keyed {
-                key,
-                window: Some(w),
-            } => {
-                let _ = write!(out, "w/{:020}-{:020}/", w.start, w.end);
+            Self::Keyed { key, window, index } => {
+                match window {
+                    Some(w) => {
+                        let _ = write!(out, "w/{:020}-{:020}/", w.start, w.end);
+                    }
+                    None => out.push_str("k/"),
+                }
                 push_escaped(&mut out, key);
-            }
-            Self::Keyed { key, window: None } => {
-                out.push_str("k/");
-                push_escaped(&mut out, key);
+                if *index != 0 {
+                    let _ = write!(out, "/{index}");
+                }
             }
         }
         out
@@ -219,46 +234,30 @@ pub trait Sink<T>: Send + Sync + 'static {
     fn check(&self, _value: &T) -> Result<(), String> {
         Ok(())
     }
+
+    /// Whether the sink gathers the outputs of records into units across commits and reports
+    /// where a shard's checkpoint may stop (`SinkWriter::held`), as `S3Sink` does. Such a sink
+    /// must see all of a shard's record outputs in one writer, so that a replay at any
+    /// parallelism cuts the same units: it is refused after `key_by` (late records), where
+    /// several keyed workers write one shard's records. Default: no.
+    fn holds_record_outputs(&self) -> bool {
+        false
+    }
 }
 
-/// Where a writer that gathers the outputs of records into larger units (S3 objects) lets a
-/// shard's checkpoint stop, and whether it still buffers outputs (see [`SinkWriter::held`]).
+/// Where a writer that gathers the outputs of records into larger units (S3 objects) has
+/// stored units of a shard, and whether it still buffers outputs (see [`SinkWriter::held`]).
 ///
-/// A checkpoint inside a stored unit would make a replay start a new unit in the middle of
-/// it, duplicating the records after the checkpoint; so a checkpoint stops only at a cut (the
-/// end of a unit), at the checkpoint the shard resumed from, or, when nothing is buffered,
-/// anywhere after the last cut (no unit spans it).
+/// A replay that gave such a sink outputs from inside a stored unit would start a new unit in
+/// the middle of it and duplicate the unit's tail; so the checkpoint keeps, per such sink,
+/// where it may resume: at a cut (the end of a unit), or, when nothing is buffered, after the
+/// last output it was given (no unit spans it). See `protocol::checkpoint`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Held {
     /// Ends of units this writer stored for the shard, ascending (the most recent ones).
     pub cuts: Vec<RecordPosition>,
     /// Outputs after the last cut are buffered, not yet durable.
     pub buffered: bool,
-}
-
-impl Held {
-    /// The furthest position at or before `position` where the checkpoint may stop, given
-    /// that `resumed` (at or before `position`) is always a valid stop.
-    pub fn snap(
-        &self,
-        position: &CheckpointPosition,
-        resumed: &CheckpointPosition,
-    ) -> CheckpointPosition {
-        let after_last_cut = match self.cuts.last() {
-            None => true,
-            Some(last) => CheckpointPosition::At(last.clone()).le(position),
-        };
-        if !self.buffered && after_last_cut {
-            return position.clone();
-        }
-        self.cuts
-            .iter()
-            .rev()
-            .map(|c| CheckpointPosition::At(c.clone()))
-            .find(|c| c.le(position))
-            .filter(|c| resumed.le(c))
-            .unwrap_or_else(|| resumed.clone())
-    }
 }
 
 /// Writes outputs for one pipeline instance.
@@ -422,21 +421,21 @@ mod tests {
 
     #[test]
     fn output_paths_escape_keys_and_sort_windows_by_time() {
-        let id = OutputId::Keyed {
-            key: "a/b c".into(),
-            window: Some(Window::new(0, 60_000)),
-        };
+        let id = OutputId::keyed("a/b c".into(), Some(Window::new(0, 60_000)));
         assert_eq!(
             id.to_path(),
             "w/00000000000000000000-00000000000000060000/a%2Fb%20c"
         );
+        assert_eq!(OutputId::keyed("..".into(), None).to_path(), "k/%..");
+        let second = OutputId::Keyed {
+            key: "a".into(),
+            window: None,
+            index: 1,
+        };
         assert_eq!(
-            OutputId::Keyed {
-                key: "..".into(),
-                window: None
-            }
-            .to_path(),
-            "k/%.."
+            second.to_path(),
+            "k/a/1",
+            "a flat_map's second output of a result"
         );
         let rec = OutputId::Record {
             position: RecordPosition::with_sub_sequence(SequenceNumber::from_u128(42), 3),

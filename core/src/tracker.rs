@@ -6,28 +6,49 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use crate::lease::{CheckpointPosition, ShardCheckpoint};
+use crate::lease::{CheckpointPosition, LeaseEpoch, ShardCheckpoint};
 use crate::position::ShardId;
 use crate::protocol::checkpoint::{Epoch, EpochRead, ShardProgress};
 use crate::sink::Held;
 
-/// Progress of every shard this worker processes. Cloning shares it.
+/// A path committed every output derived from `shard`'s epochs up to `epoch`; at that point
+/// its state held records from epoch `hold` on. `lease_epoch` names the shard's life the
+/// epochs belong to: a shard released and taken again counts its epochs from 1 again, and a
+/// report of the earlier life must never count for the later one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Report {
+    pub(crate) shard: ShardId,
+    pub(crate) lease_epoch: LeaseEpoch,
+    pub(crate) epoch: Epoch,
+    pub(crate) hold: Option<Epoch>,
+}
+
+/// Progress of every shard this worker processes, with the lease epoch of the shard's
+/// current life. Cloning shares it.
 #[derive(Clone, Default)]
 pub(crate) struct Tracker {
-    shards: Arc<Mutex<HashMap<ShardId, ShardProgress>>>,
+    shards: Arc<Mutex<HashMap<ShardId, (LeaseEpoch, ShardProgress)>>>,
     reported: Arc<Notify>,
 }
 
 impl Tracker {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ShardId, ShardProgress>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ShardId, (LeaseEpoch, ShardProgress)>> {
         self.shards
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub(crate) fn start_shard(&self, shard: &ShardId, resumed: ShardCheckpoint, paths: usize) {
-        self.lock()
-            .insert(shard.clone(), ShardProgress::new(resumed, paths));
+    pub(crate) fn start_shard(
+        &self,
+        shard: &ShardId,
+        lease_epoch: LeaseEpoch,
+        resumed: ShardCheckpoint,
+        paths: usize,
+    ) {
+        self.lock().insert(
+            shard.clone(),
+            (lease_epoch, ShardProgress::new(resumed, paths)),
+        );
     }
 
     pub(crate) fn stop_shard(&self, shard: &ShardId) {
@@ -35,41 +56,45 @@ impl Tracker {
     }
 
     pub(crate) fn record_epoch(&self, shard: &ShardId, epoch: Epoch, read: EpochRead) {
-        if let Some(p) = self.lock().get_mut(shard) {
+        if let Some((_, p)) = self.lock().get_mut(shard) {
             p.record_epoch(epoch, read);
         }
     }
 
     /// Records of `shard` read in this run and not covered by `checkpoint`.
     pub(crate) fn lag(&self, shard: &ShardId, checkpoint: &CheckpointPosition) -> u64 {
-        self.lock().get(shard).map_or(0, |p| p.lag(checkpoint))
+        self.lock().get(shard).map_or(0, |(_, p)| p.lag(checkpoint))
     }
 
-    /// Path `path` committed these (shard, epoch, hold) reports.
-    pub(crate) fn report(&self, path: usize, reports: &[(ShardId, Epoch, Option<Epoch>)]) {
+    /// Path `path` committed these reports.
+    pub(crate) fn report(&self, path: usize, reports: &[Report]) {
         {
             let mut shards = self.lock();
-            for (shard, epoch, hold) in reports {
-                // A shard released meanwhile has no progress to update.
-                if let Some(p) = shards.get_mut(shard) {
-                    p.report(path, *epoch, *hold);
+            for r in reports {
+                // A shard released meanwhile has no progress to update, and a report of an
+                // earlier life of the shard counts for nothing.
+                if let Some((life, p)) = shards.get_mut(&r.shard) {
+                    if *life == r.lease_epoch {
+                        p.report(path, r.epoch, r.hold);
+                    }
                 }
             }
         }
         self.reported.notify_waiters();
     }
 
-    /// Where the shard path's sinks let `shard`'s checkpoint stop (see `SinkWriter::held`).
-    pub(crate) fn hold_back(&self, shard: &ShardId, held: &[(ShardId, Held)]) {
+    /// What the shard path's sinks hold back of `shard` after it committed epoch `at` (see
+    /// `SinkWriter::held`).
+    pub(crate) fn hold_back(&self, shard: &ShardId, at: Epoch, held: &[(String, ShardId, Held)]) {
         let holds = held
             .iter()
-            .filter(|(s, _)| s == shard)
-            .map(|(_, h)| h.clone())
+            .filter(|(_, s, _)| s == shard)
+            .map(|(name, _, h)| (name.clone(), h.clone()))
             .collect();
         let changed = self
             .lock()
             .get_mut(shard)
-            .is_some_and(|p| p.hold_back(holds));
+            .is_some_and(|(_, p)| p.hold_back(at, holds));
         // Most sinks hold nothing: no wake-up per epoch for an unchanged nothing.
         if changed {
             self.reported.notify_waiters();
@@ -79,7 +104,7 @@ impl Tracker {
     /// The checkpoint `shard` may advance to, if it moved.
     pub(crate) fn checkpoint(&self, shard: &ShardId) -> Option<ShardCheckpoint> {
         let mut shards = self.lock();
-        let p = shards.get_mut(shard)?;
+        let (_, p) = shards.get_mut(shard)?;
         let cp = p.checkpoint();
         p.prune();
         cp
@@ -88,7 +113,7 @@ impl Tracker {
     pub(crate) fn committed_epoch(&self, shard: &ShardId) -> Epoch {
         self.lock()
             .get(shard)
-            .map_or(0, ShardProgress::committed_epoch)
+            .map_or(0, |(_, p)| p.committed_epoch())
     }
 
     /// Resolves at the next report of any path.

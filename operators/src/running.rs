@@ -56,10 +56,7 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>> RunningAggregate<K, T, A> {
             let cx = RecordCx {
                 event_time: state.watermark,
                 watermark: state.watermark,
-                ident: Ident::Keyed {
-                    key: key.key_id(),
-                    window: None,
-                },
+                ident: Ident::keyed(key.key_id(), None),
             };
             out.emit(
                 &cx,

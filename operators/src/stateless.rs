@@ -3,12 +3,7 @@
 
 use std::fmt::Display;
 
-use shardflow_core::topology::{
-    Collector, FailureAction, Ident, RecordCx, ShardStage, Stage, Stream,
-};
-
-/// Bits of the output index each `flat_map` level uses (up to 65 536 outputs per input).
-const FANOUT_BITS: u32 = 16;
+use shardflow_core::topology::{Collector, FailureAction, RecordCx, ShardStage, Stage, Stream};
 
 /// Stateless operators on any stream.
 pub trait StreamExt<T, S: Stage>: Sized {
@@ -68,16 +63,12 @@ impl<T: Send + 'static, S: Stage> StreamExt<T, S> for Stream<T, S> {
         I: IntoIterator<Item = U>,
         F: Fn(T) -> I + Clone + Send + Sync + 'static,
     {
-        self.stateless("flat_map", move || {
+        // Each output gets an identity of its own: the input's and its index among them.
+        self.stateless_fan_out("flat_map", move || {
             let f = f.clone();
             move |cx: &RecordCx, v: T, out: &mut Collector<'_, U>| {
-                for (i, u) in f(v).into_iter().enumerate() {
-                    let mut cx = cx.clone();
-                    if let Ident::Record { fanout, .. } = &mut cx.ident {
-                        // Distinct, deterministic identities for each output of the record.
-                        *fanout = (*fanout << FANOUT_BITS) | (i as u32 & ((1 << FANOUT_BITS) - 1));
-                    }
-                    out.emit(&cx, u);
+                for u in f(v) {
+                    out.emit(cx, u);
                 }
             }
         })

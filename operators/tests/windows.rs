@@ -83,10 +83,7 @@ fn lateness_refines_a_fired_window_then_routes_later_records_aside() {
     assert_eq!(refined[0].1.value, 2);
     assert_eq!(
         refined[0].0.ident,
-        Ident::Keyed {
-            key: "a".into(),
-            window: Some(Window::new(0, 1000))
-        }
+        Ident::keyed("a".into(), Some(Window::new(0, 1000)))
     );
     h.record("a", 1, 1500); // watermark 1500: [0,1000) closes (1000 + 500)
     h.end_epoch();
@@ -147,17 +144,22 @@ fn end_of_input_emits_open_windows_but_keeps_holding_them() {
 }
 
 #[test]
-fn a_replay_rebuilds_open_windows_and_skips_final_ones_silently() {
+fn a_replay_rebuilds_the_state_of_the_first_run_and_its_outputs_are_dropped() {
     let mut h = tumbling_count(0, 0);
-    // Committed watermark 1500: [0,1000) was final, [1000,2000) was open.
-    h.replay("a", 1, 500, 1500);
-    h.replay("a", 1, 1200, 1500);
-    h.replay("a", 1, 1400, 1500);
+    // The first run committed through 1400: [0,1000) had fired and closed, [1000,2000) was open.
+    h.begin_replay();
+    h.replay("a", 1, 500);
+    h.replay("a", 1, 1200);
+    h.replay("a", 1, 900); // late then, late now
+    h.replay("a", 1, 1400);
     h.end_replay_epoch();
-    assert!(h.take_outputs().is_empty(), "nothing fires during a replay");
+    assert!(
+        h.take_outputs().is_empty(),
+        "what the replay fires is dropped"
+    );
     assert!(
         h.take_late().is_empty(),
-        "replayed late records were handled before"
+        "replayed late records are dropped"
     );
     h.record("a", 1, 2000);
     h.end_epoch();
@@ -185,13 +187,14 @@ fn sessions_merge_when_a_record_bridges_the_gap() {
         Sum::of(|v: &i64| *v),
         0,
     );
-    let mut h = KeyedHarness::new(op, 0);
+    // Out of order by up to 100 ms: the watermark trails the records by that much.
+    let mut h = KeyedHarness::new(op, 100);
     h.record("a", 1, 0); // [0, 100)
     h.record("a", 2, 150); // [150, 250)
-    h.record("a", 4, 90); // [90, 190) bridges both
+    h.record("a", 4, 90); // [90, 190) bridges both (watermark 50: [0, 100) is open)
     h.end_epoch();
-    assert!(h.take_outputs().is_empty(), "watermark 150 < 250");
-    h.record("a", 8, 600); // a new session; watermark 600 closes [0, 250)
+    assert!(h.take_outputs().is_empty(), "watermark 50 < 250");
+    h.record("a", 8, 600); // a new session; watermark 500 closes [0, 250)
     h.end_epoch();
     let out: Vec<_> = h
         .take_outputs()
@@ -200,6 +203,38 @@ fn sessions_merge_when_a_record_bridges_the_gap() {
         .collect();
     assert_eq!(out, [(Window::new(0, 250), 7)]);
     assert_eq!(h.hold(), Some(2), "only the session from epoch 2 is open");
+}
+
+#[test]
+fn a_session_the_watermark_closed_before_a_bridging_record_arrived_stays_apart() {
+    let op = session(
+        SessionWindow::with_gap(Duration::from_millis(100)),
+        Sum::of(|v: &i64| *v),
+        0,
+    );
+    let mut h = KeyedHarness::new(op, 0);
+    h.record("a", 1, 0); // [0, 100)
+    h.record("a", 2, 150); // [150, 250); the watermark is now 150
+                           // Judged by the watermark at its arrival (150), whatever epoch it is read in: [0, 100)
+                           // fired and closed before it, so it joins only [150, 250).
+    h.record("a", 4, 90);
+    let fired: Vec<_> = h
+        .take_outputs()
+        .into_iter()
+        .map(|(_, r)| (r.window, r.value))
+        .collect();
+    assert_eq!(
+        fired,
+        [(Window::new(0, 100), 1)],
+        "fired at the record, not at the epoch end"
+    );
+    h.shard_end();
+    let out: Vec<_> = h
+        .take_outputs()
+        .into_iter()
+        .map(|(_, r)| (r.window, r.value))
+        .collect();
+    assert_eq!(out, [(Window::new(90, 250), 6)]);
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! KCL's lease table. Every mutation is a conditional write on the lease counter, and the rule
 //! that decides it is core's `apply_update`, the same as every other store.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::error::SdkError;
@@ -33,6 +33,12 @@ const REBUILD_WATERMARK: &str = "rebuildWatermark";
 // The time of an AT_TIMESTAMP checkpoint (ms since the epoch); the KCL keeps it in its config.
 const CHECKPOINT_TIMESTAMP: &str = "checkpointTimestamp";
 const REBUILD_FROM_TIMESTAMP: &str = "rebuildFromTimestamp";
+// Where each sink that holds record outputs resumes (a map by sink name of maps with the
+// three fields below), when that is not `checkpoint`.
+const SINK_POSITIONS: &str = "sinkPositions";
+const SINK_POSITION: &str = "position";
+const SINK_SUB: &str = "subSequenceNumber";
+const SINK_TIMESTAMP: &str = "timestamp";
 
 // Checkpoint sentinels. "The topology's initial position" has always been written as the KCL's
 // TRIM_HORIZON, so tables written by earlier versions keep their meaning; an operator's reset
@@ -318,6 +324,23 @@ fn to_item(lease: &Lease) -> Item {
     if let Some(w) = cp.rebuild_watermark {
         item.insert(REBUILD_WATERMARK.into(), AttributeValue::N(w.to_string()));
     }
+    if !cp.sinks.is_empty() {
+        let sinks = cp
+            .sinks
+            .iter()
+            .map(|(name, p)| {
+                let (text, sub, time) = position_text(p);
+                let mut m: Item = Item::new();
+                m.insert(SINK_POSITION.into(), AttributeValue::S(text));
+                m.insert(SINK_SUB.into(), AttributeValue::N(sub.to_string()));
+                if let Some(ms) = time {
+                    m.insert(SINK_TIMESTAMP.into(), AttributeValue::N(ms.to_string()));
+                }
+                (name.clone(), AttributeValue::M(m))
+            })
+            .collect();
+        item.insert(SINK_POSITIONS.into(), AttributeValue::M(sinks));
+    }
     if !lease.parents.is_empty() {
         // A string set may not be empty: no attribute means no parents.
         item.insert(PARENTS.into(), AttributeValue::Ss(lease.parents.clone()));
@@ -327,6 +350,22 @@ fn to_item(lease: &Lease) -> Item {
         AttributeValue::N(lease.owner_switches_since_checkpoint.to_string()),
     );
     item
+}
+
+/// A checkpoint position from its stored text, sub-sequence number and time (the inverse of
+/// `position_text`); `None` if malformed.
+fn parse_position(text: &str, sub: Option<i128>, time: Option<i128>) -> Option<CheckpointPosition> {
+    Some(match text {
+        INITIAL => CheckpointPosition::Initial,
+        TRIM_HORIZON_RESET => CheckpointPosition::TrimHorizon,
+        AT_TIMESTAMP => CheckpointPosition::AtTimestamp(i64::try_from(time?).ok()?),
+        SHARD_END => CheckpointPosition::ShardEnd,
+        digits => {
+            let sequence = SequenceNumber::parse(digits).ok()?;
+            let sub = u32::try_from(sub.unwrap_or(0)).ok()?;
+            CheckpointPosition::At(RecordPosition::with_sub_sequence(sequence, sub))
+        }
+    })
 }
 
 fn from_item(item: &Item) -> Result<Lease, LeaseError> {
@@ -350,20 +389,35 @@ fn from_item(item: &Item) -> Result<Lease, LeaseError> {
     };
     let position = |name: &str, sub: &str, time: &str| -> Result<CheckpointPosition, LeaseError> {
         let text = text(name).ok_or_else(|| bad(name))?;
-        Ok(match text.as_str() {
-            INITIAL => CheckpointPosition::Initial,
-            TRIM_HORIZON_RESET => CheckpointPosition::TrimHorizon,
-            AT_TIMESTAMP => {
-                let ms = number(time)?.ok_or_else(|| bad(time))?;
-                CheckpointPosition::AtTimestamp(i64::try_from(ms).map_err(|_| bad(time))?)
+        parse_position(&text, number(sub)?, number(time)?).ok_or_else(|| bad(name))
+    };
+    let sinks = match item.get(SINK_POSITIONS) {
+        None => BTreeMap::new(),
+        Some(v) => {
+            let sinks = v.as_m().map_err(|_| bad(SINK_POSITIONS))?;
+            let mut out = BTreeMap::new();
+            for (name, p) in sinks {
+                let p = p.as_m().map_err(|_| bad(SINK_POSITIONS))?;
+                let field = |f: &str| -> Result<Option<i128>, LeaseError> {
+                    p.get(f)
+                        .map(|v| {
+                            v.as_n()
+                                .ok()
+                                .and_then(|n| n.parse::<i128>().ok())
+                                .ok_or_else(|| bad(SINK_POSITIONS))
+                        })
+                        .transpose()
+                };
+                let text = p
+                    .get(SINK_POSITION)
+                    .and_then(|v| v.as_s().ok())
+                    .ok_or_else(|| bad(SINK_POSITIONS))?;
+                let position = parse_position(text, field(SINK_SUB)?, field(SINK_TIMESTAMP)?)
+                    .ok_or_else(|| bad(SINK_POSITIONS))?;
+                out.insert(name.clone(), position);
             }
-            SHARD_END => CheckpointPosition::ShardEnd,
-            digits => {
-                let sequence = SequenceNumber::parse(digits).map_err(|_| bad(name))?;
-                let sub = u32::try_from(number(sub)?.unwrap_or(0)).map_err(|_| bad(sub))?;
-                CheckpointPosition::At(RecordPosition::with_sub_sequence(sequence, sub))
-            }
-        })
+            out
+        }
     };
     let watermark = |name: &str| -> Result<Option<i64>, LeaseError> {
         number(name)?
@@ -382,6 +436,7 @@ fn from_item(item: &Item) -> Result<Lease, LeaseError> {
             committed_watermark: watermark(COMMITTED_WATERMARK)?,
             rebuild_from: position(REBUILD_FROM, REBUILD_FROM_SUB, REBUILD_FROM_TIMESTAMP)?,
             rebuild_watermark: watermark(REBUILD_WATERMARK)?,
+            sinks,
         },
         parents: {
             let mut parents = item

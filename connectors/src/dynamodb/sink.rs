@@ -452,8 +452,11 @@ impl<T: Serialize> DynamoWriter<T> {
                     AttributeValue::N(position.sub_sequence.to_string()),
                 );
             }
-            OutputId::Keyed { key, window } => {
+            OutputId::Keyed { key, window, index } => {
                 item.insert("key".into(), AttributeValue::S(key.to_string()));
+                if *index != 0 {
+                    item.insert("outputIndex".into(), AttributeValue::N(index.to_string()));
+                }
                 if let Some(w) = window {
                     item.insert("windowStart".into(), AttributeValue::N(w.start.to_string()));
                     item.insert("windowEnd".into(), AttributeValue::N(w.end.to_string()));

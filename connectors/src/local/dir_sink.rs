@@ -505,6 +505,7 @@ mod tests {
         let id = OutputId::Keyed {
             key: "user 1".into(),
             window: Some(Window::new(0, 60_000)),
+            index: 0,
         };
         let outputs = vec![Output {
             id: id.clone(),
@@ -579,6 +580,7 @@ mod tests {
         let id = OutputId::Keyed {
             key: "k".repeat(300).into(),
             window: None,
+            index: 0,
         };
         let outputs = vec![Output { id, value: 1 }];
         let err = writer

@@ -448,6 +448,10 @@ impl<T: Send + Sync + 'static> Sink<T> for S3Sink<T> {
         &self.inner.name
     }
 
+    fn holds_record_outputs(&self) -> bool {
+        true
+    }
+
     async fn open(&self, cx: &SinkContext) -> Result<Box<dyn SinkWriter<T>>, SinkError> {
         Ok(Box::new(S3Writer {
             inner: Arc::clone(&self.inner),

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::operator::{Collector, Emit, EpochCx, RecordCx, ReportFailure, Stateless};
+use crate::operator::{Collector, Emit, EpochCx, Fan, RecordCx, ReportFailure, Stateless};
 use crate::position::ShardId;
 use crate::sink::Held;
 use crate::topology::InstanceCx;
@@ -42,7 +42,7 @@ impl<T: Clone + Send + 'static> Emit<T> for Tee<T> {
     fn discard(&mut self) {
         self.outs.iter_mut().for_each(|o| o.discard());
     }
-    fn held(&self, out: &mut Vec<(ShardId, Held)>) {
+    fn held(&self, out: &mut Vec<(String, ShardId, Held)>) {
         self.outs.iter().for_each(|o| o.held(out));
     }
 }
@@ -64,6 +64,7 @@ impl<T: Send + 'static> Emit<T> for Discard {
 
 pub(crate) struct StatelessNode<O, U> {
     pub(crate) op: O,
+    pub(crate) fan: Fan,
     pub(crate) down: Box<dyn Emit<U>>,
     pub(crate) failures: Option<Arc<dyn ReportFailure>>,
     pub(crate) counts: OperatorCounts,
@@ -117,7 +118,12 @@ where
     fn emit(&mut self, cx: &RecordCx, value: T) {
         self.counts.records_in += 1;
         let failures = self.failures.as_deref();
-        let mut out = Collector::new(&mut *self.down, failures, &mut self.counts.records_out);
+        let mut out = Collector::new(
+            &mut *self.down,
+            failures,
+            &mut self.counts.records_out,
+            self.fan,
+        );
         self.op.apply(cx, value, &mut out);
     }
     async fn flush(&mut self, epoch: &EpochCx) -> Result<(), Error> {
@@ -136,7 +142,7 @@ where
         self.counts.discard();
         self.down.discard();
     }
-    fn held(&self, out: &mut Vec<(ShardId, Held)>) {
+    fn held(&self, out: &mut Vec<(String, ShardId, Held)>) {
         self.down.held(out);
     }
 }

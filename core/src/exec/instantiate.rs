@@ -10,7 +10,8 @@ use tokio::task::JoinSet;
 
 use crate::decode::Decoder;
 use crate::error::Error;
-use crate::operator::{Emit, KeyedOperator, Stateless};
+use crate::operator::{Emit, Fan, KeyedOperator, Stateless};
+use crate::protocol::watermark::WatermarkRules;
 use crate::sink::SinkContext;
 use crate::topology::{
     lock, ExchangeDecl, FanOut, InstanceCx, Instantiate, InstantiateBranch, InstantiateRoot,
@@ -55,8 +56,16 @@ where
     M: Fn() -> O + Send + Sync + 'static,
 {
     fn instantiate(&self, cx: &InstanceCx) -> Box<dyn Emit<T>> {
+        let fan = if self.fans_out {
+            Fan::Numbered {
+                bits: cx.fanout_bits,
+            }
+        } else {
+            Fan::One
+        };
         Box::new(StatelessNode {
             op: (self.make)(),
+            fan,
             down: self.down.instantiate(cx),
             failures: cx.failures.clone(),
             counts: OperatorCounts::new(Arc::clone(&self.label), cx),
@@ -70,6 +79,17 @@ impl<T: Send + 'static> Instantiate<T> for SinkDecl<T> {
             topology: cx.topology.clone(),
             instance: cx.instance.clone(),
         };
+        // A sink that holds record outputs resumes exactly after its last stored unit.
+        let skip_through = match &cx.resumed {
+            Some(resumed) if self.sink.holds_record_outputs() => Some(
+                resumed
+                    .sinks
+                    .get(self.sink.name())
+                    .unwrap_or(&resumed.committed)
+                    .clone(),
+            ),
+            _ => None,
+        };
         Box::new(
             SinkEmitter::new(
                 Arc::clone(&self.sink),
@@ -77,7 +97,8 @@ impl<T: Send + 'static> Instantiate<T> for SinkDecl<T> {
                 cx.metrics.clone(),
                 cx.random.clone(),
             )
-            .with_failures(cx.failures.clone()),
+            .with_failures(cx.failures.clone())
+            .skipping_through(skip_through),
         )
     }
 }
@@ -98,11 +119,14 @@ where
 
 impl<D: Decoder> InstantiateRoot for SourceDecl<D> {
     fn instantiate(&self, cx: &InstanceCx) -> Box<dyn ShardPipeline> {
-        let bound = *lock(&self.settings.out_of_orderness);
+        let millis = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         Box::new(SourcePipeline {
             decoder: Arc::clone(&self.decoder),
             event_time: lock(&self.settings.event_time).clone(),
-            bound_ms: i64::try_from(bound.as_millis()).unwrap_or(i64::MAX),
+            rules: WatermarkRules {
+                out_of_orderness_ms: millis(*lock(&self.settings.out_of_orderness)),
+                max_skew_ms: millis(*lock(&self.settings.max_skew)),
+            },
             down: self.node.instantiate(cx),
             failures: cx
                 .failures
@@ -138,6 +162,8 @@ where
                 exchanges: Arc::new(Vec::new()),
                 metrics: cx.metrics.clone(),
                 random: cx.random.clone(),
+                fanout_bits: cx.fanout_bits,
+                resumed: None,
             };
             let worker = KeyedWorker {
                 op: (self.make_op)(),

@@ -13,8 +13,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::operator::{Control, Emit, EpochCx, KeyedOperator, KeyedOutput, Mode};
 use crate::position::{EventTime, ShardId};
-use crate::protocol::checkpoint::Epoch;
-use crate::tracker::Tracker;
+use crate::tracker::{Report, Tracker};
 
 use super::exchange::{ExchangeMsg, RecordPool};
 
@@ -39,6 +38,17 @@ pub(crate) struct KeyedWorker<Op: KeyedOperator> {
 /// interval: bounds what a commit carries and what a crash repeats.
 const MESSAGES_PER_COMMIT: usize = 128;
 
+/// What a worker holds between commits.
+struct Pending<S> {
+    /// Operator state per source shard.
+    states: FxHashMap<ShardId, S>,
+    /// Epochs handled since the last commit, reported once the sinks committed them.
+    reports: Vec<Report>,
+    /// The last epoch of each shard handled since the last commit: at the commit, running
+    /// results are emitted under it.
+    uncommitted: Vec<EpochCx>,
+}
+
 impl<Op> KeyedWorker<Op>
 where
     Op: KeyedOperator,
@@ -48,10 +58,11 @@ where
         mut self,
         mut rx: mpsc::Receiver<ExchangeMsg<Op::Key, Op::In>>,
     ) -> Result<(), Error> {
-        let mut states: FxHashMap<ShardId, Op::State> = FxHashMap::default();
-        let mut reports: Vec<(ShardId, Epoch, Option<Epoch>)> = Vec::new();
-        // The last epoch of each shard handled since the last commit.
-        let mut uncommitted: Vec<EpochCx> = Vec::new();
+        let mut pending = Pending {
+            states: FxHashMap::default(),
+            reports: Vec::new(),
+            uncommitted: Vec::new(),
+        };
         // When the epochs gathered so far must be committed.
         let mut deadline: Option<tokio::time::Instant> = None;
         loop {
@@ -61,56 +72,59 @@ where
                     biased;
                     msg = rx.recv() => msg,
                     () = tokio::time::sleep_until(at) => {
-                        self.commit(&mut states, &mut uncommitted, &mut reports).await?;
+                        self.commit(&mut pending).await?;
                         deadline = None;
                         continue;
                     }
                 },
             };
             let Some(msg) = msg else { break };
-            // The end of a shard or of the input is committed at once: a run waits for it.
-            let urgent = matches!(msg.epoch.control, Control::EndOfInput | Control::ShardEnd);
-            if let Some(report) = self.handle(&mut states, msg, &mut uncommitted).await? {
-                reports.push(report);
-            }
+            // The end of a shard, of the input or of the shard's processing is committed at
+            // once: the run waits for it.
+            let urgent = matches!(
+                msg.epoch.control,
+                Control::EndOfInput | Control::ShardEnd | Control::Stop
+            );
+            self.handle(&mut pending, msg).await?;
             let at =
                 *deadline.get_or_insert_with(|| tokio::time::Instant::now() + self.commit_interval);
-            if urgent || reports.len() >= MESSAGES_PER_COMMIT || tokio::time::Instant::now() >= at {
-                self.commit(&mut states, &mut uncommitted, &mut reports)
-                    .await?;
+            if urgent
+                || pending.reports.len() >= MESSAGES_PER_COMMIT
+                || tokio::time::Instant::now() >= at
+            {
+                self.commit(&mut pending).await?;
                 deadline = None;
             }
         }
-        self.commit(&mut states, &mut uncommitted, &mut reports)
-            .await
+        self.commit(&mut pending).await
     }
 
     /// Lets operators emit running results, commits the sinks, then reports the epochs.
-    async fn commit(
-        &mut self,
-        states: &mut FxHashMap<ShardId, Op::State>,
-        uncommitted: &mut Vec<EpochCx>,
-        reports: &mut Vec<(ShardId, Epoch, Option<Epoch>)>,
-    ) -> Result<(), Error> {
-        for epoch in uncommitted.drain(..) {
-            if let Some(state) = states.get_mut(&epoch.shard) {
-                let mut out = KeyedOutput::new(&mut *self.main, &mut *self.late);
-                self.op.on_commit(state, &mut out);
-                let emitted = out.emitted();
-                if !epoch.replay() {
-                    self.count(&epoch.shard, 0, emitted);
-                }
-                self.main.flush(&epoch).await?;
-                self.late.flush(&epoch).await?;
+    async fn commit(&mut self, pending: &mut Pending<Op::State>) -> Result<(), Error> {
+        for epoch in std::mem::take(&mut pending.uncommitted) {
+            if let Some(state) = pending.states.get_mut(&epoch.shard) {
+                self.emit_running(state, &epoch).await?;
             }
         }
         self.main.commit().await?;
         self.late.commit().await?;
-        if !reports.is_empty() {
-            self.tracker.report(self.path, reports);
-            reports.clear();
+        if !pending.reports.is_empty() {
+            self.tracker.report(self.path, &pending.reports);
+            pending.reports.clear();
         }
         Ok(())
+    }
+
+    /// Lets the operator emit the running results `state` owes, under `epoch`.
+    async fn emit_running(&mut self, state: &mut Op::State, epoch: &EpochCx) -> Result<(), Error> {
+        let mut out = KeyedOutput::new(&mut *self.main, &mut *self.late);
+        self.op.on_commit(state, &mut out);
+        let emitted = out.emitted();
+        if !epoch.replay() {
+            self.count(&epoch.shard, 0, emitted);
+        }
+        self.main.flush(epoch).await?;
+        self.late.flush(epoch).await
     }
 
     /// Adds records into and results out of the operator to the metrics of `shard`.
@@ -125,19 +139,35 @@ where
 
     async fn handle(
         &mut self,
-        states: &mut FxHashMap<ShardId, Op::State>,
+        pending: &mut Pending<Op::State>,
         msg: ExchangeMsg<Op::Key, Op::In>,
-        uncommitted: &mut Vec<EpochCx>,
-    ) -> Result<Option<(ShardId, Epoch, Option<Epoch>)>, Error> {
+    ) -> Result<(), Error> {
         let ExchangeMsg { epoch, mut records } = msg;
-        uncommitted.retain(|e| e.shard != epoch.shard);
-        if epoch.control == Control::Release {
-            states.remove(&epoch.shard);
-            self.main.discard();
-            self.late.discard();
-            return Ok(None);
+        pending.uncommitted.retain(|e| e.shard != epoch.shard);
+        match epoch.control {
+            Control::Release => {
+                // The lease may have moved: nothing more of this life is emitted or reported.
+                pending.states.remove(&epoch.shard);
+                pending
+                    .reports
+                    .retain(|r| r.shard != epoch.shard || r.lease_epoch != epoch.lease_epoch);
+                self.main.discard();
+                self.late.discard();
+                self.pool.give(records);
+                return Ok(());
+            }
+            Control::Stop => {
+                // An orderly stop: what the state owes goes out with the epochs it derives
+                // from, which the final checkpoint then covers.
+                if let Some(mut state) = pending.states.remove(&epoch.shard) {
+                    self.emit_running(&mut state, &epoch).await?;
+                }
+                self.pool.give(records);
+                return Ok(());
+            }
+            Control::Continue | Control::EndOfInput | Control::ShardEnd => {}
         }
-        let state = states.entry(epoch.shard.clone()).or_default();
+        let state = pending.states.entry(epoch.shard.clone()).or_default();
         let mut out = KeyedOutput::new(&mut *self.main, &mut *self.late);
         let records_in = records.len() as u64;
         for record in records.drain(..) {
@@ -145,36 +175,45 @@ where
                 .on_record(state, record, epoch.epoch, epoch.mode, &mut out);
         }
         self.pool.give(records);
-        if epoch.mode == Mode::Live {
-            match epoch.control {
-                Control::ShardEnd => self.op.on_watermark(state, EventTime::MAX, &mut out),
-                _ => {
-                    if let Some(wm) = epoch.watermark {
-                        self.op.on_watermark(state, wm, &mut out);
-                    }
+        // A replayed epoch fires and closes windows as the first run did; its outputs are
+        // dropped (they were committed then), so the state ends as the first run's was.
+        match epoch.control {
+            Control::ShardEnd => self.op.on_watermark(state, EventTime::MAX, &mut out),
+            _ => {
+                if let Some(wm) = epoch.watermark {
+                    self.op.on_watermark(state, wm, &mut out);
                 }
             }
-            if epoch.control == Control::EndOfInput {
-                self.op.on_end_of_input(state, &mut out);
-            }
         }
-        if out.late_count() > 0 {
+        if epoch.control == Control::EndOfInput && epoch.mode == Mode::Live {
+            self.op.on_end_of_input(state, &mut out);
+        }
+        let live = epoch.mode == Mode::Live;
+        if out.late_count() > 0 && live {
             self.metrics.late(&self.topology, out.late_count());
         }
-        let hold = self.op.hold(state);
-        if epoch.control == Control::ShardEnd {
+        let hold = if epoch.control == Control::ShardEnd {
+            // The shard is closed: its state goes, with what it owes, and holds nothing.
             self.op.on_commit(state, &mut out);
-            states.remove(&epoch.shard);
+            pending.states.remove(&epoch.shard);
+            None
         } else {
-            uncommitted.push(epoch.clone());
-        }
-        if epoch.mode == Mode::Live {
+            pending.uncommitted.push(epoch.clone());
+            self.op.hold(state)
+        };
+        if live {
             // A replay only rebuilds state: the run that first read it counted it.
             let emitted = out.emitted();
             self.count(&epoch.shard, records_in, emitted);
         }
         self.main.flush(&epoch).await?;
         self.late.flush(&epoch).await?;
-        Ok(Some((epoch.shard.clone(), epoch.epoch, hold)))
+        pending.reports.push(Report {
+            shard: epoch.shard.clone(),
+            lease_epoch: epoch.lease_epoch,
+            epoch: epoch.epoch,
+            hold,
+        });
+        Ok(())
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::error::{Error, SinkError};
+use crate::lease::CheckpointPosition;
 use crate::metrics::Metrics;
 use crate::operator::{Control, Emit, EpochCx, Ident, RecordCx, ReportFailure};
 use crate::position::ShardId;
@@ -29,7 +30,7 @@ pub(crate) struct SinkEmitter<T> {
     pub(crate) ready: Vec<Output<T>>,
     /// Outputs of input records: (index in the epoch's batch, fanout, value); their positions
     /// are looked up when the epoch is flushed.
-    pub(crate) of_records: Vec<(u32, u32, T)>,
+    pub(crate) of_records: Vec<(u32, u64, T)>,
     pub(crate) written: bool,
     /// What the writer's `bytes_written` was at the last commit.
     pub(crate) bytes_reported: u64,
@@ -39,6 +40,9 @@ pub(crate) struct SinkEmitter<T> {
     pub(crate) failures: Option<Arc<dyn ReportFailure>>,
     /// Backoff jitter.
     pub(crate) random: Random,
+    /// For a sink that holds record outputs, on a shard's own path: outputs of records up to
+    /// here are in units it stored, whether the epoch is a replay or not.
+    pub(crate) skip_through: Option<CheckpointPosition>,
 }
 
 impl<T: Send + 'static> SinkEmitter<T> {
@@ -59,7 +63,15 @@ impl<T: Send + 'static> SinkEmitter<T> {
             metrics,
             failures: None,
             random,
+            skip_through: None,
         }
+    }
+
+    /// Writes only outputs of records after `position` (a holding sink resuming after its
+    /// last stored unit).
+    pub(crate) fn skipping_through(mut self, position: Option<CheckpointPosition>) -> Self {
+        self.skip_through = position;
+        self
     }
 
     /// Dead-letters the input records of outputs the sink refuses.
@@ -120,10 +132,15 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
                 }
                 self.of_records.push((*index, *fanout, value));
             }
-            Ident::Keyed { key, window } => self.ready.push(Output {
+            Ident::Keyed {
+                key,
+                window,
+                fanout,
+            } => self.ready.push(Output {
                 id: OutputId::Keyed {
                     key: key.clone(),
                     window: *window,
+                    index: *fanout,
                 },
                 value,
             }),
@@ -131,10 +148,21 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
     }
 
     async fn flush(&mut self, epoch: &EpochCx) -> Result<(), Error> {
-        if epoch.replay() || (self.ready.is_empty() && self.of_records.is_empty()) {
+        if let Some(skip) = &self.skip_through {
+            // Stored units end at its own position, not at the shard's: what is after it is
+            // new to it, replayed or not.
+            self.of_records.retain(|(index, _, _)| {
+                let position = epoch.raw.get(*index as usize).position;
+                !CheckpointPosition::At(position.clone()).le(skip)
+            });
+            if epoch.replay() {
+                self.ready.clear();
+            }
+        } else if epoch.replay() {
             // Replayed outputs were committed by the run that first produced them.
             self.discard();
-        } else {
+        }
+        if !self.ready.is_empty() || !self.of_records.is_empty() {
             self.write(epoch).await?;
         }
         match epoch.control {
@@ -143,7 +171,7 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
                     writer.end_shard(&epoch.shard).await?;
                 }
             }
-            Control::Release => {
+            Control::Stop | Control::Release => {
                 if let Some(writer) = self.writer.as_mut() {
                     writer.release_shard(&epoch.shard);
                 }
@@ -183,9 +211,15 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
         self.of_records.clear();
     }
 
-    fn held(&self, out: &mut Vec<(ShardId, Held)>) {
+    fn held(&self, out: &mut Vec<(String, ShardId, Held)>) {
         if let Some(writer) = &self.writer {
-            out.extend(writer.held());
+            let name = self.sink.name();
+            out.extend(
+                writer
+                    .held()
+                    .into_iter()
+                    .map(|(shard, held)| (name.to_owned(), shard, held)),
+            );
         }
     }
 }
@@ -201,7 +235,7 @@ impl<T: Send + 'static> SinkEmitter<T> {
                 .map(|(index, fanout, value)| Output {
                     id: OutputId::Record {
                         position: epoch.raw.get(index as usize).position.clone(),
-                        index: u64::from(fanout),
+                        index: fanout,
                     },
                     value,
                 }),

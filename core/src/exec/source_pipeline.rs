@@ -1,5 +1,5 @@
 //! The decode and watermark loop at the head of a shard's chain: each raw record is decoded,
-//! stamped with its event time and the shard's watermark at its arrival, and pushed on.
+//! stamped with its event time and its arrival watermark (`protocol::watermark`), and pushed on.
 
 use std::sync::Arc;
 
@@ -7,43 +7,35 @@ use async_trait::async_trait;
 
 use crate::decode::Decoder;
 use crate::error::Error;
-use crate::operator::{Emit, EpochCx, Ident, RecordCx, ReportFailure, NO_WATERMARK};
+use crate::operator::{Emit, EpochCx, Ident, RecordCx, ReportFailure};
 use crate::position::{EventTime, ShardId};
+use crate::protocol::watermark::WatermarkRules;
 use crate::record::RawBatch;
 use crate::sink::Held;
-use crate::topology::{EventTimeFn, ShardPipeline};
+use crate::topology::{EventTimeFn, Processed, ShardPipeline};
 
 pub(crate) struct SourcePipeline<D: Decoder> {
     pub(crate) decoder: Arc<D>,
     pub(crate) event_time: Option<EventTimeFn<D::Item>>,
-    pub(crate) bound_ms: i64,
+    pub(crate) rules: WatermarkRules,
     pub(crate) down: Box<dyn Emit<D::Item>>,
     pub(crate) failures: Arc<dyn ReportFailure>,
 }
 
 #[async_trait]
 impl<D: Decoder> ShardPipeline for SourcePipeline<D> {
-    fn process(&mut self, raw: &Arc<RawBatch>, max_event_time: &mut Option<EventTime>) {
-        // Plain locals in the loop; the Option is only the interface.
-        let (mut seen, mut max) = (
-            max_event_time.is_some(),
-            max_event_time.unwrap_or(EventTime::MIN),
-        );
+    fn process(&mut self, raw: &Arc<RawBatch>, watermark: &mut Option<EventTime>) -> Processed {
+        let mut processed = Processed::default();
         for (index, record) in raw.iter().enumerate() {
             // Batches hold at most 4 GiB of records, far fewer than u32::MAX of them.
             let index = index as u32;
-            let watermark = if seen {
-                max.saturating_sub(self.bound_ms)
-            } else {
-                NO_WATERMARK
+            let failed = || RecordCx {
+                event_time: record.arrival_ms,
+                watermark: watermark.unwrap_or(EventTime::MIN),
+                ident: Ident::Record { index, fanout: 0 },
             };
             if let Some(reason) = raw.fault(index as usize) {
-                let cx = RecordCx {
-                    event_time: record.arrival_ms,
-                    watermark,
-                    ident: Ident::Record { index, fanout: 0 },
-                };
-                self.failures.fail(&cx, "source", reason, 0, false);
+                self.failures.fail(&failed(), "source", reason, 0, false);
                 continue;
             }
             match self.decoder.decode(record) {
@@ -52,37 +44,27 @@ impl<D: Decoder> ShardPipeline for SourcePipeline<D> {
                         Some(f) => f(&value),
                         None => record.arrival_ms,
                     };
-                    max = if seen {
-                        max.max(event_time)
-                    } else {
-                        event_time
-                    };
-                    seen = true;
+                    let arrival_watermark =
+                        self.rules.observe(watermark, event_time, record.arrival_ms);
+                    if arrival_watermark == EventTime::MAX {
+                        processed.untimely += 1;
+                        processed.first_untimely.get_or_insert(index);
+                    }
                     let cx = RecordCx {
                         event_time,
-                        watermark,
+                        watermark: arrival_watermark,
                         ident: Ident::Record { index, fanout: 0 },
                     };
                     self.down.emit(&cx, value);
                 }
                 Err(error) => {
-                    let cx = RecordCx {
-                        event_time: record.arrival_ms,
-                        watermark,
-                        ident: Ident::Record { index, fanout: 0 },
-                    };
+                    let cx = failed();
                     self.failures
                         .fail(&cx, "decode", &error.to_string(), 0, false);
                 }
             }
         }
-        if seen {
-            *max_event_time = Some(max);
-        }
-    }
-
-    fn out_of_orderness_ms(&self) -> i64 {
-        self.bound_ms
+        processed
     }
 
     async fn flush(&mut self, epoch: &EpochCx) -> Result<(), Error> {
@@ -96,7 +78,7 @@ impl<D: Decoder> ShardPipeline for SourcePipeline<D> {
     fn discard(&mut self) {
         self.down.discard();
     }
-    fn held(&self) -> Vec<(ShardId, Held)> {
+    fn held(&self) -> Vec<(String, ShardId, Held)> {
         let mut out = Vec::new();
         self.down.held(&mut out);
         out

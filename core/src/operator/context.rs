@@ -17,7 +17,8 @@ pub struct RecordCx {
     /// The record's event time.
     pub event_time: EventTime,
     /// The shard's watermark when the record arrived: records of windows that ended (plus the
-    /// allowed lateness) before it are late.
+    /// allowed lateness) before it are late. `EventTime::MAX` for a record whose event time is
+    /// invalid or too far ahead of its arrival (`protocol::watermark`): late for every window.
     pub watermark: EventTime,
     /// What the output's identity derives from.
     pub ident: Ident,
@@ -26,21 +27,51 @@ pub struct RecordCx {
 /// The source of an output's identity.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Ident {
-    /// The record at `index` of its epoch's batch; `fanout` numbers the outputs `flat_map`
-    /// made of it (16 bits per level).
+    /// The record at `index` of its epoch's batch; `fanout` numbers the outputs the
+    /// `flat_map`s after the source made of it (see [`RecordCx::nth_output`]).
     Record {
         /// Index in the epoch's raw batch.
         index: u32,
         /// Which output of the record.
-        fanout: u32,
+        fanout: u64,
     },
-    /// A keyed (and possibly windowed) result.
+    /// A keyed (and possibly windowed) result; `fanout` numbers the outputs the `flat_map`s
+    /// after the keyed operator made of it.
     Keyed {
         /// The key, rendered.
         key: KeyId,
         /// The window, if any.
         window: Option<Window>,
+        /// Which output of the result.
+        fanout: u64,
     },
+}
+
+impl Ident {
+    /// A keyed result's identity before any `flat_map`.
+    pub fn keyed(key: KeyId, window: Option<Window>) -> Self {
+        Self::Keyed {
+            key,
+            window,
+            fanout: 0,
+        }
+    }
+}
+
+impl RecordCx {
+    /// The context of the `n`-th output (from 0) a fanning-out operator makes of this one:
+    /// each level of `flat_map` shifts the fanout left by `bits` (64 divided by the deepest
+    /// chain of `flat_map`s in the topology, so that no level is ever shifted out) and adds
+    /// `n`. `None` if `n` does not fit in `bits`: the output would overwrite another.
+    pub fn nth_output(&self, n: u64, bits: u32) -> Option<RecordCx> {
+        if bits < 64 && n >> bits != 0 {
+            return None;
+        }
+        let mut cx = self.clone();
+        let (Ident::Record { fanout, .. } | Ident::Keyed { fanout, .. }) = &mut cx.ident;
+        *fanout = if bits >= 64 { n } else { (*fanout << bits) | n };
+        Some(cx)
+    }
 }
 
 /// What a flush is about: one epoch of one shard.
@@ -65,7 +96,7 @@ pub struct EpochCx {
 impl EpochCx {
     /// A replay epoch only rebuilds state: its outputs were committed by an earlier run.
     pub fn replay(&self) -> bool {
-        matches!(self.mode, Mode::Rebuild { .. })
+        self.mode == Mode::Rebuild
     }
 }
 
@@ -75,11 +106,10 @@ pub enum Mode {
     /// Normal processing.
     Live,
     /// The records were processed and their outputs committed by an earlier run; they only
-    /// rebuild operator state. Windows that had closed by `committed_watermark` are final.
-    Rebuild {
-        /// The watermark at the committed checkpoint.
-        committed_watermark: EventTime,
-    },
+    /// rebuild operator state. Operators handle them exactly as live ones (each record judged
+    /// by its arrival watermark, windows fired and closed as the watermark passes them): the
+    /// runtime drops what they emit.
+    Rebuild,
 }
 
 /// What an epoch says about its shard beyond its records.
@@ -92,6 +122,11 @@ pub enum Control {
     EndOfInput,
     /// The shard is closed and fully read: close every window and drop the shard's state.
     ShardEnd,
-    /// The shard is no longer ours (lease lost, stopped): drop its state without output.
+    /// The worker stops processing the shard in an orderly way (shutdown, the run ending or
+    /// failing elsewhere) while its lease is surely still the worker's: emit what the state
+    /// owes (running results not yet emitted), commit, report, then drop the state.
+    Stop,
+    /// The shard is no longer ours (lease lost, fenced, stopped at a bad record): drop its
+    /// state without output; the next owner emits what is owed.
     Release,
 }

@@ -19,6 +19,7 @@ pub trait Emit<T>: Send {
     async fn commit(&mut self) -> Result<(), Error>;
     /// Drops what was buffered for the current epoch (the shard stops before it).
     fn discard(&mut self);
-    /// Adds what this consumer's sinks hold back after a commit (see `SinkWriter::held`).
-    fn held(&self, _out: &mut Vec<(ShardId, Held)>) {}
+    /// Adds what this consumer's sinks hold back after a commit, by sink name and shard (see
+    /// `SinkWriter::held`).
+    fn held(&self, _out: &mut Vec<(String, ShardId, Held)>) {}
 }

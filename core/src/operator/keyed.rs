@@ -18,12 +18,12 @@ pub struct KeyedRecord<K, T> {
     /// The shard's watermark when the record arrived.
     pub watermark: EventTime,
     index: u32,
-    fanout: u32,
+    fanout: u64,
 }
 
 impl<K, T> KeyedRecord<K, T> {
     /// A keyed record of the input record at `index` of its epoch (output `fanout` of it).
-    pub(crate) fn of_input(key: K, value: T, cx: &RecordCx, index: u32, fanout: u32) -> Self {
+    pub(crate) fn of_input(key: K, value: T, cx: &RecordCx, index: u32, fanout: u64) -> Self {
         Self {
             key,
             value,

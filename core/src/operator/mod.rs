@@ -10,5 +10,5 @@ mod stateless;
 pub use context::{Control, EpochCx, Ident, Mode, RecordCx, NO_WATERMARK};
 pub use emit::Emit;
 pub use keyed::{KeyedOperator, KeyedOutput, KeyedRecord};
-pub(crate) use stateless::ReportFailure;
 pub use stateless::{Collector, FailureAction, Stateless};
+pub(crate) use stateless::{Fan, ReportFailure};

@@ -30,11 +30,28 @@ pub(crate) trait ReportFailure: Send + Sync {
     ) -> FailureAction;
 }
 
-/// Where a stateless operator sends its results, and how it reports failures.
+/// How many outputs an operator makes of one input, and so how their identities derive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fan {
+    /// At most one: the output keeps the input's identity (map, filter, try_map).
+    One,
+    /// Any number: the n-th output's identity adds `n` in `bits` bits (flat_map; see
+    /// [`RecordCx::nth_output`]).
+    Numbered {
+        /// Bits per level of fan-out in this topology.
+        bits: u32,
+    },
+}
+
+/// Where a stateless operator sends its results, and how it reports failures. A collector
+/// serves one input value.
 pub struct Collector<'a, U> {
     down: &'a mut dyn Emit<U>,
     failures: Option<&'a dyn ReportFailure>,
     emitted: &'a mut u64,
+    fan: Fan,
+    /// Outputs of this input so far.
+    outputs: u64,
 }
 
 impl<'a, U> Collector<'a, U> {
@@ -42,18 +59,65 @@ impl<'a, U> Collector<'a, U> {
         down: &'a mut dyn Emit<U>,
         failures: Option<&'a dyn ReportFailure>,
         emitted: &'a mut u64,
+        fan: Fan,
     ) -> Self {
         Self {
             down,
             failures,
             emitted,
+            fan,
+            outputs: 0,
         }
     }
 
-    /// Emits a result.
+    /// Emits a result. An operator declared with [`Stream::stateless_fan_out`] gives each
+    /// output of an input its own identity; one declared with [`Stream::stateless`] emits at
+    /// most one output per input.
+    ///
+    /// # Panics
+    /// If an operator declared with `Stream::stateless` emits a second output for one input
+    /// (its outputs would share one identity and overwrite each other in every sink), or if
+    /// a fanning-out operator after `key_by` emits more outputs of one result than its
+    /// identities can number (2^(64 / the deepest chain of `flat_map`s)); before `key_by` the
+    /// input record goes to the dead-letter policy instead.
+    ///
+    /// [`Stream::stateless`]: crate::topology::Stream::stateless
+    /// [`Stream::stateless_fan_out`]: crate::topology::Stream::stateless_fan_out
     pub fn emit(&mut self, cx: &RecordCx, value: U) {
-        *self.emitted += 1;
-        self.down.emit(cx, value);
+        let n = self.outputs;
+        self.outputs += 1;
+        match self.fan {
+            Fan::One => {
+                assert!(
+                    n == 0,
+                    "a stateless operator emitted a second output for one input: declare it \
+                     with Stream::stateless_fan_out so that its outputs get identities of \
+                     their own"
+                );
+                *self.emitted += 1;
+                self.down.emit(cx, value);
+            }
+            Fan::Numbered { bits } => match cx.nth_output(n, bits) {
+                Some(output) => {
+                    *self.emitted += 1;
+                    self.down.emit(&output, value);
+                }
+                None => {
+                    let error = format!(
+                        "more than 2^{bits} outputs of one input: the topology's chain of \
+                         flat_maps leaves {bits} bits per level to number them"
+                    );
+                    match self.failures {
+                        Some(failures) => {
+                            if n == 1 << bits {
+                                failures.fail(cx, "flat_map", &error, 0, false);
+                            }
+                        }
+                        None => panic!("{error}"),
+                    }
+                }
+            },
+        }
     }
 
     /// Reports that the user function `stage` failed on the record behind `cx` (attempt from 0)

@@ -1,11 +1,23 @@
 //! Checkpoint progress: pure decisions of how far a shard's checkpoint may advance.
 //!
-//! A shard's input is cut into epochs (one per read batch). Every path from the shard to a sink
-//! (the shard task's own sinks and dead letters, and each keyed worker of each keyed branch)
-//! reports, after its sinks committed, the last epoch whose outputs are durable and the oldest
-//! epoch its operator state still holds at that point. The checkpoint's `committed` position is
-//! the end of the last epoch every path committed; its `rebuild_from` position is the end of the
-//! epoch before the oldest held one, so that a restart rebuilds every open window. No I/O here.
+//! A shard's input is cut into epochs (one per read batch, or an empty one that only says
+//! something about the shard). Every path from the shard to its sinks (the shard task's own
+//! sinks and dead letters, and each keyed worker of each keyed branch) reports, after its
+//! sinks committed, the last epoch whose outputs are durable and the oldest epoch its operator
+//! state still holds at that point. The checkpoint's `committed` position is the end of the
+//! last epoch every path committed; its `rebuild_from` position is the end of an epoch before
+//! the oldest one held then, so that a restart rebuilds every open window.
+//!
+//! Sinks that gather record outputs into units across commits (S3 objects) are tracked one by
+//! one: each has its own position, the end of its last stored unit or, when it buffers
+//! nothing, the end of the last epoch it was given. A replay writes to such a sink only the
+//! outputs of records after its own position, so that it starts a new unit exactly where its
+//! last stored one ended, whatever the other sinks' units and whatever the other paths did.
+//!
+//! Memory stays bounded: epochs before the rebuild point are forgotten, and when a shard's
+//! state holds one epoch for long (a running aggregate holds its first for ever) the epochs in
+//! between are thinned, keeping the newest exact; a thinned rebuild or commit point is an
+//! earlier epoch's end, which rebuilds and re-emits more, never less. No I/O here.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -15,6 +27,14 @@ use crate::sink::Held;
 
 /// An epoch number: the n-th batch a shard task read in this run, from 1.
 pub type Epoch = u64;
+
+/// Epoch ends kept per shard at most; beyond it the older half is thinned.
+const MAX_ANCHORS: usize = 512;
+/// The newest epoch ends never thinned: commits and sink positions land among them.
+const EXACT_ANCHORS: usize = 128;
+/// Hold reports kept per path at most; beyond it the older ones are merged (keeping the
+/// oldest hold of those merged, which rebuilds more, never less).
+const MAX_HOLD_REPORTS: usize = 512;
 
 /// A point of a shard's input: a position and the watermark right after it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,15 +54,8 @@ pub struct EpochRead {
     pub records: usize,
     /// The shard's watermark after it.
     pub watermark: Option<EventTime>,
-    /// Whether it only rebuilds state (up to the resumed `committed` position).
-    pub replay: bool,
     /// Whether it is the shard's last.
     pub shard_end: bool,
-}
-
-#[derive(Clone, Debug)]
-struct EpochEnd {
-    anchor: Anchor,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -52,18 +65,28 @@ struct PathState {
     holds: VecDeque<(Epoch, Option<Epoch>)>,
 }
 
+/// A sink on the shard's own path that holds record outputs back (`SinkWriter::held`).
+#[derive(Clone, Debug)]
+struct HoldingSink {
+    /// What it said after the shard path committed epoch `at`.
+    held: Held,
+    at: Epoch,
+    /// The furthest position known to be a valid place for it to resume after: a stop once
+    /// valid stays valid (units after it start after it).
+    floor: CheckpointPosition,
+}
+
 /// Tracks one shard's epochs and the progress of every path, and derives its checkpoint.
 #[derive(Clone, Debug)]
 pub struct ShardProgress {
     start: Anchor,
     resumed: ShardCheckpoint,
-    epochs: BTreeMap<Epoch, EpochEnd>,
+    epochs: BTreeMap<Epoch, Anchor>,
     paths: Vec<PathState>,
     last_epoch: Epoch,
-    replay_end: Epoch,
     shard_end: Option<Epoch>,
-    /// Where sinks of the shard's own path let the checkpoint stop (`SinkWriter::held`).
-    holds: Vec<Held>,
+    /// Holding sinks of the shard's own path, by name.
+    sinks: BTreeMap<String, HoldingSink>,
 }
 
 impl ShardProgress {
@@ -83,15 +106,13 @@ impl ShardProgress {
             epochs: BTreeMap::new(),
             paths: vec![PathState::default(); paths],
             last_epoch: 0,
-            replay_end: 0,
             shard_end: None,
-            holds: Vec::new(),
+            sinks: BTreeMap::new(),
         }
     }
 
     /// Registers the next epoch: it ends at `read.last` (or where the previous one ended, for
-    /// an empty final batch). Epochs marked `replay` only rebuild state; `shard_end` marks the
-    /// last.
+    /// an empty batch). Epochs marked `replay` only rebuild state; `shard_end` marks the last.
     ///
     /// # Panics
     /// If `epoch` is not the next epoch number, a broken invariant of the shard task.
@@ -100,40 +121,31 @@ impl ShardProgress {
         let previous = self.anchor(self.last_epoch);
         let position = match read.last {
             Some(p) => CheckpointPosition::At(p),
-            None => previous
-                .as_ref()
-                .map_or(CheckpointPosition::Initial, |a| a.position.clone()),
+            None => previous.position.clone(),
         };
-        let before = previous.map_or(0, |a| a.read);
         self.epochs.insert(
             epoch,
-            EpochEnd {
-                anchor: Anchor {
-                    position,
-                    watermark: read.watermark,
-                    read: before + read.records as u64,
-                },
+            Anchor {
+                position,
+                watermark: read.watermark,
+                read: previous.read + read.records as u64,
             },
         );
         self.last_epoch = epoch;
-        if read.replay {
-            self.replay_end = epoch;
-        }
         if read.shard_end {
             self.shard_end = Some(epoch);
         }
+        self.thin();
     }
 
     /// Records read in this run that `checkpoint` (the last one written, or the resumed one)
     /// does not cover: what a crash now would read again, besides rebuilding open windows.
     pub fn lag(&self, checkpoint: &CheckpointPosition) -> u64 {
-        let read = self.anchor(self.last_epoch).map_or(0, |a| a.read);
         if *checkpoint == CheckpointPosition::ShardEnd {
             return 0;
         }
-        let covered = self
-            .anchor(self.epoch_through(checkpoint))
-            .map_or(0, |a| a.read);
+        let read = self.anchor(self.last_epoch).read;
+        let covered = self.anchor(self.epoch_through(checkpoint)).read;
         read.saturating_sub(covered)
     }
 
@@ -150,32 +162,53 @@ impl ShardProgress {
             state.committed
         );
         state.committed = epoch;
+        if state.holds.len() >= MAX_HOLD_REPORTS {
+            // Merge the two oldest reports: the later epoch with the older hold.
+            let (_, first) = state.holds.pop_front().expect("full");
+            let (e, second) = state.holds.pop_front().expect("full");
+            let oldest = match (first, second) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            state.holds.push_front((e, oldest));
+        }
         state.holds.push_back((epoch, hold));
     }
 
-    /// Where the sinks of the shard's own path let the checkpoint stop, one [`Held`] per
-    /// sink that constrains it (none: no constraint). Replaces the previous ones; returns
-    /// whether they changed.
-    pub fn hold_back(&mut self, holds: Vec<Held>) -> bool {
-        let changed = self.holds != holds;
-        self.holds = holds;
-        changed
-    }
-
-    /// The furthest position at or before `position` every holding sink lets the checkpoint
-    /// stop at: snapping for one sink can land inside another's unit, so until no sink moves it.
-    fn stop_at(&self, position: &CheckpointPosition) -> CheckpointPosition {
-        let mut at = position.clone();
-        loop {
-            let next = self
-                .holds
-                .iter()
-                .fold(at.clone(), |at, h| h.snap(&at, &self.resumed.committed));
-            if next == at {
-                return at;
+    /// What the holding sinks of the shard's own path said after the shard path committed
+    /// epoch `at`, by sink name; a sink that said nothing of the shard holds nothing of it
+    /// (it stored everything, at shard end say). Returns whether anything changed.
+    pub fn hold_back(&mut self, at: Epoch, holds: Vec<(String, Held)>) -> bool {
+        let mut changed = false;
+        for (name, sink) in &mut self.sinks {
+            if !holds.iter().any(|(n, _)| n == name) {
+                changed |= sink.held != Held::default();
+                sink.held = Held::default();
+                sink.at = at;
             }
-            at = next;
         }
+        for (name, held) in holds {
+            let floor = self
+                .resumed
+                .sinks
+                .get(&name)
+                .unwrap_or(&self.resumed.committed)
+                .clone();
+            let sink = self.sinks.entry(name).or_insert_with(|| {
+                changed = true;
+                HoldingSink {
+                    held: Held::default(),
+                    at,
+                    floor,
+                }
+            });
+            if sink.held != held || sink.at != at {
+                changed |= sink.held != held;
+                sink.held = held;
+                sink.at = at;
+            }
+        }
+        changed
     }
 
     /// The last epoch every path committed.
@@ -186,55 +219,72 @@ impl ShardProgress {
     /// Whether every path committed the shard's final epoch with no state left: the shard may
     /// be checkpointed at `SHARD_END` and its children may start.
     pub fn is_finished(&self) -> bool {
-        self.holds.iter().all(|h| !h.buffered)
+        self.sinks.values().all(|s| !s.held.buffered)
             && self
                 .shard_end
                 .is_some_and(|end| self.committed_epoch() >= end && self.hold_at(end).is_none())
     }
 
+    /// Where holding sink `sink` may resume after: the end of its last stored unit, or the end
+    /// of the last epoch it was given if it buffers nothing; never before an earlier answer.
+    fn sink_position(&self, sink: &HoldingSink) -> CheckpointPosition {
+        let now = if sink.held.buffered {
+            sink.held
+                .cuts
+                .last()
+                .map(|c| CheckpointPosition::At(c.clone()))
+        } else {
+            Some(self.anchor(sink.at).position)
+        };
+        match now {
+            Some(p) if sink.floor.le(&p) => p,
+            _ => sink.floor.clone(),
+        }
+    }
+
     /// The checkpoint the shard may advance to, or `None` while it may not move past the
-    /// checkpoint it resumed from (nothing committed yet, or still replaying).
-    pub fn checkpoint(&self) -> Option<ShardCheckpoint> {
+    /// checkpoint it resumed from (nothing committed yet, or still replaying). Positions it
+    /// returns are never taken back.
+    pub fn checkpoint(&mut self) -> Option<ShardCheckpoint> {
         if self.is_finished() {
             return Some(ShardCheckpoint::shard_end());
         }
         let committed = self.committed_epoch();
-        if committed == 0 || committed < self.replay_end {
+        let end = self.anchor(committed);
+        if committed == 0 || !self.resumed.committed.le(&end.position) {
+            // Still replaying (or stopped mid-replay): the resumed checkpoint stands.
             return None;
         }
-        let mut end = self.anchor(committed)?;
-        let mut rebuild = match self.hold_at(committed) {
-            None => end.clone(),
-            Some(held) => self.anchor(held.saturating_sub(1).min(committed))?,
-        };
-        if !self.holds.is_empty() {
-            let stop = self.stop_at(&end.position);
-            if stop != end.position {
-                // The checkpoint moves back into epoch `through + 1`: the watermark and the
-                // operator state as of the end of epoch `through` describe it safely (a
-                // lower watermark re-emits, never skips; older holds rebuild more, never
-                // less), plus whatever that epoch's records up to the stop opened.
-                let through = self.epoch_through(&stop);
-                let before = self.anchor(through)?;
-                rebuild = match self.hold_at(through) {
-                    None => before.clone(),
-                    Some(held) => self.anchor(held.saturating_sub(1).min(through))?,
-                };
-                end = Anchor {
-                    position: stop,
-                    watermark: before.watermark,
-                    read: before.read,
-                };
-            }
-            if !rebuild.position.le(&end.position) {
-                rebuild = end.clone();
+        let positions: Vec<(String, CheckpointPosition)> = self
+            .sinks
+            .iter()
+            .map(|(name, s)| (name.clone(), self.sink_position(s)))
+            .collect();
+        for (name, p) in &positions {
+            if let Some(s) = self.sinks.get_mut(name) {
+                s.floor = p.clone();
             }
         }
+        // Reading restarts early enough for every sink and for the state held at `committed`.
+        let mut rebuild = match self.hold_at(committed) {
+            Some(held) => held.saturating_sub(1).min(committed),
+            None => committed,
+        };
+        for (_, p) in &positions {
+            if !end.position.le(p) {
+                rebuild = rebuild.min(self.epoch_through(p));
+            }
+        }
+        let rebuild = self.anchor(rebuild);
         let checkpoint = ShardCheckpoint {
-            committed: end.position,
+            committed: end.position.clone(),
             committed_watermark: end.watermark,
             rebuild_from: rebuild.position,
             rebuild_watermark: rebuild.watermark,
+            sinks: positions
+                .into_iter()
+                .filter(|(_, p)| *p != end.position)
+                .collect(),
         };
         (checkpoint != self.resumed).then_some(checkpoint)
     }
@@ -242,38 +292,51 @@ impl ShardProgress {
     /// Forgets what no future checkpoint needs: epochs before the current rebuild point and
     /// hold reports before the committed epoch.
     pub fn prune(&mut self) {
-        let mut committed = self.committed_epoch();
-        if committed < self.replay_end || committed == 0 {
+        let committed = self.committed_epoch();
+        if committed == 0 || !self.resumed.committed.le(&self.anchor(committed).position) {
             return;
-        }
-        if !self.holds.is_empty() {
-            // A held-back checkpoint sits in an earlier epoch: keep what it is derived from.
-            if let Some(end) = self.anchor(committed) {
-                committed = committed.min(self.epoch_through(&self.stop_at(&end.position)));
-            }
         }
         for path in &mut self.paths {
             while path.holds.len() > 1 && path.holds[1].0 <= committed {
                 path.holds.pop_front();
             }
         }
-        let keep_from = match self.hold_at(committed) {
+        let mut keep_from = match self.hold_at(committed) {
             Some(held) => held.saturating_sub(1).min(committed),
             None => committed,
         };
+        for s in self.sinks.values() {
+            keep_from = keep_from.min(self.epoch_through(&s.floor));
+        }
+        let keep_from = self
+            .epochs
+            .range(..=keep_from)
+            .next_back()
+            .map_or(0, |(e, _)| *e);
         if keep_from > 0 {
-            if let Some(anchor) = self.anchor(keep_from) {
-                // Epochs before `keep_from` are never a rebuild point again: holds only grow.
-                self.start = anchor;
-                self.epochs = self.epochs.split_off(&keep_from);
-                self.epochs.remove(&keep_from);
-                self.epochs.insert(
-                    keep_from,
-                    EpochEnd {
-                        anchor: self.start.clone(),
-                    },
-                );
-            }
+            // Epochs before `keep_from` are never a rebuild point again: holds only grow and
+            // sink positions only advance.
+            self.start = self.anchor(keep_from);
+            self.epochs = self.epochs.split_off(&keep_from);
+            self.epochs.remove(&keep_from);
+            self.epochs.insert(keep_from, self.start.clone());
+        }
+    }
+
+    /// Keeps the number of epoch ends bounded: beyond `MAX_ANCHORS`, every other one of the
+    /// older ones goes (never the first, nor the newest `EXACT_ANCHORS`).
+    fn thin(&mut self) {
+        if self.epochs.len() <= MAX_ANCHORS {
+            return;
+        }
+        let old: Vec<Epoch> = self
+            .epochs
+            .keys()
+            .copied()
+            .take(self.epochs.len() - EXACT_ANCHORS)
+            .collect();
+        for e in old.iter().skip(1).step_by(2) {
+            self.epochs.remove(e);
         }
     }
 
@@ -297,16 +360,23 @@ impl ShardProgress {
     fn epoch_through(&self, position: &CheckpointPosition) -> Epoch {
         self.epochs
             .iter()
-            .take_while(|(_, e)| e.anchor.position.le(position))
+            .take_while(|(_, a)| a.position.le(position))
             .last()
             .map_or(0, |(epoch, _)| *epoch)
     }
 
-    fn anchor(&self, epoch: Epoch) -> Option<Anchor> {
-        if epoch == 0 {
-            return Some(self.start.clone());
-        }
-        self.epochs.get(&epoch).map(|e| e.anchor.clone())
+    /// The end of `epoch`, or of the last epoch kept before it (thinned ones are gone: an
+    /// earlier end rebuilds and re-emits more, never less).
+    fn anchor(&self, epoch: Epoch) -> Anchor {
+        self.epochs
+            .range(..=epoch)
+            .next_back()
+            .map_or_else(|| self.start.clone(), |(_, a)| a.clone())
+    }
+
+    /// Epoch ends kept (for tests of the memory bound).
+    pub fn tracked_epochs(&self) -> usize {
+        self.epochs.len()
     }
 }
 
@@ -324,17 +394,18 @@ mod tests {
     }
 
     /// An epoch of ten records.
+    /// (`_replay` says what the epoch is to the reader of the test; the tracker needs not know:
+    /// a replay ends where the resumed checkpoint is.)
     fn read(
         last: Option<RecordPosition>,
         watermark: Option<EventTime>,
-        replay: bool,
+        _replay: bool,
         shard_end: bool,
     ) -> EpochRead {
         EpochRead {
             last,
             records: 10,
             watermark,
-            replay,
             shard_end,
         }
     }
@@ -363,76 +434,120 @@ mod tests {
         }
     }
 
+    fn one(name: &str, h: Held) -> Vec<(String, Held)> {
+        vec![(name.to_owned(), h)]
+    }
+
     #[test]
-    fn a_sink_holding_outputs_back_stops_the_checkpoint_at_its_last_cut_mid_epoch() {
+    fn a_sink_holding_outputs_back_resumes_at_its_last_cut_and_reading_restarts_before_it() {
         let mut p = progress(1, 3);
         p.report(0, 3, None);
-        p.hold_back(vec![held(&[7, 15], true)]);
-        let cp = p.checkpoint().expect("moves to the cut");
-        assert_eq!(cp.committed, at(15));
+        p.hold_back(3, one("s3", held(&[7, 15], true)));
+        let cp = p.checkpoint().expect("moves");
+        assert_eq!(cp.committed, at(30), "every path committed epoch 3");
         assert_eq!(
-            cp.committed_watermark,
-            Some(100),
-            "the watermark of the last epoch end before the cut"
+            cp.sinks.get("s3"),
+            Some(&at(15)),
+            "the sink resumes after its cut"
         );
         assert_eq!(
-            cp.rebuild_from,
-            at(10),
-            "state rebuilt from the epoch end before the stop"
+            (cp.rebuild_from.clone(), cp.rebuild_watermark),
+            (at(10), Some(100)),
+            "reading restarts at the epoch end before the cut"
         );
         p.prune();
-        assert_eq!(
-            p.checkpoint().unwrap().committed,
-            at(15),
-            "pruning keeps it"
-        );
-        p.hold_back(vec![held(&[15], false)]);
-        assert_eq!(
-            p.checkpoint().unwrap().committed,
-            at(30),
-            "nothing buffered: free after the last cut"
-        );
-    }
-
-    #[test]
-    fn a_lagging_path_never_puts_the_checkpoint_inside_a_stored_unit() {
-        let mut p = progress(2, 3);
-        // The sink's own path is through epoch 3 with units ending at 12 and 26; another
-        // path only through epoch 2 (position 20), inside the unit 13..=26.
-        p.report(0, 3, None);
-        p.report(1, 2, None);
-        p.hold_back(vec![held(&[12, 26], false)]);
-        assert_eq!(p.checkpoint().unwrap().committed, at(12));
-        // Two holding sinks: stops valid for both (their cuts interleave).
-        p.report(1, 3, None);
-        p.hold_back(vec![held(&[10, 20], true), held(&[15, 30], false)]);
-        assert_eq!(
-            p.checkpoint(),
-            None,
-            "no common cut after the resumed start"
-        );
-        p.hold_back(vec![held(&[10, 20], true), held(&[10, 30], true)]);
-        assert_eq!(p.checkpoint().unwrap().committed, at(10));
-    }
-
-    #[test]
-    fn a_checkpoint_held_back_to_an_earlier_epoch_rebuilds_what_was_open_then() {
-        let mut p = progress(2, 3);
-        p.report(0, 3, None);
-        // The keyed path: a window opened in epoch 1 and closed in epoch 3.
-        p.report(1, 1, Some(1));
-        p.report(1, 2, Some(1));
-        p.report(1, 3, Some(3));
-        p.hold_back(vec![held(&[15], true)]);
+        assert_eq!(p.checkpoint(), Some(cp), "pruning keeps the decision");
+        p.hold_back(3, one("s3", held(&[15], false)));
         let cp = p.checkpoint().unwrap();
-        assert_eq!(cp.committed, at(15));
-        assert_eq!(
-            cp.rebuild_from,
-            CheckpointPosition::Initial,
-            "the window open at position 15 is rebuilt from its first epoch"
+        assert_eq!(cp.committed, at(30));
+        assert!(
+            cp.sinks.is_empty(),
+            "nothing buffered: the sink is where the shard is"
         );
+        assert_eq!(cp.rebuild_from, at(30));
+    }
+
+    #[test]
+    fn two_holding_sinks_whose_cuts_never_meet_let_the_checkpoint_advance() {
+        let mut p = progress(1, 3);
+        p.report(0, 3, None);
+        p.hold_back(
+            3,
+            vec![
+                ("a".into(), held(&[7, 21], true)),
+                ("b".into(), held(&[15, 25], true)),
+            ],
+        );
+        let cp = p.checkpoint().unwrap();
+        assert_eq!(cp.committed, at(30));
+        assert_eq!(cp.sinks.get("a"), Some(&at(21)));
+        assert_eq!(cp.sinks.get("b"), Some(&at(25)));
+        assert_eq!(cp.rebuild_from, at(20), "before the earliest sink position");
+    }
+
+    #[test]
+    fn a_sink_position_never_moves_back_when_it_buffers_again() {
+        let mut p = progress(1, 4);
+        p.report(0, 3, None);
+        // After epoch 3 the sink stored everything (its last unit ended at 27; nothing after).
+        p.hold_back(3, one("s3", held(&[27], false)));
+        let cp = p.checkpoint().unwrap();
+        assert_eq!(cp.committed, at(30));
+        assert!(cp.sinks.is_empty());
         p.prune();
-        assert_eq!(p.checkpoint().unwrap(), cp, "pruning keeps the decision");
+        // Epoch 4 starts a unit the sink buffers: its last cut is still 27, but 30 stays valid.
+        p.report(0, 4, None);
+        p.hold_back(4, one("s3", held(&[27], true)));
+        let cp = p.checkpoint().unwrap();
+        assert_eq!(cp.committed, at(40));
+        assert_eq!(cp.sinks.get("s3"), Some(&at(30)), "never before 30 again");
+        assert_eq!(cp.rebuild_from, at(30));
+    }
+
+    #[test]
+    fn a_sink_ahead_of_a_lagging_path_keeps_its_own_position() {
+        let mut p = progress(2, 3);
+        p.report(0, 3, None);
+        p.report(1, 1, None);
+        p.hold_back(3, one("s3", held(&[25], true)));
+        let cp = p.checkpoint().unwrap();
+        assert_eq!(
+            cp.committed,
+            at(10),
+            "the keyed path committed only epoch 1"
+        );
+        assert_eq!(
+            cp.sinks.get("s3"),
+            Some(&at(25)),
+            "the sink skips what its stored units hold on replay"
+        );
+        assert_eq!(cp.rebuild_from, at(10));
+    }
+
+    #[test]
+    fn a_resumed_sink_position_is_where_the_sink_starts() {
+        let mut resumed = ShardCheckpoint {
+            committed: at(30),
+            committed_watermark: Some(300),
+            rebuild_from: at(10),
+            rebuild_watermark: Some(100),
+            sinks: BTreeMap::new(),
+        };
+        resumed.sinks.insert("s3".into(), at(15));
+        let mut p = ShardProgress::new(resumed, 1);
+        p.record_epoch(1, read(Some(pos(30)), Some(300), true, false));
+        p.record_epoch(2, read(Some(pos(40)), Some(400), false, false));
+        p.report(0, 2, None);
+        // The replay gave the sink records 16..=30: still buffered, no new cut.
+        p.hold_back(2, one("s3", held(&[], true)));
+        let cp = p.checkpoint().unwrap();
+        assert_eq!(cp.committed, at(40));
+        assert_eq!(
+            cp.sinks.get("s3"),
+            Some(&at(15)),
+            "the resumed position holds"
+        );
+        assert_eq!(cp.rebuild_from, at(10));
     }
 
     #[test]
@@ -440,10 +555,12 @@ mod tests {
         let mut p = progress(1, 2);
         p.record_epoch(3, read(None, Some(300), false, true));
         p.report(0, 3, None);
-        p.hold_back(vec![held(&[], true)]);
-        assert_eq!(p.checkpoint(), None, "no move past the resumed point");
+        p.hold_back(3, one("s3", held(&[], true)));
         assert!(!p.is_finished(), "buffered outputs keep the shard open");
-        p.hold_back(Vec::new());
+        let cp = p.checkpoint().unwrap();
+        assert_eq!(cp.sinks.get("s3"), Some(&CheckpointPosition::Initial));
+        assert_eq!(cp.rebuild_from, CheckpointPosition::Initial);
+        p.hold_back(3, one("s3", held(&[20], false)));
         assert!(p.is_finished());
     }
 
@@ -500,6 +617,7 @@ mod tests {
             committed_watermark: Some(70),
             rebuild_from: at(5),
             rebuild_watermark: Some(50),
+            sinks: BTreeMap::new(),
         };
         let mut p = ShardProgress::new(resumed, 1);
         p.record_epoch(1, read(Some(pos(7)), Some(70), true, false));
@@ -513,12 +631,41 @@ mod tests {
     }
 
     #[test]
+    fn a_replay_stopped_half_way_leaves_the_resumed_checkpoint() {
+        let mut resumed = ShardCheckpoint {
+            committed: at(30),
+            committed_watermark: Some(300),
+            rebuild_from: at(10),
+            rebuild_watermark: Some(100),
+            sinks: BTreeMap::new(),
+        };
+        resumed.sinks.insert("s3".into(), at(25));
+        let mut p = ShardProgress::new(resumed, 1);
+        p.record_epoch(1, read(Some(pos(20)), Some(200), true, false));
+        p.report(0, 1, None);
+        p.hold_back(1, one("s3", held(&[], false)));
+        assert_eq!(p.checkpoint(), None, "20 is before the resumed 30");
+        p.prune();
+        p.record_epoch(2, read(Some(pos(40)), Some(400), false, false));
+        p.report(0, 2, None);
+        p.hold_back(2, one("s3", held(&[], true)));
+        let cp = p.checkpoint().unwrap();
+        assert_eq!(cp.committed, at(40));
+        assert_eq!(
+            cp.sinks.get("s3"),
+            Some(&at(25)),
+            "the sink's own position holds"
+        );
+    }
+
+    #[test]
     fn replay_epochs_never_move_the_checkpoint_back() {
         let resumed = ShardCheckpoint {
             committed: at(30),
             committed_watermark: Some(300),
             rebuild_from: at(10),
             rebuild_watermark: Some(100),
+            sinks: BTreeMap::new(),
         };
         let mut p = ShardProgress::new(resumed, 1);
         p.record_epoch(1, read(Some(pos(20)), Some(200), true, false));
@@ -583,6 +730,54 @@ mod tests {
             "pruned to a few epochs: {:?}",
             pruned.epochs.keys()
         );
+    }
+
+    #[test]
+    fn a_state_held_for_ever_keeps_memory_bounded_and_its_rebuild_point() {
+        let mut p = progress(1, 0);
+        for e in 1..=100_000u64 {
+            p.record_epoch(
+                e,
+                read(
+                    Some(pos(u128::from(e) * 10)),
+                    Some(100 * e as i64),
+                    false,
+                    false,
+                ),
+            );
+            p.report(0, e, Some(1)); // a running aggregate holds its first epoch for ever
+            if e % 7 == 0 {
+                let cp = p.checkpoint().unwrap();
+                assert_eq!(cp.rebuild_from, CheckpointPosition::Initial);
+                assert_eq!(cp.committed, at(u128::from(e) * 10), "commits stay exact");
+                p.prune();
+            }
+        }
+        assert!(p.tracked_epochs() <= MAX_ANCHORS, "{}", p.tracked_epochs());
+        assert!(p.paths[0].holds.len() <= MAX_HOLD_REPORTS);
+    }
+
+    #[test]
+    fn a_sink_that_never_cuts_keeps_memory_bounded() {
+        let mut p = progress(1, 0);
+        for e in 1..=50_000u64 {
+            p.record_epoch(
+                e,
+                read(
+                    Some(pos(u128::from(e) * 10)),
+                    Some(100 * e as i64),
+                    false,
+                    false,
+                ),
+            );
+            p.report(0, e, None);
+            p.hold_back(e, one("s3", held(&[15], true)));
+            let cp = p.checkpoint().unwrap();
+            assert_eq!(cp.sinks.get("s3"), Some(&at(15)));
+            assert_eq!(cp.rebuild_from, at(10));
+            p.prune();
+        }
+        assert!(p.tracked_epochs() <= MAX_ANCHORS, "{}", p.tracked_epochs());
     }
 
     #[test]

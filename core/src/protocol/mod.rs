@@ -9,3 +9,4 @@ pub mod lease_rules;
 pub mod outcome;
 pub mod resume;
 pub mod shard_sync;
+pub mod watermark;

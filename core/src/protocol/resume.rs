@@ -61,6 +61,8 @@ pub fn split_replay(batch: &RawBatch, until: &RecordPosition) -> ReplaySplit {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use crate::position::SequenceNumber;
 
@@ -83,6 +85,7 @@ mod tests {
             committed_watermark: None,
             rebuild_from: CheckpointPosition::At(pos(10)),
             rebuild_watermark: None,
+            sinks: BTreeMap::new(),
         };
         assert_eq!(
             plan_resume(&cp, &StartPosition::Latest),

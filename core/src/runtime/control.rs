@@ -279,8 +279,12 @@ impl ControlLoop {
             self.metrics.lease_taken(self.name());
             let cancel = CancellationToken::new();
             let lease_guard = self.leases.guard(&taken.key).await.expect("just taken");
-            self.tracker
-                .start_shard(&shard.id, taken.checkpoint.clone(), self.paths);
+            self.tracker.start_shard(
+                &shard.id,
+                taken.epoch(),
+                taken.checkpoint.clone(),
+                self.paths,
+            );
             let task = ShardTask {
                 shard: shard.clone(),
                 resume: taken.checkpoint.clone(),
@@ -336,6 +340,10 @@ impl ControlLoop {
             Err(Error::ShardStopped(stop)) => (TaskEnd::Stopped, Some(Error::ShardStopped(stop))),
             Err(error) => (TaskEnd::Failed, Some(error)),
         };
+        if let Some(error) = &error {
+            self.decisions
+                .record(|| format!("shard {id} failed: {error}"));
+        }
         let decision = after_task(end, shard.lost);
         self.decisions
             .record(|| format!("shard {id} ended {end:?}: {decision:?}"));

@@ -47,6 +47,7 @@ impl LeaseGuard {
         self.valid_until_ms.store(0, Ordering::Release);
     }
 
+    /// Whether the lease is surely still ours by this worker's clock (never after `revoke`).
     pub(crate) fn is_valid(&self) -> bool {
         let now = Instant::now().saturating_duration_since(self.base);
         u128::from(self.valid_until_ms.load(Ordering::Acquire)) > now.as_millis()

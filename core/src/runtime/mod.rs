@@ -227,6 +227,7 @@ impl Runtime {
             capacity: config.channel_capacity,
             commit_interval: config.commit_interval,
             random: self.random.clone(),
+            fanout_bits: topology.fanout_bits,
         };
         let exchanges: Vec<_> = topology
             .keyed

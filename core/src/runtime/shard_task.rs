@@ -12,17 +12,17 @@ use crate::exec::{Failures, SinkEmitter};
 use crate::lease::{LeaseEpoch, ShardCheckpoint};
 use crate::metrics::Metrics;
 use crate::operator::{Control, Emit, EpochCx, Ident, Mode, RecordCx};
-use crate::position::{EventTime, ShardInfo, StartPosition};
+use crate::position::{EventTime, ShardId, ShardInfo, StartPosition};
 use crate::protocol::checkpoint::{Epoch, EpochRead};
 use crate::protocol::resume::{plan_resume, split_replay, ResumePlan};
 use crate::random::Random;
 use crate::record::RawBatch;
 use crate::runtime::lease_guard::LeaseGuard;
 use crate::runtime::{RunMode, RuntimeConfig};
-use crate::sink::SinkContext;
+use crate::sink::{Held, SinkContext};
 use crate::source::{ShardReader, ShardStatus};
 use crate::topology::{Exchanges, InstanceCx, ShardPipeline, Topology};
-use crate::tracker::Tracker;
+use crate::tracker::{Report, Tracker};
 
 /// How a shard task ended.
 #[derive(Debug)]
@@ -62,9 +62,20 @@ struct Running {
     pipeline: Box<dyn ShardPipeline>,
     dead_letters: Option<SinkEmitter<DeadLetterRecord>>,
     failures: Failures,
-    max_event_time: Option<EventTime>,
-    committed_watermark: EventTime,
+    /// The shard's watermark after the last record processed (`protocol::watermark`).
+    watermark: Option<EventTime>,
     epoch: Epoch,
+}
+
+impl Running {
+    /// What the shard path's sinks and its dead-letter sink hold back.
+    fn held(&self) -> Vec<(String, ShardId, Held)> {
+        let mut held = self.pipeline.held();
+        if let Some(dead) = &self.dead_letters {
+            dead.held(&mut held);
+        }
+        held
+    }
 }
 
 impl ShardTask {
@@ -89,6 +100,8 @@ impl ShardTask {
             exchanges: Arc::clone(&self.exchanges),
             metrics: self.metrics.clone(),
             random: self.random.clone(),
+            fanout_bits: self.topology.fanout_bits,
+            resumed: Some(self.resume.clone()),
         };
         let failures = Failures::new(
             self.topology.dead_letter.clone(),
@@ -100,28 +113,32 @@ impl ShardTask {
             ..instance
         };
         let pipeline = self.topology.root.instantiate(&instance);
-        let bound = pipeline.out_of_orderness_ms();
         let dead_letters = self.topology.dead_letter.sink().map(|sink| {
             let cx = SinkContext {
                 topology: self.topology.name.clone(),
                 instance: format!("dead-letters-{id}"),
             };
+            // A dead-letter sink that holds record outputs resumes after its own last unit.
+            let skip = sink.holds_record_outputs().then(|| {
+                self.resume
+                    .sinks
+                    .get(sink.name())
+                    .unwrap_or(&self.resume.committed)
+                    .clone()
+            });
             SinkEmitter::new(
                 Arc::clone(sink),
                 cx,
                 self.metrics.clone(),
                 self.random.clone(),
             )
+            .skipping_through(skip)
         });
         let mut run = Running {
             pipeline,
             dead_letters,
             failures,
-            max_event_time: self
-                .resume
-                .rebuild_watermark
-                .map(|w| w.saturating_add(bound)),
-            committed_watermark: self.resume.committed_watermark.unwrap_or(EventTime::MIN),
+            watermark: self.resume.rebuild_watermark,
             epoch: 0,
         };
 
@@ -132,7 +149,7 @@ impl ShardTask {
         loop {
             let batch = tokio::select! {
                 biased;
-                () = self.cancel.cancelled() => return self.release(&mut run).await,
+                () = self.cancel.cancelled() => return self.stop(&mut run).await,
                 batch = reader.read() => batch,
             };
             let batch = match batch {
@@ -143,7 +160,7 @@ impl ShardTask {
                 Err(e) if e.is_retryable() => {
                     tracing::warn!(shard = %id, error = %e, "read failed, backing off");
                     if self.pause(self.random.equal_jitter(backoff)).await {
-                        return self.release(&mut run).await;
+                        return self.stop(&mut run).await;
                     }
                     backoff = (backoff * 2).min(MAX_READ_BACKOFF);
                     continue;
@@ -217,7 +234,7 @@ impl ShardTask {
                         return Ok(fenced);
                     }
                     if self.pause(self.config.idle_wait).await {
-                        return self.release(&mut run).await;
+                        return self.stop(&mut run).await;
                     }
                 }
                 ShardStatus::CaughtUp | ShardStatus::More => {}
@@ -268,7 +285,18 @@ impl ShardTask {
         let raw = Arc::new(raw);
         run.epoch += 1;
         run.failures.begin_epoch(&raw, replay);
-        run.pipeline.process(&raw, &mut run.max_event_time);
+        let processed = run.pipeline.process(&raw, &mut run.watermark);
+        if let (Some(first), false) = (processed.first_untimely, replay) {
+            let position = raw.get(first as usize).position;
+            tracing::warn!(
+                shard = %id,
+                %position,
+                records = processed.untimely,
+                "event time invalid or beyond the maximum skew ahead of arrival: late for every window"
+            );
+            self.metrics
+                .untimely(&self.topology.name, id.as_str(), processed.untimely);
+        }
         let (dead, stop) = run.failures.end_epoch();
         if let Some(stopped) = stop {
             tracing::error!(shard = %id, error = %stopped, "stopping shard");
@@ -277,16 +305,15 @@ impl ShardTask {
             self.release(run).await?;
             return Err(Error::ShardStopped(stopped));
         }
-        let watermark = run
-            .max_event_time
-            .map(|m| m.saturating_sub(run.pipeline.out_of_orderness_ms()));
-        let mode = if replay {
-            Mode::Rebuild {
-                committed_watermark: run.committed_watermark,
-            }
-        } else {
-            Mode::Live
-        };
+        let watermark = run.watermark;
+        if let (Some(w), false) = (watermark, replay) {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            self.metrics
+                .watermark(&self.topology.name, id.as_str(), w, now_ms);
+        }
+        let mode = if replay { Mode::Rebuild } else { Mode::Live };
         // Registered before anything is sent, so that reports always find their epoch.
         self.tracker.record_epoch(
             id,
@@ -295,7 +322,6 @@ impl ShardTask {
                 last: raw.last_position().cloned(),
                 records: raw.len(),
                 watermark,
-                replay,
                 shard_end: control == Control::ShardEnd,
             },
         );
@@ -308,12 +334,15 @@ impl ShardTask {
             mode,
             control,
         };
-        if !dead.is_empty() {
-            let emitter = run
-                .dead_letters
-                .as_mut()
-                .expect("dead letters exist only with a sink");
-            let n = dead.len();
+        let n = dead.len();
+        assert!(
+            n == 0 || run.dead_letters.is_some(),
+            "dead letters exist only with a sink"
+        );
+        if let (Some(emitter), true) = (
+            run.dead_letters.as_mut(),
+            n > 0 || control != Control::Continue,
+        ) {
             for (index, letter) in dead {
                 let rcx = RecordCx {
                     event_time: 0,
@@ -326,24 +355,37 @@ impl ShardTask {
             // Committed before the epoch is reported: the checkpoint passes a dead-lettered
             // record only once its dead letter is durable.
             emitter.commit().await?;
-            self.metrics
-                .dead_lettered(&self.topology.name, id.as_str(), n);
+            if n > 0 {
+                self.metrics
+                    .dead_lettered(&self.topology.name, id.as_str(), n);
+            }
         }
         run.pipeline.flush(&cx).await?;
         run.pipeline.commit().await?;
-        self.tracker.hold_back(id, &run.pipeline.held());
-        self.tracker
-            .report(SHARD_PATH, &[(id.clone(), run.epoch, None)]);
+        self.tracker.hold_back(id, run.epoch, &run.held());
+        self.tracker.report(
+            SHARD_PATH,
+            &[Report {
+                shard: id.clone(),
+                lease_epoch: self.lease_epoch,
+                epoch: run.epoch,
+                hold: None,
+            }],
+        );
         Ok(())
     }
 
     /// On a quiet shard, lets sinks that hold outputs back deliver them on their own clock.
     async fn idle_commit(&self, run: &mut Running) -> Result<(), Error> {
-        if !run.pipeline.held().iter().any(|(_, h)| h.buffered) {
+        if !run.held().iter().any(|(_, _, h)| h.buffered) {
             return Ok(());
         }
         run.pipeline.commit().await?;
-        self.tracker.hold_back(&self.shard.id, &run.pipeline.held());
+        if let Some(dead) = run.dead_letters.as_mut() {
+            dead.commit().await?;
+        }
+        self.tracker
+            .hold_back(&self.shard.id, run.epoch, &run.held());
         Ok(())
     }
 
@@ -366,8 +408,26 @@ impl ShardTask {
         }
     }
 
-    /// Tells the keyed workers to drop the shard's state and returns `Cancelled`.
+    /// The task was asked to stop: if the lease is surely still this worker's, the keyed
+    /// workers emit what their state owes (running results) and commit it before the final
+    /// checkpoint (`Control::Stop`); otherwise the lease may have moved and they drop the
+    /// shard without a word more (`Control::Release`): the next owner emits it.
+    async fn stop(&self, run: &mut Running) -> Result<ShardOutcome, Error> {
+        let control = if self.lease_guard.is_valid() {
+            Control::Stop
+        } else {
+            Control::Release
+        };
+        self.end(run, control).await
+    }
+
+    /// Drops the shard's state without output (lease lost, fenced, stopped at a bad record).
     async fn release(&self, run: &mut Running) -> Result<ShardOutcome, Error> {
+        self.end(run, Control::Release).await
+    }
+
+    /// Ends the shard's pipeline with `control` and returns `Cancelled`.
+    async fn end(&self, run: &mut Running, control: Control) -> Result<ShardOutcome, Error> {
         let cx = EpochCx {
             shard: self.shard.id.clone(),
             lease_epoch: self.lease_epoch,
@@ -375,10 +435,14 @@ impl ShardTask {
             raw: Arc::default(),
             watermark: None,
             mode: Mode::Live,
-            control: Control::Release,
+            control,
         };
         run.pipeline.discard();
         run.pipeline.flush(&cx).await?;
+        if let Some(dead) = run.dead_letters.as_mut() {
+            dead.discard();
+            dead.flush(&cx).await?;
+        }
         Ok(ShardOutcome::Cancelled {
             last_epoch: run.epoch,
         })

@@ -266,6 +266,10 @@ impl<T: Clone + Send + Sync + 'static> Sink<T> for HoldingSink<T> {
         &self.name
     }
 
+    fn holds_record_outputs(&self) -> bool {
+        true
+    }
+
     async fn open(&self, _cx: &SinkContext) -> Result<Box<dyn SinkWriter<T>>, SinkError> {
         Ok(Box::new(HoldingWriter {
             sink: self.clone(),

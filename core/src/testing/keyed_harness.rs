@@ -38,6 +38,8 @@ pub struct KeyedHarness<Op: KeyedOperator> {
     max_event_time: Option<EventTime>,
     out_of_orderness: i64,
     epoch: Epoch,
+    /// Outputs and late records before the current replay.
+    replay_from: (usize, usize),
 }
 
 impl<Op: KeyedOperator> KeyedHarness<Op> {
@@ -51,6 +53,7 @@ impl<Op: KeyedOperator> KeyedHarness<Op> {
             max_event_time: None,
             out_of_orderness,
             epoch: 1,
+            replay_from: (0, 0),
         }
     }
 
@@ -76,22 +79,15 @@ impl<Op: KeyedOperator> KeyedHarness<Op> {
         self.feed(key, value, event_time, Mode::Live);
     }
 
-    /// A replayed record (outputs up to `committed_watermark` were committed by an earlier run).
-    pub fn replay(
-        &mut self,
-        key: Op::Key,
-        value: Op::In,
-        event_time: EventTime,
-        committed_watermark: EventTime,
-    ) {
-        self.feed(
-            key,
-            value,
-            event_time,
-            Mode::Rebuild {
-                committed_watermark,
-            },
-        );
+    /// A replayed record (its outputs were committed by an earlier run).
+    pub fn replay(&mut self, key: Op::Key, value: Op::In, event_time: EventTime) {
+        self.feed(key, value, event_time, Mode::Rebuild);
+    }
+
+    /// Marks where a replay begins: what is emitted from here to the end of the replay epoch
+    /// is dropped.
+    pub fn begin_replay(&mut self) {
+        self.replay_from = (self.main.0.len(), self.late.0.len());
     }
 
     /// Ends the epoch: the operator sees the watermark, and the next epoch begins.
@@ -104,8 +100,17 @@ impl<Op: KeyedOperator> KeyedHarness<Op> {
         self.epoch += 1;
     }
 
-    /// Ends a replay epoch: no watermark (nothing fires during a replay).
+    /// Ends a replay epoch as the runtime does: the operator sees the watermark like after a
+    /// live epoch, and what it emitted since the replay began is dropped (the run that first
+    /// read the records committed it).
     pub fn end_replay_epoch(&mut self) {
+        if self.max_event_time.is_some() {
+            let watermark = self.watermark();
+            let mut out = KeyedOutput::new(&mut self.main, &mut self.late);
+            self.op.on_watermark(&mut self.state, watermark, &mut out);
+        }
+        self.main.0.truncate(self.replay_from.0);
+        self.late.0.truncate(self.replay_from.1);
         self.epoch += 1;
     }
 

@@ -128,10 +128,18 @@ async fn checkpoints_are_read_back_exactly(store: impl LeaseStore) {
     let big =
         SequenceNumber::parse("49590338271490256608559692538361571095921575989136588898").unwrap();
     let checkpoint = ShardCheckpoint {
-        committed: CheckpointPosition::At(RecordPosition::with_sub_sequence(big, 7)),
+        committed: CheckpointPosition::At(RecordPosition::with_sub_sequence(big.clone(), 7)),
         committed_watermark: Some(-5),
         rebuild_from: CheckpointPosition::At(RecordPosition::new(SequenceNumber::from_u128(3))),
         rebuild_watermark: Some(i64::MIN),
+        sinks: [
+            (
+                "s3://bucket/raw".to_owned(),
+                CheckpointPosition::At(RecordPosition::with_sub_sequence(big.clone(), 3)),
+            ),
+            ("s3://bucket/other".to_owned(), CheckpointPosition::Initial),
+        ]
+        .into(),
     };
     let update = LeaseUpdate::Checkpoint {
         owner: "w".into(),

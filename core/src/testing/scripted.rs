@@ -189,4 +189,8 @@ impl<T: Send + 'static, S: Sink<T>> Sink<T> for ScriptedSink<S> {
     fn check(&self, value: &T) -> Result<(), String> {
         self.inner.check(value)
     }
+
+    fn holds_record_outputs(&self) -> bool {
+        self.inner.holds_record_outputs()
+    }
 }

@@ -32,6 +32,7 @@ where
     let window = |key: &str| OutputId::Keyed {
         key: key.into(),
         window: Some(Window::new(60_000, 120_000)),
+        index: 0,
     };
 
     // Committed outputs are visible, under their shard and identity.
@@ -182,6 +183,7 @@ where
     let id = OutputId::Keyed {
         key: "k".into(),
         window: Some(Window::new(0, 60_000)),
+        index: 0,
     };
     let sink = make().await;
     let put = |epoch: u64, v: u64| OutputBatch {

@@ -16,7 +16,8 @@ use tokio::task::JoinSet;
 
 use crate::dead_letter::DeadLetter;
 use crate::decode::Decoder;
-use crate::error::Error;
+use crate::error::{BuildError, Error};
+use crate::lease::ShardCheckpoint;
 use crate::metrics::Metrics;
 use crate::operator::{Emit, EpochCx, KeyedOperator, ReportFailure};
 use crate::position::{EventTime, ShardId, StartPosition};
@@ -36,6 +37,11 @@ pub(crate) struct InstanceCx {
     pub(crate) metrics: Metrics,
     /// Backoff jitter.
     pub(crate) random: Random,
+    /// Bits per level of `flat_map` in output identities (`RecordCx::nth_output`).
+    pub(crate) fanout_bits: u32,
+    /// On a shard's own path, where its sinks that hold record outputs resume: the resumed
+    /// checkpoint (`ShardCheckpoint::sinks`, `committed` for the others). None elsewhere.
+    pub(crate) resumed: Option<ShardCheckpoint>,
 }
 
 /// The exchanges of one run, by keyed branch, type-erased: each is the `exec` exchange of its
@@ -50,6 +56,7 @@ pub(crate) struct WorkerCx {
     pub(crate) capacity: usize,
     pub(crate) commit_interval: Duration,
     pub(crate) random: Random,
+    pub(crate) fanout_bits: u32,
 }
 
 /// A declared consumer of a stream of `T`, instantiated once per pipeline instance.
@@ -70,13 +77,20 @@ pub(crate) struct TeeDecl;
 pub(crate) struct Node<T> {
     pub(crate) consumers: Mutex<Vec<Arc<dyn Instantiate<T>>>>,
     pub(crate) fan_out: Mutex<Option<Arc<dyn FanOut<T>>>>,
+    /// Fanning-out operators (`flat_map`s) between this stream and the root of its outputs'
+    /// identities (the source, or the keyed operator whose results these are).
+    pub(crate) depth: usize,
+    /// Whether its values are identified by their input records (not keyed results).
+    pub(crate) of_records: bool,
 }
 
 impl<T: Send + 'static> Node<T> {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(depth: usize, of_records: bool) -> Self {
         Self {
             consumers: Mutex::new(Vec::new()),
             fan_out: Mutex::new(None),
+            depth,
+            of_records,
         }
     }
 
@@ -88,6 +102,8 @@ impl<T: Send + 'static> Node<T> {
 /// A stateless operator made fresh by `make` for each instance, feeding `down`.
 pub(crate) struct StatelessDecl<U, M> {
     pub(crate) make: M,
+    /// Whether it may make several outputs of one input (`flat_map`).
+    pub(crate) fans_out: bool,
     pub(crate) label: Arc<str>,
     pub(crate) down: Arc<Node<U>>,
 }
@@ -120,6 +136,7 @@ pub(crate) type EventTimeFn<T> = Arc<dyn Fn(&T) -> EventTime + Send + Sync>;
 pub(crate) struct SourceSettings<T> {
     pub(crate) event_time: Mutex<Option<EventTimeFn<T>>>,
     pub(crate) out_of_orderness: Mutex<Duration>,
+    pub(crate) max_skew: Mutex<Duration>,
 }
 
 /// The source's decoder, event-time settings and first node.
@@ -133,15 +150,23 @@ pub(crate) struct SourceDecl<D: Decoder> {
 /// the fused chain, then flush and commit its sinks.
 #[async_trait]
 pub(crate) trait ShardPipeline: Send {
-    /// Pushes `raw` through the chain; `max_event_time` carries the shard's largest event time.
-    fn process(&mut self, raw: &Arc<RawBatch>, max_event_time: &mut Option<EventTime>);
-    /// How far the watermark trails the largest event time, in milliseconds.
-    fn out_of_orderness_ms(&self) -> i64;
+    /// Pushes `raw` through the chain, judging each record by the shard's `watermark` and
+    /// advancing it (`protocol::watermark`).
+    fn process(&mut self, raw: &Arc<RawBatch>, watermark: &mut Option<EventTime>) -> Processed;
     async fn flush(&mut self, epoch: &EpochCx) -> Result<(), Error>;
     async fn commit(&mut self) -> Result<(), Error>;
     fn discard(&mut self);
-    /// What the shard path's sinks hold back after a commit.
-    fn held(&self) -> Vec<(ShardId, Held)>;
+    /// What the shard path's sinks hold back after a commit, by sink name.
+    fn held(&self) -> Vec<(String, ShardId, Held)>;
+}
+
+/// What a batch's processing found beyond its outputs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Processed {
+    /// Records whose event time was untimely (invalid, or too far ahead of their arrival).
+    pub(crate) untimely: usize,
+    /// The index of the first of them in the batch.
+    pub(crate) first_untimely: Option<u32>,
 }
 
 /// Makes shard pipelines (type-erased over the source's item type).
@@ -175,6 +200,10 @@ pub(crate) struct Graph {
     pub(crate) sinks: usize,
     /// Operators added so far: each is labelled `<n>-<kind>` in metrics, in the order added.
     pub(crate) operators: usize,
+    /// The most fanning-out operators on a path from an identity root.
+    pub(crate) fanout_depth: usize,
+    /// What makes the topology unbuildable, found while it was declared.
+    pub(crate) refused: Option<BuildError>,
 }
 
 impl Graph {

@@ -7,8 +7,8 @@ mod stream;
 
 pub(crate) use graph::{
     lock, EventTimeFn, ExchangeDecl, Exchanges, FanOut, InstanceCx, Instantiate, InstantiateBranch,
-    InstantiateRoot, KeyedBranchDecl, Node, ShardPipeline, SinkDecl, SourceDecl, StatelessDecl,
-    TeeDecl, WorkerCx,
+    InstantiateRoot, KeyedBranchDecl, Node, Processed, ShardPipeline, SinkDecl, SourceDecl,
+    StatelessDecl, TeeDecl, WorkerCx,
 };
 pub use stage::{Keyed, ShardStage, Sharded, Sourced, Stage};
 pub use stream::{Pipeline, Stream, Topology, TopologyBuilder};

@@ -5,6 +5,9 @@
 pub trait Stage: Send + Sync + 'static {
     /// The stage of a stateless operator's output.
     type AfterOp: Stage;
+    /// Whether the stream comes after `key_by`: one shard's values are spread over the keyed
+    /// workers.
+    const AFTER_KEY_BY: bool;
 }
 
 /// Stages before `key_by`, where every value still has its input record: fallible operators
@@ -23,12 +26,15 @@ pub enum Keyed {}
 
 impl Stage for Sourced {
     type AfterOp = Sharded;
+    const AFTER_KEY_BY: bool = false;
 }
 impl Stage for Sharded {
     type AfterOp = Sharded;
+    const AFTER_KEY_BY: bool = false;
 }
 impl Stage for Keyed {
     type AfterOp = Keyed;
+    const AFTER_KEY_BY: bool = true;
 }
 impl ShardStage for Sourced {}
 impl ShardStage for Sharded {}

@@ -11,6 +11,7 @@ use crate::decode::{Decoded, Decoder};
 use crate::error::BuildError;
 use crate::operator::{KeyedOperator, Stateless};
 use crate::position::{EventTime, StartPosition};
+use crate::protocol::watermark::DEFAULT_MAX_SKEW_MS;
 use crate::sink::Sink;
 use crate::source::Source;
 use crate::topology::graph::{
@@ -52,6 +53,8 @@ pub struct Topology {
     pub(crate) keyed: Vec<Arc<dyn InstantiateBranch>>,
     pub(crate) dead_letter: DeadLetter,
     pub(crate) start: StartPosition,
+    /// Bits per level of `flat_map` in output identities: 64 over the deepest chain of them.
+    pub(crate) fanout_bits: u32,
 }
 
 impl Topology {
@@ -107,10 +110,11 @@ impl TopologyBuilder {
 
     /// The source, with its decoder: `LocalSource::new(&stream).json::<Click>()`.
     pub fn source<S: Source, D: Decoder>(self, source: Decoded<S, D>) -> Stream<D::Item, Sourced> {
-        let node = Arc::new(Node::new());
+        let node = Arc::new(Node::new(0, true));
         let settings = Arc::new(SourceSettings {
             event_time: Mutex::new(None),
             out_of_orderness: Mutex::new(Duration::ZERO),
+            max_skew: Mutex::new(Duration::from_millis(DEFAULT_MAX_SKEW_MS as u64)),
         });
         let root = Arc::new(SourceDecl {
             decoder: source.decoder,
@@ -127,6 +131,8 @@ impl TopologyBuilder {
             keyed: Vec::new(),
             sinks: 0,
             operators: 0,
+            fanout_depth: 0,
+            refused: None,
         };
         Stream {
             graph: Arc::new(Mutex::new(graph)),
@@ -151,6 +157,15 @@ impl<T: Send + 'static> Stream<T, Sourced> {
         self
     }
 
+    /// How far ahead of its arrival in the stream a record's event time may be (default one
+    /// hour). A record further ahead (a producer whose clock is wrong) never moves the
+    /// watermark and is late for every window: it goes to the late side output where there is
+    /// one, and is counted in `shardflow_untimely_records_total` and logged.
+    pub fn max_event_time_skew(self, skew: Duration) -> Self {
+        self.with_source(|s| *lock(&s.max_skew) = skew);
+        self
+    }
+
     fn with_source(&self, f: impl FnOnce(&SourceSettings<T>)) {
         let graph = lock(&self.graph);
         let settings = graph
@@ -163,18 +178,51 @@ impl<T: Send + 'static> Stream<T, Sourced> {
 
 impl<T: Send + 'static, S: Stage> Stream<T, S> {
     /// The stateless primitive: `op` (made fresh for each pipeline instance) turns each value
-    /// into zero or more values. `map`, `filter`, `flat_map` and `try_map` are built on it.
-    /// `kind` names it in metrics (`<n>-<kind>`, n its place in the topology).
+    /// into at most one value, which keeps the input's identity. `map`, `filter` and `try_map`
+    /// are built on it. `kind` names it in metrics (`<n>-<kind>`, n its place in the
+    /// topology).
+    ///
+    /// An operator made this way must not emit twice for one input (the runtime stops with a
+    /// panic naming this rule): use [`Stream::stateless_fan_out`].
     pub fn stateless<U, O, M>(self, kind: &str, make: M) -> Stream<U, S::AfterOp>
     where
         U: Send + 'static,
         O: Stateless<T, U>,
         M: Fn() -> O + Send + Sync + 'static,
     {
-        let child: Arc<Node<U>> = Arc::new(Node::new());
-        let label = lock(&self.graph).label(kind);
+        self.stateless_decl(kind, make, false)
+    }
+
+    /// The fanning-out stateless primitive: like [`Stream::stateless`], but `op` may turn each
+    /// value into any number of values, each with an identity of its own (the input's plus
+    /// its index among the input's outputs). `flat_map` is built on it. A topology may chain
+    /// at most eight of them on one path; each level numbers up to 2^(64 / the deepest chain)
+    /// outputs of one input.
+    pub fn stateless_fan_out<U, O, M>(self, kind: &str, make: M) -> Stream<U, S::AfterOp>
+    where
+        U: Send + 'static,
+        O: Stateless<T, U>,
+        M: Fn() -> O + Send + Sync + 'static,
+    {
+        self.stateless_decl(kind, make, true)
+    }
+
+    fn stateless_decl<U, O, M>(self, kind: &str, make: M, fans_out: bool) -> Stream<U, S::AfterOp>
+    where
+        U: Send + 'static,
+        O: Stateless<T, U>,
+        M: Fn() -> O + Send + Sync + 'static,
+    {
+        let depth = self.node.depth + usize::from(fans_out);
+        let child: Arc<Node<U>> = Arc::new(Node::new(depth, self.node.of_records));
+        let label = {
+            let mut graph = lock(&self.graph);
+            graph.fanout_depth = graph.fanout_depth.max(depth);
+            graph.label(kind)
+        };
         self.node.add(Arc::new(StatelessDecl {
             make,
+            fans_out,
             label,
             down: Arc::clone(&child),
         }));
@@ -186,9 +234,25 @@ impl<T: Send + 'static, S: Stage> Stream<T, S> {
     }
 
     /// Writes the stream to `sink`. Returns a handle that builds the whole topology.
+    ///
+    /// A sink that gathers record outputs into units across commits (`S3Sink` with records)
+    /// cannot take records after `key_by` (late records): `build` refuses it, since several
+    /// keyed workers write one shard's records there and a replay at another parallelism
+    /// would cut other units. Archive records before `key_by`, or send late records to a sink
+    /// that stores each output on its own.
     pub fn sink(self, sink: impl Sink<T>) -> Pipeline {
         let sink: Arc<dyn Sink<T>> = Arc::new(sink);
-        lock(&self.graph).sinks += 1;
+        {
+            let mut graph = lock(&self.graph);
+            graph.sinks += 1;
+            if S::AFTER_KEY_BY && self.node.of_records && sink.holds_record_outputs() {
+                let refusal = BuildError::HoldingSinkAfterKeyBy {
+                    topology: graph.name.clone(),
+                    sink: sink.name().to_owned(),
+                };
+                graph.refused.get_or_insert(refusal);
+            }
+        }
         self.node.add(Arc::new(SinkDecl { sink }));
         Pipeline { graph: self.graph }
     }
@@ -215,8 +279,9 @@ impl<T: Send + 'static, S: ShardStage> Stream<T, S> {
         Op: KeyedOperator<Key = K, In = T>,
         M: Fn() -> Op + Send + Sync + 'static,
     {
-        let main: Arc<Node<Op::Out>> = Arc::new(Node::new());
-        let late: Arc<Node<T>> = Arc::new(Node::new());
+        // Results are identified by key and window; late records keep their input's identity.
+        let main: Arc<Node<Op::Out>> = Arc::new(Node::new(0, false));
+        let late: Arc<Node<T>> = Arc::new(Node::new(self.node.depth, true));
         let branch = {
             let mut graph = lock(&self.graph);
             let label = graph.label(kind);
@@ -256,6 +321,10 @@ pub struct Pipeline {
 /// Longest topology name: it appears in lease keys, table names and file paths.
 const MAX_NAME_LEN: usize = 100;
 
+/// Most `flat_map`s chained on one path: each numbers its outputs in 64 / this many bits of
+/// the identity, so eight leave 256 outputs of one input per level.
+const MAX_FANOUT_DEPTH: usize = 8;
+
 impl Pipeline {
     /// Validates the topology.
     pub fn build(self) -> Result<Topology, BuildError> {
@@ -277,6 +346,17 @@ impl Pipeline {
                 topology: graph.name.clone(),
             });
         }
+        if let Some(refused) = &graph.refused {
+            return Err(refused.clone());
+        }
+        if graph.fanout_depth > MAX_FANOUT_DEPTH {
+            return Err(BuildError::FanOutTooDeep {
+                topology: graph.name.clone(),
+                depth: graph.fanout_depth,
+                max: MAX_FANOUT_DEPTH,
+            });
+        }
+        let fanout_bits = 64 / graph.fanout_depth.max(1) as u32;
         Ok(Topology {
             name: graph.name.clone(),
             source: Arc::clone(graph.source.as_ref().expect("builder sets the source")),
@@ -284,6 +364,7 @@ impl Pipeline {
             keyed: graph.keyed.clone(),
             dead_letter: graph.dead_letter.clone(),
             start: graph.start.clone(),
+            fanout_bits,
         })
     }
 }

@@ -176,11 +176,12 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
         mode: Mode,
         out: &mut KeyedOutput<'_, T, Self::Out>,
     ) {
+        // Replayed records are judged exactly as live ones; the runtime drops what they emit.
+        let _ = mode;
         if let Some(window) = self.assigner.single(record.event_time) {
-            match admission(window, self.lateness, record.watermark, mode) {
+            match admission(window, self.lateness, record.watermark) {
                 Admission::Open => self.add(state, window, &record, epoch),
-                Admission::Late if mode == Mode::Live => out.late(record),
-                Admission::Late | Admission::Final => {}
+                Admission::Late => out.late(record),
             }
             return;
         }
@@ -189,12 +190,12 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
         let mut accepted = false;
         for i in 0..self.scratch.len() {
             let window = self.scratch[i];
-            if admission(window, self.lateness, record.watermark, mode) == Admission::Open {
+            if admission(window, self.lateness, record.watermark) == Admission::Open {
                 accepted = true;
                 self.add(state, window, &record, epoch);
             }
         }
-        if !accepted && !self.scratch.is_empty() && mode == Mode::Live {
+        if !accepted {
             out.late(record);
         }
     }

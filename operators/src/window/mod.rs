@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use shardflow_core::position::EventTime;
 use shardflow_core::sink::Window;
-use shardflow_core::topology::{Ident, Keyed, KeyedOutput, Mode, RecordCx, ShardStage, Stream};
+use shardflow_core::topology::{Ident, Keyed, KeyedOutput, RecordCx, ShardStage, Stream};
 
 use crate::aggregate::{Aggregator, Reduce};
 use crate::key::Key;
@@ -102,25 +102,34 @@ pub(crate) enum Admission {
     Open,
     /// The window closed before the record arrived: a late record.
     Late,
-    /// A replayed record of a window that closed before the checkpoint: already final.
-    Final,
 }
 
-/// The lateness rule both window operators apply. It uses the watermark at the record's
+/// The lateness rule every window operator applies. It uses the watermark at the record's
 /// arrival, so a replay decides exactly as the first run did.
-pub(crate) fn admission(
-    window: Window,
-    lateness: i64,
-    record_watermark: EventTime,
-    mode: Mode,
-) -> Admission {
-    let closes = window.end.saturating_add(lateness);
-    match mode {
-        Mode::Rebuild {
-            committed_watermark,
-        } if closes <= committed_watermark => Admission::Final,
-        _ if closes <= record_watermark => Admission::Late,
-        _ => Admission::Open,
+pub(crate) fn admission(window: Window, lateness: i64, record_watermark: EventTime) -> Admission {
+    if window.end.saturating_add(lateness) <= record_watermark {
+        Admission::Late
+    } else {
+        Admission::Open
+    }
+}
+
+/// The start of the window of `size` (aligned to the Unix epoch) that holds `event_time`,
+/// in 128 bits: no event time or size overflows it.
+pub(crate) fn aligned_start(event_time: EventTime, size: i64) -> i128 {
+    let t = i128::from(event_time);
+    t - t.rem_euclid(i128::from(size.max(1)))
+}
+
+/// The window `[start, end)` computed in 128 bits, clamped to the range of event times: never
+/// inverted or empty, even at the ends of the range (where no timely record lies).
+pub(crate) fn clamped(start: i128, end: i128) -> Window {
+    let clamp = |v: i128| v.clamp(i128::from(EventTime::MIN), i128::from(EventTime::MAX)) as i64;
+    let (start, end) = (clamp(start), clamp(end));
+    if end > start {
+        Window::new(start, end)
+    } else {
+        Window::new(end.saturating_sub(1), end.max(EventTime::MIN + 1))
     }
 }
 
@@ -135,10 +144,7 @@ pub(crate) fn emit_result<K: Key, T, V>(
     let cx = RecordCx {
         event_time: window.max_timestamp(),
         watermark,
-        ident: Ident::Keyed {
-            key: key.key_id(),
-            window: Some(window),
-        },
+        ident: Ident::keyed(key.key_id(), Some(window)),
     };
     out.emit(
         &cx,

@@ -9,7 +9,7 @@ use shardflow_core::position::EventTime;
 use shardflow_core::sink::Window;
 use shardflow_core::topology::{KeyedOperator, KeyedOutput, KeyedRecord, Mode};
 
-use super::{admission, emit_result, millis, Admission, WindowAssigner, WindowResult};
+use super::{admission, clamped, emit_result, millis, Admission, WindowAssigner, WindowResult};
 use crate::aggregate::Aggregator;
 use crate::key::Key;
 
@@ -80,18 +80,17 @@ impl<K, Acc> Default for SessionState<K, Acc> {
     }
 }
 
-impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> SessionOperator<K, T, A, W> {
-    fn emit(
-        &self,
-        key: &K,
-        s: &mut Session<A::Acc>,
-        watermark: EventTime,
-        out: &mut KeyedOutput<'_, T, WindowResult<K, A::Out>>,
-    ) {
-        emit_result(out, key, s.window, watermark, self.agg.result(&s.acc));
-        s.fired = true;
-        s.dirty = false;
-    }
+/// Emits session `s` of `key` and marks it fired.
+fn emit_session<K: Key, T, A: Aggregator<T>>(
+    agg: &A,
+    key: &K,
+    s: &mut Session<A::Acc>,
+    watermark: EventTime,
+    out: &mut KeyedOutput<'_, T, WindowResult<K, A::Out>>,
+) {
+    emit_result(out, key, s.window, watermark, agg.result(&s.acc));
+    s.fired = true;
+    s.dirty = false;
 }
 
 impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperator
@@ -110,14 +109,31 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
         mode: Mode,
         out: &mut KeyedOutput<'_, T, Self::Out>,
     ) {
-        let gap = self.assigner.session_gap().unwrap_or(1);
-        let window = Window::new(record.event_time, record.event_time.saturating_add(gap));
-        match admission(window, self.lateness, record.watermark, mode) {
-            Admission::Open => {}
-            Admission::Late if mode == Mode::Live => return out.late(record),
-            Admission::Late | Admission::Final => return,
+        // Replayed records are judged exactly as live ones; the runtime drops what they emit.
+        let _ = mode;
+        if record.watermark == EventTime::MAX {
+            // Untimely (`RecordCx::watermark`): late, and it moves nothing.
+            return out.late(record);
         }
-        let sessions = state.keys.entry(record.key).or_default();
+        let gap = self.assigner.session_gap().unwrap_or(1);
+        let t = i128::from(record.event_time);
+        let window = clamped(t, t + i128::from(gap));
+        // What the watermark at the record's arrival completed is decided before the record
+        // counts, so that merges depend on the shard's record order only, never on where
+        // epochs end: fire the key's sessions it passed, drop those it closed.
+        let sessions = state.keys.entry(record.key.clone()).or_default();
+        for s in sessions.iter_mut() {
+            if s.window.end <= record.watermark && (!s.fired || s.dirty) {
+                emit_session(&self.agg, &record.key, s, record.watermark, out);
+            }
+        }
+        sessions.retain(|s| s.window.end.saturating_add(self.lateness) > record.watermark);
+        if admission(window, self.lateness, record.watermark) == Admission::Late {
+            if sessions.is_empty() {
+                state.keys.remove(&record.key);
+            }
+            return out.late(record);
+        }
         let mut merged = Session {
             window,
             acc: self.agg.init(&record.value),
@@ -156,7 +172,7 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
         for (key, sessions) in state.keys.iter_mut() {
             for s in sessions.iter_mut() {
                 if s.window.end <= watermark && (!s.fired || s.dirty) {
-                    self.emit(key, s, watermark, out);
+                    emit_session(&self.agg, key, s, watermark, out);
                 }
             }
             sessions.retain(|s| s.window.end.saturating_add(self.lateness) > watermark);
@@ -176,7 +192,7 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
     ) {
         for (key, sessions) in state.keys.iter_mut() {
             for s in sessions.iter_mut().filter(|s| !s.fired || s.dirty) {
-                self.emit(key, s, EventTime::MAX, out);
+                emit_session(&self.agg, key, s, EventTime::MAX, out);
             }
         }
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use shardflow_core::position::EventTime;
 use shardflow_core::sink::Window;
 
-use super::{millis, WindowAssigner};
+use super::{aligned_start, clamped, millis, WindowAssigner};
 
 /// Windows of `size` starting every `slide`; a record belongs to `size / slide` of them.
 #[derive(Clone, Copy, Debug)]
@@ -31,11 +31,11 @@ impl SlidingWindow {
 
 impl WindowAssigner for SlidingWindow {
     fn assign(&self, t: EventTime, out: &mut Vec<Window>) {
-        let last_start = t - t.rem_euclid(self.slide);
-        let mut start = last_start;
-        while start > t - self.size {
-            out.push(Window::new(start, start + self.size));
-            start -= self.slide;
+        let mut start = aligned_start(t, self.slide);
+        let (size, slide) = (i128::from(self.size), i128::from(self.slide));
+        while start > i128::from(t) - size {
+            out.push(clamped(start, start + size));
+            start -= slide;
         }
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use shardflow_core::position::EventTime;
 use shardflow_core::sink::Window;
 
-use super::{millis, WindowAssigner};
+use super::{aligned_start, clamped, millis, WindowAssigner};
 
 /// Windows of a fixed size that do not overlap: `[0, size)`, `[size, 2 size)`, ...
 #[derive(Clone, Copy, Debug)]
@@ -39,8 +39,8 @@ impl WindowAssigner for TumblingWindow {
 impl TumblingWindow {
     #[inline]
     fn window_of(&self, t: EventTime) -> Window {
-        let start = t - t.rem_euclid(self.size);
-        Window::new(start, start + self.size)
+        let start = aligned_start(t, self.size);
+        clamped(start, start + i128::from(self.size))
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::fmt::Display;
 
-use shardflow_core::topology::{Collector, FailureAction, RecordCx, ShardStage, Stage, Stream};
+use shardflow_core::topology::{Collector, RecordCx, ShardStage, Stage, Stream};
 
 /// Stateless operators on any stream.
 pub trait StreamExt<T, S: Stage>: Sized {
@@ -107,24 +107,10 @@ impl<T: Send + 'static, S: ShardStage> ShardStreamExt<T, S> for Stream<T, S> {
         E: Display,
         F: Fn(&T) -> Result<U, E> + Clone + Send + Sync + 'static,
     {
-        self.stateless(name, move || {
+        // Retries wait on the runtime's clock, never on a blocked thread.
+        self.try_stateless(name, move || {
             let f = f.clone();
-            move |cx: &RecordCx, v: T, out: &mut Collector<'_, U>| {
-                let mut attempt = 0;
-                loop {
-                    match f(&v) {
-                        Ok(u) => return out.emit(cx, u),
-                        Err(e) => match out.fail(cx, name, &e.to_string(), attempt) {
-                            FailureAction::RetryAfter(wait) => {
-                                // User functions are synchronous; so is their retry.
-                                std::thread::sleep(wait);
-                                attempt += 1;
-                            }
-                            FailureAction::Handled => return,
-                        },
-                    }
-                }
-            }
+            move |v: &T| f(v).map_err(|e| e.to_string())
         })
     }
 }

@@ -525,8 +525,12 @@ async fn two_holding_sinks_on_one_shard_let_its_checkpoint_advance() {
 #[tokio::test(start_paused = true)]
 async fn try_map_retries_wait_on_the_runtime_clock_without_blocking_its_thread() {
     let stream = MemoryStream::new("retry", 1);
-    push(&stream, 0, &event(0, 1, T0));
+    for uid in 0..3 {
+        push(&stream, 0, &event(uid, 1, T0 + uid as i64));
+    }
     stream.close(0);
+    let order: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let seen_order = Arc::clone(&order);
     let calls: Arc<Mutex<Vec<tokio::time::Instant>>> = Arc::default();
     let seen = Arc::clone(&calls);
     let out = MemorySink::new("out");
@@ -538,6 +542,9 @@ async fn try_map_retries_wait_on_the_runtime_clock_without_blocking_its_thread()
         ))
         .source(stream.clone().decode_fn(decode))
         .try_map("flaky", move |e: &Event| {
+            if e.uid != 0 {
+                return Ok(e.clone());
+            }
             let mut calls = seen.lock().unwrap();
             calls.push(tokio::time::Instant::now());
             if calls.len() < 3 {
@@ -546,6 +553,7 @@ async fn try_map_retries_wait_on_the_runtime_clock_without_blocking_its_thread()
                 Ok(e.clone())
             }
         })
+        .inspect(move |e: &Event| seen_order.lock().unwrap().push(e.uid))
         .sink(out.clone())
         .build()
         .unwrap();
@@ -562,5 +570,10 @@ async fn try_map_retries_wait_on_the_runtime_clock_without_blocking_its_thread()
         "the waits are the runtime's own (paused) clock, not a blocked thread: {:?}",
         calls.windows(2).map(|w| w[1] - w[0]).collect::<Vec<_>>()
     );
-    assert_eq!(out.contents().len(), 1);
+    assert_eq!(out.contents().len(), 3);
+    assert_eq!(
+        *order.lock().unwrap(),
+        [0, 1, 2],
+        "the records after the retried one wait behind it"
+    );
 }

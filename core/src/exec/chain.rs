@@ -45,6 +45,9 @@ impl<T: Clone + Send + 'static> Emit<T> for Tee<T> {
     fn held(&self, out: &mut Vec<(String, ShardId, Held)>) {
         self.outs.iter().for_each(|o| o.held(out));
     }
+    fn resume(&mut self) {
+        self.outs.iter_mut().for_each(|o| o.resume());
+    }
 }
 
 /// The end of a branch nobody consumes.
@@ -76,8 +79,8 @@ pub(crate) struct OperatorCounts {
     label: Arc<str>,
     topology: String,
     metrics: Metrics,
-    records_in: u64,
-    records_out: u64,
+    pub(crate) records_in: u64,
+    pub(crate) records_out: u64,
 }
 
 impl OperatorCounts {
@@ -144,6 +147,9 @@ where
     }
     fn held(&self, out: &mut Vec<(String, ShardId, Held)>) {
         self.down.held(out);
+    }
+    fn resume(&mut self) {
+        self.down.resume();
     }
 }
 

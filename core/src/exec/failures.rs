@@ -24,6 +24,8 @@ struct FailureState {
     replay: bool,
     dead: Vec<(u32, DeadLetterRecord)>,
     stop: Option<ShardStopped>,
+    /// The earliest time an operator parked a value until, since the shard task last looked.
+    parked: Option<tokio::time::Instant>,
 }
 
 impl Failures {
@@ -36,6 +38,7 @@ impl Failures {
             replay: false,
             dead: Vec::new(),
             stop: None,
+            parked: None,
         };
         Self {
             inner: Arc::new(Mutex::new(state)),
@@ -54,17 +57,33 @@ impl Failures {
         state.replay = replay;
     }
 
+    /// The earliest time an operator waits for before calling its function again, if one
+    /// parked a value since the last call.
+    pub(crate) fn take_parked(&self) -> Option<tokio::time::Instant> {
+        self.lock().parked.take()
+    }
+
     /// Takes the dead letters and the stop request of the epoch.
     /// Dead letters come with the index of their record in the epoch's batch.
     pub(crate) fn end_epoch(&self) -> (Vec<(u32, DeadLetterRecord)>, Option<ShardStopped>) {
         let mut state = self.lock();
         state.raw = Arc::default();
+        state.parked = None;
         let dead = std::mem::take(&mut state.dead);
         (dead, state.stop.take())
     }
 }
 
 impl ReportFailure for Failures {
+    fn park(&self, until: tokio::time::Instant) {
+        let mut state = self.lock();
+        state.parked = Some(state.parked.map_or(until, |p| p.min(until)));
+    }
+
+    fn parked(&self) -> bool {
+        self.lock().parked.is_some()
+    }
+
     fn fail(
         &self,
         cx: &RecordCx,

@@ -14,12 +14,14 @@ use crate::operator::{Emit, Fan, KeyedOperator, Stateless};
 use crate::protocol::watermark::WatermarkRules;
 use crate::sink::SinkContext;
 use crate::topology::{
-    lock, ExchangeDecl, FanOut, InstanceCx, Instantiate, InstantiateBranch, InstantiateRoot,
-    KeyedBranchDecl, Node, ShardPipeline, SinkDecl, SourceDecl, StatelessDecl, TeeDecl, WorkerCx,
+    lock, ExchangeDecl, FallibleDecl, FanOut, InstanceCx, Instantiate, InstantiateBranch,
+    InstantiateRoot, KeyedBranchDecl, Node, ShardPipeline, SinkDecl, SourceDecl, StatelessDecl,
+    TeeDecl, WorkerCx,
 };
 
 use super::chain::{Discard, OperatorCounts, StatelessNode, Tee};
 use super::exchange::{exchange, record_pool, Exchange, ExchangeEmitter};
+use super::fallible::FallibleNode;
 use super::keyed_worker::KeyedWorker;
 use super::sink_emitter::SinkEmitter;
 use super::source_pipeline::SourcePipeline;
@@ -70,6 +72,26 @@ where
             failures: cx.failures.clone(),
             counts: OperatorCounts::new(Arc::clone(&self.label), cx),
         })
+    }
+}
+
+impl<T, U, F, M> Instantiate<T> for FallibleDecl<U, M>
+where
+    T: Send + 'static,
+    U: Send + 'static,
+    F: FnMut(&T) -> Result<U, String> + Send + 'static,
+    M: Fn() -> F + Send + Sync + 'static,
+{
+    fn instantiate(&self, cx: &InstanceCx) -> Box<dyn Emit<T>> {
+        Box::new(FallibleNode::new(
+            (self.make)(),
+            self.stage,
+            self.down.instantiate(cx),
+            cx.failures
+                .clone()
+                .expect("fallible operators run only before key_by, on a shard's path"),
+            OperatorCounts::new(Arc::clone(&self.label), cx),
+        ))
     }
 }
 

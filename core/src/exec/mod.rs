@@ -9,6 +9,7 @@
 mod chain;
 mod exchange;
 pub(crate) mod failures;
+mod fallible;
 mod instantiate;
 mod keyed_worker;
 pub(crate) mod sink_emitter;

@@ -24,9 +24,14 @@ pub(crate) struct SourcePipeline<D: Decoder> {
 
 #[async_trait]
 impl<D: Decoder> ShardPipeline for SourcePipeline<D> {
-    fn process(&mut self, raw: &Arc<RawBatch>, watermark: &mut Option<EventTime>) -> Processed {
+    fn process(
+        &mut self,
+        raw: &Arc<RawBatch>,
+        from: usize,
+        watermark: &mut Option<EventTime>,
+    ) -> Processed {
         let mut processed = Processed::default();
-        for (index, record) in raw.iter().enumerate() {
+        for (index, record) in raw.iter().enumerate().skip(from) {
             // Batches hold at most 4 GiB of records, far fewer than u32::MAX of them.
             let index = index as u32;
             let failed = || RecordCx {
@@ -56,6 +61,12 @@ impl<D: Decoder> ShardPipeline for SourcePipeline<D> {
                         ident: Ident::Record { index, fanout: 0 },
                     };
                     self.down.emit(&cx, value);
+                    if self.failures.parked() {
+                        // A user function waits to be called again: the rest of the batch
+                        // waits too, so that the shard's records go on in order.
+                        processed.parked_after = Some(index as usize);
+                        return processed;
+                    }
                 }
                 Err(error) => {
                     let cx = failed();
@@ -65,6 +76,10 @@ impl<D: Decoder> ShardPipeline for SourcePipeline<D> {
             }
         }
         processed
+    }
+
+    fn resume(&mut self) {
+        self.down.resume();
     }
 
     async fn flush(&mut self, epoch: &EpochCx) -> Result<(), Error> {

@@ -22,4 +22,6 @@ pub trait Emit<T>: Send {
     /// Adds what this consumer's sinks hold back after a commit, by sink name and shard (see
     /// `SinkWriter::held`).
     fn held(&self, _out: &mut Vec<(String, ShardId, Held)>) {}
+    /// Calls parked user functions whose wait is over, then passes the call down.
+    fn resume(&mut self) {}
 }

@@ -28,6 +28,14 @@ pub(crate) trait ReportFailure: Send + Sync {
         attempt: u32,
         retryable: bool,
     ) -> FailureAction;
+
+    /// An operator parked a value to call its function again at `until`: the shard task
+    /// stops pushing records, waits on the runtime's clock (never blocking a thread) and then
+    /// resumes the chain (`Emit::resume`).
+    fn park(&self, until: tokio::time::Instant);
+
+    /// Whether an operator parked a value since the shard task last took the wait.
+    fn parked(&self) -> bool;
 }
 
 /// How many outputs an operator makes of one input, and so how their identities derive.
@@ -120,15 +128,17 @@ impl<'a, U> Collector<'a, U> {
         }
     }
 
-    /// Reports that the user function `stage` failed on the record behind `cx` (attempt from 0)
-    /// and returns what to do: retry after a wait, or go on (dead-lettered or stopping).
+    /// Reports that the user function `stage` failed on the record behind `cx`, for good: the
+    /// record goes to the dead-letter policy (a dead-letter sink, or the shard stops). A
+    /// function worth calling again declares itself with `Stream::try_stateless` (`try_map`),
+    /// whose retries wait on the runtime's clock.
     ///
     /// # Panics
     /// After `key_by`, where failures have no input record; the stream types prevent it.
-    pub fn fail(&mut self, cx: &RecordCx, stage: &str, error: &str, attempt: u32) -> FailureAction {
+    pub fn fail(&mut self, cx: &RecordCx, stage: &str, error: &str) {
         self.failures
             .expect("fallible operators run only before key_by")
-            .fail(cx, stage, error, attempt, true)
+            .fail(cx, stage, error, 0, false);
     }
 }
 

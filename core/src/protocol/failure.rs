@@ -20,11 +20,13 @@ pub enum OnFailure {
 
 /// The decision for the `attempt`-th failure (from 0) of a record under `policy`.
 /// `retryable` is false where trying again fails the same way (decoding); `replay` says whether
-/// the record is replayed (its outputs and dead letters were committed by an earlier run).
+/// the record is replayed (its outputs and dead letters were committed by an earlier run). A
+/// replay retries as the first run did: a record its function handled after a retry must
+/// rebuild the state it built then.
 pub fn on_failure(policy: &DeadLetter, attempt: u32, retryable: bool, replay: bool) -> OnFailure {
     let mut policy = policy;
     if let DeadLetter::Retry { max, backoff, then } = policy {
-        if retryable && attempt < *max && !replay {
+        if retryable && attempt < *max {
             return OnFailure::Retry(backoff.saturating_mul(1 << attempt.min(16)));
         }
         policy = then;

@@ -229,7 +229,7 @@ impl ShardTask {
                     });
                 }
                 ShardStatus::CaughtUp if empty => {
-                    let done = self.idle_commit(&mut run).await;
+                    let done = self.idle_commit(&mut run).await.map(|()| None);
                     if let Some(fenced) = self.fenced(&mut run, done).await? {
                         return Ok(fenced);
                     }
@@ -280,22 +280,46 @@ impl ShardTask {
         raw: RawBatch,
         replay: bool,
         control: Control,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<ShardOutcome>, Error> {
         let id = &self.shard.id;
         let raw = Arc::new(raw);
         run.epoch += 1;
         run.failures.begin_epoch(&raw, replay);
-        let processed = run.pipeline.process(&raw, &mut run.watermark);
-        if let (Some(first), false) = (processed.first_untimely, replay) {
-            let position = raw.get(first as usize).position;
-            tracing::warn!(
-                shard = %id,
-                %position,
-                records = processed.untimely,
-                "event time invalid or beyond the maximum skew ahead of arrival: late for every window"
-            );
-            self.metrics
-                .untimely(&self.topology.name, id.as_str(), processed.untimely);
+        let mut from = 0;
+        loop {
+            let processed = run.pipeline.process(&raw, from, &mut run.watermark);
+            if let (Some(first), false) = (processed.first_untimely, replay) {
+                let position = raw.get(first as usize).position;
+                tracing::warn!(
+                    shard = %id,
+                    %position,
+                    records = processed.untimely,
+                    "event time invalid or beyond the maximum skew ahead of arrival: late for every window"
+                );
+                self.metrics
+                    .untimely(&self.topology.name, id.as_str(), processed.untimely);
+            }
+            let Some(parked) = processed.parked_after else {
+                break;
+            };
+            // A user function waits to be called again: wait on the runtime's clock, then
+            // resume the chain where it stopped.
+            while let Some(until) = run.failures.take_parked() {
+                let cancelled = tokio::select! {
+                    biased;
+                    () = self.cancel.cancelled() => true,
+                    () = tokio::time::sleep_until(until) => false,
+                };
+                if cancelled {
+                    // The epoch never happened: the next owner (or run) reads it again.
+                    run.pipeline.discard();
+                    let _ = run.failures.end_epoch();
+                    run.epoch -= 1;
+                    return self.stop(run).await.map(Some);
+                }
+                run.pipeline.resume();
+            }
+            from = parked + 1;
         }
         let (dead, stop) = run.failures.end_epoch();
         if let Some(stopped) = stop {
@@ -372,7 +396,7 @@ impl ShardTask {
                 hold: None,
             }],
         );
-        Ok(())
+        Ok(None)
     }
 
     /// On a quiet shard, lets sinks that hold outputs back deliver them on their own clock.
@@ -395,10 +419,10 @@ impl ShardTask {
     async fn fenced(
         &self,
         run: &mut Running,
-        done: Result<(), Error>,
+        done: Result<Option<ShardOutcome>, Error>,
     ) -> Result<Option<ShardOutcome>, Error> {
         match done {
-            Ok(()) => Ok(None),
+            Ok(ended) => Ok(ended),
             Err(Error::Sink(error)) if error.is_fenced() => {
                 tracing::warn!(shard = %self.shard.id, %error, "fenced by a newer lease epoch; stopping the shard");
                 self.release(run).await?;

@@ -108,6 +108,15 @@ pub(crate) struct StatelessDecl<U, M> {
     pub(crate) down: Arc<Node<U>>,
 }
 
+/// A user function that may fail (`try_map`), made fresh by `make` for each instance.
+pub(crate) struct FallibleDecl<U, M> {
+    pub(crate) make: M,
+    /// The stage its failures are dead-lettered under.
+    pub(crate) stage: &'static str,
+    pub(crate) label: Arc<str>,
+    pub(crate) down: Arc<Node<U>>,
+}
+
 /// A sink.
 pub(crate) struct SinkDecl<T> {
     pub(crate) sink: Arc<dyn Sink<T>>,
@@ -150,9 +159,17 @@ pub(crate) struct SourceDecl<D: Decoder> {
 /// the fused chain, then flush and commit its sinks.
 #[async_trait]
 pub(crate) trait ShardPipeline: Send {
-    /// Pushes `raw` through the chain, judging each record by the shard's `watermark` and
-    /// advancing it (`protocol::watermark`).
-    fn process(&mut self, raw: &Arc<RawBatch>, watermark: &mut Option<EventTime>) -> Processed;
+    /// Pushes the records of `raw` from index `from` through the chain, judging each by the
+    /// shard's `watermark` and advancing it (`protocol::watermark`), until the end or until a
+    /// user function parked a value (`Processed::parked_after`).
+    fn process(
+        &mut self,
+        raw: &Arc<RawBatch>,
+        from: usize,
+        watermark: &mut Option<EventTime>,
+    ) -> Processed;
+    /// Calls parked user functions whose wait is over.
+    fn resume(&mut self);
     async fn flush(&mut self, epoch: &EpochCx) -> Result<(), Error>;
     async fn commit(&mut self) -> Result<(), Error>;
     fn discard(&mut self);
@@ -163,6 +180,9 @@ pub(crate) trait ShardPipeline: Send {
 /// What a batch's processing found beyond its outputs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Processed {
+    /// Processing stopped after the record at this index: a user function is to be called
+    /// again later (`ShardPipeline::resume`), and the batch goes on after it.
+    pub(crate) parked_after: Option<usize>,
     /// Records whose event time was untimely (invalid, or too far ahead of their arrival).
     pub(crate) untimely: usize,
     /// The index of the first of them in the batch.

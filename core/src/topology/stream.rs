@@ -15,8 +15,8 @@ use crate::protocol::watermark::DEFAULT_MAX_SKEW_MS;
 use crate::sink::Sink;
 use crate::source::Source;
 use crate::topology::graph::{
-    lock, ExchangeDecl, Graph, InstantiateBranch, InstantiateRoot, KeyedBranchDecl, Node, SinkDecl,
-    SourceDecl, SourceSettings, StatelessDecl, TeeDecl,
+    lock, ExchangeDecl, FallibleDecl, Graph, InstantiateBranch, InstantiateRoot, KeyedBranchDecl,
+    Node, SinkDecl, SourceDecl, SourceSettings, StatelessDecl, TeeDecl,
 };
 use crate::topology::stage::{Keyed, ShardStage, Sharded, Sourced, Stage};
 
@@ -264,6 +264,33 @@ impl<T: Send + 'static, S: Stage> Stream<T, S> {
 }
 
 impl<T: Send + 'static, S: ShardStage> Stream<T, S> {
+    /// The fallible primitive: `f` (made fresh for each pipeline instance by `make`) turns
+    /// each value into one value or fails. A failure goes to the topology's dead-letter policy
+    /// under `stage`: retried (the wait is the runtime's, on its clock: no thread sleeps, and
+    /// the shard's later records wait behind the retried one), dead-lettered with the input
+    /// record, or stopping the shard. `try_map` is built on it. Only before `key_by`, where
+    /// every value still has its input record.
+    pub fn try_stateless<U, F, M>(self, stage: &'static str, make: M) -> Stream<U, S::AfterOp>
+    where
+        U: Send + 'static,
+        F: FnMut(&T) -> Result<U, String> + Send + 'static,
+        M: Fn() -> F + Send + Sync + 'static,
+    {
+        let child: Arc<Node<U>> = Arc::new(Node::new(self.node.depth, self.node.of_records));
+        let label = lock(&self.graph).label(stage);
+        self.node.add(Arc::new(FallibleDecl {
+            make,
+            stage,
+            label,
+            down: Arc::clone(&child),
+        }));
+        Stream {
+            graph: self.graph,
+            node: child,
+            _stage: PhantomData,
+        }
+    }
+
     /// The keyed primitive: hashes `key_fn(value)` over the keyed workers and runs an operator
     /// made by `make_op` in each. Returns the operator's results and its late records. `kind`
     /// names it in metrics, as for [`Stream::stateless`].

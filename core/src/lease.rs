@@ -73,6 +73,22 @@ pub struct ShardCheckpoint {
     /// where its last stored one ended. `rebuild_from` is never after any of them.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub sinks: BTreeMap<String, CheckpointPosition>,
+    /// Watermark advances decided on processing time (an idle shard) at or after
+    /// `rebuild_from`, oldest first: a replay makes each again where it was made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub advances: Vec<WatermarkAdvance>,
+}
+
+/// A watermark advance decided on processing time (a quiet shard's idleness timeout, see
+/// `protocol::watermark`): right after the record at `after`, the shard's watermark became at
+/// least `watermark`. It is written to the lease before anything derived from it is written,
+/// so that a replay makes it again at the same place instead of asking the clock.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatermarkAdvance {
+    /// The record after which it was made (a start position: before any record).
+    pub after: CheckpointPosition,
+    /// The watermark it set, at least.
+    pub watermark: EventTime,
 }
 
 impl ShardCheckpoint {
@@ -84,6 +100,7 @@ impl ShardCheckpoint {
             rebuild_from: CheckpointPosition::Initial,
             rebuild_watermark: None,
             sinks: BTreeMap::new(),
+            advances: Vec::new(),
         }
     }
 
@@ -96,6 +113,7 @@ impl ShardCheckpoint {
             rebuild_from: CheckpointPosition::TrimHorizon,
             rebuild_watermark: None,
             sinks: BTreeMap::new(),
+            advances: Vec::new(),
         }
     }
 
@@ -108,6 +126,7 @@ impl ShardCheckpoint {
             rebuild_from: CheckpointPosition::AtTimestamp(ms),
             rebuild_watermark: None,
             sinks: BTreeMap::new(),
+            advances: Vec::new(),
         }
     }
 
@@ -119,6 +138,7 @@ impl ShardCheckpoint {
             rebuild_from: CheckpointPosition::ShardEnd,
             rebuild_watermark: None,
             sinks: BTreeMap::new(),
+            advances: Vec::new(),
         }
     }
 

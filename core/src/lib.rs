@@ -2,6 +2,7 @@
 //! checkpoint tracker, and the `Source`, `Sink` and `LeaseStore` traits. No AWS SDK here.
 #![deny(missing_docs)]
 
+pub mod clock;
 pub mod decode;
 pub mod error;
 pub mod lease;

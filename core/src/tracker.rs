@@ -1,12 +1,12 @@
 //! The shared checkpoint tracker of one run: `ShardProgress` per shard behind a lock, with a
 //! notification when paths report.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use crate::lease::{CheckpointPosition, LeaseEpoch, ShardCheckpoint};
+use crate::lease::{CheckpointPosition, LeaseEpoch, ShardCheckpoint, WatermarkAdvance};
 use crate::position::ShardId;
 use crate::protocol::checkpoint::{Epoch, EpochRead, ShardProgress};
 use crate::sink::Held;
@@ -27,12 +27,12 @@ pub(crate) struct Report {
 /// current life. Cloning shares it.
 #[derive(Clone, Default)]
 pub(crate) struct Tracker {
-    shards: Arc<Mutex<HashMap<ShardId, (LeaseEpoch, ShardProgress)>>>,
+    shards: Arc<Mutex<BTreeMap<ShardId, (LeaseEpoch, ShardProgress)>>>,
     reported: Arc<Notify>,
 }
 
 impl Tracker {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ShardId, (LeaseEpoch, ShardProgress)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ShardId, (LeaseEpoch, ShardProgress)>> {
         self.shards
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -55,10 +55,12 @@ impl Tracker {
         self.lock().remove(shard);
     }
 
-    pub(crate) fn record_epoch(&self, shard: &ShardId, epoch: Epoch, read: EpochRead) {
-        if let Some((_, p)) = self.lock().get_mut(shard) {
+    /// Registers `shard`'s next epoch; returns how many epochs its progress keeps now.
+    pub(crate) fn record_epoch(&self, shard: &ShardId, epoch: Epoch, read: EpochRead) -> usize {
+        self.lock().get_mut(shard).map_or(0, |(_, p)| {
             p.record_epoch(epoch, read);
-        }
+            p.tracked_epochs()
+        })
     }
 
     /// Records of `shard` read in this run and not covered by `checkpoint`.
@@ -99,6 +101,19 @@ impl Tracker {
         if changed {
             self.reported.notify_waiters();
         }
+    }
+
+    /// Records a watermark advance of `shard` decided on processing time; false if the shard
+    /// keeps too many already (`ShardProgress::record_advance`).
+    pub(crate) fn record_advance(&self, shard: &ShardId, advance: WatermarkAdvance) -> bool {
+        self.lock()
+            .get_mut(shard)
+            .is_some_and(|(_, p)| p.record_advance(advance))
+    }
+
+    /// The checkpoint to write so that `shard`'s recorded advances are durable.
+    pub(crate) fn with_advances(&self, shard: &ShardId) -> Option<ShardCheckpoint> {
+        self.lock().get_mut(shard).map(|(_, p)| p.with_advances())
     }
 
     /// The checkpoint `shard` may advance to, if it moved.

@@ -577,3 +577,219 @@ async fn try_map_retries_wait_on_the_runtime_clock_without_blocking_its_thread()
         "the records after the retried one wait behind it"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_quiet_shard_closes_its_windows_and_a_replay_advances_where_the_first_run_did() {
+    let stream = MemoryStream::new("quiet", 1);
+    let (seconds, minutes, late) = (
+        MemorySink::new("seconds"),
+        MemorySink::new("minutes"),
+        MemorySink::new("late"),
+    );
+    let topology = || {
+        let source = Topology::builder("quiet")
+            .source(stream.clone().decode_fn(decode))
+            .event_time(|e: &Event| e.ts)
+            .idleness(Duration::from_secs(2));
+        let late = late.clone();
+        source
+            .clone()
+            .key_by(|e: &Event| e.key)
+            .window(TumblingWindow::of(Duration::from_secs(1)))
+            .late_records(move |l| {
+                l.sink(late);
+            })
+            .aggregate(Count)
+            .sink(seconds.clone());
+        // A long window keeps the rebuild point at the start: a restart replays everything.
+        source
+            .key_by(|e: &Event| e.key)
+            .window(TumblingWindow::of(Duration::from_secs(60)))
+            .aggregate(Count)
+            .sink(minutes.clone())
+            .build()
+            .unwrap()
+    };
+    // Event time follows the stream's clock, which starts at T0 and runs with the runtime's.
+    let clock = shardflow_core::clock::WallClock::following_runtime(T0);
+    let leases = Arc::new(MemoryLeaseStore::new());
+    let run = tokio::spawn(
+        Runtime::new(topology(), leases.clone())
+            .with_config(config(RunMode::Continuous))
+            .with_wall_clock(clock.clone())
+            .run(),
+    );
+    for uid in 0..5 {
+        let now = clock.now_ms();
+        stream.push(0, now, b"k", &encode(&event(uid, 1, now)));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let first_second = format!("w/{:020}-{:020}/1", T0, T0 + 1_000);
+    assert_eq!(
+        value_of(&seconds, &first_second).map(|r| r.value),
+        Some(5),
+        "the quiet shard's window fired without a later record"
+    );
+    // After the advance, a record of the first second is late.
+    stream.push(0, clock.now_ms(), b"k", &encode(&event(5, 1, T0 + 500)));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let lease = leases.get("shard-0").await.unwrap().unwrap();
+    assert_eq!(
+        lease.checkpoint.advances.len(),
+        1,
+        "the advance is recorded: {:?}",
+        lease.checkpoint
+    );
+    run.abort();
+    let _ = run.await;
+    // The restart replays all six records; it makes the advance again after the fifth, so the
+    // sixth is late again and the first second keeps its five.
+    stream.close(0);
+    Runtime::new(topology(), leases)
+        .with_config(config(RunMode::UntilCaughtUp))
+        .with_wall_clock(clock)
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(value_of(&seconds, &first_second).map(|r| r.value), Some(5));
+    let first_minute = format!(
+        "w/{:020}-{:020}/1",
+        T0 - T0 % 60_000,
+        T0 - T0 % 60_000 + 60_000
+    );
+    assert_eq!(value_of(&minutes, &first_minute).map(|r| r.value), Some(6));
+    let late: Vec<u64> = late.contents().values().map(|e| e.uid).collect();
+    assert_eq!(late, [5]);
+}
+
+/// Runs fifty records through a running count, then restarts it with a replay that crawls
+/// (each record's first call fails and is retried 100 ms later) in epochs of `epoch_records`,
+/// and stops it gracefully `stop_after` into the replay. Returns how far the replay got and
+/// the count the sink ends with.
+async fn stop_mid_replay(epoch_records: usize, stop_after: Duration) -> (usize, Option<u64>) {
+    let stream = MemoryStream::new("partial", 1);
+    for uid in 0..50 {
+        push(&stream, 0, &event(uid, 1, T0 + uid as i64));
+    }
+    let counts = MemorySink::new("counts");
+    let slow = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let called: Arc<Mutex<std::collections::BTreeSet<u64>>> = Arc::default();
+    let topology = || {
+        let (slow, called) = (Arc::clone(&slow), Arc::clone(&called));
+        Topology::builder("partial")
+            .dead_letter(DeadLetter::retry(
+                3,
+                Duration::from_millis(100),
+                DeadLetter::StopShard,
+            ))
+            .source(stream.clone().decode_fn(decode))
+            .try_map("crawl", move |e: &Event| {
+                let first = called.lock().unwrap().insert(e.uid);
+                if slow.load(std::sync::atomic::Ordering::SeqCst) && first {
+                    Err("not yet")
+                } else {
+                    Ok(e.clone())
+                }
+            })
+            .key_by(|e: &Event| e.key)
+            .aggregate(Count)
+            .sink(counts.clone())
+            .build()
+            .unwrap()
+    };
+    let leases = Arc::new(MemoryLeaseStore::new());
+    Runtime::new(topology(), leases.clone())
+        .with_config(config(RunMode::UntilCaughtUp))
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(value_of(&counts, "k/1").map(|r| r.value), Some(50));
+    // The restart replays all fifty records (a running count holds its first), slowly.
+    slow.store(true, std::sync::atomic::Ordering::SeqCst);
+    called.lock().unwrap().clear();
+    let shutdown = CancellationToken::new();
+    // Results held until the stop: the keyed worker has the replayed part of the count when
+    // the stop arrives.
+    let crawling = RuntimeConfig {
+        read_limits: shardflow_core::source::ReadLimits {
+            max_records: epoch_records,
+            max_bytes: 1 << 20,
+        },
+        commit_interval: Duration::from_secs(3_600),
+        ..config(RunMode::Continuous)
+    };
+    let run = tokio::spawn(
+        Runtime::new(topology(), leases)
+            .with_config(crawling)
+            .with_shutdown(shutdown.clone())
+            .run(),
+    );
+    tokio::time::sleep(stop_after).await;
+    let replayed = called.lock().unwrap().len();
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+    (replayed, value_of(&counts, "k/1").map(|r| r.value))
+}
+
+/// Found by the simulation checker (seed 1578): a graceful stop in the middle of a replay let
+/// running aggregates emit their partial state, over the totals of the run that committed.
+#[tokio::test(start_paused = true)]
+async fn a_stop_in_the_middle_of_a_replay_emits_nothing_partial() {
+    let (replayed, count) = stop_mid_replay(5, Duration::from_secs(2)).await;
+    assert!(
+        (2..50).contains(&replayed),
+        "stopped mid-replay: {replayed}"
+    );
+    assert_eq!(count, Some(50), "the partial count of the replay stays out");
+}
+
+/// Found by the simulation checker (seeds 14682, 28916): a stop while a retry waited in the
+/// epoch that ends the replay saw the replay as over, and the partial count went out.
+#[tokio::test(start_paused = true)]
+async fn a_stop_in_the_epoch_that_ends_a_replay_emits_nothing_partial() {
+    let (replayed, count) = stop_mid_replay(25, Duration::from_millis(3_500)).await;
+    assert!(
+        (26..50).contains(&replayed),
+        "stopped in the second epoch: {replayed}"
+    );
+    assert_eq!(count, Some(50), "the partial count of the replay stays out");
+}
+
+/// Found by the simulation checker (seed 12120): a shard stopped while its lease guard had
+/// lapsed (renewals failing) dropped its keyed state, yet the worker waited for its final
+/// commits for ever, so the graceful stop never ended.
+#[tokio::test(start_paused = true)]
+async fn a_stop_while_renewals_fail_ends_without_waiting_for_commits_that_never_come() {
+    let stream = MemoryStream::new("lapsed", 1);
+    for uid in 0..20 {
+        push(&stream, 0, &event(uid, 1, T0 + uid as i64));
+    }
+    let counts = MemorySink::new("counts");
+    let topology = Topology::builder("lapsed")
+        .source(stream.clone().decode_fn(decode))
+        .key_by(|e: &Event| e.key)
+        .aggregate(Count)
+        .sink(counts.clone())
+        .build()
+        .unwrap();
+    let leases = ScriptedLeaseStore::new(MemoryLeaseStore::new());
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(
+        Runtime::new(topology, Arc::new(leases.clone()))
+            .with_config(RuntimeConfig {
+                // Reports of the last epochs are still in the keyed worker at the stop.
+                commit_interval: Duration::from_secs(3_600),
+                ..config(RunMode::Continuous)
+            })
+            .with_shutdown(shutdown.clone())
+            .run(),
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The lease table throttles every write: renewals fail and the lease guard lapses.
+    leases.fail_updates(u32::MAX);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    shutdown.cancel();
+    let ended = tokio::time::timeout(Duration::from_secs(60), run).await;
+    assert!(ended.is_ok(), "the graceful stop ended");
+}

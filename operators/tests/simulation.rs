@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use sim::driver::{run_seed, Fault, SeedReport, FAULTS};
 
 /// Operator kinds the coverage table checks, with each fault.
-const KINDS: [&str; 10] = [
+const KINDS: [&str; 11] = [
     "map",
     "filter",
     "flat_map",
@@ -30,6 +30,7 @@ const KINDS: [&str; 10] = [
     "running",
     "late_output",
     "holding_sink",
+    "idleness",
 ];
 /// Seeds at least, and the time to spend at least.
 const MIN_SEEDS: u64 = 500;
@@ -82,7 +83,13 @@ fn random_topologies_under_random_faults_match_the_oracle() {
                     *n += 1;
                     *n - 1
                 };
-                let report = run_seed(seed);
+                let mut report = run_seed(seed);
+                // Thousands of seeds: keep what the summary needs, not every run's logs.
+                report.decisions = Vec::new();
+                report.contents = String::new();
+                if report.failures.is_empty() {
+                    report.spec = String::new();
+                }
                 reports.lock().unwrap().push(report);
             })
         })
@@ -142,10 +149,23 @@ fn random_topologies_under_random_faults_match_the_oracle() {
 
 #[test]
 fn one_seed_decides_and_writes_alike_in_every_run() {
-    for seed in [3, 17] {
+    for seed in 0..50 {
         let (a, b) = (run_seed(seed), run_seed(seed));
         assert!(!a.decisions.is_empty(), "seed {seed} recorded decisions");
-        assert_eq!(a.decisions, b.decisions, "seed {seed}: decisions differ");
+        let first = a
+            .decisions
+            .iter()
+            .zip(&b.decisions)
+            .position(|(x, y)| x != y)
+            .or((a.decisions.len() != b.decisions.len())
+                .then_some(a.decisions.len().min(b.decisions.len())));
+        if let Some(i) = first {
+            panic!(
+                "seed {seed}: decision {i} differs:\n  {:?}\n  {:?}",
+                a.decisions.get(i),
+                b.decisions.get(i)
+            );
+        }
         assert_eq!(a.contents, b.contents, "seed {seed}: sink contents differ");
     }
 }

@@ -11,7 +11,8 @@ use aws_sdk_dynamodb::Client;
 
 use shardflow_core::error::{BoxError, LeaseError};
 use shardflow_core::lease::{
-    apply_update, check_delete, CheckpointPosition, Lease, LeaseStore, LeaseUpdate, ShardCheckpoint,
+    apply_update, check_delete, CheckpointPosition, Lease, LeaseStore, LeaseUpdate,
+    ShardCheckpoint, WatermarkAdvance,
 };
 use shardflow_core::position::{RecordPosition, SequenceNumber};
 
@@ -39,6 +40,10 @@ const SINK_POSITIONS: &str = "sinkPositions";
 const SINK_POSITION: &str = "position";
 const SINK_SUB: &str = "subSequenceNumber";
 const SINK_TIMESTAMP: &str = "timestamp";
+// Watermark advances decided on processing time (a list of maps with the position fields
+// above and the watermark).
+const ADVANCES: &str = "watermarkAdvances";
+const ADVANCE_WATERMARK: &str = "watermark";
 
 // Checkpoint sentinels. "The topology's initial position" has always been written as the KCL's
 // TRIM_HORIZON, so tables written by earlier versions keep their meaning; an operator's reset
@@ -328,18 +333,24 @@ fn to_item(lease: &Lease) -> Item {
         let sinks = cp
             .sinks
             .iter()
-            .map(|(name, p)| {
-                let (text, sub, time) = position_text(p);
-                let mut m: Item = Item::new();
-                m.insert(SINK_POSITION.into(), AttributeValue::S(text));
-                m.insert(SINK_SUB.into(), AttributeValue::N(sub.to_string()));
-                if let Some(ms) = time {
-                    m.insert(SINK_TIMESTAMP.into(), AttributeValue::N(ms.to_string()));
-                }
-                (name.clone(), AttributeValue::M(m))
-            })
+            .map(|(name, p)| (name.clone(), AttributeValue::M(position_map(p))))
             .collect();
         item.insert(SINK_POSITIONS.into(), AttributeValue::M(sinks));
+    }
+    if !cp.advances.is_empty() {
+        let advances = cp
+            .advances
+            .iter()
+            .map(|a| {
+                let mut m = position_map(&a.after);
+                m.insert(
+                    ADVANCE_WATERMARK.into(),
+                    AttributeValue::N(a.watermark.to_string()),
+                );
+                AttributeValue::M(m)
+            })
+            .collect();
+        item.insert(ADVANCES.into(), AttributeValue::L(advances));
     }
     if !lease.parents.is_empty() {
         // A string set may not be empty: no attribute means no parents.
@@ -350,6 +361,30 @@ fn to_item(lease: &Lease) -> Item {
         AttributeValue::N(lease.owner_switches_since_checkpoint.to_string()),
     );
     item
+}
+
+/// A checkpoint position as a map attribute (in sink positions and watermark advances).
+fn position_map(p: &CheckpointPosition) -> Item {
+    let (text, sub, time) = position_text(p);
+    let mut m = Item::new();
+    m.insert(SINK_POSITION.into(), AttributeValue::S(text));
+    m.insert(SINK_SUB.into(), AttributeValue::N(sub.to_string()));
+    if let Some(ms) = time {
+        m.insert(SINK_TIMESTAMP.into(), AttributeValue::N(ms.to_string()));
+    }
+    m
+}
+
+/// The inverse of `position_map`; `None` if malformed.
+fn position_of_map(m: &Item) -> Option<CheckpointPosition> {
+    let number = |f: &str| -> Option<Option<i128>> {
+        match m.get(f) {
+            None => Some(None),
+            Some(v) => v.as_n().ok()?.parse::<i128>().ok().map(Some),
+        }
+    };
+    let text = m.get(SINK_POSITION)?.as_s().ok()?;
+    parse_position(text, number(SINK_SUB)?, number(SINK_TIMESTAMP)?)
 }
 
 /// A checkpoint position from its stored text, sub-sequence number and time (the inverse of
@@ -398,23 +433,26 @@ fn from_item(item: &Item) -> Result<Lease, LeaseError> {
             let mut out = BTreeMap::new();
             for (name, p) in sinks {
                 let p = p.as_m().map_err(|_| bad(SINK_POSITIONS))?;
-                let field = |f: &str| -> Result<Option<i128>, LeaseError> {
-                    p.get(f)
-                        .map(|v| {
-                            v.as_n()
-                                .ok()
-                                .and_then(|n| n.parse::<i128>().ok())
-                                .ok_or_else(|| bad(SINK_POSITIONS))
-                        })
-                        .transpose()
-                };
-                let text = p
-                    .get(SINK_POSITION)
-                    .and_then(|v| v.as_s().ok())
-                    .ok_or_else(|| bad(SINK_POSITIONS))?;
-                let position = parse_position(text, field(SINK_SUB)?, field(SINK_TIMESTAMP)?)
-                    .ok_or_else(|| bad(SINK_POSITIONS))?;
+                let position = position_of_map(p).ok_or_else(|| bad(SINK_POSITIONS))?;
                 out.insert(name.clone(), position);
+            }
+            out
+        }
+    };
+    let advances = match item.get(ADVANCES) {
+        None => Vec::new(),
+        Some(v) => {
+            let list = v.as_l().map_err(|_| bad(ADVANCES))?;
+            let mut out = Vec::with_capacity(list.len());
+            for a in list {
+                let a = a.as_m().map_err(|_| bad(ADVANCES))?;
+                let after = position_of_map(a).ok_or_else(|| bad(ADVANCES))?;
+                let watermark = a
+                    .get(ADVANCE_WATERMARK)
+                    .and_then(|v| v.as_n().ok())
+                    .and_then(|n| n.parse::<i64>().ok())
+                    .ok_or_else(|| bad(ADVANCES))?;
+                out.push(WatermarkAdvance { after, watermark });
             }
             out
         }
@@ -437,6 +475,7 @@ fn from_item(item: &Item) -> Result<Lease, LeaseError> {
             rebuild_from: position(REBUILD_FROM, REBUILD_FROM_SUB, REBUILD_FROM_TIMESTAMP)?,
             rebuild_watermark: watermark(REBUILD_WATERMARK)?,
             sinks,
+            advances,
         },
         parents: {
             let mut parents = item

@@ -148,6 +148,7 @@ impl<D: Decoder> InstantiateRoot for SourceDecl<D> {
             rules: WatermarkRules {
                 out_of_orderness_ms: millis(*lock(&self.settings.out_of_orderness)),
                 max_skew_ms: millis(*lock(&self.settings.max_skew)),
+                idleness: *lock(&self.settings.idleness),
             },
             down: self.node.instantiate(cx),
             failures: cx

@@ -82,6 +82,10 @@ impl<D: Decoder> ShardPipeline for SourcePipeline<D> {
         self.down.resume();
     }
 
+    fn rules(&self) -> WatermarkRules {
+        self.rules
+    }
+
     async fn flush(&mut self, epoch: &EpochCx) -> Result<(), Error> {
         self.down.flush(epoch).await
     }

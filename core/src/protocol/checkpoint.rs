@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::lease::{CheckpointPosition, ShardCheckpoint};
+use crate::lease::{CheckpointPosition, ShardCheckpoint, WatermarkAdvance};
 use crate::position::{EventTime, RecordPosition};
 use crate::sink::Held;
 
@@ -32,6 +32,8 @@ pub type Epoch = u64;
 const MAX_ANCHORS: usize = 512;
 /// The newest epoch ends never thinned: commits and sink positions land among them.
 const EXACT_ANCHORS: usize = 128;
+/// Watermark advances decided on processing time kept per shard at most.
+const MAX_ADVANCES: usize = 256;
 /// Hold reports kept per path at most; beyond it the older ones are merged (keeping the
 /// oldest hold of those merged, which rebuilds more, never less).
 const MAX_HOLD_REPORTS: usize = 512;
@@ -87,6 +89,10 @@ pub struct ShardProgress {
     shard_end: Option<Epoch>,
     /// Holding sinks of the shard's own path, by name.
     sinks: BTreeMap<String, HoldingSink>,
+    /// Watermark advances decided on processing time since the rebuild point, oldest first.
+    advances: Vec<WatermarkAdvance>,
+    /// The last checkpoint decided (at first, the resumed one).
+    last: ShardCheckpoint,
 }
 
 impl ShardProgress {
@@ -102,12 +108,27 @@ impl ShardProgress {
                 watermark: resumed.rebuild_watermark,
                 read: 0,
             },
-            resumed,
             epochs: BTreeMap::new(),
             paths: vec![PathState::default(); paths],
             last_epoch: 0,
             shard_end: None,
-            sinks: BTreeMap::new(),
+            // A sink's resumed position stands until it says more: it may not write (or even
+            // open) before the replay passes its position.
+            sinks: resumed
+                .sinks
+                .iter()
+                .map(|(name, p)| {
+                    let sink = HoldingSink {
+                        held: Held::default(),
+                        at: 0,
+                        floor: p.clone(),
+                    };
+                    (name.clone(), sink)
+                })
+                .collect(),
+            advances: resumed.advances.clone(),
+            last: resumed.clone(),
+            resumed,
         }
     }
 
@@ -285,8 +306,59 @@ impl ShardProgress {
                 .into_iter()
                 .filter(|(_, p)| *p != end.position)
                 .collect(),
+            advances: Vec::new(),
         };
-        (checkpoint != self.resumed).then_some(checkpoint)
+        let checkpoint = ShardCheckpoint {
+            advances: self.advances_from(&checkpoint.rebuild_from),
+            ..checkpoint
+        };
+        if checkpoint == self.resumed {
+            return None;
+        }
+        self.last = checkpoint.clone();
+        Some(checkpoint)
+    }
+
+    /// Records a watermark advance decided on processing time. Advances with no record
+    /// between them are one (the later watermark). Returns false, recording nothing, if
+    /// `MAX_ADVANCES` are already kept (a state that holds its first epoch for ever between
+    /// many quiet spells): the shard then waits for records instead.
+    pub fn record_advance(&mut self, advance: WatermarkAdvance) -> bool {
+        let full = self.advances.len() >= MAX_ADVANCES;
+        match self.advances.last_mut() {
+            Some(last) if last.after == advance.after => {
+                last.watermark = last.watermark.max(advance.watermark);
+                true
+            }
+            _ if full => false,
+            _ => {
+                self.advances.push(advance);
+                true
+            }
+        }
+    }
+
+    /// The checkpoint to write now so that the advances recorded are durable: the one the
+    /// shard may advance to, or the last one decided with them.
+    pub fn with_advances(&mut self) -> ShardCheckpoint {
+        match self.checkpoint() {
+            Some(cp) => cp,
+            None => {
+                let mut cp = self.last.clone();
+                cp.advances = self.advances_from(&cp.rebuild_from);
+                cp
+            }
+        }
+    }
+
+    /// The advances a replay from `rebuild_from` makes again (earlier ones are in its
+    /// watermark).
+    fn advances_from(&self, rebuild_from: &CheckpointPosition) -> Vec<WatermarkAdvance> {
+        self.advances
+            .iter()
+            .filter(|a| rebuild_from.le(&a.after))
+            .cloned()
+            .collect()
     }
 
     /// Forgets what no future checkpoint needs: epochs before the current rebuild point and
@@ -321,6 +393,8 @@ impl ShardProgress {
             self.epochs.remove(&keep_from);
             self.epochs.insert(keep_from, self.start.clone());
         }
+        let start = self.start.position.clone();
+        self.advances.retain(|a| start.le(&a.after));
     }
 
     /// Keeps the number of epoch ends bounded: beyond `MAX_ANCHORS`, every other one of the
@@ -532,6 +606,7 @@ mod tests {
             rebuild_from: at(10),
             rebuild_watermark: Some(100),
             sinks: BTreeMap::new(),
+            advances: Vec::new(),
         };
         resumed.sinks.insert("s3".into(), at(15));
         let mut p = ShardProgress::new(resumed, 1);
@@ -548,6 +623,21 @@ mod tests {
             "the resumed position holds"
         );
         assert_eq!(cp.rebuild_from, at(10));
+    }
+
+    #[test]
+    fn a_resumed_sink_position_stands_until_the_sink_says_more() {
+        let mut resumed = ShardCheckpoint::initial();
+        resumed.committed = at(10);
+        resumed.rebuild_from = at(10);
+        resumed.sinks.insert("s3".into(), at(25));
+        let mut p = ShardProgress::new(resumed, 1);
+        p.record_epoch(1, read(Some(pos(20)), Some(200), false, false));
+        p.report(0, 1, None);
+        // The sink wrote nothing yet (outputs up to 25 are in its stored units).
+        let cp = p.checkpoint().unwrap();
+        assert_eq!(cp.committed, at(20));
+        assert_eq!(cp.sinks.get("s3"), Some(&at(25)), "not forgotten");
     }
 
     #[test]
@@ -618,6 +708,7 @@ mod tests {
             rebuild_from: at(5),
             rebuild_watermark: Some(50),
             sinks: BTreeMap::new(),
+            advances: Vec::new(),
         };
         let mut p = ShardProgress::new(resumed, 1);
         p.record_epoch(1, read(Some(pos(7)), Some(70), true, false));
@@ -638,6 +729,7 @@ mod tests {
             rebuild_from: at(10),
             rebuild_watermark: Some(100),
             sinks: BTreeMap::new(),
+            advances: Vec::new(),
         };
         resumed.sinks.insert("s3".into(), at(25));
         let mut p = ShardProgress::new(resumed, 1);
@@ -666,6 +758,7 @@ mod tests {
             rebuild_from: at(10),
             rebuild_watermark: Some(100),
             sinks: BTreeMap::new(),
+            advances: Vec::new(),
         };
         let mut p = ShardProgress::new(resumed, 1);
         p.record_epoch(1, read(Some(pos(20)), Some(200), true, false));

@@ -16,6 +16,10 @@ pub enum TaskEnd {
     Cancelled {
         /// The last epoch the task handed on.
         last_epoch: Epoch,
+        /// Whether it dropped the shard's state without a word more (`Control::Release`: its
+        /// lease may have moved, by its own guard) rather than letting the keyed workers
+        /// finish it (`Control::Stop`): then they report nothing more of it either.
+        released: bool,
     },
     /// A sink refused a write as stale: a newer lease epoch owns the shard.
     Fenced,
@@ -60,7 +64,10 @@ pub fn after_task(end: TaskEnd, lease_lost: bool) -> AfterTask {
             last_epoch,
             shard_end,
         },
-        TaskEnd::Cancelled { last_epoch } if !lease_lost => AfterTask::Finish {
+        TaskEnd::Cancelled {
+            last_epoch,
+            released: false,
+        } if !lease_lost => AfterTask::Finish {
             last_epoch,
             shard_end: false,
         },
@@ -118,7 +125,24 @@ mod tests {
 
     #[test]
     fn a_cancelled_shard_finishes_unless_its_lease_was_lost() {
-        let cancelled = TaskEnd::Cancelled { last_epoch: 4 };
+        let cancelled = TaskEnd::Cancelled {
+            last_epoch: 4,
+            released: false,
+        };
+        assert_eq!(
+            after_task(
+                TaskEnd::Cancelled {
+                    last_epoch: 4,
+                    released: true
+                },
+                false
+            ),
+            AfterTask::Forget {
+                resync: false,
+                count_lost: false
+            },
+            "released: its keyed workers report nothing more, so no final checkpoint waits"
+        );
         assert_eq!(
             after_task(cancelled, false),
             AfterTask::Finish {

@@ -4,7 +4,7 @@
 //! outputs committed by an earlier run, so they only rebuild operator state (a replay). The
 //! first record after `committed` is live again.
 
-use crate::lease::{CheckpointPosition, ShardCheckpoint};
+use crate::lease::{CheckpointPosition, ShardCheckpoint, WatermarkAdvance};
 use crate::position::{RecordPosition, StartPosition};
 use crate::record::RawBatch;
 
@@ -13,12 +13,15 @@ use crate::record::RawBatch;
 pub enum ResumePlan {
     /// The shard was read to its end by an earlier run: nothing to read.
     Finished,
-    /// Read from `start`; records up to `replay_until` only rebuild state.
+    /// Read from `start`; records up to `replay_until` only rebuild state; the recorded
+    /// watermark `advances` are made again after their records.
     Read {
         /// Where reading starts.
         start: StartPosition,
         /// The last record of the replay, if there is one.
         replay_until: Option<RecordPosition>,
+        /// Watermark advances decided on processing time by earlier runs, oldest first.
+        advances: Vec<WatermarkAdvance>,
     },
 }
 
@@ -40,23 +43,23 @@ pub fn plan_resume(checkpoint: &ShardCheckpoint, initial: &StartPosition) -> Res
     ResumePlan::Read {
         start,
         replay_until,
+        advances: checkpoint.advances.clone(),
     }
 }
 
-/// How a read batch divides at the end of a replay.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ReplaySplit {
-    /// The first this many records only rebuild state; the rest are live.
-    pub replayed: usize,
-    /// Whether the replay is over after them.
-    pub done: bool,
-}
-
-/// Divides `batch` for a replay that lasts through `until`.
-pub fn split_replay(batch: &RawBatch, until: &RecordPosition) -> ReplaySplit {
-    let replayed = batch.iter().take_while(|r| r.position <= until).count();
-    let done = replayed < batch.len() || batch.last_position() == Some(until);
-    ReplaySplit { replayed, done }
+/// How many of `batch`'s records make its next epoch: up to the first of `limits` (the end of
+/// the replay, the next recorded watermark advance) that lies inside the batch, so that the
+/// epoch ends right there; all of them if none does.
+pub fn next_epoch_len<'a>(
+    batch: &RawBatch,
+    limits: impl IntoIterator<Item = &'a RecordPosition>,
+) -> usize {
+    limits
+        .into_iter()
+        .map(|limit| batch.iter().take_while(|r| r.position <= limit).count())
+        .filter(|n| *n > 0)
+        .min()
+        .unwrap_or(batch.len())
 }
 
 #[cfg(test)]
@@ -86,12 +89,14 @@ mod tests {
             rebuild_from: CheckpointPosition::At(pos(10)),
             rebuild_watermark: None,
             sinks: BTreeMap::new(),
+            advances: Vec::new(),
         };
         assert_eq!(
             plan_resume(&cp, &StartPosition::Latest),
             ResumePlan::Read {
                 start: StartPosition::After(pos(10)),
                 replay_until: Some(pos(30)),
+                advances: Vec::new(),
             }
         );
         let fresh = plan_resume(&ShardCheckpoint::initial(), &StartPosition::Latest);
@@ -99,7 +104,8 @@ mod tests {
             fresh,
             ResumePlan::Read {
                 start: StartPosition::Latest,
-                replay_until: None
+                replay_until: None,
+                advances: Vec::new(),
             }
         );
         assert_eq!(
@@ -109,20 +115,24 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_divides_at_the_last_replayed_record() {
-        let until = pos(20);
-        let cases = [
-            (vec![5, 10], 2, false),
-            (vec![15, 20], 2, true),
-            (vec![15, 20, 25], 2, true),
-            (vec![25, 30], 0, true),
-        ];
-        for (seqs, replayed, done) in cases {
-            assert_eq!(
-                split_replay(&batch(&seqs), &until),
-                ReplaySplit { replayed, done },
-                "{seqs:?}"
-            );
-        }
+    fn an_epoch_ends_at_the_first_limit_inside_its_batch() {
+        let b = batch(&[15, 20, 25, 30]);
+        assert_eq!(
+            next_epoch_len(&b, [&pos(20)]),
+            2,
+            "through the replay's end"
+        );
+        assert_eq!(
+            next_epoch_len(&b, [&pos(27), &pos(15)]),
+            1,
+            "the first limit"
+        );
+        assert_eq!(
+            next_epoch_len(&b, [&pos(10)]),
+            4,
+            "a limit before the batch"
+        );
+        assert_eq!(next_epoch_len(&b, [&pos(40)]), 4);
+        assert_eq!(next_epoch_len(&b, []), 4);
     }
 }

@@ -8,6 +8,16 @@
 //! the time the stream received it. An untimely record (a producer with a clock years ahead,
 //! a garbage timestamp) never moves `W`, and its arrival watermark is `EventTime::MAX`: late
 //! for every window.
+//!
+//! A quiet shard's last windows would wait for its next record for ever. With an idleness
+//! timeout (off by default, as Flink's `withIdleness`), a shard that read nothing for that
+//! long advances its watermark as if a record stamped with the current time had arrived (to
+//! the time minus the out-of-orderness bound): event time is taken to follow the stream's
+//! clock. That is a decision on processing time, so the runtime records it in the lease
+//! (`WatermarkAdvance`) before anything derived from it is written, and a replay makes it again
+//! after the same record instead of asking the clock.
+
+use std::time::Duration;
 
 use crate::position::EventTime;
 
@@ -25,6 +35,9 @@ pub struct WatermarkRules {
     pub out_of_orderness_ms: i64,
     /// How far ahead of its arrival a record's event time may be and still count.
     pub max_skew_ms: i64,
+    /// How long a shard may read nothing before its watermark advances on the clock (off:
+    /// `None`).
+    pub idleness: Option<Duration>,
 }
 
 impl WatermarkRules {
@@ -52,6 +65,22 @@ impl WatermarkRules {
     }
 }
 
+impl WatermarkRules {
+    /// The watermark a shard that read nothing for `quiet` (since its last record or its last
+    /// advance) advances to at `now_ms`, if it does: with an idleness timeout that `quiet`
+    /// reached, to `now_ms` minus the out-of-orderness bound, when that is beyond `watermark`.
+    pub fn idle_advance(
+        &self,
+        watermark: Option<EventTime>,
+        now_ms: EventTime,
+        quiet: Duration,
+    ) -> Option<EventTime> {
+        let idleness = self.idleness?;
+        let target = now_ms.saturating_sub(self.out_of_orderness_ms);
+        (quiet >= idleness && watermark.is_none_or(|w| target > w)).then_some(target)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,7 +88,29 @@ mod tests {
     const RULES: WatermarkRules = WatermarkRules {
         out_of_orderness_ms: 100,
         max_skew_ms: 1_000,
+        idleness: None,
     };
+
+    #[test]
+    fn a_shard_quiet_for_the_idleness_timeout_advances_on_the_clock() {
+        let rules = WatermarkRules {
+            idleness: Some(Duration::from_secs(5)),
+            ..RULES
+        };
+        let quiet = Duration::from_secs(5);
+        assert_eq!(rules.idle_advance(Some(1_000), 10_000, quiet), Some(9_900));
+        assert_eq!(
+            rules.idle_advance(Some(1_000), 10_000, quiet - Duration::from_millis(1)),
+            None,
+            "not quiet long enough"
+        );
+        assert_eq!(
+            rules.idle_advance(Some(9_900), 10_000, quiet),
+            None,
+            "no further"
+        );
+        assert_eq!(RULES.idle_advance(Some(1_000), 10_000, quiet), None, "off");
+    }
 
     #[test]
     fn each_record_is_judged_by_the_watermark_before_it() {

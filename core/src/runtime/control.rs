@@ -9,6 +9,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, Interval};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::WallClock;
 use crate::error::{Error, LeaseError, ShardStopped};
 use crate::lease::{CheckpointPosition, ShardCheckpoint};
 use crate::metrics::Metrics;
@@ -43,7 +44,12 @@ struct Finishing {
     /// Every path must have committed this epoch before the final checkpoint is written.
     last_epoch: Epoch,
     shard_end: bool,
+    /// Final checkpoint writes that failed retryably so far.
+    attempts: u32,
 }
+
+/// Retryable failures of a final checkpoint a run that is ending waits through.
+const FINAL_CHECKPOINT_ATTEMPTS: u32 = 10;
 
 /// When the next shard sync is due.
 struct SyncSchedule {
@@ -60,7 +66,7 @@ struct SyncSchedule {
 pub(crate) struct ControlLoop {
     pub(crate) topology: Arc<Topology>,
     pub(crate) config: Arc<RuntimeConfig>,
-    pub(crate) leases: LeaseManager,
+    pub(crate) leases: Arc<LeaseManager>,
     pub(crate) tracker: Tracker,
     pub(crate) metrics: Metrics,
     pub(crate) health: Health,
@@ -89,6 +95,7 @@ pub(crate) struct ControlLoop {
     failure: Option<Error>,
     random: Random,
     decisions: DecisionLog,
+    clock: WallClock,
 }
 
 impl ControlLoop {
@@ -96,7 +103,7 @@ impl ControlLoop {
     pub(crate) fn new(
         topology: Arc<Topology>,
         config: Arc<RuntimeConfig>,
-        leases: LeaseManager,
+        leases: Arc<LeaseManager>,
         tracker: Tracker,
         metrics: Metrics,
         health: Health,
@@ -104,6 +111,7 @@ impl ControlLoop {
         exchanges: Exchanges,
         random: Random,
         decisions: DecisionLog,
+        clock: WallClock,
     ) -> Self {
         let paths = topology.paths(config.parallelism);
         let now = Instant::now();
@@ -133,6 +141,7 @@ impl ControlLoop {
             failure: None,
             random,
             decisions,
+            clock,
         }
     }
 
@@ -297,6 +306,10 @@ impl ControlLoop {
                 exchanges: Arc::clone(&self.exchanges),
                 cancel: cancel.clone(),
                 random: self.random.clone(),
+                clock: self.clock.clone(),
+                leases: Arc::clone(&self.leases),
+                lease_key: taken.key.clone(),
+                decisions: self.decisions.clone(),
             };
             self.written
                 .insert(shard.id.clone(), taken.checkpoint.clone());
@@ -335,7 +348,16 @@ impl ControlLoop {
                 },
                 None,
             ),
-            Ok(ShardOutcome::Cancelled { last_epoch }) => (TaskEnd::Cancelled { last_epoch }, None),
+            Ok(ShardOutcome::Cancelled {
+                last_epoch,
+                released,
+            }) => (
+                TaskEnd::Cancelled {
+                    last_epoch,
+                    released,
+                },
+                None,
+            ),
             Ok(ShardOutcome::Fenced) => (TaskEnd::Fenced, None),
             Err(Error::ShardStopped(stop)) => (TaskEnd::Stopped, Some(Error::ShardStopped(stop))),
             Err(error) => (TaskEnd::Failed, Some(error)),
@@ -356,6 +378,7 @@ impl ControlLoop {
                 lease_key: shard.lease_key,
                 last_epoch,
                 shard_end,
+                attempts: 0,
             }),
             AfterTask::Forget { resync, count_lost } => {
                 if count_lost {
@@ -450,8 +473,21 @@ impl ControlLoop {
             }
             self.decisions
                 .record(|| format!("final checkpoint of {}", f.shard));
-            if let Err(error) = self.write_checkpoint(&f.shard, &f.lease_key).await {
-                tracing::warn!(topology = %self.name(), shard = %f.shard, %error, "final checkpoint rejected");
+            match self.write_checkpoint(&f.shard, &f.lease_key).await {
+                Ok(()) => {}
+                Err(error) if error.is_retryable() && !self.give_up(&f) => {
+                    // A throttled table: tried again at the next tick. Dropping it would leave
+                    // a closed shard unfinished (its children waiting) until a restart.
+                    tracing::warn!(topology = %self.name(), shard = %f.shard, %error, "final checkpoint failed, retrying");
+                    still.push(Finishing {
+                        attempts: f.attempts + 1,
+                        ..f
+                    });
+                    continue;
+                }
+                Err(error) => {
+                    tracing::warn!(topology = %self.name(), shard = %f.shard, %error, "final checkpoint rejected");
+                }
             }
             self.forget(&f.shard).await;
             let bounded = self.config.mode == RunMode::UntilCaughtUp;
@@ -466,6 +502,13 @@ impl ControlLoop {
             self.completed.insert(f.shard);
         }
         self.finishing = still;
+    }
+
+    /// Whether to stop retrying a final checkpoint: only a run that is ending does, after a
+    /// few ticks (the lease then expires and the next owner replays from the last checkpoint).
+    fn give_up(&self, f: &Finishing) -> bool {
+        (self.shutdown.is_cancelled() || self.failure.is_some())
+            && f.attempts >= FINAL_CHECKPOINT_ATTEMPTS
     }
 
     /// Writes `id`'s checkpoint if the tracker moved it, and updates the lag gauge.

@@ -2,6 +2,7 @@
 //! written, how shard tasks ended), for simulations that check that two runs of one seed
 //! decide alike. Off unless a caller asks for it.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::time::Instant;
@@ -11,6 +12,8 @@ use tokio::time::Instant;
 pub struct DecisionLog {
     entries: Option<Arc<Mutex<Vec<String>>>>,
     start: Option<Instant>,
+    /// The most epochs the checkpoint tracker kept for one shard at once.
+    peak_tracked: Arc<AtomicUsize>,
 }
 
 impl DecisionLog {
@@ -19,6 +22,7 @@ impl DecisionLog {
         Self {
             entries: Some(Arc::default()),
             start: Some(Instant::now()),
+            peak_tracked: Arc::default(),
         }
     }
 
@@ -36,6 +40,19 @@ impl DecisionLog {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .push(line);
         }
+    }
+
+    /// Notes how many epochs the checkpoint tracker keeps for a shard now.
+    pub(crate) fn observe_tracked_epochs(&self, n: usize) {
+        if self.entries.is_some() {
+            self.peak_tracked.fetch_max(n, Ordering::Relaxed);
+        }
+    }
+
+    /// The most epochs the checkpoint tracker kept for one shard at once (when recording):
+    /// its memory bound, checked by the simulation.
+    pub fn peak_tracked_epochs(&self) -> usize {
+        self.peak_tracked.load(Ordering::Relaxed)
     }
 
     /// Every decision recorded so far, oldest first.

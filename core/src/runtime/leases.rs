@@ -2,7 +2,7 @@
 //! ones, renew, checkpoint and release what it holds. Expiry is judged by this worker's own
 //! monotonic clock (a lease whose counter did not move for a lease duration), as in the KCL.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,9 +21,9 @@ pub(crate) struct LeaseManager {
     owner: String,
     lease_duration: Duration,
     /// Each lease this worker holds: the counter it last wrote, and how long it may act on it.
-    held: Mutex<HashMap<String, Held>>,
+    held: Mutex<BTreeMap<String, Held>>,
     /// Counter of other workers' leases and when this worker first saw it.
-    observed: Mutex<HashMap<String, (u64, Instant)>>,
+    observed: Mutex<BTreeMap<String, (u64, Instant)>>,
 }
 
 struct Held {
@@ -37,8 +37,8 @@ impl LeaseManager {
             store,
             owner,
             lease_duration,
-            held: Mutex::new(HashMap::new()),
-            observed: Mutex::new(HashMap::new()),
+            held: Mutex::new(BTreeMap::new()),
+            observed: Mutex::new(BTreeMap::new()),
         }
     }
 

@@ -19,6 +19,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::WallClock;
 use crate::error::{BuildError, Error};
 use crate::lease::LeaseStore;
 use crate::metrics::Metrics;
@@ -153,6 +154,7 @@ pub struct Runtime {
     health: Health,
     random: Random,
     decisions: DecisionLog,
+    clock: WallClock,
 }
 
 impl Runtime {
@@ -167,6 +169,7 @@ impl Runtime {
             health: Health::new(),
             random: Random::from_entropy(),
             decisions: DecisionLog::default(),
+            clock: WallClock::system(),
         }
     }
 
@@ -198,6 +201,13 @@ impl Runtime {
     /// Draws backoff jitter from `random` (a seeded one makes a simulated run repeatable).
     pub fn with_random(mut self, random: Random) -> Self {
         self.random = random;
+        self
+    }
+
+    /// Reads the wall clock from `clock` (idle watermark advances, event-time lag): a
+    /// simulation runs it on paused time.
+    pub fn with_wall_clock(mut self, clock: WallClock) -> Self {
+        self.clock = clock;
         self
     }
 
@@ -235,11 +245,11 @@ impl Runtime {
             .enumerate()
             .map(|(b, branch)| branch.spawn(n, 1 + b * n, &worker_cx, &mut workers))
             .collect();
-        let leases = LeaseManager::new(
+        let leases = Arc::new(LeaseManager::new(
             Arc::clone(&self.leases),
             config.worker_id.clone(),
             config.lease_duration,
-        );
+        ));
         ControlLoop::new(
             topology,
             config,
@@ -251,6 +261,7 @@ impl Runtime {
             Arc::new(exchanges),
             self.random,
             self.decisions,
+            self.clock,
         )
         .run(&mut workers)
         .await

@@ -1,23 +1,27 @@
 //! One task per owned shard: read batches, cut them into epochs, push them through the fused
 //! chain, write dead letters and shard-stage sinks, hand keyed records to the exchange.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::WallClock;
 use crate::dead_letter::DeadLetterRecord;
 use crate::error::Error;
 use crate::exec::{Failures, SinkEmitter};
-use crate::lease::{LeaseEpoch, ShardCheckpoint};
+use crate::lease::{CheckpointPosition, LeaseEpoch, ShardCheckpoint, WatermarkAdvance};
 use crate::metrics::Metrics;
 use crate::operator::{Control, Emit, EpochCx, Ident, Mode, RecordCx};
-use crate::position::{EventTime, ShardId, ShardInfo, StartPosition};
+use crate::position::{EventTime, RecordPosition, ShardId, ShardInfo, StartPosition};
 use crate::protocol::checkpoint::{Epoch, EpochRead};
-use crate::protocol::resume::{plan_resume, split_replay, ResumePlan};
+use crate::protocol::resume::{next_epoch_len, plan_resume, ResumePlan};
 use crate::random::Random;
 use crate::record::RawBatch;
+use crate::runtime::decisions::DecisionLog;
 use crate::runtime::lease_guard::LeaseGuard;
+use crate::runtime::leases::LeaseManager;
 use crate::runtime::{RunMode, RuntimeConfig};
 use crate::sink::{Held, SinkContext};
 use crate::source::{ShardReader, ShardStatus};
@@ -30,7 +34,7 @@ pub(crate) enum ShardOutcome {
     /// Read to the end (closed shard) or to the tip (bounded run); `last_epoch` is final.
     Finished { last_epoch: Epoch, shard_end: bool },
     /// Stopped on request (shutdown or lost lease) after `last_epoch`.
-    Cancelled { last_epoch: Epoch },
+    Cancelled { last_epoch: Epoch, released: bool },
     /// A sink refused a write as stale: a newer lease epoch owns the shard.
     Fenced,
 }
@@ -56,6 +60,12 @@ pub(crate) struct ShardTask {
     pub(crate) cancel: CancellationToken,
     /// Backoff jitter.
     pub(crate) random: Random,
+    /// The wall clock idle advances read.
+    pub(crate) clock: WallClock,
+    /// Where idle advances are written before they are made.
+    pub(crate) leases: Arc<LeaseManager>,
+    pub(crate) lease_key: String,
+    pub(crate) decisions: DecisionLog,
 }
 
 struct Running {
@@ -65,6 +75,17 @@ struct Running {
     /// The shard's watermark after the last record processed (`protocol::watermark`).
     watermark: Option<EventTime>,
     epoch: Epoch,
+    /// Where reading is: the last record processed (at first, where reading resumed).
+    position: CheckpointPosition,
+    /// The last record of the replay, while replaying.
+    replay_until: Option<RecordPosition>,
+    /// Watermark advances an earlier run decided, still to be made again after their records.
+    advances: VecDeque<WatermarkAdvance>,
+    /// Since when the shard read nothing and its watermark did not advance.
+    quiet_since: tokio::time::Instant,
+    /// An idle advance decided at the current record and recorded in the tracker, not yet
+    /// written to the lease and made.
+    pending_advance: Option<WatermarkAdvance>,
 }
 
 impl Running {
@@ -81,7 +102,8 @@ impl Running {
 impl ShardTask {
     pub(crate) async fn run(self) -> Result<ShardOutcome, Error> {
         let id = self.shard.id.clone();
-        let (start, mut replay_until) = match plan_resume(&self.resume, &self.topology.start) {
+        let (start, replay_until, advances) = match plan_resume(&self.resume, &self.topology.start)
+        {
             ResumePlan::Finished => {
                 return Ok(ShardOutcome::Finished {
                     last_epoch: 0,
@@ -91,7 +113,8 @@ impl ShardTask {
             ResumePlan::Read {
                 start,
                 replay_until,
-            } => (start, replay_until),
+                advances,
+            } => (start, replay_until, advances),
         };
         let instance = InstanceCx {
             topology: self.topology.name.clone(),
@@ -140,10 +163,21 @@ impl ShardTask {
             failures,
             watermark: self.resume.rebuild_watermark,
             epoch: 0,
+            position: self.resume.rebuild_from.clone(),
+            replay_until,
+            advances: advances.into(),
+            quiet_since: tokio::time::Instant::now(),
+            pending_advance: None,
         };
+        if let Some(ended) = self.make_recorded_advances(&mut run).await? {
+            return Ok(ended);
+        }
 
         let Some(mut reader) = self.open(start).await? else {
-            return Ok(ShardOutcome::Cancelled { last_epoch: 0 });
+            return Ok(ShardOutcome::Cancelled {
+                last_epoch: 0,
+                released: false,
+            });
         };
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -181,32 +215,66 @@ impl ShardTask {
                 batch.records.len(),
                 batch.records.byte_len(),
             );
+            if !empty {
+                run.quiet_since = tokio::time::Instant::now();
+                // An advance decided at the last record goes before the records after it.
+                let done = self.make_pending_advance(&mut run, true).await;
+                if let Some(ended) = self.fenced(&mut run, done).await? {
+                    return Ok(ended);
+                }
+            }
             let mut rest = batch.records;
             while !rest.is_empty() {
-                let (part, replay) = match &replay_until {
-                    Some(until) => {
-                        let split = split_replay(&rest, until);
-                        if split.done {
-                            replay_until = None;
-                        }
-                        if split.replayed == 0 {
-                            (std::mem::take(&mut rest), false)
-                        } else {
-                            let tail = rest.split_off(split.replayed);
-                            (std::mem::replace(&mut rest, tail), true)
-                        }
-                    }
-                    None => (std::mem::take(&mut rest), false),
+                if run
+                    .replay_until
+                    .as_ref()
+                    .is_some_and(|u| rest.first_position().is_some_and(|f| f > u))
+                {
+                    run.replay_until = None;
+                }
+                // An epoch ends at the replay's end and at each recorded advance.
+                let next_advance = run.advances.front().and_then(|a| match &a.after {
+                    CheckpointPosition::At(p) => Some(p.clone()),
+                    _ => None,
+                });
+                let take =
+                    next_epoch_len(&rest, run.replay_until.iter().chain(next_advance.as_ref()));
+                let part = if take == rest.len() {
+                    std::mem::take(&mut rest)
+                } else {
+                    let tail = rest.split_off(take);
+                    std::mem::replace(&mut rest, tail)
                 };
-                let done = self.epoch(&mut run, part, replay, Control::Continue).await;
-                if let Some(fenced) = self.fenced(&mut run, done).await? {
-                    return Ok(fenced);
+                let last = part.last_position().cloned().expect("a part has records");
+                let replay = run.replay_until.as_ref().is_some_and(|u| last <= *u);
+                let ends_replay = run.replay_until.as_ref().is_some_and(|u| last >= *u);
+                let done = self
+                    .epoch(&mut run, part, replay, Control::Continue, None)
+                    .await;
+                if let Some(ended) = self.fenced(&mut run, done).await? {
+                    // Ended in the middle of the epoch (a stop while a retry waited): where
+                    // reading is and whether the replay is over stay as before it.
+                    return Ok(ended);
+                }
+                // Only once the epoch is done: a stop during it must still see the replay.
+                if ends_replay {
+                    run.replay_until = None;
+                }
+                run.position = CheckpointPosition::At(last);
+                if let Some(ended) = self.make_recorded_advances(&mut run).await? {
+                    return Ok(ended);
                 }
             }
             match batch.status {
                 ShardStatus::Ended => {
                     let done = self
-                        .epoch(&mut run, RawBatch::default(), false, Control::ShardEnd)
+                        .epoch(
+                            &mut run,
+                            RawBatch::default(),
+                            false,
+                            Control::ShardEnd,
+                            None,
+                        )
                         .await;
                     if let Some(fenced) = self.fenced(&mut run, done).await? {
                         return Ok(fenced);
@@ -218,7 +286,13 @@ impl ShardTask {
                 }
                 ShardStatus::CaughtUp if self.config.mode == RunMode::UntilCaughtUp => {
                     let done = self
-                        .epoch(&mut run, RawBatch::default(), false, Control::EndOfInput)
+                        .epoch(
+                            &mut run,
+                            RawBatch::default(),
+                            false,
+                            Control::EndOfInput,
+                            None,
+                        )
                         .await;
                     if let Some(fenced) = self.fenced(&mut run, done).await? {
                         return Ok(fenced);
@@ -232,6 +306,10 @@ impl ShardTask {
                     let done = self.idle_commit(&mut run).await.map(|()| None);
                     if let Some(fenced) = self.fenced(&mut run, done).await? {
                         return Ok(fenced);
+                    }
+                    let done = self.idle_advance(&mut run).await;
+                    if let Some(ended) = self.fenced(&mut run, done).await? {
+                        return Ok(ended);
                     }
                     if self.pause(self.config.idle_wait).await {
                         return self.stop(&mut run).await;
@@ -280,9 +358,13 @@ impl ShardTask {
         raw: RawBatch,
         replay: bool,
         control: Control,
+        advance: Option<EventTime>,
     ) -> Result<Option<ShardOutcome>, Error> {
         let id = &self.shard.id;
         let raw = Arc::new(raw);
+        if let Some(w) = advance {
+            run.watermark = Some(run.watermark.map_or(w, |old| old.max(w)));
+        }
         run.epoch += 1;
         run.failures.begin_epoch(&raw, replay);
         let mut from = 0;
@@ -331,15 +413,13 @@ impl ShardTask {
         }
         let watermark = run.watermark;
         if let (Some(w), false) = (watermark, replay) {
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            let now_ms = self.clock.now_ms();
             self.metrics
                 .watermark(&self.topology.name, id.as_str(), w, now_ms);
         }
         let mode = if replay { Mode::Rebuild } else { Mode::Live };
         // Registered before anything is sent, so that reports always find their epoch.
-        self.tracker.record_epoch(
+        let tracked = self.tracker.record_epoch(
             id,
             run.epoch,
             EpochRead {
@@ -349,6 +429,7 @@ impl ShardTask {
                 shard_end: control == Control::ShardEnd,
             },
         );
+        self.decisions.observe_tracked_epochs(tracked);
         let cx = EpochCx {
             shard: id.clone(),
             lease_epoch: self.lease_epoch,
@@ -397,6 +478,120 @@ impl ShardTask {
             }],
         );
         Ok(None)
+    }
+
+    /// Makes again the watermark advances an earlier run decided after the records read so
+    /// far, each as an epoch of its own (a replayed one if the run committed past it).
+    async fn make_recorded_advances(
+        &self,
+        run: &mut Running,
+    ) -> Result<Option<ShardOutcome>, Error> {
+        while run
+            .advances
+            .front()
+            .is_some_and(|a| a.after.le(&run.position))
+        {
+            let advance = run.advances.pop_front().expect("front exists");
+            run.quiet_since = tokio::time::Instant::now();
+            for (replay, watermark) in replayed_advance(&advance, &self.resume) {
+                let done = self
+                    .epoch(
+                        run,
+                        RawBatch::default(),
+                        replay,
+                        Control::Continue,
+                        Some(watermark),
+                    )
+                    .await;
+                if let Some(ended) = self.fenced(run, done).await? {
+                    return Ok(Some(ended));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// A shard at its tip that read nothing for the idleness timeout advances its watermark
+    /// on the clock (`protocol::watermark`): the advance is written to the lease first, then
+    /// made as an epoch of its own, which fires what it completes.
+    async fn idle_advance(&self, run: &mut Running) -> Result<Option<ShardOutcome>, Error> {
+        if run.replay_until.is_some() || !run.advances.is_empty() {
+            return Ok(None);
+        }
+        if run.pending_advance.is_none() {
+            let rules = run.pipeline.rules();
+            let quiet = run.quiet_since.elapsed();
+            let Some(watermark) = rules.idle_advance(run.watermark, self.clock.now_ms(), quiet)
+            else {
+                return Ok(None);
+            };
+            let advance = WatermarkAdvance {
+                after: run.position.clone(),
+                watermark,
+            };
+            if !self.tracker.record_advance(&self.shard.id, advance.clone()) {
+                tracing::warn!(shard = %self.shard.id, "too many idle advances since the rebuild point; waiting for records");
+                run.quiet_since = tokio::time::Instant::now();
+                return Ok(None);
+            }
+            // From here the advance may become durable with any checkpoint this worker writes:
+            // it is made before any later record.
+            run.pending_advance = Some(advance);
+        }
+        self.make_pending_advance(run, false).await
+    }
+
+    /// Writes the advance decided at this record to the lease and makes it. If the write fails
+    /// retryably, it is tried again at the next quiet tick, or at once (`persist`) when records
+    /// wait behind it.
+    async fn make_pending_advance(
+        &self,
+        run: &mut Running,
+        persist: bool,
+    ) -> Result<Option<ShardOutcome>, Error> {
+        let Some(advance) = run.pending_advance.clone() else {
+            return Ok(None);
+        };
+        let id = &self.shard.id;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let Some(checkpoint) = self.tracker.with_advances(id) else {
+                return Ok(None);
+            };
+            match self.leases.checkpoint(&self.lease_key, checkpoint).await {
+                Ok(()) => break,
+                Err(error) if error.is_retryable() => {
+                    tracing::warn!(shard = %id, %error, "idle watermark advance not recorded yet; retrying");
+                    if !persist {
+                        return Ok(None);
+                    }
+                    if self.pause(self.random.equal_jitter(backoff)).await {
+                        return self.stop(run).await.map(Some);
+                    }
+                    backoff = (backoff * 2).min(MAX_READ_BACKOFF);
+                }
+                Err(error) => {
+                    tracing::warn!(shard = %id, %error, "lease lost (recording an idle advance)");
+                    return self.release(run).await.map(Some);
+                }
+            }
+        }
+        run.pending_advance = None;
+        self.decisions.record(|| {
+            format!(
+                "shard {id} idle: watermark {} after {:?}",
+                advance.watermark, advance.after
+            )
+        });
+        run.quiet_since = tokio::time::Instant::now();
+        self.epoch(
+            run,
+            RawBatch::default(),
+            false,
+            Control::Continue,
+            Some(advance.watermark),
+        )
+        .await
     }
 
     /// On a quiet shard, lets sinks that hold outputs back deliver them on their own clock.
@@ -452,13 +647,21 @@ impl ShardTask {
 
     /// Ends the shard's pipeline with `control` and returns `Cancelled`.
     async fn end(&self, run: &mut Running, control: Control) -> Result<ShardOutcome, Error> {
+        // Stopped in the middle of a replay, the state is not yet what the resumed checkpoint
+        // covers: what it owes was emitted by the run that committed it, and its partial
+        // values must not overwrite that.
+        let mode = if run.replay_until.is_some() {
+            Mode::Rebuild
+        } else {
+            Mode::Live
+        };
         let cx = EpochCx {
             shard: self.shard.id.clone(),
             lease_epoch: self.lease_epoch,
             epoch: run.epoch + 1,
             raw: Arc::default(),
             watermark: None,
-            mode: Mode::Live,
+            mode,
             control,
         };
         run.pipeline.discard();
@@ -469,6 +672,27 @@ impl ShardTask {
         }
         Ok(ShardOutcome::Cancelled {
             last_epoch: run.epoch,
+            released: control == Control::Release,
         })
+    }
+}
+
+/// The epochs that make a recorded watermark advance again, as (replay, watermark): what the
+/// resumed checkpoint committed of it is replayed (its outputs dropped), the rest is live. An
+/// advance before the committed record was committed whole, one after it not at all; at the
+/// committed record itself, up to the committed watermark (later advances at one record are
+/// kept as one, so part of it may have been committed).
+fn replayed_advance(
+    advance: &WatermarkAdvance,
+    resumed: &ShardCheckpoint,
+) -> Vec<(bool, EventTime)> {
+    let committed = &resumed.committed;
+    if advance.after != *committed {
+        return vec![(advance.after.le(committed), advance.watermark)];
+    }
+    match resumed.committed_watermark {
+        Some(c) if c >= advance.watermark => vec![(true, advance.watermark)],
+        Some(c) => vec![(true, c), (false, advance.watermark)],
+        None => vec![(false, advance.watermark)],
     }
 }

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use crate::error::LeaseError;
-use crate::lease::{CheckpointPosition, Lease, LeaseStore, LeaseUpdate, ShardCheckpoint};
+use crate::lease::{
+    CheckpointPosition, Lease, LeaseStore, LeaseUpdate, ShardCheckpoint, WatermarkAdvance,
+};
 use crate::position::{RecordPosition, SequenceNumber};
 
 /// Runs every check against stores made by `make` (a fresh, empty store per check).
@@ -140,6 +142,10 @@ async fn checkpoints_are_read_back_exactly(store: impl LeaseStore) {
             ("s3://bucket/other".to_owned(), CheckpointPosition::Initial),
         ]
         .into(),
+        advances: vec![WatermarkAdvance {
+            after: CheckpointPosition::At(RecordPosition::new(SequenceNumber::from_u128(5))),
+            watermark: -3,
+        }],
     };
     let update = LeaseUpdate::Checkpoint {
         owner: "w".into(),

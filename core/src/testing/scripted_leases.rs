@@ -1,5 +1,6 @@
 //! `ScriptedLeaseStore`: wraps any lease store and follows a script: block updates, fail the
-//! next listings, report the next renewals as lost, and log every update that succeeded.
+//! next listings or updates, report the next renewals as lost, and log every update that
+//! succeeded.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -9,12 +10,16 @@ use async_trait::async_trait;
 use crate::error::LeaseError;
 use crate::lease::{Lease, LeaseStore, LeaseUpdate};
 
+/// Updates the log keeps at most: a test that writes more has a runaway loop.
+const MAX_LOGGED_UPDATES: usize = 1_000_000;
+
 #[derive(Debug, Default)]
 struct Script {
     blocked: bool,
     list_failures: u32,
     list_failures_retryable: bool,
     lose_renewals: u32,
+    update_failures: u32,
     log: Vec<Lease>,
 }
 
@@ -59,6 +64,12 @@ impl<S: LeaseStore> ScriptedLeaseStore<S> {
         let mut script = self.lock();
         script.list_failures = n;
         script.list_failures_retryable = retryable;
+    }
+
+    /// The next `n` updates fail with a retryable store error without writing (a throttled
+    /// table).
+    pub fn fail_updates(&self, n: u32) {
+        self.lock().update_failures = n;
     }
 
     /// The next `n` renewals answer `LeaseLost` without writing (the worker believes another
@@ -107,6 +118,17 @@ impl<S: LeaseStore> LeaseStore for ScriptedLeaseStore<S> {
         while self.lock().blocked {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        {
+            let mut script = self.lock();
+            if script.update_failures > 0 {
+                script.update_failures -= 1;
+                return Err(LeaseError::Store {
+                    operation: "update",
+                    retryable: true,
+                    source: "failure injected by the test script".into(),
+                });
+            }
+        }
         if matches!(update, LeaseUpdate::Renew { .. }) {
             let mut script = self.lock();
             if script.lose_renewals > 0 {
@@ -117,7 +139,13 @@ impl<S: LeaseStore> LeaseStore for ScriptedLeaseStore<S> {
             }
         }
         let lease = self.inner.update(key, expected_counter, update).await?;
-        self.lock().log.push(lease.clone());
+        let mut script = self.lock();
+        assert!(
+            script.log.len() < MAX_LOGGED_UPDATES,
+            "more than {MAX_LOGGED_UPDATES} lease updates: a runaway loop (last: {:?})",
+            script.log.last()
+        );
+        script.log.push(lease.clone());
         Ok(lease)
     }
 

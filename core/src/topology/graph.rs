@@ -21,6 +21,7 @@ use crate::lease::ShardCheckpoint;
 use crate::metrics::Metrics;
 use crate::operator::{Emit, EpochCx, KeyedOperator, ReportFailure};
 use crate::position::{EventTime, ShardId, StartPosition};
+use crate::protocol::watermark::WatermarkRules;
 use crate::random::Random;
 use crate::record::RawBatch;
 use crate::sink::{Held, Sink};
@@ -146,6 +147,7 @@ pub(crate) struct SourceSettings<T> {
     pub(crate) event_time: Mutex<Option<EventTimeFn<T>>>,
     pub(crate) out_of_orderness: Mutex<Duration>,
     pub(crate) max_skew: Mutex<Duration>,
+    pub(crate) idleness: Mutex<Option<Duration>>,
 }
 
 /// The source's decoder, event-time settings and first node.
@@ -170,6 +172,8 @@ pub(crate) trait ShardPipeline: Send {
     ) -> Processed;
     /// Calls parked user functions whose wait is over.
     fn resume(&mut self);
+    /// How the shard's watermark follows its records and the clock.
+    fn rules(&self) -> WatermarkRules;
     async fn flush(&mut self, epoch: &EpochCx) -> Result<(), Error>;
     async fn commit(&mut self) -> Result<(), Error>;
     fn discard(&mut self);

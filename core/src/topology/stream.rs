@@ -115,6 +115,7 @@ impl TopologyBuilder {
             event_time: Mutex::new(None),
             out_of_orderness: Mutex::new(Duration::ZERO),
             max_skew: Mutex::new(Duration::from_millis(DEFAULT_MAX_SKEW_MS as u64)),
+            idleness: Mutex::new(None),
         });
         let root = Arc::new(SourceDecl {
             decoder: source.decoder,
@@ -163,6 +164,16 @@ impl<T: Send + 'static> Stream<T, Sourced> {
     /// one, and is counted in `shardflow_untimely_records_total` and logged.
     pub fn max_event_time_skew(self, skew: Duration) -> Self {
         self.with_source(|s| *lock(&s.max_skew) = skew);
+        self
+    }
+
+    /// A shard that reads nothing for `timeout` (processing time) advances its watermark as if
+    /// a record stamped with the current time had arrived, so that its last windows fire
+    /// (default: off, as Flink's `withIdleness`). Use it where event time follows the
+    /// stream's clock. The advance is recorded in the lease before anything it fires is
+    /// written, and a replay makes it again after the same record.
+    pub fn idleness(self, timeout: Duration) -> Self {
+        self.with_source(|s| *lock(&s.idleness) = Some(timeout));
         self
     }
 

@@ -5,18 +5,20 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use shardflow_core::clock::WallClock;
 use shardflow_core::error::Error;
-use shardflow_core::lease::{LeaseStore, MemoryLeaseStore};
+use shardflow_core::lease::{CheckpointPosition, LeaseStore, MemoryLeaseStore};
 use shardflow_core::memory::MemoryStream;
 use shardflow_core::random::Random;
 use shardflow_core::runtime::{DecisionLog, RunMode, RunReport, Runtime, RuntimeConfig};
 use shardflow_core::source::ReadLimits;
+use shardflow_core::testing::ScriptedLeaseStore;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::model::{encode, Event};
-use super::oracle::{expected, Input, DEFAULT_MAX_SKEW};
+use super::oracle::{expected, Advances, Input};
 use super::spec::{topology, SimSink, Sinks, Spec};
 
 /// A fault the schedule can inject.
@@ -36,9 +38,14 @@ pub enum Fault {
     SinkStalls,
     /// A keyed branch's sink is slow for the rest of the run.
     SlowSink,
+    /// Nothing arrives for a long while (idle shards advance their watermarks on the clock).
+    Quiet,
+    /// The lease table fails its next updates (throttled): renewals, checkpoints and idle
+    /// advances are retried.
+    LeasesFail,
 }
 
-pub const FAULTS: [Fault; 8] = [
+pub const FAULTS: [Fault; 10] = [
     Fault::Abort,
     Fault::Stop,
     Fault::Rescale,
@@ -47,6 +54,8 @@ pub const FAULTS: [Fault; 8] = [
     Fault::SinkFails,
     Fault::SinkStalls,
     Fault::SlowSink,
+    Fault::Quiet,
+    Fault::LeasesFail,
 ];
 
 /// What a seed did and found.
@@ -66,15 +75,20 @@ pub struct SeedReport {
 
 /// The base of arrival times: the simulation's clock starts here (2024-01-01).
 const EPOCH_MS: i64 = 1_704_067_200_000;
+/// How long a graceful stop may take (it waits for commits and a final checkpoint).
+const STOP_TIMEOUT: Duration = Duration::from_secs(120);
+/// The most epochs the checkpoint tracker may keep for one shard (its bound, 512, plus the
+/// epochs registered before a thinning).
+const MAX_TRACKED_EPOCHS: usize = 513;
 
 struct World {
     random: Random,
     spec: Spec,
     stream: MemoryStream,
-    leases: Arc<MemoryLeaseStore>,
+    leases: ScriptedLeaseStore<MemoryLeaseStore>,
+    clock: WallClock,
     sinks: Sinks,
     decisions: DecisionLog,
-    started: Instant,
     inputs: BTreeMap<String, Vec<Input>>,
     uid: u64,
     worker: Option<Worker>,
@@ -96,7 +110,27 @@ fn below(random: &Random, n: usize) -> usize {
 
 impl World {
     fn now_ms(&self) -> i64 {
-        EPOCH_MS + self.started.elapsed().as_millis() as i64
+        self.clock.now_ms()
+    }
+
+    /// Every watermark advance the runtime recorded in the lease table, per shard.
+    fn advances(&self) -> Advances {
+        let mut out = Advances::new();
+        for lease in self.leases.log() {
+            for a in &lease.checkpoint.advances {
+                let after = match &a.after {
+                    CheckpointPosition::At(p) => p.sequence.as_u128().expect("small numbers"),
+                    _ => 0,
+                };
+                let w = out
+                    .entry(lease.key.clone())
+                    .or_default()
+                    .entry(after)
+                    .or_insert(a.watermark);
+                *w = (*w).max(a.watermark);
+            }
+        }
+        out
     }
 
     fn config(&self) -> RuntimeConfig {
@@ -124,9 +158,10 @@ impl World {
         let shutdown = CancellationToken::new();
         let runtime = Runtime::new(
             topology(&self.spec, &self.stream, &self.sinks),
-            Arc::clone(&self.leases) as Arc<dyn LeaseStore>,
+            Arc::new(self.leases.clone()) as Arc<dyn LeaseStore>,
         )
         .with_config(self.config())
+        .with_wall_clock(self.clock.clone())
         .with_random(self.random.clone())
         .with_decisions(self.decisions.clone())
         .with_shutdown(shutdown.clone());
@@ -162,9 +197,17 @@ impl World {
     }
 
     async fn stop(&mut self) {
-        if let Some(worker) = self.worker.take() {
+        if let Some(mut worker) = self.worker.take() {
             worker.shutdown.cancel();
-            match worker.handle.await {
+            let ended = tokio::time::timeout(STOP_TIMEOUT, &mut worker.handle).await;
+            let Ok(ended) = ended else {
+                self.failures.push(format!(
+                    "a graceful stop did not end within {STOP_TIMEOUT:?}"
+                ));
+                worker.handle.abort();
+                return;
+            };
+            match ended {
                 Ok(Ok(_)) => {}
                 Ok(Err(error)) if injected(&error) => self.runs_failed_by_sinks += 1,
                 Ok(Err(error)) => self
@@ -202,6 +245,9 @@ impl World {
             } else if roll < 0.02 {
                 // A producer with a clock ten years ahead.
                 arrival + 10 * 365 * 86_400_000
+            } else if roll < 0.03 {
+                // A clock two minutes ahead: beyond a skew of a minute, within an hour.
+                arrival + 120_000
             } else if roll < 0.08 {
                 // Late beyond any bound.
                 arrival - 5_000 - below(r, 5_000) as i64
@@ -307,10 +353,10 @@ async fn simulate(seed: u64) -> SeedReport {
         parallelism: 1 + below(&random, 3),
         random,
         stream,
-        leases: Arc::new(MemoryLeaseStore::new()),
+        leases: ScriptedLeaseStore::new(MemoryLeaseStore::new()),
+        clock: WallClock::following_runtime(EPOCH_MS),
         sinks,
         decisions: DecisionLog::recording(),
-        started: Instant::now(),
         inputs: BTreeMap::new(),
         uid: 0,
         worker: None,
@@ -325,28 +371,34 @@ async fn simulate(seed: u64) -> SeedReport {
         ..SeedReport::default()
     };
     world.start();
-    let steps = 10 + below(&world.random, 20);
+    let steps = 10 + below(&world.random, 30);
     for _ in 0..steps {
         let r = world.random.clone();
         let roll = below(&r, 100);
         let fault = match roll {
             0..=39 => {
-                let n = 1 + below(&r, 40);
+                let n = 1 + below(&r, 60);
                 world.produce(n);
                 None
             }
-            40..=54 => None,
+            40..=49 => None,
+            50..=54 => Some(Fault::Quiet),
             55..=62 => Some(Fault::Abort),
             63..=68 => Some(Fault::Stop),
             69..=73 => Some(Fault::Rescale),
             74..=79 => Some(Fault::Split),
             80..=84 => Some(Fault::Merge),
-            85..=89 => Some(Fault::SinkFails),
+            85..=87 => Some(Fault::SinkFails),
+            88..=89 => Some(Fault::LeasesFail),
             90..=94 => Some(Fault::SinkStalls),
             _ => Some(Fault::SlowSink),
         };
         let applied = match fault {
             None => true,
+            Some(Fault::Quiet) => {
+                tokio::time::sleep(Duration::from_millis(2_000 + below(&r, 6_000) as u64)).await;
+                true
+            }
             Some(Fault::Abort) => {
                 world.abort().await;
                 world.start();
@@ -393,6 +445,10 @@ async fn simulate(seed: u64) -> SeedReport {
                 }
                 true
             }
+            Some(Fault::LeasesFail) => {
+                world.leases.fail_updates(1 + below(&r, 5) as u32);
+                true
+            }
             Some(Fault::SinkStalls) => {
                 let scripts = world.sink_scripts();
                 let s = scripts[below(&r, scripts.len())];
@@ -412,6 +468,14 @@ async fn simulate(seed: u64) -> SeedReport {
             *report.faults.entry(f).or_default() += 1;
         }
         tokio::time::sleep(Duration::from_millis(below(&r, 1_500) as u64)).await;
+        if std::env::var_os("SHARDFLOW_SIM_DUMP").is_some() {
+            eprintln!(
+                "step at {} ms: {:?}, {} lease updates",
+                world.now_ms() - EPOCH_MS,
+                fault,
+                world.leases.log().len()
+            );
+        }
         world.check_worker().await;
     }
     // The end: every shard closes; the worker reads them all to their end.
@@ -439,8 +503,24 @@ async fn simulate(seed: u64) -> SeedReport {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     world.stop().await;
-    let expected = expected(&world.spec, &world.inputs, DEFAULT_MAX_SKEW);
+    let expected = expected(&world.spec, &world.inputs, &world.advances());
+    let peak = world.decisions.peak_tracked_epochs();
+    if peak > MAX_TRACKED_EPOCHS {
+        world.failures.push(format!(
+            "the checkpoint tracker kept {peak} epochs of one shard (bound {MAX_TRACKED_EPOCHS})"
+        ));
+    }
     report.records = world.inputs.values().map(Vec::len).sum();
+    if std::env::var_os("SHARDFLOW_SIM_DUMP").is_some() {
+        // A debugging aid for a failing seed: its input and the recorded advances.
+        for (shard, records) in &world.inputs {
+            for r in records {
+                let event = super::model::decode_bytes(&r.data);
+                println!("input {shard} {} arrival {} {event:?}", r.seq, r.arrival);
+            }
+        }
+        println!("advances {:?}", world.advances());
+    }
     compare(&world, &expected, &mut report);
     report.failures.splice(0..0, world.failures.drain(..));
     report.decisions = world.decisions.entries();

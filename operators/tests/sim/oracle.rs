@@ -5,6 +5,8 @@
 //!   record (unset: nothing is late); a decodable record whose event time lies in the valid
 //!   range and at most the maximum skew after its arrival raises `W` to its event time minus
 //!   the out-of-orderness bound. Other records never move `W` and are late for windows.
+//! - Idleness: the advances the runtime recorded in the lease (each `W` at least some value,
+//!   right after some record) are inputs, as the clock was: each applies after its record.
 //! - A record enters a fixed window if the window closes (end plus allowed lateness) after
 //!   the record's watermark; a record that enters none of its windows is late.
 //! - Sessions of a key: before a record, sessions that end at or before its watermark have
@@ -30,8 +32,6 @@ use super::spec::{Agg, Branch, KeyedSpec, Op, Spec};
 
 /// Event times outside this range are invalid: late for every window.
 pub const VALID_EVENT_TIME: i64 = i64::MAX / 4;
-/// The maximum skew of event time ahead of arrival when a topology sets none (one hour).
-pub const DEFAULT_MAX_SKEW: i64 = 3_600_000;
 
 /// One record as the generator wrote it.
 #[derive(Clone, Debug)]
@@ -272,7 +272,15 @@ enum KeyedState {
 }
 
 /// What `spec` writes for the records of every shard (all of them read to their end).
-pub fn expected(spec: &Spec, shards: &BTreeMap<String, Vec<Input>>, max_skew: i64) -> Expected {
+/// Watermark advances decided on processing time, per shard: after the record with this
+/// sequence number (0: before any), the watermark became at least this.
+pub type Advances = BTreeMap<String, BTreeMap<u128, i64>>;
+
+pub fn expected(
+    spec: &Spec,
+    shards: &BTreeMap<String, Vec<Input>>,
+    advances: &Advances,
+) -> Expected {
     let depth = spec.fanout_depth().max(1);
     let bits = 64 / depth as u32;
     let mut out = Expected::default();
@@ -290,8 +298,10 @@ pub fn expected(spec: &Spec, shards: &BTreeMap<String, Vec<Input>>, max_skew: i6
             }
         }
     }
+    let none = BTreeMap::new();
     for (shard, records) in shards {
-        shard_expected(spec, shard, records, max_skew, bits, &mut out);
+        let advances = advances.get(shard).unwrap_or(&none);
+        shard_expected(spec, shard, records, advances, bits, &mut out);
     }
     out
 }
@@ -300,10 +310,11 @@ fn shard_expected(
     spec: &Spec,
     shard: &str,
     records: &[Input],
-    max_skew: i64,
+    advances: &BTreeMap<u128, i64>,
     bits: u32,
     out: &mut Expected,
 ) {
+    let max_skew = spec.max_skew;
     let mut states: Vec<Option<KeyedState>> = spec
         .branches
         .iter()
@@ -322,6 +333,12 @@ fn shard_expected(
         })
         .collect();
     let mut watermark: Option<i64> = None;
+    let advance = |watermark: &mut Option<i64>, after: u128| {
+        if let Some(w) = advances.get(&after) {
+            *watermark = Some(watermark.map_or(*w, |old| old.max(*w)));
+        }
+    };
+    advance(&mut watermark, 0);
     for input in records {
         let wm = watermark.unwrap_or(i64::MIN);
         let Some(event) = decode_bytes(&input.data) else {
@@ -329,6 +346,7 @@ fn shard_expected(
                 (shard.to_owned(), record_path(input.seq, 0)),
                 "decode".into(),
             );
+            advance(&mut watermark, input.seq);
             continue;
         };
         let ts = event.ts;
@@ -449,6 +467,7 @@ fn shard_expected(
             out.dead
                 .insert((shard.to_owned(), record_path(input.seq, 0)), stage.into());
         }
+        advance(&mut watermark, input.seq);
     }
     // The shard ended: everything fires.
     for (bi, branch) in spec.branches.iter().enumerate() {

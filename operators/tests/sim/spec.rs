@@ -136,6 +136,10 @@ pub struct Spec {
     pub branches: Vec<Branch>,
     /// Records with extreme event times (i64::MIN, i64::MAX) are generated.
     pub extremes: bool,
+    /// How far ahead of arrival an event time may be (`max_event_time_skew`).
+    pub max_skew: i64,
+    /// The idleness timeout, if any.
+    pub idleness: Option<i64>,
 }
 
 /// Most `flat_map`s on one path from an identity root (the source or a keyed operator).
@@ -247,6 +251,8 @@ impl Spec {
             pre,
             branches,
             extremes: chance(random, 0.2),
+            max_skew: pick(random, &[60_000, 3_600_000]),
+            idleness: chance(random, 0.5).then(|| pick(random, &[500, 2_000])),
         }
     }
 
@@ -294,6 +300,9 @@ impl Spec {
                     }
                 }
             }
+        }
+        if self.idleness.is_some() {
+            kinds.push("idleness");
         }
         kinds.sort_unstable();
         kinds.dedup();
@@ -458,7 +467,12 @@ pub fn topology(spec: &Spec, stream: &MemoryStream, sinks: &Sinks) -> Topology {
         ))
         .source(stream.clone().decode_fn(decode))
         .event_time(|e: &Event| e.ts)
-        .max_out_of_orderness(Duration::from_millis(spec.out_of_orderness as u64));
+        .max_out_of_orderness(Duration::from_millis(spec.out_of_orderness as u64))
+        .max_event_time_skew(Duration::from_millis(spec.max_skew as u64));
+    let source = match spec.idleness {
+        Some(ms) => source.idleness(Duration::from_millis(ms as u64)),
+        None => source,
+    };
     let head = apply_ops(source, &spec.pre, &sinks.flaky);
     let mut pipeline = None;
     for (i, branch) in spec.branches.iter().enumerate() {

@@ -793,3 +793,19 @@ async fn a_stop_while_renewals_fail_ends_without_waiting_for_commits_that_never_
     let ended = tokio::time::timeout(Duration::from_secs(60), run).await;
     assert!(ended.is_ok(), "the graceful stop ended");
 }
+
+#[test]
+fn more_flat_maps_in_a_chain_than_identities_can_number_is_a_build_error() {
+    let stream = MemoryStream::new("deep", 1);
+    let mut s = Topology::builder("deep")
+        .source(stream.decode_fn(decode))
+        .flat_map(|e: Event| [e]);
+    for _ in 0..8 {
+        s = s.flat_map(|e: Event| [e]);
+    }
+    let error = s
+        .sink(MemorySink::new("out"))
+        .build()
+        .expect_err("nine levels of flat_map");
+    assert!(error.to_string().contains("chains 9 flat_maps"), "{error}");
+}

@@ -158,8 +158,9 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
             if epoch.replay() {
                 self.ready.clear();
             }
-        } else if epoch.replay() {
-            // Replayed outputs were committed by the run that first produced them.
+        } else if epoch.replay() && !cfg!(shardflow_mutation = "live_replay") {
+            // Replayed outputs were committed by the run that first produced them (a
+            // mutation check, live_replay, writes them again).
             self.discard();
         }
         if !self.ready.is_empty() || !self.of_records.is_empty() {

@@ -272,7 +272,7 @@ impl ShardProgress {
         }
         let committed = self.committed_epoch();
         let end = self.anchor(committed);
-        if committed == 0 || !self.resumed.committed.le(&end.position) {
+        if committed == 0 || !self.past_resumed(&end) {
             // Still replaying (or stopped mid-replay): the resumed checkpoint stands.
             return None;
         }
@@ -304,7 +304,11 @@ impl ShardProgress {
             rebuild_watermark: rebuild.watermark,
             sinks: positions
                 .into_iter()
-                .filter(|(_, p)| *p != end.position)
+                // A mutation check (forget_sink_positions): holding sinks resume where the
+                // shard does.
+                .filter(|(_, p)| {
+                    *p != end.position && !cfg!(shardflow_mutation = "forget_sink_positions")
+                })
                 .collect(),
             advances: Vec::new(),
         };
@@ -365,7 +369,7 @@ impl ShardProgress {
     /// hold reports before the committed epoch.
     pub fn prune(&mut self) {
         let committed = self.committed_epoch();
-        if committed == 0 || !self.resumed.committed.le(&self.anchor(committed).position) {
+        if committed == 0 || !self.past_resumed(&self.anchor(committed)) {
             return;
         }
         for path in &mut self.paths {
@@ -395,6 +399,17 @@ impl ShardProgress {
         }
         let start = self.start.position.clone();
         self.advances.retain(|a| start.le(&a.after));
+    }
+
+    /// Whether the end of an epoch is at or past the checkpoint the shard resumed from: past
+    /// its position, or at it with the watermark it had (epochs of watermark advances end
+    /// where the record before them ended, so the position alone does not say whether the
+    /// replay of the advances made there is over).
+    fn past_resumed(&self, end: &Anchor) -> bool {
+        if end.position == self.resumed.committed {
+            return end.watermark >= self.resumed.committed_watermark;
+        }
+        self.resumed.committed.le(&end.position)
     }
 
     /// Keeps the number of epoch ends bounded: beyond `MAX_ANCHORS`, every other one of the
@@ -748,6 +763,26 @@ mod tests {
             Some(&at(25)),
             "the sink's own position holds"
         );
+    }
+
+    #[test]
+    fn a_replay_is_over_only_when_the_advances_at_its_last_record_are_made_again() {
+        let mut resumed = ShardCheckpoint::initial();
+        resumed.committed = at(20);
+        resumed.committed_watermark = Some(500);
+        let mut p = ShardProgress::new(resumed, 1);
+        p.record_epoch(1, read(Some(pos(20)), Some(200), true, false));
+        p.report(0, 1, None);
+        // At the resumed position but before its watermark: the idle advance made after record
+        // 20 (to 500) is not replayed yet.
+        assert_eq!(p.checkpoint(), None, "never back to watermark 200 at 20");
+        p.record_epoch(2, read(None, Some(500), true, false));
+        p.report(0, 2, None);
+        let cp = p.checkpoint().expect("the rebuild point moves up");
+        assert_eq!((cp.committed, cp.committed_watermark), (at(20), Some(500)));
+        p.record_epoch(3, read(Some(pos(30)), Some(600), false, false));
+        p.report(0, 3, None);
+        assert_eq!(p.checkpoint().unwrap().committed, at(30));
     }
 
     #[test]

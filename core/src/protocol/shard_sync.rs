@@ -46,6 +46,13 @@ pub fn leases_to_clean<'a>(shards: &[ShardInfo], leases: &'a [Lease]) -> Vec<&'a
 /// Leases a worker may process: not finished, and every parent reached its end (or left no
 /// lease), so per-key order holds across resharding.
 pub fn processable(leases: &[Lease]) -> Vec<&Lease> {
+    if cfg!(shardflow_mutation = "children_first") {
+        // A mutation check: children start whatever their parents did.
+        return leases
+            .iter()
+            .filter(|l| !l.checkpoint.is_shard_end())
+            .collect();
+    }
     let by_key: HashMap<&str, &Lease> = leases.iter().map(|l| (l.key.as_str(), l)).collect();
     leases
         .iter()

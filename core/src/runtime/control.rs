@@ -62,6 +62,22 @@ struct SyncSchedule {
     owed: bool,
 }
 
+/// What a run is made of, fixed for its whole life.
+pub(crate) struct RunParts {
+    pub(crate) topology: Arc<Topology>,
+    pub(crate) config: Arc<RuntimeConfig>,
+    pub(crate) leases: Arc<LeaseManager>,
+    pub(crate) tracker: Tracker,
+    pub(crate) metrics: Metrics,
+    pub(crate) health: Health,
+    pub(crate) shutdown: CancellationToken,
+    /// The keyed branches' exchanges, handed to every shard task.
+    pub(crate) exchanges: Exchanges,
+    pub(crate) random: Random,
+    pub(crate) decisions: DecisionLog,
+    pub(crate) clock: WallClock,
+}
+
 /// The state of one `Runtime::run`.
 pub(crate) struct ControlLoop {
     pub(crate) topology: Arc<Topology>,
@@ -99,20 +115,20 @@ pub(crate) struct ControlLoop {
 }
 
 impl ControlLoop {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        topology: Arc<Topology>,
-        config: Arc<RuntimeConfig>,
-        leases: Arc<LeaseManager>,
-        tracker: Tracker,
-        metrics: Metrics,
-        health: Health,
-        shutdown: CancellationToken,
-        exchanges: Exchanges,
-        random: Random,
-        decisions: DecisionLog,
-        clock: WallClock,
-    ) -> Self {
+    pub(crate) fn new(parts: RunParts) -> Self {
+        let RunParts {
+            topology,
+            config,
+            leases,
+            tracker,
+            metrics,
+            health,
+            shutdown,
+            exchanges,
+            random,
+            decisions,
+            clock,
+        } = parts;
         let paths = topology.paths(config.parallelism);
         let now = Instant::now();
         Self {

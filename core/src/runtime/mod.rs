@@ -28,7 +28,7 @@ use crate::random::Random;
 use crate::source::ReadLimits;
 use crate::topology::{Topology, WorkerCx};
 use crate::tracker::Tracker;
-use control::ControlLoop;
+use control::{ControlLoop, RunParts};
 pub use decisions::DecisionLog;
 pub use health::Health;
 use leases::LeaseManager;
@@ -250,19 +250,19 @@ impl Runtime {
             config.worker_id.clone(),
             config.lease_duration,
         ));
-        ControlLoop::new(
+        ControlLoop::new(RunParts {
             topology,
             config,
             leases,
             tracker,
-            self.metrics,
-            self.health,
-            self.shutdown,
-            Arc::new(exchanges),
-            self.random,
-            self.decisions,
-            self.clock,
-        )
+            metrics: self.metrics,
+            health: self.health,
+            shutdown: self.shutdown,
+            exchanges: Arc::new(exchanges),
+            random: self.random,
+            decisions: self.decisions,
+            clock: self.clock,
+        })
         .run(&mut workers)
         .await
     }

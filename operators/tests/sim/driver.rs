@@ -524,7 +524,27 @@ async fn simulate(seed: u64) -> SeedReport {
     compare(&world, &expected, &mut report);
     report.failures.splice(0..0, world.failures.drain(..));
     report.decisions = world.decisions.entries();
+    check_parents_first(&world.stream, &report.decisions, &mut report.failures);
     report
+}
+
+/// Every child shard was taken only after each of its parents was checkpointed at its end.
+fn check_parents_first(stream: &MemoryStream, decisions: &[String], failures: &mut Vec<String>) {
+    let first = |what: &str| decisions.iter().position(|d| d.contains(what));
+    for shard in stream.shards() {
+        let Some(taken) = first(&format!(" take {} epoch", shard.id)) else {
+            continue;
+        };
+        for parent in &shard.parents {
+            match first(&format!(" checkpoint {parent} ShardEnd")) {
+                Some(ended) if ended < taken => {}
+                _ => failures.push(format!(
+                    "child {} started before its parent {parent} ended",
+                    shard.id
+                )),
+            }
+        }
+    }
 }
 
 fn diff<V: PartialEq + std::fmt::Debug>(

@@ -28,7 +28,7 @@
 use std::collections::BTreeMap;
 
 use super::model::{decode_bytes, Event, Res};
-use super::spec::{Agg, Branch, KeyedSpec, Op, Spec};
+use super::spec::{reduce_values, Agg, Branch, KeyedSpec, Op, Spec};
 
 /// Event times outside this range are invalid: late for every window.
 pub const VALID_EVENT_TIME: i64 = i64::MAX / 4;
@@ -175,6 +175,9 @@ struct Acc {
     count: i64,
     sum: i64,
     max: i64,
+    /// `Agg::Reduce`: the values folded in the order they came (merged sessions fold in
+    /// the other session's result after the record that bridged them).
+    reduced: Option<i64>,
 }
 
 impl Acc {
@@ -183,23 +186,29 @@ impl Acc {
             count: 0,
             sum: 0,
             max: i64::MIN,
+            reduced: None,
         }
     }
     fn add(&mut self, v: i64) {
         self.count += 1;
         self.sum = self.sum.wrapping_add(v);
         self.max = self.max.max(v);
+        self.reduced = Some(self.reduced.map_or(v, |a| reduce_values(a, v)));
     }
     fn merge(&mut self, o: Acc) {
         self.count += o.count;
         self.sum = self.sum.wrapping_add(o.sum);
         self.max = self.max.max(o.max);
+        if let Some(other) = o.reduced {
+            self.reduced = Some(self.reduced.map_or(other, |a| reduce_values(a, other)));
+        }
     }
     fn result(&self, agg: Agg) -> i64 {
         match agg {
             Agg::Count => self.count,
             Agg::Sum => self.sum,
             Agg::Max => self.max,
+            Agg::Reduce => self.reduced.expect("a result holds a value"),
         }
     }
 }

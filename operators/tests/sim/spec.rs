@@ -71,6 +71,20 @@ pub enum Agg {
     Count,
     Sum,
     Max,
+    /// `reduce` with a function that depends on the order of the values (`a * 3 + b`).
+    Reduce,
+}
+
+/// The order-dependent reduction of `Agg::Reduce`.
+pub fn reduce_values(a: i64, b: i64) -> i64 {
+    a.wrapping_mul(3).wrapping_add(b)
+}
+
+fn reduce_events(a: &Event, b: &Event) -> Event {
+    Event {
+        value: reduce_values(a.value, b.value),
+        ..b.clone()
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -238,7 +252,7 @@ impl Spec {
                         ops,
                         key_mod: pick(random, &[1, 3, 8, 1000]),
                         op,
-                        agg: pick(random, &[Agg::Count, Agg::Sum, Agg::Max]),
+                        agg: pick(random, &[Agg::Count, Agg::Sum, Agg::Max, Agg::Reduce]),
                         after: self::ops(random, 2, false, &mut after_depth),
                         late: !matches!(op, KeyedSpec::Running) && chance(random, 0.6),
                     }
@@ -559,6 +573,12 @@ where
                     end: r.window.end,
                     value: r.value,
                 }),
+                Agg::Reduce => w.reduce(reduce_events).map(|r| Res {
+                    key: r.key,
+                    start: r.window.start,
+                    end: r.window.end,
+                    value: r.value.value,
+                }),
             }
         }};
     }
@@ -604,6 +624,12 @@ where
                 start: 0,
                 end: 0,
                 value: r.value,
+            }),
+            Agg::Reduce => keyed.reduce(reduce_events).map(|r| Res {
+                key: r.key,
+                start: 0,
+                end: 0,
+                value: r.value.value,
             }),
         },
     }

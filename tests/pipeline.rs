@@ -1163,12 +1163,28 @@ async fn checkpoint_lag_counts_records_read_but_not_yet_checkpointed() {
         push(&stream, 0, "u", i);
     }
     wait_for(0.0).await;
+    // Event time is the arrival time here (ms 0..=14): the watermark is the largest of it.
+    assert_eq!(
+        sum_where(&registry, "shardflow_watermark_ms", "shard", "shard-0"),
+        14.0
+    );
+    let lag = sum_where(&registry, "shardflow_event_time_lag_ms", "shard", "shard-0");
+    assert!(
+        lag > 1.7e12,
+        "the 1970 watermark trails the wall clock by decades: {lag}"
+    );
     shutdown.cancel();
     run.await.unwrap().unwrap();
-    assert!(
-        samples(&registry, "shardflow_checkpoint_lag_records").is_empty(),
-        "a released shard's gauge is dropped"
-    );
+    for gauge in [
+        "shardflow_checkpoint_lag_records",
+        "shardflow_watermark_ms",
+        "shardflow_event_time_lag_ms",
+    ] {
+        assert!(
+            samples(&registry, gauge).is_empty(),
+            "a released shard's {gauge} is dropped"
+        );
+    }
 }
 
 #[tokio::test(start_paused = true)]

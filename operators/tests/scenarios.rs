@@ -522,6 +522,72 @@ async fn two_holding_sinks_on_one_shard_let_its_checkpoint_advance() {
     assert_eq!(even.len(), 150);
 }
 
+/// Found in review: a dead-letter sink that gathers letters into units (S3) resumes after its
+/// last stored unit, but the replay up to the committed checkpoint wrote no dead letters, so
+/// the letters of the unit a stop dropped were lost.
+#[tokio::test(start_paused = true)]
+async fn dead_letters_a_stop_dropped_from_a_holding_sink_are_written_by_the_next_run() {
+    let stream = MemoryStream::new("letters", 1);
+    let letters = HoldingSink::new("dead-letters", 4, Duration::from_secs(3_600));
+    let counts = MemorySink::new("counts");
+    let topology = || {
+        Topology::builder("letters")
+            .dead_letter(DeadLetter::to(letters.clone()))
+            .source(stream.clone().decode_fn(decode))
+            .key_by(|e: &Event| e.key)
+            .aggregate(Count)
+            .sink(counts.clone())
+            .build()
+            .unwrap()
+    };
+    let leases = Arc::new(MemoryLeaseStore::new());
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(
+        Runtime::new(topology(), leases.clone())
+            .with_config(config(RunMode::Continuous))
+            .with_shutdown(shutdown.clone())
+            .run(),
+    );
+    let mut undecodable = 0;
+    for i in 0..40u64 {
+        if i % 3 == 0 {
+            stream.push(0, T0 + i as i64, b"k", b"not an event");
+            undecodable += 1;
+        } else {
+            push(&stream, 0, &event(i, 1, T0 + i as i64));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let committed = seq(&lease_committed(&*leases, "shard-0").await);
+    assert!(
+        committed >= 39,
+        "the checkpoint passed every record: {committed}"
+    );
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+    let (before, _) = letters.contents_and_duplicates();
+    assert!(
+        before.len() < undecodable,
+        "the stop dropped the letters of an unfinished unit: {} of {undecodable} stored",
+        before.len()
+    );
+    stream.close(0);
+    Runtime::new(topology(), leases)
+        .with_config(config(RunMode::UntilCaughtUp))
+        .run()
+        .await
+        .unwrap();
+    let (all, duplicates) = letters.contents_and_duplicates();
+    assert!(duplicates.is_empty(), "{duplicates:?}");
+    assert_eq!(all.len(), undecodable, "every undecodable record, once");
+    assert_eq!(
+        value_of(&counts, "k/1").map(|r| r.value),
+        Some(40 - undecodable as u64),
+        "the events, each once"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn try_map_retries_wait_on_the_runtime_clock_without_blocking_its_thread() {
     let stream = MemoryStream::new("retry", 1);

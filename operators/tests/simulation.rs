@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use sim::driver::{run_seed, Fault, SeedReport, FAULTS};
 
 /// Operator kinds the coverage table checks, with each fault.
-const KINDS: [&str; 11] = [
+const KINDS: [&str; 12] = [
     "map",
     "filter",
     "flat_map",
@@ -31,6 +31,7 @@ const KINDS: [&str; 11] = [
     "late_output",
     "holding_sink",
     "idleness",
+    "holding_dlq",
 ];
 /// Seeds at least, and the time to spend at least.
 const MIN_SEEDS: u64 = 500;

@@ -14,7 +14,8 @@ pub enum OnFailure {
     DeadLetter,
     /// Stop the shard before the record: its checkpoint stays before it.
     StopShard,
-    /// A replayed record: the run that committed it dead-lettered it (or stopped); nothing more.
+    /// A replayed record under a stopping policy: the run that committed it got past it, so
+    /// it never stopped there; nothing more.
     Replayed,
 }
 
@@ -22,7 +23,9 @@ pub enum OnFailure {
 /// `retryable` is false where trying again fails the same way (decoding); `replay` says whether
 /// the record is replayed (its outputs and dead letters were committed by an earlier run). A
 /// replay retries as the first run did: a record its function handled after a retry must
-/// rebuild the state it built then.
+/// rebuild the state it built then. A replayed record is dead-lettered again: the dead-letter
+/// sink's emitter drops what the earlier run committed, and a sink that gathers dead letters
+/// into units (S3 objects) needs those after its last stored unit written again.
 pub fn on_failure(policy: &DeadLetter, attempt: u32, retryable: bool, replay: bool) -> OnFailure {
     let mut policy = policy;
     if let DeadLetter::Retry { max, backoff, then } = policy {
@@ -31,11 +34,9 @@ pub fn on_failure(policy: &DeadLetter, attempt: u32, retryable: bool, replay: bo
         }
         policy = then;
     }
-    if replay {
-        return OnFailure::Replayed;
-    }
     match policy {
         DeadLetter::To(_) => OnFailure::DeadLetter,
+        DeadLetter::StopShard | DeadLetter::Retry { .. } if replay => OnFailure::Replayed,
         DeadLetter::StopShard | DeadLetter::Retry { .. } => OnFailure::StopShard,
     }
 }
@@ -57,5 +58,19 @@ mod tests {
         );
         assert_eq!(on_failure(&policy, 2, true, false), OnFailure::StopShard);
         assert_eq!(on_failure(&policy, 0, false, false), OnFailure::StopShard);
+    }
+
+    #[test]
+    fn a_replay_retries_as_before_and_dead_letters_again_but_never_stops() {
+        let policy = DeadLetter::retry(1, Duration::from_millis(10), DeadLetter::StopShard);
+        assert_eq!(
+            on_failure(&policy, 0, true, true),
+            OnFailure::Retry(Duration::from_millis(10))
+        );
+        assert_eq!(on_failure(&policy, 1, true, true), OnFailure::Replayed);
+        assert_eq!(
+            on_failure(&DeadLetter::StopShard, 0, false, true),
+            OnFailure::Replayed
+        );
     }
 }

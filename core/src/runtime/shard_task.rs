@@ -444,10 +444,10 @@ impl ShardTask {
             n == 0 || run.dead_letters.is_some(),
             "dead letters exist only with a sink"
         );
-        if let (Some(emitter), true) = (
-            run.dead_letters.as_mut(),
-            n > 0 || control != Control::Continue,
-        ) {
+        if let Some(emitter) = run.dead_letters.as_mut() {
+            // A replay dead-letters its records again: the emitter drops what the run that
+            // committed them wrote (all of it, or, for a sink gathering units, what its last
+            // stored unit holds).
             for (index, letter) in dead {
                 let rcx = RecordCx {
                     event_time: 0,
@@ -458,9 +458,10 @@ impl ShardTask {
             }
             emitter.flush(&cx).await?;
             // Committed before the epoch is reported: the checkpoint passes a dead-lettered
-            // record only once its dead letter is durable.
+            // record only once its dead letter is durable. Every epoch, so that a sink holding
+            // letters back delivers them on its own clock (a no-op for one holding nothing).
             emitter.commit().await?;
-            if n > 0 {
+            if n > 0 && !replay {
                 self.metrics
                     .dead_lettered(&self.topology.name, id.as_str(), n);
             }

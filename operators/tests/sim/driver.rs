@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::model::{encode, Event};
 use super::oracle::{expected, Advances, Input};
-use super::spec::{topology, SimSink, Sinks, Spec};
+use super::spec::{topology, DeadSink, SimSink, Sinks, Spec};
 
 /// A fault the schedule can inject.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -286,7 +286,10 @@ impl World {
             }
         }
         out.extend(self.sinks.late.values().map(|s| s as &dyn Script));
-        out.push(&self.sinks.dead);
+        match &self.sinks.dead {
+            DeadSink::Plain(s) => out.push(s),
+            DeadSink::Holding(s) => out.push(s),
+        }
         out
     }
 
@@ -346,7 +349,7 @@ pub fn run_seed(seed: u64) -> SeedReport {
 
 async fn simulate(seed: u64) -> SeedReport {
     let random = Random::seeded(seed);
-    let spec = Spec::random(&random);
+    let spec = Spec::random(&random).with_dead_letters_from(&Random::seeded(!seed));
     let stream = MemoryStream::new("sim", spec.shards);
     let sinks = Sinks::new(&spec);
     let mut world = World {
@@ -649,10 +652,22 @@ fn compare(world: &World, expected: &super::oracle::Expected, report: &mut SeedR
         );
         rendered.push_str(&format!("{got:?}\n"));
     }
-    let dead: BTreeMap<(String, String), String> = keyed(world.sinks.dead.inner().contents())
-        .into_iter()
-        .map(|(k, d)| (k, d.stage))
-        .collect();
+    let dead = match &world.sinks.dead {
+        DeadSink::Plain(s) => s.inner().contents(),
+        DeadSink::Holding(s) => {
+            let (got, duplicates) = s.inner().contents_and_duplicates();
+            if !duplicates.is_empty() {
+                report.failures.push(format!(
+                    "the holding dead-letter sink stored {} letters twice: {:?}",
+                    duplicates.len(),
+                    &duplicates[..duplicates.len().min(3)]
+                ));
+            }
+            got
+        }
+    };
+    let dead: BTreeMap<(String, String), String> =
+        keyed(dead).into_iter().map(|(k, d)| (k, d.stage)).collect();
     diff("dead letters", &expected.dead, &dead, &mut report.failures);
     rendered.push_str(&format!("{dead:?}\n"));
     report.contents = rendered;

@@ -154,6 +154,8 @@ pub struct Spec {
     pub max_skew: i64,
     /// The idleness timeout, if any.
     pub idleness: Option<i64>,
+    /// The dead-letter sink: plain, or one gathering dead letters into units (S3Sink's model).
+    pub dead: SinkSpec,
 }
 
 /// Most `flat_map`s on one path from an identity root (the source or a keyed operator).
@@ -205,6 +207,13 @@ fn ops(random: &Random, n: usize, fallible: bool, depth: &mut usize) -> Vec<Op> 
         .collect()
 }
 
+fn holding_sink_spec(random: &Random) -> SinkSpec {
+    SinkSpec::Holding {
+        per_unit: 1 + below(random, 8),
+        latency_ms: pick(random, &[100, 500, 2_000]),
+    }
+}
+
 impl Spec {
     /// A random topology.
     pub fn random(random: &Random) -> Self {
@@ -217,10 +226,7 @@ impl Spec {
                     Branch::Records {
                         ops: ops(random, 2, true, &mut depth),
                         sink: if chance(random, 0.5) {
-                            SinkSpec::Holding {
-                                per_unit: 1 + below(random, 8),
-                                latency_ms: pick(random, &[100, 500, 2_000]),
-                            }
+                            holding_sink_spec(random)
                         } else {
                             SinkSpec::Plain
                         },
@@ -267,7 +273,19 @@ impl Spec {
             extremes: chance(random, 0.2),
             max_skew: pick(random, &[60_000, 3_600_000]),
             idleness: chance(random, 0.5).then(|| pick(random, &[500, 2_000])),
+            dead: SinkSpec::Plain,
         }
+    }
+
+    /// Draws the dead-letter sink from `random`, a source of its own so that the draws of
+    /// `Spec::random` (and the seeds found before it existed) stay as they were.
+    pub fn with_dead_letters_from(self, random: &Random) -> Self {
+        let dead = if chance(random, 0.4) {
+            holding_sink_spec(random)
+        } else {
+            SinkSpec::Plain
+        };
+        Self { dead, ..self }
     }
 
     /// The most `flat_map`s on one path from an identity root.
@@ -318,6 +336,9 @@ impl Spec {
         if self.idleness.is_some() {
             kinds.push("idleness");
         }
+        if matches!(self.dead, SinkSpec::Holding { .. }) {
+            kinds.push("holding_dlq");
+        }
         kinds.sort_unstable();
         kinds.dedup();
         kinds
@@ -332,13 +353,29 @@ pub enum SimSink {
     Results(ScriptedSink<MemorySink<Res>>),
 }
 
+/// The dead-letter sink of a simulated topology.
+#[derive(Clone)]
+pub enum DeadSink {
+    Plain(ScriptedSink<MemorySink<DeadLetterRecord>>),
+    Holding(ScriptedSink<HoldingSink<DeadLetterRecord>>),
+}
+
+impl DeadSink {
+    fn policy(&self) -> DeadLetter {
+        match self {
+            DeadSink::Plain(s) => DeadLetter::to(s.clone()),
+            DeadSink::Holding(s) => DeadLetter::to(s.clone()),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Sinks {
     /// One per branch, in branch order.
     pub branches: Vec<SimSink>,
     /// The late side output of each keyed branch that has one.
     pub late: BTreeMap<usize, ScriptedSink<MemorySink<Event>>>,
-    pub dead: ScriptedSink<MemorySink<DeadLetterRecord>>,
+    pub dead: DeadSink,
     /// How often each flaky record failed so far (by uid): the first call fails.
     pub flaky: Arc<Mutex<BTreeMap<u64, u32>>>,
 }
@@ -378,7 +415,19 @@ impl Sinks {
         Self {
             branches,
             late,
-            dead: ScriptedSink::new(MemorySink::new("dead-letters")),
+            dead: match spec.dead {
+                SinkSpec::Plain => {
+                    DeadSink::Plain(ScriptedSink::new(MemorySink::new("dead-letters")))
+                }
+                SinkSpec::Holding {
+                    per_unit,
+                    latency_ms,
+                } => DeadSink::Holding(ScriptedSink::new(HoldingSink::new(
+                    "dead-letters",
+                    per_unit,
+                    Duration::from_millis(latency_ms),
+                ))),
+            },
             flaky: Arc::default(),
         }
     }
@@ -477,7 +526,7 @@ pub fn topology(spec: &Spec, stream: &MemoryStream, sinks: &Sinks) -> Topology {
         .dead_letter(DeadLetter::retry(
             2,
             Duration::from_millis(5),
-            DeadLetter::to(sinks.dead.clone()),
+            sinks.dead.policy(),
         ))
         .source(stream.clone().decode_fn(decode))
         .event_time(|e: &Event| e.ts)

@@ -184,9 +184,11 @@ impl ShardProgress {
         );
         state.committed = epoch;
         if state.holds.len() >= MAX_HOLD_REPORTS {
-            // Merge the two oldest reports: the later epoch with the older hold.
-            let (_, first) = state.holds.pop_front().expect("full");
-            let (e, second) = state.holds.pop_front().expect("full");
+            // Merge the two oldest reports: the earlier epoch with the older hold, so that
+            // the state at every epoch from the first on is said to hold at least as much as
+            // it did (under the later epoch, the epochs in between would find no report).
+            let (e, first) = state.holds.pop_front().expect("full");
+            let (_, second) = state.holds.pop_front().expect("full");
             let oldest = match (first, second) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -882,6 +884,31 @@ mod tests {
             }
         }
         assert!(p.tracked_epochs() <= MAX_ANCHORS, "{}", p.tracked_epochs());
+        assert!(p.paths[0].holds.len() <= MAX_HOLD_REPORTS);
+    }
+
+    #[test]
+    fn a_path_far_ahead_of_another_keeps_the_holds_of_the_epochs_the_other_is_at() {
+        let mut p = progress(2, 600);
+        // Path 0 runs far ahead: more reports than are kept, all holding epoch 3 on.
+        p.report(0, 1, None);
+        p.report(0, 2, None);
+        for e in 3..=600 {
+            p.report(0, e, Some(3));
+        }
+        p.report(1, 50, None);
+        let cp = p.checkpoint().unwrap();
+        // (Epoch ends are thinned past 512 epochs: a point may be an earlier epoch's end.)
+        assert!(
+            at(480).le(&cp.committed) && cp.committed.le(&at(500)),
+            "the lagging path decides: {:?}",
+            cp.committed
+        );
+        assert!(
+            cp.rebuild_from.le(&at(20)),
+            "at epoch 50 path 0 still held epoch 3: {:?}",
+            cp.rebuild_from
+        );
         assert!(p.paths[0].holds.len() <= MAX_HOLD_REPORTS);
     }
 

@@ -860,6 +860,60 @@ async fn a_stop_while_renewals_fail_ends_without_waiting_for_commits_that_never_
     assert!(ended.is_ok(), "the graceful stop ended");
 }
 
+/// Found in review: a final checkpoint that failed retryably was tried again on every wake-up
+/// of the control loop, and a stopping run gave it up after ten of them: with many shards
+/// ending at once, within milliseconds of a table throttled for a few ticks, so the next run
+/// replayed what the stop had committed.
+#[tokio::test(start_paused = true)]
+async fn a_graceful_stop_waits_out_a_lease_table_throttled_for_a_few_ticks() {
+    const SHARDS: usize = 12;
+    let stream = MemoryStream::new("throttled", SHARDS);
+    let mut last = Vec::new();
+    for shard in 0..SHARDS {
+        let mut seq = 0;
+        for i in 0..20u64 {
+            let e = event(shard as u64 * 100 + i, i as u32 % 3, T0 + i as i64);
+            seq = stream.push(shard, e.ts, b"k", &encode(&e));
+        }
+        last.push(seq);
+    }
+    let counts = MemorySink::new("counts");
+    let topology = Topology::builder("throttled")
+        .source(stream.clone().decode_fn(decode))
+        .key_by(|e: &Event| e.key)
+        .aggregate(Count)
+        .sink(counts.clone())
+        .build()
+        .unwrap();
+    let leases = ScriptedLeaseStore::new(MemoryLeaseStore::new());
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(
+        Runtime::new(topology, Arc::new(leases.clone()))
+            .with_config(RuntimeConfig {
+                parallelism: 4,
+                // No checkpoint before the stop: only the final ones cover the records.
+                commit_interval: Duration::from_secs(3_600),
+                checkpoint_interval: Duration::from_millis(20),
+                ..config(RunMode::Continuous)
+            })
+            .with_shutdown(shutdown.clone())
+            .run(),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Five ticks of a throttled table, well within a lease duration (300 ms).
+    leases.throttle_updates_for(Duration::from_millis(100));
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+    for (shard, last) in last.into_iter().enumerate() {
+        let key = format!("shard-{shard}");
+        let committed = seq(&lease_committed(&leases, &key).await);
+        assert_eq!(
+            committed, last,
+            "{key}: the final checkpoint covers every record"
+        );
+    }
+}
+
 #[test]
 fn more_flat_maps_in_a_chain_than_identities_can_number_is_a_build_error() {
     let stream = MemoryStream::new("deep", 1);

@@ -274,8 +274,10 @@ impl ShardProgress {
         }
         let committed = self.committed_epoch();
         let end = self.anchor(committed);
-        if committed == 0 || !self.past_resumed(&end) {
-            // Still replaying (or stopped mid-replay): the resumed checkpoint stands.
+        if committed == 0 || !at_or_past(&self.last, &end) {
+            // Still replaying (or stopped mid-replay): the resumed checkpoint stands. Or the
+            // committed epoch's end was thinned away while a path lagged: an earlier epoch's
+            // end would take back a position already written.
             return None;
         }
         let positions: Vec<(String, CheckpointPosition)> = self
@@ -408,10 +410,7 @@ impl ShardProgress {
     /// where the record before them ended, so the position alone does not say whether the
     /// replay of the advances made there is over).
     fn past_resumed(&self, end: &Anchor) -> bool {
-        if end.position == self.resumed.committed {
-            return end.watermark >= self.resumed.committed_watermark;
-        }
-        self.resumed.committed.le(&end.position)
+        at_or_past(&self.resumed, end)
     }
 
     /// Keeps the number of epoch ends bounded: beyond `MAX_ANCHORS`, every other one of the
@@ -469,6 +468,15 @@ impl ShardProgress {
     pub fn tracked_epochs(&self) -> usize {
         self.epochs.len()
     }
+}
+
+/// Whether the end of an epoch is at or past `checkpoint`'s committed point: past its
+/// position, or at it with at least its watermark.
+fn at_or_past(checkpoint: &ShardCheckpoint, end: &Anchor) -> bool {
+    if end.position == checkpoint.committed {
+        return end.watermark >= checkpoint.committed_watermark;
+    }
+    checkpoint.committed.le(&end.position)
 }
 
 #[cfg(test)]
@@ -910,6 +918,37 @@ mod tests {
             cp.rebuild_from
         );
         assert!(p.paths[0].holds.len() <= MAX_HOLD_REPORTS);
+    }
+
+    #[test]
+    fn a_checkpoint_never_moves_back_when_its_epoch_end_is_thinned() {
+        let mut p = progress(2, 300);
+        p.report(0, 300, None);
+        p.report(1, 200, None);
+        let cp = p.checkpoint().unwrap();
+        assert_eq!(cp.committed, at(2000));
+        // Path 0 runs on while path 1 stays: epoch 200's end is thinned away.
+        for e in 301..=800u64 {
+            p.record_epoch(
+                e,
+                read(
+                    Some(pos(u128::from(e) * 10)),
+                    Some(100 * e as i64),
+                    false,
+                    false,
+                ),
+            );
+            p.report(0, e, None);
+        }
+        assert!(!p.epochs.contains_key(&200), "thinned");
+        if let Some(later) = p.checkpoint() {
+            assert!(
+                at(2000).le(&later.committed),
+                "moved back to {:?}",
+                later.committed
+            );
+        }
+        assert_eq!(p.with_advances().committed, at(2000));
     }
 
     #[test]

@@ -46,6 +46,9 @@ struct Finishing {
     shard_end: bool,
     /// Final checkpoint writes that failed retryably so far.
     attempts: u32,
+    /// Not tried again before this (a tick after a failure): the loop wakes on every report,
+    /// and attempts counted per wake-up would give up within milliseconds.
+    retry_at: Option<Instant>,
 }
 
 /// Retryable failures of a final checkpoint a run that is ending waits through.
@@ -395,6 +398,7 @@ impl ControlLoop {
                 last_epoch,
                 shard_end,
                 attempts: 0,
+                retry_at: None,
             }),
             AfterTask::Forget { resync, count_lost } => {
                 if count_lost {
@@ -483,7 +487,8 @@ impl ControlLoop {
     async fn finish_committed(&mut self) {
         let mut still = Vec::new();
         for f in std::mem::take(&mut self.finishing) {
-            if self.tracker.committed_epoch(&f.shard) < f.last_epoch {
+            let waiting = f.retry_at.is_some_and(|at| Instant::now() < at);
+            if waiting || self.tracker.committed_epoch(&f.shard) < f.last_epoch {
                 still.push(f);
                 continue;
             }
@@ -497,6 +502,7 @@ impl ControlLoop {
                     tracing::warn!(topology = %self.name(), shard = %f.shard, %error, "final checkpoint failed, retrying");
                     still.push(Finishing {
                         attempts: f.attempts + 1,
+                        retry_at: Some(Instant::now() + self.config.checkpoint_interval),
                         ..f
                     });
                     continue;
@@ -529,14 +535,13 @@ impl ControlLoop {
 
     /// Writes `id`'s checkpoint if the tracker moved it, and updates the lag gauge.
     async fn write_checkpoint(&mut self, id: &ShardId, key: &str) -> Result<(), LeaseError> {
-        if let Some(cp) = self.tracker.checkpoint(id) {
-            if self.written.get(id) != Some(&cp) {
-                self.leases.checkpoint(key, cp.clone()).await?;
-                self.decisions
-                    .record(|| format!("checkpoint {id} {:?} {:?}", cp.committed, cp.rebuild_from));
-                self.metrics.checkpointed(self.name(), id.as_str());
-                self.written.insert(id.clone(), cp);
-            }
+        let (tracker, last) = (&self.tracker, self.written.get(id));
+        let decide = || tracker.checkpoint(id).filter(|cp| Some(cp) != last);
+        if let Some(cp) = self.leases.checkpoint_with(key, decide).await? {
+            self.decisions
+                .record(|| format!("checkpoint {id} {:?} {:?}", cp.committed, cp.rebuild_from));
+            self.metrics.checkpointed(self.name(), id.as_str());
+            self.written.insert(id.clone(), cp);
         }
         // Until this run writes one, nothing it read is covered.
         let covered = self

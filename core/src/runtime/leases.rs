@@ -140,10 +140,23 @@ impl LeaseManager {
     }
 
     async fn apply(&self, key: &str, update: LeaseUpdate) -> Result<Lease, LeaseError> {
+        let applied = self.apply_with(key, || Some(update)).await?;
+        Ok(applied.expect("an update was given"))
+    }
+
+    /// Applies the update `decide` returns (nothing if `None`) to held lease `key`.
+    async fn apply_with(
+        &self,
+        key: &str,
+        decide: impl FnOnce() -> Option<LeaseUpdate>,
+    ) -> Result<Option<Lease>, LeaseError> {
         let mut held = self.held.lock().await;
         let entry = held.get_mut(key).ok_or_else(|| LeaseError::LeaseLost {
             lease_key: key.to_owned(),
         })?;
+        let Some(update) = decide() else {
+            return Ok(None);
+        };
         let started = Instant::now();
         match self.store.update(key, entry.counter, &update).await {
             Ok(lease) => {
@@ -155,7 +168,7 @@ impl LeaseManager {
                     entry.counter = lease.counter;
                     entry.guard.extend(started, self.lease_duration);
                 }
-                Ok(lease)
+                Ok(Some(lease))
             }
             Err(e) => {
                 if matches!(
@@ -170,16 +183,26 @@ impl LeaseManager {
         }
     }
 
-    pub(crate) async fn checkpoint(
+    /// Writes the checkpoint `decide` returns, if any, and returns it. `decide` runs under the
+    /// lock every write to this worker's leases takes, so that of two writers (the checkpoint
+    /// tick, a shard recording an idle advance) the one that decided last writes last: an
+    /// older decision never overwrites a newer one.
+    pub(crate) async fn checkpoint_with(
         &self,
         key: &str,
-        checkpoint: ShardCheckpoint,
-    ) -> Result<(), LeaseError> {
-        let update = LeaseUpdate::Checkpoint {
-            owner: self.owner.clone(),
-            checkpoint,
-        };
-        self.apply(key, update).await.map(drop)
+        decide: impl FnOnce() -> Option<ShardCheckpoint>,
+    ) -> Result<Option<ShardCheckpoint>, LeaseError> {
+        let mut written = None;
+        self.apply_with(key, || {
+            let checkpoint = decide()?;
+            written = Some(checkpoint.clone());
+            Some(LeaseUpdate::Checkpoint {
+                owner: self.owner.clone(),
+                checkpoint,
+            })
+        })
+        .await?;
+        Ok(written)
     }
 
     /// Renews every held lease; returns the keys that were lost and how many renewals failed
@@ -333,10 +356,60 @@ mod tests {
         assert!(again.take(&taken).await.unwrap().is_some());
         // The first instance's counter is stale now: its checkpoint is rejected.
         let err = me
-            .checkpoint("s", ShardCheckpoint::shard_end())
+            .checkpoint_with("s", || Some(ShardCheckpoint::shard_end()))
             .await
             .unwrap_err();
         assert!(matches!(err, LeaseError::LeaseLost { .. }), "{err:?}");
         assert_eq!(me.held_count().await, 0, "a lost lease is forgotten");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_checkpoint_is_decided_only_once_the_write_before_it_is_done() {
+        use crate::testing::ScriptedLeaseStore;
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        let scripted = ScriptedLeaseStore::new(MemoryLeaseStore::new());
+        let store: Arc<dyn LeaseStore> = Arc::new(scripted.clone());
+        store
+            .create_if_absent(&Lease::new("s", vec![]))
+            .await
+            .unwrap();
+        let me = Arc::new(LeaseManager::new(
+            Arc::clone(&store),
+            "me".into(),
+            Duration::from_secs(10),
+        ));
+        let free = store.get("s").await.unwrap().unwrap();
+        me.take(&free).await.unwrap().expect("a free lease");
+        // A renewal waits on a table out of reach; a checkpoint is asked for meanwhile.
+        scripted.block_updates(true);
+        let renewing = tokio::spawn({
+            let me = Arc::clone(&me);
+            async move { me.renew_all().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let decided = Arc::new(AtomicBool::new(false));
+        let checkpointing = tokio::spawn({
+            let (me, decided) = (Arc::clone(&me), Arc::clone(&decided));
+            async move {
+                me.checkpoint_with("s", || {
+                    decided.store(true, Ordering::SeqCst);
+                    Some(ShardCheckpoint::shard_end())
+                })
+                .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !decided.load(Ordering::SeqCst),
+            "decided while an earlier write was under way"
+        );
+        scripted.block_updates(false);
+        renewing.await.unwrap();
+        let written = checkpointing.await.unwrap().unwrap();
+        assert!(decided.load(Ordering::SeqCst));
+        assert_eq!(written, Some(ShardCheckpoint::shard_end()));
+        let lease = store.get("s").await.unwrap().unwrap();
+        assert_eq!(lease.checkpoint, ShardCheckpoint::shard_end());
     }
 }

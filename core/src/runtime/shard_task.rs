@@ -560,11 +560,10 @@ impl ShardTask {
         let id = &self.shard.id;
         let mut backoff = Duration::from_millis(100);
         loop {
-            let Some(checkpoint) = self.tracker.with_advances(id) else {
-                return Ok(None);
-            };
-            match self.leases.checkpoint(&self.lease_key, checkpoint).await {
-                Ok(()) => break,
+            let decide = || self.tracker.with_advances(id);
+            match self.leases.checkpoint_with(&self.lease_key, decide).await {
+                Ok(Some(_)) => break,
+                Ok(None) => return Ok(None),
                 Err(error) if error.is_retryable() => {
                     tracing::warn!(shard = %id, %error, "idle watermark advance not recorded yet; retrying");
                     if !persist {

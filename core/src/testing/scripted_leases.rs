@@ -1,6 +1,6 @@
 //! `ScriptedLeaseStore`: wraps any lease store and follows a script: block updates, fail the
-//! next listings or updates, report the next renewals as lost, and log every update that
-//! succeeded.
+//! next listings or updates (or every update for a while), report the next renewals as lost,
+//! and log every update that succeeded.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,6 +20,8 @@ struct Script {
     list_failures_retryable: bool,
     lose_renewals: u32,
     update_failures: u32,
+    /// Every update fails retryably until then.
+    throttled_until: Option<tokio::time::Instant>,
     log: Vec<Lease>,
 }
 
@@ -72,6 +74,12 @@ impl<S: LeaseStore> ScriptedLeaseStore<S> {
         self.lock().update_failures = n;
     }
 
+    /// Every update fails with a retryable store error for `period` from now (a throttled
+    /// table).
+    pub fn throttle_updates_for(&self, period: Duration) {
+        self.lock().throttled_until = Some(tokio::time::Instant::now() + period);
+    }
+
     /// The next `n` renewals answer `LeaseLost` without writing (the worker believes another
     /// took the lease; the table still names it).
     pub fn lose_renewals(&self, n: u32) {
@@ -120,8 +128,14 @@ impl<S: LeaseStore> LeaseStore for ScriptedLeaseStore<S> {
         }
         {
             let mut script = self.lock();
-            if script.update_failures > 0 {
+            let throttled = script
+                .throttled_until
+                .is_some_and(|until| tokio::time::Instant::now() < until);
+            let scripted = !throttled && script.update_failures > 0;
+            if scripted {
                 script.update_failures -= 1;
+            }
+            if throttled || scripted {
                 return Err(LeaseError::Store {
                     operation: "update",
                     retryable: true,

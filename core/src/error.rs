@@ -193,6 +193,17 @@ pub enum BuildError {
         /// The sink's name.
         sink: String,
     },
+    /// Two sinks that gather record outputs into units (the dead-letter sink among them) share
+    /// a name: a shard's checkpoint keeps each one's position by name.
+    #[error(
+        "two sinks of topology {topology:?} that gather record outputs into units are named          {sink:?}: each resumes after its own last stored unit, kept by name in the checkpoint;          give them names of their own"
+    )]
+    HoldingSinkNamedTwice {
+        /// The topology name.
+        topology: String,
+        /// The shared name.
+        sink: String,
+    },
     /// More fanning-out operators (`flat_map`s) on one path than output identities can number.
     #[error(
         "topology {topology:?} chains {depth} flat_maps on one path; at most {max} fit in output identities"

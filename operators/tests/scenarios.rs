@@ -253,6 +253,37 @@ fn a_sink_holding_record_outputs_after_key_by_is_refused_at_build_time() {
     assert!(error.to_string().contains("held-late"), "{error}");
 }
 
+/// Found in review: a shard's checkpoint keeps each holding sink's position by name, so two
+/// holding sinks of one name (the dead-letter sink among them) would share one position.
+#[test]
+fn two_holding_sinks_of_one_name_are_refused_at_build_time() {
+    let stream = MemoryStream::new("twins", 1);
+    let twin = || HoldingSink::<Event>::new("archive", 10, Duration::from_secs(1));
+    let source = Topology::builder("twins").source(stream.clone().decode_fn(decode));
+    source.clone().sink(twin());
+    let error = source
+        .filter(|e: &Event| e.uid % 2 == 0)
+        .sink(twin())
+        .build()
+        .expect_err("two holding sinks named archive");
+    assert!(error.to_string().contains("\"archive\""), "{error}");
+
+    let letters = HoldingSink::new("archive", 10, Duration::from_secs(1));
+    let error = Topology::builder("twins")
+        .dead_letter(DeadLetter::to(letters))
+        .source(stream.clone().decode_fn(decode))
+        .sink(twin())
+        .build()
+        .expect_err("the dead-letter sink shares the name");
+    assert!(error.to_string().contains("\"archive\""), "{error}");
+
+    // Sinks storing each output on its own may share a name (and one sink).
+    let plain = MemorySink::new("archive");
+    let source = Topology::builder("twins").source(stream.decode_fn(decode));
+    source.clone().sink(plain.clone());
+    assert!(source.sink(plain).build().is_ok());
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_record_from_a_far_future_clock_makes_nothing_else_late() {
     let stream = MemoryStream::new("clocks", 1);

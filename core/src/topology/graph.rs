@@ -222,6 +222,9 @@ pub(crate) struct Graph {
     pub(crate) source_settings: Box<dyn Any + Send + Sync>,
     pub(crate) keyed: Vec<Arc<dyn InstantiateBranch>>,
     pub(crate) sinks: usize,
+    /// Names of the sinks on the shard path that gather record outputs into units: each has
+    /// its own position in the shard's checkpoint, by name.
+    pub(crate) holding_sinks: Vec<String>,
     /// Operators added so far: each is labelled `<n>-<kind>` in metrics, in the order added.
     pub(crate) operators: usize,
     /// The most fanning-out operators on a path from an identity root.

@@ -131,6 +131,7 @@ impl TopologyBuilder {
             source_settings: Box::new(settings),
             keyed: Vec::new(),
             sinks: 0,
+            holding_sinks: Vec::new(),
             operators: 0,
             fanout_depth: 0,
             refused: None,
@@ -262,6 +263,17 @@ impl<T: Send + 'static, S: Stage> Stream<T, S> {
                     sink: sink.name().to_owned(),
                 };
                 graph.refused.get_or_insert(refusal);
+            } else if sink.holds_record_outputs() {
+                let name = sink.name().to_owned();
+                if graph.holding_sinks.contains(&name) {
+                    let refusal = BuildError::HoldingSinkNamedTwice {
+                        topology: graph.name.clone(),
+                        sink: name,
+                    };
+                    graph.refused.get_or_insert(refusal);
+                } else {
+                    graph.holding_sinks.push(name);
+                }
             }
         }
         self.node.add(Arc::new(SinkDecl { sink }));
@@ -386,6 +398,14 @@ impl Pipeline {
         }
         if let Some(refused) = &graph.refused {
             return Err(refused.clone());
+        }
+        if let Some(dead) = graph.dead_letter.sink() {
+            if dead.holds_record_outputs() && graph.holding_sinks.iter().any(|n| n == dead.name()) {
+                return Err(BuildError::HoldingSinkNamedTwice {
+                    topology: graph.name.clone(),
+                    sink: dead.name().to_owned(),
+                });
+            }
         }
         if graph.fanout_depth > MAX_FANOUT_DEPTH {
             return Err(BuildError::FanOutTooDeep {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use shardflow_core::dead_letter::DeadLetter;
 use shardflow_core::decode::SourceExt;
-use shardflow_core::lease::{CheckpointPosition, LeaseStore, MemoryLeaseStore};
+use shardflow_core::lease::{CheckpointPosition, LeaseStore, LeaseUpdate, MemoryLeaseStore};
 use shardflow_core::memory::MemoryStream;
 use shardflow_core::runtime::{RunMode, Runtime, RuntimeConfig};
 use shardflow_core::sink::MemorySink;
@@ -675,6 +675,63 @@ async fn try_map_retries_wait_on_the_runtime_clock_without_blocking_its_thread()
     );
 }
 
+/// Found in review: the lease guard was checked before a batch, but a retry inside it could
+/// wait past the lease, and the epoch then went on to the sinks while another worker might own
+/// the shard. After a wait the epoch goes on only once a renewal vouches for the lease.
+#[tokio::test(start_paused = true)]
+async fn an_epoch_that_waited_for_a_retry_past_its_lease_writes_only_after_a_renewal() {
+    let stream = MemoryStream::new("lapsed", 1);
+    push(&stream, 0, &event(0, 1, T0));
+    let calls = Arc::new(Mutex::new(0u32));
+    let seen = Arc::clone(&calls);
+    let out = MemorySink::new("out");
+    let topology = Topology::builder("lapsed")
+        .dead_letter(DeadLetter::retry(
+            1,
+            Duration::from_secs(2),
+            DeadLetter::StopShard,
+        ))
+        .source(stream.clone().decode_fn(decode))
+        .try_map("flaky", move |e: &Event| {
+            let mut calls = seen.lock().unwrap();
+            *calls += 1;
+            if *calls == 1 {
+                Err("not yet")
+            } else {
+                Ok(e.clone())
+            }
+        })
+        .sink(out.clone())
+        .build()
+        .unwrap();
+    let leases = ScriptedLeaseStore::new(MemoryLeaseStore::new());
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(
+        Runtime::new(topology, Arc::new(leases.clone()))
+            .with_config(config(RunMode::Continuous))
+            .with_shutdown(shutdown.clone())
+            .run(),
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        *calls.lock().unwrap(),
+        1,
+        "the first call failed; a retry waits 2 s"
+    );
+    // Renewals fail from here for 3 s: the lease (300 ms) lapses during the wait.
+    leases.throttle_updates_for(Duration::from_secs(3));
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(*calls.lock().unwrap(), 2, "the retry ran");
+    assert!(
+        out.contents().is_empty(),
+        "written while the lease was not surely this worker's"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(out.contents().len(), 1, "written once a renewal came");
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_quiet_shard_closes_its_windows_and_a_replay_advances_where_the_first_run_did() {
     let stream = MemoryStream::new("quiet", 1);
@@ -943,6 +1000,55 @@ async fn a_graceful_stop_waits_out_a_lease_table_throttled_for_a_few_ticks() {
             "{key}: the final checkpoint covers every record"
         );
     }
+}
+
+/// Found in review: a worker stopping gracefully emitted its running results for a shard whose
+/// lease another worker had taken since its last renewal, beside the new owner's. The stop now
+/// renews first and ends a shard it learns it lost without a word more.
+#[tokio::test(start_paused = true)]
+async fn a_stop_emits_nothing_for_a_shard_taken_since_the_last_renewal() {
+    let stream = MemoryStream::new("taken", 1);
+    for i in 0..10 {
+        push(&stream, 0, &event(i, 1, T0 + i as i64));
+    }
+    let counts = MemorySink::new("counts");
+    let topology = Topology::builder("taken")
+        .source(stream.clone().decode_fn(decode))
+        .key_by(|e: &Event| e.key)
+        .aggregate(Count)
+        .sink(counts.clone())
+        .build()
+        .unwrap();
+    let leases = Arc::new(MemoryLeaseStore::new());
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(
+        Runtime::new(topology, leases.clone())
+            .with_config(RuntimeConfig {
+                // Running results go out only at the stop.
+                commit_interval: Duration::from_secs(3_600),
+                lease_duration: Duration::from_secs(10),
+                ..config(RunMode::Continuous)
+            })
+            .with_shutdown(shutdown.clone())
+            .run(),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Another worker takes the lease (say it judged it expired); this one has not renewed since.
+    let lease = leases.get("shard-0").await.unwrap().unwrap();
+    let take = LeaseUpdate::Take {
+        owner: "thief".into(),
+    };
+    leases
+        .update("shard-0", lease.counter, &take)
+        .await
+        .unwrap();
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+    assert!(
+        counts.contents().is_empty(),
+        "the stop wrote for a shard it no longer owned: {:?}",
+        counts.contents()
+    );
 }
 
 #[test]

@@ -195,6 +195,10 @@ impl ControlLoop {
                 biased;
                 () = self.shutdown.cancelled(), if stop_readers => {
                     tracing::info!(topology = %self.name(), "shutting down: stopping readers");
+                    // Renewed first: a lease another worker took since the last renewal is
+                    // then known lost, and its shard ends without emitting (`Release`)
+                    // instead of writing what the new owner now writes.
+                    self.renew().await;
                     self.running.values().for_each(|r| r.cancel.cancel());
                 }
                 Some(joined) = workers.join_next() => {
@@ -436,21 +440,7 @@ impl ControlLoop {
     /// The checkpoint tick: renew leases when due, then write every running shard's checkpoint.
     async fn on_tick(&mut self) {
         if renewal_due(self.last_renew.elapsed(), self.config.lease_duration) {
-            self.last_renew = Instant::now();
-            let (lost, failed) = self.leases.renew_all().await;
-            if failed == 0 {
-                self.health.lease_round_ok();
-            }
-            for key in lost {
-                self.decisions.record(|| format!("renewal lost {key}"));
-                self.metrics.lease_lost(self.name());
-                let name = self.topology.name.clone();
-                for r in self.running.values_mut().filter(|r| r.lease_key == key) {
-                    tracing::warn!(topology = %name, lease = %key, "lease lost");
-                    r.lost = true;
-                    r.cancel.cancel();
-                }
-            }
+            self.renew().await;
         }
         let ids: Vec<ShardId> = self
             .running
@@ -479,6 +469,25 @@ impl ControlLoop {
                         r.cancel.cancel();
                     }
                 }
+            }
+        }
+    }
+
+    /// Renews every held lease; stops the shards whose lease was lost.
+    async fn renew(&mut self) {
+        self.last_renew = Instant::now();
+        let (lost, failed) = self.leases.renew_all().await;
+        if failed == 0 {
+            self.health.lease_round_ok();
+        }
+        for key in lost {
+            self.decisions.record(|| format!("renewal lost {key}"));
+            self.metrics.lease_lost(self.name());
+            let name = self.topology.name.clone();
+            for r in self.running.values_mut().filter(|r| r.lease_key == key) {
+                tracing::warn!(topology = %name, lease = %key, "lease lost");
+                r.lost = true;
+                r.cancel.cancel();
             }
         }
     }

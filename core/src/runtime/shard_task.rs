@@ -368,6 +368,7 @@ impl ShardTask {
         run.epoch += 1;
         run.failures.begin_epoch(&raw, replay);
         let mut from = 0;
+        let mut waited = false;
         loop {
             let processed = run.pipeline.process(&raw, from, &mut run.watermark);
             if let (Some(first), false) = (processed.first_untimely, replay) {
@@ -387,6 +388,7 @@ impl ShardTask {
             // A user function waits to be called again: wait on the runtime's clock, then
             // resume the chain where it stopped.
             while let Some(until) = run.failures.take_parked() {
+                waited = true;
                 let cancelled = tokio::select! {
                     biased;
                     () = self.cancel.cancelled() => true,
@@ -402,6 +404,14 @@ impl ShardTask {
                 run.pipeline.resume();
             }
             from = parked + 1;
+        }
+        // Retries may have waited past the lease: as before a batch, the epoch goes on to the
+        // sinks only while the lease is surely this worker's.
+        if waited && !self.lease_guard.wait_valid(&self.cancel).await {
+            run.pipeline.discard();
+            let _ = run.failures.end_epoch();
+            run.epoch -= 1;
+            return self.stop(run).await.map(Some);
         }
         let (dead, stop) = run.failures.end_epoch();
         if let Some(stopped) = stop {

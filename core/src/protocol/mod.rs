@@ -25,7 +25,8 @@
 //!    all, come from [`watermark::WatermarkRules::observe`]; a window admits it by that
 //!    watermark only (`operators::window::admission`), so a replay judges it as the first run
 //!    did. A record that fails goes where [`failure::on_failure`] says: retried after a wait
-//!    on the runtime's clock, dead-lettered, or stopping the shard.
+//!    on the runtime's clock, dead-lettered (in a replay too: step 5 drops what was
+//!    committed), or stopping the shard (never in a replay: the first run got past it).
 //! 5. **The epoch flows.** Stateless operators run fused in the shard task; `key_by` sends
 //!    every keyed worker one message per epoch; sinks write it. A replayed epoch's outputs are
 //!    dropped, except what a holding sink has not stored yet (its own position in the
@@ -45,7 +46,9 @@
 //!    and never before the checkpoint the shard resumed from.
 //! 9. **It is written.** On the checkpoint tick the worker renews its leases when due
 //!    ([`lease_rules::renewal_due`]) and writes each moved checkpoint, conditional on owner
-//!    and counter ([`lease_rules::apply_update`]); a lost lease stops the shard.
+//!    and counter ([`lease_rules::apply_update`]); a lost lease stops the shard. A checkpoint
+//!    is decided under the lock every lease write takes, so the last decided is the last
+//!    written.
 //! 10. **The shard's task ends.** What happens next is [`outcome::after_task`]: a shard read
 //!     to its end or stopped in an orderly way waits for its last epochs to be committed and
 //!     writes its final checkpoint (`SHARD_END` lets its children start); one whose lease

@@ -194,6 +194,14 @@ mod worker {
             self.inner.name()
         }
 
+        fn check(&self, value: &T) -> Result<(), String> {
+            self.inner.check(value)
+        }
+
+        fn holds_record_outputs(&self) -> bool {
+            self.inner.holds_record_outputs()
+        }
+
         async fn open(&self, cx: &SinkContext) -> Result<Box<dyn SinkWriter<T>>, SinkError> {
             Ok(Box::new(LoggedWriter {
                 inner: self.inner.open(cx).await?,
@@ -245,6 +253,10 @@ mod worker {
 
         fn release_shard(&mut self, shard: &ShardId) {
             self.inner.release_shard(shard);
+        }
+
+        fn bytes_written(&self) -> u64 {
+            self.inner.bytes_written()
         }
     }
 }
@@ -407,6 +419,76 @@ mod scenario {
         seen
     }
 
+    /// Prints, for a failed check, the id ranges missing or repeated and every object's key,
+    /// metadata and id range (ids only, which are positions in the input), and keeps the
+    /// worker log.
+    async fn describe_s3(setup: &Setup, seen: &[u32]) {
+        let mut ranges: Vec<(usize, usize, u32)> = Vec::new();
+        for (id, count) in seen.iter().enumerate() {
+            if *count == 1 {
+                continue;
+            }
+            match ranges.last_mut() {
+                Some((_, end, c)) if *end + 1 == id && *c == *count => *end = id,
+                _ => ranges.push((id, id, *count)),
+            }
+        }
+        eprintln!("ids not seen exactly once (first..=last: times seen):");
+        for (first, last, count) in &ranges {
+            eprintln!("  {first}..={last}: {count}");
+        }
+        let page = setup
+            .s3
+            .list_objects_v2()
+            .bucket(&setup.bucket)
+            .send()
+            .await
+            .unwrap();
+        eprintln!("objects:");
+        for object in page.contents() {
+            let key = object.key().unwrap();
+            let got = setup
+                .s3
+                .get_object()
+                .bucket(&setup.bucket)
+                .key(key)
+                .send()
+                .await
+                .unwrap();
+            let metadata = got.metadata().cloned().unwrap_or_default();
+            let body = got.body.collect().await.unwrap().into_bytes();
+            let ids: Vec<u64> = body
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(|l| {
+                    serde_json::from_slice::<serde_json::Value>(l).unwrap()["value"]["id"]
+                        .as_u64()
+                        .unwrap()
+                })
+                .collect();
+            eprintln!(
+                "  {key} {:?} ids {:?}..={:?} ({} lines)",
+                metadata.iter().collect::<BTreeMap<_, _>>(),
+                ids.iter().min(),
+                ids.iter().max(),
+                ids.len()
+            );
+        }
+        let kept = setup.dir.path().to_path_buf();
+        let log = std::fs::read_to_string(kept.join("worker.log")).unwrap_or_default();
+        eprintln!("worker log (last 60 lines):");
+        for line in log
+            .lines()
+            .rev()
+            .take(60)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+        {
+            eprintln!("  {line}");
+        }
+    }
+
     /// Window counts in DynamoDB, summed over shards, by (key, window start).
     async fn counts_in_dynamodb(setup: &Setup) -> BTreeMap<(String, i64), u64> {
         let mut out = BTreeMap::new();
@@ -468,6 +550,9 @@ mod scenario {
         let seen = ids_in_s3(setup, usize::try_from(n).unwrap()).await;
         let missing = seen.iter().filter(|c| **c == 0).count();
         let repeated = seen.iter().filter(|c| **c > 1).count();
+        if (missing, repeated) != (0, 0) {
+            describe_s3(setup, &seen).await;
+        }
         assert_eq!(
             (missing, repeated),
             (0, 0),

@@ -90,6 +90,19 @@ pub struct Fenced {
     pub epoch: u64,
 }
 
+/// A sink's writer held outputs back ([`SinkWriter::held`](crate::sink::SinkWriter::held)) but
+/// the sink does not say it holds record outputs
+/// ([`Sink::holds_record_outputs`](crate::sink::Sink::holds_record_outputs)), typically a
+/// wrapping sink that forwards `held` but not `holds_record_outputs`. Such a sink would resume
+/// at the shard's checkpoint instead of after its last stored unit and lose or repeat records,
+/// so the runtime stops at its first write instead. Carried as the source of a [`SinkError`].
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "its writer holds outputs back (SinkWriter::held) but the sink does not declare \
+     holds_record_outputs: a sink that wraps another must forward both"
+)]
+pub struct UndeclaredHolding;
+
 /// A lease operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -240,6 +240,11 @@ pub trait Sink<T>: Send + Sync + 'static {
     /// must see all of a shard's record outputs in one writer, so that a replay at any
     /// parallelism cuts the same units: it is refused after `key_by` (late records), where
     /// several keyed workers write one shard's records. Default: no.
+    ///
+    /// A sink that wraps another must forward this, `check`, and its writer's `held`,
+    /// `end_shard` and `release_shard`: a writer that holds outputs under a sink that does not
+    /// declare it fails the run at its first write (`error::UndeclaredHolding`), since it
+    /// would resume at the wrong place.
     fn holds_record_outputs(&self) -> bool {
         false
     }

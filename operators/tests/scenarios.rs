@@ -553,6 +553,63 @@ async fn two_holding_sinks_on_one_shard_let_its_checkpoint_advance() {
     assert_eq!(even.len(), 150);
 }
 
+/// A sink that wraps a holding sink and forwards everything but `holds_record_outputs`.
+struct Hiding<S>(S);
+
+#[async_trait::async_trait]
+impl<T: Send + 'static, S: shardflow_core::sink::Sink<T>> shardflow_core::sink::Sink<T>
+    for Hiding<S>
+{
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+
+    async fn open(
+        &self,
+        cx: &shardflow_core::sink::SinkContext,
+    ) -> Result<Box<dyn shardflow_core::sink::SinkWriter<T>>, shardflow_core::error::SinkError>
+    {
+        self.0.open(cx).await
+    }
+}
+
+/// Found by the kill -9 test on kinesis-local (`tests/effectively_once.rs`), whose logging
+/// wrapper around `S3Sink` forwarded `held` but not `holds_record_outputs`: the runtime then
+/// gave the sink no replayed outputs, so each restart started a new object at its first live
+/// record. Records between the sink's last stored object and the checkpoint were lost
+/// (1 900 of 3 000) and objects overlapped (200 twice). Such a sink is now refused at its
+/// first write, before any checkpoint moves.
+#[tokio::test(start_paused = true)]
+async fn a_wrapper_hiding_that_its_sink_holds_outputs_is_refused_at_its_first_write() {
+    let stream = MemoryStream::new("archive", 1);
+    for i in 0..30 {
+        push(&stream, 0, &event(i, 1, T0 + i as i64));
+    }
+    stream.close(0);
+    let inner = HoldingSink::new("raw", 7, Duration::from_secs(3_600));
+    let topology = Topology::builder("archive")
+        .source(stream.clone().decode_fn(decode))
+        .sink(Hiding(inner))
+        .build()
+        .unwrap();
+    let leases = Arc::new(MemoryLeaseStore::new());
+    let error = Runtime::new(topology, leases.clone())
+        .with_config(config(RunMode::UntilCaughtUp))
+        .run()
+        .await
+        .expect_err("a holding writer under a sink that does not declare it");
+    let message = format!("{error:#}");
+    assert!(
+        message.contains("holds_record_outputs") && message.contains("raw"),
+        "{message}"
+    );
+    assert_eq!(
+        lease_committed(&*leases, "shard-0").await,
+        CheckpointPosition::Initial,
+        "no checkpoint moved"
+    );
+}
+
 /// Found in review: a dead-letter sink that gathers letters into units (S3) resumes after its
 /// last stored unit, but the replay up to the committed checkpoint wrote no dead letters, so
 /// the letters of the unit a stop dropped were lost.

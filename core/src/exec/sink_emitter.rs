@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::error::{Error, SinkError};
+use crate::error::{Error, SinkError, UndeclaredHolding};
 use crate::lease::CheckpointPosition;
 use crate::metrics::Metrics;
 use crate::operator::{Control, Emit, EpochCx, Ident, RecordCx, ReportFailure};
@@ -94,6 +94,27 @@ impl<T: Send + 'static> SinkEmitter<T> {
         }
         Ok(self.writer.as_mut().expect("writer was just opened"))
     }
+}
+
+/// Refuses a writer that holds outputs back under a sink that does not say so: the sink would
+/// be given no replayed outputs and resume at the shard's checkpoint instead of after its last
+/// stored unit, losing or repeating records. Checked after every write and commit, so the run
+/// stops before a hold report reaches the checkpoint.
+fn declared_holding<T: 'static>(
+    sink: &dyn Sink<T>,
+    writer: &dyn SinkWriter<T>,
+    operation: &'static str,
+) -> Result<(), Error> {
+    if sink.holds_record_outputs() || writer.held().is_empty() {
+        return Ok(());
+    }
+    Err(SinkError {
+        sink: sink.name().to_owned(),
+        operation,
+        retryable: false,
+        source: Box::new(UndeclaredHolding),
+    }
+    .into())
 }
 
 /// Runs a sink operation, retrying retryable errors with exponential backoff and full jitter.
@@ -203,6 +224,7 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
         self.bytes_reported = bytes;
         // A writer holding outputs back gets commits even without new writes, so that it can
         // deliver them within its latency bound on a quiet shard.
+        declared_holding(&*self.sink, &**writer, "commit")?;
         self.written = writer.held().iter().any(|(_, h)| h.buffered);
         Ok(())
     }
@@ -254,7 +276,10 @@ impl<T: Send + 'static> SinkEmitter<T> {
         };
         // Writers take the batch by value and retry inside (they know which requests are safe
         // to repeat); an error here is final for this pipeline instance.
-        self.writer().await?.write(batch).await?;
+        let sink = Arc::clone(&self.sink);
+        let writer = self.writer().await?;
+        writer.write(batch).await?;
+        declared_holding(&*sink, &**writer, "write")?;
         self.written = true;
         Ok(())
     }

@@ -209,7 +209,9 @@ pub enum BuildError {
     /// Two sinks that gather record outputs into units (the dead-letter sink among them) share
     /// a name: a shard's checkpoint keeps each one's position by name.
     #[error(
-        "two sinks of topology {topology:?} that gather record outputs into units are named          {sink:?}: each resumes after its own last stored unit, kept by name in the checkpoint;          give them names of their own"
+        "two sinks of topology {topology:?} that gather record outputs into units are named \
+         {sink:?}: each resumes after its own last stored unit, kept by name in the checkpoint; \
+         give them names of their own"
     )]
     HoldingSinkNamedTwice {
         /// The topology name.

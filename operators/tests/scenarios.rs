@@ -267,6 +267,7 @@ fn two_holding_sinks_of_one_name_are_refused_at_build_time() {
         .build()
         .expect_err("two holding sinks named archive");
     assert!(error.to_string().contains("\"archive\""), "{error}");
+    assert!(!error.to_string().contains("  "), "{error}");
 
     let letters = HoldingSink::new("archive", 10, Duration::from_secs(1));
     let error = Topology::builder("twins")
@@ -276,6 +277,19 @@ fn two_holding_sinks_of_one_name_are_refused_at_build_time() {
         .build()
         .expect_err("the dead-letter sink shares the name");
     assert!(error.to_string().contains("\"archive\""), "{error}");
+
+    // One holding sink archiving records and taking keyed results (stored one each) after
+    // key_by: only the first holds units.
+    let source = Topology::builder("twins").source(stream.clone().decode_fn(decode));
+    source.clone().sink(twin());
+    let counts = HoldingSink::new("archive", 10, Duration::from_secs(1));
+    let keyed = source
+        .key_by(|e: &Event| e.key)
+        .window(TumblingWindow::of(Duration::from_secs(10)))
+        .aggregate(Count)
+        .sink(counts)
+        .build();
+    assert!(keyed.is_ok(), "{:?}", keyed.err());
 
     // Sinks storing each output on its own may share a name (and one sink).
     let plain = MemorySink::new("archive");

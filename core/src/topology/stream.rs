@@ -263,7 +263,9 @@ impl<T: Send + 'static, S: Stage> Stream<T, S> {
                     sink: sink.name().to_owned(),
                 };
                 graph.refused.get_or_insert(refusal);
-            } else if sink.holds_record_outputs() {
+            } else if sink.holds_record_outputs() && !S::AFTER_KEY_BY {
+                // Only sinks on a shard's own path hold units; after key_by one takes keyed
+                // results, stored one each, and may share its name with one before.
                 let name = sink.name().to_owned();
                 if graph.holding_sinks.contains(&name) {
                     let refusal = BuildError::HoldingSinkNamedTwice {

@@ -197,8 +197,10 @@ impl ControlLoop {
                     tracing::info!(topology = %self.name(), "shutting down: stopping readers");
                     // Renewed first: a lease another worker took since the last renewal is
                     // then known lost, and its shard ends without emitting (`Release`)
-                    // instead of writing what the new owner now writes.
-                    self.renew().await;
+                    // instead of writing what the new owner now writes. Bounded, so that a
+                    // throttled table delays a stop by at most a renewal interval or so.
+                    let deadline = Instant::now() + self.config.lease_duration / 3;
+                    self.renew_until(Some(deadline)).await;
                     self.running.values().for_each(|r| r.cancel.cancel());
                 }
                 Some(joined) = workers.join_next() => {
@@ -475,8 +477,13 @@ impl ControlLoop {
 
     /// Renews every held lease; stops the shards whose lease was lost.
     async fn renew(&mut self) {
+        self.renew_until(None).await;
+    }
+
+    /// Renews held leases, starting none after `deadline`; marks the shards of lost ones.
+    async fn renew_until(&mut self, deadline: Option<Instant>) {
         self.last_renew = Instant::now();
-        let (lost, failed) = self.leases.renew_all().await;
+        let (lost, failed) = self.leases.renew_all_until(deadline).await;
         if failed == 0 {
             self.health.lease_round_ok();
         }
@@ -511,7 +518,8 @@ impl ControlLoop {
                     tracing::warn!(topology = %self.name(), shard = %f.shard, %error, "final checkpoint failed, retrying");
                     still.push(Finishing {
                         attempts: f.attempts + 1,
-                        retry_at: Some(Instant::now() + self.config.checkpoint_interval),
+                        // Half a tick: the next tick tries again, the reports before it do not.
+                        retry_at: Some(Instant::now() + self.config.checkpoint_interval / 2),
                         ..f
                     });
                     continue;

@@ -49,7 +49,7 @@ fn keys() -> Vec<String> {
 }
 
 async fn tick(worker: &Worker) {
-    worker.manager.renew_all().await;
+    worker.manager.renew_all_until(None).await;
     let leases = worker.manager.list().await.expect("list");
     let candidates: Vec<&Lease> = leases.iter().collect();
     let plan = worker.manager.plan(&candidates, 1).await;

@@ -207,14 +207,26 @@ impl LeaseManager {
 
     /// Renews every held lease; returns the keys that were lost and how many renewals failed
     /// for other reasons (the store unreachable, say).
-    pub(crate) async fn renew_all(&self) -> (Vec<String>, usize) {
+    /// Renews every held lease, starting no renewal after `deadline` (one under way runs to
+    /// its end, so that the counter it wrote is known); returns the keys that were lost and
+    /// how many renewals failed for other reasons (the store unreachable, say) or were not
+    /// started.
+    pub(crate) async fn renew_all_until(&self, deadline: Option<Instant>) -> (Vec<String>, usize) {
         let keys: Vec<String> = self.held.lock().await.keys().cloned().collect();
         let mut lost = Vec::new();
         let mut failed = 0;
-        for key in keys {
+        for (i, key) in keys.iter().enumerate() {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                failed += keys.len() - i;
+                tracing::warn!(
+                    leases = keys.len() - i,
+                    "lease renewals out of time; skipped"
+                );
+                break;
+            }
             match self
                 .apply(
-                    &key,
+                    key,
                     LeaseUpdate::Renew {
                         owner: self.owner.clone(),
                     },
@@ -222,7 +234,9 @@ impl LeaseManager {
                 .await
             {
                 Ok(_) => {}
-                Err(LeaseError::LeaseLost { .. } | LeaseError::NotFound { .. }) => lost.push(key),
+                Err(LeaseError::LeaseLost { .. } | LeaseError::NotFound { .. }) => {
+                    lost.push(key.clone());
+                }
                 Err(error) => {
                     failed += 1;
                     tracing::warn!(lease = %key, %error, "lease renewal failed");
@@ -363,6 +377,37 @@ mod tests {
         assert_eq!(me.held_count().await, 0, "a lost lease is forgotten");
     }
 
+    /// Found in review: the renewal a stop makes first went through every lease however slow
+    /// the table, delaying the stop without bound.
+    #[tokio::test(start_paused = true)]
+    async fn renewals_start_no_later_than_their_deadline() {
+        use crate::testing::ScriptedLeaseStore;
+
+        let scripted = ScriptedLeaseStore::new(MemoryLeaseStore::new());
+        let store: Arc<dyn LeaseStore> = Arc::new(scripted.clone());
+        let me = LeaseManager::new(Arc::clone(&store), "me".into(), Duration::from_secs(10));
+        for i in 0..10 {
+            let key = format!("s{i}");
+            store
+                .create_if_absent(&Lease::new(&key, vec![]))
+                .await
+                .unwrap();
+            let free = store.get(&key).await.unwrap().unwrap();
+            me.take(&free).await.unwrap().expect("a free lease");
+        }
+        scripted.delay_updates(Duration::from_millis(100));
+        let started = Instant::now();
+        let (lost, failed) = me
+            .renew_all_until(Some(started + Duration::from_millis(250)))
+            .await;
+        // Renewals start at 0, 100 and 200 ms; the third ends at 300 ms.
+        assert_eq!(started.elapsed(), Duration::from_millis(300));
+        assert_eq!((lost.len(), failed), (0, 7));
+        let (lost, failed) = me.renew_all_until(None).await;
+        assert_eq!((lost.len(), failed), (0, 0));
+        assert_eq!(started.elapsed(), Duration::from_millis(1_300));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_checkpoint_is_decided_only_once_the_write_before_it_is_done() {
         use crate::testing::ScriptedLeaseStore;
@@ -385,7 +430,7 @@ mod tests {
         scripted.block_updates(true);
         let renewing = tokio::spawn({
             let me = Arc::clone(&me);
-            async move { me.renew_all().await }
+            async move { me.renew_all_until(None).await }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         let decided = Arc::new(AtomicBool::new(false));

@@ -1,6 +1,6 @@
-//! `ScriptedLeaseStore`: wraps any lease store and follows a script: block updates, fail the
-//! next listings or updates (or every update for a while), report the next renewals as lost,
-//! and log every update that succeeded.
+//! `ScriptedLeaseStore`: wraps any lease store and follows a script: block or slow down
+//! updates, fail the next listings or updates (or every update for a while), report the next
+//! renewals as lost, and log every update that succeeded.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,6 +16,8 @@ const MAX_LOGGED_UPDATES: usize = 1_000_000;
 #[derive(Debug, Default)]
 struct Script {
     blocked: bool,
+    /// Every update takes this long before it is tried.
+    update_delay: Duration,
     list_failures: u32,
     list_failures_retryable: bool,
     lose_renewals: u32,
@@ -59,6 +61,12 @@ impl<S: LeaseStore> ScriptedLeaseStore<S> {
     /// Updates wait while blocked (a lease table out of reach).
     pub fn block_updates(&self, blocked: bool) {
         self.lock().blocked = blocked;
+    }
+
+    /// Every update takes `delay` before it is tried (a table whose client retries throttled
+    /// requests inside).
+    pub fn delay_updates(&self, delay: Duration) {
+        self.lock().update_delay = delay;
     }
 
     /// The next `n` listings fail, retryably or not.
@@ -125,6 +133,10 @@ impl<S: LeaseStore> LeaseStore for ScriptedLeaseStore<S> {
     ) -> Result<Lease, LeaseError> {
         while self.lock().blocked {
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let delay = self.lock().update_delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
         }
         {
             let mut script = self.lock();

@@ -949,6 +949,9 @@ mod tests {
             );
         }
         assert_eq!(p.with_advances().committed, at(2000));
+        // Once the lagging path catches up, the checkpoint moves on.
+        p.report(1, 800, None);
+        assert_eq!(p.checkpoint().unwrap().committed, at(8000));
     }
 
     #[test]

@@ -72,5 +72,9 @@ mod tests {
             on_failure(&DeadLetter::StopShard, 0, false, true),
             OnFailure::Replayed
         );
+        let letters = DeadLetter::to(crate::sink::MemorySink::new("letters"));
+        assert_eq!(on_failure(&letters, 0, true, true), OnFailure::DeadLetter);
+        let retried = DeadLetter::retry(1, Duration::from_millis(10), letters);
+        assert_eq!(on_failure(&retried, 1, true, true), OnFailure::DeadLetter);
     }
 }

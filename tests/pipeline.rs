@@ -1162,12 +1162,17 @@ async fn checkpoint_lag_counts_records_read_but_not_yet_checkpointed() {
     for i in 10..15 {
         push(&stream, 0, "u", i);
     }
+    // Event time is the arrival time here (ms 0..=14): the watermark is the largest of it. The
+    // lag is 0 before the new records are read as well as after, so wait for the watermark.
+    let watermark = || sum_where(&registry, "shardflow_watermark_ms", "shard", "shard-0");
+    for _ in 0..500 {
+        if watermark() == 14.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(watermark(), 14.0);
     wait_for(0.0).await;
-    // Event time is the arrival time here (ms 0..=14): the watermark is the largest of it.
-    assert_eq!(
-        sum_where(&registry, "shardflow_watermark_ms", "shard", "shard-0"),
-        14.0
-    );
     let lag = sum_where(&registry, "shardflow_event_time_lag_ms", "shard", "shard-0");
     assert!(
         lag > 1.7e12,

@@ -419,9 +419,9 @@ mod scenario {
         seen
     }
 
-    /// Prints, for a failed check, the id ranges missing or repeated and every object's key,
-    /// metadata and id range (ids only, which are positions in the input), and keeps the
-    /// worker log.
+    /// Prints, for a failed check, the id ranges missing or repeated, every object's key,
+    /// metadata and id range (the first page of the listing; ids are positions in the input),
+    /// and the worker log's last lines.
     async fn describe_s3(setup: &Setup, seen: &[u32]) {
         let mut ranges: Vec<(usize, usize, u32)> = Vec::new();
         for (id, count) in seen.iter().enumerate() {
@@ -434,8 +434,11 @@ mod scenario {
             }
         }
         eprintln!("ids not seen exactly once (first..=last: times seen):");
-        for (first, last, count) in &ranges {
+        for (first, last, count) in ranges.iter().take(40) {
             eprintln!("  {first}..={last}: {count}");
+        }
+        if ranges.len() > 40 {
+            eprintln!("  ... {} more ranges", ranges.len() - 40);
         }
         let page = setup
             .s3
@@ -457,21 +460,23 @@ mod scenario {
                 .unwrap();
             let metadata = got.metadata().cloned().unwrap_or_default();
             let body = got.body.collect().await.unwrap().into_bytes();
-            let ids: Vec<u64> = body
+            let lines: Vec<&[u8]> = body
                 .split(|b| *b == b'\n')
                 .filter(|l| !l.is_empty())
-                .map(|l| {
-                    serde_json::from_slice::<serde_json::Value>(l).unwrap()["value"]["id"]
-                        .as_u64()
-                        .unwrap()
-                })
+                .collect();
+            // An object cut short (s3rver keeps a killed PUT's part) shows as unparsed lines.
+            let ids: Vec<u64> = lines
+                .iter()
+                .filter_map(|l| serde_json::from_slice::<serde_json::Value>(l).ok())
+                .filter_map(|v| v["value"]["id"].as_u64())
                 .collect();
             eprintln!(
-                "  {key} {:?} ids {:?}..={:?} ({} lines)",
+                "  {key} {:?} ids {:?}..={:?} ({} lines, {} unparsed)",
                 metadata.iter().collect::<BTreeMap<_, _>>(),
                 ids.iter().min(),
                 ids.iter().max(),
-                ids.len()
+                lines.len(),
+                lines.len() - ids.len()
             );
         }
         let kept = setup.dir.path().to_path_buf();

@@ -334,6 +334,17 @@ async fn the_checkpoint_never_passes_a_record_whose_object_is_not_stored() {
             "{checkpoint:?}"
         );
     }
+    assert_eq!(
+        (
+            &after.checkpoint.committed,
+            after.checkpoint.sinks.get(&name)
+        ),
+        (
+            &CheckpointPosition::At(pos(20)),
+            Some(&CheckpointPosition::At(pos(14)))
+        ),
+        "the shard's committed position and the sink's own, beside it"
+    );
     assert_eq!(keys(&client, &b).await.len(), 2);
 
     // A bounded run resumes at 15 and stores the rest when it reaches the end of the input.

@@ -90,18 +90,49 @@ pub struct Fenced {
     pub epoch: u64,
 }
 
-/// A sink's writer held outputs back ([`SinkWriter::held`](crate::sink::SinkWriter::held)) but
-/// the sink does not say it holds record outputs
-/// ([`Sink::holds_record_outputs`](crate::sink::Sink::holds_record_outputs)), typically a
-/// wrapping sink that forwards `held` but not `holds_record_outputs`. Such a sink would resume
-/// at the shard's checkpoint instead of after its last stored unit and lose or repeat records,
-/// so the runtime stops at its first write instead. Carried as the source of a [`SinkError`].
+/// A sink writer broke the contract of what it holds back
+/// ([`Sink::holds_record_outputs`](crate::sink::Sink::holds_record_outputs),
+/// [`SinkWriter::held`](crate::sink::SinkWriter::held)), typically a sink or writer that wraps
+/// another and forwards only part of it. What it holds would not reach the checkpoint as it
+/// must, and a restart would resume at the wrong place, losing or repeating records; so the run
+/// stops at the first write, commit or shard end that shows it, before any checkpoint moves.
+/// Carried as the source of a [`SinkError`].
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "its writer holds outputs back (SinkWriter::held) but the sink does not declare \
-     holds_record_outputs: a sink that wraps another must forward both"
-)]
-pub struct UndeclaredHolding;
+#[non_exhaustive]
+pub enum HoldingContract {
+    /// The writer holds outputs back but the sink does not declare `holds_record_outputs`.
+    #[error(
+        "its writer holds outputs back (SinkWriter::held) but the sink does not declare \
+         holds_record_outputs: a sink that wraps another must forward both"
+    )]
+    Undeclared,
+    /// The writer holds outputs back after `key_by`, where nothing tracks what it holds.
+    #[error(
+        "its writer holds outputs back (SinkWriter::held) after key_by, where no checkpoint \
+         tracks them: only sinks on a shard's own path may hold outputs"
+    )]
+    AfterKeyBy,
+    /// The sink declares `holds_record_outputs` but its writer reported nothing for a shard
+    /// right after it was given the shard's records.
+    #[error(
+        "the sink declares holds_record_outputs but its writer reports nothing held for shard \
+         {shard} after writing its records (SinkWriter::held): a writer that wraps another must \
+         forward held, end_shard and release_shard"
+    )]
+    Unreported {
+        /// The source shard.
+        shard: ShardId,
+    },
+    /// The writer still buffers outputs of a shard after it was told the shard ended.
+    #[error(
+        "its writer still buffers outputs of shard {shard} after end_shard: a writer that wraps \
+         another must forward end_shard"
+    )]
+    NotDrained {
+        /// The source shard.
+        shard: ShardId,
+    },
+}
 
 /// A lease operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -242,9 +242,11 @@ pub trait Sink<T>: Send + Sync + 'static {
     /// several keyed workers write one shard's records. Default: no.
     ///
     /// A sink that wraps another must forward this, `check`, and its writer's `held`,
-    /// `end_shard` and `release_shard`: a writer that holds outputs under a sink that does not
-    /// declare it fails the run at its first write (`error::UndeclaredHolding`), since it
-    /// would resume at the wrong place.
+    /// `end_shard` and `release_shard`. The runtime refuses what it can see of a partial
+    /// forward (`error::HoldingContract`) at the first write, commit or shard end that shows
+    /// it, before any checkpoint moves: a writer holding outputs under a sink that does not
+    /// declare it, or after `key_by`; a declared one that reports nothing for a shard right
+    /// after writing its records, or still buffers a shard after `end_shard`.
     fn holds_record_outputs(&self) -> bool {
         false
     }
@@ -281,7 +283,10 @@ pub trait SinkWriter<T>: Send {
     /// outputs of, where the shard's checkpoint may stop ([`Held`]). The runtime never
     /// checkpoints inside a unit or past buffered outputs, so a replay starts where a unit
     /// starts. Only outputs of records ([`OutputId::Record`], on the shard's own path before
-    /// any `key_by`) may be held. Default: no constraint.
+    /// any `key_by`) may be held. A writer of a sink that declares
+    /// [`Sink::holds_record_outputs`] reports a shard here right after it was given outputs
+    /// of the shard's records (stored or buffered), and reports none buffered after
+    /// [`end_shard`](Self::end_shard). Default: no constraint.
     fn held(&self) -> Vec<(ShardId, Held)> {
         Vec::new()
     }

@@ -101,27 +101,26 @@ impl<T: Send + 'static> Instantiate<T> for SinkDecl<T> {
             topology: cx.topology.clone(),
             instance: cx.instance.clone(),
         };
-        // A sink that holds record outputs resumes exactly after its last stored unit.
-        let skip_through = match &cx.resumed {
-            Some(resumed) if self.sink.holds_record_outputs() => Some(
+        let emitter = SinkEmitter::new(
+            Arc::clone(&self.sink),
+            sink_cx,
+            cx.metrics.clone(),
+            cx.random.clone(),
+        )
+        .with_failures(cx.failures.clone());
+        let emitter = match &cx.resumed {
+            // On a shard's own path, a sink that holds record outputs resumes exactly after
+            // its last stored unit.
+            Some(resumed) => emitter.on_shard_path(self.sink.holds_record_outputs().then(|| {
                 resumed
                     .sinks
                     .get(self.sink.name())
                     .unwrap_or(&resumed.committed)
-                    .clone(),
-            ),
-            _ => None,
+                    .clone()
+            })),
+            None => emitter,
         };
-        Box::new(
-            SinkEmitter::new(
-                Arc::clone(&self.sink),
-                sink_cx,
-                cx.metrics.clone(),
-                cx.random.clone(),
-            )
-            .with_failures(cx.failures.clone())
-            .skipping_through(skip_through),
-        )
+        Box::new(emitter)
     }
 }
 

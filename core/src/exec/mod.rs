@@ -10,6 +10,7 @@ mod chain;
 mod exchange;
 pub(crate) mod failures;
 mod fallible;
+mod holding;
 mod instantiate;
 mod keyed_worker;
 pub(crate) mod sink_emitter;

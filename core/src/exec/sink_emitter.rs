@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::error::{Error, SinkError, UndeclaredHolding};
+use crate::error::{Error, SinkError};
 use crate::lease::CheckpointPosition;
 use crate::metrics::Metrics;
 use crate::operator::{Control, Emit, EpochCx, Ident, RecordCx, ReportFailure};
@@ -15,6 +15,7 @@ use crate::random::Random;
 use crate::sink::{Held, Output, OutputBatch, OutputId, Sink, SinkContext, SinkWriter};
 
 use super::chain::next_capacity;
+use super::holding;
 
 /// Attempts of a retryable sink operation before the pipeline fails.
 const SINK_ATTEMPTS: u32 = 6;
@@ -43,6 +44,9 @@ pub(crate) struct SinkEmitter<T> {
     /// For a sink that holds record outputs, on a shard's own path: outputs of records up to
     /// here are in units it stored, whether the epoch is a replay or not.
     pub(crate) skip_through: Option<CheckpointPosition>,
+    /// Whether what the writer holds back reaches a shard's checkpoint: on a shard's own
+    /// path. After `key_by` nothing tracks it, and a writer that holds anything is refused.
+    pub(crate) holds_tracked: bool,
 }
 
 impl<T: Send + 'static> SinkEmitter<T> {
@@ -64,13 +68,16 @@ impl<T: Send + 'static> SinkEmitter<T> {
             failures: None,
             random,
             skip_through: None,
+            holds_tracked: false,
         }
     }
 
-    /// Writes only outputs of records after `position` (a holding sink resuming after its
-    /// last stored unit).
-    pub(crate) fn skipping_through(mut self, position: Option<CheckpointPosition>) -> Self {
-        self.skip_through = position;
+    /// On a shard's own path, where what the writer holds back reaches the shard's
+    /// checkpoint: writes only outputs of records after `skip_through` (a holding sink
+    /// resuming after its last stored unit).
+    pub(crate) fn on_shard_path(mut self, skip_through: Option<CheckpointPosition>) -> Self {
+        self.skip_through = skip_through;
+        self.holds_tracked = true;
         self
     }
 
@@ -94,27 +101,6 @@ impl<T: Send + 'static> SinkEmitter<T> {
         }
         Ok(self.writer.as_mut().expect("writer was just opened"))
     }
-}
-
-/// Refuses a writer that holds outputs back under a sink that does not say so: the sink would
-/// be given no replayed outputs and resume at the shard's checkpoint instead of after its last
-/// stored unit, losing or repeating records. Checked after every write and commit, so the run
-/// stops before a hold report reaches the checkpoint.
-fn declared_holding<T: 'static>(
-    sink: &dyn Sink<T>,
-    writer: &dyn SinkWriter<T>,
-    operation: &'static str,
-) -> Result<(), Error> {
-    if sink.holds_record_outputs() || writer.held().is_empty() {
-        return Ok(());
-    }
-    Err(SinkError {
-        sink: sink.name().to_owned(),
-        operation,
-        retryable: false,
-        source: Box::new(UndeclaredHolding),
-    }
-    .into())
 }
 
 /// Runs a sink operation, retrying retryable errors with exponential backoff and full jitter.
@@ -191,6 +177,8 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
             Control::ShardEnd | Control::EndOfInput => {
                 if let Some(writer) = self.writer.as_mut() {
                     writer.end_shard(&epoch.shard).await?;
+                    let after = holding::After::EndShard(&epoch.shard);
+                    holding::check(&*self.sink, &**writer, self.holds_tracked, after)?;
                 }
             }
             Control::Stop | Control::Release => {
@@ -224,7 +212,12 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
         self.bytes_reported = bytes;
         // A writer holding outputs back gets commits even without new writes, so that it can
         // deliver them within its latency bound on a quiet shard.
-        declared_holding(&*self.sink, &**writer, "commit")?;
+        holding::check(
+            &*self.sink,
+            &**writer,
+            self.holds_tracked,
+            holding::After::Commit,
+        )?;
         self.written = writer.held().iter().any(|(_, h)| h.buffered);
         Ok(())
     }
@@ -250,6 +243,7 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
 impl<T: Send + 'static> SinkEmitter<T> {
     /// Hands the epoch's outputs to the writer.
     async fn write(&mut self, epoch: &EpochCx) -> Result<(), Error> {
+        let of_records = !self.of_records.is_empty();
         let capacity = next_capacity(self.ready.len());
         let mut outputs = std::mem::replace(&mut self.ready, Vec::with_capacity(capacity));
         outputs.extend(
@@ -276,10 +270,16 @@ impl<T: Send + 'static> SinkEmitter<T> {
         };
         // Writers take the batch by value and retry inside (they know which requests are safe
         // to repeat); an error here is final for this pipeline instance.
-        let sink = Arc::clone(&self.sink);
+        let (sink, tracked) = (Arc::clone(&self.sink), self.holds_tracked);
         let writer = self.writer().await?;
         writer.write(batch).await?;
-        declared_holding(&*sink, &**writer, "write")?;
+        let records_of = of_records.then_some(&epoch.shard);
+        holding::check(
+            &*sink,
+            &**writer,
+            tracked,
+            holding::After::Write { records_of },
+        )?;
         self.written = true;
         Ok(())
     }

@@ -46,9 +46,10 @@ struct Finishing {
     shard_end: bool,
     /// Final checkpoint writes that failed retryably so far.
     attempts: u32,
-    /// Not tried again before this (a tick after a failure): the loop wakes on every report,
-    /// and attempts counted per wake-up would give up within milliseconds.
-    retry_at: Option<Instant>,
+    /// The tick of the last failed write: not tried again before the next tick, since the
+    /// loop wakes on every report and attempts counted per wake-up would give up within
+    /// milliseconds.
+    failed_at_tick: Option<u64>,
 }
 
 /// Retryable failures of a final checkpoint a run that is ending waits through.
@@ -109,6 +110,8 @@ pub(crate) struct ControlLoop {
     report: RunReport,
     /// When this worker last renewed its leases.
     last_renew: Instant,
+    /// Checkpoint ticks so far.
+    ticks: u64,
     sync: SyncSchedule,
     /// The error that ends the run, once there is one: no new shard starts after it.
     failure: Option<Error>,
@@ -152,6 +155,7 @@ impl ControlLoop {
             stopped: Vec::new(),
             report: RunReport::default(),
             last_renew: now,
+            ticks: 0,
             sync: SyncSchedule {
                 next: now,
                 failures: 0,
@@ -197,8 +201,9 @@ impl ControlLoop {
                     tracing::info!(topology = %self.name(), "shutting down: stopping readers");
                     // Renewed first: a lease another worker took since the last renewal is
                     // then known lost, and its shard ends without emitting (`Release`)
-                    // instead of writing what the new owner now writes. Bounded, so that a
-                    // throttled table delays a stop by at most a renewal interval or so.
+                    // instead of writing what the new owner now writes. No renewal starts after
+                    // a third of the lease (one under way finishes), so that a slow table
+                    // delays a stop by little more than one slow write.
                     let deadline = Instant::now() + self.config.lease_duration / 3;
                     self.renew_until(Some(deadline)).await;
                     self.running.values().for_each(|r| r.cancel.cancel());
@@ -404,7 +409,7 @@ impl ControlLoop {
                 last_epoch,
                 shard_end,
                 attempts: 0,
-                retry_at: None,
+                failed_at_tick: None,
             }),
             AfterTask::Forget { resync, count_lost } => {
                 if count_lost {
@@ -441,6 +446,7 @@ impl ControlLoop {
 
     /// The checkpoint tick: renew leases when due, then write every running shard's checkpoint.
     async fn on_tick(&mut self) {
+        self.ticks += 1;
         if renewal_due(self.last_renew.elapsed(), self.config.lease_duration) {
             self.renew().await;
         }
@@ -503,7 +509,7 @@ impl ControlLoop {
     async fn finish_committed(&mut self) {
         let mut still = Vec::new();
         for f in std::mem::take(&mut self.finishing) {
-            let waiting = f.retry_at.is_some_and(|at| Instant::now() < at);
+            let waiting = f.failed_at_tick.is_some_and(|t| self.ticks <= t);
             if waiting || self.tracker.committed_epoch(&f.shard) < f.last_epoch {
                 still.push(f);
                 continue;
@@ -518,8 +524,7 @@ impl ControlLoop {
                     tracing::warn!(topology = %self.name(), shard = %f.shard, %error, "final checkpoint failed, retrying");
                     still.push(Finishing {
                         attempts: f.attempts + 1,
-                        // Half a tick: the next tick tries again, the reports before it do not.
-                        retry_at: Some(Instant::now() + self.config.checkpoint_interval / 2),
+                        failed_at_tick: Some(self.ticks),
                         ..f
                     });
                     continue;

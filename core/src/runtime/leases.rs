@@ -205,8 +205,6 @@ impl LeaseManager {
         Ok(written)
     }
 
-    /// Renews every held lease; returns the keys that were lost and how many renewals failed
-    /// for other reasons (the store unreachable, say).
     /// Renews every held lease, starting no renewal after `deadline` (one under way runs to
     /// its end, so that the counter it wrote is known); returns the keys that were lost and
     /// how many renewals failed for other reasons (the store unreachable, say) or were not

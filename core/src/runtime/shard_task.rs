@@ -155,7 +155,7 @@ impl ShardTask {
                 self.metrics.clone(),
                 self.random.clone(),
             )
-            .skipping_through(skip)
+            .on_shard_path(skip)
         });
         let mut run = Running {
             pipeline,

@@ -2,7 +2,7 @@
 
 use crate::lease::LeaseEpoch;
 use crate::position::{RecordPosition, SequenceNumber, ShardId};
-use crate::sink::{InspectSink, Output, OutputBatch, OutputId, SinkContext, Window};
+use crate::sink::{Held, InspectSink, Output, OutputBatch, OutputId, SinkContext, Window};
 
 fn cx(instance: &str) -> SinkContext {
     SinkContext {
@@ -65,6 +65,17 @@ where
     // are durable: an output missing after a commit is one it reports held.
     let got = sink.committed().await.expect("read back");
     let held = writer.held();
+    if sink.holds_record_outputs() {
+        assert!(
+            held.iter().any(|(s, _)| s == &shard),
+            "a holding sink's writer reports a shard it was given records of: {held:?}"
+        );
+    } else {
+        assert!(
+            held.iter().all(|(_, h)| *h == Held::default()),
+            "a writer holds outputs back only if its sink says so: {held:?}"
+        );
+    }
     for n in [0, 1] {
         let id = record(1, n);
         if !got.contains_key(&(shard.clone(), id.to_path())) {

@@ -210,14 +210,14 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
             bytes.saturating_sub(self.bytes_reported),
         );
         self.bytes_reported = bytes;
-        // A writer holding outputs back gets commits even without new writes, so that it can
-        // deliver them within its latency bound on a quiet shard.
         holding::check(
             &*self.sink,
             &**writer,
             self.holds_tracked,
             holding::After::Commit,
         )?;
+        // A writer holding outputs back gets commits even without new writes, so that it can
+        // deliver them within its latency bound on a quiet shard.
         self.written = writer.held().iter().any(|(_, h)| h.buffered);
         Ok(())
     }

@@ -1226,3 +1226,105 @@ async fn a_shard_sync_that_fails_transiently_is_retried_and_a_lasting_failure_en
     assert!(!error.is_retryable(), "{error}");
     assert!(out.contents().is_empty());
 }
+
+/// GETs `path` from the ops endpoint at `addr`: (status, body).
+async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_owned());
+    (status, body)
+}
+
+/// Issue 12: a shard the `StopShard` policy stopped kept its lease renewed for ever, invisible
+/// to metrics and the ops endpoint. Now a gauge counts it and `/readyz` names it with its
+/// position and reason, while `/healthz` (liveness) stays 200 so that a supervisor does not
+/// restart the worker straight back into the bad record; the other shards go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_stopped_at_a_bad_record_shows_in_readyz_and_a_gauge_not_in_healthz() {
+    let stream = MemoryStream::new("stopping", 2);
+    push(&stream, 0, "u", 1);
+    stream.push(0, 2, b"u", b"{not json");
+    push(&stream, 0, "u", 3);
+    push(&stream, 1, "v", 1);
+    let sink = MemorySink::new("clicks");
+    let topology = Topology::builder("stopping")
+        .source(stream.clone().json::<Click>())
+        .sink(sink.clone())
+        .build()
+        .unwrap();
+    let registry = prometheus::Registry::new();
+    let health = shardflow::core::runtime::Health::new();
+    let ops = shardflow::ops::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        registry.clone(),
+        health.clone(),
+    )
+    .await
+    .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(
+        Runtime::new(topology, Arc::new(MemoryLeaseStore::new()))
+            .with_config(RuntimeConfig {
+                mode: RunMode::Continuous,
+                ..bounded(1)
+            })
+            .with_metrics(shardflow::Metrics::new(&registry))
+            .with_health(health)
+            .with_shutdown(shutdown.clone())
+            .run(),
+    );
+    let mut readyz = (0, String::new());
+    for _ in 0..500 {
+        readyz = get(ops.local_addr(), "/readyz").await;
+        if readyz.0 == 503 && readyz.1.contains("shard-0") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(readyz.0, 503, "{}", readyz.1);
+    assert!(
+        readyz.1.contains("shard shard-0 stopped at record 2/0") && !readyz.1.contains("shard-1"),
+        "{}",
+        readyz.1
+    );
+    assert_eq!(get(ops.local_addr(), "/healthz").await.0, 200);
+    assert_eq!(
+        sum_where(
+            &registry,
+            "shardflow_shards_stopped",
+            "topology",
+            "stopping"
+        ),
+        1.0
+    );
+    // The other shard goes on.
+    push(&stream, 1, "v", 2);
+    let of_shard_1 = || {
+        sink.contents()
+            .keys()
+            .filter(|(shard, _)| shard.as_str() == "shard-1")
+            .count()
+    };
+    for _ in 0..500 {
+        if of_shard_1() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(of_shard_1(), 2, "{:?}", sink.contents());
+    shutdown.cancel();
+    let error = run
+        .await
+        .unwrap()
+        .expect_err("the run reports the stopped shard");
+    assert!(error.to_string().contains("shard-0"), "{error}");
+}

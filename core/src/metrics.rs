@@ -25,6 +25,7 @@ pub struct Metrics {
     leases_held: IntGaugeVec,
     leases_taken: IntCounterVec,
     leases_lost: IntCounterVec,
+    shards_stopped: IntGaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -148,6 +149,12 @@ impl Metrics {
                 "Leases this worker lost (stolen, expired, or fenced by a sink)",
                 &["topology"],
             ),
+            shards_stopped: gauge(
+                "shardflow_shards_stopped",
+                "Shards the dead-letter policy stopped at a bad record in this run (their leases \
+                 stay held, so no other worker reads past it; see /readyz)",
+                &["topology"],
+            ),
         }
     }
 
@@ -255,6 +262,12 @@ impl Metrics {
 
     pub(crate) fn lease_lost(&self, topology: &str) {
         self.leases_lost.with_label_values(&[topology]).inc();
+    }
+
+    pub(crate) fn shards_stopped(&self, topology: &str, stopped: usize) {
+        self.shards_stopped
+            .with_label_values(&[topology])
+            .set(i64::try_from(stopped).unwrap_or(i64::MAX));
     }
 
     pub(crate) fn leases(&self, topology: &str, held: usize) {

@@ -1,6 +1,7 @@
-//! The operations endpoint: `GET /metrics` (Prometheus text format of a registry) and
-//! `GET /healthz` (200 while the worker reaches its lease table, 503 otherwise). Bind it to
-//! loopback (the default in examples) unless a scraper elsewhere needs it.
+//! The operations endpoint: `GET /metrics` (Prometheus text format of a registry), `GET
+//! /healthz` (liveness: 200 while the worker reaches its lease table, 503 otherwise) and `GET
+//! /readyz` (readiness: 503 also while a shard is stopped at a bad record, naming each). Bind it
+//! to loopback (the default in examples) unless a scraper elsewhere needs it.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -36,7 +37,7 @@ impl Drop for OpsServer {
     }
 }
 
-/// Serves `/metrics` from `registry` and `/healthz` from `health` on `addr`.
+/// Serves `/metrics` from `registry`, and `/healthz` and `/readyz` from `health`, on `addr`.
 ///
 /// # Errors
 /// The address could not be bound.
@@ -120,10 +121,32 @@ fn respond(req: &Request<Incoming>, registry: &Registry, health: &Health) -> Res
                 )
             }
         }
+        "/readyz" => {
+            // A supervisor restarting on /healthz would restart a worker straight back into
+            // the bad record; readiness is where a stopped shard shows.
+            let stopped = health.stopped_shards();
+            let mut body = if health.is_healthy() {
+                String::new()
+            } else {
+                "unready: lease table not reached within a lease duration\n".to_owned()
+            };
+            for what in &stopped {
+                body.push_str(&format!("unready: {what}\n"));
+            }
+            if body.is_empty() {
+                reply(StatusCode::OK, "text/plain", b"ready\n".to_vec())
+            } else {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    body.into_bytes(),
+                )
+            }
+        }
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            b"/metrics or /healthz\n".to_vec(),
+            b"/metrics, /healthz or /readyz\n".to_vec(),
         ),
     }
 }

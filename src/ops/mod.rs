@@ -1,4 +1,4 @@
-//! Running a worker in production: the operations HTTP endpoint (`/metrics`, `/healthz`) and
+//! Running a worker in production: the operations HTTP endpoint (`/metrics`, `/healthz`, `/readyz`) and
 //! graceful shutdown on SIGTERM/SIGINT.
 
 mod http;

@@ -1,6 +1,6 @@
 //! `shardflow::run`: the worker's `main`. Reads its settings (flags, `SHARDFLOW_*` environment,
 //! a TOML file), sets up logs, builds the topology with the settings' clients, picks the lease
-//! store (a directory on the local backend, DynamoDB on AWS), serves `/metrics` and `/healthz`,
+//! store (a directory on the local backend, DynamoDB on AWS), serves `/metrics`, `/healthz` and `/readyz`,
 //! and runs until SIGTERM or SIGINT (drain, checkpoint, release leases; a second signal exits),
 //! or with `--until-caught-up` until it processed what the stream holds (a backfill, with a
 //! progress line on a terminal).

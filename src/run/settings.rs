@@ -83,7 +83,7 @@ pub struct Flags {
     /// Leases stolen per sync round at most.
     #[arg(long, env = "SHARDFLOW_MAX_LEASES_TO_STEAL")]
     pub max_leases_to_steal: Option<usize>,
-    /// Address of `/metrics` and `/healthz` (default `127.0.0.1:9464`).
+    /// Address of `/metrics`, `/healthz` and `/readyz` (default `127.0.0.1:9464`).
     #[arg(long, env = "SHARDFLOW_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
     /// human or json.

@@ -425,7 +425,11 @@ impl ControlLoop {
                 self.forget(&id).await;
                 self.completed.insert(id);
                 if let Some(Error::ShardStopped(stop)) = error {
+                    // Visible at once (the run goes on with the other shards): its lease stays
+                    // held, so no other worker reads past the bad record either.
+                    self.health.shard_stopped(stop.to_string());
                     self.stopped.push(stop);
+                    self.metrics.shards_stopped(self.name(), self.stopped.len());
                 }
             }
             AfterTask::FailRun => {

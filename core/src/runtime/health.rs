@@ -1,9 +1,11 @@
-//! Whether a worker can still reach its lease table: healthy while its last successful lease
-//! round (a shard sync, or a renewal round without store errors) is within a lease duration.
-//! A worker that cannot renew will lose its leases; a health check should say so first.
+//! Whether a worker can still reach its lease table (liveness): healthy while its last
+//! successful lease round (a shard sync, or a renewal round without store errors) is within a
+//! lease duration. A worker that cannot renew will lose its leases; a health check should say so
+//! first. Readiness adds the shards the dead-letter policy stopped at a bad record: a restart
+//! would stop at the same record, so they make a worker unready, never unhealthy.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -21,6 +23,8 @@ struct State {
     /// Milliseconds after `base` of the last successful lease round, plus one (0: never).
     last_ok_ms: AtomicU64,
     lease_duration_ms: AtomicU64,
+    /// What stopped each shard the dead-letter policy stopped, in the order they stopped.
+    stopped: Mutex<Vec<String>>,
 }
 
 impl Default for Health {
@@ -37,6 +41,7 @@ impl Health {
                 base: Instant::now(),
                 last_ok_ms: AtomicU64::new(0),
                 lease_duration_ms: AtomicU64::new(10_000),
+                stopped: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -55,6 +60,29 @@ impl Health {
             let at = self.inner.base + Duration::from_millis(last - 1);
             Instant::now().saturating_duration_since(at)
         })
+    }
+
+    /// Healthy, and no shard stopped at a bad record.
+    pub fn is_ready(&self) -> bool {
+        self.is_healthy() && self.stopped_shards().is_empty()
+    }
+
+    /// What stopped each shard the dead-letter policy stopped in this run (shard, record
+    /// position and reason), in the order they stopped.
+    pub fn stopped_shards(&self) -> Vec<String> {
+        self.inner
+            .stopped
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn shard_stopped(&self, what: String) {
+        self.inner
+            .stopped
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(what);
     }
 
     pub(crate) fn set_lease_duration(&self, lease_duration: Duration) {
@@ -88,5 +116,22 @@ mod tests {
         assert!(!health.is_healthy(), "no good round for over 3 s");
         health.lease_round_ok();
         assert!(health.is_healthy());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stopped_shard_makes_a_healthy_worker_unready() {
+        let health = Health::new();
+        health.lease_round_ok();
+        assert!(health.is_ready());
+        health.shard_stopped("shard s stopped at record 7/0: not JSON".into());
+        assert!(
+            health.is_healthy(),
+            "a restart would stop at the same record"
+        );
+        assert!(!health.is_ready());
+        assert_eq!(
+            health.stopped_shards(),
+            ["shard s stopped at record 7/0: not JSON"]
+        );
     }
 }

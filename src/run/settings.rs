@@ -62,7 +62,8 @@ pub struct Flags {
     /// Directory of the local backend (stream, leases).
     #[arg(long, env = "SHARDFLOW_LOCAL_DIR")]
     pub local_dir: Option<PathBuf>,
-    /// This worker's id in the lease table (default: host name and process id).
+    /// This worker's id in the lease table (default: host name, process id and a random
+    /// suffix, unique per process; never give two live processes one id).
     #[arg(long, env = "SHARDFLOW_WORKER_ID")]
     pub worker_id: Option<String>,
     /// Keyed workers per keyed branch (default: cores).

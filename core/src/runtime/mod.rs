@@ -4,6 +4,7 @@
 mod control;
 mod decisions;
 mod health;
+mod identity;
 mod lease_guard;
 #[cfg(test)]
 mod lease_model;
@@ -46,8 +47,12 @@ pub enum RunMode {
 /// How a worker runs. Defaults follow the KCL where it has one.
 #[derive(Clone, Debug)]
 pub struct RuntimeConfig {
-    /// This worker's identity in the lease table; a restarted worker with the same id takes its
-    /// leases back at once.
+    /// This worker's identity in the lease table. The default is unique per process (host
+    /// name, process id and a random suffix): a restarted process is a new worker and takes
+    /// its old leases once they are released (a graceful stop releases them) or expired (after
+    /// a crash, a lease duration). A fixed id lets a restarted worker take its leases back at
+    /// once, but two live processes must never share one: they take each other's leases
+    /// every round.
     pub worker_id: String,
     /// Keyed workers per keyed branch (default: the number of cores).
     pub parallelism: usize,
@@ -78,7 +83,7 @@ pub struct RuntimeConfig {
 impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
-            worker_id: format!("worker-{}", std::process::id()),
+            worker_id: identity::default_worker_id(),
             parallelism: std::thread::available_parallelism().map_or(2, usize::from),
             channel_capacity: 4,
             read_limits: ReadLimits::default(),

@@ -1,5 +1,6 @@
 //! The lease update rules every store applies, as pure functions: which conditional updates
-//! succeed and what they leave, and when a held lease is due for renewal.
+//! succeed and what they leave, what a write whose reply went missing did, and when a held
+//! lease is due for renewal.
 
 use std::time::Duration;
 
@@ -87,6 +88,61 @@ pub fn check_delete(current: &Lease, expected_counter: u64) -> Result<(), LeaseE
     }
 }
 
+/// What a worker's own write did, judged from the lease read after it (see [`judge_unclear`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnclearWrite {
+    /// The write landed: the lease is what it would leave.
+    Landed,
+    /// It did not: the lease is as the writer last saw it, and trying again is safe.
+    NotLanded,
+    /// Someone else wrote since: the writer lost the lease (or, for a take, the race).
+    Lost,
+}
+
+/// Judges a write of `update` by `owner` at `expected_counter` whose outcome is unclear (a
+/// timeout or a lost reply; or a refused condition, which after the client's own retry of a
+/// write that landed is what the retry sees) from the lease `now` read after it. The KCL
+/// re-reads too, instead of taking the error for a loss.
+///
+/// `Landed` needs the counter one past the expected one and the lease as the write leaves it:
+/// the owner (or none, for a release) and, for a checkpoint, the checkpoint. Only this writer
+/// could have left that, since every other writer's take names itself, unless two live
+/// processes share one worker id, which the docs forbid.
+pub fn judge_unclear(
+    expected_counter: u64,
+    owner: &str,
+    update: &LeaseUpdate,
+    now: Option<&Lease>,
+) -> UnclearWrite {
+    let Some(now) = now else {
+        return UnclearWrite::Lost;
+    };
+    let ours = now.owner.as_deref() == Some(owner);
+    if now.counter == expected_counter {
+        let unchanged =
+            matches!(update, LeaseUpdate::Take { .. } | LeaseUpdate::Reset { .. }) || ours;
+        return if unchanged {
+            UnclearWrite::NotLanded
+        } else {
+            UnclearWrite::Lost
+        };
+    }
+    let left_as_written = now.counter == expected_counter + 1
+        && match update {
+            LeaseUpdate::Take { .. } | LeaseUpdate::Renew { .. } => ours,
+            LeaseUpdate::Checkpoint { checkpoint, .. } => ours && now.checkpoint == *checkpoint,
+            LeaseUpdate::Release { .. } => now.owner.is_none(),
+            LeaseUpdate::Reset { checkpoint } => {
+                now.owner.is_none() && now.checkpoint == *checkpoint
+            }
+        };
+    if left_as_written {
+        UnclearWrite::Landed
+    } else {
+        UnclearWrite::Lost
+    }
+}
+
 /// Whether a worker that last renewed its leases `since` ago renews them now: every third of a
 /// lease duration, so that two renewals can fail before other workers may take the lease.
 pub fn renewal_due(since: Duration, lease_duration: Duration) -> bool {
@@ -139,6 +195,93 @@ mod tests {
             apply_update(&moved, 0, &reset),
             Err(LeaseError::ConditionFailed { .. })
         ));
+    }
+
+    #[test]
+    fn an_unclear_write_is_judged_by_what_the_lease_shows_after_it() {
+        let mut before = Lease::new("s", vec![]);
+        before.counter = 4;
+        before.owner = Some("me".into());
+        let renew = LeaseUpdate::Renew { owner: "me".into() };
+        let landed = apply_update(&before, 4, &renew).unwrap();
+        assert_eq!(
+            judge_unclear(4, "me", &renew, Some(&landed)),
+            UnclearWrite::Landed
+        );
+        assert_eq!(
+            judge_unclear(4, "me", &renew, Some(&before)),
+            UnclearWrite::NotLanded
+        );
+        let stolen = apply_update(
+            &before,
+            4,
+            &LeaseUpdate::Take {
+                owner: "thief".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            judge_unclear(4, "me", &renew, Some(&stolen)),
+            UnclearWrite::Lost
+        );
+        assert_eq!(judge_unclear(4, "me", &renew, None), UnclearWrite::Lost);
+        // Renewed, then stolen: two writes past the expected counter.
+        let later = apply_update(
+            &landed,
+            5,
+            &LeaseUpdate::Take {
+                owner: "thief".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            judge_unclear(4, "me", &renew, Some(&later)),
+            UnclearWrite::Lost
+        );
+
+        let checkpoint = LeaseUpdate::Checkpoint {
+            owner: "me".into(),
+            checkpoint: ShardCheckpoint::shard_end(),
+        };
+        let written = apply_update(&before, 4, &checkpoint).unwrap();
+        assert_eq!(
+            judge_unclear(4, "me", &checkpoint, Some(&written)),
+            UnclearWrite::Landed
+        );
+        // Our renewal landed instead (the same counter): not this checkpoint.
+        assert_eq!(
+            judge_unclear(4, "me", &checkpoint, Some(&landed)),
+            UnclearWrite::Lost
+        );
+
+        let release = LeaseUpdate::Release { owner: "me".into() };
+        let released = apply_update(&before, 4, &release).unwrap();
+        assert_eq!(
+            judge_unclear(4, "me", &release, Some(&released)),
+            UnclearWrite::Landed
+        );
+        assert_eq!(
+            judge_unclear(4, "me", &renew, Some(&released)),
+            UnclearWrite::Lost
+        );
+
+        let mut free = before;
+        free.owner = None;
+        let take = LeaseUpdate::Take { owner: "me".into() };
+        let taken = apply_update(&free, 4, &take).unwrap();
+        assert_eq!(
+            judge_unclear(4, "me", &take, Some(&taken)),
+            UnclearWrite::Landed
+        );
+        assert_eq!(
+            judge_unclear(4, "me", &take, Some(&free)),
+            UnclearWrite::NotLanded
+        );
+        let other = apply_update(&free, 4, &LeaseUpdate::Take { owner: "b".into() }).unwrap();
+        assert_eq!(
+            judge_unclear(4, "me", &take, Some(&other)),
+            UnclearWrite::Lost
+        );
     }
 
     #[test]

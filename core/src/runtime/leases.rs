@@ -13,6 +13,7 @@ use crate::error::LeaseError;
 use crate::lease::{Lease, LeaseStore, LeaseUpdate, ShardCheckpoint};
 use crate::position::ShardInfo;
 use crate::protocol::balance::{plan, Observed, Plan};
+use crate::protocol::lease_rules::{judge_unclear, UnclearWrite};
 use crate::protocol::shard_sync::{leases_to_clean, leases_to_create};
 use crate::runtime::lease_guard::LeaseGuard;
 
@@ -101,7 +102,14 @@ impl LeaseManager {
             owner: self.owner.clone(),
         };
         let started = Instant::now();
-        match self.store.update(&lease.key, lease.counter, &take).await {
+        let written = match self.store.update(&lease.key, lease.counter, &take).await {
+            Ok(taken) => Ok(taken),
+            Err(e) => match self.judge(&lease.key, lease.counter, &take, &e).await {
+                Some((UnclearWrite::Landed, Some(taken))) => Ok(taken),
+                _ => Err(e),
+            },
+        };
+        match written {
             Ok(taken) => {
                 let held = Held {
                     counter: taken.counter,
@@ -158,7 +166,17 @@ impl LeaseManager {
             return Ok(None);
         };
         let started = Instant::now();
-        match self.store.update(key, entry.counter, &update).await {
+        let written = match self.store.update(key, entry.counter, &update).await {
+            Ok(lease) => Ok(lease),
+            Err(e) => match self.judge(key, entry.counter, &update, &e).await {
+                Some((UnclearWrite::Landed, Some(lease))) => Ok(lease),
+                Some((UnclearWrite::Lost, _)) => Err(LeaseError::LeaseLost {
+                    lease_key: key.to_owned(),
+                }),
+                _ => Err(e),
+            },
+        };
+        match written {
             Ok(lease) => {
                 if matches!(update, LeaseUpdate::Release { .. }) {
                     entry.guard.revoke();
@@ -181,6 +199,33 @@ impl LeaseManager {
                 Err(e)
             }
         }
+    }
+
+    /// After a write of `update` at `expected` failed with `error`: if its outcome is unclear
+    /// (a retryable error may hide a write that landed; a refused condition may be the client's
+    /// own retry of one), the lease as read now and what the write did (`judge_unclear`);
+    /// `None` if the outcome is clear or the lease cannot be read either.
+    async fn judge(
+        &self,
+        key: &str,
+        expected: u64,
+        update: &LeaseUpdate,
+        error: &LeaseError,
+    ) -> Option<(UnclearWrite, Option<Lease>)> {
+        let unclear = error.is_retryable()
+            || matches!(
+                error,
+                LeaseError::LeaseLost { .. } | LeaseError::ConditionFailed { .. }
+            );
+        if !unclear {
+            return None;
+        }
+        let now = self.store.get(key).await.ok()?;
+        let judged = judge_unclear(expected, &self.owner, update, now.as_ref());
+        if judged != UnclearWrite::NotLanded {
+            tracing::info!(lease = %key, outcome = ?judged, %error, "lease write with an unclear outcome, judged from the lease");
+        }
+        Some((judged, now))
     }
 
     /// Writes the checkpoint `decide` returns, if any, and returns it. `decide` runs under the
@@ -373,6 +418,63 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, LeaseError::LeaseLost { .. }), "{err:?}");
         assert_eq!(me.held_count().await, 0, "a lost lease is forgotten");
+    }
+
+    /// Issue 12: a write whose reply was lost (a timeout; or the condition refused to the
+    /// client's own retry of a write that landed) was taken for a loss or left a stale
+    /// counter, so the next write was refused: a spurious `LeaseLost`. The lease is re-read
+    /// and the write judged from it, as the KCL does.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_whose_reply_was_lost_is_judged_from_the_lease_read_after_it() {
+        use crate::testing::ScriptedLeaseStore;
+
+        for retried in [false, true] {
+            let scripted = ScriptedLeaseStore::new(MemoryLeaseStore::new());
+            let store: Arc<dyn LeaseStore> = Arc::new(scripted.clone());
+            store
+                .create_if_absent(&Lease::new("s", vec![]))
+                .await
+                .unwrap();
+            let me = LeaseManager::new(Arc::clone(&store), "me".into(), Duration::from_secs(10));
+            let free = store.get("s").await.unwrap().unwrap();
+            scripted.lose_replies(1, retried);
+            assert!(
+                me.take(&free).await.unwrap().is_some(),
+                "retried {retried}: the take landed"
+            );
+            scripted.lose_replies(1, retried);
+            let (lost, _) = me.renew_all_until(None).await;
+            assert!(lost.is_empty(), "retried {retried}: the renewal landed");
+            scripted.lose_replies(1, retried);
+            let written = me
+                .checkpoint_with("s", || Some(ShardCheckpoint::shard_end()))
+                .await;
+            assert!(written.is_ok(), "retried {retried}: {written:?}");
+            // And the counter is known: the next write goes through.
+            let (lost, failed) = me.renew_all_until(None).await;
+            assert_eq!((lost.len(), failed), (0, 0), "retried {retried}");
+            assert_eq!(me.held_count().await, 1);
+
+            // A write that did not land is tried again later; a real loss is still one.
+            scripted.fail_updates(1);
+            let (lost, failed) = me.renew_all_until(None).await;
+            assert_eq!((lost.len(), failed), (0, 1), "retried {retried}");
+            let mine = store.get("s").await.unwrap().unwrap();
+            store
+                .update(
+                    "s",
+                    mine.counter,
+                    &LeaseUpdate::Take {
+                        owner: "thief".into(),
+                    },
+                )
+                .await
+                .unwrap();
+            scripted.lose_replies(1, retried);
+            let (lost, _) = me.renew_all_until(None).await;
+            assert_eq!(lost, ["s"], "retried {retried}: stolen");
+            assert_eq!(me.held_count().await, 0);
+        }
     }
 
     /// Found in review: the renewal a stop makes first went through every lease however slow

@@ -1,6 +1,7 @@
 //! `ScriptedLeaseStore`: wraps any lease store and follows a script: block or slow down
-//! updates, fail the next listings or updates (or every update for a while), report the next
-//! renewals as lost, and log every update that succeeded.
+//! updates, fail the next listings or updates (or every update for a while), lose the replies
+//! of the next updates made, report the next renewals as lost, and log every update that
+//! succeeded.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,6 +22,9 @@ struct Script {
     list_failures: u32,
     list_failures_retryable: bool,
     lose_renewals: u32,
+    /// The next updates are made, then answered with an error: (how many, whether as the
+    /// client's own retry would see it).
+    lost_replies: (u32, bool),
     update_failures: u32,
     /// Every update fails retryably until then.
     throttled_until: Option<tokio::time::Instant>,
@@ -94,6 +98,13 @@ impl<S: LeaseStore> ScriptedLeaseStore<S> {
         self.lock().lose_renewals = n;
     }
 
+    /// The next `n` updates are made but their replies lost: answered with a retryable store
+    /// error (a timeout), or, if `retried`, with what the client's own retry of the write then
+    /// gets (the condition refused: `LeaseLost`, or `ConditionFailed` for a take).
+    pub fn lose_replies(&self, n: u32, retried: bool) {
+        self.lock().lost_replies = (n, retried);
+    }
+
     /// Every lease as an update left it, oldest first.
     pub fn log(&self) -> Vec<Lease> {
         self.lock().log.clone()
@@ -165,14 +176,37 @@ impl<S: LeaseStore> LeaseStore for ScriptedLeaseStore<S> {
             }
         }
         let lease = self.inner.update(key, expected_counter, update).await?;
-        let mut script = self.lock();
-        assert!(
-            script.log.len() < MAX_LOGGED_UPDATES,
-            "more than {MAX_LOGGED_UPDATES} lease updates: a runaway loop (last: {:?})",
-            script.log.last()
-        );
-        script.log.push(lease.clone());
-        Ok(lease)
+        let lost_reply = {
+            let mut script = self.lock();
+            let (n, retried) = script.lost_replies;
+            (n > 0).then(|| {
+                script.lost_replies.0 -= 1;
+                retried
+            })
+        };
+        {
+            let mut script = self.lock();
+            assert!(
+                script.log.len() < MAX_LOGGED_UPDATES,
+                "more than {MAX_LOGGED_UPDATES} lease updates: a runaway loop (last: {:?})",
+                script.log.last()
+            );
+            script.log.push(lease.clone());
+        }
+        match lost_reply {
+            None => Ok(lease),
+            Some(false) => Err(LeaseError::Store {
+                operation: "update",
+                retryable: true,
+                source: "reply lost by the test script".into(),
+            }),
+            // The retry meets the counter the write moved.
+            Some(true) => Err(self
+                .inner
+                .update(key, expected_counter, update)
+                .await
+                .expect_err("a retry of a conditional write that landed is refused")),
+        }
     }
 
     async fn delete(&self, key: &str, expected_counter: u64) -> Result<(), LeaseError> {

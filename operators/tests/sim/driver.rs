@@ -41,7 +41,8 @@ pub enum Fault {
     /// Nothing arrives for a long while (idle shards advance their watermarks on the clock).
     Quiet,
     /// The lease table fails its next updates (throttled): renewals, checkpoints and idle
-    /// advances are retried.
+    /// advances are retried; or it makes them and loses their replies (a timeout, or the
+    /// client's own retry refused), and the worker judges them from the lease.
     LeasesFail,
 }
 
@@ -449,7 +450,12 @@ async fn simulate(seed: u64) -> SeedReport {
                 true
             }
             Some(Fault::LeasesFail) => {
-                world.leases.fail_updates(1 + below(&r, 5) as u32);
+                let n = 1 + below(&r, 5) as u32;
+                if r.fraction() < 0.5 {
+                    world.leases.fail_updates(n);
+                } else {
+                    world.leases.lose_replies(n, r.fraction() < 0.5);
+                }
                 true
             }
             Some(Fault::SinkStalls) => {

@@ -1292,7 +1292,10 @@ async fn a_shard_stopped_at_a_bad_record_shows_in_readyz_and_a_gauge_not_in_heal
     }
     assert_eq!(readyz.0, 503, "{}", readyz.1);
     assert!(
-        readyz.1.contains("shard shard-0 stopped at record 2/0") && !readyz.1.contains("shard-1"),
+        readyz
+            .1
+            .contains("shard shard-0 stopped at record 2/0 in decode")
+            && !readyz.1.contains("shard-1"),
         "{}",
         readyz.1
     );

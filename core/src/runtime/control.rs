@@ -427,7 +427,7 @@ impl ControlLoop {
                 if let Some(Error::ShardStopped(stop)) = error {
                     // Visible at once (the run goes on with the other shards): its lease stays
                     // held, so no other worker reads past the bad record either.
-                    self.health.shard_stopped(stop.to_string());
+                    self.health.shard_stopped(&stop);
                     self.stopped.push(stop);
                     self.metrics.shards_stopped(self.name(), self.stopped.len());
                 }

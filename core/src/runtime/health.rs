@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::error::ShardStopped;
+
 /// Shared between the runtime (which reports) and a health endpoint (which asks). Cloning
 /// shares it.
 #[derive(Clone, Debug)]
@@ -68,7 +70,7 @@ impl Health {
     }
 
     /// What stopped each shard the dead-letter policy stopped in this run (shard, record
-    /// position and reason), in the order they stopped.
+    /// position and the stage that failed), in the order they stopped.
     pub fn stopped_shards(&self) -> Vec<String> {
         self.inner
             .stopped
@@ -77,7 +79,24 @@ impl Health {
             .clone()
     }
 
-    pub(crate) fn shard_stopped(&self, what: String) {
+    /// Records a shard the dead-letter policy stopped, by its position and the stage that
+    /// failed: never the error's text, which may quote the payload (a decode error quotes
+    /// values); the worker's log has the whole reason.
+    pub(crate) fn shard_stopped(&self, stop: &ShardStopped) {
+        let what = match stop {
+            ShardStopped::BadRecord {
+                shard,
+                position,
+                reason,
+            } => {
+                let stage = reason.split(": ").next().unwrap_or_default();
+                format!(
+                    "shard {shard} stopped at record {position} in {stage} (the reason is in \
+                     the worker's log)"
+                )
+            }
+            other => format!("a shard stopped: {other}"),
+        };
         self.inner
             .stopped
             .lock()
@@ -123,7 +142,14 @@ mod tests {
         let health = Health::new();
         health.lease_round_ok();
         assert!(health.is_ready());
-        health.shard_stopped("shard s stopped at record 7/0: not JSON".into());
+        let stop = ShardStopped::BadRecord {
+            shard: crate::position::ShardId::new("s"),
+            position: crate::position::RecordPosition::new(
+                crate::position::SequenceNumber::from_u128(7),
+            ),
+            reason: "decode: invalid type: string \"secret\", expected u64".into(),
+        };
+        health.shard_stopped(&stop);
         assert!(
             health.is_healthy(),
             "a restart would stop at the same record"
@@ -131,7 +157,8 @@ mod tests {
         assert!(!health.is_ready());
         assert_eq!(
             health.stopped_shards(),
-            ["shard s stopped at record 7/0: not JSON"]
+            ["shard s stopped at record 7/0 in decode (the reason is in the worker's log)"],
+            "the position and stage, never the payload an error may quote"
         );
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use shardflow_core::clock::WallClock;
 use shardflow_core::error::Error;
-use shardflow_core::lease::{CheckpointPosition, LeaseStore, MemoryLeaseStore};
+use shardflow_core::lease::{CheckpointPosition, Lease, LeaseStore, MemoryLeaseStore};
 use shardflow_core::memory::MemoryStream;
 use shardflow_core::random::Random;
 use shardflow_core::runtime::{DecisionLog, RunMode, RunReport, Runtime, RuntimeConfig};
@@ -533,19 +533,26 @@ async fn simulate(seed: u64) -> SeedReport {
     compare(&world, &expected, &mut report);
     report.failures.splice(0..0, world.failures.drain(..));
     report.decisions = world.decisions.entries();
-    check_parents_first(&world.stream, &report.decisions, &mut report.failures);
+    check_parents_first(&world.stream, &world.leases.log(), &mut report.failures);
     report
 }
 
-/// Every child shard was taken only after each of its parents was checkpointed at its end.
-fn check_parents_first(stream: &MemoryStream, decisions: &[String], failures: &mut Vec<String>) {
-    let first = |what: &str| decisions.iter().position(|d| d.contains(what));
+/// Every child shard was taken only after each of its parents was checkpointed at its end, by
+/// the lease table's own log of the updates it made (not by what the runtime believes it wrote:
+/// a write whose reply was lost is in the table whatever the worker concluded).
+fn check_parents_first(stream: &MemoryStream, log: &[Lease], failures: &mut Vec<String>) {
+    let first = |found: &dyn Fn(&Lease) -> bool| log.iter().position(found);
     for shard in stream.shards() {
-        let Some(taken) = first(&format!(" take {} epoch", shard.id)) else {
+        let child = shard.id.as_str();
+        let Some(taken) = first(&|l: &Lease| l.key == child && l.owner.is_some()) else {
             continue;
         };
         for parent in &shard.parents {
-            match first(&format!(" checkpoint {parent} ShardEnd")) {
+            let parent_key = parent.as_str();
+            let ended = first(&|l: &Lease| {
+                l.key == parent_key && l.checkpoint.committed == CheckpointPosition::ShardEnd
+            });
+            match ended {
                 Some(ended) if ended < taken => {}
                 _ => failures.push(format!(
                     "child {} started before its parent {parent} ended",

@@ -31,9 +31,9 @@ struct Held {
     counter: u64,
     guard: LeaseGuard,
     /// When the first of this worker's writes whose outcome is still unclear began (a
-    /// retryable error that may hide a write that lands): a later refusal is then judged
-    /// from the lease, and a write judged landed extends the guard from here, since other
-    /// workers' expiry clocks may have started when that earlier write landed.
+    /// retryable error that may hide a write that lands later): a write judged landed then
+    /// extends the guard from here, since other workers' expiry clocks may have started when
+    /// that earlier write landed.
     unconfirmed_since: Option<Instant>,
 }
 
@@ -109,10 +109,7 @@ impl LeaseManager {
         let started = Instant::now();
         let written = match self.store.update(&lease.key, lease.counter, &take).await {
             Ok(taken) => Ok(taken),
-            Err(e) => match self
-                .judge(&lease.key, lease.counter, &take, &e, false)
-                .await
-            {
+            Err(e) => match self.judge(&lease.key, lease.counter, &take, &e).await {
                 Some((UnclearWrite::Landed, Some(taken))) => Ok(taken),
                 Some((UnclearWrite::Lost, _)) => Err(LeaseError::ConditionFailed {
                     lease_key: lease.key.clone(),
@@ -179,15 +176,11 @@ impl LeaseManager {
             return Ok(None);
         };
         let started = Instant::now();
-        let unconfirmed = entry.unconfirmed_since.is_some();
         let (written, judged_landed) = match self.store.update(key, entry.counter, &update).await {
             // A write at the counter this worker last knew succeeded: no earlier write of it,
             // conditional on that counter, can land any more.
             Ok(lease) => (Ok(lease), false),
-            Err(e) => match self
-                .judge(key, entry.counter, &update, &e, unconfirmed)
-                .await
-            {
+            Err(e) => match self.judge(key, entry.counter, &update, &e).await {
                 Some((UnclearWrite::Landed, Some(lease))) => (Ok(lease), true),
                 Some((UnclearWrite::Lost, _)) => (
                     Err(LeaseError::LeaseLost {
@@ -238,22 +231,22 @@ impl LeaseManager {
     /// After a write of `update` at `expected` failed with `error`: if its outcome is unclear,
     /// the lease as read now and what the write did (`judge_unclear`); `None` if the outcome is
     /// clear or the lease cannot be read (soon) either. A retryable error may hide a write that
-    /// landed; a refused condition is judged only after an `unconfirmed` earlier write (which
-    /// may have landed since), since otherwise it is as likely to be another live process with
-    /// this worker's id, which must not be taken for this one.
+    /// landed; a refused condition may be the client's own retry of a write that landed, or an
+    /// earlier write of this worker's that landed late. (It may also be another live process
+    /// with this worker's id, whose take leaves the same owner name: the docs forbid sharing
+    /// an id, and the default one is unique per process.)
     async fn judge(
         &self,
         key: &str,
         expected: u64,
         update: &LeaseUpdate,
         error: &LeaseError,
-        unconfirmed: bool,
     ) -> Option<(UnclearWrite, Option<Lease>)> {
         let refused = matches!(
             error,
             LeaseError::LeaseLost { .. } | LeaseError::ConditionFailed { .. }
         );
-        if !(error.is_retryable() || (refused && unconfirmed)) {
+        if !(error.is_retryable() || refused) {
             return None;
         }
         // Bounded: this runs under the lock of every lease write, when the table is slow.
@@ -465,51 +458,51 @@ mod tests {
     async fn a_write_whose_reply_was_lost_is_judged_from_the_lease_read_after_it() {
         use crate::testing::ScriptedLeaseStore;
 
-        let scripted = ScriptedLeaseStore::new(MemoryLeaseStore::new());
-        let store: Arc<dyn LeaseStore> = Arc::new(scripted.clone());
-        store
-            .create_if_absent(&Lease::new("s", vec![]))
-            .await
-            .unwrap();
-        let me = LeaseManager::new(Arc::clone(&store), "me".into(), Duration::from_secs(10));
-        let free = store.get("s").await.unwrap().unwrap();
-        scripted.lose_replies(1, false);
-        assert!(me.take(&free).await.unwrap().is_some(), "the take landed");
-        scripted.lose_replies(1, false);
-        let (lost, _) = me.renew_all_until(None).await;
-        assert!(lost.is_empty(), "the renewal landed");
-        scripted.lose_replies(1, false);
-        let written = me
-            .checkpoint_with("s", || Some(ShardCheckpoint::shard_end()))
-            .await;
-        assert!(written.is_ok(), "{written:?}");
-        // And the counter is known: the next write goes through.
-        let (lost, failed) = me.renew_all_until(None).await;
-        assert_eq!((lost.len(), failed), (0, 0));
-        assert_eq!(me.held_count().await, 1);
+        for retried in [false, true] {
+            let scripted = ScriptedLeaseStore::new(MemoryLeaseStore::new());
+            let store: Arc<dyn LeaseStore> = Arc::new(scripted.clone());
+            store
+                .create_if_absent(&Lease::new("s", vec![]))
+                .await
+                .unwrap();
+            let me = LeaseManager::new(Arc::clone(&store), "me".into(), Duration::from_secs(10));
+            let free = store.get("s").await.unwrap().unwrap();
+            scripted.lose_replies(1, retried);
+            assert!(me.take(&free).await.unwrap().is_some(), "the take landed");
+            scripted.lose_replies(1, retried);
+            let (lost, _) = me.renew_all_until(None).await;
+            assert!(lost.is_empty(), "the renewal landed");
+            scripted.lose_replies(1, retried);
+            let written = me
+                .checkpoint_with("s", || Some(ShardCheckpoint::shard_end()))
+                .await;
+            assert!(written.is_ok(), "{written:?}");
+            // And the counter is known: the next write goes through.
+            let (lost, failed) = me.renew_all_until(None).await;
+            assert_eq!((lost.len(), failed), (0, 0));
+            assert_eq!(me.held_count().await, 1);
 
-        // A write that did not land is tried again later; a real loss is still one.
-        scripted.fail_updates(1);
-        let (lost, failed) = me.renew_all_until(None).await;
-        assert_eq!((lost.len(), failed), (0, 1));
-        let mine = store.get("s").await.unwrap().unwrap();
-        let thief = LeaseUpdate::Take {
-            owner: "thief".into(),
-        };
-        store.update("s", mine.counter, &thief).await.unwrap();
-        scripted.lose_replies(1, false);
-        let (lost, _) = me.renew_all_until(None).await;
-        assert_eq!(lost, ["s"], "stolen");
-        assert_eq!(me.held_count().await, 0);
+            // A write that did not land is tried again later; a real loss is still one.
+            scripted.fail_updates(1);
+            let (lost, failed) = me.renew_all_until(None).await;
+            assert_eq!((lost.len(), failed), (0, 1));
+            let mine = store.get("s").await.unwrap().unwrap();
+            let thief = LeaseUpdate::Take {
+                owner: "thief".into(),
+            };
+            store.update("s", mine.counter, &thief).await.unwrap();
+            scripted.lose_replies(1, retried);
+            let (lost, _) = me.renew_all_until(None).await;
+            assert_eq!(lost, ["s"], "stolen");
+            assert_eq!(me.held_count().await, 0);
+        }
     }
 
-    /// Found in review of the above: a refusal is judged only after a write of this worker's
-    /// whose outcome is unclear (which may have landed late), and the guard then runs from
-    /// that write's start, when other workers' expiry clocks may have started; a refusal with
-    /// nothing unclear before it stays a loss, since it is as likely another live process with
-    /// this worker's id (whose take leaves the same owner name).
+    /// Found in review of the above: a write judged landed may be an earlier one that landed
+    /// late, so the guard runs from the first unclear write's start, when other workers'
+    /// expiry clocks may have started, not from the write that found it.
     #[tokio::test(start_paused = true)]
-    async fn a_refusal_is_judged_only_after_an_unclear_write_and_the_guard_runs_from_it() {
+    async fn a_write_that_landed_late_extends_the_guard_from_its_own_start() {
         use crate::testing::ScriptedLeaseStore;
 
         let scripted = ScriptedLeaseStore::new(MemoryLeaseStore::new());
@@ -547,16 +540,11 @@ mod tests {
         assert_eq!((lost.len(), failed), (0, 0));
         assert!(guard.is_valid(), "renewed");
 
-        // Another process with this worker's id takes the lease: a refusal with nothing
-        // unclear before it is a loss, and so is the refused retry of a write that landed.
-        let counter = store.get("s").await.unwrap().unwrap().counter;
-        let take = LeaseUpdate::Take { owner: "me".into() };
-        store.update("s", counter, &take).await.unwrap();
-        let (lost, _) = me.renew_all_until(None).await;
-        assert_eq!(lost, ["s"]);
+        // The refused retry of a take that landed: the take is this worker's.
+        me.forget("s").await;
         let taken = store.get("s").await.unwrap().unwrap();
         scripted.lose_replies(1, true);
-        assert!(me.take(&taken).await.unwrap().is_none(), "a refused take");
+        assert!(me.take(&taken).await.unwrap().is_some(), "the take landed");
     }
 
     /// Found in review: the renewal a stop makes first went through every lease however slow

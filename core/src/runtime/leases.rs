@@ -364,6 +364,34 @@ impl LeaseManager {
 mod tests {
     use super::*;
     use crate::lease::MemoryLeaseStore;
+    use crate::testing::ScriptedLeaseStore;
+
+    /// A scripted in-memory table with a free lease per key, and worker `me` on it (10 s
+    /// leases).
+    async fn scripted(
+        keys: &[&str],
+    ) -> (
+        ScriptedLeaseStore<MemoryLeaseStore>,
+        Arc<dyn LeaseStore>,
+        LeaseManager,
+    ) {
+        let scripted = ScriptedLeaseStore::new(MemoryLeaseStore::new());
+        let store: Arc<dyn LeaseStore> = Arc::new(scripted.clone());
+        for key in keys {
+            store
+                .create_if_absent(&Lease::new(*key, vec![]))
+                .await
+                .unwrap();
+        }
+        let me = LeaseManager::new(Arc::clone(&store), "me".into(), Duration::from_secs(10));
+        (scripted, store, me)
+    }
+
+    /// `me` takes the free lease `key`.
+    async fn take_free(me: &LeaseManager, store: &Arc<dyn LeaseStore>, key: &str) {
+        let free = store.get(key).await.unwrap().unwrap();
+        me.take(&free).await.unwrap().expect("a free lease");
+    }
 
     async fn owned_by_other(store: &Arc<dyn LeaseStore>) -> Lease {
         store
@@ -456,16 +484,8 @@ mod tests {
     /// lease is re-read and the write judged from it, as the KCL does.
     #[tokio::test(start_paused = true)]
     async fn a_write_whose_reply_was_lost_is_judged_from_the_lease_read_after_it() {
-        use crate::testing::ScriptedLeaseStore;
-
         for retried in [false, true] {
-            let scripted = ScriptedLeaseStore::new(MemoryLeaseStore::new());
-            let store: Arc<dyn LeaseStore> = Arc::new(scripted.clone());
-            store
-                .create_if_absent(&Lease::new("s", vec![]))
-                .await
-                .unwrap();
-            let me = LeaseManager::new(Arc::clone(&store), "me".into(), Duration::from_secs(10));
+            let (scripted, store, me) = scripted(&["s"]).await;
             let free = store.get("s").await.unwrap().unwrap();
             scripted.lose_replies(1, retried);
             assert!(me.take(&free).await.unwrap().is_some(), "the take landed");
@@ -503,17 +523,8 @@ mod tests {
     /// expiry clocks may have started, not from the write that found it.
     #[tokio::test(start_paused = true)]
     async fn a_write_that_landed_late_extends_the_guard_from_its_own_start() {
-        use crate::testing::ScriptedLeaseStore;
-
-        let scripted = ScriptedLeaseStore::new(MemoryLeaseStore::new());
-        let store: Arc<dyn LeaseStore> = Arc::new(scripted.clone());
-        store
-            .create_if_absent(&Lease::new("s", vec![]))
-            .await
-            .unwrap();
-        let me = LeaseManager::new(Arc::clone(&store), "me".into(), Duration::from_secs(10));
-        let free = store.get("s").await.unwrap().unwrap();
-        me.take(&free).await.unwrap().expect("a free lease");
+        let (scripted, store, me) = scripted(&["s"]).await;
+        take_free(&me, &store, "s").await;
         let renew = LeaseUpdate::Renew { owner: "me".into() };
 
         // A renewal fails retryably at 0 s and lands late (the table applied it after the
@@ -551,19 +562,11 @@ mod tests {
     /// the table, delaying the stop without bound.
     #[tokio::test(start_paused = true)]
     async fn renewals_start_no_later_than_their_deadline() {
-        use crate::testing::ScriptedLeaseStore;
-
-        let scripted = ScriptedLeaseStore::new(MemoryLeaseStore::new());
-        let store: Arc<dyn LeaseStore> = Arc::new(scripted.clone());
-        let me = LeaseManager::new(Arc::clone(&store), "me".into(), Duration::from_secs(10));
-        for i in 0..10 {
-            let key = format!("s{i}");
-            store
-                .create_if_absent(&Lease::new(&key, vec![]))
-                .await
-                .unwrap();
-            let free = store.get(&key).await.unwrap().unwrap();
-            me.take(&free).await.unwrap().expect("a free lease");
+        let keys: Vec<String> = (0..10).map(|i| format!("s{i}")).collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let (scripted, store, me) = scripted(&keys).await;
+        for key in &keys {
+            take_free(&me, &store, key).await;
         }
         scripted.delay_updates(Duration::from_millis(100));
         let started = Instant::now();
@@ -580,22 +583,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_checkpoint_is_decided_only_once_the_write_before_it_is_done() {
-        use crate::testing::ScriptedLeaseStore;
         use std::sync::atomic::{AtomicBool, Ordering};
 
-        let scripted = ScriptedLeaseStore::new(MemoryLeaseStore::new());
-        let store: Arc<dyn LeaseStore> = Arc::new(scripted.clone());
-        store
-            .create_if_absent(&Lease::new("s", vec![]))
-            .await
-            .unwrap();
-        let me = Arc::new(LeaseManager::new(
-            Arc::clone(&store),
-            "me".into(),
-            Duration::from_secs(10),
-        ));
-        let free = store.get("s").await.unwrap().unwrap();
-        me.take(&free).await.unwrap().expect("a free lease");
+        let (scripted, store, me) = scripted(&["s"]).await;
+        take_free(&me, &store, "s").await;
+        let me = Arc::new(me);
         // A renewal waits on a table out of reach; a checkpoint is asked for meanwhile.
         scripted.block_updates(true);
         let renewing = tokio::spawn({

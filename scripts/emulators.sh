@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Starts the AWS emulators the integration tests use, on free loopback ports, and stops them.
 #
-#   scripts/emulators.sh start DIR   installs (npm ci) and starts kinesis-local, kinesalite,
-#                                    dynalite and s3rver; waits until each answers; writes the
-#                                    endpoints as shell exports to DIR/env and the pids to DIR/pids
+#   scripts/emulators.sh start DIR   installs (npm ci; moto into a virtualenv from the hashed
+#                                    tests/emulators/requirements.txt) and starts kinesis-local,
+#                                    kinesalite, dynalite, s3rver and moto's S3; waits until each
+#                                    answers; writes the endpoints as shell exports to DIR/env
+#                                    and the pids to DIR/pids
 #   scripts/emulators.sh stop DIR    stops exactly the processes start recorded
 #
 # Tests read SHARDFLOW_KINESIS_ENDPOINT, SHARDFLOW_KINESALITE_ENDPOINT,
-# SHARDFLOW_DYNAMODB_ENDPOINT and SHARDFLOW_S3_ENDPOINT; each test uses its own names.
+# SHARDFLOW_DYNAMODB_ENDPOINT, SHARDFLOW_S3_ENDPOINT (s3rver) and SHARDFLOW_MOTO_S3_ENDPOINT
+# (moto's server, which enforces S3's conditional writes; s3rver ignores them); each test uses
+# its own names.
 # SHARDFLOW_KINESIS_FAST_CLOCK_ENDPOINT is a second kinesis-local whose clock runs 100 times
 # faster (libfaketime, Debian package faketime), so that shard iterators expire in 3 s.
 set -euo pipefail
@@ -50,9 +54,19 @@ start() {
       exit 1
     }
   fi
-  local kinesis kinesis_tls kinesalite dynamo s3 fast fast_tls
+  local venv="$emulators/.venv"
+  if [ ! -x "$venv/bin/moto_server" ] || [ "$emulators/requirements.txt" -nt "$venv/bin/moto_server" ]; then
+    rm -rf "$venv"
+    { python3 -m venv "$venv" &&
+      "$venv/bin/pip" install --quiet --require-hashes --no-deps -r "$emulators/requirements.txt" &&
+      touch "$venv/bin/moto_server"; } >"$state/pip.log" 2>&1 || {
+      cat "$state/pip.log" >&2
+      exit 1
+    }
+  fi
+  local kinesis kinesis_tls kinesalite dynamo s3 fast fast_tls moto
   kinesis=$(free_port); kinesis_tls=$(free_port); kinesalite=$(free_port)
-  dynamo=$(free_port); s3=$(free_port); fast=$(free_port); fast_tls=$(free_port)
+  dynamo=$(free_port); s3=$(free_port); fast=$(free_port); fast_tls=$(free_port); moto=$(free_port)
   local faketime_lib=/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1
   if [ ! -f "$faketime_lib" ]; then
     echo "emulators: $faketime_lib is missing: apt-get install faketime" >&2
@@ -87,11 +101,15 @@ start() {
     >"$state/s3rver.log" 2>&1 &
   echo $! >>"$state/pids"; local s3_pid=$!
 
+  "$venv/bin/moto_server" -H 127.0.0.1 -p "$moto" >"$state/moto.log" 2>&1 &
+  echo $! >>"$state/pids"; local moto_pid=$!
+
   wait_http kinesis-local "http://127.0.0.1:$kinesis/" "$kinesis_pid"
   wait_http kinesis-local-fast-clock "http://127.0.0.1:$fast/" "$fast_pid"
   wait_http kinesalite "http://127.0.0.1:$kinesalite/" "$kinesalite_pid"
   wait_http dynalite "http://127.0.0.1:$dynamo/" "$dynamo_pid"
   wait_http s3rver "http://127.0.0.1:$s3/" "$s3_pid"
+  wait_http moto "http://127.0.0.1:$moto/" "$moto_pid"
 
   cat >"$state/env" <<ENV
 export SHARDFLOW_KINESIS_ENDPOINT=http://127.0.0.1:$kinesis
@@ -99,8 +117,9 @@ export SHARDFLOW_KINESALITE_ENDPOINT=http://127.0.0.1:$kinesalite
 export SHARDFLOW_KINESIS_FAST_CLOCK_ENDPOINT=http://127.0.0.1:$fast
 export SHARDFLOW_DYNAMODB_ENDPOINT=http://127.0.0.1:$dynamo
 export SHARDFLOW_S3_ENDPOINT=http://127.0.0.1:$s3
+export SHARDFLOW_MOTO_S3_ENDPOINT=http://127.0.0.1:$moto
 ENV
-  echo "emulators: kinesis-local :$kinesis (fast clock :$fast), kinesalite :$kinesalite, dynalite :$dynamo, s3rver :$s3"
+  echo "emulators: kinesis-local :$kinesis (fast clock :$fast), kinesalite :$kinesalite, dynalite :$dynamo, s3rver :$s3, moto :$moto"
 }
 
 stop() {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: formatting, lints, unit, conformance and integration tests.
 # Installs what it needs (cargo crates from Cargo.lock, npm emulators from
-# tests/emulators/package-lock.json) and starts the emulators on free loopback ports, stopping
+# tests/emulators/package-lock.json, moto from tests/emulators/requirements.txt) and starts the emulators on free loopback ports, stopping
 # them on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +22,7 @@ if [ ! -f /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ]; then
   echo "== installing faketime (Debian) for the fast-clock Kinesis emulator"
   apt-get install -y -q faketime >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q faketime >/dev/null; }
 fi
-echo "== emulators (kinesis-local, kinesalite, dynalite, s3rver)"
+echo "== emulators (kinesis-local, kinesalite, dynalite, s3rver, moto)"
 scripts/emulators.sh start "$state"
 # shellcheck disable=SC1091
 source "$state/env"

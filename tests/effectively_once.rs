@@ -1,5 +1,5 @@
-//! Effectively-once under `kill -9`, against dynalite, s3rver and kinesis-local (started by
-//! scripts/test.sh).
+//! Effectively-once under `kill -9`, against dynalite, moto's S3 (which enforces the S3 sink's
+//! conditional writes) and kinesis-local (started by scripts/test.sh).
 //!
 //! A topology reads events with unique ids and writes the raw events to S3 (`S3Sink`) and
 //! per-key tumbling-window counts to DynamoDB (`DynamoSink`). Its worker process is killed with
@@ -307,7 +307,7 @@ mod scenario {
         let dynamo = AwsConfig::emulator(endpoint("SHARDFLOW_DYNAMODB_ENDPOINT"))
             .dynamodb_client()
             .await;
-        let s3 = AwsConfig::emulator(endpoint("SHARDFLOW_S3_ENDPOINT"))
+        let s3 = AwsConfig::emulator(endpoint("SHARDFLOW_MOTO_S3_ENDPOINT"))
             .static_credentials("S3RVER", "S3RVER")
             .s3_client()
             .await;
@@ -341,7 +341,11 @@ mod scenario {
                 "SHARDFLOW_DYNAMODB_ENDPOINT",
                 endpoint("SHARDFLOW_DYNAMODB_ENDPOINT"),
             ),
-            ("SHARDFLOW_S3_ENDPOINT", endpoint("SHARDFLOW_S3_ENDPOINT")),
+            // The worker's S3 is moto's: it refuses a store whose condition broke.
+            (
+                "SHARDFLOW_S3_ENDPOINT",
+                endpoint("SHARDFLOW_MOTO_S3_ENDPOINT"),
+            ),
             (
                 "SHARDFLOW_KINESIS_ENDPOINT",
                 endpoint("SHARDFLOW_KINESIS_ENDPOINT"),

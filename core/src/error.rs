@@ -76,11 +76,15 @@ impl SinkError {
     }
 }
 
-/// A fencing sink refused a write from a stale lease epoch: a newer owner of the shard already
-/// wrote the output. Carried as the source of a [`SinkError`]; test with
-/// [`SinkError::is_fenced`].
+/// A fencing sink refused a write: a newer lease epoch of the shard already wrote the output,
+/// or (a sink that writes on a condition, such as S3) another writer changed it since this
+/// writer read it. Either way another owner of the shard is or was writing. Carried as the
+/// source of a [`SinkError`]; test with [`SinkError::is_fenced`].
 #[derive(Debug, thiserror::Error)]
-#[error("output {output} of shard {shard} was written by a newer lease epoch than this writer's {epoch}")]
+#[error(
+    "a write of output {output} of shard {shard} under lease epoch {epoch} was refused: \
+     another owner of the shard wrote it"
+)]
 pub struct Fenced {
     /// The source shard.
     pub shard: ShardId,

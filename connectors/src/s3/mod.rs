@@ -1,6 +1,7 @@
 //! S3: a sink that cuts the records of each shard into objects named by their first record, and
 //! writes keyed results one object each (feature `s3`).
 
+mod conditional;
 mod objects;
 mod sink;
 

@@ -1,5 +1,6 @@
-//! S3 requests the sink needs, with retries: read an object's shardflow metadata (HEAD), put an
-//! object (multipart above a threshold), list and get for reading back.
+//! S3 requests the sink needs, with retries: read an object's ETag and shardflow metadata
+//! (HEAD), put an object on a condition (multipart above a threshold), list and get for
+//! reading back.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -23,7 +24,45 @@ pub(crate) const PART_BYTES: usize = 8 * 1024 * 1024;
 pub(crate) struct RequestError {
     pub(crate) operation: &'static str,
     pub(crate) retryable: bool,
+    /// S3 refused a conditional write (412 `PreconditionFailed`): the object is no longer
+    /// what the writer read, or one exists where none did.
+    pub(crate) precondition_failed: bool,
     pub(crate) source: BoxError,
+}
+
+/// What a write requires of the object already at its key; S3 refuses the write otherwise, so
+/// two writers that read the same state cannot both write (real S3 has enforced both since
+/// 2024, on PutObject and CompleteMultipartUpload alike).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Precondition {
+    /// There is no object (`If-None-Match: *`).
+    Absent,
+    /// The object is the one with this ETag, as read (`If-Match`).
+    Unchanged(String),
+}
+
+impl Precondition {
+    fn if_match(&self) -> Option<String> {
+        match self {
+            Self::Absent => None,
+            Self::Unchanged(etag) => Some(etag.clone()),
+        }
+    }
+
+    fn if_none_match(&self) -> Option<String> {
+        match self {
+            Self::Absent => Some("*".to_owned()),
+            Self::Unchanged(_) => None,
+        }
+    }
+}
+
+/// An object as HEAD shows it.
+#[derive(Clone, Debug)]
+pub(crate) struct Stored {
+    /// The condition under which a write replaces exactly this object.
+    pub(crate) etag: String,
+    pub(crate) metadata: HashMap<String, String>,
 }
 
 fn classify<E>(
@@ -33,14 +72,24 @@ fn classify<E>(
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
+    let precondition_failed = matches!(&e, SdkError::ServiceError(s)
+        if s.raw().status().as_u16() == 412 || s.err().code() == Some("PreconditionFailed"));
     let retryable = match &e {
         SdkError::ServiceError(s) => {
             let status = s.raw().status().as_u16();
             status >= 500
                 || status == 429
+                // Two conditional writes of one key at once: S3 asks to try again, and the
+                // second try is judged on the object the first one left.
                 || matches!(
                     s.err().code(),
-                    Some("SlowDown" | "InternalError" | "RequestTimeout" | "ServiceUnavailable")
+                    Some(
+                        "SlowDown"
+                            | "InternalError"
+                            | "RequestTimeout"
+                            | "ServiceUnavailable"
+                            | "ConditionalRequestConflict"
+                    )
                 )
         }
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
@@ -50,7 +99,8 @@ where
     };
     RequestError {
         operation,
-        retryable,
+        retryable: retryable && !precondition_failed,
+        precondition_failed,
         source: e.into(),
     }
 }
@@ -77,15 +127,27 @@ where
     }
 }
 
-/// The user metadata of `key`, or `None` if there is no such object.
+/// The ETag and user metadata of `key`, or `None` if there is no such object.
 pub(crate) async fn head(
     client: &Client,
     bucket: &str,
     key: &str,
-) -> Result<Option<HashMap<String, String>>, RequestError> {
+) -> Result<Option<Stored>, RequestError> {
     retried(|| async {
         match client.head_object().bucket(bucket).key(key).send().await {
-            Ok(out) => Ok(Some(out.metadata().cloned().unwrap_or_default())),
+            Ok(out) => match out.e_tag() {
+                Some(etag) => Ok(Some(Stored {
+                    etag: etag.to_owned(),
+                    metadata: out.metadata().cloned().unwrap_or_default(),
+                })),
+                None => Err(RequestError {
+                    operation: "HeadObject",
+                    retryable: false,
+                    precondition_failed: false,
+                    source: "the reply carries no ETag, so no write can be made conditional on it"
+                        .into(),
+                }),
+            },
             Err(e)
                 if e.as_service_error().is_some_and(|s| s.is_not_found())
                     || e.raw_response().is_some_and(|r| r.status().as_u16() == 404) =>
@@ -106,13 +168,16 @@ pub(crate) struct NewObject<'a> {
     pub(crate) content_encoding: Option<&'a str>,
 }
 
-/// Writes `object` to `key`: one PutObject, or a multipart upload when the body is larger
-/// than `multipart_above`.
+/// Writes `object` to `key` if `condition` holds: one PutObject, or a multipart upload (the
+/// condition on its completion) when the body is larger than `multipart_above`. A retry of a
+/// write whose reply was lost finds the condition broken by its own first try: the caller
+/// tells the two apart (see `super::conditional`).
 pub(crate) async fn put(
     client: &Client,
     bucket: &str,
     key: &str,
     object: NewObject<'_>,
+    condition: &Precondition,
     multipart_above: usize,
 ) -> Result<(), RequestError> {
     let NewObject {
@@ -131,6 +196,8 @@ pub(crate) async fn put(
                 .set_metadata(Some(metadata.clone()))
                 .content_type(content_type)
                 .set_content_encoding(content_encoding.map(str::to_owned))
+                .set_if_match(condition.if_match())
+                .set_if_none_match(condition.if_none_match())
                 .send()
                 .await
                 .map(drop)
@@ -176,14 +243,7 @@ pub(crate) async fn put(
                     .build(),
             ),
             Err(e) => {
-                // Best effort: an abandoned upload costs storage until a lifecycle rule ends it.
-                let _ = client
-                    .abort_multipart_upload()
-                    .bucket(bucket)
-                    .key(key)
-                    .upload_id(&upload_id)
-                    .send()
-                    .await;
+                abort(client, bucket, key, &upload_id).await;
                 return Err(e);
             }
         }
@@ -191,19 +251,36 @@ pub(crate) async fn put(
     let completed = CompletedMultipartUpload::builder()
         .set_parts(Some(parts))
         .build();
-    retried(|| async {
+    let done = retried(|| async {
         client
             .complete_multipart_upload()
             .bucket(bucket)
             .key(key)
             .upload_id(&upload_id)
             .multipart_upload(completed.clone())
+            .set_if_match(condition.if_match())
+            .set_if_none_match(condition.if_none_match())
             .send()
             .await
             .map(drop)
             .map_err(|e| classify("CompleteMultipartUpload", e))
     })
-    .await
+    .await;
+    if done.as_ref().is_err_and(|e| e.precondition_failed) {
+        abort(client, bucket, key, &upload_id).await;
+    }
+    done
+}
+
+/// Best effort: an abandoned upload costs storage until a lifecycle rule ends it.
+async fn abort(client: &Client, bucket: &str, key: &str, upload_id: &str) {
+    let _ = client
+        .abort_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(upload_id)
+        .send()
+        .await;
 }
 
 /// Every key under `prefix`.
@@ -257,6 +334,7 @@ pub(crate) async fn get(
         let body = out.body.collect().await.map_err(|e| RequestError {
             operation: "GetObject",
             retryable: true,
+            precondition_failed: false,
             source: e.into(),
         })?;
         Ok((body.into_bytes().to_vec(), metadata))

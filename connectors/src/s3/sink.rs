@@ -5,7 +5,7 @@
 //! Layout under `<prefix>/<topology>/`:
 //! - `<shard>/<first sequence, 56 digits>-<sub-sequence>.jsonl[.gz]` (or `.bin[.gz]`): records.
 //!   Metadata: `shard`, `first-sequence`, `first-sub`, `last-sequence`, `last-sub`, `records`,
-//!   `lease-epoch`.
+//!   `lease-epoch`, `write-id` (unique per store call).
 //! - `[dt=YYYY-MM-DD/hour=HH/]<shard>/<identity path>.json[.gz]`: keyed results (window results
 //!   partitioned by their window's start with [`S3Sink::partition_windows_by_hour`]).
 //!
@@ -13,9 +13,11 @@
 //! What decides a cut in one run (time, say) must decide it in the replay too: before starting
 //! an object the writer looks for an existing one at the same first record and, if there is
 //! one, ends the new object where that one ended. The same lookup fences: an object written by
-//! a newer lease epoch is never overwritten (the check and the put are two requests; S3 offers
-//! no condition both emulators and all regions honour, so a writer paused between them could
-//! still overwrite; the runtime's lease guard keeps that window short).
+//! a newer lease epoch is never overwritten. The write is conditional on what the lookup saw
+//! (`If-None-Match: *` where there was no object, `If-Match` its ETag where there was one), so
+//! a second owner that wrote the key in between, however long after the lookup, makes S3
+//! refuse this write; the writer then stops like a fenced one, unless the object there is its
+//! own earlier try whose reply was lost (see `conditional`).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::Write as _;
@@ -34,7 +36,8 @@ use shardflow_core::sink::{
     Held, InspectSink, Output, OutputBatch, OutputId, Sink, SinkContext, SinkWriter,
 };
 
-use super::objects::{self, NewObject, RequestError};
+use super::conditional::{self, Refusal, WRITE_ID};
+use super::objects::{self, NewObject, Precondition, RequestError, Stored};
 
 type Encode<T> = dyn Fn(&OutputId, &T, &mut Vec<u8>) -> Result<(), BoxError> + Send + Sync;
 type Decode<T> = fn(&[u8]) -> Result<T, BoxError>;
@@ -337,32 +340,67 @@ impl<T> Inner<T> {
             .map_err(|e| self.error("write", false, e))
     }
 
-    /// Compresses (if configured) and stores one object: a records object, or a `single`
-    /// keyed result. Returns the bytes stored.
-    async fn store(
-        &self,
-        key: &str,
-        body: Vec<u8>,
-        metadata: &HashMap<String, String>,
-        single: bool,
-    ) -> Result<u64, SinkError> {
+    /// Compresses (if configured) and stores one object, a records object or a `single` keyed
+    /// result, if the key still holds what `replaces` says. Returns the bytes stored.
+    async fn store(&self, object: Store<'_>, body: Vec<u8>) -> Result<u64, SinkError> {
+        let Store {
+            key,
+            shard,
+            epoch,
+            replaces,
+            single,
+            mut metadata,
+        } = object;
+        let write_id = conditional::new_write_id();
+        metadata.insert(WRITE_ID.to_owned(), write_id.clone());
         let body = self.compress(body)?;
         let object = NewObject {
             body: &body,
-            metadata,
+            metadata: &metadata,
             content_type: self.content_type(single),
             content_encoding: self.gzip.then_some("gzip"),
         };
-        objects::put(
+        match objects::put(
             &self.client,
             &self.bucket,
             key,
             object,
+            replaces,
             self.multipart_above,
         )
         .await
-        .map_err(|e| self.request_error(e))?;
+        {
+            Ok(()) => {}
+            Err(e) if e.precondition_failed => {
+                let now = objects::head(&self.client, &self.bucket, key)
+                    .await
+                    .map_err(|e| self.request_error(e))?;
+                match conditional::judge_refusal(&write_id, now.as_ref().map(|s| &s.metadata)) {
+                    Refusal::OwnEarlierTry => {}
+                    Refusal::Overtaken => {
+                        tracing::warn!(
+                            key = %key, %shard, epoch = epoch.0,
+                            "another writer stored this object since this one read it; fenced"
+                        );
+                        return Err(self.fenced(shard, key.to_owned(), epoch));
+                    }
+                }
+            }
+            Err(e) => return Err(self.request_error(e)),
+        }
         Ok(body.len() as u64)
+    }
+
+    fn fenced(&self, shard: &ShardId, output: String, epoch: LeaseEpoch) -> SinkError {
+        self.error(
+            "write",
+            false,
+            Fenced {
+                shard: shard.clone(),
+                output,
+                epoch: epoch.0,
+            },
+        )
     }
 
     /// Refuses if `metadata` says a newer lease epoch wrote the object.
@@ -378,17 +416,28 @@ impl<T> Inner<T> {
             .and_then(|e| e.parse::<u64>().ok())
             .unwrap_or(0);
         if written_by > epoch.0 {
-            return Err(self.error(
-                "write",
-                false,
-                Fenced {
-                    shard: shard.clone(),
-                    output,
-                    epoch: epoch.0,
-                },
-            ));
+            return Err(self.fenced(shard, output, epoch));
         }
         Ok(())
+    }
+}
+
+/// One object to store, and the condition it is stored on.
+struct Store<'a> {
+    key: &'a str,
+    shard: &'a ShardId,
+    epoch: LeaseEpoch,
+    /// What the writer read at `key` before deciding this object.
+    replaces: &'a Precondition,
+    single: bool,
+    metadata: HashMap<String, String>,
+}
+
+/// The condition that a write replaces exactly what HEAD showed.
+fn precondition(stored: Option<&Stored>) -> Precondition {
+    match stored {
+        None => Precondition::Absent,
+        Some(s) => Precondition::Unchanged(s.etag.clone()),
     }
 }
 
@@ -419,6 +468,8 @@ struct Filling {
     started: Instant,
     /// Where an object already stored at `first` ended: the replay ends there too.
     ends_at: Option<RecordPosition>,
+    /// What was stored at `first` when the object started: sealing replaces exactly that.
+    replaces: Precondition,
 }
 
 /// Cuts remembered per shard: checkpoints lag the sink by far fewer objects than this.
@@ -488,9 +539,10 @@ impl<T: Send + Sync + 'static> S3Writer<T> {
         let stored = objects::head(&self.inner.client, &self.inner.bucket, &key)
             .await
             .map_err(|e| self.inner.request_error(e))?;
+        let replaces = precondition(stored.as_ref());
         let ends_at = match stored {
             None => None,
-            Some(metadata) => match last_position(&metadata) {
+            Some(Stored { metadata, .. }) => match last_position(&metadata) {
                 Some(end) => {
                     self.inner
                         .check_fence(&metadata, shard, key.clone(), epoch)?;
@@ -513,6 +565,7 @@ impl<T: Send + Sync + 'static> S3Writer<T> {
             epoch,
             started: Instant::now(),
             ends_at,
+            replaces,
         })
     }
 
@@ -536,10 +589,15 @@ impl<T: Send + Sync + 'static> S3Writer<T> {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
-        self.bytes_written += self
-            .inner
-            .store(&key, filling.body, &metadata, false)
-            .await?;
+        let object = Store {
+            key: &key,
+            shard,
+            epoch: filling.epoch,
+            replaces: &filling.replaces,
+            single: false,
+            metadata,
+        };
+        self.bytes_written += self.inner.store(object, filling.body).await?;
         let cuts = &mut self.shards.entry(shard.clone()).or_default().cuts;
         if cuts.len() == MAX_CUTS {
             cuts.pop_front();
@@ -638,20 +696,27 @@ impl<T: Send + Sync + 'static> SinkWriter<T> for S3Writer<T> {
 
     async fn commit(&mut self) -> Result<(), SinkError> {
         for (key, (shard, id, epoch, body)) in std::mem::take(&mut self.singles) {
-            if let Some(metadata) = objects::head(&self.inner.client, &self.inner.bucket, &key)
+            let stored = objects::head(&self.inner.client, &self.inner.bucket, &key)
                 .await
-                .map_err(|e| self.inner.request_error(e))?
-            {
+                .map_err(|e| self.inner.request_error(e))?;
+            if let Some(stored) = &stored {
                 self.inner
-                    .check_fence(&metadata, &shard, id.to_path(), epoch)?;
+                    .check_fence(&stored.metadata, &shard, id.to_path(), epoch)?;
             }
-            let metadata: HashMap<String, String> = [
-                ("shard".to_owned(), shard.as_str().to_owned()),
-                ("identity".to_owned(), id.to_path()),
-                ("lease-epoch".to_owned(), epoch.0.to_string()),
-            ]
-            .into();
-            self.bytes_written += self.inner.store(&key, body, &metadata, true).await?;
+            let object = Store {
+                key: &key,
+                shard: &shard,
+                epoch,
+                replaces: &precondition(stored.as_ref()),
+                single: true,
+                metadata: [
+                    ("shard".to_owned(), shard.as_str().to_owned()),
+                    ("identity".to_owned(), id.to_path()),
+                    ("lease-epoch".to_owned(), epoch.0.to_string()),
+                ]
+                .into(),
+            };
+            self.bytes_written += self.inner.store(object, body).await?;
         }
         // The latency bound: a filling object older than it is stored short (and a replay
         // finds it and ends there too).

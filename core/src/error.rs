@@ -72,7 +72,12 @@ impl SinkError {
     /// Whether the sink refused the write because a newer lease epoch already wrote (part of)
     /// it: this writer's lease moved on, and its shard must stop (see [`Fenced`]).
     pub fn is_fenced(&self) -> bool {
-        self.source.downcast_ref::<Fenced>().is_some()
+        self.fenced().is_some()
+    }
+
+    /// The fencing refusal, naming the shard and the refused writer's epoch, if this is one.
+    pub fn fenced(&self) -> Option<&Fenced> {
+        self.source.downcast_ref::<Fenced>()
     }
 }
 

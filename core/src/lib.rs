@@ -6,6 +6,7 @@ pub mod clock;
 pub mod decode;
 pub mod error;
 pub mod lease;
+pub(crate) mod lease_guard;
 pub mod memory;
 pub mod metrics;
 pub mod operator;

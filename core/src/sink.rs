@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
-use crate::error::SinkError;
+use crate::error::{Fenced, SinkError};
 use crate::lease::LeaseEpoch;
 use crate::position::{EventTime, RecordPosition, ShardId};
 
@@ -276,6 +276,13 @@ pub trait SinkWriter<T>: Send {
     /// Makes everything written so far durable, except what [`held`](Self::held) reports.
     /// The runtime checkpoints past an input only after every output derived from it was
     /// committed and is not held.
+    ///
+    /// A commit refused as fenced ([`SinkError::fenced`], naming a shard) keeps every output
+    /// it did not make durable: the runtime then drops the fenced shard
+    /// ([`release_shard`](Self::release_shard)) and commits again, since a commit after
+    /// `key_by` holds several shards' outputs and the others must not be lost with it.
+    ///
+    /// [`SinkError::fenced`]: crate::error::SinkError::fenced
     async fn commit(&mut self) -> Result<(), SinkError>;
 
     /// For a writer that gathers the outputs of records into larger units across commits (an
@@ -297,8 +304,8 @@ pub trait SinkWriter<T>: Send {
         Ok(())
     }
 
-    /// The shard is no longer this worker's: drop what is buffered for it (the next owner
-    /// replays it from the checkpoint).
+    /// The shard is no longer this worker's: drop everything it buffers for it, keyed results
+    /// included (the next owner replays it from the checkpoint). Outputs of other shards stay.
     fn release_shard(&mut self, _shard: &ShardId) {}
 
     /// Bytes this writer stored since it was opened, as it counts them (file, object or item
@@ -316,16 +323,21 @@ pub trait InspectSink<T>: Sink<T> {
     async fn committed(&self) -> Result<BTreeMap<(ShardId, String), T>, SinkError>;
 }
 
-/// An in-memory sink: committed outputs in a map, shared by every clone.
+/// An in-memory sink: committed outputs in a map, shared by every clone. A
+/// [`fencing`](Self::fencing) one refuses, like `DynamoSink`, to overwrite an output a newer
+/// lease epoch committed.
 pub struct MemorySink<T> {
     name: String,
     state: Arc<Mutex<MemoryState<T>>>,
 }
 
 struct MemoryState<T> {
-    committed: BTreeMap<(ShardId, String), T>,
+    /// Each output with the lease epoch that committed it.
+    committed: BTreeMap<(ShardId, String), (LeaseEpoch, T)>,
     writes: u64,
     replaced: u64,
+    fencing: bool,
+    refused: u64,
 }
 
 impl<T> Clone for MemorySink<T> {
@@ -346,13 +358,42 @@ impl<T: Clone + Send + 'static> MemorySink<T> {
                 committed: BTreeMap::new(),
                 writes: 0,
                 replaced: 0,
+                fencing: false,
+                refused: 0,
             })),
         }
     }
 
+    /// An empty sink that fences: a commit holding an output a newer lease epoch already
+    /// committed is refused whole ([`Fenced`](crate::error::Fenced), naming the shard) and
+    /// stays pending; once the refused shard is released, the next commit writes the rest.
+    pub fn fencing(name: impl Into<String>) -> Self {
+        let sink = Self::new(name);
+        sink.lock().fencing = true;
+        sink
+    }
+
     /// Every committed output by (shard, identity path).
     pub fn contents(&self) -> BTreeMap<(ShardId, String), T> {
-        self.lock().committed.clone()
+        self.lock()
+            .committed
+            .iter()
+            .map(|(k, (_, v))| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// The lease epoch that committed each output.
+    pub fn epochs(&self) -> BTreeMap<(ShardId, String), LeaseEpoch> {
+        self.lock()
+            .committed
+            .iter()
+            .map(|(k, (e, _))| (k.clone(), *e))
+            .collect()
+    }
+
+    /// Commits refused as fenced.
+    pub fn refused(&self) -> u64 {
+        self.lock().refused
     }
 
     /// Committed writes that replaced an existing identity (replays absorbed).
@@ -375,7 +416,7 @@ impl<T: Clone + Send + 'static> MemorySink<T> {
 
 struct MemoryWriter<T> {
     sink: MemorySink<T>,
-    pending: Vec<(ShardId, Output<T>)>,
+    pending: Vec<(ShardId, LeaseEpoch, Output<T>)>,
 }
 
 #[async_trait]
@@ -395,25 +436,49 @@ impl<T: Clone + Send + Sync + 'static> Sink<T> for MemorySink<T> {
 #[async_trait]
 impl<T: Clone + Send + Sync + 'static> SinkWriter<T> for MemoryWriter<T> {
     async fn write(&mut self, batch: OutputBatch<T>) -> Result<(), SinkError> {
-        let shard = batch.shard;
+        let (shard, epoch) = (batch.shard, batch.lease_epoch);
         self.pending
-            .extend(batch.outputs.into_iter().map(|o| (shard.clone(), o)));
+            .extend(batch.outputs.into_iter().map(|o| (shard.clone(), epoch, o)));
         Ok(())
     }
 
     async fn commit(&mut self) -> Result<(), SinkError> {
         let mut state = self.sink.lock();
-        for (shard, output) in self.pending.drain(..) {
+        // A fencing commit is all or nothing (the strictest a writer may be): one refused
+        // output keeps the whole commit pending for the next one (see `SinkWriter::commit`).
+        let refused = self.pending.iter().find(|(shard, epoch, output)| {
+            state.fencing
+                && state
+                    .committed
+                    .get(&(shard.clone(), output.id.to_path()))
+                    .is_some_and(|(written_by, _)| written_by > epoch)
+        });
+        if let Some((shard, epoch, output)) = refused {
+            let fenced = Fenced {
+                shard: shard.clone(),
+                output: output.id.to_path(),
+                epoch: epoch.0,
+            };
+            state.refused += 1;
+            return Err(SinkError {
+                sink: self.sink.name.clone(),
+                operation: "commit",
+                retryable: false,
+                source: Box::new(fenced),
+            });
+        }
+        for (shard, epoch, output) in self.pending.drain(..) {
             state.writes += 1;
-            if state
-                .committed
-                .insert((shard, output.id.to_path()), output.value)
-                .is_some()
-            {
+            let key = (shard, output.id.to_path());
+            if state.committed.insert(key, (epoch, output.value)).is_some() {
                 state.replaced += 1;
             }
         }
         Ok(())
+    }
+
+    fn release_shard(&mut self, shard: &ShardId) {
+        self.pending.retain(|(s, _, _)| s != shard);
     }
 }
 

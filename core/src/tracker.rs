@@ -1,5 +1,6 @@
 //! The shared checkpoint tracker of one run: `ShardProgress` per shard behind a lock, with a
-//! notification when paths report.
+//! notification when paths report, each shard's lease guard (so that keyed workers write
+//! nothing of a shard once its guard expired), and the lives keyed workers had to drop.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -7,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
 use crate::lease::{CheckpointPosition, LeaseEpoch, ShardCheckpoint, WatermarkAdvance};
+use crate::lease_guard::LeaseGuard;
 use crate::position::ShardId;
 use crate::protocol::checkpoint::{Epoch, EpochRead, ShardProgress};
 use crate::sink::Held;
@@ -23,16 +25,44 @@ pub(crate) struct Report {
     pub(crate) hold: Option<Epoch>,
 }
 
-/// Progress of every shard this worker processes, with the lease epoch of the shard's
-/// current life. Cloning shares it.
+/// Why a keyed worker dropped a shard's life (its state and uncommitted outputs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DropReason {
+    /// A sink refused a write of it as fenced: another owner wrote the shard.
+    Fenced,
+    /// Its lease guard expired (or the life ended) before its outputs were written.
+    GuardExpired,
+}
+
+/// A shard's life a keyed worker dropped: the rest of the life cannot be processed right (that
+/// path lost its state), so the worker ends it like a lost lease and looks at the table again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct DroppedLife {
+    pub(crate) shard: ShardId,
+    pub(crate) lease_epoch: LeaseEpoch,
+    pub(crate) reason: DropReason,
+}
+
+/// One shard's current life in this run.
+struct Life {
+    lease_epoch: LeaseEpoch,
+    guard: LeaseGuard,
+    progress: ShardProgress,
+}
+
+/// Progress of every shard this worker processes, with the lease epoch and guard of the
+/// shard's current life. Cloning shares it.
 #[derive(Clone, Default)]
 pub(crate) struct Tracker {
-    shards: Arc<Mutex<BTreeMap<ShardId, (LeaseEpoch, ShardProgress)>>>,
+    shards: Arc<Mutex<BTreeMap<ShardId, Life>>>,
     reported: Arc<Notify>,
+    /// Lives keyed workers dropped, until the control loop takes them.
+    dropped: Arc<Mutex<Vec<DroppedLife>>>,
+    dropped_notify: Arc<Notify>,
 }
 
 impl Tracker {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ShardId, (LeaseEpoch, ShardProgress)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ShardId, Life>> {
         self.shards
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -42,13 +72,51 @@ impl Tracker {
         &self,
         shard: &ShardId,
         lease_epoch: LeaseEpoch,
+        guard: LeaseGuard,
         resumed: ShardCheckpoint,
         paths: usize,
     ) {
         self.lock().insert(
             shard.clone(),
-            (lease_epoch, ShardProgress::new(resumed, paths)),
+            Life {
+                lease_epoch,
+                guard,
+                progress: ShardProgress::new(resumed, paths),
+            },
         );
+    }
+
+    /// Whether outputs of `shard`'s life `lease_epoch` may still be written: it is the
+    /// shard's current life and its lease guard is valid. A life that ended (finished,
+    /// released, forgotten) or whose lease may have moved writes nothing more.
+    pub(crate) fn may_write(&self, shard: &ShardId, lease_epoch: LeaseEpoch) -> bool {
+        self.lock()
+            .get(shard)
+            .is_some_and(|l| l.lease_epoch == lease_epoch && l.guard.is_valid())
+    }
+
+    /// A keyed worker dropped a life: the control loop ends it (`take_dropped`).
+    pub(crate) fn drop_life(&self, dropped: DroppedLife) {
+        self.dropped
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(dropped);
+        self.dropped_notify.notify_one();
+    }
+
+    /// The lives dropped since the last call.
+    pub(crate) fn take_dropped(&self) -> Vec<DroppedLife> {
+        std::mem::take(
+            &mut *self
+                .dropped
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Resolves once a life was dropped (at once if one was since the last wait).
+    pub(crate) async fn dropped(&self) {
+        self.dropped_notify.notified().await;
     }
 
     pub(crate) fn stop_shard(&self, shard: &ShardId) {
@@ -57,15 +125,17 @@ impl Tracker {
 
     /// Registers `shard`'s next epoch; returns how many epochs its progress keeps now.
     pub(crate) fn record_epoch(&self, shard: &ShardId, epoch: Epoch, read: EpochRead) -> usize {
-        self.lock().get_mut(shard).map_or(0, |(_, p)| {
-            p.record_epoch(epoch, read);
-            p.tracked_epochs()
+        self.lock().get_mut(shard).map_or(0, |l| {
+            l.progress.record_epoch(epoch, read);
+            l.progress.tracked_epochs()
         })
     }
 
     /// Records of `shard` read in this run and not covered by `checkpoint`.
     pub(crate) fn lag(&self, shard: &ShardId, checkpoint: &CheckpointPosition) -> u64 {
-        self.lock().get(shard).map_or(0, |(_, p)| p.lag(checkpoint))
+        self.lock()
+            .get(shard)
+            .map_or(0, |l| l.progress.lag(checkpoint))
     }
 
     /// Path `path` committed these reports.
@@ -75,9 +145,9 @@ impl Tracker {
             for r in reports {
                 // A shard released meanwhile has no progress to update, and a report of an
                 // earlier life of the shard counts for nothing.
-                if let Some((life, p)) = shards.get_mut(&r.shard) {
-                    if *life == r.lease_epoch {
-                        p.report(path, r.epoch, r.hold);
+                if let Some(life) = shards.get_mut(&r.shard) {
+                    if life.lease_epoch == r.lease_epoch {
+                        life.progress.report(path, r.epoch, r.hold);
                     }
                 }
             }
@@ -96,7 +166,7 @@ impl Tracker {
         let changed = self
             .lock()
             .get_mut(shard)
-            .is_some_and(|(_, p)| p.hold_back(at, holds));
+            .is_some_and(|l| l.progress.hold_back(at, holds));
         // Most sinks hold nothing: no wake-up per epoch for an unchanged nothing.
         if changed {
             self.reported.notify_waiters();
@@ -108,27 +178,29 @@ impl Tracker {
     pub(crate) fn record_advance(&self, shard: &ShardId, advance: WatermarkAdvance) -> bool {
         self.lock()
             .get_mut(shard)
-            .is_some_and(|(_, p)| p.record_advance(advance))
+            .is_some_and(|l| l.progress.record_advance(advance))
     }
 
     /// The checkpoint to write so that `shard`'s recorded advances are durable.
     pub(crate) fn with_advances(&self, shard: &ShardId) -> Option<ShardCheckpoint> {
-        self.lock().get_mut(shard).map(|(_, p)| p.with_advances())
+        self.lock()
+            .get_mut(shard)
+            .map(|l| l.progress.with_advances())
     }
 
     /// The checkpoint `shard` may advance to, if it moved.
     pub(crate) fn checkpoint(&self, shard: &ShardId) -> Option<ShardCheckpoint> {
         let mut shards = self.lock();
-        let (_, p) = shards.get_mut(shard)?;
-        let cp = p.checkpoint();
-        p.prune();
+        let progress = &mut shards.get_mut(shard)?.progress;
+        let cp = progress.checkpoint();
+        progress.prune();
         cp
     }
 
     pub(crate) fn committed_epoch(&self, shard: &ShardId) -> Epoch {
         self.lock()
             .get(shard)
-            .map_or(0, |(_, p)| p.committed_epoch())
+            .map_or(0, |l| l.progress.committed_epoch())
     }
 
     /// Resolves at the next report of any path.

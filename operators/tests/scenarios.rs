@@ -12,7 +12,7 @@ use shardflow_core::decode::SourceExt;
 use shardflow_core::lease::{CheckpointPosition, LeaseStore, LeaseUpdate, MemoryLeaseStore};
 use shardflow_core::memory::MemoryStream;
 use shardflow_core::runtime::{RunMode, Runtime, RuntimeConfig};
-use shardflow_core::sink::MemorySink;
+use shardflow_core::sink::{MemorySink, Sink};
 use shardflow_core::testing::{HoldingSink, ScriptedLeaseStore, ScriptedSink};
 use shardflow_core::topology::Topology;
 use shardflow_operators::{
@@ -1267,6 +1267,144 @@ async fn a_stop_emits_nothing_for_a_shard_taken_since_the_last_renewal() {
         "the stop wrote for a shard it no longer owned: {:?}",
         counts.contents()
     );
+}
+
+/// A keyed result as the sink stores it: a running count of a key.
+type Counted = shardflow_operators::KeyedValue<u32, u64>;
+
+#[tokio::test(start_paused = true)]
+async fn a_fence_on_a_keyed_path_stops_its_shard_and_the_run_goes_on() {
+    let stream = MemoryStream::new("fenced", 2);
+    let counts = MemorySink::<Counted>::fencing("counts");
+    let topology = Topology::builder("fenced")
+        .source(stream.clone().decode_fn(decode))
+        .key_by(|e: &Event| e.key)
+        .aggregate(Count)
+        .sink(counts.clone())
+        .build()
+        .unwrap();
+    let leases = Arc::new(MemoryLeaseStore::new());
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(
+        Runtime::new(topology, leases.clone())
+            .with_config(RuntimeConfig {
+                // One keyed worker, whose first commit (at 1 s) holds both shards' counts.
+                parallelism: 1,
+                commit_interval: Duration::from_secs(1),
+                lease_duration: Duration::from_secs(10),
+                ..config(RunMode::Continuous)
+            })
+            .with_shutdown(shutdown.clone())
+            .run(),
+    );
+    for i in 0..40 {
+        push(&stream, 0, &event(i, 1, T0 + i as i64));
+        push(&stream, 1, &event(100 + i, 2, T0 + i as i64));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Shard 1 is quiet from now on: its count goes out at the first commit and never again.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Another worker takes shard 0 (an ordinary steal) and writes its count first.
+    let lease = leases.get("shard-0").await.unwrap().unwrap();
+    let take = LeaseUpdate::Take {
+        owner: "thief".into(),
+    };
+    let taken = leases
+        .update("shard-0", lease.counter, &take)
+        .await
+        .unwrap();
+    let thief = counts
+        .open(&shardflow_core::sink::SinkContext {
+            topology: "fenced".into(),
+            instance: "thief".into(),
+        })
+        .await;
+    let mut thief = thief.unwrap();
+    thief
+        .write(shardflow_core::sink::OutputBatch {
+            shard: shardflow_core::position::ShardId::new("shard-0"),
+            lease_epoch: taken.epoch(),
+            outputs: vec![shardflow_core::sink::Output {
+                id: shardflow_core::sink::OutputId::keyed("1".into(), None),
+                value: Counted { key: 1, value: 999 },
+            }],
+        })
+        .await
+        .unwrap();
+    thief.commit().await.unwrap();
+    // Past the worker's first commit (at about 1 s), before its next one.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(counts.refused(), 1, "the first commit was refused");
+    assert!(
+        counts
+            .contents()
+            .keys()
+            .any(|(shard, _)| shard.as_str() == "shard-1"),
+        "the refused commit's other shard is durable before the next commit"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    shutdown.cancel();
+    run.await
+        .unwrap()
+        .expect("a fence on one shard's keyed path is not the run's failure");
+    assert_eq!(counts.refused(), 1, "the worker's commit was refused once");
+    let stored = counts.contents();
+    let value = |shard: &str| {
+        stored
+            .iter()
+            .find(|((s, _), _)| s.as_str() == shard)
+            .map(|(_, v)| v.value)
+    };
+    assert_eq!(value("shard-0"), Some(999), "the thief's count stays");
+    assert_eq!(
+        value("shard-1"),
+        Some(40),
+        "the other shard's count, refused with the commit, was committed again"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_keyed_path_writes_nothing_of_a_shard_once_its_lease_guard_expired() {
+    let stream = MemoryStream::new("expired", 1);
+    for i in 0..10 {
+        push(&stream, 0, &event(i, 1, T0 + i as i64));
+    }
+    let counts = MemorySink::<Counted>::new("counts");
+    let topology = Topology::builder("expired")
+        .source(stream.clone().decode_fn(decode))
+        .key_by(|e: &Event| e.key)
+        .aggregate(Count)
+        .sink(counts.clone())
+        .build()
+        .unwrap();
+    let leases = ScriptedLeaseStore::new(MemoryLeaseStore::new());
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(
+        Runtime::new(topology, Arc::new(leases.clone()))
+            .with_config(RuntimeConfig {
+                // The count waits in the keyed worker for 5 s; the lease lasts 1 s.
+                commit_interval: Duration::from_secs(5),
+                lease_duration: Duration::from_secs(1),
+                ..config(RunMode::Continuous)
+            })
+            .with_shutdown(shutdown.clone())
+            .run(),
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The lease table stops taking writes: no renewal lands, and by 1.1 s another worker may
+    // own the shard.
+    leases.throttle_updates_for(Duration::from_secs(10));
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(
+        counts.contents().is_empty(),
+        "the keyed worker wrote a count after the lease guard expired: {:?}",
+        counts.contents()
+    );
+    // Once the table answers again the shard is taken again and its count written.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    shutdown.cancel();
+    run.await.unwrap().expect("the run goes on");
+    assert_eq!(value_of(&counts, "k/1").map(|r| r.value), Some(10));
 }
 
 #[test]

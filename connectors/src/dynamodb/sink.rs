@@ -215,7 +215,7 @@ impl Inner {
     }
 
     /// One conditional put, retried while DynamoDB says trying again may help.
-    async fn put_fenced(&self, pending: Pending) -> Result<(), SinkError> {
+    async fn put_fenced(&self, pending: &Pending) -> Result<(), SinkError> {
         let mut attempt = 0;
         loop {
             let result = self
@@ -239,8 +239,8 @@ impl Inner {
                         "put",
                         false,
                         Fenced {
-                            shard: pending.shard,
-                            output: pending.path,
+                            shard: pending.shard.clone(),
+                            output: pending.path.clone(),
                             epoch: pending.epoch.0,
                         },
                     ));
@@ -495,14 +495,25 @@ impl<T: Serialize + Send + 'static> SinkWriter<T> for DynamoWriter<T> {
     }
 
     async fn commit(&mut self) -> Result<(), SinkError> {
-        let items: Vec<Pending> = std::mem::take(&mut self.pending).into_values().collect();
+        let items = std::mem::take(&mut self.pending);
         if items.is_empty() {
             return Ok(());
         }
-        let bytes: usize = items.iter().map(|p| p.size).sum();
-        self.put(items).await?;
+        let bytes: usize = items.values().map(|p| p.size).sum();
+        match self.inner.mode {
+            DynamoWriteMode::Batch => {
+                self.inner
+                    .put_batches(items.into_values().collect())
+                    .await?;
+            }
+            DynamoWriteMode::Fenced { concurrency } => self.put_fenced(items, concurrency).await?,
+        }
         self.bytes_written += bytes as u64;
         Ok(())
+    }
+
+    fn release_shard(&mut self, shard: &ShardId) {
+        self.pending.retain(|_, p| &p.shard != shard);
     }
 
     fn bytes_written(&self) -> u64 {
@@ -511,31 +522,37 @@ impl<T: Serialize + Send + 'static> SinkWriter<T> for DynamoWriter<T> {
 }
 
 impl<T> DynamoWriter<T> {
-    /// Writes a commit's items as the mode says.
-    async fn put(&self, items: Vec<Pending>) -> Result<(), SinkError> {
-        match self.inner.mode {
-            DynamoWriteMode::Batch => self.inner.put_batches(items).await,
-            DynamoWriteMode::Fenced { concurrency } => {
-                let inner = &self.inner;
-                let results: Vec<Result<(), SinkError>> = stream::iter(items)
-                    .map(|p| inner.put_fenced(p))
-                    .buffer_unordered(concurrency)
-                    .collect()
-                    .await;
-                // A fencing refusal wins over other errors: it tells the runtime to stop the
-                // shard rather than fail the run.
-                let mut first = None;
-                for result in results {
-                    if let Err(e) = result {
-                        if e.is_fenced() {
-                            return Err(e);
-                        }
-                        first.get_or_insert(e);
-                    }
+    /// Puts a commit's items, each on its epoch condition. The items not written stay
+    /// pending: after a fence the runtime releases the fenced shard and commits the rest
+    /// again (see `SinkWriter::commit`).
+    async fn put_fenced(
+        &mut self,
+        items: BTreeMap<String, Pending>,
+        concurrency: usize,
+    ) -> Result<(), SinkError> {
+        let inner = &self.inner;
+        let results: Vec<(String, Pending, Result<(), SinkError>)> = stream::iter(items)
+            .map(|(id, p)| async move {
+                let result = inner.put_fenced(&p).await;
+                (id, p, result)
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        // A fencing refusal wins over other errors: it tells the runtime to stop the shard
+        // rather than fail the run.
+        let (mut fenced, mut other) = (None, None);
+        for (id, p, result) in results {
+            if let Err(e) = result {
+                self.pending.insert(id, p);
+                if e.is_fenced() {
+                    fenced.get_or_insert(e);
+                } else {
+                    other.get_or_insert(e);
                 }
-                first.map_or(Ok(()), Err)
             }
         }
+        fenced.or(other).map_or(Ok(()), Err)
     }
 }
 

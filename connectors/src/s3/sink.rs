@@ -19,6 +19,7 @@
 //! refuse this write; the writer then stops like a fenced one, unless the object there is its
 //! own earlier try whose reply was lost (see `conditional`).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::Write as _;
 use std::sync::Arc;
@@ -329,20 +330,21 @@ impl<T> Inner<T> {
         }
     }
 
-    fn compress(&self, body: Vec<u8>) -> Result<Vec<u8>, SinkError> {
+    fn compress<'b>(&self, body: &'b [u8]) -> Result<Cow<'b, [u8]>, SinkError> {
         if !self.gzip {
-            return Ok(body);
+            return Ok(Cow::Borrowed(body));
         }
         let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         encoder
-            .write_all(&body)
+            .write_all(body)
             .and_then(|()| encoder.finish())
+            .map(Cow::Owned)
             .map_err(|e| self.error("write", false, e))
     }
 
     /// Compresses (if configured) and stores one object, a records object or a `single` keyed
     /// result, if the key still holds what `replaces` says. Returns the bytes stored.
-    async fn store(&self, object: Store<'_>, body: Vec<u8>) -> Result<u64, SinkError> {
+    async fn store(&self, object: Store<'_>, body: &[u8]) -> Result<u64, SinkError> {
         let Store {
             key,
             shard,
@@ -597,7 +599,7 @@ impl<T: Send + Sync + 'static> S3Writer<T> {
             single: false,
             metadata,
         };
-        self.bytes_written += self.inner.store(object, filling.body).await?;
+        self.bytes_written += self.inner.store(object, &filling.body).await?;
         let cuts = &mut self.shards.entry(shard.clone()).or_default().cuts;
         if cuts.len() == MAX_CUTS {
             cuts.pop_front();
@@ -654,6 +656,37 @@ impl<T: Send + Sync + 'static> S3Writer<T> {
     }
 }
 
+impl<T> S3Writer<T> {
+    /// Stores one keyed result, fenced by the epoch that wrote what is there.
+    async fn store_single(
+        &self,
+        key: &str,
+        (shard, id, epoch, body): &(ShardId, OutputId, LeaseEpoch, Vec<u8>),
+    ) -> Result<u64, SinkError> {
+        let stored = objects::head(&self.inner.client, &self.inner.bucket, key)
+            .await
+            .map_err(|e| self.inner.request_error(e))?;
+        if let Some(stored) = &stored {
+            self.inner
+                .check_fence(&stored.metadata, shard, id.to_path(), *epoch)?;
+        }
+        let object = Store {
+            key,
+            shard,
+            epoch: *epoch,
+            replaces: &precondition(stored.as_ref()),
+            single: true,
+            metadata: [
+                ("shard".to_owned(), shard.as_str().to_owned()),
+                ("identity".to_owned(), id.to_path()),
+                ("lease-epoch".to_owned(), epoch.0.to_string()),
+            ]
+            .into(),
+        };
+        self.inner.store(object, body).await
+    }
+}
+
 fn last_position(metadata: &HashMap<String, String>) -> Option<RecordPosition> {
     let sequence = SequenceNumber::parse(metadata.get("last-sequence")?).ok()?;
     let sub: u32 = metadata.get("last-sub")?.parse().ok()?;
@@ -695,28 +728,15 @@ impl<T: Send + Sync + 'static> SinkWriter<T> for S3Writer<T> {
     }
 
     async fn commit(&mut self) -> Result<(), SinkError> {
-        for (key, (shard, id, epoch, body)) in std::mem::take(&mut self.singles) {
-            let stored = objects::head(&self.inner.client, &self.inner.bucket, &key)
-                .await
-                .map_err(|e| self.inner.request_error(e))?;
-            if let Some(stored) = &stored {
-                self.inner
-                    .check_fence(&stored.metadata, &shard, id.to_path(), epoch)?;
+        while let Some((key, single)) = self.singles.pop_first() {
+            match self.store_single(&key, &single).await {
+                Ok(bytes) => self.bytes_written += bytes,
+                Err(e) => {
+                    // Kept for the next commit, this one and the rest (see `SinkWriter`).
+                    self.singles.insert(key, single);
+                    return Err(e);
+                }
             }
-            let object = Store {
-                key: &key,
-                shard: &shard,
-                epoch,
-                replaces: &precondition(stored.as_ref()),
-                single: true,
-                metadata: [
-                    ("shard".to_owned(), shard.as_str().to_owned()),
-                    ("identity".to_owned(), id.to_path()),
-                    ("lease-epoch".to_owned(), epoch.0.to_string()),
-                ]
-                .into(),
-            };
-            self.bytes_written += self.inner.store(object, body).await?;
         }
         // The latency bound: a filling object older than it is stored short (and a replay
         // finds it and ends there too).
@@ -758,6 +778,7 @@ impl<T: Send + Sync + 'static> SinkWriter<T> for S3Writer<T> {
 
     fn release_shard(&mut self, shard: &ShardId) {
         self.shards.remove(shard);
+        self.singles.retain(|_, (s, ..)| s != shard);
     }
 }
 

@@ -1,19 +1,26 @@
 //! The keyed worker loop: runs a keyed operator over the epochs the exchange sends it, keeps
 //! its state per source shard, commits its sinks every commit interval and reports the
 //! committed epochs to the checkpoint tracker.
+//!
+//! A commit holds outputs of several shards. Nothing of a shard is written once its lease
+//! guard expired (epochs still queued or uncommitted when the lease moved are dropped), and a
+//! sink's fencing refusal of one shard drops that shard's life only: the other shards' outputs
+//! of the commit are committed again. A dropped life is reported to the control loop, which
+//! ends it like a lost lease; later epochs of it are ignored until its `Release` arrives.
 
 use std::hash::Hash;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::sync::mpsc;
 
 use crate::error::Error;
+use crate::lease::LeaseEpoch;
 use crate::metrics::Metrics;
 use crate::operator::{Control, Emit, EpochCx, KeyedOperator, KeyedOutput, Mode};
 use crate::position::{EventTime, ShardId};
-use crate::tracker::{Report, Tracker};
+use crate::tracker::{DropReason, DroppedLife, Report, Tracker};
 
 use super::exchange::{ExchangeMsg, RecordPool};
 
@@ -38,6 +45,9 @@ pub(crate) struct KeyedWorker<Op: KeyedOperator> {
 /// interval: bounds what a commit carries and what a crash repeats.
 const MESSAGES_PER_COMMIT: usize = 128;
 
+/// A shard's life: the shard and the lease epoch it is processed under.
+type Life = (ShardId, LeaseEpoch);
+
 /// What a worker holds between commits.
 struct Pending<S> {
     /// Operator state per source shard.
@@ -47,6 +57,10 @@ struct Pending<S> {
     /// The last epoch of each shard handled since the last commit: at the commit, running
     /// results are emitted under it.
     uncommitted: Vec<EpochCx>,
+    /// Lives with outputs in the sinks' writers since the last commit.
+    touched: Vec<Life>,
+    /// Lives this worker dropped; their epochs are ignored until their `Release` arrives.
+    dropped: FxHashSet<Life>,
 }
 
 impl<Op> KeyedWorker<Op>
@@ -62,6 +76,8 @@ where
             states: FxHashMap::default(),
             reports: Vec::new(),
             uncommitted: Vec::new(),
+            touched: Vec::new(),
+            dropped: FxHashSet::default(),
         };
         // When the epochs gathered so far must be committed.
         let mut deadline: Option<tokio::time::Instant> = None;
@@ -100,19 +116,102 @@ where
     }
 
     /// Lets operators emit running results, commits the sinks, then reports the epochs.
+    /// Lives whose guard expired are dropped first; a life a sink fences is dropped and the
+    /// rest committed again.
     async fn commit(&mut self, pending: &mut Pending<Op::State>) -> Result<(), Error> {
         for epoch in std::mem::take(&mut pending.uncommitted) {
             if let Some(state) = pending.states.get_mut(&epoch.shard) {
                 self.emit_running(state, &epoch).await?;
             }
         }
-        self.main.commit().await?;
-        self.late.commit().await?;
+        for (shard, lease_epoch) in pending.touched.clone() {
+            if !self.tracker.may_write(&shard, lease_epoch) {
+                let reason = DropReason::GuardExpired;
+                self.drop_life(pending, shard, lease_epoch, reason).await?;
+            }
+        }
+        // Each refusal drops one life; a writer that keeps refusing after it was told to
+        // drop the shard (`SinkWriter::release_shard`) breaks its contract.
+        let mut refusals_left = pending.touched.len();
+        loop {
+            let committed = match self.main.commit().await {
+                Ok(()) => self.late.commit().await,
+                Err(e) => Err(e),
+            };
+            match committed {
+                Ok(()) => break,
+                Err(Error::Sink(e)) if refusals_left > 0 => {
+                    let Some(life) = e
+                        .fenced()
+                        .map(|f| (f.shard.clone(), LeaseEpoch(f.epoch)))
+                        .filter(|life| pending.touched.contains(life))
+                    else {
+                        return Err(Error::Sink(e));
+                    };
+                    refusals_left -= 1;
+                    tracing::warn!(shard = %life.0, lease_epoch = life.1 .0, error = %e, "fenced on a keyed path; dropping the shard");
+                    self.drop_life(pending, life.0, life.1, DropReason::Fenced)
+                        .await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        pending.touched.clear();
         if !pending.reports.is_empty() {
             self.tracker.report(self.path, &pending.reports);
             pending.reports.clear();
         }
         Ok(())
+    }
+
+    /// Drops a shard's life: its state, its uncommitted epochs and the outputs the writers
+    /// hold for it, and tells the control loop, which ends the life like a lost lease.
+    async fn drop_life(
+        &mut self,
+        pending: &mut Pending<Op::State>,
+        shard: ShardId,
+        lease_epoch: LeaseEpoch,
+        reason: DropReason,
+    ) -> Result<(), Error> {
+        let life = (shard, lease_epoch);
+        self.release(pending, &life).await?;
+        pending.dropped.insert(life.clone());
+        let (shard, lease_epoch) = life;
+        self.tracker.drop_life(DroppedLife {
+            shard,
+            lease_epoch,
+            reason,
+        });
+        Ok(())
+    }
+
+    /// Forgets a life without a word more of it: state, reports, and what the writers hold.
+    async fn release(
+        &mut self,
+        pending: &mut Pending<Op::State>,
+        (shard, lease_epoch): &Life,
+    ) -> Result<(), Error> {
+        pending.states.remove(shard);
+        pending
+            .reports
+            .retain(|r| &r.shard != shard || r.lease_epoch != *lease_epoch);
+        pending.uncommitted.retain(|e| &e.shard != shard);
+        pending
+            .touched
+            .retain(|(s, e)| s != shard || e != lease_epoch);
+        self.main.discard();
+        self.late.discard();
+        let release = EpochCx {
+            shard: shard.clone(),
+            lease_epoch: *lease_epoch,
+            epoch: 0,
+            raw: Arc::default(),
+            watermark: None,
+            mode: Mode::Live,
+            control: Control::Release,
+        };
+        self.main.flush(&release).await?;
+        self.late.flush(&release).await
     }
 
     /// Lets the operator emit the running results `state` owes, under `epoch`.
@@ -143,29 +242,38 @@ where
         msg: ExchangeMsg<Op::Key, Op::In>,
     ) -> Result<(), Error> {
         let ExchangeMsg { epoch, mut records } = msg;
+        let life = (epoch.shard.clone(), epoch.lease_epoch);
+        if epoch.control == Control::Release {
+            // The lease may have moved: nothing more of this life is emitted, written or
+            // reported.
+            self.pool.give(records);
+            pending.dropped.remove(&life);
+            return self.release(pending, &life).await;
+        }
+        if pending.dropped.contains(&life) {
+            self.pool.give(records);
+            return Ok(());
+        }
+        if !self.tracker.may_write(&epoch.shard, epoch.lease_epoch) {
+            // Queued while the lease moved (or while this worker was paused past it).
+            self.pool.give(records);
+            let reason = DropReason::GuardExpired;
+            return self
+                .drop_life(pending, epoch.shard, epoch.lease_epoch, reason)
+                .await;
+        }
+        if !pending.touched.contains(&life) {
+            pending.touched.push(life);
+        }
         pending.uncommitted.retain(|e| e.shard != epoch.shard);
-        match epoch.control {
-            Control::Release => {
-                // The lease may have moved: nothing more of this life is emitted or reported.
-                pending.states.remove(&epoch.shard);
-                pending
-                    .reports
-                    .retain(|r| r.shard != epoch.shard || r.lease_epoch != epoch.lease_epoch);
-                self.main.discard();
-                self.late.discard();
-                self.pool.give(records);
-                return Ok(());
+        if epoch.control == Control::Stop {
+            // An orderly stop: what the state owes goes out with the epochs it derives from,
+            // which the final checkpoint then covers.
+            if let Some(mut state) = pending.states.remove(&epoch.shard) {
+                self.emit_running(&mut state, &epoch).await?;
             }
-            Control::Stop => {
-                // An orderly stop: what the state owes goes out with the epochs it derives
-                // from, which the final checkpoint then covers.
-                if let Some(mut state) = pending.states.remove(&epoch.shard) {
-                    self.emit_running(&mut state, &epoch).await?;
-                }
-                self.pool.give(records);
-                return Ok(());
-            }
-            Control::Continue | Control::EndOfInput | Control::ShardEnd => {}
+            self.pool.give(records);
+            return Ok(());
         }
         let state = pending.states.entry(epoch.shard.clone()).or_default();
         let mut out = KeyedOutput::new(&mut *self.main, &mut *self.late);

@@ -181,8 +181,12 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
                     holding::check(&*self.sink, &**writer, self.holds_tracked, after)?;
                 }
             }
-            Control::Stop | Control::Release => {
-                if let Some(writer) = self.writer.as_mut() {
+            // On a shard's own path a stop drops what a holding writer buffers (the
+            // checkpoint never covers it); after `key_by` a stop's outputs are what the state
+            // owes, committed before the final checkpoint.
+            Control::Release | Control::Stop => {
+                let release = epoch.control == Control::Release || self.holds_tracked;
+                if let Some(writer) = self.writer.as_mut().filter(|_| release) {
                     writer.release_shard(&epoch.shard);
                 }
             }

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::WallClock;
 use crate::error::{Error, LeaseError, ShardStopped};
-use crate::lease::{CheckpointPosition, ShardCheckpoint};
+use crate::lease::{CheckpointPosition, LeaseEpoch, ShardCheckpoint};
 use crate::metrics::Metrics;
 use crate::position::ShardId;
 use crate::protocol::checkpoint::Epoch;
@@ -20,7 +20,7 @@ use crate::protocol::outcome::{after_task, finished, run_over, AfterTask, Finish
 use crate::protocol::shard_sync::{leases_to_start, processable, retry_after};
 use crate::random::Random;
 use crate::topology::{Exchanges, Topology};
-use crate::tracker::Tracker;
+use crate::tracker::{DroppedLife, Tracker};
 
 use super::decisions::DecisionLog;
 use super::health::Health;
@@ -31,6 +31,8 @@ use super::{RunMode, RunReport, RuntimeConfig};
 /// A shard whose task runs.
 struct RunningShard {
     lease_key: String,
+    /// The life the task processes.
+    lease_epoch: LeaseEpoch,
     /// Stops the task (shutdown, a lost lease, the run failing).
     cancel: CancellationToken,
     /// The worker learned that the lease moved: the task's end writes nothing more.
@@ -41,6 +43,7 @@ struct RunningShard {
 struct Finishing {
     shard: ShardId,
     lease_key: String,
+    lease_epoch: LeaseEpoch,
     /// Every path must have committed this epoch before the final checkpoint is written.
     last_epoch: Epoch,
     shard_end: bool,
@@ -227,6 +230,7 @@ impl ControlLoop {
                     let (id, outcome) = joined.map_err(|e| Error::Task(e.to_string()))?;
                     self.on_task_end(id, outcome).await;
                 }
+                () = self.tracker.dropped() => self.on_dropped_lives().await,
                 _ = ticker.tick() => self.on_tick().await,
                 () = self.tracker.reported(), if !self.finishing.is_empty() => {}
             }
@@ -321,6 +325,7 @@ impl ControlLoop {
             self.tracker.start_shard(
                 &shard.id,
                 taken.epoch(),
+                lease_guard.clone(),
                 taken.checkpoint.clone(),
                 self.paths,
             );
@@ -347,6 +352,7 @@ impl ControlLoop {
                 shard.id.clone(),
                 RunningShard {
                     lease_key: taken.key.clone(),
+                    lease_epoch: taken.epoch(),
                     cancel,
                     lost: false,
                 },
@@ -406,6 +412,7 @@ impl ControlLoop {
             } => self.finishing.push(Finishing {
                 shard: id,
                 lease_key: shard.lease_key,
+                lease_epoch: shard.lease_epoch,
                 last_epoch,
                 shard_end,
                 attempts: 0,
@@ -439,6 +446,55 @@ impl ControlLoop {
                 self.running.values().for_each(|r| r.cancel.cancel());
                 self.failure.get_or_insert(error);
             }
+        }
+    }
+
+    /// Keyed workers dropped these lives (a sink fenced them, or their guard expired with
+    /// outputs still to write): a path lost the state, so the rest of the life cannot be
+    /// processed right. It ends like a lost lease, and the table is looked at again: if the
+    /// lease is still this worker's, the shard resumes from its checkpoint in a new life.
+    async fn on_dropped_lives(&mut self) {
+        for DroppedLife {
+            shard,
+            lease_epoch,
+            reason,
+        } in self.tracker.take_dropped()
+        {
+            let running = self
+                .running
+                .get_mut(&shard)
+                .filter(|r| r.lease_epoch == lease_epoch && !r.lost);
+            let key = if let Some(r) = running {
+                r.lost = true;
+                r.cancel.cancel();
+                r.lease_key.clone()
+            } else if let Some(i) = self
+                .finishing
+                .iter()
+                .position(|f| f.shard == shard && f.lease_epoch == lease_epoch)
+            {
+                // Its final checkpoint would wait for the dropping path forever.
+                let f = self.finishing.swap_remove(i);
+                self.forget(&f.shard).await;
+                self.leases.forget(&f.lease_key).await;
+                f.lease_key
+            } else {
+                // An ended life, or one already known lost.
+                continue;
+            };
+            self.decisions.record(|| {
+                format!(
+                    "keyed path dropped {shard} epoch {}: {reason:?}",
+                    lease_epoch.0
+                )
+            });
+            tracing::warn!(topology = %self.name(), %shard, lease = %key, ?reason, "a keyed path dropped the shard; ending it like a lost lease");
+            self.metrics.lease_lost(self.name());
+            // The task then ends with `Release`: nothing more of the life is emitted.
+            if let Some(guard) = self.leases.guard(&key).await {
+                guard.revoke();
+            }
+            self.sync.owed = true;
         }
     }
 

@@ -11,11 +11,11 @@ use tokio::time::Instant;
 
 use crate::error::LeaseError;
 use crate::lease::{Lease, LeaseStore, LeaseUpdate, ShardCheckpoint};
+use crate::lease_guard::LeaseGuard;
 use crate::position::ShardInfo;
 use crate::protocol::balance::{plan, Observed, Plan};
 use crate::protocol::lease_rules::{judge_unclear, UnclearWrite};
 use crate::protocol::shard_sync::{leases_to_clean, leases_to_create};
-use crate::runtime::lease_guard::LeaseGuard;
 
 pub(crate) struct LeaseManager {
     store: Arc<dyn LeaseStore>,

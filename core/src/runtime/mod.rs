@@ -5,7 +5,6 @@ mod control;
 mod decisions;
 mod health;
 mod identity;
-mod lease_guard;
 #[cfg(test)]
 mod lease_model;
 mod leases;

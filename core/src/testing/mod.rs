@@ -38,4 +38,11 @@ mod tests {
     async fn memory_sink_passes_the_conformance_suite() {
         super::sink_conformance(|| async { MemorySink::<u64>::new("memory") }, |i| i).await;
     }
+
+    #[tokio::test]
+    async fn the_fencing_memory_sink_passes_the_sink_and_fencing_suites() {
+        super::sink_conformance(|| async { MemorySink::<u64>::fencing("memory") }, |i| i).await;
+        super::fencing_sink_conformance(|| async { MemorySink::<u64>::fencing("memory") }, |i| i)
+            .await;
+    }
 }

@@ -237,4 +237,44 @@ where
     next.write(put(6, 4)).await.expect("write");
     next.commit().await.expect("a newer epoch overwrites");
     assert_eq!(read().await, Some(value(4)));
+
+    // A commit after `key_by` holds several shards' outputs: a refusal names its shard, the
+    // other shard's output survives it, and once the refused shard is released the next
+    // commit makes the rest durable.
+    let other = ShardId::new("shardId-000000000001");
+    let mut mixed = sink.open(&cx("mixed")).await.expect("open");
+    let refused = match mixed.write(put(5, 5)).await {
+        Err(e) => e,
+        Ok(()) => {
+            mixed
+                .write(OutputBatch {
+                    shard: other.clone(),
+                    lease_epoch: LeaseEpoch(1),
+                    outputs: vec![Output {
+                        id: id.clone(),
+                        value: value(6),
+                    }],
+                })
+                .await
+                .expect("write another shard");
+            mixed
+                .commit()
+                .await
+                .expect_err("the stale shard is refused")
+        }
+    };
+    let fenced = refused.fenced().expect("refused as fenced");
+    assert_eq!(fenced.shard, shard, "the refusal names the refused shard");
+    mixed.release_shard(&shard);
+    mixed
+        .commit()
+        .await
+        .expect("the rest commits once the refused shard is released");
+    let committed = sink.committed().await.expect("read back");
+    assert_eq!(
+        committed.get(&(other.clone(), id.to_path())),
+        Some(&value(6)),
+        "the other shard's output of the refused commit is durable"
+    );
+    assert_eq!(read().await, Some(value(4)), "the newer value stays");
 }

@@ -3,6 +3,8 @@
 //! after seeing that write, so acting within this bound never overlaps a legitimate new owner;
 //! a worker paused past it (SIGSTOP, a long GC-like stall, a partition) waits for a renewal
 //! before it sends more of the shard to its sinks, and learns there that the lease is gone.
+//! Shard tasks check it before each epoch goes on; keyed workers before each epoch and each
+//! commit (through the tracker), so nothing queued or uncommitted is written after it ran out.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

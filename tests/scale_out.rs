@@ -384,10 +384,30 @@ mod scenario {
             if all_live && counts.last().unwrap() - counts.first().unwrap() <= 1 {
                 return (counts, started.elapsed());
             }
-            assert!(
-                started.elapsed() < bound,
-                "leases not balanced over {live:?} within {bound:?}: {by_owner:?}"
-            );
+            if started.elapsed() >= bound {
+                // What the table and the workers say, to tell a stuck handoff from a dead run.
+                let leases: Vec<String> = shardflow::core::lease::LeaseStore::list(store)
+                    .await
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|l| format!("{} {:?}->{:?} #{}", l.key, l.owner, l.handoff_to, l.counter))
+                    .collect();
+                let logs: Vec<String> = live
+                    .iter()
+                    .map(|w| {
+                        let log = cluster.worker_log(w);
+                        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                        format!(
+                            "{w}:\n{}",
+                            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                        )
+                    })
+                    .collect();
+                panic!(
+                    "leases not balanced over {live:?} within {bound:?}: {leases:#?}\n{}",
+                    logs.join("\n")
+                );
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

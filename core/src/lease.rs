@@ -180,6 +180,11 @@ pub struct Lease {
     /// How often the owner changed since the last checkpoint (KCL's
     /// `ownerSwitchesSinceCheckpoint`); a high value flags a shard that keeps failing.
     pub owner_switches_since_checkpoint: u64,
+    /// A worker that asked the owner to hand the lease over (graceful handoff): the owner
+    /// finishes what it has in flight, checkpoints and releases; the lease then waits for this
+    /// worker (others take it only once it expired). Cleared by a take.
+    #[serde(default)]
+    pub handoff_to: Option<String>,
 }
 
 impl Lease {
@@ -197,6 +202,7 @@ impl Lease {
             checkpoint: ShardCheckpoint::initial(),
             parents,
             owner_switches_since_checkpoint: 0,
+            handoff_to: None,
         }
     }
 }
@@ -222,10 +228,17 @@ pub enum LeaseUpdate {
         /// The new progress.
         checkpoint: ShardCheckpoint,
     },
-    /// Give the lease up so another worker may take it at once.
+    /// Give the lease up so another worker may take it at once (the requester of a handoff,
+    /// if one is pending).
     Release {
         /// The current owner.
         owner: String,
+    },
+    /// Ask the live owner to hand the lease over instead of taking it outright: the owner
+    /// sees the request at its next write of the lease.
+    RequestHandoff {
+        /// The worker that wants the lease.
+        requester: String,
     },
     /// An operator moves the progress of an unowned lease (replay from the start, say). Refused
     /// while a worker owns it: stop the workers (they release their leases) first.
@@ -243,6 +256,7 @@ impl LeaseUpdate {
             Self::Renew { .. } => "renew",
             Self::Checkpoint { .. } => "checkpoint",
             Self::Release { .. } => "release",
+            Self::RequestHandoff { .. } => "request handoff",
             Self::Reset { .. } => "reset",
         }
     }

@@ -25,6 +25,7 @@ pub struct Metrics {
     leases_held: IntGaugeVec,
     leases_taken: IntCounterVec,
     leases_lost: IntCounterVec,
+    lease_handoffs: IntCounterVec,
     shards_stopped: IntGaugeVec,
 }
 
@@ -140,7 +141,7 @@ impl Metrics {
             leases_taken: counter(
                 registry,
                 "shardflow_leases_taken_total",
-                "Leases this worker took (free, expired, stolen or its own after a restart)",
+                "Leases this worker took (free, expired, handed over, or its own after a restart)",
                 &["topology"],
             ),
             leases_lost: counter(
@@ -148,6 +149,13 @@ impl Metrics {
                 "shardflow_leases_lost_total",
                 "Leases this worker lost (stolen, expired, or fenced by a sink)",
                 &["topology"],
+            ),
+            lease_handoffs: counter(
+                registry,
+                "shardflow_lease_handoffs_total",
+                "Graceful handoffs: leases this worker asked another for (requested), and \
+                 leases it handed over after its final checkpoint (handed_over)",
+                &["topology", "kind"],
             ),
             shards_stopped: gauge(
                 "shardflow_shards_stopped",
@@ -262,6 +270,13 @@ impl Metrics {
 
     pub(crate) fn lease_lost(&self, topology: &str) {
         self.leases_lost.with_label_values(&[topology]).inc();
+    }
+
+    /// A handoff this worker asked for (`requested`) or made (`handed_over`).
+    pub(crate) fn lease_handoff(&self, topology: &str, kind: &str) {
+        self.lease_handoffs
+            .with_label_values(&[topology, kind])
+            .inc();
     }
 
     pub(crate) fn shards_stopped(&self, topology: &str, stopped: usize) {

@@ -1407,6 +1407,91 @@ async fn a_keyed_path_writes_nothing_of_a_shard_once_its_lease_guard_expired() {
     assert_eq!(value_of(&counts, "k/1").map(|r| r.value), Some(10));
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_joining_worker_gets_its_share_by_handoff_and_never_writes_beside_the_owner() {
+    let stream = MemoryStream::new("join", 4);
+    let counts = MemorySink::<Counted>::fencing("counts");
+    let topology = || {
+        Topology::builder("join")
+            .source(stream.clone().decode_fn(decode))
+            .key_by(|e: &Event| e.key)
+            .aggregate(Count)
+            .sink(counts.clone())
+            .build()
+            .unwrap()
+    };
+    // A slow lease table: an owner learns late that something changed, while its sink
+    // commits go on (the window in which an outright steal has two writers).
+    let leases = ScriptedLeaseStore::new(MemoryLeaseStore::new());
+    leases.delay_updates(Duration::from_millis(50));
+    let worker = |id: &str, shutdown: &CancellationToken| {
+        let config = RuntimeConfig {
+            worker_id: id.into(),
+            commit_interval: Duration::from_millis(50),
+            lease_duration: Duration::from_secs(5),
+            ..config(RunMode::Continuous)
+        };
+        tokio::spawn(
+            Runtime::new(topology(), Arc::new(leases.clone()))
+                .with_config(config)
+                .with_shutdown(shutdown.clone())
+                .run(),
+        )
+    };
+    let (stop_a, stop_b) = (CancellationToken::new(), CancellationToken::new());
+    let a = worker("a", &stop_a);
+    let mut pushed = std::collections::BTreeMap::new();
+    let mut b = None;
+    let mut b_share_at = None;
+    for i in 0..400u64 {
+        let shard = (i % 4) as usize;
+        push(&stream, shard, &event(i, (i % 3) as u32, T0 + i as i64));
+        *pushed.entry((shard, (i % 3) as u32)).or_insert(0u64) += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if i == 100 {
+            b = Some(worker("b", &stop_b));
+        }
+        if i > 100 && b_share_at.is_none() {
+            let held = leases
+                .list()
+                .await
+                .unwrap()
+                .iter()
+                .filter(|l| l.owner.as_deref() == Some("b"))
+                .count();
+            if held == 2 {
+                b_share_at = Some(i);
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop_b.cancel();
+    stop_a.cancel();
+    a.await.unwrap().expect("the old owner's run goes on");
+    b.unwrap()
+        .await
+        .unwrap()
+        .expect("the new owner's run goes on");
+    let waited = b_share_at.expect("b got its share (2 of 4)") - 100;
+    assert!(
+        waited * 10 < 2_500,
+        "b got its share {waited}0 ms after it started: handoffs, not expiry (5 s)"
+    );
+    assert_eq!(
+        counts.refused(),
+        0,
+        "no owner ever wrote beside another: nothing was fenced"
+    );
+    for ((shard, key), n) in pushed {
+        let stored = counts
+            .contents()
+            .into_iter()
+            .find(|((s, p), _)| s.as_str() == format!("shard-{shard}") && *p == format!("k/{key}"))
+            .map(|(_, v)| v.value);
+        assert_eq!(stored, Some(n), "shard-{shard} key {key}");
+    }
+}
+
 #[test]
 fn more_flat_maps_in_a_chain_than_identities_can_number_is_a_build_error() {
     let stream = MemoryStream::new("deep", 1);

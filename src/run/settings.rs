@@ -81,7 +81,7 @@ pub struct Flags {
     /// Shard sync interval, e.g. `10s`.
     #[arg(long, env = "SHARDFLOW_SHARD_SYNC_INTERVAL", value_parser = parse_duration)]
     pub shard_sync_interval: Option<Duration>,
-    /// Leases stolen per sync round at most.
+    /// Leases asked of a busier worker per sync round at most (handed over, never stolen).
     #[arg(long, env = "SHARDFLOW_MAX_LEASES_TO_STEAL")]
     pub max_leases_to_steal: Option<usize>,
     /// Address of `/metrics`, `/healthz` and `/readyz` (default `127.0.0.1:9464`).

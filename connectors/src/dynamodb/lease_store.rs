@@ -26,6 +26,9 @@ const CHECKPOINT: &str = "checkpoint";
 const CHECKPOINT_SUB: &str = "checkpointSubSequenceNumber";
 const OWNER_SWITCHES: &str = "ownerSwitchesSinceCheckpoint";
 const PARENTS: &str = "parentShardId";
+/// shardflow's: the worker a graceful handoff was asked for (KCL 3.x keeps the old owner in
+/// `checkpointOwner` instead; shardflow keeps the owner until it releases).
+const HANDOFF_TO: &str = "handoffTo";
 // shardflow's own: the rebuild point for open windows and the watermarks.
 const COMMITTED_WATERMARK: &str = "committedWatermark";
 const REBUILD_FROM: &str = "rebuildFrom";
@@ -232,7 +235,9 @@ impl LeaseStore for DynamoLeaseStore {
         // The counter moved between the read and the write: the same verdict `apply_update`
         // gives a stale counter.
         Err(match update {
-            LeaseUpdate::Take { .. } | LeaseUpdate::Reset { .. } => LeaseError::ConditionFailed {
+            LeaseUpdate::Take { .. }
+            | LeaseUpdate::Reset { .. }
+            | LeaseUpdate::RequestHandoff { .. } => LeaseError::ConditionFailed {
                 lease_key: key.to_owned(),
                 reason: "lease counter changed since it was read",
             },
@@ -293,6 +298,9 @@ fn to_item(lease: &Lease) -> Item {
     item.insert(LEASE_KEY.into(), AttributeValue::S(lease.key.clone()));
     if let Some(owner) = &lease.owner {
         item.insert(LEASE_OWNER.into(), AttributeValue::S(owner.clone()));
+    }
+    if let Some(requester) = &lease.handoff_to {
+        item.insert(HANDOFF_TO.into(), AttributeValue::S(requester.clone()));
     }
     item.insert(
         LEASE_COUNTER.into(),
@@ -488,5 +496,6 @@ fn from_item(item: &Item) -> Result<Lease, LeaseError> {
             parents
         },
         owner_switches_since_checkpoint: counter(OWNER_SWITCHES)?,
+        handoff_to: text(HANDOFF_TO),
     })
 }

@@ -10,10 +10,15 @@ use crate::lease::{Lease, LeaseUpdate};
 /// Applies `update` to `current` if the conditions hold: the rule every store implements with
 /// its own atomic read-modify-write (a lock, a file lock, a DynamoDB condition expression).
 ///
-/// - `Take` requires `counter == expected_counter`; a mismatch is `ConditionFailed`.
+/// - `Take` requires `counter == expected_counter`; a mismatch is `ConditionFailed`. It clears
+///   a pending handoff request.
 /// - `Renew`, `Checkpoint`, `Release` also require `owner` to be the current owner; a mismatch
-///   is `LeaseLost`, the error that stops a shard's pipeline.
-/// - `Reset` requires the counter and no owner; otherwise `ConditionFailed`.
+///   is `LeaseLost`, the error that stops a shard's pipeline. They keep a pending handoff
+///   request (a release leaves the lease to its requester).
+/// - `RequestHandoff` requires the counter and an owner other than the requester; otherwise
+///   `ConditionFailed`.
+/// - `Reset` requires the counter and no owner; otherwise `ConditionFailed`. It clears a
+///   handoff request.
 pub fn apply_update(
     current: &Lease,
     expected_counter: u64,
@@ -33,6 +38,22 @@ pub fn apply_update(
                 next.owner_switches_since_checkpoint += 1;
             }
             next.owner = Some(owner.clone());
+            next.handoff_to = None;
+        }
+        LeaseUpdate::RequestHandoff { requester } => {
+            if current.counter != expected_counter {
+                return Err(LeaseError::ConditionFailed {
+                    lease_key: current.key.clone(),
+                    reason: "lease counter changed since it was read",
+                });
+            }
+            if current.owner.is_none() || current.owner.as_deref() == Some(requester.as_str()) {
+                return Err(LeaseError::ConditionFailed {
+                    lease_key: current.key.clone(),
+                    reason: "a handoff is asked of another worker's lease",
+                });
+            }
+            next.handoff_to = Some(requester.clone());
         }
         LeaseUpdate::Reset { checkpoint } => {
             if current.counter != expected_counter {
@@ -49,6 +70,7 @@ pub fn apply_update(
             }
             next.checkpoint = checkpoint.clone();
             next.owner_switches_since_checkpoint = 0;
+            next.handoff_to = None;
         }
         LeaseUpdate::Renew { owner }
         | LeaseUpdate::Checkpoint { owner, .. }
@@ -68,6 +90,7 @@ pub fn apply_update(
                 LeaseUpdate::Release { .. } => next.owner = None,
                 LeaseUpdate::Take { .. }
                 | LeaseUpdate::Renew { .. }
+                | LeaseUpdate::RequestHandoff { .. }
                 | LeaseUpdate::Reset { .. } => {}
             }
         }
@@ -119,19 +142,32 @@ pub fn judge_unclear(
     };
     let ours = now.owner.as_deref() == Some(owner);
     if now.counter == expected_counter {
-        let unchanged =
-            matches!(update, LeaseUpdate::Take { .. } | LeaseUpdate::Reset { .. }) || ours;
+        let unchanged = matches!(
+            update,
+            LeaseUpdate::Take { .. }
+                | LeaseUpdate::Reset { .. }
+                | LeaseUpdate::RequestHandoff { .. }
+        ) || ours;
         return if unchanged {
             UnclearWrite::NotLanded
         } else {
             UnclearWrite::Lost
         };
     }
+    // A pending handoff request moves the counter too: an owner's write is known to have
+    // landed only if the lease shows no request (one, if any, came after: see
+    // `handoff_asked`, which writes again).
+    let unasked = now.handoff_to.is_none();
     let left_as_written = now.counter == expected_counter + 1
         && match update {
-            LeaseUpdate::Take { .. } | LeaseUpdate::Renew { .. } => ours,
-            LeaseUpdate::Checkpoint { checkpoint, .. } => ours && now.checkpoint == *checkpoint,
+            LeaseUpdate::Take { .. } | LeaseUpdate::Renew { .. } => ours && unasked,
+            LeaseUpdate::Checkpoint { checkpoint, .. } => {
+                ours && unasked && now.checkpoint == *checkpoint
+            }
             LeaseUpdate::Release { .. } => now.owner.is_none(),
+            LeaseUpdate::RequestHandoff { requester } => {
+                now.handoff_to.as_deref() == Some(requester.as_str())
+            }
             LeaseUpdate::Reset { checkpoint } => {
                 now.owner.is_none() && now.checkpoint == *checkpoint
             }
@@ -141,6 +177,15 @@ pub fn judge_unclear(
     } else {
         UnclearWrite::Lost
     }
+}
+
+/// Whether `owner`'s write at `expected` was refused only because another worker asked for a
+/// handoff since (see `LeaseUpdate::RequestHandoff`), judged from the lease `now` read after
+/// the refusal: the owner is still `owner`, a handoff is pending, and the counter moved on.
+/// The lease is still the owner's: it adopts the new counter, writes again, and winds the
+/// shard down to hand it over. Anything else that moved the counter names another owner.
+pub fn handoff_asked(owner: &str, expected: u64, now: &Lease) -> bool {
+    now.owner.as_deref() == Some(owner) && now.handoff_to.is_some() && now.counter > expected
 }
 
 /// Whether a worker that last renewed its leases `since` ago renews them now: every third of a
@@ -162,6 +207,62 @@ mod tests {
         assert_eq!(taken.owner_switches_since_checkpoint, 1);
         let again = apply_update(&taken, 1, &LeaseUpdate::Take { owner: "a".into() }).unwrap();
         assert_eq!(again.owner_switches_since_checkpoint, 1);
+    }
+
+    #[test]
+    fn a_handoff_request_marks_the_lease_and_leaves_it_to_the_requester_on_release() {
+        let lease = Lease::new("s1", vec![]);
+        let a = apply_update(&lease, 0, &LeaseUpdate::Take { owner: "a".into() }).unwrap();
+        let ask = LeaseUpdate::RequestHandoff {
+            requester: "b".into(),
+        };
+        let asked = apply_update(&a, 1, &ask).unwrap();
+        assert_eq!(
+            (
+                asked.counter,
+                asked.owner.as_deref(),
+                asked.handoff_to.as_deref()
+            ),
+            (2, Some("a"), Some("b"))
+        );
+        assert!(matches!(
+            apply_update(&a, 0, &ask),
+            Err(LeaseError::ConditionFailed { .. })
+        ));
+        let own = LeaseUpdate::RequestHandoff {
+            requester: "a".into(),
+        };
+        assert!(
+            apply_update(&a, 1, &own).is_err(),
+            "nobody asks itself for its own lease"
+        );
+        assert!(
+            apply_update(&lease, 0, &ask).is_err(),
+            "a free lease is taken, not asked for"
+        );
+        // The owner's renewal at its old counter is refused; it sees why and adopts the new one.
+        let renew = LeaseUpdate::Renew { owner: "a".into() };
+        assert!(apply_update(&asked, 1, &renew).is_err());
+        assert!(handoff_asked("a", 1, &asked));
+        assert!(!handoff_asked("b", 1, &asked), "only the owner's");
+        let renewed = apply_update(&asked, 2, &renew).unwrap();
+        assert_eq!(renewed.handoff_to.as_deref(), Some("b"), "renewals keep it");
+        let released =
+            apply_update(&renewed, 3, &LeaseUpdate::Release { owner: "a".into() }).unwrap();
+        assert_eq!(
+            (released.owner.as_deref(), released.handoff_to.as_deref()),
+            (None, Some("b"))
+        );
+        let taken = apply_update(&released, 4, &LeaseUpdate::Take { owner: "b".into() }).unwrap();
+        assert_eq!(taken.handoff_to, None, "a take clears it");
+        // The request's own bump is not the owner's renewal landing.
+        assert_eq!(
+            judge_unclear(1, "a", &renew, Some(&asked)),
+            UnclearWrite::Lost
+        );
+        // A steal also moves the counter, but names another owner: that is a loss.
+        let stolen = apply_update(&a, 1, &LeaseUpdate::Take { owner: "c".into() }).unwrap();
+        assert!(!handoff_asked("a", 1, &stolen));
     }
 
     #[test]

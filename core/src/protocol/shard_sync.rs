@@ -67,10 +67,11 @@ pub fn processable(leases: &[Lease]) -> Vec<&Lease> {
         .collect()
 }
 
-/// The leases worker `me` starts this round, in key order: those the plan takes or steals, and
-/// its own (a restart with the same worker id), among `candidates` (the processable leases),
-/// of shards the stream lists, and not `busy` (running, finishing, or done in this run:
-/// starting one again would replace progress whose last reports are still in flight).
+/// The leases worker `me` starts this round, in key order: those the plan takes, and its own
+/// (a restart with the same worker id) unless it was asked to hand them over, among
+/// `candidates` (the processable leases), of shards the stream lists, and not `busy` (running,
+/// finishing, or done in this run: starting one again would replace progress whose last
+/// reports are still in flight).
 pub fn leases_to_start<'a>(
     me: &str,
     plan: &Plan,
@@ -78,16 +79,11 @@ pub fn leases_to_start<'a>(
     shards: &[ShardInfo],
     busy: &BTreeSet<ShardId>,
 ) -> Vec<&'a Lease> {
-    let mut keys: Vec<&str> = plan
-        .take
-        .iter()
-        .chain(&plan.steal)
-        .map(String::as_str)
-        .collect();
+    let mut keys: Vec<&str> = plan.take.iter().map(String::as_str).collect();
     keys.extend(
         candidates
             .iter()
-            .filter(|l| l.owner.as_deref() == Some(me))
+            .filter(|l| l.owner.as_deref() == Some(me) && l.handoff_to.is_none())
             .map(|l| l.key.as_str()),
     );
     keys.sort_unstable();

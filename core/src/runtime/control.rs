@@ -37,6 +37,9 @@ struct RunningShard {
     cancel: CancellationToken,
     /// The worker learned that the lease moved: the task's end writes nothing more.
     lost: bool,
+    /// Another worker asked for the lease: the task stops in an orderly way, and once its last
+    /// epochs are committed and checkpointed the lease is released to it.
+    handing_off: bool,
 }
 
 /// A shard whose task ended and whose last epochs the keyed workers may still be committing.
@@ -47,6 +50,8 @@ struct Finishing {
     /// Every path must have committed this epoch before the final checkpoint is written.
     last_epoch: Epoch,
     shard_end: bool,
+    /// Released after its final checkpoint, to the worker that asked for it.
+    handoff: bool,
     /// Final checkpoint writes that failed retryably so far.
     attempts: u32,
     /// The tick of the last failed write: not tried again before the next tick, since the
@@ -231,7 +236,10 @@ impl ControlLoop {
                     self.on_task_end(id, outcome).await;
                 }
                 () = self.tracker.dropped() => self.on_dropped_lives().await,
-                _ = ticker.tick() => self.on_tick().await,
+                _ = ticker.tick() => {
+                    self.on_tick().await;
+                    self.handoffs().await;
+                }
                 () = self.tracker.reported(), if !self.finishing.is_empty() => {}
             }
             self.finish_committed().await;
@@ -287,6 +295,7 @@ impl ControlLoop {
         let shards = self.topology.source.list_shards().await?;
         self.leases.sync(&shards).await?;
         let lease_list = self.leases.list().await?;
+        self.leases.note_requests(&lease_list).await;
         let busy: BTreeSet<ShardId> = self
             .running
             .keys()
@@ -299,6 +308,18 @@ impl ControlLoop {
             .leases
             .plan(&candidates, self.config.max_leases_to_steal)
             .await;
+        for key in &plan.request {
+            let lease = candidates
+                .iter()
+                .find(|l| &l.key == key)
+                .expect("planned from the candidates");
+            if self.leases.request_handoff(lease).await? {
+                self.decisions
+                    .record(|| format!("request handoff of {key} from {:?}", lease.owner));
+                tracing::info!(topology = %self.name(), lease = %key, owner = ?lease.owner, "asked for a lease (graceful handoff)");
+                self.metrics.lease_handoff(self.name(), "requested");
+            }
+        }
         let start = leases_to_start(&self.config.worker_id, &plan, &candidates, &shards, &busy);
         for lease in start {
             let shard = shards
@@ -355,6 +376,7 @@ impl ControlLoop {
                     lease_epoch: taken.epoch(),
                     cancel,
                     lost: false,
+                    handing_off: false,
                 },
             );
             let id = shard.id.clone();
@@ -413,6 +435,7 @@ impl ControlLoop {
                 shard: id,
                 lease_key: shard.lease_key,
                 lease_epoch: shard.lease_epoch,
+                handoff: shard.handing_off,
                 last_epoch,
                 shard_end,
                 attempts: 0,
@@ -445,6 +468,38 @@ impl ControlLoop {
                 self.forget(&id).await;
                 self.running.values().for_each(|r| r.cancel.cancel());
                 self.failure.get_or_insert(error);
+            }
+        }
+    }
+
+    /// Graceful handoffs on a tick: stops the shards other workers asked for (their leases
+    /// are released after the final checkpoint), releases asked-for leases nothing runs on,
+    /// and owes a shard sync when a lease this worker asked for was released to it.
+    async fn handoffs(&mut self) {
+        for (key, requester) in self.leases.handoffs_asked().await {
+            if let Some(r) = self.running.values_mut().find(|r| r.lease_key == key) {
+                if !r.lost && !r.handing_off {
+                    r.handing_off = true;
+                    r.cancel.cancel();
+                    self.decisions
+                        .record(|| format!("handing off {key} to {requester}"));
+                    tracing::info!(topology = %self.topology.name, lease = %key, %requester, "handing the lease over: finishing its epochs first");
+                }
+            } else if let Some(f) = self.finishing.iter_mut().find(|f| f.lease_key == key) {
+                f.handoff = true;
+            } else {
+                // Done in this run or stopped by policy: nothing to finish first.
+                self.decisions
+                    .record(|| format!("handing off idle {key} to {requester}"));
+                self.leases.release(&key).await;
+                self.metrics.lease_handoff(self.name(), "handed_over");
+            }
+        }
+        match self.leases.handed_over().await {
+            Ok(true) => self.sync.owed = true,
+            Ok(false) => {}
+            Err(error) => {
+                tracing::warn!(topology = %self.name(), %error, "could not read a lease asked for");
             }
         }
     }
@@ -594,6 +649,15 @@ impl ControlLoop {
                 }
             }
             self.forget(&f.shard).await;
+            if f.handoff && !f.shard_end {
+                // Checkpointed after every path committed: the requester resumes exactly here.
+                self.leases.release(&f.lease_key).await;
+                self.decisions
+                    .record(|| format!("handed off {}", f.lease_key));
+                tracing::info!(topology = %self.name(), lease = %f.lease_key, "lease handed over");
+                self.metrics.lease_handoff(self.name(), "handed_over");
+                continue;
+            }
             let bounded = self.config.mode == RunMode::UntilCaughtUp;
             match finished(f.shard_end, bounded, self.shutdown.is_cancelled()) {
                 Finished::Ended => {

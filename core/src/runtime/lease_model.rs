@@ -1,6 +1,6 @@
-//! Model test of the lease protocol: workers renewing, planning, taking and stealing over one
-//! store, with crashes, restarts, graceful releases and time passing at random; checked against
-//! the rules after every step.
+//! Model test of the lease protocol: workers renewing, planning, taking, asking for and handing
+//! over leases over one store, with crashes, restarts, graceful releases and time passing at
+//! random; checked against the rules after every step.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -51,9 +51,26 @@ fn keys() -> Vec<String> {
 async fn tick(worker: &Worker) {
     worker.manager.renew_all_until(None).await;
     let leases = worker.manager.list().await.expect("list");
+    worker.manager.note_requests(&leases).await;
+    // An owner asked for a lease hands it over at once (the model has no epochs in flight).
+    for (key, _) in worker.manager.handoffs_asked().await {
+        worker.manager.release(&key).await;
+    }
+    let leases = worker.manager.list().await.expect("list");
     let candidates: Vec<&Lease> = leases.iter().collect();
     let plan = worker.manager.plan(&candidates, 1).await;
-    for key in plan.take.iter().chain(&plan.steal) {
+    for key in &plan.request {
+        let lease = leases
+            .iter()
+            .find(|l| &l.key == key)
+            .expect("planned from the list");
+        worker
+            .manager
+            .request_handoff(lease)
+            .await
+            .expect("store works");
+    }
+    for key in &plan.take {
         let lease = leases
             .iter()
             .find(|l| &l.key == key)
@@ -151,7 +168,7 @@ async fn run(ops: Vec<Op>) {
         let owner = lease.owner.clone().unwrap_or_default();
         assert!(
             alive.contains(&owner),
-            "{} owned by {owner:?}, not a live worker {alive:?}",
+            "{} owned by {owner:?}, not a live worker {alive:?}: {lease:?}",
             lease.key
         );
         *load.get_mut(&owner).expect("live owner") += 1;

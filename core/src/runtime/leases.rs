@@ -1,8 +1,9 @@
 //! The worker's view of the lease table: create leases for new shards, take free or expired
-//! ones, renew, checkpoint and release what it holds. Expiry is judged by this worker's own
+//! ones, ask live owners to hand theirs over, renew, checkpoint and release what it holds, and
+//! notice when another worker asks for one of its own. Expiry is judged by this worker's own
 //! monotonic clock (a lease whose counter did not move for a lease duration), as in the KCL.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,8 +15,11 @@ use crate::lease::{Lease, LeaseStore, LeaseUpdate, ShardCheckpoint};
 use crate::lease_guard::LeaseGuard;
 use crate::position::ShardInfo;
 use crate::protocol::balance::{plan, Observed, Plan};
-use crate::protocol::lease_rules::{judge_unclear, UnclearWrite};
+use crate::protocol::lease_rules::{handoff_asked, judge_unclear, UnclearWrite};
 use crate::protocol::shard_sync::{leases_to_clean, leases_to_create};
+
+/// Tries of a handoff request against an owner whose writes keep moving the counter.
+const REQUEST_ATTEMPTS: usize = 3;
 
 pub(crate) struct LeaseManager {
     store: Arc<dyn LeaseStore>,
@@ -25,6 +29,8 @@ pub(crate) struct LeaseManager {
     held: Mutex<BTreeMap<String, Held>>,
     /// Counter of other workers' leases and when this worker first saw it.
     observed: Mutex<BTreeMap<String, (u64, Instant)>>,
+    /// Leases this worker asked their owners for, until it takes them or they go elsewhere.
+    requested: Mutex<BTreeSet<String>>,
 }
 
 struct Held {
@@ -35,6 +41,8 @@ struct Held {
     /// extends the guard from here, since other workers' expiry clocks may have started when
     /// that earlier write landed.
     unconfirmed_since: Option<Instant>,
+    /// The worker that asked for this lease (graceful handoff), once this worker saw it.
+    handoff_to: Option<String>,
 }
 
 impl LeaseManager {
@@ -45,6 +53,7 @@ impl LeaseManager {
             lease_duration,
             held: Mutex::new(BTreeMap::new()),
             observed: Mutex::new(BTreeMap::new()),
+            requested: Mutex::new(BTreeSet::new()),
         }
     }
 
@@ -86,18 +95,103 @@ impl LeaseManager {
         self.store.list().await
     }
 
-    /// This round's plan over `candidates` (the leases this worker may process): free and
-    /// expired leases to take, leases to steal toward an even spread (see `balance::plan`).
-    pub(crate) async fn plan(&self, candidates: &[&Lease], max_steal: usize) -> Plan {
+    /// This round's plan over `candidates` (the leases this worker may process): leases to
+    /// take (handed over, free, expired) and leases to ask for toward an even spread (see
+    /// `balance::plan`).
+    pub(crate) async fn plan(&self, candidates: &[&Lease], max_request: usize) -> Plan {
         let mut observed = Vec::with_capacity(candidates.len());
         for lease in candidates {
-            let expired = match lease.owner.as_deref() {
-                Some(owner) if owner != self.owner => self.expired(lease).await,
+            // Another worker's, or bound for one (a handoff it asked for; if this worker's
+            // earlier life owned it and nobody renews it, the requester may be gone too).
+            let others = match (lease.owner.as_deref(), lease.handoff_to.as_deref()) {
+                (Some(owner), _) if owner != self.owner => true,
+                (_, Some(requester)) => requester != self.owner,
                 _ => false,
             };
+            let expired = others && self.expired(lease).await;
             observed.push(Observed { lease, expired });
         }
-        plan(&self.owner, &observed, max_steal)
+        plan(&self.owner, &observed, max_request)
+    }
+
+    /// Asks the owner of `lease` (as read) to hand it over. Returns whether the request was
+    /// written; `false` if the lease went to another owner or was asked for by another worker
+    /// meanwhile. A busy owner moves the counter at every checkpoint, so a refused request is
+    /// tried again (a few times) at the counter read just before it.
+    pub(crate) async fn request_handoff(&self, lease: &Lease) -> Result<bool, LeaseError> {
+        let ask = LeaseUpdate::RequestHandoff {
+            requester: self.owner.clone(),
+        };
+        let mut counter = lease.counter;
+        for _ in 0..REQUEST_ATTEMPTS {
+            let written = match self.store.update(&lease.key, counter, &ask).await {
+                Ok(_) => Ok(()),
+                Err(e) => match self.judge(&lease.key, counter, &ask, &e).await {
+                    Some((UnclearWrite::Landed, _)) => Ok(()),
+                    _ => Err(e),
+                },
+            };
+            match written {
+                Ok(()) => {
+                    self.requested.lock().await.insert(lease.key.clone());
+                    return Ok(true);
+                }
+                Err(LeaseError::ConditionFailed { .. }) => {
+                    let Some(now) = self.store.get(&lease.key).await? else {
+                        return Ok(false);
+                    };
+                    if now.owner != lease.owner || now.handoff_to.is_some() {
+                        return Ok(false);
+                    }
+                    counter = now.counter;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(false)
+    }
+
+    /// Whether a lease this worker asked for was released to it (a shard sync then takes it);
+    /// forgets requests whose lease went elsewhere. One read per pending request.
+    pub(crate) async fn handed_over(&self) -> Result<bool, LeaseError> {
+        let keys: Vec<String> = self.requested.lock().await.iter().cloned().collect();
+        let mut released = false;
+        for key in keys {
+            let lease = self.store.get(&key).await?;
+            let asked = lease
+                .as_ref()
+                .is_some_and(|l| l.handoff_to.as_deref() == Some(self.owner.as_str()));
+            if !asked {
+                self.requested.lock().await.remove(&key);
+            } else if lease.is_some_and(|l| l.owner.is_none()) {
+                released = true;
+            }
+        }
+        Ok(released)
+    }
+
+    /// Notes the handoff requests the table shows for leases this worker holds (read by a
+    /// shard sync): it adopts the counter the request left, as a refused write would.
+    pub(crate) async fn note_requests(&self, leases: &[Lease]) {
+        let mut held = self.held.lock().await;
+        for lease in leases {
+            if let Some(entry) = held.get_mut(&lease.key) {
+                if entry.handoff_to.is_none() && handoff_asked(&self.owner, entry.counter, lease) {
+                    entry.counter = lease.counter;
+                    entry.handoff_to.clone_from(&lease.handoff_to);
+                }
+            }
+        }
+    }
+
+    /// Held leases another worker asked for, with the requester.
+    pub(crate) async fn handoffs_asked(&self) -> Vec<(String, String)> {
+        self.held
+            .lock()
+            .await
+            .iter()
+            .filter_map(|(key, h)| Some((key.clone(), h.handoff_to.clone()?)))
+            .collect()
     }
 
     /// Takes `lease` (free, expired, stolen, or ours from an earlier run) if its counter is
@@ -120,10 +214,12 @@ impl LeaseManager {
         };
         match written {
             Ok(taken) => {
+                self.requested.lock().await.remove(&taken.key);
                 let held = Held {
                     counter: taken.counter,
                     guard: LeaseGuard::new(started, self.lease_duration),
                     unconfirmed_since: None,
+                    handoff_to: None,
                 };
                 if let Some(old) = self.held.lock().await.insert(taken.key.clone(), held) {
                     old.guard.revoke();
@@ -175,8 +271,23 @@ impl LeaseManager {
         let Some(update) = decide() else {
             return Ok(None);
         };
-        let started = Instant::now();
-        let (written, judged_landed) = match self.store.update(key, entry.counter, &update).await {
+        let mut started = Instant::now();
+        let mut result = self.store.update(key, entry.counter, &update).await;
+        // A refusal because another worker asked for the lease meanwhile: it is still this
+        // worker's; adopt the counter the request left and write again (once: a second
+        // request would need a second requester's write in between, and is seen next time).
+        if let Err(e @ LeaseError::LeaseLost { .. }) = &result {
+            if let Some((_, Some(now))) = self.judge(key, entry.counter, &update, e).await {
+                if handoff_asked(&self.owner, entry.counter, &now) {
+                    tracing::info!(lease = %key, requester = ?now.handoff_to, "handoff asked for");
+                    entry.counter = now.counter;
+                    entry.handoff_to.clone_from(&now.handoff_to);
+                    started = Instant::now();
+                    result = self.store.update(key, entry.counter, &update).await;
+                }
+            }
+        }
+        let (written, judged_landed) = match result {
             // A write at the counter this worker last knew succeeded: no earlier write of it,
             // conditional on that counter, can land any more.
             Ok(lease) => (Ok(lease), false),

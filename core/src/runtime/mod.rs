@@ -72,8 +72,9 @@ pub struct RuntimeConfig {
     /// How often the shard list is re-read and leases rebalanced (children of resharded shards,
     /// expired leases, workers that joined).
     pub shard_sync_interval: Duration,
-    /// Leases stolen from a busier worker per round at most (KCL: 1), so that a joining worker
-    /// does not cause a stealing storm.
+    /// Leases asked of a busier worker per round at most (KCL: 1), so that a joining worker
+    /// does not cause a storm. They are handed over gracefully, never stolen from a live owner
+    /// (the name is the KCL's).
     pub max_leases_to_steal: usize,
     /// Whether the run ends by itself.
     pub mode: RunMode,

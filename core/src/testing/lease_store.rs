@@ -23,10 +23,75 @@ where
     owner_updates_fail_with_lease_lost_after_a_steal(make().await).await;
     checkpoints_are_read_back_exactly(make().await).await;
     release_leaves_the_lease_unowned(make().await).await;
+    a_handoff_request_is_stored_kept_by_the_owner_and_cleared_by_a_take(make().await).await;
     delete_is_conditional_on_the_counter(make().await).await;
     missing_leases_are_not_found(make().await).await;
     concurrent_takes_have_exactly_one_winner(Arc::new(make().await)).await;
     list_returns_every_lease_in_key_order(make().await).await;
+}
+
+async fn a_handoff_request_is_stored_kept_by_the_owner_and_cleared_by_a_take(
+    store: impl LeaseStore,
+) {
+    store
+        .create_if_absent(&Lease::new("s", vec![]))
+        .await
+        .unwrap();
+    let owner = "w1".to_owned();
+    store
+        .update(
+            "s",
+            0,
+            &LeaseUpdate::Take {
+                owner: owner.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    let ask = LeaseUpdate::RequestHandoff {
+        requester: "w2".into(),
+    };
+    store.update("s", 1, &ask).await.unwrap();
+    let read = store.get("s").await.unwrap().expect("lease");
+    assert_eq!(
+        (
+            read.owner.as_deref(),
+            read.handoff_to.as_deref(),
+            read.counter
+        ),
+        (Some("w1"), Some("w2"), 2),
+        "a request is stored and leaves the owner"
+    );
+    let renewed = store
+        .update(
+            "s",
+            2,
+            &LeaseUpdate::Renew {
+                owner: owner.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(renewed.handoff_to.as_deref(), Some("w2"));
+    store
+        .update("s", 3, &LeaseUpdate::Release { owner })
+        .await
+        .unwrap();
+    let released = store.get("s").await.unwrap().expect("lease");
+    assert_eq!(
+        (released.owner, released.handoff_to.as_deref()),
+        (None, Some("w2")),
+        "a release leaves the lease to the requester"
+    );
+    let taken = store
+        .update("s", 4, &LeaseUpdate::Take { owner: "w2".into() })
+        .await
+        .unwrap();
+    assert_eq!(taken.handoff_to, None);
+    assert_eq!(
+        store.get("s").await.unwrap().expect("lease").handoff_to,
+        None
+    );
 }
 
 async fn create_is_idempotent_and_keeps_the_first(store: impl LeaseStore) {

@@ -84,9 +84,14 @@ pub fn after_task(end: TaskEnd, lease_lost: bool) -> AfterTask {
     }
 }
 
-/// What a finished shard counts as once its final checkpoint is written.
+/// What a finished shard counts as once its final checkpoint was tried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Finished {
+    /// The final checkpoint was refused (the lease moved meanwhile): nothing of the end is
+    /// recorded, so the shard is not done. The lease is forgotten and the table looked at
+    /// again: the new owner finishes it, or, if that owner is gone too, this worker takes it
+    /// again once it expired and replays from the last checkpoint.
+    NotRecorded,
     /// Closed and fully read: reported, and a shard sync is owed (its children may start).
     Ended,
     /// Read to its tip in a bounded run.
@@ -95,10 +100,15 @@ pub enum Finished {
     Released,
 }
 
-/// How a shard that finished counts, given whether it reached `shard_end`, whether the run is
-/// `bounded` (`RunMode::UntilCaughtUp`) and whether it is `shutting_down`.
-pub fn finished(shard_end: bool, bounded: bool, shutting_down: bool) -> Finished {
-    if shard_end {
+/// How a shard that finished counts, given whether its final checkpoint was `recorded`,
+/// whether it reached `shard_end`, whether the run is `bounded` (`RunMode::UntilCaughtUp`) and
+/// whether it is `shutting_down`.
+pub fn finished(recorded: bool, shard_end: bool, bounded: bool, shutting_down: bool) -> Finished {
+    if !recorded && shutting_down {
+        Finished::Released
+    } else if !recorded {
+        Finished::NotRecorded
+    } else if shard_end {
         Finished::Ended
     } else if bounded && !shutting_down {
         Finished::CaughtUp
@@ -166,5 +176,18 @@ mod tests {
         assert!(run_over(true, true, false, false, false));
         assert!(!run_over(false, true, false, true, true));
         assert!(!run_over(true, false, false, false, false));
+    }
+
+    #[test]
+    fn a_shard_whose_final_checkpoint_was_refused_is_not_done() {
+        assert_eq!(finished(false, true, false, false), Finished::NotRecorded);
+        assert_eq!(finished(false, false, true, false), Finished::NotRecorded);
+        assert_eq!(finished(true, true, false, false), Finished::Ended);
+        assert_eq!(finished(true, false, true, false), Finished::CaughtUp);
+        assert_eq!(
+            finished(false, true, false, true),
+            Finished::Released,
+            "a worker that stops leaves it to the next owner either way"
+        );
     }
 }

@@ -631,6 +631,7 @@ impl ControlLoop {
             }
             self.decisions
                 .record(|| format!("final checkpoint of {}", f.shard));
+            let mut recorded = true;
             match self.write_checkpoint(&f.shard, &f.lease_key).await {
                 Ok(()) => {}
                 Err(error) if error.is_retryable() && !self.give_up(&f) => {
@@ -646,10 +647,11 @@ impl ControlLoop {
                 }
                 Err(error) => {
                     tracing::warn!(topology = %self.name(), shard = %f.shard, %error, "final checkpoint rejected");
+                    recorded = false;
                 }
             }
             self.forget(&f.shard).await;
-            if f.handoff && !f.shard_end {
+            if f.handoff && !f.shard_end && recorded {
                 // Checkpointed after every path committed: the requester resumes exactly here.
                 self.leases.release(&f.lease_key).await;
                 self.decisions
@@ -659,7 +661,14 @@ impl ControlLoop {
                 continue;
             }
             let bounded = self.config.mode == RunMode::UntilCaughtUp;
-            match finished(f.shard_end, bounded, self.shutdown.is_cancelled()) {
+            match finished(recorded, f.shard_end, bounded, self.shutdown.is_cancelled()) {
+                Finished::NotRecorded => {
+                    self.decisions
+                        .record(|| format!("final checkpoint of {} not recorded", f.shard));
+                    self.leases.forget(&f.lease_key).await;
+                    self.sync.owed = true;
+                    continue;
+                }
                 Finished::Ended => {
                     self.report.shards_ended.push(f.shard.clone());
                     self.sync.owed = true;

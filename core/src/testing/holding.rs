@@ -4,7 +4,9 @@
 //! Each shard's record outputs fill a unit, named by its first record's position, cut by
 //! count, by a latency bound on a quiet shard, and at shard end. Starting a unit where a stored
 //! one starts ends the new one where the stored one ended (S3Sink's HEAD), so a replay cuts
-//! what an earlier run cut. A unit is durable when sealed. Keyed results are stored one each.
+//! what an earlier run cut. A unit is durable when sealed, and sealed only over what was
+//! stored at its key when it started (S3Sink's `If-None-Match`/`If-Match`): a unit another
+//! writer stored meanwhile refuses it as fenced. Keyed results are stored one each.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -13,7 +15,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use crate::error::SinkError;
+use crate::error::{Fenced, SinkError};
+use crate::lease::LeaseEpoch;
 use crate::position::{RecordPosition, ShardId};
 use crate::sink::{Held, InspectSink, OutputBatch, OutputId, Sink, SinkContext, SinkWriter};
 
@@ -23,11 +26,15 @@ const MAX_CUTS: usize = 256;
 struct Unit<T> {
     last: RecordPosition,
     outputs: Vec<(String, T)>,
+    /// Which store put it there (an ETag).
+    version: u64,
 }
 
 struct Store<T> {
     units: BTreeMap<(ShardId, RecordPosition), Unit<T>>,
     keyed: BTreeMap<(ShardId, String), T>,
+    /// Stores so far: the next unit's version.
+    stores: u64,
 }
 
 /// A holding sink in memory. Cloning shares the store.
@@ -63,6 +70,7 @@ impl<T: Clone + Send + Sync + 'static> HoldingSink<T> {
             store: Arc::new(Mutex::new(Store {
                 units: BTreeMap::new(),
                 keyed: BTreeMap::new(),
+                stores: 0,
             })),
         }
     }
@@ -111,6 +119,10 @@ struct Filling<T> {
     started: Instant,
     /// Where a unit stored at `first` ended: a replay ends there too.
     ends_at: Option<RecordPosition>,
+    /// The version of the unit stored at `first` when this one started (`None`: none was).
+    replaces: Option<u64>,
+    /// The lease epoch of the shard's life that writes it.
+    epoch: LeaseEpoch,
 }
 
 struct ShardState<T> {
@@ -134,24 +146,44 @@ struct HoldingWriter<T> {
 }
 
 impl<T: Clone + Send + Sync + 'static> HoldingWriter<T> {
-    fn seal(&mut self, shard: &ShardId) {
+    /// Stores the shard's filling unit if its key still holds what it held when the unit
+    /// started; otherwise another writer stored there meanwhile, and the writer is fenced.
+    fn seal(&mut self, shard: &ShardId) -> Result<(), SinkError> {
         let Some(state) = self.shards.get_mut(shard) else {
-            return;
+            return Ok(());
         };
         let Some(f) = state.filling.take() else {
-            return;
+            return Ok(());
         };
+        let mut store = self.sink.lock();
+        let key = (shard.clone(), f.first.clone());
+        if store.units.get(&key).map(|u| u.version) != f.replaces {
+            return Err(SinkError {
+                sink: self.sink.name.clone(),
+                operation: "write",
+                retryable: false,
+                source: Box::new(Fenced {
+                    shard: shard.clone(),
+                    output: format!("unit at {}", f.first),
+                    epoch: f.epoch.0,
+                }),
+            });
+        }
         if state.cuts.len() == MAX_CUTS {
             state.cuts.pop_front();
         }
         state.cuts.push_back(f.last.clone());
-        self.sink.lock().units.insert(
-            (shard.clone(), f.first),
+        store.stores += 1;
+        let version = store.stores;
+        store.units.insert(
+            key,
             Unit {
                 last: f.last,
                 outputs: f.outputs,
+                version,
             },
         );
+        Ok(())
     }
 
     fn full_before(&self, f: &Filling<T>, next: &RecordPosition) -> bool {
@@ -183,23 +215,25 @@ impl<T: Clone + Send + Sync + 'static> SinkWriter<T> for HoldingWriter<T> {
             // Outputs of one record (flat_map) always share a unit.
             let new_record = !same_record;
             if new_record && full {
-                self.seal(&shard);
+                self.seal(&shard)?;
             }
             let state = self.shards.entry(shard.clone()).or_default();
             if state.filling.is_none() {
-                let ends_at = self
+                let stored = self
                     .sink
                     .lock()
                     .units
                     .get(&(shard.clone(), position.clone()))
-                    .map(|u| u.last.clone());
+                    .map(|u| (u.last.clone(), u.version));
                 state.filling = Some(Filling {
                     first: position.clone(),
                     last: position.clone(),
                     records: 0,
                     outputs: Vec::new(),
                     started: Instant::now(),
-                    ends_at,
+                    ends_at: stored.as_ref().map(|(last, _)| last.clone()),
+                    replaces: stored.map(|(_, version)| version),
+                    epoch: batch.lease_epoch,
                 });
             }
             let f = state.filling.as_mut().expect("started above");
@@ -230,7 +264,7 @@ impl<T: Clone + Send + Sync + 'static> SinkWriter<T> for HoldingWriter<T> {
             .map(|(shard, _)| shard.clone())
             .collect();
         for shard in overdue {
-            self.seal(&shard);
+            self.seal(&shard)?;
         }
         Ok(())
     }
@@ -250,7 +284,7 @@ impl<T: Clone + Send + Sync + 'static> SinkWriter<T> for HoldingWriter<T> {
     }
 
     async fn end_shard(&mut self, shard: &ShardId) -> Result<(), SinkError> {
-        self.seal(shard);
+        self.seal(shard)?;
         self.shards.remove(shard);
         Ok(())
     }

@@ -1,7 +1,8 @@
 //! The simulation checker: random topologies from the whole operator set, random input over
 //! several shards and random faults (aborts, graceful stops, restarts at another parallelism,
-//! splits and merges, failing, stalling and slow sinks), each seed on one thread with paused
-//! time, every sink compared with an oracle at the end (see `tests/sim/`).
+//! splits and merges, failing, stalling and slow sinks, a failing lease table, a second worker
+//! joining and leaving, the main worker cut off from the lease table), each seed on one thread
+//! with paused time, every sink compared with an oracle at the end (see `tests/sim/`).
 //!
 //! `cargo test -p shardflow-operators --release --test simulation` runs as many seeds as fit
 //! in about two minutes, at least 500. Environment:
@@ -109,10 +110,17 @@ fn random_topologies_under_random_faults_match_the_oracle() {
         }
     }
     let records: usize = reports.iter().map(|r| r.records).sum();
+    let refusing: Vec<u64> = reports
+        .iter()
+        .filter(|r| r.refused > 0)
+        .map(|r| r.seed)
+        .collect();
     println!(
-        "{} seeds, {records} records, in {:.1} s",
+        "{} seeds, {records} records, in {:.1} s; {} seeds with fenced writes {:?}",
         reports.len(),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        refusing.len(),
+        &refusing[..refusing.len().min(10)]
     );
     print!("{:<12}", "fault");
     for k in KINDS {

@@ -125,7 +125,7 @@ where
             }
         }
         for (shard, lease_epoch) in pending.touched.clone() {
-            if !self.tracker.may_write(&shard, lease_epoch) {
+            if !self.may_write(&shard, lease_epoch) {
                 let reason = DropReason::GuardExpired;
                 self.drop_life(pending, shard, lease_epoch, reason).await?;
             }
@@ -162,6 +162,11 @@ where
             pending.reports.clear();
         }
         Ok(())
+    }
+
+    /// Whether outputs of the life may still be written (`Tracker::may_write`).
+    fn may_write(&self, shard: &ShardId, lease_epoch: LeaseEpoch) -> bool {
+        self.tracker.may_write(shard, lease_epoch)
     }
 
     /// Drops a shard's life: its state, its uncommitted epochs and the outputs the writers
@@ -254,7 +259,7 @@ where
             self.pool.give(records);
             return Ok(());
         }
-        if !self.tracker.may_write(&epoch.shard, epoch.lease_epoch) {
+        if !self.may_write(&epoch.shard, epoch.lease_epoch) {
             // Queued while the lease moved (or while this worker was paused past it).
             self.pool.give(records);
             let reason = DropReason::GuardExpired;

@@ -100,7 +100,12 @@ pub fn plan(me: &str, leases: &[Observed<'_>], max_request: usize) -> Plan {
         else {
             break;
         };
-        result.request.push(key.to_owned());
+        if cfg!(shardflow_mutation = "steal") {
+            // A mutation check: the lease is taken from its live owner outright.
+            result.take.push(key.to_owned());
+        } else {
+            result.request.push(key.to_owned());
+        }
         *load.get_mut(victim).expect("victim is a worker") -= 1;
         mine += 1;
         requested += 1;

@@ -14,6 +14,8 @@ pub struct DecisionLog {
     start: Option<Instant>,
     /// The most epochs the checkpoint tracker kept for one shard at once.
     peak_tracked: Arc<AtomicUsize>,
+    /// The worker whose decisions these are, where several share one log.
+    worker: Option<Arc<str>>,
 }
 
 impl DecisionLog {
@@ -23,6 +25,15 @@ impl DecisionLog {
             entries: Some(Arc::default()),
             start: Some(Instant::now()),
             peak_tracked: Arc::default(),
+            worker: None,
+        }
+    }
+
+    /// The same log, each entry naming `worker` (for several workers sharing one log).
+    pub fn of_worker(&self, worker: &str) -> Self {
+        Self {
+            worker: Some(worker.into()),
+            ..self.clone()
         }
     }
 
@@ -34,7 +45,11 @@ impl DecisionLog {
     /// Records one decision; `entry` is only called when recording.
     pub(crate) fn record(&self, entry: impl FnOnce() -> String) {
         if let (Some(entries), Some(start)) = (&self.entries, self.start) {
-            let line = format!("{:>8} {}", start.elapsed().as_millis(), entry());
+            let ms = start.elapsed().as_millis();
+            let line = match &self.worker {
+                Some(worker) => format!("{ms:>8} [{worker}] {}", entry()),
+                None => format!("{ms:>8} {}", entry()),
+            };
             entries
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -391,7 +391,9 @@ impl Sinks {
                 Branch::Records {
                     sink: SinkSpec::Plain,
                     ..
-                } => SimSink::Records(ScriptedSink::new(MemorySink::new(format!("records-{i}")))),
+                } => SimSink::Records(ScriptedSink::new(MemorySink::fencing(format!(
+                    "records-{i}"
+                )))),
                 Branch::Records {
                     sink:
                         SinkSpec::Holding {
@@ -406,9 +408,14 @@ impl Sinks {
                 ))),
                 Branch::Keyed { late: has_late, .. } => {
                     if *has_late {
-                        late.insert(i, ScriptedSink::new(MemorySink::new(format!("late-{i}"))));
+                        late.insert(
+                            i,
+                            ScriptedSink::new(MemorySink::fencing(format!("late-{i}"))),
+                        );
                     }
-                    SimSink::Results(ScriptedSink::new(MemorySink::new(format!("results-{i}"))))
+                    SimSink::Results(ScriptedSink::new(MemorySink::fencing(format!(
+                        "results-{i}"
+                    ))))
                 }
             })
             .collect();
@@ -417,7 +424,7 @@ impl Sinks {
             late,
             dead: match spec.dead {
                 SinkSpec::Plain => {
-                    DeadSink::Plain(ScriptedSink::new(MemorySink::new("dead-letters")))
+                    DeadSink::Plain(ScriptedSink::new(MemorySink::fencing("dead-letters")))
                 }
                 SinkSpec::Holding {
                     per_unit,

@@ -31,6 +31,11 @@ impl WallClock {
         }))
     }
 
+    /// A clock that reads `now` (a test's clock that jumps, say).
+    pub fn from_fn(now: impl Fn() -> EventTime + Send + Sync + 'static) -> Self {
+        Self(Arc::new(now))
+    }
+
     /// The time now.
     pub fn now_ms(&self) -> EventTime {
         (self.0)()

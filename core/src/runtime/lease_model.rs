@@ -106,7 +106,12 @@ async fn check_single_writer(store: &MemoryLeaseStore, workers: &[Worker]) {
 
 fn manager(store: &Arc<MemoryLeaseStore>, i: usize) -> LeaseManager {
     let store: Arc<dyn LeaseStore> = Arc::clone(store) as Arc<dyn LeaseStore>;
-    LeaseManager::new(store, format!("w{i}"), LEASE_DURATION)
+    LeaseManager::new(
+        store,
+        format!("w{i}"),
+        LEASE_DURATION,
+        crate::clock::WallClock::following_runtime(0),
+    )
 }
 
 async fn run(ops: Vec<Op>) {

@@ -10,9 +10,10 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+use crate::clock::WallClock;
 use crate::error::LeaseError;
 use crate::lease::{Lease, LeaseStore, LeaseUpdate, ShardCheckpoint};
-use crate::lease_guard::LeaseGuard;
+use crate::lease_guard::{LeaseGuard, Moment};
 use crate::position::ShardInfo;
 use crate::protocol::balance::{plan, Observed, Plan};
 use crate::protocol::lease_rules::{handoff_asked, judge_unclear, UnclearWrite};
@@ -25,6 +26,7 @@ pub(crate) struct LeaseManager {
     store: Arc<dyn LeaseStore>,
     owner: String,
     lease_duration: Duration,
+    clock: WallClock,
     /// Each lease this worker holds: the counter it last wrote, and how long it may act on it.
     held: Mutex<BTreeMap<String, Held>>,
     /// Counter of other workers' leases and when this worker first saw it.
@@ -40,17 +42,25 @@ struct Held {
     /// retryable error that may hide a write that lands later): a write judged landed then
     /// extends the guard from here, since other workers' expiry clocks may have started when
     /// that earlier write landed.
-    unconfirmed_since: Option<Instant>,
+    unconfirmed_since: Option<Moment>,
     /// The worker that asked for this lease (graceful handoff), once this worker saw it.
     handoff_to: Option<String>,
 }
 
 impl LeaseManager {
-    pub(crate) fn new(store: Arc<dyn LeaseStore>, owner: String, lease_duration: Duration) -> Self {
+    /// A worker `owner`'s view of `store`; `clock` is the wall clock its lease guards also run
+    /// on (it counts time the machine was suspended).
+    pub(crate) fn new(
+        store: Arc<dyn LeaseStore>,
+        owner: String,
+        lease_duration: Duration,
+        clock: WallClock,
+    ) -> Self {
         Self {
             store,
             owner,
             lease_duration,
+            clock,
             held: Mutex::new(BTreeMap::new()),
             observed: Mutex::new(BTreeMap::new()),
             requested: Mutex::new(BTreeSet::new()),
@@ -200,7 +210,7 @@ impl LeaseManager {
         let take = LeaseUpdate::Take {
             owner: self.owner.clone(),
         };
-        let started = Instant::now();
+        let started = Moment::now(&self.clock);
         let written = match self.store.update(&lease.key, lease.counter, &take).await {
             Ok(taken) => Ok(taken),
             Err(e) => match self.judge(&lease.key, lease.counter, &take, &e).await {
@@ -217,7 +227,7 @@ impl LeaseManager {
                 self.requested.lock().await.remove(&taken.key);
                 let held = Held {
                     counter: taken.counter,
-                    guard: LeaseGuard::new(started, self.lease_duration),
+                    guard: LeaseGuard::new(started, self.lease_duration, self.clock.clone()),
                     unconfirmed_since: None,
                     handoff_to: None,
                 };
@@ -271,7 +281,7 @@ impl LeaseManager {
         let Some(update) = decide() else {
             return Ok(None);
         };
-        let mut started = Instant::now();
+        let mut started = Moment::now(&self.clock);
         let mut result = self.store.update(key, entry.counter, &update).await;
         // A refusal because another worker asked for the lease meanwhile: it is still this
         // worker's; adopt the counter the request left and write again (once: a second
@@ -282,7 +292,7 @@ impl LeaseManager {
                     tracing::info!(lease = %key, requester = ?now.handoff_to, "handoff asked for");
                     entry.counter = now.counter;
                     entry.handoff_to.clone_from(&now.handoff_to);
-                    started = Instant::now();
+                    started = Moment::now(&self.clock);
                     result = self.store.update(key, entry.counter, &update).await;
                 }
             }
@@ -494,7 +504,12 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let me = LeaseManager::new(Arc::clone(&store), "me".into(), Duration::from_secs(10));
+        let me = LeaseManager::new(
+            Arc::clone(&store),
+            "me".into(),
+            Duration::from_secs(10),
+            WallClock::following_runtime(0),
+        );
         (scripted, store, me)
     }
 
@@ -519,7 +534,12 @@ mod tests {
     async fn another_workers_lease_is_taken_only_after_a_lease_duration_without_renewal() {
         let store: Arc<dyn LeaseStore> = Arc::new(MemoryLeaseStore::new());
         let lease = owned_by_other(&store).await;
-        let me = LeaseManager::new(Arc::clone(&store), "me".into(), Duration::from_secs(10));
+        let me = LeaseManager::new(
+            Arc::clone(&store),
+            "me".into(),
+            Duration::from_secs(10),
+            WallClock::following_runtime(0),
+        );
         // The other worker holds its one lease: nothing to take or steal while it is alive.
         assert_eq!(
             me.plan(&[&lease], 1).await,
@@ -546,7 +566,12 @@ mod tests {
     async fn a_renewal_restarts_the_expiry_clock() {
         let store: Arc<dyn LeaseStore> = Arc::new(MemoryLeaseStore::new());
         let lease = owned_by_other(&store).await;
-        let me = LeaseManager::new(Arc::clone(&store), "me".into(), Duration::from_secs(10));
+        let me = LeaseManager::new(
+            Arc::clone(&store),
+            "me".into(),
+            Duration::from_secs(10),
+            WallClock::following_runtime(0),
+        );
         assert_eq!(me.plan(&[&lease], 1).await, Plan::default());
         tokio::time::advance(Duration::from_secs(8)).await;
         let renew = LeaseUpdate::Renew {
@@ -573,12 +598,22 @@ mod tests {
             .create_if_absent(&Lease::new("s", vec![]))
             .await
             .unwrap();
-        let me = LeaseManager::new(Arc::clone(&store), "me".into(), Duration::from_secs(10));
+        let me = LeaseManager::new(
+            Arc::clone(&store),
+            "me".into(),
+            Duration::from_secs(10),
+            WallClock::following_runtime(0),
+        );
         let free = store.get("s").await.unwrap().unwrap();
         assert_eq!(me.plan(&[&free], 1).await.take, ["s"]);
         let taken = me.take(&free).await.unwrap().expect("a free lease");
         // A restarted worker with the same id owns it already and takes it back at once.
-        let again = LeaseManager::new(Arc::clone(&store), "me".into(), Duration::from_secs(10));
+        let again = LeaseManager::new(
+            Arc::clone(&store),
+            "me".into(),
+            Duration::from_secs(10),
+            WallClock::following_runtime(0),
+        );
         assert!(again.owns(&taken));
         assert!(again.take(&taken).await.unwrap().is_some());
         // The first instance's counter is stale now: its checkpoint is rejected.

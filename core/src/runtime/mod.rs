@@ -209,8 +209,9 @@ impl Runtime {
         self
     }
 
-    /// Reads the wall clock from `clock` (idle watermark advances, event-time lag): a
-    /// simulation runs it on paused time.
+    /// Reads the wall clock from `clock` (idle watermark advances, event-time lag, and the
+    /// lease guards, which must count time the machine was suspended): a simulation runs it
+    /// on paused time.
     pub fn with_wall_clock(mut self, clock: WallClock) -> Self {
         self.clock = clock;
         self
@@ -254,6 +255,7 @@ impl Runtime {
             Arc::clone(&self.leases),
             config.worker_id.clone(),
             config.lease_duration,
+            self.clock.clone(),
         ));
         ControlLoop::new(RunParts {
             topology,

@@ -23,6 +23,9 @@ use serde::{Deserialize, Serialize};
 const TOPOLOGY: &str = "once";
 const WINDOW: Duration = Duration::from_secs(10);
 const KILLS: usize = 10;
+/// The workers' lease duration: a restarted worker waits about this long (plus a shard sync)
+/// before the killed one's leases are its own.
+const LEASE: Duration = Duration::from_secs(1);
 const KEYS: u64 = 50;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -159,11 +162,12 @@ mod worker {
             RunMode::Continuous
         };
         let config = RuntimeConfig {
-            // The same worker id after every restart: it takes its leases back at once.
+            // The same worker id after every restart, as a supervisor gives it: each run is a
+            // new incarnation, which takes the killed one's leases once they expired.
             worker_id: "once-worker".into(),
             parallelism: 2,
             checkpoint_interval: Duration::from_millis(100),
-            lease_duration: Duration::from_secs(3),
+            lease_duration: LEASE,
             shard_sync_interval: Duration::from_millis(500),
             idle_wait: Duration::from_millis(50),
             mode,
@@ -651,9 +655,10 @@ mod scenario {
         verify(&setup, "kinesis", EVENTS, kills, started.elapsed()).await;
     }
 
-    /// Kills a continuously running worker `KILLS` times, each after a random
-    /// `min_ms..max_ms`, restarting it each time; then (once `producer` finished) drains the
-    /// input with a bounded run. Returns the number of kills.
+    /// Kills a continuously running worker `KILLS` times, each a random `min_ms..max_ms`
+    /// after it could take the killed one's leases (a lease duration and a shard sync after
+    /// its start), restarting it each time; then (once `producer` finished) drains the input
+    /// with a bounded run. Returns the number of kills.
     async fn kill_and_drain(
         setup: &Setup,
         min_ms: u64,
@@ -664,7 +669,9 @@ mod scenario {
         let mut kills = 0;
         while kills < KILLS {
             let mut child = worker(setup, "continuous", &log);
-            let wait = Duration::from_millis(min_ms + rand::random::<u64>() % (max_ms - min_ms));
+            let takeover = LEASE + Duration::from_millis(500);
+            let wait = takeover
+                + Duration::from_millis(min_ms + rand::random::<u64>() % (max_ms - min_ms));
             tokio::time::sleep(wait).await;
             assert!(
                 child.try_wait().unwrap().is_none(),

@@ -350,12 +350,16 @@ mod scenario {
         }
     }
 
-    /// Open (not finished) leases by owner; `None` for unowned ones.
+    /// Open (not finished) leases by owner's worker id; `None` for unowned ones.
     async fn owners(store: &DynamoLeaseStore) -> BTreeMap<Option<String>, Vec<String>> {
         let mut out: BTreeMap<Option<String>, Vec<String>> = BTreeMap::new();
         for lease in store.list().await.expect("list leases") {
             if !lease.checkpoint.is_shard_end() {
-                out.entry(lease.owner).or_default().push(lease.key);
+                let worker = lease
+                    .owner
+                    .as_deref()
+                    .map(|o| shardflow::core::lease::worker_of(o).to_owned());
+                out.entry(worker).or_default().push(lease.key);
             }
         }
         out

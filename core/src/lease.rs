@@ -207,6 +207,21 @@ impl Lease {
     }
 }
 
+/// The owner name a worker process writes into the leases it takes: its worker id and its
+/// incarnation (a random suffix drawn when the run starts), `<worker id>#<incarnation>`. Two
+/// live processes configured with one worker id are then two owners, not one that takes "its
+/// own" leases from itself; and a restarted process takes its former leases only once they
+/// were released or expired, since the old process may still be writing.
+pub fn holder(worker_id: &str, incarnation: &str) -> String {
+    format!("{worker_id}#{incarnation}")
+}
+
+/// The worker id in a lease's owner name (see [`holder`]); an owner written without an
+/// incarnation is the worker id itself.
+pub fn worker_of(owner: &str) -> &str {
+    owner.rsplit_once('#').map_or(owner, |(worker, _)| worker)
+}
+
 /// A conditional update of one lease. Every update requires the counter the caller last saw and
 /// bumps it, so two writers can never both succeed from the same view.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -26,6 +26,7 @@ pub struct Metrics {
     leases_taken: IntCounterVec,
     leases_lost: IntCounterVec,
     lease_handoffs: IntCounterVec,
+    worker_id_conflicts: IntCounterVec,
     shards_stopped: IntGaugeVec,
 }
 
@@ -150,6 +151,13 @@ impl Metrics {
                 "Leases this worker lost (stolen, expired, or fenced by a sink)",
                 &["topology"],
             ),
+            worker_id_conflicts: counter(
+                registry,
+                "shardflow_worker_id_conflicts_total",
+                "Leases seen renewed by another live process with this worker's id (a \
+                 configuration error: every process needs its own id)",
+                &["topology"],
+            ),
             lease_handoffs: counter(
                 registry,
                 "shardflow_lease_handoffs_total",
@@ -270,6 +278,12 @@ impl Metrics {
 
     pub(crate) fn lease_lost(&self, topology: &str) {
         self.leases_lost.with_label_values(&[topology]).inc();
+    }
+
+    pub(crate) fn worker_id_conflict(&self, topology: &str) {
+        self.worker_id_conflicts
+            .with_label_values(&[topology])
+            .inc();
     }
 
     /// A handoff this worker asked for (`requested`) or made (`handed_over`).

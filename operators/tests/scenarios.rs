@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use shardflow_core::dead_letter::DeadLetter;
 use shardflow_core::decode::SourceExt;
-use shardflow_core::lease::{CheckpointPosition, LeaseStore, LeaseUpdate, MemoryLeaseStore};
+use shardflow_core::lease::{
+    worker_of, CheckpointPosition, LeaseStore, LeaseUpdate, MemoryLeaseStore,
+};
 use shardflow_core::memory::MemoryStream;
 use shardflow_core::runtime::{RunMode, Runtime, RuntimeConfig};
 use shardflow_core::sink::{MemorySink, Sink};
@@ -1457,7 +1459,7 @@ async fn a_joining_worker_gets_its_share_by_handoff_and_never_writes_beside_the_
                 .await
                 .unwrap()
                 .iter()
-                .filter(|l| l.owner.as_deref() == Some("b"))
+                .filter(|l| l.owner.as_deref().map(worker_of) == Some("b"))
                 .count();
             if held == 2 {
                 b_share_at = Some(i);

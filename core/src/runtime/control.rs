@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::WallClock;
 use crate::error::{Error, LeaseError, ShardStopped};
-use crate::lease::{CheckpointPosition, LeaseEpoch, ShardCheckpoint};
+use crate::lease::{worker_of, CheckpointPosition, LeaseEpoch, ShardCheckpoint};
 use crate::metrics::Metrics;
 use crate::position::ShardId;
 use crate::protocol::checkpoint::Epoch;
@@ -72,6 +72,9 @@ struct SyncSchedule {
     /// A round is owed now: at the start, after a shard ended (its children may start), after
     /// a fence, and after a failed round (a bounded run does not end before one succeeds).
     owed: bool,
+    /// Leases an earlier run of this worker id (a crashed process) still holds: they are taken
+    /// once expired, and a bounded run does not end before (it would skip their shards).
+    former_self: bool,
 }
 
 /// What a run is made of, fixed for its whole life.
@@ -168,6 +171,7 @@ impl ControlLoop {
                 next: now,
                 failures: 0,
                 owed: true,
+                former_self: false,
             },
             failure: None,
             random,
@@ -195,7 +199,7 @@ impl ControlLoop {
             if run_over(
                 idle,
                 bounded,
-                self.sync.owed,
+                self.sync.owed || self.sync.former_self,
                 self.shutdown.is_cancelled(),
                 self.failure.is_some(),
             ) {
@@ -296,6 +300,12 @@ impl ControlLoop {
         self.leases.sync(&shards).await?;
         let lease_list = self.leases.list().await?;
         self.leases.note_requests(&lease_list).await;
+        for key in self.leases.take_id_conflicts().await {
+            tracing::error!(topology = %self.name(), lease = %key, worker = %self.config.worker_id, "another live process uses this worker id: give every process its own id (this one waits for the lease to expire)");
+            self.decisions
+                .record(|| format!("worker id used by another live process: {key}"));
+            self.metrics.worker_id_conflict(self.name());
+        }
         let busy: BTreeSet<ShardId> = self
             .running
             .keys()
@@ -308,6 +318,12 @@ impl ControlLoop {
             .leases
             .plan(&candidates, self.config.max_leases_to_steal)
             .await;
+        self.sync.former_self = candidates.iter().any(|l| {
+            let owner = l.owner.as_deref().unwrap_or_default();
+            owner != self.leases.owner()
+                && worker_of(owner) == self.config.worker_id
+                && !plan.take.contains(&l.key)
+        });
         for key in &plan.request {
             let lease = candidates
                 .iter()
@@ -320,7 +336,7 @@ impl ControlLoop {
                 self.metrics.lease_handoff(self.name(), "requested");
             }
         }
-        let start = leases_to_start(&self.config.worker_id, &plan, &candidates, &shards, &busy);
+        let start = leases_to_start(self.leases.owner(), &plan, &candidates, &shards, &busy);
         for lease in start {
             let shard = shards
                 .iter()

@@ -96,19 +96,20 @@ async fn check_single_writer(store: &MemoryLeaseStore, workers: &[Worker]) {
         );
         if let Some(&i) = writers.first() {
             assert_eq!(
-                lease.owner,
-                Some(format!("w{i}")),
+                lease.owner.as_deref(),
+                Some(workers[i].manager.owner()),
                 "the writer is the recorded owner"
             );
         }
     }
 }
 
-fn manager(store: &Arc<MemoryLeaseStore>, i: usize) -> LeaseManager {
+/// Worker `i` in its `incarnation`-th run (a restart is a new incarnation).
+fn manager(store: &Arc<MemoryLeaseStore>, i: usize, incarnation: usize) -> LeaseManager {
     let store: Arc<dyn LeaseStore> = Arc::clone(store) as Arc<dyn LeaseStore>;
     LeaseManager::new(
         store,
-        format!("w{i}"),
+        (&format!("w{i}"), &incarnation.to_string()),
         LEASE_DURATION,
         crate::clock::WallClock::following_runtime(0),
     )
@@ -124,18 +125,20 @@ async fn run(ops: Vec<Op>) {
     }
     let mut workers: Vec<Worker> = (0..WORKERS)
         .map(|i| Worker {
-            manager: manager(&store, i),
+            manager: manager(&store, i, 0),
             alive: true,
         })
         .collect();
+    let mut runs = WORKERS;
     for op in ops {
         match op {
             Op::Tick(i) if workers[i].alive => tick(&workers[i]).await,
             Op::Advance(secs) => tokio::time::advance(Duration::from_secs(secs)).await,
             Op::Crash(i) => workers[i].alive = false,
             Op::Restart(i) if !workers[i].alive => {
+                runs += 1;
                 workers[i] = Worker {
-                    manager: manager(&store, i),
+                    manager: manager(&store, i, runs),
                     alive: true,
                 };
             }
@@ -151,7 +154,7 @@ async fn run(ops: Vec<Op>) {
     // worker and the spread evens out to within one.
     if workers.iter().all(|w| !w.alive) {
         workers[0] = Worker {
-            manager: manager(&store, 0),
+            manager: manager(&store, 0, runs + 1),
             alive: true,
         };
     }
@@ -164,9 +167,8 @@ async fn run(ops: Vec<Op>) {
     }
     let alive: Vec<String> = workers
         .iter()
-        .enumerate()
-        .filter(|(_, w)| w.alive)
-        .map(|(i, _)| format!("w{i}"))
+        .filter(|w| w.alive)
+        .map(|w| w.manager.owner().to_owned())
         .collect();
     let mut load: BTreeMap<String, usize> = alive.iter().map(|w| (w.clone(), 0)).collect();
     for lease in store.list().await.expect("list") {
@@ -203,7 +205,7 @@ async fn one_worker_then_two_more_spread_to_three_three_two() {
     }
     let workers: Vec<Worker> = (0..WORKERS)
         .map(|i| Worker {
-            manager: manager(&store, i),
+            manager: manager(&store, i, 0),
             alive: true,
         })
         .collect();

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use crate::clock::WallClock;
 use crate::error::LeaseError;
-use crate::lease::{Lease, LeaseStore, LeaseUpdate, ShardCheckpoint};
+use crate::lease::{holder, worker_of, Lease, LeaseStore, LeaseUpdate, ShardCheckpoint};
 use crate::lease_guard::{LeaseGuard, Moment};
 use crate::position::ShardInfo;
 use crate::protocol::balance::{plan, Observed, Plan};
@@ -24,7 +24,9 @@ const REQUEST_ATTEMPTS: usize = 3;
 
 pub(crate) struct LeaseManager {
     store: Arc<dyn LeaseStore>,
+    /// This process's owner name: its worker id and incarnation (`lease::holder`).
     owner: String,
+    worker_id: String,
     lease_duration: Duration,
     clock: WallClock,
     /// Each lease this worker holds: the counter it last wrote, and how long it may act on it.
@@ -33,6 +35,8 @@ pub(crate) struct LeaseManager {
     observed: Mutex<BTreeMap<String, (u64, Instant)>>,
     /// Leases this worker asked their owners for, until it takes them or they go elsewhere.
     requested: Mutex<BTreeSet<String>>,
+    /// Leases seen renewed by another live process with this worker id, not yet reported.
+    id_conflicts: Mutex<BTreeSet<String>>,
 }
 
 struct Held {
@@ -48,23 +52,39 @@ struct Held {
 }
 
 impl LeaseManager {
-    /// A worker `owner`'s view of `store`; `clock` is the wall clock its lease guards also run
-    /// on (it counts time the machine was suspended).
+    /// The view of `store` of worker `worker_id` in its run `incarnation`; `clock` is the wall
+    /// clock its lease guards also run on (it counts time the machine was suspended).
     pub(crate) fn new(
         store: Arc<dyn LeaseStore>,
-        owner: String,
+        (worker_id, incarnation): (&str, &str),
         lease_duration: Duration,
         clock: WallClock,
     ) -> Self {
         Self {
             store,
-            owner,
+            owner: holder(worker_id, incarnation),
+            worker_id: worker_id.to_owned(),
             lease_duration,
             clock,
             held: Mutex::new(BTreeMap::new()),
             observed: Mutex::new(BTreeMap::new()),
             requested: Mutex::new(BTreeSet::new()),
+            id_conflicts: Mutex::new(BTreeSet::new()),
         }
+    }
+
+    /// The owner name this process writes into leases.
+    pub(crate) fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Leases another live process with this worker id renewed since the last call: a
+    /// configuration error (two processes given one id), which this one reports and waits out
+    /// instead of taking the leases back and forth.
+    pub(crate) async fn take_id_conflicts(&self) -> Vec<String> {
+        std::mem::take(&mut *self.id_conflicts.lock().await)
+            .into_iter()
+            .collect()
     }
 
     /// Creates a lease for every new shard (see `shard_sync`).
@@ -168,9 +188,11 @@ impl LeaseManager {
         let mut released = false;
         for key in keys {
             let lease = self.store.get(&key).await?;
-            let asked = lease
-                .as_ref()
-                .is_some_and(|l| l.handoff_to.as_deref() == Some(self.owner.as_str()));
+            // Still asked of its owner: not taken by another, not cleared, and not a shard its
+            // owner read to the end meanwhile (nothing left to hand over).
+            let asked = lease.as_ref().is_some_and(|l| {
+                l.handoff_to.as_deref() == Some(self.owner.as_str()) && !l.checkpoint.is_shard_end()
+            });
             if !asked {
                 self.requested.lock().await.remove(&key);
             } else if lease.is_some_and(|l| l.owner.is_none()) {
@@ -255,6 +277,14 @@ impl LeaseManager {
             .or_insert((lease.counter, now));
         if entry.0 != lease.counter {
             *entry = (lease.counter, now);
+            // Written since this worker first saw it, by another incarnation of its own id.
+            let same_id = lease
+                .owner
+                .as_deref()
+                .is_some_and(|o| o != self.owner && worker_of(o) == self.worker_id);
+            if same_id {
+                self.id_conflicts.lock().await.insert(lease.key.clone());
+            }
         }
         now.duration_since(entry.1) >= self.lease_duration
     }
@@ -506,7 +536,7 @@ mod tests {
         }
         let me = LeaseManager::new(
             Arc::clone(&store),
-            "me".into(),
+            ("me", "1"),
             Duration::from_secs(10),
             WallClock::following_runtime(0),
         );
@@ -536,7 +566,7 @@ mod tests {
         let lease = owned_by_other(&store).await;
         let me = LeaseManager::new(
             Arc::clone(&store),
-            "me".into(),
+            ("me", "1"),
             Duration::from_secs(10),
             WallClock::following_runtime(0),
         );
@@ -559,7 +589,7 @@ mod tests {
             "expired after 10 s"
         );
         let taken = me.take(&lease).await.unwrap().expect("taken");
-        assert_eq!(taken.owner.as_deref(), Some("me"));
+        assert_eq!(taken.owner.as_deref(), Some("me#1"));
     }
 
     #[tokio::test(start_paused = true)]
@@ -568,7 +598,7 @@ mod tests {
         let lease = owned_by_other(&store).await;
         let me = LeaseManager::new(
             Arc::clone(&store),
-            "me".into(),
+            ("me", "1"),
             Duration::from_secs(10),
             WallClock::following_runtime(0),
         );
@@ -591,38 +621,61 @@ mod tests {
         );
     }
 
+    /// Issue 12: a restarted worker took "its own" leases back at once, and two live processes
+    /// given one worker id took them from each other every round. A new incarnation is another
+    /// owner: it waits for the lease to be released or to expire, and reports a same-id
+    /// process it sees renewing.
     #[tokio::test(start_paused = true)]
-    async fn own_and_free_leases_are_taken_at_once_and_checkpoints_need_them() {
+    async fn a_new_incarnation_of_a_worker_id_waits_for_its_former_leases_to_expire() {
         let store: Arc<dyn LeaseStore> = Arc::new(MemoryLeaseStore::new());
         store
             .create_if_absent(&Lease::new("s", vec![]))
             .await
             .unwrap();
-        let me = LeaseManager::new(
+        let clock = WallClock::following_runtime(0);
+        let first = LeaseManager::new(
             Arc::clone(&store),
-            "me".into(),
+            ("me", "1"),
             Duration::from_secs(10),
-            WallClock::following_runtime(0),
+            clock.clone(),
         );
         let free = store.get("s").await.unwrap().unwrap();
-        assert_eq!(me.plan(&[&free], 1).await.take, ["s"]);
-        let taken = me.take(&free).await.unwrap().expect("a free lease");
-        // A restarted worker with the same id owns it already and takes it back at once.
-        let again = LeaseManager::new(
+        assert_eq!(first.plan(&[&free], 1).await.take, ["s"]);
+        let taken = first.take(&free).await.unwrap().expect("a free lease");
+        assert!(first.owns(&taken));
+        let second = LeaseManager::new(
             Arc::clone(&store),
-            "me".into(),
+            ("me", "2"),
             Duration::from_secs(10),
-            WallClock::following_runtime(0),
+            clock,
         );
-        assert!(again.owns(&taken));
-        assert!(again.take(&taken).await.unwrap().is_some());
-        // The first instance's counter is stale now: its checkpoint is rejected.
-        let err = me
+        assert!(!second.owns(&taken), "another incarnation is another owner");
+        assert_eq!(
+            second.plan(&[&taken], 1).await,
+            Plan::default(),
+            "not taken while the first may still write"
+        );
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(first.renew_all_until(None).await, (vec![], 0));
+        let renewed = store.get("s").await.unwrap().unwrap();
+        assert_eq!(second.plan(&[&renewed], 1).await, Plan::default());
+        assert_eq!(
+            second.take_id_conflicts().await,
+            ["s"],
+            "a live process with the same worker id is reported"
+        );
+        assert!(second.take_id_conflicts().await.is_empty(), "once");
+        // The first dies: a lease duration after its last renewal the second takes the lease.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(second.plan(&[&renewed], 1).await.take, ["s"]);
+        assert!(second.take(&renewed).await.unwrap().is_some());
+        // The first one's counter is stale now: its checkpoint is rejected.
+        let err = first
             .checkpoint_with("s", || Some(ShardCheckpoint::shard_end()))
             .await
             .unwrap_err();
         assert!(matches!(err, LeaseError::LeaseLost { .. }), "{err:?}");
-        assert_eq!(me.held_count().await, 0, "a lost lease is forgotten");
+        assert_eq!(first.held_count().await, 0, "a lost lease is forgotten");
     }
 
     /// Issue 12: a write whose reply was lost (a timeout) left a stale counter, so the next
@@ -671,7 +724,9 @@ mod tests {
     async fn a_write_that_landed_late_extends_the_guard_from_its_own_start() {
         let (scripted, store, me) = scripted(&["s"]).await;
         take_free(&me, &store, "s").await;
-        let renew = LeaseUpdate::Renew { owner: "me".into() };
+        let renew = LeaseUpdate::Renew {
+            owner: me.owner().into(),
+        };
 
         // A renewal fails retryably at 0 s and lands late (the table applied it after the
         // worker read the lease): the next renewal, at 5 s, is refused and judged landed.

@@ -251,9 +251,16 @@ impl Runtime {
             .enumerate()
             .map(|(b, branch)| branch.spawn(n, 1 + b * n, &worker_cx, &mut workers))
             .collect();
+        // A random suffix per run: another process with this worker id (a restart, or a twin
+        // configured alike) is another owner (`lease::holder`). From the injected randomness,
+        // so that a simulation replays it.
+        let incarnation = format!(
+            "{:08x}",
+            (self.random.fraction() * f64::from(u32::MAX)) as u32
+        );
         let leases = Arc::new(LeaseManager::new(
             Arc::clone(&self.leases),
-            config.worker_id.clone(),
+            (&config.worker_id, &incarnation),
             config.lease_duration,
             self.clock.clone(),
         ));

@@ -11,7 +11,7 @@
 //! valid only while both say the lease duration has not passed. A wall clock stepped forward
 //! ends it early, which is safe; one stepped back cannot extend it past the monotonic bound.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,6 +55,8 @@ pub(crate) struct LeaseGuard {
     /// The same bound on the wall clock, which counts time the machine was suspended.
     wall_valid_until_ms: Arc<AtomicI64>,
     wall: WallClock,
+    /// Set by `revoke`: a renewal finishing afterwards does not make it valid again.
+    revoked: Arc<AtomicBool>,
     /// Wakes a shard task waiting for a renewal.
     renewed: Arc<Notify>,
 }
@@ -67,6 +69,7 @@ impl LeaseGuard {
             valid_until_ms: Arc::new(AtomicU64::new(0)),
             wall_valid_until_ms: Arc::new(AtomicI64::new(i64::MIN)),
             wall,
+            revoked: Arc::new(AtomicBool::new(false)),
             renewed: Arc::new(Notify::new()),
         };
         guard.extend(acted_at, duration);
@@ -84,8 +87,10 @@ impl LeaseGuard {
         self.renewed.notify_waiters();
     }
 
-    /// The lease is lost: never valid again.
+    /// The lease is lost: never valid again, whatever renewal lands later (a new take makes a
+    /// new guard).
     pub(crate) fn revoke(&self) {
+        self.revoked.store(true, Ordering::Release);
         self.valid_until_ms.store(0, Ordering::Release);
         self.wall_valid_until_ms.store(i64::MIN, Ordering::Release);
     }
@@ -93,6 +98,9 @@ impl LeaseGuard {
     /// Whether the lease is surely still ours by this worker's clocks (never after `revoke`):
     /// both the monotonic and the wall clock must say so.
     pub(crate) fn is_valid(&self) -> bool {
+        if self.revoked.load(Ordering::Acquire) {
+            return false;
+        }
         let now = Instant::now().saturating_duration_since(self.base);
         let monotonic = u128::from(self.valid_until_ms.load(Ordering::Acquire)) > now.as_millis();
         monotonic && self.wall_valid_until_ms.load(Ordering::Acquire) > self.wall.now_ms()
@@ -149,6 +157,14 @@ mod tests {
         assert!(guard.is_valid(), "at 12 s");
         guard.revoke();
         assert!(!guard.is_valid());
+        guard.extend(
+            moment(start + Duration::from_secs(12)),
+            Duration::from_secs(10),
+        );
+        assert!(
+            !guard.is_valid(),
+            "a renewal landing after the revocation changes nothing"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -259,6 +259,10 @@ where
             self.pool.give(records);
             return Ok(());
         }
+        // An epoch of this life: no earlier life of the shard sends anything more.
+        pending
+            .dropped
+            .retain(|(s, e)| s != &epoch.shard || *e == epoch.lease_epoch);
         if !self.may_write(&epoch.shard, epoch.lease_epoch) {
             // Queued while the lease moved (or while this worker was paused past it).
             self.pool.give(records);

@@ -323,8 +323,16 @@ impl ControlLoop {
             owner != self.leases.owner()
                 && worker_of(owner) == self.config.worker_id
                 && !plan.take.contains(&l.key)
+                && shards.iter().any(|s| s.id.as_str() == l.key)
         });
-        for key in &plan.request {
+        // A bounded run takes what is free but never asks for a lease: it may end before the
+        // owner hands it over, and the lease would wait for a requester that is gone.
+        let requests = if self.config.mode == RunMode::UntilCaughtUp {
+            &[][..]
+        } else {
+            &plan.request[..]
+        };
+        for key in requests {
             let lease = candidates
                 .iter()
                 .find(|l| &l.key == key)
@@ -503,6 +511,11 @@ impl ControlLoop {
                 }
             } else if let Some(f) = self.finishing.iter_mut().find(|f| f.lease_key == key) {
                 f.handoff = true;
+            } else if self.stopped.iter().any(
+                |s| matches!(s, ShardStopped::BadRecord { shard, .. } if shard.as_str() == key),
+            ) {
+                // Stopped at a bad record by policy: the lease stays held so that nobody reads
+                // past it (see /readyz); the requester keeps waiting.
             } else {
                 // Done in this run or stopped by policy: nothing to finish first.
                 self.decisions
@@ -663,7 +676,12 @@ impl ControlLoop {
                 }
                 Err(error) => {
                     tracing::warn!(topology = %self.name(), shard = %f.shard, %error, "final checkpoint rejected");
-                    recorded = false;
+                    // The lease moved: its end is not recorded and the shard is not done. Any
+                    // other refusal would only repeat if the shard were taken again.
+                    recorded = !matches!(
+                        error,
+                        LeaseError::LeaseLost { .. } | LeaseError::NotFound { .. }
+                    );
                 }
             }
             self.forget(&f.shard).await;

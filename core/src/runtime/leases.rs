@@ -141,7 +141,19 @@ impl LeaseManager {
             let expired = others && self.expired(lease).await;
             observed.push(Observed { lease, expired });
         }
-        plan(&self.owner, &observed, max_request)
+        let mut plan = plan(&self.owner, &observed, max_request);
+        // An earlier incarnation of this worker id is most likely a crashed process (or a
+        // misconfigured twin): its leases are taken on expiry, never asked for (a request
+        // would restart every expiry clock).
+        plan.request.retain(|key| {
+            !candidates.iter().any(|l| {
+                &l.key == key
+                    && l.owner
+                        .as_deref()
+                        .is_some_and(|o| worker_of(o) == self.worker_id)
+            })
+        });
+        plan
     }
 
     /// Asks the owner of `lease` (as read) to hand it over. Returns whether the request was
@@ -277,11 +289,13 @@ impl LeaseManager {
             .or_insert((lease.counter, now));
         if entry.0 != lease.counter {
             *entry = (lease.counter, now);
-            // Written since this worker first saw it, by another incarnation of its own id.
-            let same_id = lease
-                .owner
-                .as_deref()
-                .is_some_and(|o| o != self.owner && worker_of(o) == self.worker_id);
+            // Written since this worker first saw it, by another incarnation of its own id (a
+            // request for it moves the counter too: not a sign of life).
+            let same_id = lease.handoff_to.is_none()
+                && lease
+                    .owner
+                    .as_deref()
+                    .is_some_and(|o| o != self.owner && worker_of(o) == self.worker_id);
             if same_id {
                 self.id_conflicts.lock().await.insert(lease.key.clone());
             }
@@ -316,7 +330,9 @@ impl LeaseManager {
         // A refusal because another worker asked for the lease meanwhile: it is still this
         // worker's; adopt the counter the request left and write again (once: a second
         // request would need a second requester's write in between, and is seen next time).
-        if let Err(e @ LeaseError::LeaseLost { .. }) = &result {
+        // A retryable error is judged too: the request may have moved the counter whether or
+        // not this write landed.
+        if let Err(e) = &result {
             if let Some((_, Some(now))) = self.judge(key, entry.counter, &update, e).await {
                 if handoff_asked(&self.owner, entry.counter, &now) {
                     tracing::info!(lease = %key, requester = ?now.handoff_to, "handoff asked for");
@@ -619,6 +635,29 @@ mod tests {
             Plan::default(),
             "8 s since the renewal"
         );
+    }
+
+    /// Found in review: a renewal that failed retryably while a handoff request was pending
+    /// was judged a loss (the request had moved the counter), so the shard stopped without a
+    /// final checkpoint and the requester waited for expiry.
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_failing_while_a_handoff_is_asked_is_not_a_loss() {
+        let (scripted, store, me) = scripted(&["s"]).await;
+        take_free(&me, &store, "s").await;
+        let lease = store.get("s").await.unwrap().unwrap();
+        let ask = LeaseUpdate::RequestHandoff {
+            requester: "other".into(),
+        };
+        store.update("s", lease.counter, &ask).await.unwrap();
+        scripted.fail_updates(1);
+        let (lost, failed) = me.renew_all_until(None).await;
+        assert!(lost.is_empty(), "still this worker's lease");
+        assert_eq!(failed, 0, "written again at the counter the request left");
+        assert_eq!(
+            me.handoffs_asked().await,
+            [("s".to_owned(), "other".to_owned())]
+        );
+        assert!(me.guard("s").await.unwrap().is_valid());
     }
 
     /// Issue 12: a restarted worker took "its own" leases back at once, and two live processes

@@ -291,6 +291,7 @@ impl<T: Clone + Send + Sync + 'static> SinkWriter<T> for HoldingWriter<T> {
 
     fn release_shard(&mut self, shard: &ShardId) {
         self.shards.remove(shard);
+        self.keyed.retain(|((s, _), _)| s != shard);
     }
 }
 

@@ -86,7 +86,7 @@ mod worker {
     use shardflow::s3::S3Sink;
     use shardflow::{AwsConfig, ShardId, Sink};
 
-    use super::{Event, TOPOLOGY, WINDOW};
+    use super::{Event, LEASE, TOPOLOGY, WINDOW};
 
     pub(super) fn main() -> std::process::ExitCode {
         let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -8,11 +8,14 @@
 //!
 //! 1. **A shard is taken.** Each shard-sync round, a worker creates leases for new shards
 //!    ([`shard_sync::leases_to_create`]), keeps only the leases it may process: not finished,
-//!    every parent at its end ([`shard_sync::processable`]), plans takes and steals toward an
-//!    even spread ([`balance::plan`]) and starts those leases and its own
+//!    every parent at its end ([`shard_sync::processable`]), plans takes (free, expired, or
+//!    handed over to it) and requests to busier owners toward an even spread
+//!    ([`balance::plan`]) and starts what it took and its own
 //!    ([`shard_sync::leases_to_start`]). A take is a conditional update
 //!    ([`lease_rules::apply_update`]); the counter it leaves is the shard's lease epoch for
-//!    this life. Finished parents whose children all started are deleted
+//!    this life. An owner asked for a lease learns it when a write is refused
+//!    ([`lease_rules::handoff_asked`]), ends the shard in an orderly way (step 10) and
+//!    releases it to the requester. Finished parents whose children all started are deleted
 //!    ([`shard_sync::leases_to_clean`]).
 //! 2. **Where it resumes.** From the checkpoint in the lease, [`resume::plan_resume`] says
 //!    where reading starts (after `rebuild_from`), which records only rebuild state (up to
@@ -52,9 +55,10 @@
 //! 10. **The shard's task ends.** What happens next is [`outcome::after_task`]: a shard read
 //!     to its end or stopped in an orderly way waits for its last epochs to be committed and
 //!     writes its final checkpoint (`SHARD_END` lets its children start); one whose lease
-//!     moved, or that dropped its state because its lease guard lapsed, is forgotten; a bad
-//!     record stops only its shard. [`outcome::finished`] and [`outcome::run_over`] say when
-//!     a run ends.
+//!     moved, or that dropped its state because its lease guard lapsed (on any path, keyed
+//!     workers included) or a sink fenced it, is forgotten; a bad record stops only its
+//!     shard. [`outcome::finished`] says what a finished shard counts as (not done if its
+//!     final checkpoint was refused) and [`outcome::run_over`] when a run ends.
 
 pub mod balance;
 pub mod checkpoint;

@@ -332,36 +332,46 @@ impl LeaseManager {
         // request would need a second requester's write in between, and is seen next time).
         // A retryable error is judged too: the request may have moved the counter whether or
         // not this write landed.
+        // The judgement of the first failure, kept unless the write is made again.
+        let mut judged = None;
         if let Err(e) = &result {
-            if let Some((_, Some(now))) = self.judge(key, entry.counter, &update, e).await {
-                if handoff_asked(&self.owner, entry.counter, &now) {
+            let first = self.judge(key, entry.counter, &update, e).await;
+            match &first {
+                Some((_, Some(now))) if handoff_asked(&self.owner, entry.counter, now) => {
                     tracing::info!(lease = %key, requester = ?now.handoff_to, "handoff asked for");
                     entry.counter = now.counter;
                     entry.handoff_to.clone_from(&now.handoff_to);
                     started = Moment::now(&self.clock);
                     result = self.store.update(key, entry.counter, &update).await;
                 }
+                _ => judged = Some(first),
             }
         }
         let (written, judged_landed) = match result {
             // A write at the counter this worker last knew succeeded: no earlier write of it,
             // conditional on that counter, can land any more.
             Ok(lease) => (Ok(lease), false),
-            Err(e) => match self.judge(key, entry.counter, &update, &e).await {
-                Some((UnclearWrite::Landed, Some(lease))) => (Ok(lease), true),
-                Some((UnclearWrite::Lost, _)) => (
-                    Err(LeaseError::LeaseLost {
-                        lease_key: key.to_owned(),
-                    }),
-                    false,
-                ),
-                _ => {
-                    if e.is_retryable() {
-                        entry.unconfirmed_since.get_or_insert(started);
+            Err(e) => {
+                let judged = match judged {
+                    Some(first) => first,
+                    None => self.judge(key, entry.counter, &update, &e).await,
+                };
+                match judged {
+                    Some((UnclearWrite::Landed, Some(lease))) => (Ok(lease), true),
+                    Some((UnclearWrite::Lost, _)) => (
+                        Err(LeaseError::LeaseLost {
+                            lease_key: key.to_owned(),
+                        }),
+                        false,
+                    ),
+                    _ => {
+                        if e.is_retryable() {
+                            entry.unconfirmed_since.get_or_insert(started);
+                        }
+                        (Err(e), false)
                     }
-                    (Err(e), false)
                 }
-            },
+            }
         };
         match written {
             Ok(lease) => {

@@ -573,7 +573,7 @@ impl<T: Send + 'static> shardflow::core::sink::SinkWriter<T> for EpochRecorderWr
         self.seen
             .lock()
             .unwrap()
-            .push((batch.shard.as_str().to_owned(), batch.lease_epoch.0));
+            .push((batch.shard.as_str().to_owned(), batch.lease_epoch.counter));
         self.inner.write(batch).await
     }
     async fn commit(&mut self) -> Result<(), shardflow::core::error::SinkError> {
@@ -803,7 +803,7 @@ struct FencedOnce {
 struct FencedOnceWriter {
     inner: Box<dyn shardflow::core::sink::SinkWriter<Click>>,
     refused: Arc<std::sync::atomic::AtomicUsize>,
-    epoch: u64,
+    epoch: shardflow::core::lease::LeaseEpoch,
 }
 
 #[async_trait::async_trait]
@@ -819,7 +819,7 @@ impl shardflow::Sink<Click> for FencedOnce {
         Ok(Box::new(FencedOnceWriter {
             inner: self.inner.open(cx).await?,
             refused: Arc::clone(&self.refused),
-            epoch: 0,
+            epoch: shardflow::core::lease::LeaseEpoch::default(),
         }))
     }
 }
@@ -830,7 +830,7 @@ impl shardflow::core::sink::SinkWriter<Click> for FencedOnceWriter {
         &mut self,
         batch: shardflow::core::sink::OutputBatch<Click>,
     ) -> Result<(), shardflow::core::error::SinkError> {
-        self.epoch = batch.lease_epoch.0;
+        self.epoch = batch.lease_epoch;
         self.inner.write(batch).await
     }
     async fn commit(&mut self) -> Result<(), shardflow::core::error::SinkError> {

@@ -179,7 +179,7 @@ mod worker {
                 batch
                     .outputs
                     .into_iter()
-                    .map(|o| (shard.clone(), batch.lease_epoch.0, o.value)),
+                    .map(|o| (shard.clone(), batch.lease_epoch.counter, o.value)),
             );
             Ok(())
         }

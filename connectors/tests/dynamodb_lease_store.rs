@@ -88,3 +88,73 @@ async fn checkpoint_sentinels_keep_their_meaning_across_versions() {
     store.update("s", 1, &reset).await.unwrap();
     assert_eq!(raw("s").await, "AT_TIMESTAMP");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_table_has_a_later_generation_that_running_stores_see_at_their_next_list() {
+    use shardflow_core::lease::{Lease, LeaseStore, LeaseUpdate};
+    let client = client().await;
+    let table = format!(
+        "generation-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    let store = DynamoLeaseStore::open(client.clone(), &table)
+        .await
+        .expect("create");
+    let take = |owner: &str| LeaseUpdate::Take {
+        owner: owner.into(),
+    };
+    store
+        .create_if_absent(&Lease::new("s", vec![]))
+        .await
+        .unwrap();
+    let before = store.update("s", 0, &take("w1")).await.unwrap();
+    assert!(before.generation > 0, "a table has a generation");
+    let again = DynamoLeaseStore::open(client.clone(), &table)
+        .await
+        .expect("open");
+    assert_eq!(
+        again.list().await.unwrap()[0].generation,
+        before.generation,
+        "every worker on one table reads one generation"
+    );
+
+    // Dropped and created again (DynamoDB's clock stamps the new table later).
+    client
+        .delete_table()
+        .table_name(&table)
+        .send()
+        .await
+        .unwrap();
+    while client
+        .describe_table()
+        .table_name(&table)
+        .send()
+        .await
+        .is_ok()
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let recreated = DynamoLeaseStore::open(client.clone(), &table)
+        .await
+        .expect("recreate");
+    recreated
+        .create_if_absent(&Lease::new("s", vec![]))
+        .await
+        .unwrap();
+    let after = recreated.update("s", 0, &take("w2")).await.unwrap();
+    assert!(
+        after.epoch() > before.epoch(),
+        "the new table's first epoch {} is after the old table's {}",
+        after.epoch(),
+        before.epoch()
+    );
+    // A store opened on the old table learns the new generation from its next listing.
+    let listed = store.list().await.unwrap();
+    assert_eq!(listed.len(), 1, "the generation item is not a lease");
+    assert_eq!(listed[0].generation, after.generation);
+    assert_eq!(
+        store.get("s").await.unwrap().unwrap().epoch(),
+        after.epoch()
+    );
+}

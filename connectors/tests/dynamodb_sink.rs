@@ -97,7 +97,7 @@ async fn window_results_are_items_a_user_can_query_by_key_and_window() {
     writer
         .write(OutputBatch {
             shard: ShardId::new("shardId-000000000003"),
-            lease_epoch: LeaseEpoch(7),
+            lease_epoch: LeaseEpoch::new(1, 7),
             outputs: vec![Output {
                 id: OutputId::Keyed {
                     key: "c-1".into(),
@@ -148,7 +148,7 @@ async fn an_item_over_400_kb_is_refused_at_write_with_a_clear_error() {
     let err = writer
         .write(OutputBatch {
             shard: ShardId::new("s"),
-            lease_epoch: LeaseEpoch(1),
+            lease_epoch: LeaseEpoch::new(1, 1),
             outputs: vec![Output {
                 id: OutputId::Keyed {
                     key: "k".into(),
@@ -187,7 +187,7 @@ fn active_table() -> DescribeTableOutput {
 fn one_output(key: &str) -> OutputBatch<u64> {
     OutputBatch {
         shard: ShardId::new("s"),
-        lease_epoch: LeaseEpoch(1),
+        lease_epoch: LeaseEpoch::new(1, 1),
         outputs: vec![Output {
             id: OutputId::Keyed {
                 key: key.into(),

@@ -57,7 +57,7 @@ fn records<T>(
 ) -> OutputBatch<T> {
     OutputBatch {
         shard: shard(),
-        lease_epoch: LeaseEpoch(epoch),
+        lease_epoch: LeaseEpoch::new(1, epoch),
         outputs: range
             .map(|n| Output {
                 id: OutputId::Record {

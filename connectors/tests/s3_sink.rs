@@ -59,7 +59,7 @@ fn pos(n: u128) -> RecordPosition {
 fn records(range: std::ops::RangeInclusive<u128>) -> OutputBatch<u64> {
     OutputBatch {
         shard: ShardId::new("shard-0"),
-        lease_epoch: LeaseEpoch(1),
+        lease_epoch: LeaseEpoch::new(1, 1),
         outputs: range
             .map(|n| Output {
                 id: OutputId::Record {
@@ -249,7 +249,7 @@ async fn raw_gzip_and_multipart_objects_hold_the_bytes_written() {
     writer
         .write(OutputBatch {
             shard: ShardId::new("s"),
-            lease_epoch: LeaseEpoch(3),
+            lease_epoch: LeaseEpoch::new(1, 3),
             outputs,
         })
         .await

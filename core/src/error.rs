@@ -96,7 +96,7 @@ pub struct Fenced {
     /// The output's identity path.
     pub output: String,
     /// The refused writer's epoch.
-    pub epoch: u64,
+    pub epoch: crate::lease::LeaseEpoch,
 }
 
 /// A sink writer broke the contract of what it holds back

@@ -148,18 +148,40 @@ impl ShardCheckpoint {
     }
 }
 
-/// A worker's fencing token for one shard: the lease counter it observed when it took the
-/// lease. Every take bumps the counter, so a later owner always holds a larger epoch, and a sink
-/// can refuse a write from a stale owner (one paused or partitioned past its lease) that would
-/// overwrite a newer owner's output.
+/// A worker's fencing token for one shard: the lease table's generation and the lease counter
+/// it observed when it took the lease, compared in that order. Every take bumps the counter, so
+/// a later owner in one table always holds a larger epoch, and a sink can refuse a write from a
+/// stale owner (one paused or partitioned past its lease) that would overwrite a newer owner's
+/// output. The generation is fixed when the lease table is created and grows with each new
+/// table, so a recreated table, whose counters start again at 1, never fences on the outputs
+/// written under the old one.
+///
+/// The two stay separate numbers: packing a clock reading above the counter in one integer
+/// would let a worker whose clock runs behind fence a newer table.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
-pub struct LeaseEpoch(pub u64);
+pub struct LeaseEpoch {
+    /// The lease table's generation (its creation time in milliseconds for the stores that
+    /// persist; 0 for outputs written before generations existed).
+    pub generation: u64,
+    /// The lease counter when the owner took the lease.
+    pub counter: u64,
+}
+
+impl LeaseEpoch {
+    /// The epoch of a take that saw `counter` in the table of `generation`.
+    pub const fn new(generation: u64, counter: u64) -> Self {
+        Self {
+            generation,
+            counter,
+        }
+    }
+}
 
 impl std::fmt::Display for LeaseEpoch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)
+        write!(f, "{}/{}", self.generation, self.counter)
     }
 }
 
@@ -185,12 +207,16 @@ pub struct Lease {
     /// worker (others take it only once it expired). Cleared by a take.
     #[serde(default)]
     pub handoff_to: Option<String>,
+    /// The generation of the lease table this lease was read from (see [`LeaseEpoch`]). Set by
+    /// the store on every lease it returns, from the table, not kept per lease.
+    #[serde(default, skip_serializing)]
+    pub generation: u64,
 }
 
 impl Lease {
     /// The owner's fencing token, meaningful on the lease as its owner took it.
     pub const fn epoch(&self) -> LeaseEpoch {
-        LeaseEpoch(self.counter)
+        LeaseEpoch::new(self.generation, self.counter)
     }
 
     /// A new, unowned lease with no progress.
@@ -203,6 +229,7 @@ impl Lease {
             parents,
             owner_switches_since_checkpoint: 0,
             handoff_to: None,
+            generation: 0,
         }
     }
 }
@@ -306,9 +333,36 @@ pub trait LeaseStore: Send + Sync + 'static {
 }
 
 /// Leases in a map behind a mutex: for tests and single-process runs that need no durability.
-#[derive(Default)]
+/// Its table generation starts at 1; [`recreate`](Self::recreate) models a dropped and
+/// recreated table.
 pub struct MemoryLeaseStore {
-    leases: Mutex<BTreeMap<String, Lease>>,
+    table: Mutex<MemoryTable>,
+}
+
+struct MemoryTable {
+    generation: u64,
+    leases: BTreeMap<String, Lease>,
+}
+
+impl MemoryTable {
+    /// A stored lease as a reader sees it: with the table's generation.
+    fn read(&self, key: &str) -> Option<Lease> {
+        self.leases.get(key).map(|lease| Lease {
+            generation: self.generation,
+            ..lease.clone()
+        })
+    }
+}
+
+impl Default for MemoryLeaseStore {
+    fn default() -> Self {
+        Self {
+            table: Mutex::new(MemoryTable {
+                generation: 1,
+                leases: BTreeMap::new(),
+            }),
+        }
+    }
 }
 
 impl MemoryLeaseStore {
@@ -317,8 +371,17 @@ impl MemoryLeaseStore {
         Self::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Lease>> {
-        self.leases
+    /// Drops every lease and starts the next table generation, as deleting the lease table
+    /// and creating it again would (counters start over; epochs stay larger than the old
+    /// table's).
+    pub fn recreate(&self) {
+        let mut table = self.lock();
+        table.generation += 1;
+        table.leases.clear();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryTable> {
+        self.table
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -327,19 +390,20 @@ impl MemoryLeaseStore {
 #[async_trait]
 impl LeaseStore for MemoryLeaseStore {
     async fn list(&self) -> Result<Vec<Lease>, LeaseError> {
-        Ok(self.lock().values().cloned().collect())
+        let table = self.lock();
+        Ok(table.leases.keys().filter_map(|k| table.read(k)).collect())
     }
 
     async fn get(&self, key: &str) -> Result<Option<Lease>, LeaseError> {
-        Ok(self.lock().get(key).cloned())
+        Ok(self.lock().read(key))
     }
 
     async fn create_if_absent(&self, lease: &Lease) -> Result<bool, LeaseError> {
-        let mut leases = self.lock();
-        if leases.contains_key(&lease.key) {
+        let mut table = self.lock();
+        if table.leases.contains_key(&lease.key) {
             return Ok(false);
         }
-        leases.insert(lease.key.clone(), lease.clone());
+        table.leases.insert(lease.key.clone(), lease.clone());
         Ok(true)
     }
 
@@ -349,22 +413,22 @@ impl LeaseStore for MemoryLeaseStore {
         expected_counter: u64,
         update: &LeaseUpdate,
     ) -> Result<Lease, LeaseError> {
-        let mut leases = self.lock();
-        let current = leases.get(key).ok_or_else(|| LeaseError::NotFound {
+        let mut table = self.lock();
+        let current = table.read(key).ok_or_else(|| LeaseError::NotFound {
             lease_key: key.to_owned(),
         })?;
-        let next = apply_update(current, expected_counter, update)?;
-        leases.insert(key.to_owned(), next.clone());
+        let next = apply_update(&current, expected_counter, update)?;
+        table.leases.insert(key.to_owned(), next.clone());
         Ok(next)
     }
 
     async fn delete(&self, key: &str, expected_counter: u64) -> Result<(), LeaseError> {
-        let mut leases = self.lock();
-        let current = leases.get(key).ok_or_else(|| LeaseError::NotFound {
+        let mut table = self.lock();
+        let current = table.read(key).ok_or_else(|| LeaseError::NotFound {
             lease_key: key.to_owned(),
         })?;
-        check_delete(current, expected_counter)?;
-        leases.remove(key);
+        check_delete(&current, expected_counter)?;
+        table.leases.remove(key);
         Ok(())
     }
 }

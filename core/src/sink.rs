@@ -457,7 +457,7 @@ impl<T: Clone + Send + Sync + 'static> SinkWriter<T> for MemoryWriter<T> {
             let fenced = Fenced {
                 shard: shard.clone(),
                 output: output.id.to_path(),
-                epoch: epoch.0,
+                epoch: *epoch,
             };
             state.refused += 1;
             return Err(SinkError {

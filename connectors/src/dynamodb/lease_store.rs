@@ -3,6 +3,8 @@
 //! that decides it is core's `apply_update`, the same as every other store.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::error::SdkError;
@@ -56,11 +58,21 @@ const INITIAL: &str = "TRIM_HORIZON";
 const TRIM_HORIZON_RESET: &str = "TRIM_HORIZON_RESET";
 const AT_TIMESTAMP: &str = "AT_TIMESTAMP";
 
+/// The item that holds the table's generation (see `LeaseEpoch`), keyed so that no lease can
+/// collide with it: shard ids and stream names never contain `#`.
+const GENERATION_KEY: &str = "#tableGeneration";
+/// Its attribute: the table's creation time in milliseconds, as DynamoDB reported it (one
+/// clock for every worker, so a recreated table's generation is always larger).
+const GENERATION: &str = "tableGeneration";
+
 /// Leases in a DynamoDB table (created on first use, on-demand billing).
 #[derive(Clone, Debug)]
 pub struct DynamoLeaseStore {
     client: Client,
     table: String,
+    /// The table's generation as last read: refreshed by every `list` (the generation item
+    /// comes with the scan), so a worker notices a recreated table at its next shard sync.
+    generation: Arc<AtomicU64>,
 }
 
 type Item = HashMap<String, AttributeValue>;
@@ -105,8 +117,10 @@ impl DynamoLeaseStore {
         let store = Self {
             client,
             table: table.into(),
+            generation: Arc::new(AtomicU64::new(0)),
         };
         store.ensure_table().await?;
+        store.establish_generation().await?;
         Ok(store)
     }
 
@@ -121,6 +135,78 @@ impl DynamoLeaseStore {
             .map_err(|e| store_error(e.operation, e.retryable, e.source))
     }
 
+    /// The table's generation: read from its generation item, or (a new table, or one written
+    /// by a version without generations) taken from the table's creation time and written
+    /// there first-writer-wins, so every worker agrees on it.
+    async fn establish_generation(&self) -> Result<u64, LeaseError> {
+        if let Some(generation) = self.read_generation().await? {
+            self.generation.store(generation, Ordering::Release);
+            return Ok(generation);
+        }
+        let described = self
+            .client
+            .describe_table()
+            .table_name(&self.table)
+            .send()
+            .await
+            .map_err(|e| sdk_error("describe lease table", e))?;
+        let created = described
+            .table()
+            .and_then(|t| t.creation_date_time())
+            .and_then(|t| t.to_millis().ok())
+            .and_then(|ms| u64::try_from(ms).ok())
+            .filter(|ms| *ms > 0)
+            .ok_or_else(|| {
+                store_error(
+                    "describe lease table",
+                    false,
+                    "the lease table's description has no creation time",
+                )
+            })?;
+        let put = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item(LEASE_KEY, AttributeValue::S(GENERATION_KEY.to_owned()))
+            .item(GENERATION, AttributeValue::N(created.to_string()))
+            .condition_expression("attribute_not_exists(#key)")
+            .expression_attribute_names("#key", LEASE_KEY)
+            .send()
+            .await;
+        let generation = match put {
+            Ok(_) => created,
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
+            {
+                // Another worker wrote it first: theirs holds.
+                self.read_generation().await?.ok_or_else(|| {
+                    store_error(
+                        "read lease table generation",
+                        true,
+                        "the generation item vanished after a write that found it",
+                    )
+                })?
+            }
+            Err(e) => return Err(sdk_error("write lease table generation", e)),
+        };
+        self.generation.store(generation, Ordering::Release);
+        Ok(generation)
+    }
+
+    async fn read_generation(&self) -> Result<Option<u64>, LeaseError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key(LEASE_KEY, AttributeValue::S(GENERATION_KEY.to_owned()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| sdk_error("read lease table generation", e))?;
+        out.item().map(generation_of).transpose()
+    }
+
     async fn read(&self, key: &str) -> Result<Option<Lease>, LeaseError> {
         let out = self
             .client
@@ -131,7 +217,15 @@ impl DynamoLeaseStore {
             .send()
             .await
             .map_err(|e| sdk_error("get lease", e))?;
-        out.item().map(from_item).transpose()
+        let generation = self.generation.load(Ordering::Acquire);
+        out.item()
+            .map(|item| {
+                from_item(item).map(|lease| Lease {
+                    generation,
+                    ..lease
+                })
+            })
+            .transpose()
     }
 
     /// Writes `lease` if the stored counter is still `expected_counter`; `false` if it moved.
@@ -170,6 +264,7 @@ impl DynamoLeaseStore {
 impl LeaseStore for DynamoLeaseStore {
     async fn list(&self) -> Result<Vec<Lease>, LeaseError> {
         let mut leases = Vec::new();
+        let mut generation = None;
         let mut start: Option<Item> = None;
         loop {
             let out = self
@@ -182,12 +277,32 @@ impl LeaseStore for DynamoLeaseStore {
                 .await
                 .map_err(|e| sdk_error("list leases", e))?;
             for item in out.items() {
-                leases.push(from_item(item)?);
+                if item
+                    .get(LEASE_KEY)
+                    .and_then(|k| k.as_s().ok())
+                    .map(String::as_str)
+                    == Some(GENERATION_KEY)
+                {
+                    generation = Some(generation_of(item)?);
+                } else {
+                    leases.push(from_item(item)?);
+                }
             }
             match out.last_evaluated_key() {
                 Some(key) if !key.is_empty() => start = Some(key.clone()),
                 _ => break,
             }
+        }
+        // No generation item: the table was recreated (or never had one); it gets one now.
+        let generation = match generation {
+            Some(generation) => {
+                self.generation.store(generation, Ordering::Release);
+                generation
+            }
+            None => self.establish_generation().await?,
+        };
+        for lease in &mut leases {
+            lease.generation = generation;
         }
         leases.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(leases)
@@ -411,6 +526,19 @@ fn parse_position(text: &str, sub: Option<i128>, time: Option<i128>) -> Option<C
     })
 }
 
+fn generation_of(item: &Item) -> Result<u64, LeaseError> {
+    item.get(GENERATION)
+        .and_then(|v| v.as_n().ok())
+        .and_then(|n| n.parse::<u64>().ok())
+        .ok_or_else(|| {
+            store_error(
+                "read lease table generation",
+                false,
+                "the generation item has a missing or malformed tableGeneration",
+            )
+        })
+}
+
 fn from_item(item: &Item) -> Result<Lease, LeaseError> {
     let bad = |what: &str| {
         store_error(
@@ -497,5 +625,7 @@ fn from_item(item: &Item) -> Result<Lease, LeaseError> {
         },
         owner_switches_since_checkpoint: counter(OWNER_SWITCHES)?,
         handoff_to: text(HANDOFF_TO),
+        // Set by the caller from the table's generation item.
+        generation: 0,
     })
 }

@@ -43,6 +43,21 @@ const BATCH_ITEMS: usize = 25;
 
 const ID: &str = "id";
 const LEASE_EPOCH: &str = "leaseEpoch";
+/// The lease table generation of the epoch (see `LeaseEpoch`); items written before
+/// generations existed have none, and count as generation 0.
+const LEASE_GENERATION: &str = "leaseGeneration";
+
+/// The condition of a fenced put: the item is new, or was last written by an epoch no newer
+/// than the writer's, comparing (generation, counter) in that order.
+const fn fence_condition(generation: u64) -> &'static str {
+    if generation > 0 {
+        "attribute_not_exists(#id) OR attribute_not_exists(#gen) OR #gen < :gen \
+         OR (#gen = :gen AND #epoch <= :epoch)"
+    } else {
+        "attribute_not_exists(#id) OR ((attribute_not_exists(#gen) OR #gen = :gen) \
+         AND #epoch <= :epoch)"
+    }
+}
 
 /// How the sink writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -223,10 +238,18 @@ impl Inner {
                 .put_item()
                 .table_name(&self.table)
                 .set_item(Some(pending.item.clone()))
-                .condition_expression("attribute_not_exists(#id) OR #epoch <= :epoch")
+                .condition_expression(fence_condition(pending.epoch.generation))
                 .expression_attribute_names("#id", ID)
                 .expression_attribute_names("#epoch", LEASE_EPOCH)
-                .expression_attribute_values(":epoch", AttributeValue::N(pending.epoch.to_string()))
+                .expression_attribute_names("#gen", LEASE_GENERATION)
+                .expression_attribute_values(
+                    ":epoch",
+                    AttributeValue::N(pending.epoch.counter.to_string()),
+                )
+                .expression_attribute_values(
+                    ":gen",
+                    AttributeValue::N(pending.epoch.generation.to_string()),
+                )
                 .send()
                 .await;
             match result {
@@ -241,7 +264,7 @@ impl Inner {
                         Fenced {
                             shard: pending.shard.clone(),
                             output: pending.path.clone(),
-                            epoch: pending.epoch.0,
+                            epoch: pending.epoch,
                         },
                     ));
                 }
@@ -440,7 +463,14 @@ impl<T: Serialize> DynamoWriter<T> {
         item.insert("topology".into(), AttributeValue::S(self.topology.clone()));
         item.insert("shard".into(), AttributeValue::S(shard.as_str().to_owned()));
         item.insert("path".into(), AttributeValue::S(path));
-        item.insert(LEASE_EPOCH.into(), AttributeValue::N(epoch.0.to_string()));
+        item.insert(
+            LEASE_EPOCH.into(),
+            AttributeValue::N(epoch.counter.to_string()),
+        );
+        item.insert(
+            LEASE_GENERATION.into(),
+            AttributeValue::N(epoch.generation.to_string()),
+        );
         match &output.id {
             OutputId::Record { position, .. } => {
                 item.insert(

@@ -514,7 +514,7 @@ mod tests {
         writer
             .write(OutputBatch {
                 shard: ShardId::new("shardId-000000000000"),
-                lease_epoch: LeaseEpoch(1),
+                lease_epoch: LeaseEpoch::new(1, 1),
                 outputs,
             })
             .await
@@ -558,7 +558,7 @@ mod tests {
             writer
                 .write(OutputBatch {
                     shard: shard.clone(),
-                    lease_epoch: LeaseEpoch(1),
+                    lease_epoch: LeaseEpoch::new(1, 1),
                     outputs,
                 })
                 .await
@@ -586,7 +586,7 @@ mod tests {
         let err = writer
             .write(OutputBatch {
                 shard: ShardId::new("s"),
-                lease_epoch: LeaseEpoch(1),
+                lease_epoch: LeaseEpoch::new(1, 1),
                 outputs,
             })
             .await

@@ -16,6 +16,9 @@ use super::fs::{sync_dir, write_atomic, FileLock};
 /// The lock every read-modify-write takes; its name starts with `.` so that no lease file
 /// (escaped names never do) can collide with it.
 const LOCK_FILE: &str = ".lock";
+/// The table generation (see `LeaseEpoch`): milliseconds since the Unix epoch when the first
+/// lease was written to the directory. A directory deleted and created again gets a later one.
+const GENERATION_FILE: &str = ".generation";
 const LEASE_SUFFIX: &str = ".json";
 
 /// Why a [`FileLeaseStore`] operation failed (the source of a `LeaseError::Store`).
@@ -41,6 +44,12 @@ pub enum FileLeaseStoreError {
         /// The encoder's error.
         #[source]
         source: serde_json::Error,
+    },
+    /// The generation file does not hold a number.
+    #[error("{path} does not hold a lease table generation (a decimal number); fix or remove it")]
+    BadGeneration {
+        /// The file.
+        path: PathBuf,
     },
     /// A lease file does not hold a lease (edited by hand, or another program's file).
     #[error("lease file {path} is not a valid lease: {source}; fix or remove it")]
@@ -142,18 +151,52 @@ impl FileLeaseStore {
         FileLock::lock(&path).map_err(|e| FileLeaseStoreError::io("locking", &path, e))
     }
 
+    /// The directory's generation, if it has one yet.
+    fn read_generation(&self) -> Result<Option<u64>, FileLeaseStoreError> {
+        let path = self.dir.join(GENERATION_FILE);
+        match fs::read_to_string(&path) {
+            Ok(text) => text
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| FileLeaseStoreError::BadGeneration { path }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(FileLeaseStoreError::io("reading", &path, e)),
+        }
+    }
+
+    /// The directory's generation, written now if it has none (under the write lock, so two
+    /// writers agree on it). A directory written by a version without generations gets one at
+    /// its next write; its leases read as generation 0 until then, below any later epoch.
+    fn generation_locked(&self, _lock: &FileLock) -> Result<u64, FileLeaseStoreError> {
+        if let Some(generation) = self.read_generation()? {
+            return Ok(generation);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .max(1);
+        let path = self.dir.join(GENERATION_FILE);
+        write_atomic(&path, format!("{now}\n").as_bytes(), self.fsync)
+            .map_err(|e| FileLeaseStoreError::io("writing", &path, e))?;
+        Ok(now)
+    }
+
     fn read(&self, path: &Path) -> Result<Option<Lease>, FileLeaseStoreError> {
         let bytes = match fs::read(path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(FileLeaseStoreError::io("reading", path, e)),
         };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|source| FileLeaseStoreError::Corrupt {
+        let lease: Lease =
+            serde_json::from_slice(&bytes).map_err(|source| FileLeaseStoreError::Corrupt {
                 path: path.to_owned(),
                 source,
-            })
+            })?;
+        Ok(Some(Lease {
+            generation: self.read_generation()?.unwrap_or(0),
+            ..lease
+        }))
     }
 
     fn write(&self, lease: &Lease) -> Result<(), FileLeaseStoreError> {
@@ -196,7 +239,8 @@ impl FileLeaseStore {
     }
 
     fn create_blocking(&self, lease: &Lease) -> Result<bool, FileLeaseStoreError> {
-        let _lock = self.lock()?;
+        let lock = self.lock()?;
+        self.generation_locked(&lock)?;
         if self.read(&self.path_of(&lease.key))?.is_some() {
             return Ok(false);
         }
@@ -211,7 +255,9 @@ impl FileLeaseStore {
         update: &LeaseUpdate,
     ) -> Result<Lease, LeaseError> {
         let op = update.name();
-        let _lock = self.lock().map_err(|e| e.into_lease_error(op))?;
+        let lock = self.lock().map_err(|e| e.into_lease_error(op))?;
+        self.generation_locked(&lock)
+            .map_err(|e| e.into_lease_error(op))?;
         let current = self
             .read(&self.path_of(key))
             .map_err(|e| e.into_lease_error(op))?

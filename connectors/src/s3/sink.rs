@@ -381,7 +381,7 @@ impl<T> Inner<T> {
                     Refusal::OwnEarlierTry => {}
                     Refusal::Overtaken => {
                         tracing::warn!(
-                            key = %key, %shard, epoch = epoch.0,
+                            key = %key, %shard, %epoch,
                             "another writer stored this object since this one read it; fenced"
                         );
                         return Err(self.fenced(shard, key.to_owned(), epoch));
@@ -400,7 +400,7 @@ impl<T> Inner<T> {
             Fenced {
                 shard: shard.clone(),
                 output,
-                epoch: epoch.0,
+                epoch,
             },
         )
     }
@@ -413,11 +413,7 @@ impl<T> Inner<T> {
         output: String,
         epoch: LeaseEpoch,
     ) -> Result<(), SinkError> {
-        let written_by = metadata
-            .get("lease-epoch")
-            .and_then(|e| e.parse::<u64>().ok())
-            .unwrap_or(0);
-        if written_by > epoch.0 {
+        if epoch_of(metadata) > epoch {
             return Err(self.fenced(shard, output, epoch));
         }
         Ok(())
@@ -586,7 +582,8 @@ impl<T: Send + Sync + 'static> S3Writer<T> {
             ("last-sequence", filling.last.sequence.to_string()),
             ("last-sub", filling.last.sub_sequence.to_string()),
             ("records", filling.records.to_string()),
-            ("lease-epoch", filling.epoch.0.to_string()),
+            ("lease-epoch", filling.epoch.counter.to_string()),
+            ("lease-generation", filling.epoch.generation.to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -679,12 +676,25 @@ impl<T> S3Writer<T> {
             metadata: [
                 ("shard".to_owned(), shard.as_str().to_owned()),
                 ("identity".to_owned(), id.to_path()),
-                ("lease-epoch".to_owned(), epoch.0.to_string()),
+                ("lease-epoch".to_owned(), epoch.counter.to_string()),
+                ("lease-generation".to_owned(), epoch.generation.to_string()),
             ]
             .into(),
         };
         self.inner.store(object, body).await
     }
+}
+
+/// The epoch that wrote an object, from its metadata; objects written before generations
+/// existed count as generation 0, and objects without an epoch as epoch 0/0.
+fn epoch_of(metadata: &HashMap<String, String>) -> LeaseEpoch {
+    let number = |name: &str| {
+        metadata
+            .get(name)
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    LeaseEpoch::new(number("lease-generation"), number("lease-epoch"))
 }
 
 fn last_position(metadata: &HashMap<String, String>) -> Option<RecordPosition> {

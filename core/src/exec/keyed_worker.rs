@@ -143,13 +143,13 @@ where
                 Err(Error::Sink(e)) if refusals_left > 0 => {
                     let Some(life) = e
                         .fenced()
-                        .map(|f| (f.shard.clone(), LeaseEpoch(f.epoch)))
+                        .map(|f| (f.shard.clone(), f.epoch))
                         .filter(|life| pending.touched.contains(life))
                     else {
                         return Err(Error::Sink(e));
                     };
                     refusals_left -= 1;
-                    tracing::warn!(shard = %life.0, lease_epoch = life.1 .0, error = %e, "fenced on a keyed path; dropping the shard");
+                    tracing::warn!(shard = %life.0, lease_epoch = %life.1, error = %e, "fenced on a keyed path; dropping the shard");
                     self.drop_life(pending, life.0, life.1, DropReason::Fenced)
                         .await?;
                 }

@@ -567,10 +567,7 @@ impl ControlLoop {
                 continue;
             };
             self.decisions.record(|| {
-                format!(
-                    "keyed path dropped {shard} epoch {}: {reason:?}",
-                    lease_epoch.0
-                )
+                format!("keyed path dropped {shard} epoch {lease_epoch}: {reason:?}")
             });
             tracing::warn!(topology = %self.name(), %shard, lease = %key, ?reason, "a keyed path dropped the shard; ending it like a lost lease");
             self.metrics.lease_lost(self.name());

@@ -47,11 +47,12 @@ pub enum RunMode {
 #[derive(Clone, Debug)]
 pub struct RuntimeConfig {
     /// This worker's identity in the lease table. The default is unique per process (host
-    /// name, process id and a random suffix): a restarted process is a new worker and takes
-    /// its old leases once they are released (a graceful stop releases them) or expired (after
-    /// a crash, a lease duration). A fixed id lets a restarted worker take its leases back at
-    /// once, but two live processes must never share one: they take each other's leases
-    /// every round.
+    /// name, process id and a random suffix). Whatever the id, each run is a new incarnation
+    /// (`<id>#<incarnation>` in the leases): a restarted process takes its old leases once
+    /// they are released (a graceful stop releases them) or expired (after a crash, a lease
+    /// duration), never while the old process may still write. Two live processes configured
+    /// with one id are detected (an error log and `shardflow_worker_id_conflicts_total`) and
+    /// wait for expiry instead of taking each other's leases.
     pub worker_id: String,
     /// Keyed workers per keyed branch (default: the number of cores).
     pub parallelism: usize,

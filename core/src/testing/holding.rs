@@ -165,7 +165,7 @@ impl<T: Clone + Send + Sync + 'static> HoldingWriter<T> {
                 source: Box::new(Fenced {
                     shard: shard.clone(),
                     output: format!("unit at {}", f.first),
-                    epoch: f.epoch.0,
+                    epoch: f.epoch,
                 }),
             });
         }

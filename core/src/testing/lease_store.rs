@@ -28,6 +28,36 @@ where
     missing_leases_are_not_found(make().await).await;
     concurrent_takes_have_exactly_one_winner(Arc::new(make().await)).await;
     list_returns_every_lease_in_key_order(make().await).await;
+    every_lease_carries_the_tables_generation(make().await).await;
+}
+
+/// Epochs are (table generation, counter): a store that forgot the generation on one path
+/// would hand out epochs a recreated table's outputs fence.
+async fn every_lease_carries_the_tables_generation(store: impl LeaseStore) {
+    store
+        .create_if_absent(&Lease::new("g", vec![]))
+        .await
+        .unwrap();
+    let taken = store
+        .update("g", 0, &LeaseUpdate::Take { owner: "w1".into() })
+        .await
+        .unwrap();
+    let generation = taken.generation;
+    assert!(
+        generation > 0,
+        "a table has a generation above 0 (the one of outputs written before generations)"
+    );
+    assert_eq!(taken.epoch(), crate::lease::LeaseEpoch::new(generation, 1));
+    let read = store.get("g").await.unwrap().expect("lease");
+    let listed = store.list().await.unwrap();
+    assert_eq!(
+        (
+            read.generation,
+            listed.iter().map(|l| l.generation).collect::<Vec<_>>()
+        ),
+        (generation, vec![generation]),
+        "get and list read the generation the take saw"
+    );
 }
 
 async fn a_handoff_request_is_stored_kept_by_the_owner_and_cleared_by_a_take(
@@ -110,6 +140,11 @@ async fn create_is_idempotent_and_keeps_the_first(store: impl LeaseStore) {
         .await
         .unwrap()
         .expect("created lease is readable");
+    // The generation is the table's, not the lease's.
+    let first = Lease {
+        generation: got.generation,
+        ..first
+    };
     assert_eq!(got, first, "an existing lease is not overwritten by create");
 }
 

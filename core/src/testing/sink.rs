@@ -55,7 +55,7 @@ where
     writer
         .write(OutputBatch {
             shard: shard.clone(),
-            lease_epoch: LeaseEpoch(1),
+            lease_epoch: LeaseEpoch::new(1, 1),
             outputs,
         })
         .await
@@ -120,7 +120,7 @@ where
         writer
             .write(OutputBatch {
                 shard: shard.clone(),
-                lease_epoch: LeaseEpoch(1),
+                lease_epoch: LeaseEpoch::new(1, 1),
                 outputs,
             })
             .await
@@ -135,7 +135,7 @@ where
     replay
         .write(OutputBatch {
             shard: shard.clone(),
-            lease_epoch: LeaseEpoch(1),
+            lease_epoch: LeaseEpoch::new(1, 1),
             outputs,
         })
         .await
@@ -159,7 +159,7 @@ where
         writer
             .write(OutputBatch {
                 shard: s.clone(),
-                lease_epoch: LeaseEpoch(1),
+                lease_epoch: LeaseEpoch::new(1, 1),
                 outputs,
             })
             .await
@@ -199,7 +199,7 @@ where
     let sink = make().await;
     let put = |epoch: u64, v: u64| OutputBatch {
         shard: shard.clone(),
-        lease_epoch: LeaseEpoch(epoch),
+        lease_epoch: LeaseEpoch::new(1, epoch),
         outputs: vec![Output {
             id: id.clone(),
             value: value(v),
@@ -238,6 +238,34 @@ where
     next.commit().await.expect("a newer epoch overwrites");
     assert_eq!(read().await, Some(value(4)));
 
+    // A recreated lease table starts its counters over: its generation orders its epochs after
+    // every epoch of the old table, and the old table's epochs are stale from then on.
+    let put_in = |generation: u64, counter: u64, v: u64| OutputBatch {
+        lease_epoch: LeaseEpoch::new(generation, counter),
+        ..put(counter, v)
+    };
+    let mut recreated = sink.open(&cx("recreated")).await.expect("open");
+    recreated.write(put_in(2, 1, 7)).await.expect("write");
+    recreated
+        .commit()
+        .await
+        .expect("a newer table generation overwrites a larger counter of the old one");
+    assert_eq!(read().await, Some(value(7)));
+    let mut old_table = sink.open(&cx("old-table")).await.expect("open");
+    let refused = match old_table.write(put_in(1, 9, 8)).await {
+        Err(e) => e,
+        Ok(()) => old_table
+            .commit()
+            .await
+            .expect_err("the old table's epoch is refused, whatever its counter"),
+    };
+    assert!(refused.is_fenced(), "refused as fenced: {refused}");
+    assert_eq!(
+        read().await,
+        Some(value(7)),
+        "the newer table's value stays"
+    );
+
     // A commit after `key_by` holds several shards' outputs: a refusal names its shard, the
     // other shard's output survives it, and once the refused shard is released the next
     // commit makes the rest durable.
@@ -249,7 +277,7 @@ where
             mixed
                 .write(OutputBatch {
                     shard: other.clone(),
-                    lease_epoch: LeaseEpoch(1),
+                    lease_epoch: LeaseEpoch::new(1, 1),
                     outputs: vec![Output {
                         id: id.clone(),
                         value: value(6),
@@ -276,5 +304,5 @@ where
         Some(&value(6)),
         "the other shard's output of the refused commit is durable"
     );
-    assert_eq!(read().await, Some(value(4)), "the newer value stays");
+    assert_eq!(read().await, Some(value(7)), "the newer value stays");
 }

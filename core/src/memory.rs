@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use crate::error::SourceError;
 use crate::position::{RecordPosition, SequenceNumber, ShardId, ShardInfo, StartPosition};
 use crate::record::RawBatch;
-use crate::source::{ReadBatch, ReadLimits, ShardReader, ShardStatus, Source};
+use crate::source::{ReadBatch, ReadLimits, ShardReader, ShardStatus, Source, StreamFacts};
 
 /// One record of a [`MemoryStream`].
 #[derive(Clone, Debug)]
@@ -19,11 +19,20 @@ struct MemoryRecord {
 }
 
 /// A stream whose shards are vectors in memory; sequence numbers are indexes from 1. All shards
-/// are open (reads end at the tip); `close` ends a shard like a split parent.
+/// are open (reads end at the tip); `close` ends a shard like a split parent. It says it was
+/// created at time 0 and keeps records 24 hours (see [`set_facts`](Self::set_facts)), and
+/// [`unlist`](Self::unlist) makes a shard vanish from listings, as an expired one does.
 #[derive(Clone)]
 pub struct MemoryStream {
     name: String,
     shards: Arc<Mutex<Vec<MemoryShard>>>,
+    listing: Arc<Mutex<Listing>>,
+}
+
+/// What the stream says about itself beyond its shards.
+struct Listing {
+    facts: Option<StreamFacts>,
+    unlisted: Vec<ShardId>,
 }
 
 type MemoryShard = (ShardInfo, Vec<MemoryRecord>);
@@ -45,7 +54,32 @@ impl MemoryStream {
         Self {
             name: name.into(),
             shards: Arc::new(Mutex::new(shards)),
+            listing: Arc::new(Mutex::new(Listing {
+                facts: Some(StreamFacts {
+                    created_ms: 0,
+                    retention: std::time::Duration::from_secs(24 * 3600),
+                }),
+                unlisted: Vec::new(),
+            })),
         }
+    }
+
+    fn listing(&self) -> std::sync::MutexGuard<'_, Listing> {
+        self.listing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Shard `shard` is no longer listed (Kinesis drops a closed shard from its listings once
+    /// its records expired). Its records stay readable here.
+    pub fn unlist(&self, shard: usize) {
+        let id = self.lock()[shard].0.id.clone();
+        self.listing().unlisted.push(id);
+    }
+
+    /// What the stream says of its creation time and retention (`None`: it cannot tell).
+    pub fn set_facts(&self, facts: Option<StreamFacts>) {
+        self.listing().facts = facts;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<MemoryShard>> {
@@ -161,7 +195,18 @@ impl Source for MemoryStream {
     }
 
     async fn list_shards(&self) -> Result<Vec<ShardInfo>, SourceError> {
-        Ok(self.lock().iter().map(|(info, _)| info.clone()).collect())
+        let listing = self.listing();
+        Ok(self
+            .lock()
+            .iter()
+            .map(|(info, _)| info)
+            .filter(|info| !listing.unlisted.contains(&info.id))
+            .cloned()
+            .collect())
+    }
+
+    async fn facts(&self) -> Result<Option<StreamFacts>, SourceError> {
+        Ok(self.listing().facts)
     }
 
     async fn open_shard(

@@ -27,6 +27,7 @@ pub struct Metrics {
     leases_lost: IntCounterVec,
     lease_handoffs: IntCounterVec,
     worker_id_conflicts: IntCounterVec,
+    vanished_leases: IntCounterVec,
     shards_stopped: IntGaugeVec,
 }
 
@@ -158,6 +159,13 @@ impl Metrics {
                  configuration error: every process needs its own id)",
                 &["topology"],
             ),
+            vanished_leases: counter(
+                registry,
+                "shardflow_vanished_shard_leases_deleted_total",
+                "Leases deleted because the stream stopped listing their shard (for its \
+                 retention period, or since it was created again), so their children start",
+                &["topology"],
+            ),
             lease_handoffs: counter(
                 registry,
                 "shardflow_lease_handoffs_total",
@@ -278,6 +286,10 @@ impl Metrics {
 
     pub(crate) fn lease_lost(&self, topology: &str) {
         self.leases_lost.with_label_values(&[topology]).inc();
+    }
+
+    pub(crate) fn vanished_lease_deleted(&self, topology: &str) {
+        self.vanished_leases.with_label_values(&[topology]).inc();
     }
 
     pub(crate) fn worker_id_conflict(&self, topology: &str) {

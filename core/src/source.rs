@@ -48,14 +48,32 @@ pub struct ReadBatch {
     pub status: ShardStatus,
 }
 
+/// What a stream says about itself that decides when the lease of a shard it no longer lists
+/// may be deleted (see `protocol::vanished`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamFacts {
+    /// When the stream was created (ms since the Unix epoch): a stream deleted and created
+    /// again under its name has a later one.
+    pub created_ms: i64,
+    /// How long the stream keeps records.
+    pub retention: std::time::Duration,
+}
+
 /// A stream of shards.
 #[async_trait]
 pub trait Source: Send + Sync + 'static {
     /// The stream's name (lease keys and metrics use it).
     fn stream_name(&self) -> &str;
 
-    /// The stream's shards, open and closed, with parent links.
+    /// The stream's shards, open and closed, with parent links: all of them, or an error
+    /// (a partial listing would make live leases look vanished).
     async fn list_shards(&self) -> Result<Vec<ShardInfo>, SourceError>;
+
+    /// The stream's creation time and retention period, if this source can tell them. `None`
+    /// (the default) keeps every lease of a shard the stream stopped listing.
+    async fn facts(&self) -> Result<Option<StreamFacts>, SourceError> {
+        Ok(None)
+    }
 
     /// Opens a reader of `shard` from `start`.
     async fn open_shard(

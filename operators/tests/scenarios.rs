@@ -1509,3 +1509,132 @@ fn more_flat_maps_in_a_chain_than_identities_can_number_is_a_build_error() {
         .expect_err("nine levels of flat_map");
     assert!(error.to_string().contains("chains 9 flat_maps"), "{error}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_recreated_lease_table_never_fences_on_the_old_tables_outputs() {
+    let stream = MemoryStream::new("recreated", 1);
+    let counts = MemorySink::<Counted>::fencing("counts");
+    let topology = || {
+        Topology::builder("recreated")
+            .source(stream.clone().decode_fn(decode))
+            .key_by(|e: &Event| e.key)
+            .aggregate(Count)
+            .sink(counts.clone())
+            .build()
+            .unwrap()
+    };
+    let leases = Arc::new(MemoryLeaseStore::new());
+    let run = || async {
+        Runtime::new(topology(), leases.clone())
+            .with_config(config(RunMode::UntilCaughtUp))
+            .run()
+            .await
+            .expect("a run to the tip")
+    };
+    for i in 0..40 {
+        push(&stream, 0, &event(i, 1, T0 + i as i64));
+    }
+    // Two runs: the second takes the lease at a counter the first one's writes raised, and
+    // writes the count under that epoch.
+    run().await;
+    run().await;
+    let old = leases.get("shard-0").await.unwrap().unwrap();
+    assert!(
+        old.counter > 2,
+        "the old table's counter moved: {}",
+        old.counter
+    );
+    // The table is dropped and created again: its counters start over, its checkpoints are
+    // gone, and the next run counts the shard again from its start.
+    leases.recreate();
+    for i in 40..50 {
+        push(&stream, 0, &event(i, 1, T0 + i as i64));
+    }
+    run().await;
+    let taken = leases.get("shard-0").await.unwrap().unwrap();
+    assert!(
+        taken.generation > old.generation,
+        "the new table's generation {} is after the old one's {}",
+        taken.generation,
+        old.generation
+    );
+    assert_eq!(
+        counts.refused(),
+        0,
+        "no write was fenced by the old table's outputs"
+    );
+    assert_eq!(
+        value_of(&counts, "k/1").map(|c| c.value),
+        Some(50),
+        "the count over the whole shard, written under the new table"
+    );
+}
+
+/// A stream split while its parent's lease never reached its end, and the parent's records
+/// then expired: the stream no longer lists the parent. Runs a worker for `for_ms` with the
+/// stream saying `facts`, and returns the shards whose records reached the sink and whether
+/// the parent's lease is left.
+async fn run_over_an_expired_parent(
+    facts: Option<shardflow_core::source::StreamFacts>,
+    for_ms: u64,
+) -> (Vec<String>, bool) {
+    let stream = MemoryStream::new("vanished", 1);
+    push(&stream, 0, &event(1, 1, T0));
+    let (a, b) = stream.split(0);
+    push(&stream, a, &event(2, 2, T0 + 1));
+    push(&stream, b, &event(3, 3, T0 + 2));
+    stream.unlist(0);
+    stream.set_facts(facts);
+    let leases = Arc::new(MemoryLeaseStore::new());
+    leases
+        .create_if_absent(&shardflow_core::lease::Lease::new("shard-0", vec![]))
+        .await
+        .unwrap();
+    let counts = MemorySink::new("counts");
+    let topology = Topology::builder("vanished")
+        .source(stream.clone().decode_fn(decode))
+        .key_by(|e: &Event| e.key)
+        .aggregate(Count)
+        .sink(counts.clone())
+        .build()
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(
+        Runtime::new(topology, leases.clone())
+            .with_config(config(RunMode::Continuous))
+            .with_shutdown(shutdown.clone())
+            .run(),
+    );
+    tokio::time::sleep(Duration::from_millis(for_ms)).await;
+    shutdown.cancel();
+    run.await.unwrap().expect("the run ends cleanly");
+    let shards: std::collections::BTreeSet<String> = counts
+        .contents()
+        .into_keys()
+        .map(|(s, _)| s.as_str().to_owned())
+        .collect();
+    let parent_left = leases.get("shard-0").await.unwrap().is_some();
+    (shards.into_iter().collect(), parent_left)
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unfinished_parent_whose_shard_expired_stops_blocking_its_children() {
+    let facts = |retention_ms: u64| {
+        Some(shardflow_core::source::StreamFacts {
+            created_ms: 0,
+            retention: Duration::from_millis(retention_ms),
+        })
+    };
+    // Missing from every listing for longer than the retention period: its records are gone,
+    // its lease goes, and the children start.
+    let (read, parent_left) = run_over_an_expired_parent(facts(1_000), 3_000).await;
+    assert_eq!(read, ["shard-1", "shard-2"], "the children were read");
+    assert!(!parent_left, "the vanished parent's lease was deleted");
+    // Missing for less than the retention period (a listing that may be partial), or a
+    // stream that cannot say its retention: the lease stays, and the children wait.
+    for facts in [facts(3_600_000), None] {
+        let (read, parent_left) = run_over_an_expired_parent(facts, 3_000).await;
+        assert!(read.is_empty(), "the children waited: {read:?}");
+        assert!(parent_left, "the lease was kept");
+    }
+}

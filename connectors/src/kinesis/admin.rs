@@ -23,6 +23,8 @@ pub struct StreamSummary {
     pub open_shards: usize,
     /// Retention in hours.
     pub retention_hours: i32,
+    /// When the stream was created (ms since the Unix epoch), if the service said.
+    pub created_ms: Option<i64>,
 }
 
 /// Administers streams with one client.
@@ -90,6 +92,7 @@ impl StreamAdmin {
             status: summary.stream_status().as_str().to_owned(),
             open_shards: usize::try_from(summary.open_shard_count()).unwrap_or(0),
             retention_hours: summary.retention_period_hours(),
+            created_ms: summary.stream_creation_timestamp().to_millis().ok(),
         })
     }
 

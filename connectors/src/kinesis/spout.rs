@@ -15,7 +15,9 @@ use tokio::time::Instant;
 use shardflow_core::error::SourceError;
 use shardflow_core::position::{RecordPosition, SequenceNumber, ShardInfo, StartPosition};
 use shardflow_core::record::RawBatch;
-use shardflow_core::source::{ReadBatch, ReadLimits, ShardReader, ShardStatus, Source};
+use shardflow_core::source::{
+    ReadBatch, ReadLimits, ShardReader, ShardStatus, Source, StreamFacts,
+};
 
 use super::admin::StreamAdmin;
 use super::aggregation::deaggregate;
@@ -100,6 +102,22 @@ impl Source for KinesisSource {
         Ok(StreamAdmin::new(self.client.clone())
             .list_shards(&self.stream)
             .await?)
+    }
+
+    /// From DescribeStreamSummary: one call, made only while a leased shard is missing from
+    /// the listing.
+    async fn facts(&self) -> Result<Option<StreamFacts>, SourceError> {
+        let summary = StreamAdmin::new(self.client.clone())
+            .describe(&self.stream)
+            .await?;
+        let retention_hours = u64::try_from(summary.retention_hours).unwrap_or(0);
+        Ok(summary
+            .created_ms
+            .filter(|_| retention_hours > 0)
+            .map(|created_ms| StreamFacts {
+                created_ms,
+                retention: std::time::Duration::from_secs(retention_hours * 3600),
+            }))
     }
 
     async fn open_shard(

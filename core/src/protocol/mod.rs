@@ -16,7 +16,8 @@
 //!    this life. An owner asked for a lease learns it when a write is refused
 //!    ([`lease_rules::handoff_asked`]), ends the shard in an orderly way (step 10) and
 //!    releases it to the requester. Finished parents whose children all started are deleted
-//!    ([`shard_sync::leases_to_clean`]).
+//!    ([`shard_sync::leases_to_clean`]), and so are leases of shards the stream stopped
+//!    listing, once their records are provably gone ([`vanished::VanishedShards::observe`]).
 //! 2. **Where it resumes.** From the checkpoint in the lease, [`resume::plan_resume`] says
 //!    where reading starts (after `rebuild_from`), which records only rebuild state (up to
 //!    `committed`), and which recorded watermark advances to make again.
@@ -67,4 +68,5 @@ pub mod lease_rules;
 pub mod outcome;
 pub mod resume;
 pub mod shard_sync;
+pub mod vanished;
 pub mod watermark;

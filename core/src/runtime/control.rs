@@ -13,11 +13,12 @@ use crate::clock::WallClock;
 use crate::error::{Error, LeaseError, ShardStopped};
 use crate::lease::{worker_of, CheckpointPosition, LeaseEpoch, ShardCheckpoint};
 use crate::metrics::Metrics;
-use crate::position::ShardId;
+use crate::position::{ShardId, ShardInfo};
 use crate::protocol::checkpoint::Epoch;
 use crate::protocol::lease_rules::renewal_due;
 use crate::protocol::outcome::{after_task, finished, run_over, AfterTask, Finished, TaskEnd};
 use crate::protocol::shard_sync::{leases_to_start, processable, retry_after};
+use crate::protocol::vanished::VanishedShards;
 use crate::random::Random;
 use crate::topology::{Exchanges, Topology};
 use crate::tracker::{DroppedLife, Tracker};
@@ -129,6 +130,13 @@ pub(crate) struct ControlLoop {
     random: Random,
     decisions: DecisionLog,
     clock: WallClock,
+    /// Leases whose shard the stream stopped listing, across rounds, timed on the monotonic
+    /// clock from `started` (a wall clock set back could delete a lease early).
+    vanished: VanishedShards,
+    started: Instant,
+    /// Whether the stream's facts were read yet (once at the start, then only while a leased
+    /// shard is missing), so that a stream created again is noticed.
+    stream_facts_read: bool,
 }
 
 impl ControlLoop {
@@ -177,6 +185,9 @@ impl ControlLoop {
             random,
             decisions,
             clock,
+            vanished: VanishedShards::new(),
+            started: now,
+            stream_facts_read: false,
         }
     }
 
@@ -410,6 +421,50 @@ impl ControlLoop {
         }
         // After the takes, so that children started in this round free their parents.
         self.leases.clean_finished_parents(&shards).await?;
+        self.clean_vanished(&shards, &lease_list).await?;
+        Ok(())
+    }
+
+    /// Deletes the leases of shards the stream stopped listing once their records are
+    /// provably gone (`protocol::vanished`), so that the children they block start. `shards`
+    /// is this round's complete listing.
+    async fn clean_vanished(
+        &mut self,
+        shards: &[ShardInfo],
+        leases: &[crate::lease::Lease],
+    ) -> Result<(), Error> {
+        let missing = leases
+            .iter()
+            .any(|l| !shards.iter().any(|s| s.id.as_str() == l.key));
+        let facts = if missing || !self.stream_facts_read {
+            match self.topology.source.facts().await {
+                Ok(facts) => {
+                    self.stream_facts_read = true;
+                    facts
+                }
+                Err(error) => {
+                    // Without the facts nothing is deleted: the leases wait for a later round.
+                    tracing::warn!(topology = %self.name(), %error, "could not describe the stream; leases of shards it no longer lists are kept");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let now = i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX);
+        for key in self.vanished.observe(shards, leases, now, facts) {
+            let lease = leases
+                .iter()
+                .find(|l| l.key == key)
+                .expect("decided from these leases");
+            let since = self.vanished.missing_since(&key);
+            if self.leases.delete_vanished(lease).await? {
+                self.decisions
+                    .record(|| format!("deleted the lease of vanished shard {key}"));
+                tracing::warn!(topology = %self.name(), lease = %key, missing_since_ms = ?since, checkpoint = ?lease.checkpoint.committed, "deleted the lease of a shard the stream no longer lists (its records expired, or the stream was created again)");
+                self.metrics.vanished_lease_deleted(self.name());
+            }
+        }
         Ok(())
     }
 
@@ -566,9 +621,8 @@ impl ControlLoop {
                 // An ended life, or one already known lost.
                 continue;
             };
-            self.decisions.record(|| {
-                format!("keyed path dropped {shard} epoch {lease_epoch}: {reason:?}")
-            });
+            self.decisions
+                .record(|| format!("keyed path dropped {shard} epoch {lease_epoch}: {reason:?}"));
             tracing::warn!(topology = %self.name(), %shard, lease = %key, ?reason, "a keyed path dropped the shard; ending it like a lost lease");
             self.metrics.lease_lost(self.name());
             // The task then ends with `Release`: nothing more of the life is emitted.

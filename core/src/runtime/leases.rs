@@ -121,6 +121,17 @@ impl LeaseManager {
         Ok(())
     }
 
+    /// Deletes the lease `lease` (as read) of a shard the stream stopped listing (see
+    /// `protocol::vanished`). Returns whether it was deleted; `false` if it changed since it
+    /// was read (left for a later round) or is gone already.
+    pub(crate) async fn delete_vanished(&self, lease: &Lease) -> Result<bool, LeaseError> {
+        match self.store.delete(&lease.key, lease.counter).await {
+            Ok(()) => Ok(true),
+            Err(LeaseError::ConditionFailed { .. } | LeaseError::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     pub(crate) async fn list(&self) -> Result<Vec<Lease>, LeaseError> {
         self.store.list().await
     }

@@ -47,6 +47,10 @@ pub enum Fault {
     LeasesFail,
     /// A second worker joins: it asks for its share of the leases, which are handed over.
     Join,
+    /// A second process configured with the main worker's id joins (a misconfiguration): each
+    /// is another incarnation to the other, and waits for expiry instead of taking leases back
+    /// and forth. It leaves as the second worker does.
+    Twin,
     /// The second worker leaves: gracefully (its leases released) or killed (they expire).
     Leave,
     /// The main worker alone cannot write to the lease table for longer than a lease
@@ -54,7 +58,7 @@ pub enum Fault {
     CutOff,
 }
 
-pub const FAULTS: [Fault; 13] = [
+pub const FAULTS: [Fault; 14] = [
     Fault::Abort,
     Fault::Stop,
     Fault::Rescale,
@@ -66,6 +70,7 @@ pub const FAULTS: [Fault; 13] = [
     Fault::Quiet,
     Fault::LeasesFail,
     Fault::Join,
+    Fault::Twin,
     Fault::Leave,
     Fault::CutOff,
 ];
@@ -179,9 +184,11 @@ impl World {
         }
     }
 
-    fn spawn(&self, worker_id: &str) -> Worker {
+    /// Starts a worker with `worker_id`; the main worker (`main`) sees the lease table through
+    /// its own view, which the faults that only it sees script.
+    fn spawn(&self, worker_id: &str, main: bool) -> Worker {
         let shutdown = CancellationToken::new();
-        let leases: Arc<dyn LeaseStore> = if worker_id == MAIN {
+        let leases: Arc<dyn LeaseStore> = if main {
             Arc::new(self.main_view.clone())
         } else {
             Arc::new(self.leases.clone())
@@ -199,15 +206,16 @@ impl World {
     }
 
     fn start(&mut self) {
-        self.worker = Some(self.spawn(MAIN));
+        self.worker = Some(self.spawn(MAIN, true));
     }
 
-    /// Starts the second worker, unless it runs already.
-    fn join(&mut self) -> bool {
+    /// Starts the second worker, unless one runs already: with its own id, or (`twin`) with
+    /// the main worker's.
+    fn join(&mut self, twin: bool) -> bool {
         if self.guest.is_some() {
             return false;
         }
-        self.guest = Some(self.spawn(GUEST));
+        self.guest = Some(self.spawn(if twin { MAIN } else { GUEST }, false));
         true
     }
 
@@ -478,7 +486,8 @@ async fn simulate(seed: u64) -> SeedReport {
                 None
             }
             40..=43 => None,
-            44..=46 => Some(Fault::Join),
+            44..=45 => Some(Fault::Join),
+            46 => Some(Fault::Twin),
             47..=49 => Some(Fault::Leave),
             50..=54 => Some(Fault::Quiet),
             55..=62 => Some(Fault::Abort),
@@ -503,7 +512,8 @@ async fn simulate(seed: u64) -> SeedReport {
                 world.start();
                 true
             }
-            Some(Fault::Join) => world.join(),
+            Some(Fault::Join) => world.join(false),
+            Some(Fault::Twin) => world.join(true),
             Some(Fault::CutOff) => {
                 let lease_ms = world.checkpoint_ms * 10;
                 let cut = lease_ms * 3 / 2 + below(&r, 2 * lease_ms as usize) as u64;

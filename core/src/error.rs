@@ -75,6 +75,12 @@ impl SinkError {
         self.fenced().is_some()
     }
 
+    /// Whether nothing was written because the shard's lease guard ran out first (see
+    /// [`GuardExpired`]).
+    pub fn is_guard_expired(&self) -> bool {
+        self.source.downcast_ref::<GuardExpired>().is_some()
+    }
+
     /// The fencing refusal, naming the shard and the refused writer's epoch, if this is one.
     pub fn fenced(&self) -> Option<&Fenced> {
         self.source.downcast_ref::<Fenced>()
@@ -97,6 +103,19 @@ pub struct Fenced {
     pub output: String,
     /// The refused writer's epoch.
     pub epoch: crate::lease::LeaseEpoch,
+}
+
+/// A shard's lease guard ran out while its epoch's outputs were on their way to a sink (a
+/// sink call that stalled past the lease): the lease may have moved, so nothing more of the
+/// shard is written and the shard stops like a lost lease. Carried as the source of a
+/// [`SinkError`]; test with [`SinkError::is_guard_expired`].
+#[derive(Debug, thiserror::Error)]
+#[error("the lease guard of shard {shard} ran out before its outputs reached sink {sink}")]
+pub struct GuardExpired {
+    /// The source shard.
+    pub shard: ShardId,
+    /// The sink that was not called.
+    pub sink: String,
 }
 
 /// A sink writer broke the contract of what it holds back

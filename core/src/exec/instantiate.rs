@@ -111,13 +111,16 @@ impl<T: Send + 'static> Instantiate<T> for SinkDecl<T> {
         let emitter = match &cx.resumed {
             // On a shard's own path, a sink that holds record outputs resumes exactly after
             // its last stored unit.
-            Some(resumed) => emitter.on_shard_path(self.sink.holds_record_outputs().then(|| {
-                resumed
-                    .sinks
-                    .get(self.sink.name())
-                    .unwrap_or(&resumed.committed)
-                    .clone()
-            })),
+            Some(resumed) => emitter.on_shard_path(
+                self.sink.holds_record_outputs().then(|| {
+                    resumed
+                        .sinks
+                        .get(self.sink.name())
+                        .unwrap_or(&resumed.committed)
+                        .clone()
+                }),
+                cx.guard.clone(),
+            ),
             None => emitter,
         };
         Box::new(emitter)
@@ -186,6 +189,7 @@ where
                 random: cx.random.clone(),
                 fanout_bits: cx.fanout_bits,
                 resumed: None,
+                guard: None,
             };
             let worker = KeyedWorker {
                 op: (self.make_op)(),

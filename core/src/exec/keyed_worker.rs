@@ -119,23 +119,26 @@ where
     /// Lives whose guard expired are dropped first; a life a sink fences is dropped and the
     /// rest committed again.
     async fn commit(&mut self, pending: &mut Pending<Op::State>) -> Result<(), Error> {
+        // Before the running results go to the writers (a writer may write through at once),
+        // and again before the commit, which emitting may have waited for.
+        self.drop_expired(pending).await?;
         for epoch in std::mem::take(&mut pending.uncommitted) {
             if let Some(state) = pending.states.get_mut(&epoch.shard) {
                 self.emit_running(state, &epoch).await?;
             }
         }
-        for (shard, lease_epoch) in pending.touched.clone() {
-            if !self.may_write(&shard, lease_epoch) {
-                let reason = DropReason::GuardExpired;
-                self.drop_life(pending, shard, lease_epoch, reason).await?;
-            }
-        }
+        self.drop_expired(pending).await?;
         // Each refusal drops one life; a writer that keeps refusing after it was told to
         // drop the shard (`SinkWriter::release_shard`) breaks its contract.
         let mut refusals_left = pending.touched.len();
         loop {
             let committed = match self.main.commit().await {
-                Ok(()) => self.late.commit().await,
+                // The main commit may have stalled past a guard: the late sink's commit is
+                // another write.
+                Ok(()) => match self.drop_expired(pending).await {
+                    Ok(()) => self.late.commit().await,
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
             };
             match committed {
@@ -160,6 +163,32 @@ where
         if !pending.reports.is_empty() {
             self.tracker.report(self.path, &pending.reports);
             pending.reports.clear();
+        }
+        Ok(())
+    }
+
+    /// Drops every life with outputs in the writers or running results owed whose guard
+    /// expired.
+    async fn drop_expired(&mut self, pending: &mut Pending<Op::State>) -> Result<(), Error> {
+        let lives: Vec<Life> = pending
+            .touched
+            .iter()
+            .cloned()
+            .chain(
+                pending
+                    .uncommitted
+                    .iter()
+                    .map(|e| (e.shard.clone(), e.lease_epoch)),
+            )
+            .collect();
+        for (shard, lease_epoch) in lives {
+            let life = (shard, lease_epoch);
+            if pending.dropped.contains(&life) || self.may_write(&life.0, life.1) {
+                continue;
+            }
+            let (shard, lease_epoch) = life;
+            self.drop_life(pending, shard, lease_epoch, DropReason::GuardExpired)
+                .await?;
         }
         Ok(())
     }

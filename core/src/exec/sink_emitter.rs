@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::error::{Error, SinkError};
+use crate::error::{Error, GuardExpired, SinkError};
 use crate::lease::CheckpointPosition;
+use crate::lease_guard::LeaseGuard;
 use crate::metrics::Metrics;
 use crate::operator::{Control, Emit, EpochCx, Ident, RecordCx, ReportFailure};
 use crate::position::ShardId;
@@ -47,6 +48,9 @@ pub(crate) struct SinkEmitter<T> {
     /// Whether what the writer holds back reaches a shard's checkpoint: on a shard's own
     /// path. After `key_by` nothing tracks it, and a writer that holds anything is refused.
     pub(crate) holds_tracked: bool,
+    /// On a shard's own path, the shard's lease guard: the writer is called only while it
+    /// holds (another sink's commit before this one may have stalled past the lease).
+    pub(crate) guard: Option<(ShardId, LeaseGuard)>,
 }
 
 impl<T: Send + 'static> SinkEmitter<T> {
@@ -69,16 +73,43 @@ impl<T: Send + 'static> SinkEmitter<T> {
             random,
             skip_through: None,
             holds_tracked: false,
+            guard: None,
         }
     }
 
     /// On a shard's own path, where what the writer holds back reaches the shard's
     /// checkpoint: writes only outputs of records after `skip_through` (a holding sink
     /// resuming after its last stored unit).
-    pub(crate) fn on_shard_path(mut self, skip_through: Option<CheckpointPosition>) -> Self {
+    pub(crate) fn on_shard_path(
+        mut self,
+        skip_through: Option<CheckpointPosition>,
+        guard: Option<(ShardId, LeaseGuard)>,
+    ) -> Self {
         self.skip_through = skip_through;
         self.holds_tracked = true;
+        self.guard = guard;
         self
+    }
+
+    /// Refuses to call the writer once the shard's lease guard ran out (on a shard's own path
+    /// the writer holds outputs of that shard only).
+    fn check_guard(&self) -> Result<(), Error> {
+        if cfg!(shardflow_mutation = "skip_sink_guard") {
+            // A mutation check: a shard's sinks are called whatever its guard says.
+            return Ok(());
+        }
+        match &self.guard {
+            Some((shard, guard)) if !guard.is_valid() => Err(Error::Sink(SinkError {
+                sink: self.sink.name().to_owned(),
+                operation: "write",
+                retryable: false,
+                source: Box::new(GuardExpired {
+                    shard: shard.clone(),
+                    sink: self.sink.name().to_owned(),
+                }),
+            })),
+            _ => Ok(()),
+        }
     }
 
     /// Dead-letters the input records of outputs the sink refuses.
@@ -175,6 +206,9 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
         }
         match epoch.control {
             Control::ShardEnd | Control::EndOfInput => {
+                if self.writer.is_some() {
+                    self.check_guard()?;
+                }
                 if let Some(writer) = self.writer.as_mut() {
                     writer.end_shard(&epoch.shard).await?;
                     let after = holding::After::EndShard(&epoch.shard);
@@ -199,6 +233,7 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
         if !self.written {
             return Ok(());
         }
+        self.check_guard()?;
         let started = std::time::Instant::now();
         let writer = self
             .writer
@@ -275,6 +310,7 @@ impl<T: Send + 'static> SinkEmitter<T> {
         // Writers take the batch by value and retry inside (they know which requests are safe
         // to repeat); an error here is final for this pipeline instance.
         let (sink, tracked) = (Arc::clone(&self.sink), self.holds_tracked);
+        self.check_guard()?;
         let writer = self.writer().await?;
         writer.write(batch).await?;
         let records_of = of_records.then_some(&epoch.shard);

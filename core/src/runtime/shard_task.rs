@@ -125,6 +125,7 @@ impl ShardTask {
             random: self.random.clone(),
             fanout_bits: self.topology.fanout_bits,
             resumed: Some(self.resume.clone()),
+            guard: Some((id.clone(), self.lease_guard.clone())),
         };
         let failures = Failures::new(
             self.topology.dead_letter.clone(),
@@ -155,7 +156,7 @@ impl ShardTask {
                 self.metrics.clone(),
                 self.random.clone(),
             )
-            .on_shard_path(skip)
+            .on_shard_path(skip, Some((id.clone(), self.lease_guard.clone())))
         });
         let mut run = Running {
             pipeline,
@@ -632,8 +633,8 @@ impl ShardTask {
     ) -> Result<Option<ShardOutcome>, Error> {
         match done {
             Ok(ended) => Ok(ended),
-            Err(Error::Sink(error)) if error.is_fenced() => {
-                tracing::warn!(shard = %self.shard.id, %error, "fenced by a newer lease epoch; stopping the shard");
+            Err(Error::Sink(error)) if error.is_fenced() || error.is_guard_expired() => {
+                tracing::warn!(shard = %self.shard.id, %error, "fenced by a newer lease epoch, or the lease guard ran out on the way to a sink; stopping the shard");
                 self.release(run).await?;
                 Ok(Some(ShardOutcome::Fenced))
             }

@@ -11,7 +11,7 @@ mod sink;
 pub use holding::HoldingSink;
 pub use keyed_harness::KeyedHarness;
 pub use lease_store::lease_store_conformance;
-pub use scripted::ScriptedSink;
+pub use scripted::{ScriptedSink, WriteAttempt};
 pub use scripted_leases::ScriptedLeaseStore;
 pub use sink::{fencing_sink_conformance, sink_conformance};
 

@@ -1,8 +1,9 @@
 //! `ScriptedSink`: wraps any sink and follows a script shared by all its writers: fail the
-//! next writes or commits, delay or stall commits, and record the lease epochs it was given.
+//! next writes or commits, delay or stall commits, and record the lease epochs it was given and
+//! every call that could make a shard's outputs durable (for a checker's own evidence).
 //! The one test double for sink faults (tests and the simulation checker).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,6 +23,27 @@ struct Script {
     stall_until: Option<Instant>,
     injected: u64,
     epochs: BTreeMap<ShardId, Vec<LeaseEpoch>>,
+    attempts: Vec<WriteAttempt>,
+}
+
+/// Calls the script keeps at most: a test that makes more has a runaway loop.
+const MAX_ATTEMPTS: usize = 4_000_000;
+
+/// One call of a writer that could make outputs of a shard durable, with the lease epoch the
+/// outputs were written under: a write, a commit (one per shard life with outputs written since
+/// the writer's last successful commit) or a shard's end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteAttempt {
+    /// When the call was made (tokio's clock).
+    pub at: Instant,
+    /// The sink's name.
+    pub sink: String,
+    /// The call: `write`, `commit` or `end_shard`.
+    pub call: &'static str,
+    /// The shard.
+    pub shard: ShardId,
+    /// The epoch its outputs were written under.
+    pub epoch: LeaseEpoch,
 }
 
 /// A sink that follows a script before handing on to the sink it wraps. Cloning shares the
@@ -89,6 +111,11 @@ impl<S> ScriptedSink<S> {
     pub fn lease_epochs(&self) -> BTreeMap<ShardId, Vec<LeaseEpoch>> {
         self.lock().epochs.clone()
     }
+
+    /// Every call of its writers that could make outputs durable, in order.
+    pub fn attempts(&self) -> Vec<WriteAttempt> {
+        self.lock().attempts.clone()
+    }
 }
 
 fn injected(sink: &str, operation: &'static str) -> SinkError {
@@ -104,6 +131,8 @@ struct ScriptedWriter<T> {
     name: String,
     inner: Box<dyn SinkWriter<T>>,
     script: Arc<Mutex<Script>>,
+    /// Shard lives with outputs written since the last successful commit.
+    pending: BTreeSet<(ShardId, LeaseEpoch)>,
 }
 
 impl<T> ScriptedWriter<T> {
@@ -112,11 +141,36 @@ impl<T> ScriptedWriter<T> {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+
+    fn attempted<'a>(
+        &self,
+        call: &'static str,
+        lives: impl IntoIterator<Item = &'a (ShardId, LeaseEpoch)>,
+    ) {
+        let at = Instant::now();
+        let mut script = self.lock();
+        for (shard, epoch) in lives {
+            assert!(
+                script.attempts.len() < MAX_ATTEMPTS,
+                "more than {MAX_ATTEMPTS} sink calls: a runaway loop"
+            );
+            script.attempts.push(WriteAttempt {
+                at,
+                sink: self.name.clone(),
+                call,
+                shard: shard.clone(),
+                epoch: *epoch,
+            });
+        }
+    }
 }
 
 #[async_trait]
 impl<T: Send + 'static> SinkWriter<T> for ScriptedWriter<T> {
     async fn write(&mut self, batch: OutputBatch<T>) -> Result<(), SinkError> {
+        let life = (batch.shard.clone(), batch.lease_epoch);
+        self.attempted("write", [&life]);
+        self.pending.insert(life);
         {
             let mut script = self.lock();
             if script.fail_writes > 0 {
@@ -133,6 +187,8 @@ impl<T: Send + 'static> SinkWriter<T> for ScriptedWriter<T> {
     }
 
     async fn commit(&mut self) -> Result<(), SinkError> {
+        // At the call: a commit that stalls inside the sink was still made when it was made.
+        self.attempted("commit", &self.pending);
         let (delay, stall) = {
             let script = self.lock();
             (script.commit_delay, script.stall_until)
@@ -151,7 +207,9 @@ impl<T: Send + 'static> SinkWriter<T> for ScriptedWriter<T> {
                 return Err(injected(&self.name, "commit"));
             }
         }
-        self.inner.commit().await
+        self.inner.commit().await?;
+        self.pending.clear();
+        Ok(())
     }
 
     fn held(&self) -> Vec<(ShardId, Held)> {
@@ -159,10 +217,18 @@ impl<T: Send + 'static> SinkWriter<T> for ScriptedWriter<T> {
     }
 
     async fn end_shard(&mut self, shard: &ShardId) -> Result<(), SinkError> {
+        let lives: Vec<_> = self
+            .pending
+            .iter()
+            .filter(|(s, _)| s == shard)
+            .cloned()
+            .collect();
+        self.attempted("end_shard", &lives);
         self.inner.end_shard(shard).await
     }
 
     fn release_shard(&mut self, shard: &ShardId) {
+        self.pending.retain(|(s, _)| s != shard);
         self.inner.release_shard(shard);
     }
 
@@ -183,6 +249,7 @@ impl<T: Send + 'static, S: Sink<T>> Sink<T> for ScriptedSink<S> {
             name: self.inner.name().to_owned(),
             inner,
             script: Arc::clone(&self.script),
+            pending: BTreeSet::new(),
         }))
     }
 

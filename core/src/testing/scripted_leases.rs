@@ -28,7 +28,7 @@ struct Script {
     update_failures: u32,
     /// Every update fails retryably until then.
     throttled_until: Option<tokio::time::Instant>,
-    log: Vec<Lease>,
+    log: Vec<(tokio::time::Instant, Lease)>,
 }
 
 /// A lease store that follows a script before handing on to the store it wraps. Cloning
@@ -107,6 +107,11 @@ impl<S: LeaseStore> ScriptedLeaseStore<S> {
 
     /// Every lease as an update left it, oldest first.
     pub fn log(&self) -> Vec<Lease> {
+        self.lock().log.iter().map(|(_, l)| l.clone()).collect()
+    }
+
+    /// The log with the time (tokio's clock) each update was made.
+    pub fn timed_log(&self) -> Vec<(tokio::time::Instant, Lease)> {
         self.lock().log.clone()
     }
 }
@@ -191,7 +196,9 @@ impl<S: LeaseStore> LeaseStore for ScriptedLeaseStore<S> {
                 "more than {MAX_LOGGED_UPDATES} lease updates: a runaway loop (last: {:?})",
                 script.log.last()
             );
-            script.log.push(lease.clone());
+            script
+                .log
+                .push((tokio::time::Instant::now(), lease.clone()));
         }
         match lost_reply {
             None => Ok(lease),

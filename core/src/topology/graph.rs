@@ -18,6 +18,7 @@ use crate::dead_letter::DeadLetter;
 use crate::decode::Decoder;
 use crate::error::{BuildError, Error};
 use crate::lease::ShardCheckpoint;
+use crate::lease_guard::LeaseGuard;
 use crate::metrics::Metrics;
 use crate::operator::{Emit, EpochCx, KeyedOperator, ReportFailure};
 use crate::position::{EventTime, ShardId, StartPosition};
@@ -43,6 +44,9 @@ pub(crate) struct InstanceCx {
     /// On a shard's own path, where its sinks that hold record outputs resume: the resumed
     /// checkpoint (`ShardCheckpoint::sinks`, `committed` for the others). None elsewhere.
     pub(crate) resumed: Option<ShardCheckpoint>,
+    /// On a shard's own path, the shard's lease guard: its sinks are called only while it
+    /// holds. None elsewhere (keyed workers check theirs through the tracker).
+    pub(crate) guard: Option<(ShardId, LeaseGuard)>,
 }
 
 /// The exchanges of one run, by keyed branch, type-erased: each is the `exec` exchange of its

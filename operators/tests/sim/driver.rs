@@ -13,7 +13,7 @@ use shardflow_core::memory::MemoryStream;
 use shardflow_core::random::Random;
 use shardflow_core::runtime::{DecisionLog, RunMode, RunReport, Runtime, RuntimeConfig};
 use shardflow_core::source::ReadLimits;
-use shardflow_core::testing::ScriptedLeaseStore;
+use shardflow_core::testing::{ScriptedLeaseStore, WriteAttempt};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -413,6 +413,7 @@ fn injected(error: &Error) -> bool {
 
 /// The part of a scripted sink the schedule drives, whatever its output type.
 trait Script {
+    fn attempts(&self) -> Vec<WriteAttempt>;
     fn fail_writes(&self, n: u32);
     fn fail_commits(&self, n: u32);
     fn stall_until(&self, until: Instant);
@@ -420,6 +421,9 @@ trait Script {
 }
 
 impl<S> Script for shardflow_core::testing::ScriptedSink<S> {
+    fn attempts(&self) -> Vec<WriteAttempt> {
+        Self::attempts(self)
+    }
     fn fail_writes(&self, n: u32) {
         Self::fail_writes(self, n);
     }
@@ -450,6 +454,7 @@ async fn simulate(seed: u64) -> SeedReport {
     let stream = MemoryStream::new("sim", spec.shards);
     let sinks = Sinks::new(&spec);
     let leases = ScriptedLeaseStore::new(MemoryLeaseStore::new());
+    let started = Instant::now();
     let mut world = World {
         main_view: ScriptedLeaseStore::new(leases.clone()),
         leases,
@@ -664,7 +669,98 @@ async fn simulate(seed: u64) -> SeedReport {
     report.failures.splice(0..0, world.failures.drain(..));
     report.decisions = world.decisions.entries();
     check_parents_first(&world.stream, &world.leases.log(), &mut report.failures);
+    let attempts: Vec<WriteAttempt> = world
+        .sink_scripts()
+        .iter()
+        .flat_map(|s| s.attempts())
+        .collect();
+    check_guarded_writes(
+        started,
+        &attempts,
+        &world.leases.timed_log(),
+        Duration::from_millis(world.checkpoint_ms * 10),
+        &mut report.failures,
+    );
     report
+}
+
+/// The checker's own evidence that no sink call was made after its writer's lease guard ran
+/// out, from the lease table's timed log rather than from the guard it checks: a call for a
+/// shard under epoch E at time t is late if, before t, the lease left the owner whose take
+/// made E (another take, or a release), or if that owner's last write of the lease is a lease
+/// duration old (its guard counted from when that write started, earlier still).
+fn check_guarded_writes(
+    started: Instant,
+    attempts: &[WriteAttempt],
+    log: &[(Instant, Lease)],
+    lease_duration: Duration,
+    failures: &mut Vec<String>,
+) {
+    let mut by_key: BTreeMap<&str, Vec<&(Instant, Lease)>> = BTreeMap::new();
+    for entry in log {
+        by_key.entry(entry.1.key.as_str()).or_default().push(entry);
+    }
+    let mut late = Vec::new();
+    for attempt in attempts {
+        let Some(entries) = by_key.get(attempt.shard.as_str()) else {
+            continue;
+        };
+        let Some(take) = entries.iter().position(|(_, l)| l.epoch() == attempt.epoch) else {
+            continue;
+        };
+        let owner = &entries[take].1.owner;
+        let mut last_write = entries[take].0;
+        // A lease write at the very instant of the call may have come first (a renewal that
+        // let a waiting shard go on): it counts for the owner; another owner's, then, is
+        // ambiguous and judged for no one.
+        let mut left = None;
+        let mut ambiguous = false;
+        for (at, lease) in entries[take + 1..]
+            .iter()
+            .take_while(|(at, _)| *at <= attempt.at)
+        {
+            if &lease.owner != owner {
+                if *at < attempt.at {
+                    left = Some(*at);
+                } else {
+                    ambiguous = true;
+                }
+                break;
+            }
+            last_write = *at;
+        }
+        if ambiguous {
+            continue;
+        }
+        let why = match left {
+            Some(at) => Some(format!(
+                "{} ms after the lease left its owner",
+                (attempt.at - at).as_millis()
+            )),
+            None if attempt.at >= last_write + lease_duration => Some(format!(
+                "{} ms after its owner's last lease write",
+                (attempt.at - last_write).as_millis()
+            )),
+            None => None,
+        };
+        if let Some(why) = why {
+            late.push(format!(
+                "{} to {} of {} epoch {} at {} ms, {why}",
+                attempt.call,
+                attempt.sink,
+                attempt.shard,
+                attempt.epoch,
+                (attempt.at - started).as_millis()
+            ));
+        }
+    }
+    if !late.is_empty() {
+        failures.push(format!(
+            "{} sink calls were made after their writer's lease guard ran out: {:?}",
+            late.len(),
+            &late[..late.len().min(3)]
+        ));
+    }
 }
 
 /// Every child shard was taken only after each of its parents was checkpointed at its end, by

@@ -9,6 +9,12 @@
 //! Twice: on the embedded backend with 1 M events written up front, and on kinesis-local with a
 //! few thousand events produced while the worker is being killed.
 //!
+//! A third run is a fleet on kinesis-local: 8 shards shared by workers that join (leases handed
+//! over), leave gracefully (SIGTERM), are killed (`kill -9`), are paused past their lease
+//! (SIGSTOP, then SIGCONT), and one that starts with an id already in use; the same checks
+//! hold, no worker's run fails, and the handoff and failover times read off the lease table
+//! are printed.
+//!
 //! The test binary is also the worker (`effectively_once worker`, configured by environment).
 //! Every output delivered to a sink is logged (identity per line), which is how duplicate
 //! deliveries are counted.
@@ -89,6 +95,12 @@ mod worker {
     use super::{Event, LEASE, TOPOLOGY, WINDOW};
 
     pub(super) fn main() -> std::process::ExitCode {
+        // The worker's log (stderr, a file per worker) with times, for a failure's story.
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .init();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -164,7 +176,7 @@ mod worker {
         let config = RuntimeConfig {
             // The same worker id after every restart, as a supervisor gives it: each run is a
             // new incarnation, which takes the killed one's leases once they expired.
-            worker_id: "once-worker".into(),
+            worker_id: std::env::var("WORKER_ID").unwrap_or_else(|_| "once-worker".into()),
             parallelism: 2,
             checkpoint_interval: Duration::from_millis(100),
             lease_duration: LEASE,
@@ -173,8 +185,10 @@ mod worker {
             mode,
             ..RuntimeConfig::default()
         };
+        // SIGTERM stops gracefully: epochs drained, checkpoints written, leases released.
         Runtime::new(topology, Arc::new(leases))
             .with_config(config)
+            .with_shutdown(shardflow::ops::shutdown_on_signals()?)
             .run()
             .await?;
         Ok(())
@@ -283,9 +297,21 @@ mod scenario {
             .enable_all()
             .build()
             .expect("tokio runtime");
+        // `SHARDFLOW_ONCE_RUNS=fleet` (a comma-separated list of local, kinesis, fleet) runs
+        // only some of the three, when working on one.
+        let runs =
+            std::env::var("SHARDFLOW_ONCE_RUNS").unwrap_or_else(|_| "local,kinesis,fleet".into());
+        let runs: Vec<&str> = runs.split(',').collect();
         runtime.block_on(async {
-            local_backend().await;
-            kinesis_backend().await;
+            if runs.contains(&"local") {
+                local_backend().await;
+            }
+            if runs.contains(&"kinesis") {
+                kinesis_backend().await;
+            }
+            if runs.contains(&"fleet") {
+                fleet().await;
+            }
         });
         println!("effectively_once: ok");
         ExitCode::SUCCESS
@@ -299,6 +325,7 @@ mod scenario {
 
     struct Setup {
         env: Vec<(&'static str, String)>,
+        lease_table: String,
         dir: tempfile::TempDir,
         bucket: String,
         counts_table: String,
@@ -334,7 +361,7 @@ mod scenario {
                 "STREAM_DIR",
                 dir.path().join("stream").display().to_string(),
             ),
-            ("LEASE_TABLE", lease_table),
+            ("LEASE_TABLE", lease_table.clone()),
             ("COUNTS_TABLE", counts_table.clone()),
             ("BUCKET", bucket.clone()),
             (
@@ -357,6 +384,7 @@ mod scenario {
         ];
         Setup {
             env,
+            lease_table,
             dir,
             bucket,
             counts_table,
@@ -366,10 +394,15 @@ mod scenario {
     }
 
     fn worker(setup: &Setup, mode: &str, log: &Path) -> std::process::Child {
+        worker_as(setup, "once-worker", mode, log)
+    }
+
+    fn worker_as(setup: &Setup, id: &str, mode: &str, log: &Path) -> std::process::Child {
         Command::new(std::env::current_exe().unwrap())
             .arg("worker")
             .envs(setup.env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("MODE", mode)
+            .env("WORKER_ID", id)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(
@@ -703,5 +736,288 @@ mod scenario {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         kills
+    }
+
+    /// The lease table as the test process saw it, every 25 ms: its own evidence of who held
+    /// which lease and when each checkpoint moved.
+    type Snapshots = Vec<(Instant, Vec<shardflow::core::lease::Lease>)>;
+
+    fn watch_leases(
+        store: DynamoLeaseStore,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> tokio::task::JoinHandle<Snapshots> {
+        use shardflow::LeaseStore as _;
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(leases) = store.list().await {
+                    out.push((Instant::now(), leases));
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            out
+        })
+    }
+
+    /// The lease `key` in a snapshot.
+    fn lease<'a>(
+        leases: &'a [shardflow::core::lease::Lease],
+        key: &str,
+    ) -> Option<&'a shardflow::core::lease::Lease> {
+        leases.iter().find(|l| l.key == key)
+    }
+
+    /// After `from`, when a worker other than `gone` first moved the checkpoint of `key` past
+    /// where it was at `from`: the new owner's first commit.
+    fn first_commit_after(
+        snapshots: &Snapshots,
+        key: &str,
+        from: Instant,
+        gone: &str,
+    ) -> Option<Instant> {
+        let mut before = None;
+        for (at, leases) in snapshots {
+            let Some(l) = lease(leases, key) else {
+                continue;
+            };
+            if *at <= from {
+                before = Some(l.checkpoint.committed.clone());
+                continue;
+            }
+            let owner = l.owner.as_deref().unwrap_or_default();
+            if !owner.is_empty()
+                && owner != gone
+                && before
+                    .as_ref()
+                    .is_some_and(|b| *b != l.checkpoint.committed)
+            {
+                return Some(*at);
+            }
+        }
+        None
+    }
+
+    /// Handoff times: from a request first seen on a lease to the requester's first commit.
+    fn handoff_times(snapshots: &Snapshots) -> Vec<Duration> {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut out = Vec::new();
+        for (at, leases) in snapshots {
+            for l in leases {
+                let (Some(owner), Some(requester)) = (&l.owner, &l.handoff_to) else {
+                    continue;
+                };
+                if owner == requester || !seen.insert((l.key.clone(), requester.clone())) {
+                    continue;
+                }
+                let taken = snapshots.iter().find(|(t, ls)| {
+                    t > at && lease(ls, &l.key).and_then(|x| x.owner.as_ref()) == Some(requester)
+                });
+                if let Some((taken_at, _)) = taken {
+                    if let Some(done) = first_commit_after(snapshots, &l.key, *taken_at, owner) {
+                        out.push(done - *at);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Failover times: for each lease `worker` held at `at` (when it was killed or paused), from
+    /// then to another worker's first commit of it.
+    fn failover_times(snapshots: &Snapshots, worker: &str, at: Instant) -> Vec<Duration> {
+        let Some((_, leases)) = snapshots.iter().rev().find(|(t, _)| *t <= at) else {
+            return Vec::new();
+        };
+        leases
+            .iter()
+            .filter_map(|l| l.owner.as_deref().map(|o| (l, o)))
+            .filter(|(_, o)| shardflow::core::lease::worker_of(o) == worker)
+            .filter_map(|(l, o)| first_commit_after(snapshots, &l.key, at, o))
+            .map(|done| done - at)
+            .collect()
+    }
+
+    fn median_and_max(times: &mut [Duration]) -> (Duration, Duration) {
+        times.sort();
+        (
+            times.get(times.len() / 2).copied().unwrap_or_default(),
+            times.last().copied().unwrap_or_default(),
+        )
+    }
+
+    fn signal(child: &std::process::Child, signal: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap())
+            .expect("a child's pid is positive");
+        rustix::process::kill_process(pid, signal).expect("signal a live child");
+    }
+
+    /// Ends a worker with SIGTERM (drain, checkpoint, release) and asserts its run succeeded.
+    fn stop_gracefully(mut child: std::process::Child, name: &str, log: &Path) {
+        signal(&child, rustix::process::Signal::TERM);
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "worker {name}'s run failed:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "worker {name} did not stop within a minute"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn alive(child: &mut std::process::Child, name: &str, log: &Path) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "worker {name} exited by itself:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+
+    async fn fleet() {
+        const EVENTS: u64 = 6_000;
+        let stream = format!("fleet-{}-{}", std::process::id(), rand::random::<u32>());
+        let setup = setup("kinesis", &stream).await;
+        let client = AwsConfig::emulator(endpoint("SHARDFLOW_KINESIS_ENDPOINT"))
+            .kinesis_client()
+            .await;
+        StreamAdmin::new(client.clone())
+            .create_stream(&stream, 8)
+            .await
+            .unwrap();
+        let producer = tokio::spawn(async move {
+            let config = ProducerConfig {
+                linger: Duration::from_millis(20),
+                aggregate_max_bytes: Some(4096),
+                ordered: true,
+                ..ProducerConfig::default()
+            };
+            let producer = KinesisProducer::new(client, &stream, config).await.unwrap();
+            let mut tickets = Vec::new();
+            for id in 0..EVENTS {
+                let e = event(id);
+                let data = serde_json::to_vec(&e).unwrap();
+                tickets.push(producer.send(&e.key, data).await.unwrap());
+                if id % 100 == 99 {
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                }
+            }
+            producer.flush().await.unwrap();
+            for t in tickets {
+                t.outcome().await.expect("written");
+            }
+        });
+        let stop_watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let dynamo = AwsConfig::emulator(endpoint("SHARDFLOW_DYNAMODB_ENDPOINT"))
+            .dynamodb_client()
+            .await;
+        let watcher = watch_leases(
+            DynamoLeaseStore::open(dynamo, &setup.lease_table)
+                .await
+                .unwrap(),
+            std::sync::Arc::clone(&stop_watching),
+        );
+        let started = Instant::now();
+        let log = |name: &str| setup.dir.path().join(format!("{name}.log"));
+        let pause = |d: Duration| tokio::time::sleep(d);
+        let mut a = worker_as(&setup, "fleet-a", "continuous", &log("a"));
+        let b = worker_as(&setup, "fleet-b", "continuous", &log("b"));
+        pause(Duration::from_secs(3)).await;
+        // C joins: its share is handed over by A and B.
+        let mut c = worker_as(&setup, "fleet-c", "continuous", &log("c"));
+        pause(Duration::from_secs(4)).await;
+        // B leaves gracefully: its leases are released.
+        stop_gracefully(b, "b", &log("b"));
+        pause(Duration::from_secs(2)).await;
+        // C is killed: its leases expire and the others take them.
+        alive(&mut c, "c", &log("c"));
+        let killed_at = Instant::now();
+        c.kill().expect("kill -9");
+        c.wait().unwrap();
+        pause(LEASE * 3).await;
+        // B comes back (a new incarnation of its id, asking A for its share).
+        let mut b = worker_as(&setup, "fleet-b", "continuous", &log("b2"));
+        pause(Duration::from_secs(3)).await;
+        // A is paused past its lease, then resumed: its guard ran out, nothing of it lands,
+        // and B takes its leases once they expired.
+        alive(&mut a, "a", &log("a"));
+        let paused_at = Instant::now();
+        signal(&a, rustix::process::Signal::STOP);
+        pause(LEASE * 5 / 2).await;
+        signal(&a, rustix::process::Signal::CONT);
+        // D starts with A's id while A lives: another incarnation, which waits out expiries.
+        let mut d = worker_as(&setup, "fleet-a", "continuous", &log("d"));
+        pause(Duration::from_secs(3)).await;
+        producer.await.expect("producer");
+        pause(Duration::from_secs(2)).await;
+        alive(&mut a, "a", &log("a"));
+        alive(&mut b, "b2", &log("b2"));
+        alive(&mut d, "d", &log("d"));
+        stop_gracefully(d, "d", &log("d"));
+        stop_gracefully(b, "b2", &log("b2"));
+        stop_gracefully(a, "a", &log("a"));
+        // The rest, drained by a bounded run.
+        let mut drain = worker_as(&setup, "fleet-drain", "drain", &log("drain"));
+        let drain_started = Instant::now();
+        loop {
+            if let Some(status) = drain.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "the draining run failed:\n{}",
+                    std::fs::read_to_string(log("drain")).unwrap_or_default()
+                );
+                break;
+            }
+            assert!(
+                drain_started.elapsed() < Duration::from_secs(300),
+                "the draining run did not finish within 5 minutes"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        stop_watching.store(true, std::sync::atomic::Ordering::Relaxed);
+        let snapshots = watcher.await.unwrap();
+        // Worker logs, for verify's report of a failure.
+        let all: String = ["a", "b", "c", "b2", "d", "drain"]
+            .iter()
+            .map(|w| std::fs::read_to_string(log(w)).unwrap_or_default())
+            .collect();
+        std::fs::write(setup.dir.path().join("worker.log"), &all).unwrap();
+        verify(&setup, "fleet", EVENTS, 1, started.elapsed()).await;
+        let d_log = std::fs::read_to_string(log("d")).unwrap_or_default();
+        assert!(
+            d_log.contains("another live process uses this worker id"),
+            "the worker started with an id in use reported it"
+        );
+        let fences = all.matches("fenced").count();
+        let mut handoffs = handoff_times(&snapshots);
+        let mut killed = failover_times(&snapshots, "fleet-c", killed_at);
+        let mut paused = failover_times(&snapshots, "fleet-a", paused_at);
+        assert!(!handoffs.is_empty(), "C's join was served by handoffs");
+        assert!(!killed.is_empty(), "the killed worker's shards moved");
+        assert!(!paused.is_empty(), "the paused worker's shards moved");
+        let (handoff_median, handoff_max) = median_and_max(&mut handoffs);
+        let (killed_median, killed_max) = median_and_max(&mut killed);
+        let (paused_median, paused_max) = median_and_max(&mut paused);
+        assert!(
+            handoff_median < 2 * LEASE,
+            "a handoff takes far less than waiting for an expiry would: median {handoff_median:?}"
+        );
+        println!(
+            "effectively_once[fleet]: handoff (request to the new owner's first commit) median \
+             {handoff_median:.0?} max {handoff_max:.0?} over {} handoffs; failover after kill -9 \
+             median {killed_median:.0?} max {killed_max:.0?} over {} leases; after SIGSTOP past \
+             the lease median {paused_median:.0?} max {paused_max:.0?} over {} leases; lease \
+             {LEASE:?}, checkpoint interval 100ms, shard sync 500ms; {fences} fence warnings \
+             in the logs",
+            handoffs.len(),
+            killed.len(),
+            paused.len()
+        );
     }
 }

@@ -12,7 +12,7 @@ use shardflow_core::lease::{CheckpointPosition, Lease, LeaseStore, MemoryLeaseSt
 use shardflow_core::memory::MemoryStream;
 use shardflow_core::random::Random;
 use shardflow_core::runtime::{DecisionLog, RunMode, RunReport, Runtime, RuntimeConfig};
-use shardflow_core::source::ReadLimits;
+use shardflow_core::source::{ReadLimits, Source as _};
 use shardflow_core::testing::{ScriptedLeaseStore, WriteAttempt};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -47,6 +47,10 @@ pub enum Fault {
     LeasesFail,
     /// A second worker joins: it asks for its share of the leases, which are handed over.
     Join,
+    /// A closed shard read to its end stops being listed, as Kinesis drops a closed shard once
+    /// its records expired (the stream keeps them a second here): its lease is cleaned up as a
+    /// vanished shard's, and nothing of it or its children may change.
+    Vanish,
     /// A second process configured with the main worker's id joins (a misconfiguration): each
     /// is another incarnation to the other, and waits for expiry instead of taking leases back
     /// and forth. It leaves as the second worker does.
@@ -58,7 +62,7 @@ pub enum Fault {
     CutOff,
 }
 
-pub const FAULTS: [Fault; 14] = [
+pub const FAULTS: [Fault; 15] = [
     Fault::Abort,
     Fault::Stop,
     Fault::Rescale,
@@ -71,6 +75,7 @@ pub const FAULTS: [Fault; 14] = [
     Fault::LeasesFail,
     Fault::Join,
     Fault::Twin,
+    Fault::Vanish,
     Fault::Leave,
     Fault::CutOff,
 ];
@@ -293,6 +298,39 @@ impl World {
         }
     }
 
+    /// Stops listing one closed shard whose lease reached its end (or is gone), if there is one.
+    /// Only a shard whose parents are no longer listed: a shard closes after its parents, so
+    /// its records expire after theirs (a listing with an ancestor but without its descendant
+    /// would make the ancestor look new, and Kinesis never gives one).
+    async fn vanish(&mut self) -> bool {
+        let Ok(leases) = self.leases.list().await else {
+            return false;
+        };
+        let listed = self.stream.list_shards().await.unwrap_or_default();
+        let is_listed = |id: &shardflow_core::position::ShardId| listed.iter().any(|l| &l.id == id);
+        let finished: Vec<usize> = self
+            .stream
+            .shards()
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.closed && is_listed(&s.id))
+            .filter(|(_, s)| !s.parents.iter().any(|p| is_listed(p)))
+            .filter(|(_, s)| {
+                leases
+                    .iter()
+                    .find(|l| l.key == s.id.as_str())
+                    .is_none_or(|l| l.checkpoint.is_shard_end())
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if finished.is_empty() {
+            return false;
+        }
+        self.stream
+            .unlist(finished[below(&self.random, finished.len())]);
+        true
+    }
+
     fn open_shards(&self) -> Vec<usize> {
         self.stream
             .shards()
@@ -452,6 +490,10 @@ async fn simulate(seed: u64) -> SeedReport {
     let random = Random::seeded(seed);
     let spec = Spec::random(&random).with_dead_letters_from(&Random::seeded(!seed));
     let stream = MemoryStream::new("sim", spec.shards);
+    stream.set_facts(Some(shardflow_core::source::StreamFacts {
+        created_ms: 0,
+        retention: Duration::from_secs(1),
+    }));
     let sinks = Sinks::new(&spec);
     let leases = ScriptedLeaseStore::new(MemoryLeaseStore::new());
     let started = Instant::now();
@@ -490,7 +532,8 @@ async fn simulate(seed: u64) -> SeedReport {
                 world.produce(n);
                 None
             }
-            40..=43 => None,
+            40..=42 => None,
+            43 => Some(Fault::Vanish),
             44..=45 => Some(Fault::Join),
             46 => Some(Fault::Twin),
             47..=49 => Some(Fault::Leave),
@@ -519,6 +562,7 @@ async fn simulate(seed: u64) -> SeedReport {
             }
             Some(Fault::Join) => world.join(false),
             Some(Fault::Twin) => world.join(true),
+            Some(Fault::Vanish) => world.vanish().await,
             Some(Fault::CutOff) => {
                 let lease_ms = world.checkpoint_ms * 10;
                 let cut = lease_ms * 3 / 2 + below(&r, 2 * lease_ms as usize) as u64;

@@ -216,6 +216,10 @@ pub struct Lease {
 impl Lease {
     /// The owner's fencing token, meaningful on the lease as its owner took it.
     pub const fn epoch(&self) -> LeaseEpoch {
+        if cfg!(shardflow_mutation = "no_generation") {
+            // A mutation check: epochs forget the table they were taken in.
+            return LeaseEpoch::new(0, self.counter);
+        }
         LeaseEpoch::new(self.generation, self.counter)
     }
 

@@ -132,7 +132,10 @@ fn random_topologies_under_random_faults_match_the_oracle() {
         print!("{:<12}", format!("{f:?}"));
         for k in KINDS {
             let n = cells.get(&(f, k)).copied().unwrap_or(0);
-            if n < MIN_CELL {
+            // A recreated lease table loses the recorded idle advances, so the fault applies
+            // only where nothing is decided on the clock.
+            let never = f == Fault::Recreate && k == "idleness";
+            if n < MIN_CELL && !never {
                 thin.push(format!("{f:?} x {k}: {n}"));
             }
             print!("{n:>13}");

@@ -105,6 +105,11 @@ impl<S: LeaseStore> ScriptedLeaseStore<S> {
         self.lock().lost_replies = (n, retried);
     }
 
+    /// The store it wraps.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
     /// Every lease as an update left it, oldest first.
     pub fn log(&self) -> Vec<Lease> {
         self.lock().log.iter().map(|(_, l)| l.clone()).collect()

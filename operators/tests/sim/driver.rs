@@ -47,6 +47,11 @@ pub enum Fault {
     LeasesFail,
     /// A second worker joins: it asks for its share of the leases, which are handed over.
     Join,
+    /// The lease table is dropped and created again while the workers are stopped (their
+    /// checkpoints go with it): every shard is read again from its start under a new table
+    /// generation, and nothing may be fenced by the old table's outputs. Only in seeds without
+    /// idleness, whose replay decides nothing on the clock.
+    Recreate,
     /// A closed shard read to its end stops being listed, as Kinesis drops a closed shard once
     /// its records expired (the stream keeps them a second here): its lease is cleaned up as a
     /// vanished shard's, and nothing of it or its children may change.
@@ -62,7 +67,7 @@ pub enum Fault {
     CutOff,
 }
 
-pub const FAULTS: [Fault; 15] = [
+pub const FAULTS: [Fault; 16] = [
     Fault::Abort,
     Fault::Stop,
     Fault::Rescale,
@@ -76,6 +81,7 @@ pub const FAULTS: [Fault; 15] = [
     Fault::Join,
     Fault::Twin,
     Fault::Vanish,
+    Fault::Recreate,
     Fault::Leave,
     Fault::CutOff,
 ];
@@ -532,7 +538,8 @@ async fn simulate(seed: u64) -> SeedReport {
                 world.produce(n);
                 None
             }
-            40..=42 => None,
+            40..=41 => None,
+            42 => Some(Fault::Recreate),
             43 => Some(Fault::Vanish),
             44..=45 => Some(Fault::Join),
             46 => Some(Fault::Twin),
@@ -563,6 +570,17 @@ async fn simulate(seed: u64) -> SeedReport {
             Some(Fault::Join) => world.join(false),
             Some(Fault::Twin) => world.join(true),
             Some(Fault::Vanish) => world.vanish().await,
+            Some(Fault::Recreate) => {
+                if world.spec.idleness.is_none() {
+                    world.leave(true).await;
+                    world.stop().await;
+                    world.leases.inner().recreate();
+                    world.start();
+                    true
+                } else {
+                    false
+                }
+            }
             Some(Fault::CutOff) => {
                 let lease_ms = world.checkpoint_ms * 10;
                 let cut = lease_ms * 3 / 2 + below(&r, 2 * lease_ms as usize) as u64;

@@ -956,6 +956,20 @@ mod scenario {
         pause(Duration::from_secs(3)).await;
         producer.await.expect("producer");
         pause(Duration::from_secs(2)).await;
+        // D reports the id in use once it sees A renew a lease (A may first have to get one
+        // back from B by handoff): waited for, not assumed from the schedule.
+        let conflict = "another live process uses this worker id";
+        let waited = Instant::now();
+        while !std::fs::read_to_string(log("d"))
+            .unwrap_or_default()
+            .contains(conflict)
+        {
+            assert!(
+                waited.elapsed() < Duration::from_secs(60),
+                "the worker started with an id in use never reported it"
+            );
+            pause(Duration::from_millis(200)).await;
+        }
         alive(&mut a, "a", &log("a"));
         alive(&mut b, "b2", &log("b2"));
         alive(&mut d, "d", &log("d"));
@@ -989,11 +1003,6 @@ mod scenario {
             .collect();
         std::fs::write(setup.dir.path().join("worker.log"), &all).unwrap();
         verify(&setup, "fleet", EVENTS, 1, started.elapsed()).await;
-        let d_log = std::fs::read_to_string(log("d")).unwrap_or_default();
-        assert!(
-            d_log.contains("another live process uses this worker id"),
-            "the worker started with an id in use reported it"
-        );
         let fences = all.matches("fenced").count();
         let mut handoffs = handoff_times(&snapshots);
         let mut killed = failover_times(&snapshots, "fleet-c", killed_at);

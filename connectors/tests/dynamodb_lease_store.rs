@@ -158,3 +158,41 @@ async fn a_recreated_table_has_a_later_generation_that_running_stores_see_at_the
         after.epoch()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_item_older_than_its_table_is_raised_for_every_worker() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    use shardflow_core::lease::{Lease, LeaseStore};
+    let client = client().await;
+    let table = format!("restored-{}-{}", std::process::id(), rand::random::<u32>());
+    let first = DynamoLeaseStore::open(client.clone(), &table)
+        .await
+        .expect("create");
+    first
+        .create_if_absent(&Lease::new("s", vec![]))
+        .await
+        .unwrap();
+    let created = first.list().await.unwrap()[0].generation;
+    // A table restored from a backup: the item carries the old table's generation.
+    client
+        .put_item()
+        .table_name(&table)
+        .item("leaseKey", AttributeValue::S("#tableGeneration".into()))
+        .item("tableGeneration", AttributeValue::N("5".into()))
+        .send()
+        .await
+        .unwrap();
+    let second = DynamoLeaseStore::open(client.clone(), &table)
+        .await
+        .expect("open");
+    assert_eq!(
+        second.list().await.unwrap()[0].generation,
+        created,
+        "never below the table's own creation time"
+    );
+    assert_eq!(
+        first.list().await.unwrap()[0].generation,
+        created,
+        "a worker that opened the table earlier never goes below what it saw"
+    );
+}

@@ -72,7 +72,12 @@ pub struct DynamoLeaseStore {
     table: String,
     /// The table's generation as last read: refreshed by every `list` (the generation item
     /// comes with the scan), so a worker notices a recreated table at its next shard sync.
+    /// Never goes down.
     generation: Arc<AtomicU64>,
+    /// The table's creation time when this store opened it: a generation is never below it,
+    /// so a table restored from a backup (a new table holding an old generation item) still
+    /// gets a later generation.
+    created_ms: u64,
 }
 
 type Item = HashMap<String, AttributeValue>;
@@ -114,12 +119,14 @@ impl DynamoLeaseStore {
     /// # Errors
     /// The table could not be described or created, or did not become active.
     pub async fn open(client: Client, table: impl Into<String>) -> Result<Self, LeaseError> {
-        let store = Self {
+        let mut store = Self {
             client,
             table: table.into(),
             generation: Arc::new(AtomicU64::new(0)),
+            created_ms: 0,
         };
         store.ensure_table().await?;
+        store.created_ms = store.creation_time().await?;
         store.establish_generation().await?;
         Ok(store)
     }
@@ -140,29 +147,35 @@ impl DynamoLeaseStore {
     /// there first-writer-wins, so every worker agrees on it.
     async fn establish_generation(&self) -> Result<u64, LeaseError> {
         if let Some(generation) = self.read_generation().await? {
-            self.generation.store(generation, Ordering::Release);
-            return Ok(generation);
+            if generation < self.created_ms {
+                // A table restored from a backup: its item predates the table. Raised (if no
+                // one raised it first), so that workers which opened it earlier follow.
+                let raised = self
+                    .client
+                    .update_item()
+                    .table_name(&self.table)
+                    .key(LEASE_KEY, AttributeValue::S(GENERATION_KEY.to_owned()))
+                    .update_expression("SET #gen = :gen")
+                    .condition_expression("#gen < :gen")
+                    .expression_attribute_names("#gen", GENERATION)
+                    .expression_attribute_values(
+                        ":gen",
+                        AttributeValue::N(self.created_ms.to_string()),
+                    )
+                    .send()
+                    .await;
+                if let Err(e) = raised {
+                    if !e
+                        .as_service_error()
+                        .is_some_and(|s| s.is_conditional_check_failed_exception())
+                    {
+                        return Err(sdk_error("raise lease table generation", e));
+                    }
+                }
+            }
+            return Ok(self.observe_generation(generation));
         }
-        let described = self
-            .client
-            .describe_table()
-            .table_name(&self.table)
-            .send()
-            .await
-            .map_err(|e| sdk_error("describe lease table", e))?;
-        let created = described
-            .table()
-            .and_then(|t| t.creation_date_time())
-            .and_then(|t| t.to_millis().ok())
-            .and_then(|ms| u64::try_from(ms).ok())
-            .filter(|ms| *ms > 0)
-            .ok_or_else(|| {
-                store_error(
-                    "describe lease table",
-                    false,
-                    "the lease table's description has no creation time",
-                )
-            })?;
+        let created = self.creation_time().await?;
         let put = self
             .client
             .put_item()
@@ -190,8 +203,39 @@ impl DynamoLeaseStore {
             }
             Err(e) => return Err(sdk_error("write lease table generation", e)),
         };
-        self.generation.store(generation, Ordering::Release);
-        Ok(generation)
+        Ok(self.observe_generation(generation))
+    }
+
+    /// Takes in a generation read from the table; returns the one leases carry from now on.
+    fn observe_generation(&self, read: u64) -> u64 {
+        let generation = read.max(self.created_ms);
+        self.generation
+            .fetch_max(generation, Ordering::AcqRel)
+            .max(generation)
+    }
+
+    /// The table's creation time (ms since the Unix epoch), as DynamoDB describes it.
+    async fn creation_time(&self) -> Result<u64, LeaseError> {
+        let described = self
+            .client
+            .describe_table()
+            .table_name(&self.table)
+            .send()
+            .await
+            .map_err(|e| sdk_error("describe lease table", e))?;
+        described
+            .table()
+            .and_then(|t| t.creation_date_time())
+            .and_then(|t| t.to_millis().ok())
+            .and_then(|ms| u64::try_from(ms).ok())
+            .filter(|ms| *ms > 0)
+            .ok_or_else(|| {
+                store_error(
+                    "describe lease table",
+                    false,
+                    "the lease table's description has no creation time",
+                )
+            })
     }
 
     async fn read_generation(&self) -> Result<Option<u64>, LeaseError> {
@@ -295,10 +339,7 @@ impl LeaseStore for DynamoLeaseStore {
         }
         // No generation item: the table was recreated (or never had one); it gets one now.
         let generation = match generation {
-            Some(generation) => {
-                self.generation.store(generation, Ordering::Release);
-                generation
-            }
+            Some(generation) => self.observe_generation(generation),
             None => self.establish_generation().await?,
         };
         for lease in &mut leases {

@@ -5,7 +5,8 @@
 //! Layout under `<prefix>/<topology>/`:
 //! - `<shard>/<first sequence, 56 digits>-<sub-sequence>.jsonl[.gz]` (or `.bin[.gz]`): records.
 //!   Metadata: `shard`, `first-sequence`, `first-sub`, `last-sequence`, `last-sub`, `records`,
-//!   `lease-epoch`, `write-id` (unique per store call).
+//!   `lease-generation` and `lease-epoch` (the writer's `LeaseEpoch`), `write-id` (unique per
+//!   store call).
 //! - `[dt=YYYY-MM-DD/hour=HH/]<shard>/<identity path>.json[.gz]`: keyed results (window results
 //!   partitioned by their window's start with [`S3Sink::partition_windows_by_hour`]).
 //!

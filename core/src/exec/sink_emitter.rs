@@ -93,7 +93,7 @@ impl<T: Send + 'static> SinkEmitter<T> {
 
     /// Refuses to call the writer once the shard's lease guard ran out (on a shard's own path
     /// the writer holds outputs of that shard only).
-    fn check_guard(&self) -> Result<(), Error> {
+    fn check_guard(&self, operation: &'static str) -> Result<(), Error> {
         if cfg!(shardflow_mutation = "skip_sink_guard") {
             // A mutation check: a shard's sinks are called whatever its guard says.
             return Ok(());
@@ -101,7 +101,7 @@ impl<T: Send + 'static> SinkEmitter<T> {
         match &self.guard {
             Some((shard, guard)) if !guard.is_valid() => Err(Error::Sink(SinkError {
                 sink: self.sink.name().to_owned(),
-                operation: "write",
+                operation,
                 retryable: false,
                 source: Box::new(GuardExpired {
                     shard: shard.clone(),
@@ -207,7 +207,7 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
         match epoch.control {
             Control::ShardEnd | Control::EndOfInput => {
                 if self.writer.is_some() {
-                    self.check_guard()?;
+                    self.check_guard("end shard")?;
                 }
                 if let Some(writer) = self.writer.as_mut() {
                     writer.end_shard(&epoch.shard).await?;
@@ -233,7 +233,7 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
         if !self.written {
             return Ok(());
         }
-        self.check_guard()?;
+        self.check_guard("commit")?;
         let started = std::time::Instant::now();
         let writer = self
             .writer
@@ -310,7 +310,7 @@ impl<T: Send + 'static> SinkEmitter<T> {
         // Writers take the batch by value and retry inside (they know which requests are safe
         // to repeat); an error here is final for this pipeline instance.
         let (sink, tracked) = (Arc::clone(&self.sink), self.holds_tracked);
-        self.check_guard()?;
+        self.check_guard("write")?;
         let writer = self.writer().await?;
         writer.write(batch).await?;
         let records_of = of_records.then_some(&epoch.shard);

@@ -443,7 +443,9 @@ impl ControlLoop {
                     facts
                 }
                 Err(error) => {
-                    // Without the facts nothing is deleted: the leases wait for a later round.
+                    // Without the facts nothing is deleted: the leases wait for a later round
+                    // (asked again only while a leased shard is missing).
+                    self.stream_facts_read = true;
                     tracing::warn!(topology = %self.name(), %error, "could not describe the stream; leases of shards it no longer lists are kept");
                     None
                 }
@@ -457,6 +459,10 @@ impl ControlLoop {
                 .iter()
                 .find(|l| l.key == key)
                 .expect("decided from these leases");
+            if self.running.keys().any(|s| s.as_str() == key) {
+                // This worker still reads it: its reads end it (or fail) first.
+                continue;
+            }
             let since = self.vanished.missing_since(&key);
             if self.leases.delete_vanished(lease).await? {
                 self.decisions

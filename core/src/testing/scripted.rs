@@ -208,7 +208,11 @@ impl<T: Send + 'static> SinkWriter<T> for ScriptedWriter<T> {
             }
         }
         self.inner.commit().await?;
-        self.pending.clear();
+        // A writer that still holds outputs of a life (a unit not yet sealed) may store them
+        // at a later commit without a new write: that commit is a call for the life too.
+        let held = self.inner.held();
+        self.pending
+            .retain(|(shard, _)| held.iter().any(|(s, h)| s == shard && h.buffered));
         Ok(())
     }
 

@@ -764,19 +764,27 @@ fn check_guarded_writes(
     }
     let mut late = Vec::new();
     for attempt in attempts {
-        let Some(entries) = by_key.get(attempt.shard.as_str()) else {
-            continue;
-        };
-        let Some(take) = entries.iter().position(|(_, l)| l.epoch() == attempt.epoch) else {
+        // Every epoch a sink sees was made by a logged take: one that was not is a store
+        // handing out epochs it never wrote, which is a failure too.
+        let take = by_key.get(attempt.shard.as_str()).and_then(|entries| {
+            entries
+                .iter()
+                .position(|(_, l)| l.epoch() == attempt.epoch)
+                .map(|take| (entries, take))
+        });
+        let Some((entries, take)) = take else {
+            late.push(format!(
+                "{} to {} of {} epoch {}: no take made that epoch",
+                attempt.call, attempt.sink, attempt.shard, attempt.epoch
+            ));
             continue;
         };
         let owner = &entries[take].1.owner;
         let mut last_write = entries[take].0;
         // A lease write at the very instant of the call may have come first (a renewal that
-        // let a waiting shard go on): it counts for the owner; another owner's, then, is
-        // ambiguous and judged for no one.
+        // let a waiting shard go on): it counts for the owner. Another owner's at that instant
+        // may have come after the call: only the owner's own last write judges it then.
         let mut left = None;
-        let mut ambiguous = false;
         for (at, lease) in entries[take + 1..]
             .iter()
             .take_while(|(at, _)| *at <= attempt.at)
@@ -784,15 +792,10 @@ fn check_guarded_writes(
             if &lease.owner != owner {
                 if *at < attempt.at {
                     left = Some(*at);
-                } else {
-                    ambiguous = true;
                 }
                 break;
             }
             last_write = *at;
-        }
-        if ambiguous {
-            continue;
         }
         let why = match left {
             Some(at) => Some(format!(

@@ -320,7 +320,7 @@ impl World {
             .iter()
             .enumerate()
             .filter(|(_, s)| s.closed && is_listed(&s.id))
-            .filter(|(_, s)| !s.parents.iter().any(|p| is_listed(p)))
+            .filter(|(_, s)| !s.parents.iter().any(&is_listed))
             .filter(|(_, s)| {
                 leases
                     .iter()

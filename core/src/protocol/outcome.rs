@@ -57,6 +57,13 @@ pub enum AfterTask {
 /// learned meanwhile that its lease moved (a cancelled task then writes nothing more).
 pub fn after_task(end: TaskEnd, lease_lost: bool) -> AfterTask {
     match end {
+        // Read to its end, but its life was dropped meanwhile (the lease moved, or a keyed
+        // path dropped it when its guard ran out): the paths never report its last epochs, so
+        // a final checkpoint would wait forever. The table says whose it is now.
+        TaskEnd::Finished { .. } if lease_lost => AfterTask::Forget {
+            resync: true,
+            count_lost: false,
+        },
         TaskEnd::Finished {
             last_epoch,
             shard_end,
@@ -168,6 +175,31 @@ mod tests {
             after_task(TaskEnd::Fenced, false),
             AfterTask::Forget { resync: true, .. }
         ));
+    }
+
+    #[test]
+    fn a_shard_read_to_its_end_after_its_life_was_dropped_is_looked_at_again() {
+        let finished = TaskEnd::Finished {
+            last_epoch: 8,
+            shard_end: true,
+        };
+        assert_eq!(
+            after_task(finished, false),
+            AfterTask::Finish {
+                last_epoch: 8,
+                shard_end: true
+            }
+        );
+        // Simulation seed 3327: a keyed path dropped the life (its guard ran out while a sink
+        // stalled through a cut-off) just before the task reported its end; waiting for the
+        // dropped epochs kept the shard from ever ending.
+        assert_eq!(
+            after_task(finished, true),
+            AfterTask::Forget {
+                resync: true,
+                count_lost: false
+            }
+        );
     }
 
     #[test]

@@ -587,6 +587,13 @@ async fn simulate(seed: u64) -> SeedReport {
                 world
                     .main_view
                     .throttle_updates_for(Duration::from_millis(cut));
+                if r.fraction() < 0.5 {
+                    // A sink that stalls through the cut too: whatever the worker had under
+                    // way when its guard ran out must not reach the next sink.
+                    let scripts = world.sink_scripts();
+                    let s = scripts[below(&r, scripts.len())];
+                    s.stall_until(Instant::now() + Duration::from_millis(cut / 2 + lease_ms));
+                }
                 true
             }
             Some(Fault::Leave) => world.leave(r.fraction() < 0.5).await,

@@ -658,34 +658,65 @@ mod scenario {
         let admin = StreamAdmin::new(client.clone());
         admin.create_stream(&stream, 2).await.unwrap();
         // Produced while the worker is being killed, so each run finds new records.
-        let producer = tokio::spawn(async move {
+        let producer = spawn_producer(client, stream, EVENTS, Duration::from_millis(150));
+        let started = Instant::now();
+        // The producer needs about 4.5 s; ten kills at 300-800 ms span about as long.
+        let kills = kill_and_drain(&setup, 300, 800, Some(producer)).await;
+        verify(&setup, "kinesis", EVENTS, kills, started.elapsed()).await;
+    }
+
+    /// Writes events `0..events` to `stream` through the KPL-aggregating producer, in per-shard
+    /// order (event time grows with the id), pausing `every_100` after each hundred.
+    fn spawn_producer(
+        client: aws_sdk_kinesis::Client,
+        stream: String,
+        events: u64,
+        every_100: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
             let config = ProducerConfig {
                 linger: Duration::from_millis(20),
                 aggregate_max_bytes: Some(4096),
-                // Per-shard order as produced: event time grows with the id, and a window
-                // allows no out-of-orderness here.
+                // A window allows no out-of-orderness here.
                 ordered: true,
                 ..ProducerConfig::default()
             };
             let producer = KinesisProducer::new(client, &stream, config).await.unwrap();
             let mut tickets = Vec::new();
-            for id in 0..EVENTS {
+            for id in 0..events {
                 let e = event(id);
                 let data = serde_json::to_vec(&e).unwrap();
                 tickets.push(producer.send(&e.key, data).await.unwrap());
                 if id % 100 == 99 {
-                    tokio::time::sleep(Duration::from_millis(150)).await;
+                    tokio::time::sleep(every_100).await;
                 }
             }
             producer.flush().await.unwrap();
             for t in tickets {
                 t.outcome().await.expect("written");
             }
-        });
+        })
+    }
+
+    /// Drains the input with a bounded run as worker `id` and asserts it succeeded.
+    async fn drain(setup: &Setup, id: &str, log: &Path) {
         let started = Instant::now();
-        // The producer needs about 4.5 s; ten kills at 300-800 ms span about as long.
-        let kills = kill_and_drain(&setup, 300, 800, Some(producer)).await;
-        verify(&setup, "kinesis", EVENTS, kills, started.elapsed()).await;
+        let mut child = worker_as(setup, id, "drain", log);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "the draining run failed:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+                return;
+            }
+            if started.elapsed() > Duration::from_secs(300) {
+                let _ = child.kill();
+                panic!("the draining run did not finish within 5 minutes");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Kills a continuously running worker `KILLS` times, each a random `min_ms..max_ms`
@@ -718,23 +749,7 @@ mod scenario {
         if let Some(producer) = producer {
             producer.await.expect("producer");
         }
-        let started = Instant::now();
-        let mut child = worker(setup, "drain", &log);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                assert!(
-                    status.success(),
-                    "the draining run failed:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-                break;
-            }
-            if started.elapsed() > Duration::from_secs(300) {
-                let _ = child.kill();
-                panic!("the draining run did not finish within 5 minutes");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        drain(setup, "once-worker", &log).await;
         kills
     }
 
@@ -891,28 +906,8 @@ mod scenario {
             .create_stream(&stream, 8)
             .await
             .unwrap();
-        let producer = tokio::spawn(async move {
-            let config = ProducerConfig {
-                linger: Duration::from_millis(20),
-                aggregate_max_bytes: Some(4096),
-                ordered: true,
-                ..ProducerConfig::default()
-            };
-            let producer = KinesisProducer::new(client, &stream, config).await.unwrap();
-            let mut tickets = Vec::new();
-            for id in 0..EVENTS {
-                let e = event(id);
-                let data = serde_json::to_vec(&e).unwrap();
-                tickets.push(producer.send(&e.key, data).await.unwrap());
-                if id % 100 == 99 {
-                    tokio::time::sleep(Duration::from_millis(400)).await;
-                }
-            }
-            producer.flush().await.unwrap();
-            for t in tickets {
-                t.outcome().await.expect("written");
-            }
-        });
+        // Produced through the whole schedule, so every shard has new records to commit.
+        let producer = spawn_producer(client, stream, EVENTS, Duration::from_millis(400));
         let stop_watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let dynamo = AwsConfig::emulator(endpoint("SHARDFLOW_DYNAMODB_ENDPOINT"))
             .dynamodb_client()
@@ -977,23 +972,7 @@ mod scenario {
         stop_gracefully(b, "b2", &log("b2"));
         stop_gracefully(a, "a", &log("a"));
         // The rest, drained by a bounded run.
-        let mut drain = worker_as(&setup, "fleet-drain", "drain", &log("drain"));
-        let drain_started = Instant::now();
-        loop {
-            if let Some(status) = drain.try_wait().unwrap() {
-                assert!(
-                    status.success(),
-                    "the draining run failed:\n{}",
-                    std::fs::read_to_string(log("drain")).unwrap_or_default()
-                );
-                break;
-            }
-            assert!(
-                drain_started.elapsed() < Duration::from_secs(300),
-                "the draining run did not finish within 5 minutes"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        drain(&setup, "fleet-drain", &log("drain")).await;
         stop_watching.store(true, std::sync::atomic::Ordering::Relaxed);
         let snapshots = watcher.await.unwrap();
         // Worker logs, for verify's report of a failure.

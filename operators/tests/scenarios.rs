@@ -1638,3 +1638,115 @@ async fn an_unfinished_parent_whose_shard_expired_stops_blocking_its_children() 
         assert!(parent_left, "the lease was kept");
     }
 }
+
+/// A worker whose two shards both stopped at a bad record (`StopShard`), and the health it
+/// reports, on `leases`.
+fn stopping_worker(
+    id: &str,
+    stream: &MemoryStream,
+    leases: &Arc<MemoryLeaseStore>,
+    shutdown: &CancellationToken,
+) -> (
+    tokio::task::JoinHandle<Result<shardflow_core::runtime::RunReport, shardflow_core::Error>>,
+    shardflow_core::runtime::Health,
+) {
+    let topology = Topology::builder("stopping")
+        .dead_letter(DeadLetter::StopShard)
+        .source(stream.clone().decode_fn(decode))
+        .sink(MemorySink::new("raw"))
+        .build()
+        .unwrap();
+    let health = shardflow_core::runtime::Health::new();
+    let run = tokio::spawn(
+        Runtime::new(topology, leases.clone())
+            .with_config(RuntimeConfig {
+                worker_id: id.into(),
+                lease_duration: Duration::from_secs(2),
+                ..config(RunMode::Continuous)
+            })
+            .with_health(health.clone())
+            .with_shutdown(shutdown.clone())
+            .run(),
+    );
+    (run, health)
+}
+
+/// Review of issue 12: a shard stopped by policy kept its lease for ever, so a joining
+/// worker's request for it was never granted, and the worker that stopped it went on
+/// reporting it in /readyz after another worker held it. Now the stopped shard is handed
+/// over like an idle one: the requester stops at the same record (its checkpoint stays before
+/// it) and reports it, and the old owner no longer does.
+#[tokio::test(start_paused = true)]
+async fn a_shard_stopped_by_policy_is_handed_over_and_reported_by_its_new_owner_only() {
+    let stream = MemoryStream::new("stopping", 2);
+    for shard in 0..2 {
+        push(&stream, shard, &event(1, 1, T0));
+        stream.push(shard, T0, b"k", b"not an event");
+    }
+    let leases = Arc::new(MemoryLeaseStore::new());
+    let (stop_a, stop_b) = (CancellationToken::new(), CancellationToken::new());
+    let (a, health_a) = stopping_worker("a", &stream, &leases, &stop_a);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(health_a.stopped_shards().len(), 2, "a stopped both shards");
+    let (b, health_b) = stopping_worker("b", &stream, &leases, &stop_b);
+    // Well under the lease (2 s): granted, not expired.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let owners: Vec<String> = leases
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|l| l.owner.as_deref().map(|o| worker_of(o).to_owned()))
+        .collect();
+    assert_eq!(
+        owners.iter().filter(|o| *o == "b").count(),
+        1,
+        "b's request for a stopped shard was granted: {owners:?}"
+    );
+    let (of_a, of_b) = (health_a.stopped_shards(), health_b.stopped_shards());
+    assert_eq!((of_a.len(), of_b.len()), (1, 1), "a: {of_a:?}, b: {of_b:?}");
+    assert_ne!(of_a, of_b, "each reports the shard it holds");
+    stop_a.cancel();
+    stop_b.cancel();
+    a.await
+        .unwrap()
+        .expect_err("a reports the shard it stopped");
+    b.await
+        .unwrap()
+        .expect_err("b reports the shard it stopped");
+}
+
+/// Review of issue 12: a stopped shard whose lease another worker took (after this worker
+/// was paused past its lease) stayed in this worker's /readyz for the rest of its run.
+#[tokio::test(start_paused = true)]
+async fn a_stopped_shard_taken_by_another_worker_leaves_this_workers_readyz() {
+    let stream = MemoryStream::new("stopping", 2);
+    for shard in 0..2 {
+        stream.push(shard, T0, b"k", b"not an event");
+    }
+    let leases = Arc::new(MemoryLeaseStore::new());
+    let stop = CancellationToken::new();
+    let (run, health) = stopping_worker("a", &stream, &leases, &stop);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(health.stopped_shards().len(), 2);
+    // Another worker took shard-0's lease (as after an expiry).
+    let lease = leases.get("shard-0").await.unwrap().unwrap();
+    leases
+        .update(
+            "shard-0",
+            lease.counter,
+            &LeaseUpdate::Take {
+                owner: "x#1".into(),
+            },
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let left = health.stopped_shards();
+    assert!(
+        left.len() == 1 && left[0].contains("shard-1"),
+        "only the shard a still holds: {left:?}"
+    );
+    stop.cancel();
+    run.await.unwrap().expect_err("a reports shard-1");
+}

@@ -15,7 +15,7 @@ use crate::lease::{worker_of, CheckpointPosition, LeaseEpoch, ShardCheckpoint};
 use crate::metrics::Metrics;
 use crate::position::{ShardId, ShardInfo};
 use crate::protocol::checkpoint::Epoch;
-use crate::protocol::lease_rules::renewal_due;
+use crate::protocol::lease_rules::{renewal_due, request_poll_interval};
 use crate::protocol::outcome::{after_task, finished, run_over, AfterTask, Finished, TaskEnd};
 use crate::protocol::shard_sync::{leases_to_start, processable, retry_after};
 use crate::protocol::vanished::VanishedShards;
@@ -201,6 +201,12 @@ impl ControlLoop {
         workers: &mut JoinSet<Result<(), Error>>,
     ) -> Result<RunReport, Error> {
         let mut ticker: Interval = tokio::time::interval(self.config.checkpoint_interval);
+        // Leases this worker asked for are read more often than the tick, so that a released
+        // one is taken soon after its owner let it go: the handoff's last wait. One read per
+        // pending request (a round asks for at most `max_leases_to_steal`).
+        let mut requests: Interval =
+            tokio::time::interval(request_poll_interval(self.config.checkpoint_interval));
+        requests.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if self.sync_due() {
                 self.sync_round().await;
@@ -218,6 +224,7 @@ impl ControlLoop {
             }
             let stop_readers =
                 !self.running.is_empty() && self.running.values().all(|r| !r.cancel.is_cancelled());
+            let awaiting_handoffs = self.leases.awaits_handoffs().await;
             tokio::select! {
                 biased;
                 () = self.shutdown.cancelled(), if stop_readers => {
@@ -255,6 +262,7 @@ impl ControlLoop {
                     self.on_tick().await;
                     self.handoffs().await;
                 }
+                _ = requests.tick(), if awaiting_handoffs => self.poll_requests().await,
                 () = self.tracker.reported(), if !self.finishing.is_empty() => {}
             }
             self.finish_committed().await;
@@ -558,8 +566,7 @@ impl ControlLoop {
     }
 
     /// Graceful handoffs on a tick: stops the shards other workers asked for (their leases
-    /// are released after the final checkpoint), releases asked-for leases nothing runs on,
-    /// and owes a shard sync when a lease this worker asked for was released to it.
+    /// are released after the final checkpoint) and releases asked-for leases nothing runs on.
     async fn handoffs(&mut self) {
         for (key, requester) in self.leases.handoffs_asked().await {
             if let Some(r) = self.running.values_mut().find(|r| r.lease_key == key) {
@@ -572,19 +579,23 @@ impl ControlLoop {
                 }
             } else if let Some(f) = self.finishing.iter_mut().find(|f| f.lease_key == key) {
                 f.handoff = true;
-            } else if self.stopped.iter().any(
-                |s| matches!(s, ShardStopped::BadRecord { shard, .. } if shard.as_str() == key),
-            ) {
-                // Stopped at a bad record by policy: the lease stays held so that nobody reads
-                // past it (see /readyz); the requester keeps waiting.
             } else {
-                // Done in this run or stopped by policy: nothing to finish first.
+                // Done in this run, or stopped at a bad record by policy: nothing to finish
+                // first. A stopped shard goes too, or the request would wait forever: its
+                // checkpoint stays before the bad record, so the requester stops at the same
+                // record and reports it in its turn.
+                self.let_go_of_stopped(&key);
                 self.decisions
                     .record(|| format!("handing off idle {key} to {requester}"));
                 self.leases.release(&key).await;
                 self.metrics.lease_handoff(self.name(), "handed_over");
             }
         }
+    }
+
+    /// Reads the leases this worker asked for; a released one owes a shard sync at once,
+    /// which takes it.
+    async fn poll_requests(&mut self) {
         match self.leases.handed_over().await {
             Ok(true) => self.sync.owed = true,
             Ok(false) => {}
@@ -637,6 +648,24 @@ impl ControlLoop {
             }
             self.sync.owed = true;
         }
+    }
+
+    /// A shard this worker stopped by policy is no longer its own (handed over, or its lease
+    /// lost): it leaves the stopped list, the gauge and /readyz (the new owner reports it when
+    /// it stops there too), and this run may take it again.
+    fn let_go_of_stopped(&mut self, key: &str) {
+        let before = self.stopped.len();
+        self.stopped.retain(
+            |s| !matches!(s, ShardStopped::BadRecord { shard, .. } if shard.as_str() == key),
+        );
+        if self.stopped.len() == before {
+            return;
+        }
+        self.decisions
+            .record(|| format!("stopped shard {key} let go"));
+        self.health.stopped_shard_let_go(key);
+        self.metrics.shards_stopped(self.name(), self.stopped.len());
+        self.completed.retain(|id| id.as_str() != key);
     }
 
     /// Drops the shard's progress and per-shard metrics.
@@ -695,6 +724,7 @@ impl ControlLoop {
             self.health.lease_round_ok();
         }
         for key in lost {
+            self.let_go_of_stopped(&key);
             self.decisions.record(|| format!("renewal lost {key}"));
             self.metrics.lease_lost(self.name());
             let name = self.topology.name.clone();

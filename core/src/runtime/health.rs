@@ -25,8 +25,9 @@ struct State {
     /// Milliseconds after `base` of the last successful lease round, plus one (0: never).
     last_ok_ms: AtomicU64,
     lease_duration_ms: AtomicU64,
-    /// What stopped each shard the dead-letter policy stopped, in the order they stopped.
-    stopped: Mutex<Vec<String>>,
+    /// Each shard the dead-letter policy stopped whose lease this worker still holds, with
+    /// what stopped it, in the order they stopped.
+    stopped: Mutex<Vec<(String, String)>>,
 }
 
 impl Default for Health {
@@ -70,38 +71,54 @@ impl Health {
     }
 
     /// What stopped each shard the dead-letter policy stopped in this run (shard, record
-    /// position and the stage that failed), in the order they stopped.
+    /// position and the stage that failed), in the order they stopped; a shard whose lease
+    /// went to another worker since is that worker's to report.
     pub fn stopped_shards(&self) -> Vec<String> {
         self.inner
             .stopped
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .iter()
+            .map(|(_, what)| what.clone())
+            .collect()
     }
 
     /// Records a shard the dead-letter policy stopped, by its position and the stage that
     /// failed: never the error's text, which may quote the payload (a decode error quotes
     /// values); the worker's log has the whole reason.
     pub(crate) fn shard_stopped(&self, stop: &ShardStopped) {
-        let what = match stop {
+        let (shard, what) = match stop {
             ShardStopped::BadRecord {
                 shard,
                 position,
                 reason,
             } => {
                 let stage = reason.split(": ").next().unwrap_or_default();
-                format!(
-                    "shard {shard} stopped at record {position} in {stage} (the reason is in \
-                     the worker's log)"
+                (
+                    shard.as_str().to_owned(),
+                    format!(
+                        "shard {shard} stopped at record {position} in {stage} (the reason is \
+                         in the worker's log)"
+                    ),
                 )
             }
-            other => format!("a shard stopped: {other}"),
+            other => (String::new(), format!("a shard stopped: {other}")),
         };
         self.inner
             .stopped
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(what);
+            .push((shard, what));
+    }
+
+    /// A stopped shard's lease went to another worker (handed over, or lost): it reports the
+    /// shard when it stops there too.
+    pub(crate) fn stopped_shard_let_go(&self, shard: &str) {
+        self.inner
+            .stopped
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|(s, _)| s != shard);
     }
 
     pub(crate) fn set_lease_duration(&self, lease_duration: Duration) {
@@ -160,5 +177,12 @@ mod tests {
             ["shard s stopped at record 7/0 in decode (the reason is in the worker's log)"],
             "the position and stage, never the payload an error may quote"
         );
+        health.stopped_shard_let_go("other");
+        assert!(
+            !health.is_ready(),
+            "another shard's release changes nothing"
+        );
+        health.stopped_shard_let_go("s");
+        assert!(health.is_ready(), "the shard is another worker's to report");
     }
 }

@@ -204,6 +204,11 @@ impl LeaseManager {
         Ok(false)
     }
 
+    /// Whether a handoff this worker asked for is still pending.
+    pub(crate) async fn awaits_handoffs(&self) -> bool {
+        !self.requested.lock().await.is_empty()
+    }
+
     /// Whether a lease this worker asked for was released to it (a shard sync then takes it);
     /// forgets requests whose lease went elsewhere. One read per pending request.
     pub(crate) async fn handed_over(&self) -> Result<bool, LeaseError> {

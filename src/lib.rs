@@ -18,6 +18,8 @@ pub use shardflow_connectors::kinesis;
 pub use shardflow_connectors::local;
 #[cfg(feature = "s3")]
 pub use shardflow_connectors::s3;
+#[cfg(feature = "sqlite")]
+pub use shardflow_connectors::sqlite;
 #[cfg(any(feature = "kinesis", feature = "dynamodb", feature = "s3"))]
 pub use shardflow_connectors::AwsConfig;
 pub use shardflow_core::dead_letter::{DeadLetter, DeadLetterRecord};

@@ -61,6 +61,26 @@ impl KeyId {
     pub fn text(s: impl Into<CompactString>) -> Self {
         Self(KeyRepr::Text(s.into()))
     }
+
+    /// The key as the value it was made from, for sinks with typed columns.
+    pub fn value(&self) -> KeyValue<'_> {
+        match &self.0 {
+            KeyRepr::Unsigned(n) => KeyValue::Unsigned(*n),
+            KeyRepr::Signed(n) => KeyValue::Signed(*n),
+            KeyRepr::Text(s) => KeyValue::Text(s),
+        }
+    }
+}
+
+/// A [`KeyId`] as the value it was made from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyValue<'a> {
+    /// An unsigned integer key.
+    Unsigned(u64),
+    /// A signed integer key.
+    Signed(i64),
+    /// A text key.
+    Text(&'a str),
 }
 
 impl fmt::Display for KeyId {

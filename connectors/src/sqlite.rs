@@ -1,0 +1,523 @@
+//! `SqliteSink`: outputs upserted by identity into one table of an embedded SQLite database, one
+//! transaction per commit, fenced by lease epoch like `DynamoSink`.
+//!
+//! Each row is one output: the source shard and identity path (the primary key), the key and
+//! window as typed columns (an integer key stays an integer), the record position for outputs
+//! of records, the value as JSON, and the lease epoch that wrote it. A replay writes the same
+//! rows again (no duplicates), and an upsert never lets an older lease epoch replace a row a
+//! newer one wrote: such a commit is refused whole as [`Fenced`] and nothing of it lands.
+//!
+//! ```sql
+//! SELECT key, window_start, json_extract(value, '$.clicks') FROM funnel ORDER BY 2, 1;
+//! ```
+
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+/// The SQLite bindings the sink uses, to read its tables back with the same library.
+pub use rusqlite;
+use rusqlite::types::Value;
+use rusqlite::{params, Connection, ErrorCode, TransactionBehavior};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use shardflow_core::error::{Fenced, SinkError};
+use shardflow_core::lease::LeaseEpoch;
+use shardflow_core::position::ShardId;
+use shardflow_core::sink::{
+    InspectSink, KeyValue, OutputBatch, OutputId, Sink, SinkContext, SinkWriter,
+};
+
+/// How long a writer waits for another writer's transaction (another shard's commit, or another
+/// process on the same file) before its commit fails as retryable.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest table name accepted: SQLite has no limit, but a name is also a metric label.
+const MAX_TABLE_NAME: usize = 64;
+
+/// Why a [`SqliteSink`] operation failed (the source of a [`SinkError`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SqliteSinkError {
+    /// SQLite refused or failed an operation.
+    #[error("{operation} on {path} failed: {source}")]
+    Sqlite {
+        /// What was being done.
+        operation: &'static str,
+        /// The database file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// A value could not be written as JSON (a map with non-string keys, a failing `Serialize`).
+    #[error("an output of shard {shard} cannot be encoded as JSON: {source}")]
+    Encode {
+        /// The output's source shard.
+        shard: ShardId,
+        /// The encoder's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A stored value does not parse as the sink's type.
+    #[error("a stored output of shard {shard} does not hold the expected type: {source}")]
+    Decode {
+        /// The output's source shard.
+        shard: ShardId,
+        /// The decoder's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A number does not fit SQLite's signed 64-bit integers.
+    #[error("{what} {value} does not fit a signed 64-bit integer")]
+    TooLarge {
+        /// Which number.
+        what: &'static str,
+        /// The number.
+        value: u64,
+    },
+    /// The blocking task that runs SQLite's calls ended without an answer.
+    #[error("the database task ended: {0}")]
+    Task(String),
+}
+
+impl SqliteSinkError {
+    fn sqlite(operation: &'static str, path: &Path, source: rusqlite::Error) -> Self {
+        Self::Sqlite {
+            operation,
+            path: path.to_owned(),
+            source,
+        }
+    }
+
+    /// Another writer held the database past the busy timeout: the next commit may succeed.
+    fn is_retryable(&self) -> bool {
+        match self {
+            Self::Sqlite { source, .. } => matches!(
+                source.sqlite_error_code(),
+                Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+            ),
+            Self::Task(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// A sink that upserts outputs into table `name` of the SQLite database at `path` (created
+/// with its directory if missing). Every writer opens its own connection; the database runs in
+/// WAL mode, so readers (a `sqlite3` shell) never block a commit.
+pub struct SqliteSink<T> {
+    name: String,
+    path: PathBuf,
+    fsync: bool,
+    _values: PhantomData<fn(T)>,
+}
+
+impl<T> Clone for SqliteSink<T> {
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            path: self.path.clone(),
+            fsync: self.fsync,
+            _values: PhantomData,
+        }
+    }
+}
+
+impl<T> SqliteSink<T> {
+    /// A sink writing table `table` of the database file `path`. The table name is also the
+    /// sink's name: ASCII letters, digits and `_`, starting with a letter, at most 64 bytes.
+    ///
+    /// # Errors
+    /// A table name SQL would need quoting for, or that is too long.
+    pub fn new(path: impl AsRef<Path>, table: impl Into<String>) -> Result<Self, String> {
+        let name = table.into();
+        let valid = name.len() <= MAX_TABLE_NAME
+            && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !name.to_ascii_lowercase().starts_with("sqlite_");
+        if !valid {
+            return Err(format!(
+                "table name of {} bytes is not one SqliteSink accepts: ASCII letters, digits \
+                 and _, starting with a letter, at most {MAX_TABLE_NAME} bytes, not sqlite_*",
+                name.len()
+            ));
+        }
+        Ok(Self {
+            name,
+            path: path.as_ref().to_owned(),
+            fsync: true,
+            _values: PhantomData,
+        })
+    }
+
+    /// Whether a commit is synced to disk before it returns (SQLite's `synchronous=FULL`,
+    /// default true). Off (`NORMAL`), a commit survives a process crash but a power loss may
+    /// take the last ones while the lease table kept the checkpoints that counted on them.
+    #[must_use]
+    pub fn fsync(mut self, fsync: bool) -> Self {
+        self.fsync = fsync;
+        self
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The table (and the sink's name).
+    pub fn table(&self) -> &str {
+        &self.name
+    }
+
+    fn error(&self, operation: &'static str, error: SqliteSinkError) -> SinkError {
+        SinkError {
+            sink: self.name.clone(),
+            operation,
+            retryable: error.is_retryable(),
+            source: Box::new(error),
+        }
+    }
+
+    /// Opens a connection to the database with the table created, off the async threads.
+    async fn connect(&self) -> Result<Connection, SinkError> {
+        let (path, table, fsync) = (self.path.clone(), self.name.clone(), self.fsync);
+        blocking(move || connect(&path, &table, fsync))
+            .await
+            .map_err(|e| self.error("open", e))
+    }
+}
+
+/// Runs `op` on the blocking pool.
+async fn blocking<R: Send + 'static>(
+    op: impl FnOnce() -> Result<R, SqliteSinkError> + Send + 'static,
+) -> Result<R, SqliteSinkError> {
+    match tokio::task::spawn_blocking(op).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(SqliteSinkError::Task(e.to_string())),
+    }
+}
+
+fn connect(path: &Path, table: &str, fsync: bool) -> Result<Connection, SqliteSinkError> {
+    let fail = |operation| move |e| SqliteSinkError::sqlite(operation, path, e);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| SqliteSinkError::sqlite("create the directory of", path, io_error(&e)))?;
+    }
+    let conn = Connection::open(path).map_err(fail("open"))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(fail("set the busy timeout of"))?;
+    // WAL: a reader never blocks a commit. FULL syncs the WAL at every commit; NORMAL only
+    // at WAL checkpoints (a commit survives a process crash, not always a power loss).
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(fail("set the journal mode of"))?;
+    let synchronous = if fsync { "FULL" } else { "NORMAL" };
+    conn.pragma_update(None, "synchronous", synchronous)
+        .map_err(fail("set the synchronous mode of"))?;
+    // `key` has no declared type, so an integer key stays an integer and text stays text.
+    conn.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS \"{table}\" (
+            shard TEXT NOT NULL,
+            output TEXT NOT NULL,
+            \"key\",
+            window_start INTEGER,
+            window_end INTEGER,
+            record_sequence TEXT,
+            record_sub_sequence INTEGER,
+            value TEXT NOT NULL,
+            lease_generation INTEGER NOT NULL,
+            lease_counter INTEGER NOT NULL,
+            PRIMARY KEY (shard, output)
+        ) WITHOUT ROWID;"
+    ))
+    .map_err(fail("create the table in"))?;
+    Ok(conn)
+}
+
+fn io_error(e: &std::io::Error) -> rusqlite::Error {
+    rusqlite::Error::ToSqlConversionFailure(Box::new(std::io::Error::new(e.kind(), e.to_string())))
+}
+
+fn signed(what: &'static str, value: u64) -> Result<i64, SqliteSinkError> {
+    i64::try_from(value).map_err(|_| SqliteSinkError::TooLarge { what, value })
+}
+
+/// One output as the row it becomes.
+#[derive(Clone, Debug)]
+struct Row {
+    shard: ShardId,
+    output: String,
+    key: Value,
+    window: Option<(i64, i64)>,
+    record: Option<(String, i64)>,
+    value: String,
+    epoch: LeaseEpoch,
+}
+
+impl Row {
+    fn new(
+        shard: &ShardId,
+        epoch: LeaseEpoch,
+        id: &OutputId,
+        value: String,
+    ) -> Result<Self, SqliteSinkError> {
+        let (key, window, record) = match id {
+            OutputId::Record { position, .. } => (
+                Value::Null,
+                None,
+                Some((
+                    position.sequence.to_string(),
+                    i64::from(position.sub_sequence),
+                )),
+            ),
+            OutputId::Keyed { key, window, .. } => {
+                let key = match key.value() {
+                    KeyValue::Signed(n) => Value::Integer(n),
+                    KeyValue::Unsigned(n) => {
+                        i64::try_from(n).map_or_else(|_| Value::Text(n.to_string()), Value::Integer)
+                    }
+                    KeyValue::Text(s) => Value::Text(s.to_owned()),
+                };
+                (key, window.map(|w| (w.start, w.end)), None)
+            }
+        };
+        Ok(Self {
+            shard: shard.clone(),
+            output: id.to_path(),
+            key,
+            window,
+            record,
+            value,
+            epoch,
+        })
+    }
+}
+
+#[async_trait]
+impl<T: Serialize + Send + Sync + 'static> Sink<T> for SqliteSink<T> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn open(&self, _cx: &SinkContext) -> Result<Box<dyn SinkWriter<T>>, SinkError> {
+        Ok(Box::new(SqliteWriter {
+            sink: self.clone(),
+            conn: Some(self.connect().await?),
+            pending: Vec::new(),
+            bytes: 0,
+        }))
+    }
+
+    fn check(&self, value: &T) -> Result<(), String> {
+        serde_json::to_vec(value)
+            .map(drop)
+            .map_err(|e| format!("not encodable as JSON: {e}"))
+    }
+}
+
+#[async_trait]
+impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> InspectSink<T> for SqliteSink<T> {
+    async fn committed(&self) -> Result<BTreeMap<(ShardId, String), T>, SinkError> {
+        let conn = self.connect().await?;
+        let (path, table) = (self.path.clone(), self.name.clone());
+        let rows = blocking(move || {
+            let fail = |e| SqliteSinkError::sqlite("read", &path, e);
+            let mut stmt = conn
+                .prepare(&format!("SELECT shard, output, value FROM \"{table}\""))
+                .map_err(fail)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get(1)?, r.get::<_, String>(2)?))
+                })
+                .map_err(fail)?;
+            let mut out = BTreeMap::new();
+            for row in rows {
+                let (shard, output, value) = row.map_err(fail)?;
+                let shard = ShardId::new(shard);
+                let value =
+                    serde_json::from_str(&value).map_err(|source| SqliteSinkError::Decode {
+                        shard: shard.clone(),
+                        source,
+                    })?;
+                out.insert((shard, output), value);
+            }
+            Ok(out)
+        })
+        .await;
+        rows.map_err(|e| self.error("read", e))
+    }
+}
+
+struct SqliteWriter<T> {
+    sink: SqliteSink<T>,
+    /// Taken while a commit runs on the blocking pool.
+    conn: Option<Connection>,
+    /// Outputs written since the last commit, encoded.
+    pending: Vec<Row>,
+    bytes: u64,
+}
+
+#[async_trait]
+impl<T: Serialize + Send + Sync + 'static> SinkWriter<T> for SqliteWriter<T> {
+    async fn write(&mut self, batch: OutputBatch<T>) -> Result<(), SinkError> {
+        self.pending.reserve(batch.outputs.len());
+        for output in &batch.outputs {
+            let row = serde_json::to_string(&output.value)
+                .map_err(|source| SqliteSinkError::Encode {
+                    shard: batch.shard.clone(),
+                    source,
+                })
+                .and_then(|value| Row::new(&batch.shard, batch.lease_epoch, &output.id, value))
+                .map_err(|e| self.sink.error("write", e))?;
+            self.pending.push(row);
+        }
+        Ok(())
+    }
+
+    async fn commit(&mut self) -> Result<(), SinkError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let mut conn = match self.conn.take() {
+            Some(conn) => conn,
+            // A commit whose task was lost (cancelled mid-way): connect again.
+            None => self.sink.connect().await?,
+        };
+        let rows = std::mem::take(&mut self.pending);
+        let (path, table) = (self.sink.path.clone(), self.sink.name.clone());
+        let joined = tokio::task::spawn_blocking(move || {
+            let result = upsert(&mut conn, &path, &table, &rows);
+            (conn, rows, result)
+        })
+        .await;
+        let (conn, rows, result) = match joined {
+            Ok(done) => done,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => {
+                return Err(self
+                    .sink
+                    .error("commit", SqliteSinkError::Task(e.to_string())))
+            }
+        };
+        self.conn = Some(conn);
+        match result {
+            Ok(Ok(bytes)) => {
+                self.bytes += bytes;
+                Ok(())
+            }
+            Ok(Err(fenced)) => {
+                // Nothing of the commit landed; it stays pending until the runtime releases
+                // the refused shard (`SinkWriter::commit`).
+                self.pending = rows;
+                Err(SinkError {
+                    sink: self.sink.name.clone(),
+                    operation: "commit",
+                    retryable: false,
+                    source: Box::new(fenced),
+                })
+            }
+            Err(e) => {
+                self.pending = rows;
+                Err(self.sink.error("commit", e))
+            }
+        }
+    }
+
+    fn release_shard(&mut self, shard: &ShardId) {
+        self.pending.retain(|r| &r.shard != shard);
+    }
+
+    fn bytes_written(&self) -> u64 {
+        self.bytes
+    }
+}
+
+/// Upserts `rows` in one transaction. Returns the bytes of values written, or, if a row a newer
+/// lease epoch wrote refused its overwrite, that refusal (and the transaction is rolled back).
+fn upsert(
+    conn: &mut Connection,
+    path: &Path,
+    table: &str,
+    rows: &[Row],
+) -> Result<Result<u64, Fenced>, SqliteSinkError> {
+    let fail = |operation| move |e| SqliteSinkError::sqlite(operation, path, e);
+    // IMMEDIATE: the write lock is taken (or waited for) at the start, not at the first write,
+    // so that two writers never deadlock upgrading their read locks.
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(fail("begin a transaction on"))?;
+    let mut bytes = 0;
+    {
+        // The row's epoch is compared as the pair (generation, counter): an equal epoch
+        // refines its own output, a newer one overwrites, an older one changes nothing.
+        let mut stmt = tx
+            .prepare_cached(&format!(
+                "INSERT INTO \"{table}\" (shard, output, \"key\", window_start, window_end,
+                    record_sequence, record_sub_sequence, value, lease_generation, lease_counter)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                 ON CONFLICT (shard, output) DO UPDATE SET
+                    \"key\" = excluded.\"key\", window_start = excluded.window_start,
+                    window_end = excluded.window_end, record_sequence = excluded.record_sequence,
+                    record_sub_sequence = excluded.record_sub_sequence, value = excluded.value,
+                    lease_generation = excluded.lease_generation,
+                    lease_counter = excluded.lease_counter
+                 WHERE (excluded.lease_generation, excluded.lease_counter)
+                    >= (\"{table}\".lease_generation, \"{table}\".lease_counter)"
+            ))
+            .map_err(fail("prepare an upsert on"))?;
+        for row in rows {
+            let generation = signed("lease generation", row.epoch.generation)?;
+            let counter = signed("lease counter", row.epoch.counter)?;
+            let changed = stmt
+                .execute(params![
+                    row.shard.as_str(),
+                    row.output,
+                    row.key,
+                    row.window.map(|w| w.0),
+                    row.window.map(|w| w.1),
+                    row.record.as_ref().map(|r| r.0.as_str()),
+                    row.record.as_ref().map(|r| r.1),
+                    row.value,
+                    generation,
+                    counter,
+                ])
+                .map_err(fail("upsert into"))?;
+            if changed == 0 {
+                // Dropping the transaction rolls it back.
+                return Ok(Err(Fenced {
+                    shard: row.shard.clone(),
+                    output: row.output.clone(),
+                    epoch: row.epoch,
+                }));
+            }
+            bytes += (row.output.len() + row.value.len()) as u64;
+        }
+    }
+    tx.commit().map_err(fail("commit a transaction on"))?;
+    Ok(Ok(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_that_would_need_quoting_are_refused() {
+        for bad in [
+            "",
+            "1abc",
+            "a-b",
+            "a b",
+            "sqlite_master",
+            "x\"; DROP",
+            &"a".repeat(65),
+        ] {
+            assert!(SqliteSink::<u64>::new("db", bad).is_err(), "{bad:?}");
+        }
+        for good in ["funnel", "Clicks_per_minute2", &"a".repeat(64)] {
+            assert!(SqliteSink::<u64>::new("db", good).is_ok(), "{good:?}");
+        }
+    }
+}

@@ -3,8 +3,10 @@
 //!
 //! `cargo run --release --example clickstream` generates an AdRoll-like stream (a few hundred
 //! campaigns, partition key = campaign) into a local stream of 4 shards under `out/`, runs the
-//! topology to the end of the input, and writes one JSON file per campaign and minute to
-//! `out/clickstream-output/`.
+//! topology to the end of the input, and upserts one row per campaign and minute into the
+//! SQLite database `out/clickstream.sqlite` (table `campaign_minutes`), then prints the busiest
+//! campaign-minutes and the query that found them, to paste into `sqlite3`. With `--output dir`
+//! it writes one JSON file per campaign and minute to `out/clickstream-output/` instead.
 //!
 //! Against Kinesis (an emulator, or AWS with the default credential chain when `--endpoint` is
 //! left out): `cargo run --release --features kinesis --example clickstream -- --backend kinesis
@@ -22,6 +24,7 @@ use shardflow::local::{
     FileLeaseStore, LocalDirSink, LocalProducer, LocalSource, LocalStream, LocalStreamConfig,
 };
 use shardflow::prelude::*;
+use shardflow::sqlite::{rusqlite, SqliteSink};
 
 #[derive(Parser)]
 struct Args {
@@ -44,7 +47,23 @@ struct Args {
     /// Kinesis stream to create and use.
     #[arg(long, default_value = "clickstream")]
     stream: String,
+    /// Where results go: `sqlite` (one database file) or `dir` (one JSON file per result).
+    #[arg(long, value_enum, default_value_t = Output::Sqlite)]
+    output: Output,
 }
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Sqlite,
+    Dir,
+}
+
+/// The busiest campaign-minutes by clicks: the query the example runs and prints.
+const TOP_MINUTES: &str =
+    "SELECT key AS campaign, datetime(window_start / 1000, 'unixepoch') AS minute, \
+     json_extract(value, '$.clicks') AS clicks, \
+     round(json_extract(value, '$.click_through_rate'), 4) AS ctr \
+     FROM campaign_minutes ORDER BY clicks DESC, campaign LIMIT 5";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Backend {
@@ -142,6 +161,7 @@ async fn main() -> Result<()> {
         started.elapsed()
     );
 
+    let database = args.dir.join("clickstream.sqlite");
     let out = args.dir.join("clickstream-output");
     let seen = Arc::new(AtomicU64::new(0));
     let counter = Arc::clone(&seen);
@@ -168,9 +188,13 @@ async fn main() -> Result<()> {
             } else {
                 r.value.clicks as f64 / r.value.impressions as f64
             },
-        })
-        .sink(LocalDirSink::new(&out))
-        .build()?;
+        });
+    let topology = match args.output {
+        Output::Sqlite => topology
+            .sink(SqliteSink::new(&database, "campaign_minutes").map_err(anyhow::Error::msg)?),
+        Output::Dir => topology.sink(LocalDirSink::new(&out)),
+    }
+    .build()?;
     let leases = Arc::new(FileLeaseStore::new(args.dir.join("leases")));
     let config = RuntimeConfig {
         worker_id: "clickstream-example".into(),
@@ -184,15 +208,51 @@ async fn main() -> Result<()> {
         .await?;
     let took = run_started.elapsed();
 
-    let files = walk(&out)?;
+    let (results, place) = match args.output {
+        Output::Sqlite => (count_rows(&database)?, database.display().to_string()),
+        Output::Dir => (walk(&out)?, out.display().to_string()),
+    };
     println!(
         "processed {} events from {} shards in {:.1?} ({:.0} events/s); wrote {} campaign-minute results to {}",
         seen.load(Ordering::Relaxed),
         report.shards_caught_up.len(),
         took,
         seen.load(Ordering::Relaxed) as f64 / took.as_secs_f64(),
-        files,
-        out.display()
+        results,
+        place
+    );
+    if args.output == Output::Sqlite {
+        print_top_minutes(&database)?;
+    }
+    Ok(())
+}
+
+fn count_rows(database: &std::path::Path) -> Result<usize> {
+    let conn = rusqlite::Connection::open(database)?;
+    let n: i64 = conn.query_row("SELECT count(*) FROM campaign_minutes", [], |r| r.get(0))?;
+    Ok(usize::try_from(n)?)
+}
+
+/// Runs `TOP_MINUTES` and prints its rows, and the command that runs it again.
+fn print_top_minutes(database: &std::path::Path) -> Result<()> {
+    let conn = rusqlite::Connection::open(database)?;
+    let mut stmt = conn.prepare(TOP_MINUTES)?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, f64>(3)?,
+        ))
+    })?;
+    println!("busiest campaign-minutes by clicks:");
+    for row in rows {
+        let (campaign, minute, clicks, ctr) = row?;
+        println!("  {campaign}  {minute}  {clicks:>4} clicks  ctr {ctr}");
+    }
+    println!(
+        "query it yourself:\n  sqlite3 {} \"{TOP_MINUTES}\"",
+        database.display()
     );
     Ok(())
 }

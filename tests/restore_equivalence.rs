@@ -1,6 +1,7 @@
 //! Restore equivalence: a windowed topology over 1 M events on the local backend gives a
-//! byte-identical output directory whether it runs uninterrupted, or is aborted in process at
-//! 20 random points and restarted from the lease store at another parallelism.
+//! byte-identical output directory, and the same rows in a SQLite database (compared by query),
+//! whether it runs uninterrupted, or is aborted in process at 20 random points and restarted
+//! from the lease store at another parallelism.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,7 @@ use shardflow::local::{
     FileLeaseStore, LocalDirSink, LocalProducer, LocalSource, LocalStream, LocalStreamConfig,
 };
 use shardflow::prelude::*;
+use shardflow::sqlite::{rusqlite, SqliteSink};
 
 const EVENTS: u64 = 1_000_000;
 const KEYS: u64 = 40;
@@ -26,9 +28,11 @@ struct Event {
     amount: i64,
 }
 
-fn topology(stream: &LocalStream, out: &Path) -> Topology {
+/// The topology, writing its results both to the directory `out` and to the database `db`.
+fn topology(stream: &LocalStream, out: &Path, db: &Path) -> Topology {
     let late_dir = out.join("late");
-    Topology::builder("restore")
+    let late_db = db.to_owned();
+    let windows = Topology::builder("restore")
         .source(LocalSource::new(stream).json::<Event>())
         .event_time(|e: &Event| e.ts)
         .max_out_of_orderness(Duration::from_millis(300))
@@ -36,12 +40,47 @@ fn topology(stream: &LocalStream, out: &Path) -> Topology {
         .window(TumblingWindow::of(Duration::from_secs(5)))
         .allowed_lateness(Duration::from_millis(200))
         .late_records(move |late| {
+            late.clone()
+                .sink(SqliteSink::new(late_db, "late").unwrap().fsync(false));
             late.sink(LocalDirSink::new(late_dir).fsync(false));
         })
-        .aggregate(Sum::of(|e: &Event| e.amount))
+        .aggregate(Sum::of(|e: &Event| e.amount));
+    windows
+        .clone()
+        .sink(SqliteSink::new(db, "windows").unwrap().fsync(false));
+    windows
         .sink(LocalDirSink::new(out.join("windows")).fsync(false))
         .build()
         .expect("valid topology")
+}
+
+/// (table, shard, identity, key, window start, JSON value).
+type Row = (String, String, String, Option<String>, Option<i64>, String);
+
+/// Every row of the database's two tables, by query: (table, shard, identity, key, window
+/// start, JSON value). The lease epoch columns are left out: they differ between runs.
+fn rows(db: &Path) -> Vec<Row> {
+    let conn = rusqlite::Connection::open(db).expect("database");
+    let mut stmt = conn
+        .prepare(
+            "SELECT 'windows', shard, output, key, window_start, value FROM windows \
+             UNION ALL SELECT 'late', shard, output, key, window_start, value FROM late \
+             ORDER BY 1, 2, 3",
+        )
+        .expect("query");
+    stmt.query_map([], |r| {
+        Ok((
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+        ))
+    })
+    .expect("rows")
+    .collect::<Result<_, _>>()
+    .expect("rows")
 }
 
 fn config(parallelism: usize) -> RuntimeConfig {
@@ -137,7 +176,8 @@ async fn aborted_and_restored_runs_write_the_same_outputs() {
     // Uninterrupted, parallelism 2.
     let straight = root.path().join("straight");
     let leases = Arc::new(FileLeaseStore::new(root.path().join("leases-straight")).fsync(false));
-    Runtime::new(topology(&stream, &straight), leases)
+    let straight_db = root.path().join("straight.sqlite");
+    Runtime::new(topology(&stream, &straight, &straight_db), leases)
         .with_config(config(2))
         .run()
         .await
@@ -147,6 +187,7 @@ async fn aborted_and_restored_runs_write_the_same_outputs() {
     // parallelism 3. Attempt k is aborted once every shard's checkpoint passed 3k/80 of the
     // input (polled, so each abort lands after real progress), plus a random delay.
     let restored = root.path().join("restored");
+    let restored_db = root.path().join("restored.sqlite");
     let leases_dir = root.path().join("leases-restored");
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     let mut resumed_from_a_checkpoint = 0;
@@ -155,7 +196,8 @@ async fn aborted_and_restored_runs_write_the_same_outputs() {
         let before = min_committed(&leases_dir).await;
         resumed_from_a_checkpoint += usize::from(before > 0);
         let leases = Arc::new(FileLeaseStore::new(&leases_dir).fsync(false));
-        let runtime = Runtime::new(topology(&stream, &restored), leases).with_config(config(3));
+        let runtime =
+            Runtime::new(topology(&stream, &restored, &restored_db), leases).with_config(config(3));
         let run = tokio::spawn(runtime.run());
         // Checkpoints trail the readers, and the last quarter of the input goes by fast:
         // the abort points are spread over the first three quarters.
@@ -182,11 +224,30 @@ async fn aborted_and_restored_runs_write_the_same_outputs() {
         "aborts hit running pipelines: {aborted_mid_run}"
     );
     let leases = Arc::new(FileLeaseStore::new(&leases_dir).fsync(false));
-    Runtime::new(topology(&stream, &restored), leases)
+    Runtime::new(topology(&stream, &restored, &restored_db), leases)
         .with_config(config(3))
         .run()
         .await
         .expect("final run");
+
+    let (a_rows, b_rows) = (rows(&straight_db), rows(&restored_db));
+    assert_eq!(
+        a_rows.len(),
+        snapshot(&straight).len(),
+        "one row per output file"
+    );
+    let differing: Vec<_> = a_rows
+        .iter()
+        .zip(&b_rows)
+        .filter(|(a, b)| a != b)
+        .take(5)
+        .collect();
+    assert!(
+        a_rows.len() == b_rows.len() && differing.is_empty(),
+        "the databases differ ({} rows against {}): {differing:?}",
+        a_rows.len(),
+        b_rows.len()
+    );
 
     let a = snapshot(&straight);
     let b = snapshot(&restored);

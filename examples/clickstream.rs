@@ -190,8 +190,7 @@ async fn main() -> Result<()> {
             },
         });
     let topology = match args.output {
-        Output::Sqlite => topology
-            .sink(SqliteSink::new(&database, "campaign_minutes").map_err(anyhow::Error::msg)?),
+        Output::Sqlite => topology.sink(SqliteSink::new(&database, "campaign_minutes")?),
         Output::Dir => topology.sink(LocalDirSink::new(&out)),
     }
     .build()?;

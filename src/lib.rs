@@ -32,6 +32,21 @@ pub use shardflow_core::sink::{MemorySink, Sink, Window};
 pub use shardflow_core::topology::{Stream, Topology};
 pub use shardflow_core::{Error, Result};
 
+// Every Rust block of the README and the guide compiles and runs as a doc test. The guide's
+// last part needs the AWS features.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+mod readme_doctests {}
+#[cfg(all(
+    doctest,
+    feature = "sqlite",
+    feature = "kinesis",
+    feature = "dynamodb",
+    feature = "s3"
+))]
+#[doc = include_str!("../docs/guide.md")]
+mod guide_doctests {}
+
 /// Everything a topology declaration needs, in one import.
 pub mod prelude {
     pub use shardflow_core::dead_letter::{DeadLetter, DeadLetterRecord};

@@ -77,6 +77,15 @@ pub enum SqliteSinkError {
         /// The number.
         value: u64,
     },
+    /// A table name SQL would need quoting for, or that is too long.
+    #[error(
+        "a table name of {len} bytes is not one SqliteSink accepts: ASCII letters, digits and _, \
+         starting with a letter, at most {MAX_TABLE_NAME} bytes, not sqlite_*"
+    )]
+    TableName {
+        /// The name's length in bytes (the name itself is not repeated).
+        len: usize,
+    },
     /// The blocking task that runs SQLite's calls ended without an answer.
     #[error("the database task ended: {0}")]
     Task(String),
@@ -131,18 +140,14 @@ impl<T> SqliteSink<T> {
     ///
     /// # Errors
     /// A table name SQL would need quoting for, or that is too long.
-    pub fn new(path: impl AsRef<Path>, table: impl Into<String>) -> Result<Self, String> {
+    pub fn new(path: impl AsRef<Path>, table: impl Into<String>) -> Result<Self, SqliteSinkError> {
         let name = table.into();
         let valid = name.len() <= MAX_TABLE_NAME
             && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
             && !name.to_ascii_lowercase().starts_with("sqlite_");
         if !valid {
-            return Err(format!(
-                "table name of {} bytes is not one SqliteSink accepts: ASCII letters, digits \
-                 and _, starting with a letter, at most {MAX_TABLE_NAME} bytes, not sqlite_*",
-                name.len()
-            ));
+            return Err(SqliteSinkError::TableName { len: name.len() });
         }
         Ok(Self {
             name,

@@ -126,5 +126,5 @@ fn table_names_that_need_quoting_are_refused_before_anything_opens() {
     let error = SqliteSink::<u64>::new("x.sqlite", "per-minute")
         .err()
         .unwrap();
-    assert!(error.contains("ASCII letters"), "{error}");
+    assert!(error.to_string().contains("ASCII letters"), "{error}");
 }

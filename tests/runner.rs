@@ -48,7 +48,7 @@ async fn a_worker_from_flags_processes_and_stops_gracefully() {
     let run = tokio::spawn(run_with(
         settings,
         move |cx| async move {
-            let stream = cx.local_stream()?;
+            let stream = cx.local_stream().await?;
             Ok(Topology::builder("copy")
                 .source(LocalSource::new(&stream).json::<u32>())
                 .sink(LocalDirSink::new(&sink_dir))
@@ -114,7 +114,7 @@ async fn a_backfill_with_until_caught_up_processes_what_the_stream_holds_and_exi
         run_with(
             settings,
             move |cx| async move {
-                let stream = cx.local_stream()?;
+                let stream = cx.local_stream().await?;
                 Ok(Topology::builder("backfill")
                     .source(LocalSource::new(&stream).json::<u32>())
                     .sink(LocalDirSink::new(&sink_dir))
@@ -138,4 +138,71 @@ async fn a_backfill_with_until_caught_up_processes_what_the_stream_holds_and_exi
         report.shards_ended.is_empty(),
         "open shards are read to their tip, not ended"
     );
+}
+
+/// Issue 13: a worker started before its local stream existed exited with an error. It now
+/// waits for the stream, and processes it once it is created; a backfill of a missing stream
+/// still fails at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_before_its_local_stream_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let local_dir = dir.path().display().to_string();
+    let flags = |extra: &[&str]| {
+        let mut args = vec![
+            "worker",
+            "--stream",
+            "later",
+            "--local-dir",
+            &local_dir,
+            "--checkpoint-interval",
+            "50ms",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        Settings::resolve(Flags::try_parse_from(args).unwrap()).unwrap()
+    };
+    let out = dir.path().join("out");
+    let build = |out: std::path::PathBuf| {
+        move |cx: shardflow::run::RunContext| async move {
+            let stream = cx.local_stream().await?;
+            Ok(Topology::builder("copy")
+                .source(LocalSource::new(&stream).json::<u32>())
+                .sink(LocalDirSink::new(&out))
+                .build()?)
+        }
+    };
+    let error = run_with(flags(&["--until-caught-up"]), build(out.clone()), None)
+        .await
+        .expect_err("a backfill of a missing stream fails");
+    assert!(format!("{error:#}").contains("later"), "{error:#}");
+
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(run_with(
+        flags(&[]),
+        build(out.clone()),
+        Some(shutdown.clone()),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!run.is_finished(), "waiting for the stream");
+    local_stream_holding(dir.path(), "later", 1, 10).await;
+    let sink = LocalDirSink::new(&out);
+    for _ in 0..500 {
+        if sink
+            .read_topology::<u32>("copy")
+            .await
+            .map_or(0, |m| m.len())
+            == 10
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sink.read_topology::<u32>("copy").await.unwrap().len(), 10);
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("stops within 10 s")
+        .unwrap()
+        .expect("a clean run");
 }

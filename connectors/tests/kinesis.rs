@@ -654,3 +654,20 @@ async fn an_iterator_that_expires_while_the_pipeline_is_slow_is_renewed_without_
     );
     admin.delete_stream(&stream).await.expect("delete");
 }
+
+/// Issue 13: listing a stream that does not exist yet is `StreamNotFound` (the runtime waits
+/// for a stream it never listed), on kinesis-local and kinesalite alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_a_stream_not_created_yet_is_stream_not_found() {
+    for (emulator, client) in clients().await {
+        let source = KinesisSource::new(client, stream_name("never-created"));
+        let error = source.list_shards().await.expect_err("no such stream");
+        assert!(
+            matches!(
+                error,
+                shardflow_core::error::SourceError::StreamNotFound { .. }
+            ),
+            "{emulator}: {error:?}"
+        );
+    }
+}

@@ -33,6 +33,8 @@ pub struct MemoryStream {
 struct Listing {
     facts: Option<StreamFacts>,
     unlisted: Vec<ShardId>,
+    /// The stream answers "not found", as Kinesis does before it is created.
+    missing: bool,
 }
 
 type MemoryShard = (ShardInfo, Vec<MemoryRecord>);
@@ -60,6 +62,7 @@ impl MemoryStream {
                     retention: std::time::Duration::from_secs(24 * 3600),
                 }),
                 unlisted: Vec::new(),
+                missing: false,
             })),
         }
     }
@@ -75,6 +78,12 @@ impl MemoryStream {
     pub fn unlist(&self, shard: usize) {
         let id = self.lock()[shard].0.id.clone();
         self.listing().unlisted.push(id);
+    }
+
+    /// Whether listing the stream answers [`SourceError::StreamNotFound`], as a stream not
+    /// created yet does.
+    pub fn set_missing(&self, missing: bool) {
+        self.listing().missing = missing;
     }
 
     /// What the stream says of its creation time and retention (`None`: it cannot tell).
@@ -196,6 +205,11 @@ impl Source for MemoryStream {
 
     async fn list_shards(&self) -> Result<Vec<ShardInfo>, SourceError> {
         let listing = self.listing();
+        if listing.missing {
+            return Err(SourceError::StreamNotFound {
+                stream: self.name.clone(),
+            });
+        }
         Ok(self
             .lock()
             .iter()

@@ -1750,3 +1750,52 @@ async fn a_stopped_shard_taken_by_another_worker_leaves_this_workers_readyz() {
     stop.cancel();
     run.await.unwrap().expect_err("a reports shard-1");
 }
+
+/// Issue 13: a worker started before its stream existed exited with an error. A continuous
+/// run now waits for the stream (and processes it once created); a bounded run still fails
+/// at once, naming the stream.
+#[tokio::test(start_paused = true)]
+async fn a_worker_started_before_its_stream_waits_for_it() {
+    let stream = MemoryStream::new("later", 1);
+    stream.set_missing(true);
+    let counts = MemorySink::new("counts");
+    let topology = || {
+        Topology::builder("later")
+            .source(stream.clone().decode_fn(decode))
+            .key_by(|e: &Event| e.key)
+            .aggregate(Count)
+            .sink(counts.clone())
+            .build()
+            .unwrap()
+    };
+    let error = Runtime::new(topology(), Arc::new(MemoryLeaseStore::new()))
+        .with_config(config(RunMode::UntilCaughtUp))
+        .run()
+        .await
+        .expect_err("a backfill of a missing stream fails");
+    assert!(error.to_string().contains("later"), "{error}");
+
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(
+        Runtime::new(topology(), Arc::new(MemoryLeaseStore::new()))
+            .with_config(config(RunMode::Continuous))
+            .with_shutdown(shutdown.clone())
+            .run(),
+    );
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(!run.is_finished(), "still waiting for the stream");
+    stream.set_missing(false);
+    for uid in 0..3 {
+        push(&stream, 0, &event(uid, 1, T0 + uid as i64));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(value_of(&counts, "k/1").map(|r| r.value), Some(3));
+    // Gone after it was listed: an error to see, not to sit out.
+    stream.set_missing(true);
+    let error = run
+        .await
+        .unwrap()
+        .expect_err("a stream that vanished while listed fails the run");
+    assert!(error.to_string().contains("later"), "{error}");
+    shutdown.cancel();
+}

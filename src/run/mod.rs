@@ -11,7 +11,7 @@
 //!
 //! fn main() -> std::process::ExitCode {
 //!     shardflow::run(|cx| async move {
-//!         let stream = cx.local_stream()?;
+//!         let stream = cx.local_stream().await?;
 //!         Ok(Topology::builder("copy")
 //!             .source(LocalSource::new(&stream).raw())
 //!             .sink(LocalDirSink::new("out/"))
@@ -30,7 +30,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Parser as _;
 use prometheus::Registry;
-use shardflow_connectors::local::{FileLeaseStore, LocalStream};
+use shardflow_connectors::local::{FileLeaseStore, LocalStream, LocalStreamError};
 use shardflow_core::lease::LeaseStore;
 use shardflow_core::runtime::metrics::Metrics;
 use shardflow_core::runtime::{Health, RunMode, RunReport, Runtime};
@@ -38,6 +38,11 @@ use shardflow_core::topology::Topology;
 use tokio_util::sync::CancellationToken;
 
 pub use settings::{Backend, Flags, LogFormat, Settings, SettingsError};
+
+/// How often a worker waiting for its local stream looks for it.
+const STREAM_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+/// How often a worker waiting for its local stream says so.
+pub const STREAM_WAIT_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What the topology's builder gets: the settings, the metrics registry the endpoint serves,
 /// and clients made from them.
@@ -57,19 +62,33 @@ impl RunContext {
         &self.registry
     }
 
-    /// The local backend's stream named by the settings, under `local_dir/stream`.
+    /// The local backend's stream named by the settings, under `local_dir/stream`. A worker
+    /// started before its stream was created waits for it, with a log line every
+    /// [`STREAM_WAIT_LOG_EVERY`]; a bounded run (`--until-caught-up`) fails at once instead.
     ///
     /// # Errors
-    /// The stream does not exist or cannot be opened.
-    pub fn local_stream(&self) -> anyhow::Result<LocalStream> {
+    /// The stream cannot be opened, or does not exist and the run is bounded.
+    pub async fn local_stream(&self) -> anyhow::Result<LocalStream> {
         let dir = self.settings.local_dir.join("stream");
-        LocalStream::open(&dir, &self.settings.stream).with_context(|| {
-            format!(
-                "opening local stream {} in {}",
-                self.settings.stream,
-                dir.display()
-            )
-        })
+        let name = &self.settings.stream;
+        let waits = self.settings.runtime.mode == RunMode::Continuous;
+        let mut last_log: Option<std::time::Instant> = None;
+        loop {
+            match LocalStream::open(&dir, name) {
+                Err(LocalStreamError::StreamNotFound { .. }) if waits => {
+                    if last_log.is_none_or(|at| at.elapsed() >= STREAM_WAIT_LOG_EVERY) {
+                        tracing::warn!(stream = %name, dir = %dir.display(), "the local stream does not exist yet: waiting for it to be created");
+                        last_log = Some(std::time::Instant::now());
+                    }
+                    tokio::time::sleep(STREAM_POLL).await;
+                }
+                opened => {
+                    return opened.with_context(|| {
+                        format!("opening local stream {name} in {}", dir.display())
+                    })
+                }
+            }
+        }
     }
 
     #[cfg(any(feature = "kinesis", feature = "dynamodb", feature = "s3"))]

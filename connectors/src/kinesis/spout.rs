@@ -99,9 +99,19 @@ impl Source for KinesisSource {
     }
 
     async fn list_shards(&self) -> Result<Vec<ShardInfo>, SourceError> {
-        Ok(StreamAdmin::new(self.client.clone())
+        StreamAdmin::new(self.client.clone())
             .list_shards(&self.stream)
-            .await?)
+            .await
+            .map_err(|e| {
+                // Not created yet (or deleted): the runtime waits for a stream it never listed.
+                if e.code() == Some("ResourceNotFoundException") {
+                    SourceError::StreamNotFound {
+                        stream: self.stream.clone(),
+                    }
+                } else {
+                    e.into()
+                }
+            })
     }
 
     /// From DescribeStreamSummary: one call, made only while a leased shard is missing from

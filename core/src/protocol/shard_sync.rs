@@ -98,6 +98,14 @@ pub fn leases_to_start<'a>(
         .collect()
 }
 
+/// Whether a shard sync that found no stream waits for it (tried again after a backoff) instead
+/// of failing the run: only a continuous run that never listed the stream (a worker deployed
+/// before its stream was created). A bounded run (a backfill) has nothing to wait for, and a
+/// stream that vanished after it was listed is an error to see, not to sit out.
+pub fn waits_for_missing_stream(listed_before: bool, bounded: bool) -> bool {
+    !listed_before && !bounded
+}
+
 /// The wait before the `failures`-th retry of a failed shard sync: 250 ms doubling, at most
 /// the sync interval.
 pub fn retry_after(failures: u32, interval: Duration) -> Duration {

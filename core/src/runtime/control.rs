@@ -10,14 +10,16 @@ use tokio::time::{Instant, Interval};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::WallClock;
-use crate::error::{Error, LeaseError, ShardStopped};
+use crate::error::{Error, LeaseError, ShardStopped, SourceError};
 use crate::lease::{worker_of, CheckpointPosition, LeaseEpoch, ShardCheckpoint};
 use crate::metrics::Metrics;
 use crate::position::{ShardId, ShardInfo};
 use crate::protocol::checkpoint::Epoch;
 use crate::protocol::lease_rules::{renewal_due, request_poll_interval};
 use crate::protocol::outcome::{after_task, finished, run_over, AfterTask, Finished, TaskEnd};
-use crate::protocol::shard_sync::{leases_to_start, processable, retry_after};
+use crate::protocol::shard_sync::{
+    leases_to_start, processable, retry_after, waits_for_missing_stream,
+};
 use crate::protocol::vanished::VanishedShards;
 use crate::random::Random;
 use crate::topology::{Exchanges, Topology};
@@ -134,6 +136,9 @@ pub(crate) struct ControlLoop {
     /// clock from `started` (a wall clock set back could delete a lease early).
     vanished: VanishedShards,
     started: Instant,
+    /// Whether a shard sync of this run listed the stream: until then a missing stream is
+    /// waited for (`waits_for_missing_stream`).
+    stream_listed: bool,
     /// Whether the stream's facts were read yet (once at the start, then only while a leased
     /// shard is missing), so that a stream created again is noticed.
     stream_facts_read: bool,
@@ -187,6 +192,7 @@ impl ControlLoop {
             clock,
             vanished: VanishedShards::new(),
             started: now,
+            stream_listed: false,
             stream_facts_read: false,
         }
     }
@@ -292,6 +298,24 @@ impl ControlLoop {
                 let held = self.leases.held_count().await;
                 self.metrics.leases(self.name(), held);
             }
+            Err(Error::Source(SourceError::StreamNotFound { stream }))
+                if waits_for_missing_stream(
+                    self.stream_listed,
+                    self.config.mode == RunMode::UntilCaughtUp,
+                ) =>
+            {
+                self.sync.failures += 1;
+                self.sync.owed = true;
+                let backoff = retry_after(self.sync.failures, self.config.shard_sync_interval);
+                self.sync.next = Instant::now() + backoff;
+                self.decisions
+                    .record(|| format!("stream {stream} missing, waiting"));
+                tracing::warn!(topology = %self.name(), %stream, ?backoff, "the stream does not exist yet: waiting for it to be created");
+                // Alive while it waits, if the lease table answers (/healthz).
+                if self.leases.list().await.is_ok() {
+                    self.health.lease_round_ok();
+                }
+            }
             Err(error) if error.is_retryable() => {
                 self.decisions
                     .record(|| format!("sync failed, retryable: {error}"));
@@ -316,6 +340,7 @@ impl ControlLoop {
 
     async fn sync_and_start(&mut self) -> Result<(), Error> {
         let shards = self.topology.source.list_shards().await?;
+        self.stream_listed = true;
         self.leases.sync(&shards).await?;
         let lease_list = self.leases.list().await?;
         self.leases.note_requests(&lease_list).await;

@@ -6,6 +6,7 @@
 pub mod aggregate;
 pub mod key;
 pub mod keyed;
+pub mod misuse;
 mod running;
 pub mod stateless;
 pub mod window;

@@ -5,6 +5,8 @@ use std::fmt::Display;
 
 use shardflow_core::topology::{Collector, RecordCx, ShardStage, Stage, Stream};
 
+use crate::misuse::{AggregateNeedsKey, WindowNeedsKey};
+
 /// Stateless operators on any stream.
 pub trait StreamExt<T, S: Stage>: Sized {
     /// Transforms each value.
@@ -29,6 +31,24 @@ pub trait StreamExt<T, S: Stage>: Sized {
     fn inspect<F>(self, f: F) -> Stream<T, S::AfterOp>
     where
         F: Fn(&T) + Clone + Send + Sync + 'static;
+
+    /// Not callable here: a stream needs `.key_by(..)` before `.window(..)`. Declared so that
+    /// the compiler says so (see [`WindowNeedsKey`]) instead of "no method named `window`".
+    fn window<W>(self, assigner: W) -> <Self as WindowNeedsKey<W>>::Windowed
+    where
+        Self: WindowNeedsKey<W>,
+    {
+        self.window_of_keyed(assigner)
+    }
+
+    /// Not callable here: a stream needs `.key_by(..)` before `.aggregate(..)` (see
+    /// [`AggregateNeedsKey`]).
+    fn aggregate<A>(self, aggregator: A) -> <Self as AggregateNeedsKey<A>>::Aggregated
+    where
+        Self: AggregateNeedsKey<A>,
+    {
+        self.aggregate_of_keyed(aggregator)
+    }
 }
 
 impl<T: Send + 'static, S: Stage> StreamExt<T, S> for Stream<T, S> {

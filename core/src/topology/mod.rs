@@ -10,7 +10,7 @@ pub(crate) use graph::{
     InstantiateBranch, InstantiateRoot, KeyedBranchDecl, Node, Processed, ShardPipeline, SinkDecl,
     SourceDecl, StatelessDecl, TeeDecl, WorkerCx,
 };
-pub use stage::{Keyed, ShardStage, Sharded, Sourced, Stage};
+pub use stage::{Keyed, ShardStage, Sharded, SourceStage, Sourced, Stage};
 pub use stream::{Pipeline, Stream, Topology, TopologyBuilder};
 
 // What operators implement, at the paths it had before it moved to `operator/`.

@@ -38,3 +38,14 @@ impl Stage for Keyed {
 }
 impl ShardStage for Sourced {}
 impl ShardStage for Sharded {}
+
+/// The stage where a stream's event time and watermarks are set: straight out of the source,
+/// before any operator can drop or reorder records. Only [`Sourced`] is.
+#[diagnostic::on_unimplemented(
+    message = "event time is set right after `.source(..)`: call `.event_time(..)` (and \
+               `.max_out_of_orderness(..)`, `.max_event_time_skew(..)`, `.idleness(..)`) before \
+               `.map`, `.filter` or any other operator",
+    label = "this stream has passed an operator already (it is at stage `{Self}`, not `Sourced`)"
+)]
+pub trait SourceStage: Stage {}
+impl SourceStage for Sourced {}

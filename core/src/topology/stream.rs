@@ -18,7 +18,7 @@ use crate::topology::graph::{
     lock, ExchangeDecl, FallibleDecl, Graph, InstantiateBranch, InstantiateRoot, KeyedBranchDecl,
     Node, SinkDecl, SourceDecl, SourceSettings, StatelessDecl, TeeDecl,
 };
-use crate::topology::stage::{Keyed, ShardStage, Sharded, Sourced, Stage};
+use crate::topology::stage::{Keyed, ShardStage, Sharded, SourceStage, Sourced, Stage};
 
 /// A typed stream of values of type `T` at stage `S`. Clone it to fan out to several branches.
 pub struct Stream<T, S = Sharded> {
@@ -144,17 +144,25 @@ impl TopologyBuilder {
     }
 }
 
-impl<T: Send + 'static> Stream<T, Sourced> {
+// Declared for every stage and bounded by `SourceStage`, so that a call after an operator
+// says where it goes instead of "no method named `event_time`".
+impl<T: Send + 'static, S: Stage> Stream<T, S> {
     /// Takes event time from the records (default: the stream's arrival time). Watermarks
     /// follow the largest event time seen in each shard.
-    pub fn event_time(self, f: impl Fn(&T) -> EventTime + Send + Sync + 'static) -> Self {
+    pub fn event_time(self, f: impl Fn(&T) -> EventTime + Send + Sync + 'static) -> Self
+    where
+        S: SourceStage,
+    {
         self.with_source(|s| *lock(&s.event_time) = Some(Arc::new(f)));
         self
     }
 
     /// How far out of order records may arrive: the watermark trails the largest event time
     /// seen by this much (default zero).
-    pub fn max_out_of_orderness(self, bound: Duration) -> Self {
+    pub fn max_out_of_orderness(self, bound: Duration) -> Self
+    where
+        S: SourceStage,
+    {
         self.with_source(|s| *lock(&s.out_of_orderness) = bound);
         self
     }
@@ -163,7 +171,10 @@ impl<T: Send + 'static> Stream<T, Sourced> {
     /// hour). A record further ahead (a producer whose clock is wrong) never moves the
     /// watermark and is late for every window: it goes to the late side output where there is
     /// one, and is counted in `shardflow_untimely_records_total` and logged.
-    pub fn max_event_time_skew(self, skew: Duration) -> Self {
+    pub fn max_event_time_skew(self, skew: Duration) -> Self
+    where
+        S: SourceStage,
+    {
         self.with_source(|s| *lock(&s.max_skew) = skew);
         self
     }
@@ -173,7 +184,10 @@ impl<T: Send + 'static> Stream<T, Sourced> {
     /// (default: off, as Flink's `withIdleness`). Use it where event time follows the
     /// stream's clock. The advance is recorded in the lease before anything it fires is
     /// written, and a replay makes it again after the same record.
-    pub fn idleness(self, timeout: Duration) -> Self {
+    pub fn idleness(self, timeout: Duration) -> Self
+    where
+        S: SourceStage,
+    {
         self.with_source(|s| *lock(&s.idleness) = Some(timeout));
         self
     }

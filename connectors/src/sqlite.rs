@@ -1,9 +1,11 @@
 //! `SqliteSink`: outputs upserted by identity into one table of an embedded SQLite database, one
 //! transaction per commit, fenced by lease epoch like `DynamoSink`.
 //!
-//! Each row is one output: the source shard and identity path (the primary key), the key and
-//! window as typed columns (an integer key stays an integer), the record position for outputs
-//! of records, the value as JSON, and the lease epoch that wrote it. A replay writes the same
+//! Each row is one output: the topology, source shard and identity path (the primary key), the
+//! key and window as typed columns (an integer key stays an integer, up to `i64::MAX`; a larger
+//! unsigned key is stored as text), the record position for outputs of records, the value as
+//! JSON, and the lease epoch that wrote it. The writers of one sink share one connection, so a
+//! process's commits queue for it instead of contending for SQLite's lock. A replay writes the same
 //! rows again (no duplicates), and an upsert never lets an older lease epoch replace a row a
 //! newer one wrote: such a commit is refused whole as [`Fenced`] and nothing of it lands.
 //!
@@ -14,6 +16,7 @@
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -30,8 +33,8 @@ use shardflow_core::sink::{
     InspectSink, KeyValue, OutputBatch, OutputId, Sink, SinkContext, SinkWriter,
 };
 
-/// How long a writer waits for another writer's transaction (another shard's commit, or another
-/// process on the same file) before its commit fails as retryable.
+/// How long a commit waits for another connection's transaction (another process, or another
+/// sink on the same file) before it fails as retryable, by default.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest table name accepted: SQLite has no limit, but a name is also a metric label.
 const MAX_TABLE_NAME: usize = 64;
@@ -41,7 +44,7 @@ const MAX_TABLE_NAME: usize = 64;
 #[non_exhaustive]
 pub enum SqliteSinkError {
     /// SQLite refused or failed an operation.
-    #[error("{operation} on {path} failed: {source}")]
+    #[error("{operation} {path} failed: {source}")]
     Sqlite {
         /// What was being done.
         operation: &'static str,
@@ -52,22 +55,41 @@ pub enum SqliteSinkError {
         source: rusqlite::Error,
     },
     /// A value could not be written as JSON (a map with non-string keys, a failing `Serialize`).
-    #[error("an output of shard {shard} cannot be encoded as JSON: {source}")]
+    #[error("an output of shard {shard} cannot be encoded as JSON ({category:?} error)")]
     Encode {
         /// The output's source shard.
         shard: ShardId,
-        /// The encoder's error.
-        #[source]
-        source: serde_json::Error,
+        /// What kind of error the encoder found (its message may quote the value).
+        category: serde_json::error::Category,
     },
-    /// A stored value does not parse as the sink's type.
-    #[error("a stored output of shard {shard} does not hold the expected type: {source}")]
+    /// A stored value does not parse as the sink's type (the parser's message, which may
+    /// quote the value, is left out).
+    #[error(
+        "a stored output of shard {shard} does not hold the expected type ({category:?} error \
+         at column {column})"
+    )]
     Decode {
         /// The output's source shard.
         shard: ShardId,
-        /// The decoder's error.
-        #[source]
-        source: serde_json::Error,
+        /// What kind of error the parser found.
+        category: serde_json::error::Category,
+        /// Where in the stored JSON.
+        column: usize,
+    },
+    /// The table exists with other columns (made by another program, or an older version).
+    #[error(
+        "table {table} in {path} has columns {found} where this version writes {expected}: use \
+         another table name, or move the old table away"
+    )]
+    Schema {
+        /// The table.
+        table: String,
+        /// The database file.
+        path: PathBuf,
+        /// The columns found, as `name type pk`.
+        found: String,
+        /// The columns expected.
+        expected: String,
     },
     /// A number does not fit SQLite's signed 64-bit integers.
     #[error("{what} {value} does not fit a signed 64-bit integer")]
@@ -120,6 +142,9 @@ pub struct SqliteSink<T> {
     name: String,
     path: PathBuf,
     fsync: bool,
+    busy_timeout: Duration,
+    /// The connection every writer of this sink commits through, opened by the first.
+    shared: Arc<Mutex<Option<Connection>>>,
     _values: PhantomData<fn(T)>,
 }
 
@@ -129,6 +154,8 @@ impl<T> Clone for SqliteSink<T> {
             name: self.name.clone(),
             path: self.path.clone(),
             fsync: self.fsync,
+            busy_timeout: self.busy_timeout,
+            shared: Arc::clone(&self.shared),
             _values: PhantomData,
         }
     }
@@ -153,6 +180,8 @@ impl<T> SqliteSink<T> {
             name,
             path: path.as_ref().to_owned(),
             fsync: true,
+            busy_timeout: BUSY_TIMEOUT,
+            shared: Arc::default(),
             _values: PhantomData,
         })
     }
@@ -163,6 +192,14 @@ impl<T> SqliteSink<T> {
     #[must_use]
     pub fn fsync(mut self, fsync: bool) -> Self {
         self.fsync = fsync;
+        self
+    }
+
+    /// How long a commit waits for another connection's write lock on the file (another
+    /// process, or another sink on the same file) before it fails as retryable (default 10 s).
+    #[must_use]
+    pub fn busy_timeout(mut self, wait: Duration) -> Self {
+        self.busy_timeout = wait;
         self
     }
 
@@ -185,12 +222,39 @@ impl<T> SqliteSink<T> {
         }
     }
 
-    /// Opens a connection to the database with the table created, off the async threads.
-    async fn connect(&self) -> Result<Connection, SinkError> {
-        let (path, table, fsync) = (self.path.clone(), self.name.clone(), self.fsync);
-        blocking(move || connect(&path, &table, fsync))
-            .await
-            .map_err(|e| self.error("open", e))
+    /// Opens the shared connection (creating or checking the table) unless it is open, off the
+    /// async threads.
+    async fn connect(&self) -> Result<(), SinkError> {
+        let (path, table) = (self.path.clone(), self.name.clone());
+        let (fsync, busy) = (self.fsync, self.busy_timeout);
+        let shared = Arc::clone(&self.shared);
+        blocking(move || {
+            let mut conn = shared.lock().unwrap_or_else(PoisonError::into_inner);
+            if conn.is_none() {
+                *conn = Some(connect(&path, &table, fsync, busy)?);
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| self.error("open", e))
+    }
+
+    /// Runs `op` with the shared connection on the blocking pool.
+    async fn with_connection<R: Send + 'static>(
+        &self,
+        operation: &'static str,
+        op: impl FnOnce(&mut Connection, &Path, &str) -> Result<R, SqliteSinkError> + Send + 'static,
+    ) -> Result<R, SinkError> {
+        self.connect().await?;
+        let (path, table) = (self.path.clone(), self.name.clone());
+        let shared = Arc::clone(&self.shared);
+        blocking(move || {
+            let mut conn = shared.lock().unwrap_or_else(PoisonError::into_inner);
+            let conn = conn.as_mut().expect("connected just before");
+            op(conn, &path, &table)
+        })
+        .await
+        .map_err(|e| self.error(operation, e))
     }
 }
 
@@ -205,14 +269,19 @@ async fn blocking<R: Send + 'static>(
     }
 }
 
-fn connect(path: &Path, table: &str, fsync: bool) -> Result<Connection, SqliteSinkError> {
+fn connect(
+    path: &Path,
+    table: &str,
+    fsync: bool,
+    busy_timeout: Duration,
+) -> Result<Connection, SqliteSinkError> {
     let fail = |operation| move |e| SqliteSinkError::sqlite(operation, path, e);
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .map_err(|e| SqliteSinkError::sqlite("create the directory of", path, io_error(&e)))?;
     }
     let conn = Connection::open(path).map_err(fail("open"))?;
-    conn.busy_timeout(BUSY_TIMEOUT)
+    conn.busy_timeout(busy_timeout)
         .map_err(fail("set the busy timeout of"))?;
     // WAL: a reader never blocks a commit. FULL syncs the WAL at every commit; NORMAL only
     // at WAL checkpoints (a commit survives a process crash, not always a power loss).
@@ -221,24 +290,77 @@ fn connect(path: &Path, table: &str, fsync: bool) -> Result<Connection, SqliteSi
     let synchronous = if fsync { "FULL" } else { "NORMAL" };
     conn.pragma_update(None, "synchronous", synchronous)
         .map_err(fail("set the synchronous mode of"))?;
+    let columns: Vec<String> = COLUMNS
+        .iter()
+        .map(|(name, ty, _)| format!("\"{name}\" {ty}").trim_end().to_owned())
+        .collect();
     // `key` has no declared type, so an integer key stays an integer and text stays text.
     conn.execute_batch(&format!(
-        "CREATE TABLE IF NOT EXISTS \"{table}\" (
-            shard TEXT NOT NULL,
-            output TEXT NOT NULL,
-            \"key\",
-            window_start INTEGER,
-            window_end INTEGER,
-            record_sequence TEXT,
-            record_sub_sequence INTEGER,
-            value TEXT NOT NULL,
-            lease_generation INTEGER NOT NULL,
-            lease_counter INTEGER NOT NULL,
-            PRIMARY KEY (shard, output)
-        ) WITHOUT ROWID;"
+        "CREATE TABLE IF NOT EXISTS \"{table}\" ({}, PRIMARY KEY (topology, shard, output)) \
+         WITHOUT ROWID;",
+        columns.join(", ")
     ))
     .map_err(fail("create the table in"))?;
+    check_schema(&conn, path, table)?;
     Ok(conn)
+}
+
+/// The table's columns: name, declared type, place in the primary key (0: not in it).
+const COLUMNS: [(&str, &str, i64); 11] = [
+    ("topology", "TEXT NOT NULL", 1),
+    ("shard", "TEXT NOT NULL", 2),
+    ("output", "TEXT NOT NULL", 3),
+    ("key", "", 0),
+    ("window_start", "INTEGER", 0),
+    ("window_end", "INTEGER", 0),
+    ("record_sequence", "TEXT", 0),
+    ("record_sub_sequence", "INTEGER", 0),
+    ("value", "TEXT NOT NULL", 0),
+    ("lease_generation", "INTEGER NOT NULL", 0),
+    ("lease_counter", "INTEGER NOT NULL", 0),
+];
+
+/// Refuses a table that exists with other columns or types: an epoch column declared as text,
+/// say, would compare `'9' >= '10'` and let a stale writer through.
+fn check_schema(conn: &Connection, path: &Path, table: &str) -> Result<(), SqliteSinkError> {
+    let fail = |e| SqliteSinkError::sqlite("read the columns of a table in", path, e);
+    let mut stmt = conn
+        .prepare(&format!("PRAGMA table_info(\"{table}\")"))
+        .map_err(fail)?;
+    let found: Vec<(String, String, bool, i64)> = stmt
+        .query_map([], |r| {
+            Ok((r.get(1)?, r.get(2)?, r.get::<_, i64>(3)? != 0, r.get(5)?))
+        })
+        .map_err(fail)?
+        .collect::<Result<_, _>>()
+        .map_err(fail)?;
+    let expected: Vec<(String, String, bool, i64)> = COLUMNS
+        .iter()
+        .map(|(name, ty, pk)| {
+            let not_null = ty.ends_with("NOT NULL");
+            let ty = ty.trim_end_matches("NOT NULL").trim_end();
+            ((*name).to_owned(), ty.to_owned(), not_null, *pk)
+        })
+        .collect();
+    let same = found.len() == expected.len()
+        && found.iter().zip(&expected).all(|(f, e)| {
+            f.0 == e.0 && f.1.eq_ignore_ascii_case(&e.1) && f.3 == e.3 && (f.2 || !e.2)
+        });
+    if same {
+        return Ok(());
+    }
+    let show = |cols: &[(String, String, bool, i64)]| {
+        cols.iter()
+            .map(|(n, t, _, pk)| format!("{n} {t} {pk}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Err(SqliteSinkError::Schema {
+        table: table.to_owned(),
+        path: path.to_owned(),
+        found: show(&found),
+        expected: show(&expected),
+    })
 }
 
 fn io_error(e: &std::io::Error) -> rusqlite::Error {
@@ -306,11 +428,13 @@ impl<T: Serialize + Send + Sync + 'static> Sink<T> for SqliteSink<T> {
         &self.name
     }
 
-    async fn open(&self, _cx: &SinkContext) -> Result<Box<dyn SinkWriter<T>>, SinkError> {
+    async fn open(&self, cx: &SinkContext) -> Result<Box<dyn SinkWriter<T>>, SinkError> {
+        self.connect().await?;
         Ok(Box::new(SqliteWriter {
             sink: self.clone(),
-            conn: Some(self.connect().await?),
+            topology: cx.topology.clone(),
             pending: Vec::new(),
+            in_flight: None,
             bytes: 0,
         }))
     }
@@ -318,17 +442,15 @@ impl<T: Serialize + Send + Sync + 'static> Sink<T> for SqliteSink<T> {
     fn check(&self, value: &T) -> Result<(), String> {
         serde_json::to_vec(value)
             .map(drop)
-            .map_err(|e| format!("not encodable as JSON: {e}"))
+            .map_err(|e| format!("not encodable as JSON ({:?} error)", e.classify()))
     }
 }
 
 #[async_trait]
 impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> InspectSink<T> for SqliteSink<T> {
     async fn committed(&self) -> Result<BTreeMap<(ShardId, String), T>, SinkError> {
-        let conn = self.connect().await?;
-        let (path, table) = (self.path.clone(), self.name.clone());
-        let rows = blocking(move || {
-            let fail = |e| SqliteSinkError::sqlite("read", &path, e);
+        self.with_connection("read", |conn, path, table| {
+            let fail = |e| SqliteSinkError::sqlite("read", path, e);
             let mut stmt = conn
                 .prepare(&format!("SELECT shard, output, value FROM \"{table}\""))
                 .map_err(fail)?;
@@ -341,27 +463,39 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> InspectSink<T> for
             for row in rows {
                 let (shard, output, value) = row.map_err(fail)?;
                 let shard = ShardId::new(shard);
-                let value =
-                    serde_json::from_str(&value).map_err(|source| SqliteSinkError::Decode {
-                        shard: shard.clone(),
-                        source,
-                    })?;
+                let value = serde_json::from_str(&value).map_err(|e| SqliteSinkError::Decode {
+                    shard: shard.clone(),
+                    category: e.classify(),
+                    column: e.column(),
+                })?;
                 out.insert((shard, output), value);
             }
             Ok(out)
         })
-        .await;
-        rows.map_err(|e| self.error("read", e))
+        .await
     }
 }
 
 struct SqliteWriter<T> {
     sink: SqliteSink<T>,
-    /// Taken while a commit runs on the blocking pool.
-    conn: Option<Connection>,
+    /// The topology, the first part of every row's key.
+    topology: String,
     /// Outputs written since the last commit, encoded.
     pending: Vec<Row>,
+    /// The rows of a commit under way. Still set when a commit starts only if the last one's
+    /// future was dropped before it finished: its rows are then written again (an upsert at
+    /// the same epoch changes nothing if they landed).
+    in_flight: Option<Arc<Vec<Row>>>,
     bytes: u64,
+}
+
+impl<T> SqliteWriter<T> {
+    /// Puts `rows` (older) back before what was written since.
+    fn restore(&mut self, rows: Arc<Vec<Row>>) {
+        let mut rows = Arc::try_unwrap(rows).unwrap_or_else(|shared| (*shared).clone());
+        rows.append(&mut self.pending);
+        self.pending = rows;
+    }
 }
 
 #[async_trait]
@@ -370,9 +504,9 @@ impl<T: Serialize + Send + Sync + 'static> SinkWriter<T> for SqliteWriter<T> {
         self.pending.reserve(batch.outputs.len());
         for output in &batch.outputs {
             let row = serde_json::to_string(&output.value)
-                .map_err(|source| SqliteSinkError::Encode {
+                .map_err(|e| SqliteSinkError::Encode {
                     shard: batch.shard.clone(),
-                    source,
+                    category: e.classify(),
                 })
                 .and_then(|value| Row::new(&batch.shard, batch.lease_epoch, &output.id, value))
                 .map_err(|e| self.sink.error("write", e))?;
@@ -382,31 +516,22 @@ impl<T: Serialize + Send + Sync + 'static> SinkWriter<T> for SqliteWriter<T> {
     }
 
     async fn commit(&mut self) -> Result<(), SinkError> {
+        if let Some(rows) = self.in_flight.take() {
+            self.restore(rows);
+        }
         if self.pending.is_empty() {
             return Ok(());
         }
-        let mut conn = match self.conn.take() {
-            Some(conn) => conn,
-            // A commit whose task was lost (cancelled mid-way): connect again.
-            None => self.sink.connect().await?,
-        };
-        let rows = std::mem::take(&mut self.pending);
-        let (path, table) = (self.sink.path.clone(), self.sink.name.clone());
-        let joined = tokio::task::spawn_blocking(move || {
-            let result = upsert(&mut conn, &path, &table, &rows);
-            (conn, rows, result)
-        })
-        .await;
-        let (conn, rows, result) = match joined {
-            Ok(done) => done,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(e) => {
-                return Err(self
-                    .sink
-                    .error("commit", SqliteSinkError::Task(e.to_string())))
-            }
-        };
-        self.conn = Some(conn);
+        let rows = Arc::new(std::mem::take(&mut self.pending));
+        self.in_flight = Some(Arc::clone(&rows));
+        let (sent, topology) = (Arc::clone(&rows), self.topology.clone());
+        let result = self
+            .sink
+            .with_connection("commit", move |conn, path, table| {
+                upsert(conn, path, table, &topology, &sent)
+            })
+            .await;
+        self.in_flight = None;
         match result {
             Ok(Ok(bytes)) => {
                 self.bytes += bytes;
@@ -415,7 +540,7 @@ impl<T: Serialize + Send + Sync + 'static> SinkWriter<T> for SqliteWriter<T> {
             Ok(Err(fenced)) => {
                 // Nothing of the commit landed; it stays pending until the runtime releases
                 // the refused shard (`SinkWriter::commit`).
-                self.pending = rows;
+                self.restore(rows);
                 Err(SinkError {
                     sink: self.sink.name.clone(),
                     operation: "commit",
@@ -424,14 +549,18 @@ impl<T: Serialize + Send + Sync + 'static> SinkWriter<T> for SqliteWriter<T> {
                 })
             }
             Err(e) => {
-                self.pending = rows;
-                Err(self.sink.error("commit", e))
+                self.restore(rows);
+                Err(e)
             }
         }
     }
 
     fn release_shard(&mut self, shard: &ShardId) {
         self.pending.retain(|r| &r.shard != shard);
+        if let Some(rows) = self.in_flight.take() {
+            self.restore(rows);
+            self.pending.retain(|r| &r.shard != shard);
+        }
     }
 
     fn bytes_written(&self) -> u64 {
@@ -445,11 +574,13 @@ fn upsert(
     conn: &mut Connection,
     path: &Path,
     table: &str,
+    topology: &str,
     rows: &[Row],
 ) -> Result<Result<u64, Fenced>, SqliteSinkError> {
     let fail = |operation| move |e| SqliteSinkError::sqlite(operation, path, e);
-    // IMMEDIATE: the write lock is taken (or waited for) at the start, not at the first write,
-    // so that two writers never deadlock upgrading their read locks.
+    // IMMEDIATE: the write lock is taken (or waited for, up to the busy timeout, when another
+    // process or another sink on the file holds it) at the start, not at the first write, so
+    // that two writers never deadlock upgrading their read locks.
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(fail("begin a transaction on"))?;
@@ -459,10 +590,11 @@ fn upsert(
         // refines its own output, a newer one overwrites, an older one changes nothing.
         let mut stmt = tx
             .prepare_cached(&format!(
-                "INSERT INTO \"{table}\" (shard, output, \"key\", window_start, window_end,
-                    record_sequence, record_sub_sequence, value, lease_generation, lease_counter)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-                 ON CONFLICT (shard, output) DO UPDATE SET
+                "INSERT INTO \"{table}\" (topology, shard, output, \"key\", window_start,
+                    window_end, record_sequence, record_sub_sequence, value, lease_generation,
+                    lease_counter)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                 ON CONFLICT (topology, shard, output) DO UPDATE SET
                     \"key\" = excluded.\"key\", window_start = excluded.window_start,
                     window_end = excluded.window_end, record_sequence = excluded.record_sequence,
                     record_sub_sequence = excluded.record_sub_sequence, value = excluded.value,
@@ -477,6 +609,7 @@ fn upsert(
             let counter = signed("lease counter", row.epoch.counter)?;
             let changed = stmt
                 .execute(params![
+                    topology,
                     row.shard.as_str(),
                     row.output,
                     row.key,

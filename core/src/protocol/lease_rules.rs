@@ -194,10 +194,11 @@ pub fn renewal_due(since: Duration, lease_duration: Duration) -> bool {
     since >= lease_duration / 3
 }
 
-/// How often a worker reads the leases it asked for: a quarter of the checkpoint interval,
-/// and no more often than every 10 ms. A released lease is then taken within about that
-/// long; the owner's part of a handoff (noticing the request at its next checkpoint write,
-/// finishing its epochs, releasing) takes at most about one interval more.
+/// How often a worker reads the leases it asked for (for a lease duration after asking): a
+/// quarter of the checkpoint interval, and no more often than every 10 ms. A released lease is
+/// then taken within about that long. The owner's part of a handoff (noticing the request at
+/// its next checkpoint write, finishing its in-flight epochs, releasing) usually takes about
+/// one interval more, longer while its sinks are slow.
 pub fn request_poll_interval(checkpoint_interval: Duration) -> Duration {
     (checkpoint_interval / 4).max(Duration::from_millis(10))
 }

@@ -604,12 +604,15 @@ impl ControlLoop {
                 }
             } else if let Some(f) = self.finishing.iter_mut().find(|f| f.lease_key == key) {
                 f.handoff = true;
+            } else if self.stopped.iter().any(
+                |s| matches!(s, ShardStopped::BadRecord { shard, .. } if shard.as_str() == key),
+            ) {
+                // Stopped at a bad record by policy: the lease stays held (and reported in
+                // /readyz) until an operator acts, whoever asks; handing it over would move
+                // the alert and the unreadiness to a worker that just joined. The request
+                // stays pending, so balancing counts the lease as the requester's.
             } else {
-                // Done in this run, or stopped at a bad record by policy: nothing to finish
-                // first. A stopped shard goes too, or the request would wait forever: its
-                // checkpoint stays before the bad record, so the requester stops at the same
-                // record and reports it in its turn.
-                self.let_go_of_stopped(&key);
+                // Done in this run: nothing to finish first.
                 self.decisions
                     .record(|| format!("handing off idle {key} to {requester}"));
                 self.leases.release(&key).await;
@@ -675,9 +678,9 @@ impl ControlLoop {
         }
     }
 
-    /// A shard this worker stopped by policy is no longer its own (handed over, or its lease
-    /// lost): it leaves the stopped list, the gauge and /readyz (the new owner reports it when
-    /// it stops there too), and this run may take it again.
+    /// A shard this worker stopped by policy is no longer its own (its lease was lost, say after
+    /// a pause past it): it leaves the stopped list, the gauge and /readyz (the new owner reports
+    /// it when it stops there too), and this run may take it again.
     fn let_go_of_stopped(&mut self, key: &str) {
         let before = self.stopped.len();
         self.stopped.retain(

@@ -111,7 +111,7 @@ impl Health {
             .push((shard, what));
     }
 
-    /// A stopped shard's lease went to another worker (handed over, or lost): it reports the
+    /// A stopped shard's lease went to another worker (lost, say after a pause): it reports the
     /// shard when it stops there too.
     pub(crate) fn stopped_shard_let_go(&self, shard: &str) {
         self.inner

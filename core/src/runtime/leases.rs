@@ -33,8 +33,9 @@ pub(crate) struct LeaseManager {
     held: Mutex<BTreeMap<String, Held>>,
     /// Counter of other workers' leases and when this worker first saw it.
     observed: Mutex<BTreeMap<String, (u64, Instant)>>,
-    /// Leases this worker asked their owners for, until it takes them or they go elsewhere.
-    requested: Mutex<BTreeSet<String>>,
+    /// Leases this worker asked their owners for, with when it asked, until it takes them or
+    /// they go elsewhere.
+    requested: Mutex<BTreeMap<String, Instant>>,
     /// Leases seen renewed by another live process with this worker id, not yet reported.
     id_conflicts: Mutex<BTreeSet<String>>,
 }
@@ -68,7 +69,7 @@ impl LeaseManager {
             clock,
             held: Mutex::new(BTreeMap::new()),
             observed: Mutex::new(BTreeMap::new()),
-            requested: Mutex::new(BTreeSet::new()),
+            requested: Mutex::new(BTreeMap::new()),
             id_conflicts: Mutex::new(BTreeSet::new()),
         }
     }
@@ -186,7 +187,10 @@ impl LeaseManager {
             };
             match written {
                 Ok(()) => {
-                    self.requested.lock().await.insert(lease.key.clone());
+                    self.requested
+                        .lock()
+                        .await
+                        .insert(lease.key.clone(), Instant::now());
                     return Ok(true);
                 }
                 Err(LeaseError::ConditionFailed { .. }) => {
@@ -204,18 +208,39 @@ impl LeaseManager {
         Ok(false)
     }
 
-    /// Whether a handoff this worker asked for is still pending.
+    /// Whether a handoff this worker asked for within a lease duration is still pending: an
+    /// owner hands a lease over within about that long, or keeps it (a shard stopped at a bad
+    /// record); older requests are left to the shard syncs, which take what was released.
     pub(crate) async fn awaits_handoffs(&self) -> bool {
-        !self.requested.lock().await.is_empty()
+        self.requested
+            .lock()
+            .await
+            .values()
+            .any(|at| at.elapsed() < self.lease_duration)
     }
 
     /// Whether a lease this worker asked for was released to it (a shard sync then takes it);
     /// forgets requests whose lease went elsewhere. One read per pending request.
     pub(crate) async fn handed_over(&self) -> Result<bool, LeaseError> {
-        let keys: Vec<String> = self.requested.lock().await.iter().cloned().collect();
+        let keys: Vec<String> = self
+            .requested
+            .lock()
+            .await
+            .iter()
+            .filter(|(_, at)| at.elapsed() < self.lease_duration)
+            .map(|(key, _)| key.clone())
+            .collect();
         let mut released = false;
+        let mut failed = None;
         for key in keys {
-            let lease = self.store.get(&key).await?;
+            // One failed read leaves the others to be read.
+            let lease = match self.store.get(&key).await {
+                Ok(lease) => lease,
+                Err(e) => {
+                    failed = Some(e);
+                    continue;
+                }
+            };
             // Still asked of its owner: not taken by another, not cleared, and not a shard its
             // owner read to the end meanwhile (nothing left to hand over).
             let asked = lease.as_ref().is_some_and(|l| {
@@ -227,12 +252,21 @@ impl LeaseManager {
                 released = true;
             }
         }
-        Ok(released)
+        match failed {
+            Some(e) if !released => Err(e),
+            _ => Ok(released),
+        }
     }
 
     /// Notes the handoff requests the table shows for leases this worker holds (read by a
     /// shard sync): it adopts the counter the request left, as a refused write would.
     pub(crate) async fn note_requests(&self, leases: &[Lease]) {
+        // Requests whose lease is no longer asked for by this worker are over.
+        self.requested.lock().await.retain(|key, _| {
+            leases
+                .iter()
+                .any(|l| &l.key == key && l.handoff_to.as_deref() == Some(self.owner.as_str()))
+        });
         let mut held = self.held.lock().await;
         for lease in leases {
             if let Some(entry) = held.get_mut(&lease.key) {

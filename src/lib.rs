@@ -7,7 +7,7 @@
 pub use shardflow_connectors as connectors;
 pub mod ops;
 pub mod run;
-pub use run::run;
+pub use run::{run, run_app};
 pub use shardflow_core as core;
 pub use shardflow_operators as operators;
 

@@ -206,3 +206,140 @@ async fn a_worker_started_before_its_local_stream_waits_for_it() {
         .unwrap()
         .expect("a clean run");
 }
+
+#[derive(Debug, clap::Args)]
+struct AppFlags {
+    /// Where the application writes its results.
+    #[arg(long, default_value = "results")]
+    out_dir: std::path::PathBuf,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct AppSettings {
+    min_value: u32,
+}
+
+fn config_file(text: &str) -> tempfile::NamedTempFile {
+    use std::io::Write as _;
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(text.as_bytes()).unwrap();
+    file
+}
+
+/// Issue 13: `shardflow::run` rejected the application's own flags (`--out-dir` was
+/// "unexpected") and had no place for its settings. With `run_app` the application's flags
+/// share the worker's command line and `--help`, its settings come from the config file's
+/// `[app]` table, and both reach the topology's builder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_gets_its_own_flags_and_config_table() {
+    let dir = tempfile::tempdir().unwrap();
+    local_stream_holding(dir.path(), "events", 1, 10).await;
+    let config =
+        config_file("stream = \"events\"\ncommit_interval = \"20ms\"\n[app]\nmin_value = 4\n");
+    let out = dir.path().join("app-out");
+    let (local_dir, out_arg) = (dir.path().display().to_string(), out.display().to_string());
+    let (settings, flags): (Settings, AppFlags) = shardflow::run::parse_app_args([
+        "worker",
+        "--config",
+        config.path().to_str().unwrap(),
+        "--local-dir",
+        &local_dir,
+        "--out-dir",
+        &out_arg,
+        "--until-caught-up",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ])
+    .unwrap();
+    assert_eq!(settings.runtime.commit_interval, Duration::from_millis(20));
+    let app_settings: AppSettings = settings.app_settings().unwrap();
+    shardflow::run::run_app_with(
+        settings,
+        flags,
+        app_settings,
+        |cx: shardflow::run::RunContext<AppFlags, AppSettings>| async move {
+            let stream = cx.local_stream().await?;
+            let min = cx.app_settings().min_value;
+            Ok(Topology::builder("copy")
+                .source(LocalSource::new(&stream).json::<u32>())
+                .filter(move |v: &u32| *v >= min)
+                .sink(LocalDirSink::new(&cx.app_flags().out_dir))
+                .build()?)
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    let written = LocalDirSink::new(&out)
+        .read_topology::<u32>("copy")
+        .await
+        .unwrap();
+    let mut values: Vec<u32> = written.into_values().collect();
+    values.sort_unstable();
+    assert_eq!(
+        values,
+        (4..10).collect::<Vec<_>>(),
+        "the [app] table's bound, into --out-dir"
+    );
+}
+
+/// Issue 13: `--help` showed no defaults, and runtime settings such as `commit_interval`,
+/// `idle_wait` and the read limits were unreachable from flags, environment or file.
+#[test]
+fn help_shows_defaults_and_every_runtime_setting_is_a_flag_and_a_file_key() {
+    let help = shardflow::run::command::<AppFlags>()
+        .render_long_help()
+        .to_string();
+    for expected in [
+        "--commit-interval",
+        "--idle-wait",
+        "--read-max-records",
+        "--read-max-bytes",
+        "[default: 10s]",
+        "[default: 100ms]",
+        "--out-dir",
+        "[default: results]",
+        "SHARDFLOW_COMMIT_INTERVAL",
+    ] {
+        assert!(help.contains(expected), "{expected} missing from:\n{help}");
+    }
+    let config = config_file(
+        "stream = \"s\"\nidle_wait = \"50ms\"\nread_max_records = 500\nread_max_bytes = 65536\n",
+    );
+    let (settings, _): (Settings, shardflow::run::NoFlags) =
+        shardflow::run::parse_app_args(["worker", "--config", config.path().to_str().unwrap()])
+            .unwrap();
+    assert_eq!(settings.runtime.idle_wait, Duration::from_millis(50));
+    assert_eq!(settings.runtime.read_limits.max_records, 500);
+    assert_eq!(settings.runtime.read_limits.max_bytes, 65_536);
+    let bad = config_file("stream = \"s\"\nread_max_records = 20000\n");
+    let error = shardflow::run::parse_app_args::<shardflow::run::NoFlags, _, _>([
+        "worker",
+        "--config",
+        bad.path().to_str().unwrap(),
+    ])
+    .unwrap_err();
+    assert!(
+        error.to_string().contains("read_limits.max_records"),
+        "{error}"
+    );
+}
+
+/// An `[app]` table that does not fit the application's settings is a named error; one given
+/// to an application without settings (`shardflow::run`) too.
+#[test]
+fn a_bad_app_table_is_a_named_error() {
+    let config = config_file("stream = \"s\"\n[app]\nmin_valu = 4\n");
+    let (settings, _): (Settings, shardflow::run::NoFlags) =
+        shardflow::run::parse_app_args(["worker", "--config", config.path().to_str().unwrap()])
+            .unwrap();
+    let error = settings.app_settings::<AppSettings>().unwrap_err();
+    assert!(
+        error.to_string().contains("`app`") && error.to_string().contains("min_valu"),
+        "{error}"
+    );
+    assert!(settings
+        .app_settings::<shardflow::run::NoSettings>()
+        .is_err());
+}

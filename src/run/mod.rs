@@ -28,7 +28,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use clap::Parser as _;
 use prometheus::Registry;
 use shardflow_connectors::local::{FileLeaseStore, LocalStream, LocalStreamError};
 use shardflow_core::lease::LeaseStore;
@@ -45,13 +44,47 @@ const STREAM_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 pub const STREAM_WAIT_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What the topology's builder gets: the settings, the metrics registry the endpoint serves,
-/// and clients made from them.
-pub struct RunContext {
+/// clients made from them, and the application's own flags (`A`) and settings (`C`, the
+/// config file's `[app]` table) when it runs with [`run_app`].
+pub struct RunContext<A = NoFlags, C = NoSettings> {
     settings: Settings,
     registry: Registry,
+    app_flags: A,
+    app_settings: C,
 }
 
-impl RunContext {
+/// An application without flags of its own ([`run`]).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct NoFlags {}
+
+/// An application without settings of its own ([`run`]): an `[app]` table in the config file
+/// is then an error, not ignored.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoSettings {}
+
+/// The worker's flags and the application's, in one command line and one `--help`.
+#[derive(Debug, clap::Parser)]
+#[command(about = "A shardflow worker", long_about = None)]
+struct Cli<A: clap::Args> {
+    #[command(flatten)]
+    worker: Flags,
+    #[command(flatten)]
+    app: A,
+}
+
+impl<A, C> RunContext<A, C> {
+    /// The application's own flags (each may also read an environment variable of its own).
+    pub fn app_flags(&self) -> &A {
+        &self.app_flags
+    }
+
+    /// The application's own settings: the config file's `[app]` table (its type's default
+    /// when there is none).
+    pub fn app_settings(&self) -> &C {
+        &self.app_settings
+    }
+
     /// The resolved settings.
     pub fn settings(&self) -> &Settings {
         &self.settings
@@ -136,8 +169,80 @@ where
     F: FnOnce(RunContext) -> Fut,
     Fut: Future<Output = anyhow::Result<Topology>>,
 {
-    let settings = match Settings::resolve(Flags::parse()) {
+    run_app::<NoFlags, NoSettings, _, _>(build)
+}
+
+/// The worker's command line with the application's flags `A`, as [`run_app`] parses it: for
+/// `--help` text, completions or tests.
+pub fn command<A: clap::Args>() -> clap::Command {
+    <Cli<A> as clap::CommandFactory>::command()
+}
+
+/// Parses `args` (the program name first) as [`run_app`] does: the worker's settings resolved
+/// (flags over environment over the config file over defaults) and the application's flags.
+///
+/// # Errors
+/// A bad command line (clap's error, which also carries `--help`) or a bad setting.
+pub fn parse_app_args<A, I, T>(args: I) -> anyhow::Result<(Settings, A)>
+where
+    A: clap::Args,
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = <Cli<A> as clap::Parser>::try_parse_from(args)?;
+    Ok((Settings::resolve(cli.worker)?, cli.app))
+}
+
+/// [`run`] for an application with flags of its own (`A`, a `clap::Args`, shown in the same
+/// `--help` as the worker's) and settings of its own (`C`, read from the config file's `[app]`
+/// table, its `Default` without one). Both reach `build` through the [`RunContext`].
+///
+/// ```no_run
+/// use shardflow::local::{LocalDirSink, LocalSource};
+/// use shardflow::prelude::*;
+///
+/// #[derive(clap::Args)]
+/// struct AppFlags {
+///     /// Where the results go.
+///     #[arg(long, env = "APP_OUT_DIR", default_value = "out")]
+///     out_dir: std::path::PathBuf,
+/// }
+///
+/// #[derive(Default, serde::Deserialize)]
+/// #[serde(default, deny_unknown_fields)]
+/// struct AppSettings {
+///     min_bytes: usize,
+/// }
+///
+/// fn main() -> std::process::ExitCode {
+///     shardflow::run_app(|cx: shardflow::run::RunContext<AppFlags, AppSettings>| async move {
+///         let stream = cx.local_stream().await?;
+///         let min = cx.app_settings().min_bytes;
+///         Ok(Topology::builder("copy")
+///             .source(LocalSource::new(&stream).raw())
+///             .filter(move |r: &Vec<u8>| r.len() >= min)
+///             .sink(LocalDirSink::new(&cx.app_flags().out_dir))
+///             .build()?)
+///     })
+/// }
+/// ```
+pub fn run_app<A, C, F, Fut>(build: F) -> ExitCode
+where
+    A: clap::Args,
+    C: serde::de::DeserializeOwned + Default,
+    F: FnOnce(RunContext<A, C>) -> Fut,
+    Fut: Future<Output = anyhow::Result<Topology>>,
+{
+    let cli = <Cli<A> as clap::Parser>::parse();
+    let settings = match Settings::resolve(cli.worker) {
         Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("shardflow: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let app_settings = match settings.app_settings::<C>() {
+        Ok(app) => app,
         Err(error) => {
             eprintln!("shardflow: {error}");
             return ExitCode::from(2);
@@ -154,7 +259,7 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run_with(settings, build, None)) {
+    match runtime.block_on(run_app_with(settings, cli.app, app_settings, build, None)) {
         Ok(report) => {
             tracing::info!(ended = report.shards_ended.len(), "stopped");
             ExitCode::SUCCESS
@@ -196,10 +301,31 @@ where
     F: FnOnce(RunContext) -> Fut,
     Fut: Future<Output = anyhow::Result<Topology>>,
 {
+    run_app_with(settings, NoFlags {}, NoSettings {}, build, shutdown).await
+}
+
+/// [`run_app`] with resolved settings and the application's flags and settings, inside a
+/// tokio runtime; `shutdown` replaces the signal handlers (for tests and embedding).
+///
+/// # Errors
+/// Building the topology, opening the lease store or the endpoint, or the run failed.
+pub async fn run_app_with<A, C, F, Fut>(
+    settings: Settings,
+    app_flags: A,
+    app_settings: C,
+    build: F,
+    shutdown: Option<CancellationToken>,
+) -> anyhow::Result<RunReport>
+where
+    F: FnOnce(RunContext<A, C>) -> Fut,
+    Fut: Future<Output = anyhow::Result<Topology>>,
+{
     let registry = Registry::new();
     let cx = RunContext {
         settings: settings.clone(),
         registry: registry.clone(),
+        app_flags,
+        app_settings,
     };
     let topology = build(cx).await.context("building the topology")?;
     let leases: Arc<dyn LeaseStore> = match settings.backend {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 use shardflow_core::runtime::{RunMode, RuntimeConfig};
+use shardflow_core::source::ReadLimits;
 
 /// Where the stream, leases and AWS clients come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -35,10 +36,11 @@ pub enum LogFormat {
 #[derive(Debug, Default, Parser)]
 #[command(about = "A shardflow worker", long_about = None)]
 pub struct Flags {
-    /// A TOML file with any of the settings below (flags and environment win).
+    /// A TOML file with any of the settings below, snake_case (flags and environment win), and
+    /// the application's own settings under an `[app]` table.
     #[arg(long, env = "SHARDFLOW_CONFIG")]
     pub config: Option<PathBuf>,
-    /// local or aws.
+    /// local or aws [default: local].
     #[arg(long, env = "SHARDFLOW_BACKEND")]
     pub backend: Option<Backend>,
     /// AWS region (default: from the AWS default chain).
@@ -59,35 +61,48 @@ pub struct Flags {
     /// The lease table (default: `shardflow-leases-<topology>`).
     #[arg(long, env = "SHARDFLOW_LEASE_TABLE")]
     pub lease_table: Option<String>,
-    /// Directory of the local backend (stream, leases).
+    /// Directory of the local backend (stream, leases) [default: shardflow-data].
     #[arg(long, env = "SHARDFLOW_LOCAL_DIR")]
     pub local_dir: Option<PathBuf>,
-    /// This worker's id in the lease table (default: host name, process id and a random
-    /// suffix, unique per process; never give two live processes one id).
+    /// This worker's id in the lease table [default: host name, process id and a random
+    /// suffix, unique per process]. Never give two live processes one id.
     #[arg(long, env = "SHARDFLOW_WORKER_ID")]
     pub worker_id: Option<String>,
-    /// Keyed workers per keyed branch (default: cores).
+    /// Keyed workers per keyed branch [default: the number of cores].
     #[arg(long, env = "SHARDFLOW_PARALLELISM")]
     pub parallelism: Option<usize>,
-    /// Epochs in flight per keyed worker (bounds memory).
+    /// Epochs in flight per keyed worker (bounds memory) [default: 4].
     #[arg(long, env = "SHARDFLOW_CHANNEL_CAPACITY")]
     pub channel_capacity: Option<usize>,
-    /// Lease duration, e.g. `10s`.
+    /// A lease not renewed for this long may be taken by another worker [default: 10s].
     #[arg(long, env = "SHARDFLOW_LEASE_DURATION", value_parser = parse_duration)]
     pub lease_duration: Option<Duration>,
-    /// Checkpoint interval, e.g. `1s`.
+    /// How often checkpoints are written [default: 1s].
     #[arg(long, env = "SHARDFLOW_CHECKPOINT_INTERVAL", value_parser = parse_duration)]
     pub checkpoint_interval: Option<Duration>,
-    /// Shard sync interval, e.g. `10s`.
+    /// How often the shard list is read again and leases balanced [default: 10s].
     #[arg(long, env = "SHARDFLOW_SHARD_SYNC_INTERVAL", value_parser = parse_duration)]
     pub shard_sync_interval: Option<Duration>,
-    /// Leases asked of a busier worker per sync round at most (handed over, never stolen).
+    /// Leases asked of a busier worker per sync round at most (handed over, never stolen)
+    /// [default: 1].
     #[arg(long, env = "SHARDFLOW_MAX_LEASES_TO_STEAL")]
     pub max_leases_to_steal: Option<usize>,
-    /// Address of `/metrics`, `/healthz` and `/readyz` (default `127.0.0.1:9464`).
+    /// How long a keyed worker gathers epochs before it commits its sinks [default: 100ms].
+    #[arg(long, env = "SHARDFLOW_COMMIT_INTERVAL", value_parser = parse_duration)]
+    pub commit_interval: Option<Duration>,
+    /// Wait after an empty read at the tip of a shard [default: 200ms].
+    #[arg(long, env = "SHARDFLOW_IDLE_WAIT", value_parser = parse_duration)]
+    pub idle_wait: Option<Duration>,
+    /// Records per read at most, 1 to 10000 [default: 2000].
+    #[arg(long, env = "SHARDFLOW_READ_MAX_RECORDS")]
+    pub read_max_records: Option<usize>,
+    /// Bytes per read at most [default: 4194304].
+    #[arg(long, env = "SHARDFLOW_READ_MAX_BYTES")]
+    pub read_max_bytes: Option<usize>,
+    /// Address of `/metrics`, `/healthz` and `/readyz` [default: 127.0.0.1:9464].
     #[arg(long, env = "SHARDFLOW_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
-    /// human or json.
+    /// human or json [default: human].
     #[arg(long, env = "SHARDFLOW_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
     /// Process what the stream holds now and exit (a backfill, say after `shardflow leases
@@ -119,9 +134,15 @@ struct FileSettings {
     checkpoint_interval: Option<String>,
     shard_sync_interval: Option<String>,
     max_leases_to_steal: Option<usize>,
+    commit_interval: Option<String>,
+    idle_wait: Option<String>,
+    read_max_records: Option<usize>,
+    read_max_bytes: Option<usize>,
     metrics_addr: Option<SocketAddr>,
     log_format: Option<LogFormat>,
     until_caught_up: Option<bool>,
+    /// The application's own settings (`shardflow::run_app`).
+    app: Option<toml::Table>,
 }
 
 /// Resolved settings of a worker.
@@ -149,6 +170,8 @@ pub struct Settings {
     pub metrics_addr: SocketAddr,
     /// Log format.
     pub log_format: LogFormat,
+    /// The file's `[app]` table, for the application's own settings (`shardflow::run_app`).
+    pub app: toml::Table,
 }
 
 /// A setting that cannot be used, named.
@@ -196,6 +219,8 @@ impl Settings {
         if stream.is_empty() {
             return Err(bad("stream", "must not be empty"));
         }
+        // Every field named (no `..defaults`): a runtime setting added later does not compile
+        // here until it is a flag and a file key too.
         let runtime = RuntimeConfig {
             worker_id: flags
                 .worker_id
@@ -231,12 +256,29 @@ impl Settings {
                 .max_leases_to_steal
                 .or(file.max_leases_to_steal)
                 .unwrap_or(defaults.max_leases_to_steal),
+            commit_interval: duration(
+                flags.commit_interval,
+                file.commit_interval.as_ref(),
+                "commit_interval",
+            )?
+            .unwrap_or(defaults.commit_interval),
+            idle_wait: duration(flags.idle_wait, file.idle_wait.as_ref(), "idle_wait")?
+                .unwrap_or(defaults.idle_wait),
+            read_limits: ReadLimits {
+                max_records: flags
+                    .read_max_records
+                    .or(file.read_max_records)
+                    .unwrap_or(defaults.read_limits.max_records),
+                max_bytes: flags
+                    .read_max_bytes
+                    .or(file.read_max_bytes)
+                    .unwrap_or(defaults.read_limits.max_bytes),
+            },
             mode: if flags.until_caught_up || file.until_caught_up.unwrap_or(false) {
                 RunMode::UntilCaughtUp
             } else {
                 defaults.mode
             },
-            ..defaults
         };
         runtime.validate().map_err(|e| match e {
             shardflow_core::error::BuildError::InvalidConfig { field, reason } => {
@@ -265,7 +307,26 @@ impl Settings {
                 .log_format
                 .or(file.log_format)
                 .unwrap_or(LogFormat::Human),
+            app: file.app.unwrap_or_default(),
         })
+    }
+}
+
+impl Settings {
+    /// The application's settings from the config file's `[app]` table, or `C::default()`
+    /// without one.
+    ///
+    /// # Errors
+    /// The table does not fit `C`, named as the setting `app`.
+    pub fn app_settings<C: serde::de::DeserializeOwned + Default>(
+        &self,
+    ) -> Result<C, SettingsError> {
+        if self.app.is_empty() {
+            return Ok(C::default());
+        }
+        toml::Value::Table(self.app.clone())
+            .try_into()
+            .map_err(|e: toml::de::Error| bad("app", e.message()))
     }
 }
 

@@ -1002,10 +1002,13 @@ async fn metrics_count_records_per_operator_and_shard_and_bytes_per_sink() {
         .event_time(|c: &Click| c.ts)
         .map(|c: Click| c)
         .filter(|c: &Click| c.ts % 20 == 0)
+        .map(|c: Click| c)
+        .filter(|c: &Click| c.ts >= 0)
+        .name("non-negative")
         .key_by(|c: &Click| c.user.clone())
         .window(TumblingWindow::of(Duration::from_millis(100)))
         .aggregate(Count)
-        .sink(files.clone())
+        .sink(shardflow::core::sink::Named::new("per-user", files.clone()))
         .build()
         .unwrap();
     let registry = prometheus::Registry::new();
@@ -1031,17 +1034,31 @@ async fn metrics_count_records_per_operator_and_shard_and_bytes_per_sink() {
             ),
         )
     };
-    assert_eq!(io("1-map"), (100.0, 100.0));
+    // Operators are labelled by what they are, a second one of a kind with a suffix, or by
+    // the name `.name(..)` gave them.
+    assert_eq!(io("map"), (100.0, 100.0));
     assert_eq!(
-        io("2-filter"),
+        io("filter"),
         (100.0, 50.0),
         "even shard numbers' every other record"
     );
+    assert_eq!(io("map-2"), (50.0, 50.0));
+    assert_eq!(io("non-negative"), (50.0, 50.0));
     let stored = files
         .read_topology::<WindowResult<String, u64>>("metered")
         .await
         .unwrap();
-    assert_eq!(io("3-window"), (50.0, stored.len() as f64));
+    assert_eq!(io("window-tumbling-100ms"), (50.0, stored.len() as f64));
+    assert_eq!(
+        sum_where(
+            &registry,
+            "shardflow_records_written_total",
+            "sink",
+            "per-user"
+        ),
+        stored.len() as f64,
+        "the sink is labelled by the name it was given"
+    );
     for shard in ["shard-0", "shard-1"] {
         let written = sum_where(&registry, "shardflow_records_written_total", "shard", shard);
         let in_dir = stored.keys().filter(|(s, _)| s.as_str() == shard).count();
@@ -1336,4 +1353,37 @@ async fn a_shard_stopped_at_a_bad_record_shows_in_readyz_and_a_gauge_not_in_heal
         .unwrap()
         .expect_err("the run reports the stopped shard");
     assert!(error.to_string().contains("shard-0"), "{error}");
+}
+
+/// Issue 13: two operators given one name would share their metrics; `build()` refuses them,
+/// and a name that follows no operator.
+#[test]
+fn two_operators_of_one_name_and_a_name_after_the_source_are_refused() {
+    let stream = MemoryStream::new("named", 1);
+    let twice = Topology::builder("named")
+        .source(stream.clone().json::<Click>())
+        .map(|c: Click| c)
+        .name("clean")
+        .filter(|c: &Click| c.ts >= 0)
+        .name("clean")
+        .sink(MemorySink::new("out"))
+        .build();
+    assert!(
+        matches!(twice, Err(shardflow::core::error::BuildError::NameTwice { ref name, .. }) if name == "clean"),
+        "{:?}",
+        twice.err()
+    );
+    let first = Topology::builder("named")
+        .source(stream.json::<Click>())
+        .name("source")
+        .sink(MemorySink::new("out"))
+        .build();
+    assert!(
+        matches!(
+            first,
+            Err(shardflow::core::error::BuildError::NameWithoutOperator { .. })
+        ),
+        "{:?}",
+        first.err()
+    );
 }

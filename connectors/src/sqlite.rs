@@ -139,7 +139,9 @@ impl SqliteSinkError {
 /// with its directory if missing). Every writer opens its own connection; the database runs in
 /// WAL mode, so readers (a `sqlite3` shell) never block a commit.
 pub struct SqliteSink<T> {
+    /// `sqlite:<table>`, in metrics, logs and dead letters.
     name: String,
+    table: String,
     path: PathBuf,
     fsync: bool,
     busy_timeout: Duration,
@@ -152,6 +154,7 @@ impl<T> Clone for SqliteSink<T> {
     fn clone(&self) -> Self {
         Self {
             name: self.name.clone(),
+            table: self.table.clone(),
             path: self.path.clone(),
             fsync: self.fsync,
             busy_timeout: self.busy_timeout,
@@ -162,13 +165,14 @@ impl<T> Clone for SqliteSink<T> {
 }
 
 impl<T> SqliteSink<T> {
-    /// A sink writing table `table` of the database file `path`. The table name is also the
-    /// sink's name: ASCII letters, digits and `_`, starting with a letter, at most 64 bytes.
+    /// A sink writing table `table` of the database file `path`: ASCII letters, digits and `_`,
+    /// starting with a letter, at most 64 bytes. The sink is named `sqlite:<table>`.
     ///
     /// # Errors
     /// A table name SQL would need quoting for, or that is too long.
     pub fn new(path: impl AsRef<Path>, table: impl Into<String>) -> Result<Self, SqliteSinkError> {
-        let name = table.into();
+        let table = table.into();
+        let name = &table;
         let valid = name.len() <= MAX_TABLE_NAME
             && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
@@ -177,7 +181,8 @@ impl<T> SqliteSink<T> {
             return Err(SqliteSinkError::TableName { len: name.len() });
         }
         Ok(Self {
-            name,
+            name: format!("sqlite:{table}"),
+            table,
             path: path.as_ref().to_owned(),
             fsync: true,
             busy_timeout: BUSY_TIMEOUT,
@@ -208,9 +213,9 @@ impl<T> SqliteSink<T> {
         &self.path
     }
 
-    /// The table (and the sink's name).
+    /// The table.
     pub fn table(&self) -> &str {
-        &self.name
+        &self.table
     }
 
     fn error(&self, operation: &'static str, error: SqliteSinkError) -> SinkError {
@@ -225,7 +230,7 @@ impl<T> SqliteSink<T> {
     /// Opens the shared connection (creating or checking the table) unless it is open, off the
     /// async threads.
     async fn connect(&self) -> Result<(), SinkError> {
-        let (path, table) = (self.path.clone(), self.name.clone());
+        let (path, table) = (self.path.clone(), self.table.clone());
         let (fsync, busy) = (self.fsync, self.busy_timeout);
         let shared = Arc::clone(&self.shared);
         blocking(move || {
@@ -246,7 +251,7 @@ impl<T> SqliteSink<T> {
         op: impl FnOnce(&mut Connection, &Path, &str) -> Result<R, SqliteSinkError> + Send + 'static,
     ) -> Result<R, SinkError> {
         self.connect().await?;
-        let (path, table) = (self.path.clone(), self.name.clone());
+        let (path, table) = (self.path.clone(), self.table.clone());
         let shared = Arc::clone(&self.shared);
         blocking(move || {
             let mut conn = shared.lock().unwrap_or_else(PoisonError::into_inner);

@@ -259,3 +259,22 @@ async fn a_stored_value_of_the_wrong_type_is_reported_without_its_contents() {
     let error = numbers.committed().await.expect_err("not a number");
     assert!(!error.to_string().contains("secret"), "{error}");
 }
+
+/// A sink under another name (`Named`) is the same sink: it passes the fencing suite too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_sink_passes_the_fencing_conformance_suite() {
+    let (_root, next) = databases();
+    fencing_sink_conformance(
+        || {
+            let path = next();
+            async move {
+                shardflow_core::sink::Named::new(
+                    "counts-db",
+                    SqliteSink::new(path, "counts").unwrap(),
+                )
+            }
+        },
+        count,
+    )
+    .await;
+}

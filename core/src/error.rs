@@ -238,6 +238,28 @@ pub struct UserError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum BuildError {
+    /// Two operators were given one name with `.name(..)`.
+    #[error(
+        "topology {topology:?} names two operators {name:?}: give each its own name (names \
+         label metrics and logs)"
+    )]
+    NameTwice {
+        /// The topology.
+        topology: String,
+        /// The name given twice.
+        name: String,
+    },
+    /// `.name(..)` right after the source, or after a stream that is no operator's output.
+    #[error(
+        "topology {topology:?}: .name({name:?}) follows no operator; put it right after the \
+         operator it names (map, filter, aggregate, ...)"
+    )]
+    NameWithoutOperator {
+        /// The topology.
+        topology: String,
+        /// The name.
+        name: String,
+    },
     /// The topology has no sink, so it would compute nothing anyone can see.
     #[error("topology {topology:?} has no sink: add .sink(...) to at least one branch")]
     NoSink {

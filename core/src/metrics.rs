@@ -86,7 +86,7 @@ impl Metrics {
             operator_in: counter(
                 registry,
                 "shardflow_operator_records_in_total",
-                "Records into an operator (operators are named <n>-<kind> in topology order)",
+                "Records into an operator (labelled by kind, e.g. window-tumbling-60s, or by .name(..))",
                 &["topology", "shard", "operator"],
             ),
             operator_out: counter(

@@ -336,6 +336,52 @@ pub trait SinkWriter<T>: Send {
     }
 }
 
+/// A sink under a name of its choosing: the name labels metrics, logs and dead letters
+/// (`Named::new("clicks-db", sink)`); everything else is the inner sink's, its writers
+/// included. A holding sink (`S3Sink`) keeps its positions in checkpoints under its name: give
+/// it one name for good, or a restart under another replays its shard from the committed
+/// position.
+pub struct Named<S> {
+    name: String,
+    inner: S,
+}
+
+impl<S> Named<S> {
+    /// `inner`, named `name`.
+    pub fn new(name: impl Into<String>, inner: S) -> Self {
+        Self {
+            name: name.into(),
+            inner,
+        }
+    }
+}
+
+#[async_trait]
+impl<T: Send + 'static, S: Sink<T>> Sink<T> for Named<S> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn open(&self, cx: &SinkContext) -> Result<Box<dyn SinkWriter<T>>, SinkError> {
+        self.inner.open(cx).await
+    }
+
+    fn check(&self, value: &T) -> Result<(), String> {
+        self.inner.check(value)
+    }
+
+    fn holds_record_outputs(&self) -> bool {
+        self.inner.holds_record_outputs()
+    }
+}
+
+#[async_trait]
+impl<T: Send + 'static, S: InspectSink<T>> InspectSink<T> for Named<S> {
+    async fn committed(&self) -> Result<BTreeMap<(ShardId, String), T>, SinkError> {
+        self.inner.committed().await
+    }
+}
+
 /// A sink whose committed contents a test can read back, for the conformance suite.
 #[async_trait]
 pub trait InspectSink<T>: Sink<T> {

@@ -113,7 +113,15 @@ impl LocalDirSink {
     pub fn new(root: impl AsRef<Path>) -> Self {
         let root = root.as_ref();
         Self {
-            name: Arc::from(format!("local-dir:{}", root.display())),
+            // The last component only: a name labels metrics and logs, where a machine's
+            // paths do not belong.
+            name: Arc::from(format!(
+                "dir:{}",
+                root.file_name().map_or_else(
+                    || root.display().to_string(),
+                    |n| n.to_string_lossy().into_owned()
+                )
+            )),
             root: Arc::from(root),
             fsync: true,
             cleaned: Arc::default(),

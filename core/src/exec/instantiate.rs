@@ -14,7 +14,7 @@ use crate::operator::{Emit, Fan, KeyedOperator, Stateless};
 use crate::protocol::watermark::WatermarkRules;
 use crate::sink::SinkContext;
 use crate::topology::{
-    lock, ExchangeDecl, FallibleDecl, FanOut, InstanceCx, Instantiate, InstantiateBranch,
+    label_of, lock, ExchangeDecl, FallibleDecl, FanOut, InstanceCx, Instantiate, InstantiateBranch,
     InstantiateRoot, KeyedBranchDecl, Node, ShardPipeline, SinkDecl, SourceDecl, StatelessDecl,
     TeeDecl, WorkerCx,
 };
@@ -70,7 +70,7 @@ where
             fan,
             down: self.down.instantiate(cx),
             failures: cx.failures.clone(),
-            counts: OperatorCounts::new(Arc::clone(&self.label), cx),
+            counts: OperatorCounts::new(label_of(&self.label), cx),
         })
     }
 }
@@ -90,7 +90,7 @@ where
             cx.failures
                 .clone()
                 .expect("fallible operators run only before key_by, on a shard's path"),
-            OperatorCounts::new(Arc::clone(&self.label), cx),
+            OperatorCounts::new(label_of(&self.label), cx),
         ))
     }
 }
@@ -195,7 +195,7 @@ where
                 op: (self.make_op)(),
                 main: self.main.instantiate(&instance),
                 late: self.late.instantiate(&instance),
-                label: Arc::clone(&self.label),
+                label: label_of(&self.label),
                 tracker: cx.tracker.clone(),
                 pool: Arc::clone(&pool),
                 path,

@@ -7,8 +7,9 @@
 //! the runtime instantiates a topology only through these traits.
 
 use std::any::Any;
+use std::collections::HashSet;
 use std::marker::PhantomData;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -109,7 +110,7 @@ pub(crate) struct StatelessDecl<U, M> {
     pub(crate) make: M,
     /// Whether it may make several outputs of one input (`flat_map`).
     pub(crate) fans_out: bool,
-    pub(crate) label: Arc<str>,
+    pub(crate) label: LabelSlot,
     pub(crate) down: Arc<Node<U>>,
 }
 
@@ -118,7 +119,7 @@ pub(crate) struct FallibleDecl<U, M> {
     pub(crate) make: M,
     /// The stage its failures are dead-lettered under.
     pub(crate) stage: &'static str,
-    pub(crate) label: Arc<str>,
+    pub(crate) label: LabelSlot,
     pub(crate) down: Arc<Node<U>>,
 }
 
@@ -138,7 +139,7 @@ pub(crate) struct ExchangeDecl<K, F> {
 /// late records.
 pub(crate) struct KeyedBranchDecl<Op: KeyedOperator, M> {
     pub(crate) make_op: M,
-    pub(crate) label: Arc<str>,
+    pub(crate) label: LabelSlot,
     pub(crate) main: Arc<Node<Op::Out>>,
     pub(crate) late: Arc<Node<Op::In>>,
     pub(crate) _op: PhantomData<fn() -> Op>,
@@ -229,19 +230,81 @@ pub(crate) struct Graph {
     /// Names of the sinks on the shard path that gather record outputs into units: each has
     /// its own position in the shard's checkpoint, by name.
     pub(crate) holding_sinks: Vec<String>,
-    /// Operators added so far: each is labelled `<n>-<kind>` in metrics, in the order added.
-    pub(crate) operators: usize,
+    /// Operators added so far, in the order added: each is labelled in metrics and logs by its
+    /// kind or the name `.name(..)` gave it, made unique when the topology is built.
+    pub(crate) operators: Vec<OperatorName>,
     /// The most fanning-out operators on a path from an identity root.
     pub(crate) fanout_depth: usize,
     /// What makes the topology unbuildable, found while it was declared.
     pub(crate) refused: Option<BuildError>,
 }
 
+/// An operator's label, set when the topology is built (see [`Graph::settle_labels`]).
+pub(crate) type LabelSlot = Arc<OnceLock<Arc<str>>>;
+
+/// The label of an instantiated operator (always set: topologies are instantiated once built).
+pub(crate) fn label_of(slot: &LabelSlot) -> Arc<str> {
+    slot.get()
+        .cloned()
+        .unwrap_or_else(|| Arc::from("unlabelled"))
+}
+
+/// One declared operator's label: what it is, and the name the user gave it, if any.
+pub(crate) struct OperatorName {
+    kind: String,
+    given: Option<String>,
+    slot: LabelSlot,
+}
+
 impl Graph {
-    /// The metrics label of the next operator of `kind`.
-    pub(crate) fn label(&mut self, kind: &str) -> Arc<str> {
-        self.operators += 1;
-        format!("{}-{kind}", self.operators).into()
+    /// Declares the next operator, of `kind` (`map`, `window-tumbling-60s`): its index (for
+    /// `.name(..)`) and the slot its label is set in at build time.
+    pub(crate) fn label(&mut self, kind: &str) -> (usize, LabelSlot) {
+        let slot = LabelSlot::default();
+        self.operators.push(OperatorName {
+            kind: kind.to_owned(),
+            given: None,
+            slot: Arc::clone(&slot),
+        });
+        (self.operators.len() - 1, slot)
+    }
+
+    /// Names operator `index` (`.name(..)` after it).
+    pub(crate) fn name_operator(&mut self, index: usize, name: &str) {
+        self.operators[index].given = Some(name.to_owned());
+    }
+
+    /// Sets every operator's label: its given name (two given names alike are refused), or its
+    /// kind, with `-2`, `-3`, … on the second and later operators of one label.
+    pub(crate) fn settle_labels(&self) -> Result<(), BuildError> {
+        let mut taken: HashSet<String> = HashSet::new();
+        for op in &self.operators {
+            if let Some(given) = &op.given {
+                if !taken.insert(given.clone()) {
+                    return Err(BuildError::NameTwice {
+                        topology: self.name.clone(),
+                        name: given.clone(),
+                    });
+                }
+            }
+        }
+        for op in &self.operators {
+            let label = match &op.given {
+                Some(given) => given.clone(),
+                None => {
+                    let mut label = op.kind.clone();
+                    let mut n = 1;
+                    while !taken.insert(label.clone()) {
+                        n += 1;
+                        label = format!("{}-{n}", op.kind);
+                    }
+                    label
+                }
+            };
+            // A topology built twice keeps the labels of its first build.
+            let _ = op.slot.set(Arc::from(label));
+        }
+        Ok(())
     }
 }
 

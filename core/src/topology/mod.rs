@@ -6,9 +6,9 @@ mod stage;
 mod stream;
 
 pub(crate) use graph::{
-    lock, EventTimeFn, ExchangeDecl, Exchanges, FallibleDecl, FanOut, InstanceCx, Instantiate,
-    InstantiateBranch, InstantiateRoot, KeyedBranchDecl, Node, Processed, ShardPipeline, SinkDecl,
-    SourceDecl, StatelessDecl, TeeDecl, WorkerCx,
+    label_of, lock, EventTimeFn, ExchangeDecl, Exchanges, FallibleDecl, FanOut, InstanceCx,
+    Instantiate, InstantiateBranch, InstantiateRoot, KeyedBranchDecl, Node, Processed,
+    ShardPipeline, SinkDecl, SourceDecl, StatelessDecl, TeeDecl, WorkerCx,
 };
 pub use stage::{Keyed, ShardStage, Sharded, SourceStage, Sourced, Stage};
 pub use stream::{Pipeline, Stream, Topology, TopologyBuilder};

@@ -24,6 +24,8 @@ use crate::topology::stage::{Keyed, ShardStage, Sharded, SourceStage, Sourced, S
 pub struct Stream<T, S = Sharded> {
     graph: Arc<Mutex<Graph>>,
     node: Arc<Node<T>>,
+    /// The operator whose output this is (`.name(..)` names it), if any.
+    op: Option<usize>,
     _stage: PhantomData<fn() -> S>,
 }
 
@@ -33,6 +35,7 @@ impl<T: Clone + Send + 'static, S> Clone for Stream<T, S> {
         Self {
             graph: Arc::clone(&self.graph),
             node: Arc::clone(&self.node),
+            op: self.op,
             _stage: PhantomData,
         }
     }
@@ -132,13 +135,14 @@ impl TopologyBuilder {
             keyed: Vec::new(),
             sinks: 0,
             holding_sinks: Vec::new(),
-            operators: 0,
+            operators: Vec::new(),
             fanout_depth: 0,
             refused: None,
         };
         Stream {
             graph: Arc::new(Mutex::new(graph)),
             node,
+            op: None,
             _stage: PhantomData,
         }
     }
@@ -203,10 +207,31 @@ impl<T: Send + 'static, S: Stage> Stream<T, S> {
 }
 
 impl<T: Send + 'static, S: Stage> Stream<T, S> {
+    /// Names the operator this stream comes out of, in metrics (`operator` label), logs and
+    /// dead letters, instead of its kind (`map`, `window-tumbling-60s`). Two operators given
+    /// one name are refused by `build()`, as is a name right after the source.
+    #[must_use]
+    pub fn name(self, name: &str) -> Self {
+        {
+            let mut graph = lock(&self.graph);
+            match self.op {
+                Some(op) => graph.name_operator(op, name),
+                None => {
+                    let refusal = BuildError::NameWithoutOperator {
+                        topology: graph.name.clone(),
+                        name: name.to_owned(),
+                    };
+                    graph.refused.get_or_insert(refusal);
+                }
+            }
+        }
+        self
+    }
+
     /// The stateless primitive: `op` (made fresh for each pipeline instance) turns each value
     /// into at most one value, which keeps the input's identity. `map`, `filter` and `try_map`
-    /// are built on it. `kind` names it in metrics (`<n>-<kind>`, n its place in the
-    /// topology).
+    /// are built on it. `kind` labels it in metrics and logs (with `-2`, `-3`, … on later
+    /// operators of one label) unless `.name(..)` names it.
     ///
     /// An operator made this way must not emit twice for one input (the runtime stops with a
     /// panic naming this rule): use [`Stream::stateless_fan_out`].
@@ -241,7 +266,7 @@ impl<T: Send + 'static, S: Stage> Stream<T, S> {
     {
         let depth = self.node.depth + usize::from(fans_out);
         let child: Arc<Node<U>> = Arc::new(Node::new(depth, self.node.of_records));
-        let label = {
+        let (op, label) = {
             let mut graph = lock(&self.graph);
             graph.fanout_depth = graph.fanout_depth.max(depth);
             graph.label(kind)
@@ -255,6 +280,7 @@ impl<T: Send + 'static, S: Stage> Stream<T, S> {
         Stream {
             graph: self.graph,
             node: child,
+            op: Some(op),
             _stage: PhantomData,
         }
     }
@@ -316,7 +342,7 @@ impl<T: Send + 'static, S: ShardStage> Stream<T, S> {
         M: Fn() -> F + Send + Sync + 'static,
     {
         let child: Arc<Node<U>> = Arc::new(Node::new(self.node.depth, self.node.of_records));
-        let label = lock(&self.graph).label(stage);
+        let (op, label) = lock(&self.graph).label(stage);
         self.node.add(Arc::new(FallibleDecl {
             make,
             stage,
@@ -326,6 +352,7 @@ impl<T: Send + 'static, S: ShardStage> Stream<T, S> {
         Stream {
             graph: self.graph,
             node: child,
+            op: Some(op),
             _stage: PhantomData,
         }
     }
@@ -348,9 +375,9 @@ impl<T: Send + 'static, S: ShardStage> Stream<T, S> {
         // Results are identified by key and window; late records keep their input's identity.
         let main: Arc<Node<Op::Out>> = Arc::new(Node::new(0, false));
         let late: Arc<Node<T>> = Arc::new(Node::new(self.node.depth, true));
-        let branch = {
+        let (op, branch) = {
             let mut graph = lock(&self.graph);
-            let label = graph.label(kind);
+            let (op, label) = graph.label(kind);
             graph.keyed.push(Arc::new(KeyedBranchDecl::<Op, _> {
                 make_op,
                 label,
@@ -358,7 +385,7 @@ impl<T: Send + 'static, S: ShardStage> Stream<T, S> {
                 late: Arc::clone(&late),
                 _op: PhantomData,
             }));
-            graph.keyed.len() - 1
+            (op, graph.keyed.len() - 1)
         };
         self.node.add(Arc::new(ExchangeDecl {
             key_fn,
@@ -368,11 +395,13 @@ impl<T: Send + 'static, S: ShardStage> Stream<T, S> {
         let main = Stream {
             graph: Arc::clone(&self.graph),
             node: main,
+            op: Some(op),
             _stage: PhantomData,
         };
         let late = Stream {
             graph: self.graph,
             node: late,
+            op: None,
             _stage: PhantomData,
         };
         (main, late)
@@ -415,6 +444,7 @@ impl Pipeline {
         if let Some(refused) = &graph.refused {
             return Err(refused.clone());
         }
+        graph.settle_labels()?;
         if let Some(dead) = graph.dead_letter.sink() {
             if dead.holds_record_outputs() && graph.holding_sinks.iter().any(|n| n == dead.name()) {
                 return Err(BuildError::HoldingSinkNamedTwice {

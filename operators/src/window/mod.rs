@@ -34,6 +34,20 @@ pub trait WindowAssigner: Clone + Send + Sync + 'static {
     fn session_gap(&self) -> Option<i64> {
         None
     }
+    /// What the windows are, as the default label of their operator in metrics and logs
+    /// (`window-tumbling-60s`).
+    fn describe(&self) -> String {
+        "window".into()
+    }
+}
+
+/// A length of event time for a label: whole seconds as `60s`, anything else in `ms`.
+pub(crate) fn span(ms: i64) -> String {
+    if ms % 1_000 == 0 {
+        format!("{}s", ms / 1_000)
+    } else {
+        format!("{ms}ms")
+    }
 }
 
 /// A window's result for a key.
@@ -204,12 +218,13 @@ where
             lateness,
             late,
         } = self;
+        let kind = assigner.describe();
         let (main, late_stream) = if assigner.session_gap().is_some() {
-            keyed.stream.keyed("session_window", keyed.key_fn, move || {
+            keyed.stream.keyed(&kind, keyed.key_fn, move || {
                 session::SessionOperator::new(assigner.clone(), agg.clone(), lateness)
             })
         } else {
-            keyed.stream.keyed("window", keyed.key_fn, move || {
+            keyed.stream.keyed(&kind, keyed.key_fn, move || {
                 fixed::FixedWindows::new(assigner.clone(), agg.clone(), lateness)
             })
         };

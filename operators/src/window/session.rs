@@ -32,6 +32,10 @@ impl SessionWindow {
 }
 
 impl WindowAssigner for SessionWindow {
+    fn describe(&self) -> String {
+        format!("window-session-{}", super::span(self.gap))
+    }
+
     fn assign(&self, t: EventTime, out: &mut Vec<Window>) {
         out.push(Window::new(t, t.saturating_add(self.gap)));
     }

@@ -30,6 +30,14 @@ impl SlidingWindow {
 }
 
 impl WindowAssigner for SlidingWindow {
+    fn describe(&self) -> String {
+        format!(
+            "window-sliding-{}-every-{}",
+            super::span(self.size),
+            super::span(self.slide)
+        )
+    }
+
     fn assign(&self, t: EventTime, out: &mut Vec<Window>) {
         let mut start = aligned_start(t, self.slide);
         let (size, slide) = (i128::from(self.size), i128::from(self.slide));

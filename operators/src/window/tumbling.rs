@@ -26,6 +26,10 @@ impl TumblingWindow {
 }
 
 impl WindowAssigner for TumblingWindow {
+    fn describe(&self) -> String {
+        format!("window-tumbling-{}", super::span(self.size))
+    }
+
     fn assign(&self, t: EventTime, out: &mut Vec<Window>) {
         out.push(self.window_of(t));
     }

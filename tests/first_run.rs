@@ -22,7 +22,8 @@ const FORBIDDEN: &[&str] = &[
     "differential-dataflow",
 ];
 
-fn first_run_crates() -> BTreeSet<String> {
+/// The crates `cargo tree` lists for the root package with `extra` arguments.
+fn crates_of(extra: &[&str]) -> BTreeSet<String> {
     let output = Command::new(env!("CARGO"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .args([
@@ -31,13 +32,12 @@ fn first_run_crates() -> BTreeSet<String> {
             "--offline",
             "--package",
             "shardflow",
-            "--edges",
-            "normal,build,dev",
             "--prefix",
             "none",
             "--format",
             "{p}",
         ])
+        .args(extra)
         .output()
         .expect("cargo runs");
     assert!(
@@ -56,6 +56,29 @@ fn first_run_crates() -> BTreeSet<String> {
         .collect()
 }
 
+fn first_run_crates() -> BTreeSet<String> {
+    crates_of(&["--edges", "normal,build,dev"])
+}
+
+fn forbidden_in(crates: &BTreeSet<String>) -> Vec<&String> {
+    crates
+        .iter()
+        .filter(|c| FORBIDDEN.iter().any(|f| c.starts_with(f)))
+        .collect()
+}
+
+/// The operations tool on the local backend (`--features cli`) builds without the AWS SDK too.
+#[test]
+fn the_local_operations_tool_builds_no_aws_sdk() {
+    let crates = crates_of(&["--edges", "normal,build", "--features", "cli"]);
+    assert!(
+        crates.iter().any(|c| c.starts_with("indicatif ")),
+        "the graph is the tool's: {crates:?}"
+    );
+    let forbidden = forbidden_in(&crates);
+    assert!(forbidden.is_empty(), "the local tool would build {forbidden:?}");
+}
+
 #[test]
 fn the_first_command_builds_no_aws_sdk_and_no_benchmark_crates() {
     let crates = first_run_crates();
@@ -63,10 +86,7 @@ fn the_first_command_builds_no_aws_sdk_and_no_benchmark_crates() {
         crates.iter().any(|c| c.starts_with("rusqlite ")),
         "the graph is the example's, with its SQLite sink: {crates:?}"
     );
-    let forbidden: Vec<&String> = crates
-        .iter()
-        .filter(|c| FORBIDDEN.iter().any(|f| c.starts_with(f)))
-        .collect();
+    let forbidden = forbidden_in(&crates);
     assert!(
         forbidden.is_empty(),
         "the first run would build {forbidden:?}: put them behind a feature"

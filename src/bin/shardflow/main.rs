@@ -1,27 +1,34 @@
 //! The `shardflow` operations tool: stream administration, `put` and `tail` (like kcat for
-//! Kafka), lease inspection, and a cost estimate. AWS credentials come from the default chain;
-//! `--kinesis-endpoint` and `--dynamodb-endpoint` point calls at emulators or VPC endpoints.
+//! Kafka), lease inspection and reset, and a cost estimate, against the embedded local backend
+//! (`--local-dir`, the directory a worker's `--local-dir` names) or against Kinesis and
+//! DynamoDB (features `kinesis` and `dynamodb`; credentials from the default chain,
+//! `--kinesis-endpoint` and `--dynamodb-endpoint` for emulators or VPC endpoints).
 
-use std::io::{BufRead as _, IsTerminal as _, Write as _};
+#[cfg(all(feature = "kinesis", feature = "dynamodb"))]
+mod aws;
+mod local;
+
+use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use shardflow::core::lease::ShardCheckpoint;
+use shardflow::core::lease::{LeaseStore, ShardCheckpoint};
 use shardflow::core::position::{ShardId, StartPosition};
-use shardflow::core::source::{ReadLimits, ShardStatus, Source as _};
-use shardflow::dynamodb::DynamoLeaseStore;
-use shardflow::kinesis::{KinesisProducer, KinesisSource, ProducerConfig, StreamAdmin};
-use shardflow::{AwsConfig, LeaseStore as _};
+use shardflow::core::source::{ReadLimits, ShardStatus, Source};
 
 #[derive(Parser)]
 #[command(
     name = "shardflow",
-    about = "Operate Kinesis streams and shardflow workers"
+    about = "Operate Kinesis streams and shardflow workers, or their local equivalents"
 )]
 struct Cli {
+    /// Use the embedded local backend in this directory (a worker's `--local-dir`): streams
+    /// under `stream/`, lease stores under `leases/<topology>`. Without it, AWS.
+    #[arg(long, global = true, env = "SHARDFLOW_LOCAL_DIR")]
+    local_dir: Option<PathBuf>,
     /// AWS region (default: the AWS default chain).
     #[arg(long, global = true, env = "SHARDFLOW_REGION")]
     region: Option<String>,
@@ -70,7 +77,8 @@ enum Command {
         #[arg(long)]
         follow: bool,
     },
-    /// Inspect a topology's lease table.
+    /// Inspect a topology's lease table (on the local backend: its lease store, named by the
+    /// topology).
     Leases {
         #[command(subcommand)]
         action: LeaseAction,
@@ -176,178 +184,74 @@ fn main() -> ExitCode {
     }
 }
 
-/// Clients for the region and endpoints given.
-struct Clients {
-    region: Option<String>,
-    kinesis_endpoint: Option<String>,
-    dynamodb_endpoint: Option<String>,
+/// Where the commands go.
+enum Backend {
+    /// The embedded backend in a directory.
+    Local(PathBuf),
+    /// Kinesis and DynamoDB, with these settings (read only by builds with the AWS SDK).
+    #[cfg_attr(not(all(feature = "kinesis", feature = "dynamodb")), allow(dead_code))]
+    Aws {
+        region: Option<String>,
+        kinesis_endpoint: Option<String>,
+        dynamodb_endpoint: Option<String>,
+    },
 }
 
-impl Clients {
-    fn config(&self, endpoint: Option<&String>) -> AwsConfig {
-        let mut config = AwsConfig::new();
-        if let Some(region) = &self.region {
-            config = config.region(region.clone());
-        }
-        if let Some(endpoint) = endpoint {
-            config = config.endpoint(endpoint.clone());
-        }
-        config
+#[cfg(not(all(feature = "kinesis", feature = "dynamodb")))]
+mod aws {
+    //! This build has no AWS SDK: every AWS command says how to get one.
+    use super::Backend;
+
+    fn missing() -> anyhow::Error {
+        anyhow::anyhow!(
+            "this build of shardflow has no AWS support: pass --local-dir for the local \
+             backend, or build with --features cli,kinesis,dynamodb"
+        )
     }
 
-    async fn kinesis_client(&self) -> aws_sdk_kinesis::Client {
-        self.config(self.kinesis_endpoint.as_ref())
-            .kinesis_client()
-            .await
-    }
-
-    async fn dynamodb_client(&self) -> aws_sdk_dynamodb::Client {
-        self.config(self.dynamodb_endpoint.as_ref())
-            .dynamodb_client()
-            .await
+    pub(super) async fn execute(_: &Backend, _: super::Command) -> anyhow::Result<()> {
+        Err(missing())
     }
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<()> {
-    let config = Clients {
-        region: cli.region,
-        kinesis_endpoint: cli.kinesis_endpoint,
-        dynamodb_endpoint: cli.dynamodb_endpoint,
+    if let Command::Cost {
+        events_per_second,
+        event_bytes,
+    } = cli.command
+    {
+        print!("{}", cost(events_per_second, event_bytes)?);
+        return Ok(());
+    }
+    let backend = match cli.local_dir {
+        Some(dir) => Backend::Local(dir),
+        None => Backend::Aws {
+            region: cli.region,
+            kinesis_endpoint: cli.kinesis_endpoint,
+            dynamodb_endpoint: cli.dynamodb_endpoint,
+        },
     };
-    match cli.command {
-        Command::Stream { action } => stream(config, action).await,
-        Command::Put {
-            stream,
-            file,
-            key,
-            aggregate,
-        } => put(config, &stream, file, key, aggregate).await,
-        Command::Tail {
-            stream,
-            from,
-            limit,
-            follow,
-        } => tail(config, &stream, &from, limit, follow).await,
-        Command::Leases {
-            action: LeaseAction::List { table, stream },
-        } => leases(config, &table, stream.as_deref()).await,
-        Command::Leases {
-            action: LeaseAction::Reset { table, to, dry_run },
-        } => reset(config, &table, to, dry_run).await,
-        Command::Cost {
-            events_per_second,
-            event_bytes,
-        } => {
-            print!("{}", cost(events_per_second, event_bytes)?);
-            Ok(())
-        }
+    match &backend {
+        Backend::Local(dir) => local::execute(dir, cli.command).await,
+        Backend::Aws { .. } => aws::execute(&backend, cli.command).await,
     }
 }
 
-async fn stream(config: Clients, action: StreamAction) -> anyhow::Result<()> {
-    let admin = StreamAdmin::new(config.kinesis_client().await);
-    match action {
-        StreamAction::Create { stream, shards } => {
-            admin.create_stream(&stream, shards).await?;
-            println!("created {stream} with {shards} shards");
+/// One line per shard of `stream describe`.
+fn print_shard(shard: &shardflow::core::position::ShardInfo) {
+    let parents: Vec<&str> = shard.parents.iter().map(ShardId::as_str).collect();
+    println!(
+        "  {} {} hash {:#x}..{:#x}{}",
+        shard.id.as_str(),
+        if shard.closed { "closed" } else { "open" },
+        shard.hash_key_range.0,
+        shard.hash_key_range.1,
+        if parents.is_empty() {
+            String::new()
+        } else {
+            format!(" parents {}", parents.join(","))
         }
-        StreamAction::Describe { stream } => {
-            let summary = admin.describe(&stream).await?;
-            println!(
-                "{stream}: {}, {} open shards, retention {} h",
-                summary.status, summary.open_shards, summary.retention_hours
-            );
-            for shard in admin.list_shards(&stream).await? {
-                let parents: Vec<&str> = shard.parents.iter().map(ShardId::as_str).collect();
-                println!(
-                    "  {} {} hash {:#x}..{:#x}{}",
-                    shard.id.as_str(),
-                    if shard.closed { "closed" } else { "open" },
-                    shard.hash_key_range.0,
-                    shard.hash_key_range.1,
-                    if parents.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" parents {}", parents.join(","))
-                    }
-                );
-            }
-        }
-        StreamAction::Split { stream, shard, at } => {
-            let shards = admin.list_shards(&stream).await?;
-            let info = shards
-                .iter()
-                .find(|s| s.id.as_str() == shard)
-                .with_context(|| format!("no shard {shard} in {stream}"))?;
-            let at = at.unwrap_or(info.hash_key_range.0 / 2 + info.hash_key_range.1 / 2 + 1);
-            admin.split_shard(&stream, &info.id, at).await?;
-            println!("split {shard} at {at:#x}");
-        }
-        StreamAction::Merge {
-            stream,
-            shard,
-            adjacent,
-        } => {
-            admin
-                .merge_shards(&stream, &ShardId::new(&shard), &ShardId::new(&adjacent))
-                .await?;
-            println!("merged {shard} and {adjacent}");
-        }
-        StreamAction::Scale { stream, shards } => {
-            admin.update_shard_count(&stream, shards).await?;
-            println!("scaled {stream} to {shards} shards");
-        }
-        StreamAction::Retention { stream, hours } => {
-            admin.set_retention(&stream, hours).await?;
-            println!("retention of {stream} set to {hours} h");
-        }
-    }
-    Ok(())
-}
-
-async fn put(
-    config: Clients,
-    stream: &str,
-    file: Option<PathBuf>,
-    key: Option<String>,
-    aggregate: bool,
-) -> anyhow::Result<()> {
-    let producer_config = ProducerConfig {
-        aggregate_max_bytes: aggregate.then_some(50 * 1024),
-        ..ProducerConfig::default()
-    };
-    let producer = KinesisProducer::new(config.kinesis_client().await, stream, producer_config)
-        .await
-        .context("starting the producer")?;
-    let (reader, total): (Box<dyn std::io::BufRead>, Option<u64>) = match &file {
-        Some(path) => {
-            let f =
-                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-            let len = f.metadata().map(|m| m.len()).ok();
-            (Box::new(std::io::BufReader::new(f)), len)
-        }
-        None => (Box::new(std::io::stdin().lock()), None),
-    };
-    // A progress bar for a file, on a terminal only.
-    let progress = match total {
-        Some(len) if std::io::stderr().is_terminal() => indicatif::ProgressBar::new(len),
-        _ => indicatif::ProgressBar::hidden(),
-    };
-    let mut tickets = Vec::new();
-    for (n, line) in reader.lines().enumerate() {
-        let line = line.context("reading input")?;
-        progress.inc(line.len() as u64 + 1);
-        let partition_key = key.clone().unwrap_or_else(|| n.to_string());
-        tickets.push(producer.send(&partition_key, line.into_bytes()).await?);
-    }
-    producer.flush().await?;
-    let count = tickets.len();
-    for ticket in tickets {
-        ticket.outcome().await.context("a record was not written")?;
-    }
-    progress.finish_and_clear();
-    eprintln!("put {count} records to {stream}");
-    Ok(())
+    );
 }
 
 /// Milliseconds since the epoch of an RFC 3339 time.
@@ -379,15 +283,14 @@ fn start_position(from: &str) -> anyhow::Result<StartPosition> {
     })
 }
 
+/// Prints the records of every shard of `source` from `from` (`tail`).
 async fn tail(
-    config: Clients,
-    stream: &str,
+    source: &dyn Source,
     from: &str,
     limit: Option<usize>,
     follow: bool,
 ) -> anyhow::Result<()> {
     let start = start_position(from)?;
-    let source = KinesisSource::new(config.kinesis_client().await, stream);
     let shards = source.list_shards().await?;
     let mut readers = Vec::new();
     for shard in &shards {
@@ -459,21 +362,15 @@ async fn tail(
     result
 }
 
-async fn leases(config: Clients, table: &str, stream: Option<&str>) -> anyhow::Result<()> {
-    let store = DynamoLeaseStore::open(config.dynamodb_client().await, table)
-        .await
-        .with_context(|| format!("opening lease table {table}"))?;
-    let kinesis = match stream {
-        Some(_) => Some(config.kinesis_client().await),
-        None => None,
-    };
+/// Prints every lease of `store`, with the lag `lag` measures where it can (`leases list`).
+async fn list_leases(
+    store: &dyn LeaseStore,
+    lag: impl AsyncFn(&shardflow::core::lease::Lease) -> Option<i64>,
+) -> anyhow::Result<()> {
     println!("shard\towner\tcounter\tcheckpoint\tlag_ms");
     for lease in store.list().await? {
         let checkpoint = describe(&lease.checkpoint.committed);
-        let lag = match (&kinesis, stream) {
-            (Some(client), Some(stream)) => lag_ms(client, stream, &lease).await,
-            _ => None,
-        };
+        let lag = lag(&lease).await;
         println!(
             "{}\t{}\t{}\t{}\t{}",
             lease.key,
@@ -500,16 +397,14 @@ fn describe(position: &shardflow::core::lease::CheckpointPosition) -> String {
     }
 }
 
+/// Moves every checkpoint of `store` to `target` (`leases reset`): refused while a worker owns
+/// a lease.
 async fn reset(
-    config: Clients,
-    table: &str,
+    store: &dyn LeaseStore,
     target: ShardCheckpoint,
     dry_run: bool,
 ) -> anyhow::Result<()> {
     use shardflow::core::lease::LeaseUpdate;
-    let store = DynamoLeaseStore::open(config.dynamodb_client().await, table)
-        .await
-        .with_context(|| format!("opening lease table {table}"))?;
     let leases = store.list().await?;
     let owned: Vec<String> = leases
         .iter()
@@ -543,43 +438,6 @@ async fn reset(
         }
     }
     Ok(())
-}
-
-/// How far behind the shard's tip the checkpoint is (MillisBehindLatest of a read right after
-/// it), if the shard is open and readable.
-async fn lag_ms(
-    client: &aws_sdk_kinesis::Client,
-    stream: &str,
-    lease: &shardflow::core::lease::Lease,
-) -> Option<i64> {
-    use aws_sdk_kinesis::types::ShardIteratorType;
-    let request = client
-        .get_shard_iterator()
-        .stream_name(stream)
-        .shard_id(&lease.key);
-    let request = match &lease.checkpoint.committed {
-        // The topology's initial position is not in the table: TRIM_HORIZON is the upper bound.
-        shardflow::core::lease::CheckpointPosition::Initial
-        | shardflow::core::lease::CheckpointPosition::TrimHorizon => {
-            request.shard_iterator_type(ShardIteratorType::TrimHorizon)
-        }
-        shardflow::core::lease::CheckpointPosition::AtTimestamp(ms) => request
-            .shard_iterator_type(ShardIteratorType::AtTimestamp)
-            .timestamp(aws_sdk_kinesis::primitives::DateTime::from_millis(*ms)),
-        shardflow::core::lease::CheckpointPosition::At(p) => request
-            .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
-            .starting_sequence_number(p.sequence.to_string()),
-        shardflow::core::lease::CheckpointPosition::ShardEnd => return Some(0),
-    };
-    let iterator = request.send().await.ok()?.shard_iterator?;
-    let out = client
-        .get_records()
-        .shard_iterator(iterator)
-        .limit(1)
-        .send()
-        .await
-        .ok()?;
-    out.millis_behind_latest
 }
 
 /// Shards and PUT payload units (25 KB each) per second, with and without aggregation.

@@ -1373,6 +1373,20 @@ fn two_operators_of_one_name_and_a_name_after_the_source_are_refused() {
         "{:?}",
         twice.err()
     );
+    let mapped = Topology::builder("named")
+        .source(stream.clone().json::<Click>())
+        .map(|c: Click| c);
+    let twice_one = mapped.clone().name("a");
+    let named_twice = mapped.name("b").sink(MemorySink::new("out")).build();
+    drop(twice_one);
+    assert!(
+        matches!(
+            named_twice,
+            Err(shardflow::core::error::BuildError::NamedTwice { .. })
+        ),
+        "one operator named through two clones: {:?}",
+        named_twice.err()
+    );
     let first = Topology::builder("named")
         .source(stream.json::<Click>())
         .name("source")

@@ -177,6 +177,26 @@ async fn a_worker_started_before_its_local_stream_waits_for_it() {
         .expect_err("a backfill of a missing stream fails");
     assert!(format!("{error:#}").contains("later"), "{error:#}");
 
+    // A stop while it waits ends the wait (SIGTERM works before the stream exists).
+    let stopped = tokio_util::sync::CancellationToken::new();
+    let waiting = tokio::spawn(run_with(
+        flags(&[]),
+        build(out.clone()),
+        Some(stopped.clone()),
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "waiting for the stream");
+    stopped.cancel();
+    let error = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("a stop ends the wait")
+        .unwrap()
+        .expect_err("stopped before it ran");
+    assert!(
+        format!("{error:#}").contains("stopped while waiting"),
+        "{error:#}"
+    );
+
     let shutdown = tokio_util::sync::CancellationToken::new();
     let run = tokio::spawn(run_with(
         flags(&[]),
@@ -330,6 +350,18 @@ fn help_shows_defaults_and_every_runtime_setting_is_a_flag_and_a_file_key() {
 /// to an application without settings (`shardflow::run`) too.
 #[test]
 fn a_bad_app_table_is_a_named_error() {
+    let secret = config_file("stream = \"s\"\n[app]\nmin_value = \"hunter2-secret\"\n");
+    let (settings, _): (Settings, shardflow::run::NoFlags) =
+        shardflow::run::parse_app_args(["worker", "--config", secret.path().to_str().unwrap()])
+            .unwrap();
+    let error = settings
+        .app_settings::<AppSettings>()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        !error.contains("hunter2") && error.contains("expected u32"),
+        "the refused value is never quoted: {error}"
+    );
     let config = config_file("stream = \"s\"\n[app]\nmin_valu = 4\n");
     let (settings, _): (Settings, shardflow::run::NoFlags) =
         shardflow::run::parse_app_args(["worker", "--config", config.path().to_str().unwrap()])

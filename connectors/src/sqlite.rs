@@ -108,6 +108,15 @@ pub enum SqliteSinkError {
         /// The name's length in bytes (the name itself is not repeated).
         len: usize,
     },
+    /// `InspectSink::committed` on a table several topologies write: read it with SQL, by
+    /// topology.
+    #[error("table {table} holds the outputs of {topologies} topologies: query it by topology")]
+    SeveralTopologies {
+        /// The table.
+        table: String,
+        /// How many topologies wrote it.
+        topologies: i64,
+    },
     /// The blocking task that runs SQLite's calls ended without an answer.
     #[error("the database task ended: {0}")]
     Task(String),
@@ -135,9 +144,9 @@ impl SqliteSinkError {
     }
 }
 
-/// A sink that upserts outputs into table `name` of the SQLite database at `path` (created
-/// with its directory if missing). Every writer opens its own connection; the database runs in
-/// WAL mode, so readers (a `sqlite3` shell) never block a commit.
+/// A sink that upserts outputs into a table of the SQLite database at `path` (created with its
+/// directory if missing). The writers of one sink (and its clones) share one connection; the
+/// database runs in WAL mode, so readers (a `sqlite3` shell) never block a commit.
 pub struct SqliteSink<T> {
     /// `sqlite:<table>`, in metrics, logs and dead letters.
     name: String,
@@ -440,6 +449,7 @@ impl<T: Serialize + Send + Sync + 'static> Sink<T> for SqliteSink<T> {
             topology: cx.topology.clone(),
             pending: Vec::new(),
             in_flight: None,
+            released: Vec::new(),
             bytes: 0,
         }))
     }
@@ -456,6 +466,19 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> InspectSink<T> for
     async fn committed(&self) -> Result<BTreeMap<(ShardId, String), T>, SinkError> {
         self.with_connection("read", |conn, path, table| {
             let fail = |e| SqliteSinkError::sqlite("read", path, e);
+            let topologies: i64 = conn
+                .query_row(
+                    &format!("SELECT count(DISTINCT topology) FROM \"{table}\""),
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(fail)?;
+            if topologies > 1 {
+                return Err(SqliteSinkError::SeveralTopologies {
+                    table: table.to_owned(),
+                    topologies,
+                });
+            }
             let mut stmt = conn
                 .prepare(&format!("SELECT shard, output, value FROM \"{table}\""))
                 .map_err(fail)?;
@@ -487,19 +510,62 @@ struct SqliteWriter<T> {
     topology: String,
     /// Outputs written since the last commit, encoded.
     pending: Vec<Row>,
-    /// The rows of a commit under way. Still set when a commit starts only if the last one's
-    /// future was dropped before it finished: its rows are then written again (an upsert at
-    /// the same epoch changes nothing if they landed).
-    in_flight: Option<Arc<Vec<Row>>>,
+    /// The commit under way: still set when a commit starts only if the last one's future was
+    /// dropped before its task ended. That task may still run; its outcome decides whether its
+    /// rows are written again (waiting for it first keeps an older value from landing after a
+    /// newer one).
+    in_flight: Option<InFlight>,
+    /// Shards released while a commit was in flight: its rows of them are dropped if they come
+    /// back.
+    released: Vec<ShardId>,
     bytes: u64,
+}
+
+type CommitOutcome = Result<Result<u64, Fenced>, SqliteSinkError>;
+
+struct InFlight {
+    rows: Arc<Vec<Row>>,
+    task: tokio::task::JoinHandle<CommitOutcome>,
 }
 
 impl<T> SqliteWriter<T> {
     /// Puts `rows` (older) back before what was written since.
     fn restore(&mut self, rows: Arc<Vec<Row>>) {
         let mut rows = Arc::try_unwrap(rows).unwrap_or_else(|shared| (*shared).clone());
+        rows.retain(|r| !self.released.contains(&r.shard));
         rows.append(&mut self.pending);
         self.pending = rows;
+    }
+
+    /// Waits for the commit in flight (cancel-safe: dropped here, it stays in flight) and
+    /// settles it: landed, or its rows pending again.
+    async fn settle(&mut self) -> Result<Result<(), Fenced>, SinkError> {
+        let flight = self.in_flight.as_mut().expect("a commit in flight");
+        let joined = (&mut flight.task).await;
+        let flight = self.in_flight.take().expect("still in flight");
+        let outcome = match joined {
+            Ok(Ok(Ok(bytes))) => {
+                self.bytes += bytes;
+                Ok(Ok(()))
+            }
+            Ok(Ok(Err(fenced))) => {
+                self.restore(flight.rows);
+                Ok(Err(fenced))
+            }
+            Ok(Err(e)) => {
+                self.restore(flight.rows);
+                Err(self.sink.error("commit", e))
+            }
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => {
+                self.restore(flight.rows);
+                Err(self
+                    .sink
+                    .error("commit", SqliteSinkError::Task(e.to_string())))
+            }
+        };
+        self.released.clear();
+        outcome
     }
 }
 
@@ -521,50 +587,42 @@ impl<T: Serialize + Send + Sync + 'static> SinkWriter<T> for SqliteWriter<T> {
     }
 
     async fn commit(&mut self) -> Result<(), SinkError> {
-        if let Some(rows) = self.in_flight.take() {
-            self.restore(rows);
+        if self.in_flight.is_some() {
+            // Whatever it did, its rows are settled: landed, or pending again (and written
+            // below, where a refusal is reported).
+            let _ = self.settle().await;
         }
         if self.pending.is_empty() {
             return Ok(());
         }
+        self.sink.connect().await?;
         let rows = Arc::new(std::mem::take(&mut self.pending));
-        self.in_flight = Some(Arc::clone(&rows));
         let (sent, topology) = (Arc::clone(&rows), self.topology.clone());
-        let result = self
-            .sink
-            .with_connection("commit", move |conn, path, table| {
-                upsert(conn, path, table, &topology, &sent)
-            })
-            .await;
-        self.in_flight = None;
-        match result {
-            Ok(Ok(bytes)) => {
-                self.bytes += bytes;
-                Ok(())
-            }
-            Ok(Err(fenced)) => {
-                // Nothing of the commit landed; it stays pending until the runtime releases
-                // the refused shard (`SinkWriter::commit`).
-                self.restore(rows);
-                Err(SinkError {
-                    sink: self.sink.name.clone(),
-                    operation: "commit",
-                    retryable: false,
-                    source: Box::new(fenced),
-                })
-            }
-            Err(e) => {
-                self.restore(rows);
-                Err(e)
-            }
+        let (path, table) = (self.sink.path.clone(), self.sink.table.clone());
+        let shared = Arc::clone(&self.sink.shared);
+        let task = tokio::task::spawn_blocking(move || {
+            let mut conn = shared.lock().unwrap_or_else(PoisonError::into_inner);
+            let conn = conn.as_mut().expect("connected just before");
+            upsert(conn, &path, &table, &topology, &sent)
+        });
+        self.in_flight = Some(InFlight { rows, task });
+        match self.settle().await? {
+            Ok(()) => Ok(()),
+            // Nothing of the commit landed; it stays pending until the runtime releases the
+            // refused shard (`SinkWriter::commit`).
+            Err(fenced) => Err(SinkError {
+                sink: self.sink.name.clone(),
+                operation: "commit",
+                retryable: false,
+                source: Box::new(fenced),
+            }),
         }
     }
 
     fn release_shard(&mut self, shard: &ShardId) {
         self.pending.retain(|r| &r.shard != shard);
-        if let Some(rows) = self.in_flight.take() {
-            self.restore(rows);
-            self.pending.retain(|r| &r.shard != shard);
+        if self.in_flight.is_some() {
+            self.released.push(shard.clone());
         }
     }
 

@@ -182,6 +182,11 @@ async fn two_topologies_on_one_table_keep_their_own_rows() {
             ("uniques".into(), "7".into())
         ]
     );
+    let error = sink
+        .committed()
+        .await
+        .expect_err("one map cannot hold two topologies' outputs");
+    assert!(error.to_string().contains("2 topologies"), "{error}");
 }
 
 /// Review of issue 13: a table that existed with other column types was used as it was; with

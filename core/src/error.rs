@@ -249,6 +249,18 @@ pub enum BuildError {
         /// The name given twice.
         name: String,
     },
+    /// One operator named twice (`.name(..)` on two clones of its stream).
+    #[error(
+        "topology {topology:?} names one operator twice, {first:?} and {second:?}: name it once"
+    )]
+    NamedTwice {
+        /// The topology.
+        topology: String,
+        /// The first name.
+        first: String,
+        /// The second name.
+        second: String,
+    },
     /// `.name(..)` right after the source, or after a stream that is no operator's output.
     #[error(
         "topology {topology:?}: .name({name:?}) follows no operator; put it right after the \

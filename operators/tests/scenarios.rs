@@ -1772,7 +1772,7 @@ async fn a_worker_started_before_its_stream_waits_for_it() {
     stream.set_missing(true);
     let counts = MemorySink::new("counts");
     let topology = || {
-        Topology::builder("later")
+        Topology::builder("waiting")
             .source(stream.clone().decode_fn(decode))
             .key_by(|e: &Event| e.key)
             .aggregate(Count)
@@ -1788,20 +1788,30 @@ async fn a_worker_started_before_its_stream_waits_for_it() {
     assert!(error.to_string().contains("later"), "{error}");
 
     let shutdown = CancellationToken::new();
+    let leases = Arc::new(MemoryLeaseStore::new());
+    let health = shardflow_core::runtime::Health::new();
     let run = tokio::spawn(
-        Runtime::new(topology(), Arc::new(MemoryLeaseStore::new()))
+        Runtime::new(topology(), leases.clone())
             .with_config(config(RunMode::Continuous))
+            .with_health(health.clone())
             .with_shutdown(shutdown.clone())
             .run(),
     );
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert!(!run.is_finished(), "still waiting for the stream");
+    assert!(health.is_healthy(), "alive while it waits");
+    assert_eq!(
+        health.waiting_for().as_deref(),
+        Some("later"),
+        "not ready: a wrong name looks the same"
+    );
     stream.set_missing(false);
     for uid in 0..3 {
         push(&stream, 0, &event(uid, 1, T0 + uid as i64));
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(value_of(&counts, "k/1").map(|r| r.value), Some(3));
+    assert_eq!(health.waiting_for(), None, "ready once listed");
     // Gone after it was listed: an error to see, not to sit out.
     stream.set_missing(true);
     let error = run
@@ -1810,4 +1820,12 @@ async fn a_worker_started_before_its_stream_waits_for_it() {
         .expect_err("a stream that vanished while listed fails the run");
     assert!(error.to_string().contains("later"), "{error}");
     shutdown.cancel();
+    // A restart that finds the stream gone and its leases in the table fails too: the stream
+    // existed.
+    let error = Runtime::new(topology(), leases)
+        .with_config(config(RunMode::Continuous))
+        .run()
+        .await
+        .expect_err("a restart on a vanished stream fails");
+    assert!(error.to_string().contains("later"), "{error}");
 }

@@ -133,6 +133,11 @@ fn respond(req: &Request<Incoming>, registry: &Registry, health: &Health) -> Res
             for what in &stopped {
                 body.push_str(&format!("unready: {what}\n"));
             }
+            if let Some(stream) = health.waiting_for() {
+                body.push_str(&format!(
+                    "unready: waiting for stream {stream} to be created (check its name and region)\n"
+                ));
+            }
             if body.is_empty() {
                 reply(StatusCode::OK, "text/plain", b"ready\n".to_vec())
             } else {

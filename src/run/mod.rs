@@ -51,6 +51,8 @@ pub struct RunContext<A = NoFlags, C = NoSettings> {
     registry: Registry,
     app_flags: A,
     app_settings: C,
+    /// Cancelled by SIGTERM (or the embedder): ends a wait for the local stream.
+    shutdown: CancellationToken,
 }
 
 /// An application without flags of its own ([`run`]).
@@ -97,10 +99,12 @@ impl<A, C> RunContext<A, C> {
 
     /// The local backend's stream named by the settings, under `local_dir/stream`. A worker
     /// started before its stream was created waits for it, with a log line every
-    /// [`STREAM_WAIT_LOG_EVERY`]; a bounded run (`--until-caught-up`) fails at once instead.
+    /// [`STREAM_WAIT_LOG_EVERY`] (`/metrics` answers meanwhile; `/healthz` and `/readyz` answer
+    /// 503 until the run starts); a bounded run (`--until-caught-up`) fails at once instead.
     ///
     /// # Errors
-    /// The stream cannot be opened, or does not exist and the run is bounded.
+    /// The stream cannot be opened, or does not exist and the run is bounded, or the worker
+    /// was stopped while it waited.
     pub async fn local_stream(&self) -> anyhow::Result<LocalStream> {
         let dir = self.settings.local_dir.join("stream");
         let name = &self.settings.stream;
@@ -113,7 +117,12 @@ impl<A, C> RunContext<A, C> {
                         tracing::warn!(stream = %name, dir = %dir.display(), "the local stream does not exist yet: waiting for it to be created");
                         last_log = Some(std::time::Instant::now());
                     }
-                    tokio::time::sleep(STREAM_POLL).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(STREAM_POLL) => {}
+                        () = self.shutdown.cancelled() => {
+                            anyhow::bail!("stopped while waiting for local stream {name}")
+                        }
+                    }
                 }
                 opened => {
                     return opened.with_context(|| {
@@ -321,11 +330,22 @@ where
     Fut: Future<Output = anyhow::Result<Topology>>,
 {
     let registry = Registry::new();
+    // The endpoint and the signal handlers come first: building may wait for a local stream,
+    // and a worker waiting must answer /metrics and stop on SIGTERM.
+    let health = Health::new();
+    let ops = crate::ops::serve(settings.metrics_addr, registry.clone(), health.clone())
+        .await
+        .with_context(|| format!("binding the metrics endpoint {}", settings.metrics_addr))?;
+    let shutdown = match shutdown {
+        Some(token) => token,
+        None => crate::ops::shutdown_on_signals().context("installing signal handlers")?,
+    };
     let cx = RunContext {
         settings: settings.clone(),
         registry: registry.clone(),
         app_flags,
         app_settings,
+        shutdown: shutdown.clone(),
     };
     let topology = build(cx).await.context("building the topology")?;
     let leases: Arc<dyn LeaseStore> = match settings.backend {
@@ -334,20 +354,12 @@ where
         )),
         Backend::Aws => aws_leases(&settings, topology.name()).await?,
     };
-    let health = Health::new();
-    let ops = crate::ops::serve(settings.metrics_addr, registry.clone(), health.clone())
-        .await
-        .with_context(|| format!("binding the metrics endpoint {}", settings.metrics_addr))?;
     tracing::info!(
         topology = topology.name(),
         worker = settings.runtime.worker_id,
         endpoint = %ops.local_addr(),
         "starting"
     );
-    let shutdown = match shutdown {
-        Some(token) => token,
-        None => crate::ops::shutdown_on_signals().context("installing signal handlers")?,
-    };
     let bounded = settings.runtime.mode == RunMode::UntilCaughtUp;
     let metrics = Metrics::new(&registry);
     let progress = bounded.then(|| progress::Progress::start(registry));

@@ -103,8 +103,13 @@ impl Source for KinesisSource {
             .list_shards(&self.stream)
             .await
             .map_err(|e| {
-                // Not created yet (or deleted): the runtime waits for a stream it never listed.
-                if e.code() == Some("ResourceNotFoundException") {
+                // Not created yet (or deleted), or still being created (ListShards answers
+                // ResourceInUseException while the stream is CREATING): the runtime waits for
+                // a stream it never listed.
+                if matches!(
+                    e.code(),
+                    Some("ResourceNotFoundException" | "ResourceInUseException")
+                ) {
                     SourceError::StreamNotFound {
                         stream: self.stream.clone(),
                     }

@@ -304,6 +304,24 @@ impl ControlLoop {
                     self.config.mode == RunMode::UntilCaughtUp,
                 ) =>
             {
+                match self.leases.list().await {
+                    // Leases of its shards: the stream existed (a restart after it vanished,
+                    // say). That is an error to see, not to sit out.
+                    Ok(leases) if !leases.is_empty() => {
+                        let error = Error::Source(SourceError::StreamNotFound { stream });
+                        self.decisions.record(|| format!("sync failed: {error}"));
+                        tracing::error!(topology = %self.name(), %error, "the stream is gone, but its leases are in the table");
+                        self.running.values().for_each(|r| r.cancel.cancel());
+                        self.failure.get_or_insert(error);
+                        return;
+                    }
+                    // Alive while it waits (/healthz), not ready (/readyz names the stream).
+                    Ok(_) => {
+                        self.health.lease_round_ok();
+                        self.health.set_waiting_for(Some(&stream));
+                    }
+                    Err(_) => {}
+                }
                 self.sync.failures += 1;
                 self.sync.owed = true;
                 let backoff = retry_after(self.sync.failures, self.config.shard_sync_interval);
@@ -311,10 +329,6 @@ impl ControlLoop {
                 self.decisions
                     .record(|| format!("stream {stream} missing, waiting"));
                 tracing::warn!(topology = %self.name(), %stream, ?backoff, "the stream does not exist yet: waiting for it to be created");
-                // Alive while it waits, if the lease table answers (/healthz).
-                if self.leases.list().await.is_ok() {
-                    self.health.lease_round_ok();
-                }
             }
             Err(error) if error.is_retryable() => {
                 self.decisions
@@ -341,6 +355,7 @@ impl ControlLoop {
     async fn sync_and_start(&mut self) -> Result<(), Error> {
         let shards = self.topology.source.list_shards().await?;
         self.stream_listed = true;
+        self.health.set_waiting_for(None);
         self.leases.sync(&shards).await?;
         let lease_list = self.leases.list().await?;
         self.leases.note_requests(&lease_list).await;

@@ -28,6 +28,8 @@ struct State {
     /// Each shard the dead-letter policy stopped whose lease this worker still holds, with
     /// what stopped it, in the order they stopped.
     stopped: Mutex<Vec<(String, String)>>,
+    /// The stream a worker waits for, while it does not exist yet.
+    waiting_for: Mutex<Option<String>>,
 }
 
 impl Default for Health {
@@ -45,6 +47,7 @@ impl Health {
                 last_ok_ms: AtomicU64::new(0),
                 lease_duration_ms: AtomicU64::new(10_000),
                 stopped: Mutex::new(Vec::new()),
+                waiting_for: Mutex::new(None),
             }),
         }
     }
@@ -65,9 +68,27 @@ impl Health {
         })
     }
 
-    /// Healthy, and no shard stopped at a bad record.
+    /// Healthy, no shard stopped at a bad record, and the stream exists.
     pub fn is_ready(&self) -> bool {
-        self.is_healthy() && self.stopped_shards().is_empty()
+        self.is_healthy() && self.stopped_shards().is_empty() && self.waiting_for().is_none()
+    }
+
+    /// The stream this worker waits for, while it does not exist yet (a wrong name or
+    /// region looks the same: readiness fails until it is listed).
+    pub fn waiting_for(&self) -> Option<String> {
+        self.inner
+            .waiting_for
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn set_waiting_for(&self, stream: Option<&str>) {
+        *self
+            .inner
+            .waiting_for
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = stream.map(str::to_owned);
     }
 
     /// What stopped each shard the dead-letter policy stopped in this run (shard, record

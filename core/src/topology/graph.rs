@@ -269,9 +269,21 @@ impl Graph {
         (self.operators.len() - 1, slot)
     }
 
-    /// Names operator `index` (`.name(..)` after it).
+    /// Names operator `index` (`.name(..)` after it); a second name for one operator (through
+    /// a clone of its stream) is refused at build time.
     pub(crate) fn name_operator(&mut self, index: usize, name: &str) {
-        self.operators[index].given = Some(name.to_owned());
+        let op = &mut self.operators[index];
+        match &op.given {
+            Some(first) if first != name => {
+                let refusal = BuildError::NamedTwice {
+                    topology: self.name.clone(),
+                    first: first.clone(),
+                    second: name.to_owned(),
+                };
+                self.refused.get_or_insert(refusal);
+            }
+            _ => op.given = Some(name.to_owned()),
+        }
     }
 
     /// Sets every operator's label: its given name (two given names alike are refused), or its

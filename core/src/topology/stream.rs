@@ -207,9 +207,11 @@ impl<T: Send + 'static, S: Stage> Stream<T, S> {
 }
 
 impl<T: Send + 'static, S: Stage> Stream<T, S> {
-    /// Names the operator this stream comes out of, in metrics (`operator` label), logs and
-    /// dead letters, instead of its kind (`map`, `window-tumbling-60s`). Two operators given
-    /// one name are refused by `build()`, as is a name right after the source.
+    /// Names the operator this stream comes out of, in metrics (`operator` label) and logs,
+    /// instead of its kind (`map`, `window-tumbling-60s`); a `try_map`'s dead letters keep the
+    /// stage name it was given. Two operators given one name are refused by `build()`, as are
+    /// two names for one operator and a name right after the source. Name operators before
+    /// `build()`: the labels are fixed then.
     #[must_use]
     pub fn name(self, name: &str) -> Self {
         {

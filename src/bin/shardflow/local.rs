@@ -80,7 +80,13 @@ pub(super) async fn execute(dir: &Path, command: Command) -> anyhow::Result<()> 
             );
             let store = FileLeaseStore::new(&leases);
             match action {
-                LeaseAction::List { .. } => super::list_leases(&store, async |_| None).await,
+                LeaseAction::List { stream, .. } => {
+                    anyhow::ensure!(
+                        stream.is_none(),
+                        "--stream measures lag on Kinesis; the local backend has no lag to show"
+                    );
+                    super::list_leases(&store, async |_| None).await
+                }
                 LeaseAction::Reset { to, dry_run, .. } => super::reset(&store, to, dry_run).await,
             }
         }

@@ -13,6 +13,18 @@ use prost::Message;
 pub const MAGIC: [u8; 4] = [0xF3, 0x89, 0x9A, 0xC2];
 /// Length of the trailing MD5 digest.
 const DIGEST_LEN: usize = 16;
+/// The longest partition key Kinesis (and the KPL) accepts, in bytes.
+pub const MAX_PARTITION_KEY_BYTES: usize = 256;
+/// The longest explicit hash key: a decimal number below 2^128 has at most 39 digits.
+pub const MAX_EXPLICIT_HASH_KEY_BYTES: usize = 39;
+/// How many times its own size an aggregate may grow into when its keys are copied to each
+/// user record. Each record names its keys by an index into tables, so a small aggregate could
+/// otherwise ask for gigabytes (one 256-byte key named by every one of a megabyte's worth of
+/// 3-byte records is 87 MiB); real KPL aggregates stay far below this.
+pub const MAX_EXPANSION: usize = 32;
+/// The expansion every aggregate may have whatever its size, so that a small one of tiny
+/// payloads under long keys still passes: 4 MiB.
+pub const MIN_EXPANSION_BUDGET: usize = 4 << 20;
 
 /// The protobuf message of an aggregated record (field numbers from the KPL's `messages.proto`).
 #[derive(Clone, PartialEq, Message)]
@@ -86,6 +98,29 @@ pub enum AggregationError {
         /// The table's length.
         len: usize,
     },
+    /// A key longer than Kinesis allows (no producer could have written it).
+    #[error("{table} entry {index} is {len} bytes; Kinesis allows at most {max}")]
+    KeyTooLong {
+        /// Which table.
+        table: &'static str,
+        /// The entry.
+        index: usize,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Copying each record's keys would take more memory than the bound allows.
+    #[error(
+        "aggregated record of {len} bytes would expand to {expanded} bytes of user records \
+         (more than {MAX_EXPANSION} times its size, and more than {MIN_EXPANSION_BUDGET} bytes)"
+    )]
+    TooLarge {
+        /// The aggregated record's length.
+        len: usize,
+        /// What its user records would take.
+        expanded: usize,
+    },
 }
 
 /// The MD5 digest that closes an aggregated record, of its protobuf bytes.
@@ -117,6 +152,36 @@ pub fn deaggregate(data: &[u8]) -> Result<Option<Vec<UserRecord>>, AggregationEr
     }
     let proto = AggregatedRecordProto::decode(body)
         .map_err(|e| AggregationError::Malformed(e.to_string()))?;
+    check_tables(&proto)?;
+    // What the user records will take once each has its own copy of its keys, bounded before
+    // anything is copied (an index past a table counts nothing here and fails below).
+    let key_len = |entries: &[String], index: u64| {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| entries.get(i))
+            .map_or(0, String::len)
+    };
+    let expanded: usize = proto
+        .records
+        .iter()
+        .map(|r| {
+            r.data.len()
+                + key_len(&proto.partition_key_table, r.partition_key_index)
+                + r.explicit_hash_key_index
+                    .map_or(0, |i| key_len(&proto.explicit_hash_key_table, i))
+        })
+        .sum();
+    if expanded
+        > data
+            .len()
+            .saturating_mul(MAX_EXPANSION)
+            .max(MIN_EXPANSION_BUDGET)
+    {
+        return Err(AggregationError::TooLarge {
+            len: data.len(),
+            expanded,
+        });
+    }
     let lookup = |record: usize, table: &'static str, entries: &[String], index: u64| {
         usize::try_from(index)
             .ok()
@@ -157,6 +222,33 @@ pub fn deaggregate(data: &[u8]) -> Result<Option<Vec<UserRecord>>, AggregationEr
         })
         .collect::<Result<Vec<_>, _>>()
         .map(Some)
+}
+
+/// Refuses table entries longer than Kinesis allows.
+fn check_tables(proto: &AggregatedRecordProto) -> Result<(), AggregationError> {
+    let tables = [
+        (
+            "partition key",
+            &proto.partition_key_table,
+            MAX_PARTITION_KEY_BYTES,
+        ),
+        (
+            "explicit hash key",
+            &proto.explicit_hash_key_table,
+            MAX_EXPLICIT_HASH_KEY_BYTES,
+        ),
+    ];
+    for (table, entries, max) in tables {
+        if let Some((index, key)) = entries.iter().enumerate().find(|(_, k)| k.len() > max) {
+            return Err(AggregationError::KeyTooLong {
+                table,
+                index,
+                len: key.len(),
+                max,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A string table of an aggregate (partition keys or explicit hash keys): entries in order,
@@ -384,6 +476,85 @@ mod tests {
             deaggregate(&bytes),
             Err(AggregationError::BadIndex { index: 3, .. })
         ));
+    }
+
+    /// Wraps `proto` as an aggregated record (magic, protobuf, digest).
+    fn wrap(proto: &AggregatedRecordProto) -> Vec<u8> {
+        let body = proto.encode_to_vec();
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&body);
+        bytes.extend_from_slice(&Md5::digest(&body));
+        bytes
+    }
+
+    /// Issue 14: de-aggregation copied the partition key into every user record, so a 30 KB
+    /// aggregate became 100 MB of strings, and one 1 MiB record could ask for 128 GiB. Keys
+    /// longer than Kinesis allows, and aggregates that would grow past `MAX_EXPANSION` times
+    /// their size, are refused before anything is copied (the record then goes to the
+    /// dead-letter policy as a malformed aggregate).
+    #[test]
+    fn an_aggregate_that_would_expand_without_bound_is_refused() {
+        let long = AggregatedRecordProto {
+            partition_key_table: vec!["k".repeat(100_000)],
+            explicit_hash_key_table: vec![],
+            records: vec![RecordProto {
+                partition_key_index: 0,
+                explicit_hash_key_index: None,
+                data: b"x".to_vec(),
+                tags: vec![],
+            }],
+        };
+        assert!(matches!(
+            deaggregate(&wrap(&long)),
+            Err(AggregationError::KeyTooLong {
+                len: 100_000,
+                max: 256,
+                ..
+            })
+        ));
+        // One 256-byte key named by 20 000 empty records: 5 MB of copies from a 60 KB record
+        // (above the 4 MiB every aggregate may take).
+        let amplifying = AggregatedRecordProto {
+            partition_key_table: vec!["k".repeat(256)],
+            explicit_hash_key_table: vec![],
+            records: (0..20_000)
+                .map(|_| RecordProto {
+                    partition_key_index: 0,
+                    explicit_hash_key_index: None,
+                    data: vec![],
+                    tags: vec![],
+                })
+                .collect(),
+        };
+        let bytes = wrap(&amplifying);
+        assert!(
+            matches!(deaggregate(&bytes), Err(AggregationError::TooLarge { .. })),
+            "{} bytes",
+            bytes.len()
+        );
+        // One 256-byte key named by 1 000 one-byte records (42 times its size, under 4 MiB)
+        // passes, as does a KPL-like aggregate of 100-byte payloads under 256-byte keys.
+        let small = AggregatedRecordProto {
+            partition_key_table: vec!["k".repeat(256)],
+            explicit_hash_key_table: vec![],
+            records: (0..1_000)
+                .map(|_| RecordProto {
+                    partition_key_index: 0,
+                    explicit_hash_key_index: None,
+                    data: b"x".to_vec(),
+                    tags: vec![],
+                })
+                .collect(),
+        };
+        assert_eq!(deaggregate(&wrap(&small)).unwrap().unwrap().len(), 1_000);
+        let mut builder = AggregateBuilder::new();
+        for i in 0..1_000 {
+            builder.add(record(&format!("{i:0>256}"), None, &[b'x'; 100]));
+        }
+        assert_eq!(
+            deaggregate(&builder.finish()).unwrap().unwrap().len(),
+            1_000
+        );
     }
 
     proptest! {

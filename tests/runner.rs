@@ -22,6 +22,36 @@ async fn local_stream_holding(dir: &std::path::Path, name: &str, shards: u32, co
     }
 }
 
+/// Waits (polling, up to 10 s) until topology `copy` wrote `n` outputs to `out`.
+async fn wait_for_outputs(out: &std::path::Path, n: usize) {
+    let sink = LocalDirSink::new(out);
+    let count = || async {
+        sink.read_topology::<u32>("copy")
+            .await
+            .map_or(0, |m| m.len())
+    };
+    for _ in 0..500 {
+        if count().await == n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(count().await, n);
+}
+
+/// Stops a running worker and asserts its run ended cleanly within 10 s.
+async fn stop(
+    run: tokio::task::JoinHandle<anyhow::Result<shardflow::RunReport>>,
+    shutdown: &tokio_util::sync::CancellationToken,
+) {
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("stops within 10 s")
+        .unwrap()
+        .expect("a clean run");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_from_flags_processes_and_stops_gracefully() {
     let dir = tempfile::tempdir().unwrap();
@@ -56,25 +86,8 @@ async fn a_worker_from_flags_processes_and_stops_gracefully() {
         },
         Some(shutdown.clone()),
     ));
-    let sink = LocalDirSink::new(&out);
-    for _ in 0..500 {
-        if sink
-            .read_topology::<u32>("copy")
-            .await
-            .map_or(0, |m| m.len())
-            == 100
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(sink.read_topology::<u32>("copy").await.unwrap().len(), 100);
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), run)
-        .await
-        .expect("stops within 10 s")
-        .unwrap()
-        .expect("a clean run");
+    wait_for_outputs(&out, 100).await;
+    stop(run, &shutdown).await;
     let leases = shardflow::local::FileLeaseStore::new(dir.path().join("leases").join("copy"));
     let all = leases.list().await.unwrap();
     assert_eq!(all.len(), 2);
@@ -206,25 +219,8 @@ async fn a_worker_started_before_its_local_stream_waits_for_it() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!run.is_finished(), "waiting for the stream");
     local_stream_holding(dir.path(), "later", 1, 10).await;
-    let sink = LocalDirSink::new(&out);
-    for _ in 0..500 {
-        if sink
-            .read_topology::<u32>("copy")
-            .await
-            .map_or(0, |m| m.len())
-            == 10
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(sink.read_topology::<u32>("copy").await.unwrap().len(), 10);
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), run)
-        .await
-        .expect("stops within 10 s")
-        .unwrap()
-        .expect("a clean run");
+    wait_for_outputs(&out, 10).await;
+    stop(run, &shutdown).await;
 }
 
 #[derive(Debug, clap::Args)]

@@ -115,12 +115,8 @@ async fn stream(config: &Clients<'_>, action: StreamAction) -> anyhow::Result<()
         }
         StreamAction::Split { stream, shard, at } => {
             let shards = admin.list_shards(&stream).await?;
-            let info = shards
-                .iter()
-                .find(|s| s.id.as_str() == shard)
-                .with_context(|| format!("no shard {shard} in {stream}"))?;
-            let at = at.unwrap_or(info.hash_key_range.0 / 2 + info.hash_key_range.1 / 2 + 1);
-            admin.split_shard(&stream, &info.id, at).await?;
+            let (id, at) = super::split_point(&shards, &stream, &shard, at)?;
+            admin.split_shard(&stream, &id, at).await?;
             println!("split {shard} at {at:#x}");
         }
         StreamAction::Merge {

@@ -20,10 +20,7 @@ const PUT_BATCH: usize = 500;
 /// Runs `command` on the local backend in `dir`.
 pub(super) async fn execute(dir: &Path, command: Command) -> anyhow::Result<()> {
     let streams = dir.join("stream");
-    let open = |name: &str| {
-        LocalStream::open(&streams, name)
-            .with_context(|| format!("opening local stream {name} in {}", streams.display()))
-    };
+    let open = |name: &str| open_stream(&streams, name);
     match command {
         Command::Stream { action } => stream(&streams, action),
         Command::Put {
@@ -94,11 +91,13 @@ pub(super) async fn execute(dir: &Path, command: Command) -> anyhow::Result<()> 
     }
 }
 
+fn open_stream(streams: &Path, name: &str) -> anyhow::Result<LocalStream> {
+    LocalStream::open(streams, name)
+        .with_context(|| format!("opening local stream {name} in {}", streams.display()))
+}
+
 fn stream(streams: &Path, action: StreamAction) -> anyhow::Result<()> {
-    let open = |name: &str| {
-        LocalStream::open(streams, name)
-            .with_context(|| format!("opening local stream {name} in {}", streams.display()))
-    };
+    let open = |name: &str| open_stream(streams, name);
     match action {
         StreamAction::Create { stream, shards } => {
             let count = u32::try_from(shards).context("--shards must be positive")?;
@@ -123,13 +122,8 @@ fn stream(streams: &Path, action: StreamAction) -> anyhow::Result<()> {
         }
         StreamAction::Split { stream, shard, at } => {
             let local = open(&stream)?;
-            let shards = local.shards()?;
-            let info = shards
-                .iter()
-                .find(|s| s.id.as_str() == shard)
-                .with_context(|| format!("no shard {shard} in {stream}"))?;
-            let at = at.unwrap_or(info.hash_key_range.0 / 2 + info.hash_key_range.1 / 2 + 1);
-            local.split_shard(&info.id, at)?;
+            let (id, at) = super::split_point(&local.shards()?, &stream, &shard, at)?;
+            local.split_shard(&id, at)?;
             println!("split {shard} at {at:#x}");
         }
         StreamAction::Merge {

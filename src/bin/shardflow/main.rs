@@ -237,6 +237,22 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Where `stream split` splits `shard` of `stream` (listed as `shards`): at `at`, or at the
+/// middle of its hash key range.
+fn split_point(
+    shards: &[shardflow::core::position::ShardInfo],
+    stream: &str,
+    shard: &str,
+    at: Option<u128>,
+) -> anyhow::Result<(ShardId, u128)> {
+    let info = shards
+        .iter()
+        .find(|s| s.id.as_str() == shard)
+        .with_context(|| format!("no shard {shard} in {stream}"))?;
+    let middle = info.hash_key_range.0 / 2 + info.hash_key_range.1 / 2 + 1;
+    Ok((info.id.clone(), at.unwrap_or(middle)))
+}
+
 /// One line per shard of `stream describe`.
 fn print_shard(shard: &shardflow::core::position::ShardInfo) {
     let parents: Vec<&str> = shard.parents.iter().map(ShardId::as_str).collect();

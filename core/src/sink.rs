@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
 
 use crate::error::{Fenced, SinkError};
 use crate::lease::LeaseEpoch;
@@ -189,18 +190,52 @@ fn push_escaped(out: &mut String, key: &KeyId) {
     }
 }
 
+/// Longest escaped key kept whole in a path. File systems allow 255-byte names, S3 1,024-byte
+/// keys and DynamoDB 2,048-byte hash keys; past this, a key is shortened (see
+/// [`push_escaped_text`]) so that every sink can store every identity.
+pub const MAX_ESCAPED_KEY_BYTES: usize = 128;
+
+/// How much of a shortened key's escaped text stays readable before its digest.
+const SHORTENED_PREFIX_BYTES: usize = 80;
+
 /// Escapes a key for use as one path component: ASCII letters, digits, `-`, `_` and `.` stay;
 /// every other byte becomes `%XX`. A key that is empty or starts with `.` gets a `%` prefix.
+///
+/// An escaped key longer than [`MAX_ESCAPED_KEY_BYTES`] becomes its first escaped bytes (at
+/// most 80, ending after a whole character), `~`, and the first 128 bits of the SHA-256 of the key in
+/// hex: at most 113 bytes. Escaping never writes `~`, so a shortened key cannot equal a kept
+/// one, and two long keys share a path only if their digests collide.
 fn push_escaped_text(out: &mut String, key: &str) {
+    let start = out.len();
     if key.is_empty() || key.starts_with('.') {
         out.push('%');
     }
-    for b in key.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
-            out.push(char::from(b));
-        } else {
-            let _ = write!(out, "%{b:02X}");
+    // Where the readable prefix would end: after the last whole character that fits.
+    let mut prefix_end = out.len();
+    for c in key.chars() {
+        let mut utf8 = [0; 4];
+        for &b in c.encode_utf8(&mut utf8).as_bytes() {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
+                out.push(char::from(b));
+            } else {
+                let _ = write!(out, "%{b:02X}");
+            }
         }
+        if out.len() - start <= SHORTENED_PREFIX_BYTES {
+            prefix_end = out.len();
+        }
+        if out.len() - start > MAX_ESCAPED_KEY_BYTES {
+            break;
+        }
+    }
+    if out.len() - start <= MAX_ESCAPED_KEY_BYTES {
+        return;
+    }
+    out.truncate(prefix_end);
+    out.push('~');
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    for b in &digest[..16] {
+        let _ = write!(out, "{b:02x}");
     }
 }
 
@@ -583,5 +618,59 @@ mod tests {
             index: 1,
         };
         assert_eq!(rec.to_path(), "r/42-3-1");
+    }
+
+    fn key_path(key: &str) -> String {
+        OutputId::keyed(key.into(), None)
+            .to_path()
+            .strip_prefix("k/")
+            .expect("a keyed path")
+            .to_owned()
+    }
+
+    #[test]
+    fn long_keys_become_a_readable_prefix_and_a_digest_that_fits_every_sink() {
+        // 90 CJK characters escape to 810 bytes: over a file name's 255.
+        let cjk = "\u{4e2d}".repeat(90);
+        let path = key_path(&cjk);
+        assert!(path.len() <= 113, "{} bytes: {path}", path.len());
+        assert!(path.starts_with("%E4%B8%AD"), "{path}");
+        let (prefix, digest) = path.split_once('~').expect("shortened");
+        assert_eq!(digest.len(), 32);
+        assert!(
+            prefix.len() <= 80 && prefix.len() % 9 == 0,
+            "never cuts an escape: {prefix}"
+        );
+        // Keys that differ only past the prefix stay apart; the same key is always the same.
+        let long_a = format!("{}a", "x".repeat(200));
+        let long_b = format!("{}b", "x".repeat(200));
+        assert_ne!(key_path(&long_a), key_path(&long_b));
+        assert_eq!(key_path(&long_a), key_path(&long_a.clone()));
+        // At the limit a key stays whole; one byte past it, it is shortened.
+        assert_eq!(key_path(&"k".repeat(128)), "k".repeat(128));
+        assert!(key_path(&"k".repeat(129)).contains('~'));
+        // Odd keys stay one component that is never hidden, `.` or `..`.
+        for key in [
+            "/",
+            "%",
+            "..",
+            "\0",
+            "a/../b",
+            &"/".repeat(1000),
+            &"\0".repeat(300),
+        ] {
+            let p = key_path(key);
+            assert!(
+                !p.contains('/') && !p.starts_with('.') && p.len() <= 128,
+                "{p}"
+            );
+        }
+        // Shifted by one to three bytes, the prefix still ends after a whole character.
+        for pad in 0..3 {
+            let key = format!("{}{}", "a".repeat(pad), "\u{4e2d}".repeat(100));
+            let path = key_path(&key);
+            let (prefix, _) = path.split_once('~').expect("shortened");
+            assert_eq!(prefix.trim_start_matches('a').len() % 9, 0, "{prefix}");
+        }
     }
 }

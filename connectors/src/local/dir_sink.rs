@@ -62,11 +62,13 @@ pub enum LocalDirSinkError {
         #[source]
         source: serde_json::Error,
     },
-    /// An output's identity makes a file name longer than file systems allow (a very long key).
-    #[error("output file name {name:?} is {len} bytes; the limit is {MAX_FILE_NAME_BYTES}: use shorter keys")]
+    /// An output's file name is longer than file systems allow. Identities shorten long keys
+    /// (`shardflow_core::sink::MAX_ESCAPED_KEY_BYTES`), so only a sink wrapper that renames
+    /// outputs can cause this. The name is not quoted: it holds a key.
+    #[error("an output file name in {dir} is {len} bytes; the limit is {MAX_FILE_NAME_BYTES}")]
     NameTooLong {
-        /// The file name.
-        name: String,
+        /// The directory it was to be written in.
+        dir: PathBuf,
         /// Its length in bytes.
         len: usize,
     },
@@ -368,17 +370,14 @@ fn write_outputs(
     dirs: &mut OutputDirs,
 ) -> Result<(), LocalDirSinkError> {
     for (target, bytes) in files {
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if name.len() > MAX_FILE_NAME_BYTES {
+        let dir = target.parent().expect("output paths have a directory");
+        let len = target.file_name().map_or(0, |n| n.len());
+        if len > MAX_FILE_NAME_BYTES {
             return Err(LocalDirSinkError::NameTooLong {
-                len: name.len(),
-                name,
+                dir: dir.to_owned(),
+                len,
             });
         }
-        let dir = target.parent().expect("output paths have a directory");
         if !dirs.known.contains(dir) {
             fs::create_dir_all(dir)
                 .map_err(|e| LocalDirSinkError::io("creating directory", dir, e))?;

@@ -10,7 +10,7 @@ use shardflow::core::sink::InspectSink;
 use shardflow::local::LocalDirSink;
 use shardflow::operators::WindowResult;
 use shardflow::prelude::*;
-use shardflow::MemoryLeaseStore;
+use shardflow::{MemoryLeaseStore, MemorySink};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 struct Click {
@@ -85,4 +85,143 @@ async fn long_and_odd_keys_get_identities_every_sink_can_store() {
     for (_, path) in got.keys() {
         assert!(path.len() < 200, "{path}");
     }
+}
+
+/// A dead-letter sink with a limit, as `DynamoSink` has one: it refuses letters whose payload
+/// is over `max` bytes, or every letter.
+#[derive(Clone)]
+struct Limited {
+    inner: MemorySink<DeadLetterRecord>,
+    max: Option<usize>,
+}
+
+#[async_trait::async_trait]
+impl shardflow::Sink<DeadLetterRecord> for Limited {
+    fn name(&self) -> &str {
+        "limited"
+    }
+    async fn open(
+        &self,
+        cx: &shardflow::core::sink::SinkContext,
+    ) -> Result<
+        Box<dyn shardflow::core::sink::SinkWriter<DeadLetterRecord>>,
+        shardflow::core::error::SinkError,
+    > {
+        self.inner.open(cx).await
+    }
+    fn check(&self, letter: &DeadLetterRecord) -> Result<(), String> {
+        match self.max {
+            Some(max) if letter.data.len() <= max => Ok(()),
+            Some(max) => Err(format!("over {max} bytes")),
+            None => Err("refuses every letter".into()),
+        }
+    }
+}
+
+fn two_shards_with_a_bad_record() -> MemoryStream {
+    let stream = MemoryStream::new("bad", 2);
+    for shard in 0..2 {
+        push(&stream, shard, "a", 1);
+    }
+    stream.push(0, 2, b"pk", &stream_payload_of_bad_record());
+    for shard in 0..2 {
+        push(&stream, shard, "a", 3);
+    }
+    stream
+}
+
+/// A record whose `ts` is a string holding the canary, and whose `user` is a number.
+fn stream_payload_of_bad_record() -> Vec<u8> {
+    format!("{{\"user\": 17, \"ts\": \"{CANARY}{}\"}}", "x".repeat(1000)).into_bytes()
+}
+
+/// Planted in payloads: it must never reach an error message or a dead letter's reason.
+const CANARY: &str = "canary-7f3a9c";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_too_large_for_its_sink_is_truncated_and_the_shard_goes_on() {
+    let stream = two_shards_with_a_bad_record();
+    let dead = Limited {
+        inner: MemorySink::new("dead"),
+        max: Some(100),
+    };
+    let out = MemorySink::new("out");
+    let topology = Topology::builder("truncated")
+        .dead_letter(DeadLetter::to(dead.clone()))
+        .source(stream.clone().json::<Click>())
+        .sink(out.clone())
+        .build()
+        .unwrap();
+    Runtime::new(topology, Arc::new(MemoryLeaseStore::new()))
+        .with_config(bounded())
+        .run()
+        .await
+        .expect("the run goes on");
+    assert_eq!(out.contents().len(), 4);
+    let letters: Vec<DeadLetterRecord> = dead.inner.contents().into_values().collect();
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0];
+    assert!(letter.truncated && letter.data.len() == 100, "{letter:?}");
+    let payload = stream_payload_of_bad_record();
+    assert_eq!(letter.size as usize, payload.len());
+    assert!(payload.starts_with(&letter.data));
+    assert_eq!(letter.position.sequence.to_string(), "2");
+    assert!(
+        letter
+            .error
+            .starts_with("cannot decode record as json: invalid type"),
+        "{}",
+        letter.error
+    );
+    assert!(
+        !letter.error.contains(CANARY) && !letter.error.contains("17"),
+        "{}",
+        letter.error
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_its_sink_refuses_whole_stops_only_its_shard() {
+    let stream = two_shards_with_a_bad_record();
+    let dead = Limited {
+        inner: MemorySink::new("dead"),
+        max: None,
+    };
+    let out = MemorySink::new("out");
+    let topology = Topology::builder("refused")
+        .dead_letter(DeadLetter::to(dead.clone()))
+        .source(stream.clone().json::<Click>())
+        .sink(out.clone())
+        .build()
+        .unwrap();
+    let leases = Arc::new(MemoryLeaseStore::new());
+    let error = Runtime::new(topology, leases.clone())
+        .with_config(bounded())
+        .run()
+        .await
+        .expect_err("a stopped shard is reported");
+    let shown = error.to_string();
+    assert!(
+        shown.contains("shard-0") && shown.contains("limited refuses"),
+        "{shown}"
+    );
+    assert!(!shown.contains(CANARY), "{shown}");
+    // Shard 1 went on to its end; shard 0 stopped at the bad record.
+    let outputs = out.contents();
+    assert_eq!(
+        outputs
+            .keys()
+            .filter(|(s, _)| s.as_str() == "shard-1")
+            .count(),
+        2
+    );
+    let lease = shardflow::LeaseStore::get(&*leases, "shard-0")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        !matches!(lease.checkpoint.committed, shardflow::core::lease::CheckpointPosition::At(ref p) if p.sequence >= shardflow::core::position::SequenceNumber::from_u128(2)),
+        "the checkpoint never passes the bad record: {:?}",
+        lease.checkpoint
+    );
 }

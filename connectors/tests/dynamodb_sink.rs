@@ -333,3 +333,64 @@ async fn an_output_too_large_for_an_item_sends_its_record_to_the_dead_letter_sin
     );
     assert_eq!(letters[0].data.len(), 500 * 1024 + 2, "the record's bytes");
 }
+
+/// A large undecodable record with `DynamoSink` as the dead-letter sink: its letter was a JSON
+/// array of numbers (three to four item bytes per payload byte), over the item limit from
+/// about 100 KB, and the failed write failed the run on every restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_too_large_for_an_item_are_truncated_with_size_and_digest() {
+    use shardflow_core::dead_letter::{DeadLetter, DeadLetterRecord};
+    use shardflow_core::decode::SourceExt;
+    use shardflow_core::lease::MemoryLeaseStore;
+    use shardflow_core::memory::MemoryStream;
+    use shardflow_core::runtime::{RunMode, Runtime, RuntimeConfig};
+    use shardflow_core::sink::{InspectSink, MemorySink};
+    use shardflow_core::topology::Topology;
+
+    let stream = MemoryStream::new("undecodable", 1);
+    let small: Vec<u8> = (0..150 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let large: Vec<u8> = (0..900 * 1024u32).map(|i| (i % 241) as u8).collect();
+    stream.push(0, 0, b"k", &small);
+    stream.push(0, 0, b"k", b"\"fine\"");
+    stream.push(0, 0, b"k", &large);
+    let dead = DynamoSink::<DeadLetterRecord>::open(client().await, table("letters"))
+        .await
+        .expect("table");
+    let out = MemorySink::<String>::new("out");
+    let topology = Topology::builder("letters")
+        .dead_letter(DeadLetter::to(dead.clone()))
+        .source(stream.json::<String>())
+        .sink(out.clone())
+        .build()
+        .unwrap();
+    Runtime::new(topology, std::sync::Arc::new(MemoryLeaseStore::new()))
+        .with_config(RuntimeConfig {
+            mode: RunMode::UntilCaughtUp,
+            ..RuntimeConfig::default()
+        })
+        .run()
+        .await
+        .expect("large dead letters do not fail the run");
+    assert_eq!(out.contents().len(), 1);
+    let letters: Vec<DeadLetterRecord> = dead.committed().await.unwrap().into_values().collect();
+    assert_eq!(letters.len(), 2, "one letter per bad record");
+    let whole = letters
+        .iter()
+        .find(|l| l.size == small.len() as u64)
+        .unwrap();
+    assert!(!whole.truncated);
+    assert_eq!(whole.data, small, "a 150 KB payload fits an item as base64");
+    let cut = letters
+        .iter()
+        .find(|l| l.size == large.len() as u64)
+        .unwrap();
+    assert!(cut.truncated);
+    assert!(
+        cut.data.len() > 250 * 1024 && large.starts_with(&cut.data),
+        "the longest start that fits: {} bytes",
+        cut.data.len()
+    );
+    assert_eq!(cut.digest.len(), 64);
+    assert_ne!(cut.digest, whole.digest);
+    assert_eq!(cut.position.sequence.to_string(), "3");
+}

@@ -20,12 +20,148 @@ pub struct DeadLetterRecord {
     pub position: RecordPosition,
     /// Its partition key (lossy UTF-8).
     pub partition_key: String,
-    /// Its payload.
+    /// Its payload, or only its first bytes if `truncated`. Base64 in JSON (and so in
+    /// DynamoDB items), bytes in binary formats; an array of numbers is read too.
+    #[serde(with = "payload")]
     pub data: Vec<u8>,
+    /// The whole payload's length in bytes.
+    #[serde(default)]
+    pub size: u64,
+    /// The SHA-256 of the whole payload, in hex: what a truncated letter is recognised by.
+    #[serde(default)]
+    pub digest: String,
+    /// Whether `data` holds only the start of the payload because the dead-letter sink refused
+    /// the whole letter (too large for it). The record stays readable in the stream, at
+    /// `position`, until the stream's retention drops it.
+    #[serde(default)]
+    pub truncated: bool,
     /// Where it failed: `decode` or the name of the operator.
     pub stage: String,
-    /// The error.
+    /// The error: its kind and where, never the payload's values.
     pub error: String,
+}
+
+impl DeadLetterRecord {
+    /// The dead letter of a whole payload.
+    pub fn new(
+        stream: String,
+        shard: ShardId,
+        position: RecordPosition,
+        partition_key: &[u8],
+        data: &[u8],
+        stage: String,
+        error: String,
+    ) -> Self {
+        Self {
+            stream,
+            shard,
+            position,
+            partition_key: String::from_utf8_lossy(partition_key).into_owned(),
+            data: data.to_vec(),
+            size: data.len() as u64,
+            digest: hex_sha256(data),
+            truncated: false,
+            stage,
+            error,
+        }
+    }
+
+    /// This letter as the dead-letter sink accepts it (`Sink::check`): whole, or with the
+    /// longest start of its payload the sink accepts (`truncated`; `size` and `digest` still
+    /// describe the whole payload). `Err` with the sink's reason if it refuses even an empty
+    /// payload.
+    pub fn fit(
+        mut self,
+        check: impl Fn(&DeadLetterRecord) -> Result<(), String>,
+    ) -> Result<Self, String> {
+        if check(&self).is_ok() {
+            return Ok(self);
+        }
+        let whole = std::mem::take(&mut self.data);
+        self.truncated = true;
+        // A sink's limit grows with the payload: search for the longest accepted prefix.
+        let (mut fits, mut refused) = (None, whole.len());
+        let mut low = 0;
+        while low < refused {
+            let mid = low + (refused - low) / 2;
+            self.data.clear();
+            self.data.extend_from_slice(&whole[..mid]);
+            match check(&self) {
+                Ok(()) => {
+                    fits = Some(mid);
+                    low = mid + 1;
+                }
+                Err(_) => refused = mid,
+            }
+        }
+        let Some(len) = fits else {
+            self.data.clear();
+            return Err(check(&self).err().unwrap_or_default());
+        };
+        self.data.clear();
+        self.data.extend_from_slice(&whole[..len]);
+        Ok(self)
+    }
+}
+
+/// The SHA-256 of `bytes` in lower-case hex.
+fn hex_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(64);
+    for b in sha2::Sha256::digest(bytes) {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// A payload as base64 text in human-readable formats (JSON: a third larger than the bytes,
+/// where an array of numbers took three to four times) and as bytes in binary ones.
+mod payload {
+    use base64::Engine as _;
+    use serde::de::{self, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(data: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(data))
+        } else {
+            s.serialize_bytes(data)
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct Payload;
+        impl<'de> Visitor<'de> for Payload {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("base64 text, bytes or an array of bytes")
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Vec<u8>, E> {
+                base64::engine::general_purpose::STANDARD
+                    .decode(text)
+                    .map_err(|_| E::custom("a dead letter's payload is not base64"))
+            }
+            fn visit_bytes<E: de::Error>(self, bytes: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(bytes.to_vec())
+            }
+            fn visit_byte_buf<E: de::Error>(self, bytes: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(bytes)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+                while let Some(b) = seq.next_element()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        if d.is_human_readable() {
+            d.deserialize_any(Payload)
+        } else {
+            d.deserialize_byte_buf(Payload)
+        }
+    }
 }
 
 /// What happens to a record that fails.
@@ -92,5 +228,78 @@ impl std::fmt::Debug for DeadLetter {
                 .finish(),
             Self::StopShard => f.write_str("DeadLetter::StopShard"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::position::SequenceNumber;
+
+    fn letter(data: &[u8]) -> DeadLetterRecord {
+        DeadLetterRecord::new(
+            "s".into(),
+            ShardId::new("shard-0"),
+            RecordPosition::new(SequenceNumber::from_u128(7)),
+            b"pk",
+            data,
+            "decode".into(),
+            "cannot decode record as json".into(),
+        )
+    }
+
+    #[test]
+    fn payloads_are_base64_in_json_and_bytes_in_binary_formats() {
+        let dead = letter(&[0, 1, 2, 255]);
+        let json = serde_json::to_value(&dead).unwrap();
+        assert_eq!(json["data"], "AAEC/w==");
+        assert_eq!(json["size"], 4);
+        assert_eq!(
+            serde_json::from_value::<DeadLetterRecord>(json).unwrap(),
+            dead
+        );
+        let bytes = bincode::serialize(&dead).unwrap();
+        assert!(bytes.len() < 200, "{} bytes", bytes.len());
+        assert_eq!(
+            bincode::deserialize::<DeadLetterRecord>(&bytes).unwrap(),
+            dead
+        );
+        // Letters written before payloads were base64 (an array of numbers) still read.
+        let mut old = serde_json::to_value(&dead).unwrap();
+        old["data"] = serde_json::json!([0, 1, 2, 255]);
+        let read: DeadLetterRecord = serde_json::from_value(old).unwrap();
+        assert_eq!(read.data, dead.data);
+    }
+
+    #[test]
+    fn a_letter_too_large_for_its_sink_keeps_the_longest_start_it_accepts() {
+        let payload: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        // A sink that accepts letters whose JSON is at most 600 bytes.
+        let check = |l: &DeadLetterRecord| {
+            let n = serde_json::to_vec(l).unwrap().len();
+            if n <= 600 {
+                Ok(())
+            } else {
+                Err(format!("{n} bytes"))
+            }
+        };
+        let whole = letter(&payload[..100]).fit(check).unwrap();
+        assert!(!whole.truncated);
+        assert_eq!(whole.data, &payload[..100]);
+
+        let fitted = letter(&payload).fit(check).unwrap();
+        assert!(fitted.truncated);
+        assert_eq!(fitted.size, 1000);
+        assert_eq!(fitted.digest, letter(&payload).digest);
+        assert_eq!(fitted.data, &payload[..fitted.data.len()]);
+        let mut one_more = fitted.clone();
+        one_more.data = payload[..fitted.data.len() + 1].to_vec();
+        assert!(
+            check(&fitted).is_ok() && check(&one_more).is_err(),
+            "the longest start"
+        );
+
+        let refused = letter(&payload).fit(|_| Err("no".into()));
+        assert_eq!(refused, Err("no".into()));
     }
 }

@@ -32,7 +32,7 @@ impl<T: DeserializeOwned + Send + 'static> Decoder for Json<T> {
     fn decode(&self, record: RawRecord<'_>) -> Result<T, DecodeError> {
         serde_json::from_slice(record.data).map_err(|e| DecodeError {
             format: "json",
-            message: e.to_string(),
+            message: crate::redact::without_values(&e.to_string()),
         })
     }
 }
@@ -51,7 +51,7 @@ impl<T: DeserializeOwned + Send + 'static> Decoder for Bincode<T> {
     fn decode(&self, record: RawRecord<'_>) -> Result<T, DecodeError> {
         bincode::deserialize(record.data).map_err(|e| DecodeError {
             format: "bincode",
-            message: e.to_string(),
+            message: crate::redact::without_values(&e.to_string()),
         })
     }
 }

@@ -15,6 +15,7 @@ pub mod position;
 pub mod protocol;
 pub mod random;
 pub mod record;
+pub mod redact;
 pub mod sink;
 pub mod source;
 #[cfg(any(test, feature = "testing"))]

@@ -16,6 +16,7 @@ pub struct Metrics {
     operator_out: IntCounterVec,
     sink_commit: HistogramVec,
     dead_letters: IntCounterVec,
+    dead_letters_truncated: IntCounterVec,
     late_records: IntCounterVec,
     untimely_records: IntCounterVec,
     watermark: IntGaugeVec,
@@ -100,6 +101,12 @@ impl Metrics {
                 registry,
                 "shardflow_dead_letters_total",
                 "Records sent to the dead-letter sink",
+                &["topology", "shard"],
+            ),
+            dead_letters_truncated: counter(
+                registry,
+                "shardflow_dead_letters_truncated_total",
+                "Dead letters whose payload was cut to fit the dead-letter sink",
                 &["topology", "shard"],
             ),
             late_records: counter(
@@ -238,6 +245,13 @@ impl Metrics {
         self.dead_letters
             .with_label_values(&[topology, shard])
             .inc_by(n as u64);
+    }
+
+    /// Counts dead letters whose payload was truncated to fit the dead-letter sink.
+    pub(crate) fn dead_letter_truncated(&self, topology: &str, shard: &str) {
+        self.dead_letters_truncated
+            .with_label_values(&[topology, shard])
+            .inc();
     }
 
     /// Counts late records (operators call it).

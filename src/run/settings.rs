@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
+use shardflow_core::redact::without_values;
 use shardflow_core::runtime::{RunMode, RuntimeConfig};
 use shardflow_core::source::ReadLimits;
 
@@ -326,27 +327,8 @@ impl Settings {
         }
         toml::Value::Table(self.app.clone())
             .try_into()
-            .map_err(|e: toml::de::Error| bad("app", redact_quoted(e.message())))
+            .map_err(|e: toml::de::Error| bad("app", without_values(e.message())))
     }
-}
-
-/// `text` with every double-quoted part replaced by `"…"`: serde's messages quote the values
-/// they refuse (`invalid type: string "…", expected usize`), and the `[app]` table is where an
-/// application's secrets may be. Keys are quoted with backticks and stay.
-fn redact_quoted(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut quoted = false;
-    for c in text.chars() {
-        if c == '"' {
-            if !quoted {
-                out.push_str("\"…\"");
-            }
-            quoted = !quoted;
-        } else if !quoted {
-            out.push(c);
-        }
-    }
-    out
 }
 
 fn read_file(path: &Path) -> Result<FileSettings, SettingsError> {

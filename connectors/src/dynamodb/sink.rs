@@ -421,7 +421,12 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Sink<T> for Dynamo
     /// Refuses values that do not encode, or whose item would be over 400 KB (its value plus
     /// room for the identity attributes): their input records go to the dead-letter policy.
     fn check(&self, value: &T) -> Result<(), String> {
-        let value = serde_json::to_value(value).map_err(|e| format!("cannot be encoded: {e}"))?;
+        let value = serde_json::to_value(value).map_err(|e| {
+            format!(
+                "cannot be encoded: {}",
+                shardflow_core::redact::without_values(&e.to_string())
+            )
+        })?;
         let mut item = HashMap::with_capacity(1);
         item.insert("value".to_owned(), to_attribute(&value));
         let size = item_size(&item) + IDENTITY_ROOM;

@@ -104,15 +104,15 @@ impl ReportFailure for Failures {
             OnFailure::Retry(wait) => return FailureAction::RetryAfter(wait),
             OnFailure::Replayed => {}
             OnFailure::DeadLetter => {
-                let letter = DeadLetterRecord {
-                    stream: state.stream.clone(),
-                    shard: state.shard.clone(),
-                    position: record.position.clone(),
-                    partition_key: String::from_utf8_lossy(record.partition_key).into_owned(),
-                    data: record.data.to_vec(),
-                    stage: stage.to_owned(),
-                    error: error.to_owned(),
-                };
+                let letter = DeadLetterRecord::new(
+                    state.stream.clone(),
+                    state.shard.clone(),
+                    record.position.clone(),
+                    record.partition_key,
+                    record.data,
+                    stage.to_owned(),
+                    error.to_owned(),
+                );
                 // One dead letter per input record, even if two branches fail on it.
                 if !state.dead.iter().any(|(i, _)| *i == index) {
                     state.dead.push((index, letter));

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::WallClock;
 use crate::dead_letter::DeadLetterRecord;
-use crate::error::Error;
+use crate::error::{Error, ShardStopped};
 use crate::exec::{Failures, SinkEmitter};
 use crate::lease::{CheckpointPosition, LeaseEpoch, ShardCheckpoint, WatermarkAdvance};
 use crate::lease_guard::LeaseGuard;
@@ -414,7 +414,14 @@ impl ShardTask {
             run.epoch -= 1;
             return self.stop(run).await.map(Some);
         }
-        let (dead, stop) = run.failures.end_epoch();
+        let (dead, mut stop) = run.failures.end_epoch();
+        let dead = match self.fit_dead_letters(dead, replay) {
+            Ok(dead) => dead,
+            Err(refused) => {
+                stop.get_or_insert(refused);
+                Vec::new()
+            }
+        };
         if let Some(stopped) = stop {
             tracing::error!(shard = %id, error = %stopped, "stopping shard");
             run.pipeline.discard();
@@ -490,6 +497,45 @@ impl ShardTask {
             }],
         );
         Ok(None)
+    }
+
+    /// The epoch's dead letters as the dead-letter sink accepts them (`Sink::check`): whole, or
+    /// truncated with the payload's size and digest. A letter the sink refuses even without its
+    /// payload stops the shard at its record: nothing is skipped.
+    fn fit_dead_letters(
+        &self,
+        dead: Vec<(u32, DeadLetterRecord)>,
+        replay: bool,
+    ) -> Result<Vec<(u32, DeadLetterRecord)>, ShardStopped> {
+        let Some(sink) = self.topology.dead_letter.sink() else {
+            return Ok(dead);
+        };
+        let mut fitted = Vec::with_capacity(dead.len());
+        for (index, letter) in dead {
+            let position = letter.position.clone();
+            let size = letter.size;
+            match letter.fit(|l| sink.check(l)) {
+                Ok(letter) => {
+                    if letter.truncated && !replay {
+                        tracing::warn!(shard = %self.shard.id, %position, size, kept = letter.data.len(), sink = sink.name(), "dead letter too large for its sink: payload truncated, size and digest kept");
+                        self.metrics
+                            .dead_letter_truncated(&self.topology.name, self.shard.id.as_str());
+                    }
+                    fitted.push((index, letter));
+                }
+                Err(reason) => {
+                    return Err(ShardStopped::BadRecord {
+                        shard: self.shard.id.clone(),
+                        position,
+                        reason: format!(
+                            "dead-letter sink {} refuses the record's dead letter: {reason}",
+                            sink.name()
+                        ),
+                    })
+                }
+            }
+        }
+        Ok(fitted)
     }
 
     /// Makes again the watermark advances an earlier run decided after the records read so

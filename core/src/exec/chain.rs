@@ -76,7 +76,7 @@ pub(crate) struct StatelessNode<O, U> {
 /// Records into and out of one operator instance, counted per record and handed to the
 /// metrics once per epoch.
 pub(crate) struct OperatorCounts {
-    label: Arc<str>,
+    pub(crate) label: Arc<str>,
     topology: String,
     metrics: Metrics,
     pub(crate) records_in: u64,
@@ -121,13 +121,36 @@ where
     fn emit(&mut self, cx: &RecordCx, value: T) {
         self.counts.records_in += 1;
         let failures = self.failures.as_deref();
-        let mut out = Collector::new(
-            &mut *self.down,
-            failures,
-            &mut self.counts.records_out,
-            self.fan,
-        );
-        self.op.apply(cx, value, &mut out);
+        // Set while the collector's own code runs (its rules, the operators downstream): a
+        // panic there is not this operator's user function failing.
+        let mut in_collector = false;
+        let applied = super::user_code::call(|| {
+            let mut out = Collector::new(
+                &mut *self.down,
+                failures,
+                &mut self.counts.records_out,
+                self.fan,
+                &mut in_collector,
+            );
+            self.op.apply(cx, value, &mut out);
+        });
+        if let Err(panic) = applied {
+            match failures {
+                // Before `key_by` the record goes to the dead-letter policy.
+                Some(failures) if !in_collector => {
+                    failures.fail(
+                        cx,
+                        &self.counts.label,
+                        super::user_code::Panic::REASON,
+                        0,
+                        false,
+                    );
+                }
+                // After it (keyed results have no input record), or a panic downstream or of
+                // a rule: as it was.
+                _ => panic.resume(),
+            }
+        }
     }
     async fn flush(&mut self, epoch: &EpochCx) -> Result<(), Error> {
         // A replay only rebuilds state: its records were counted by the run that read them.

@@ -9,7 +9,7 @@ use rustc_hash::FxBuildHasher;
 use tokio::sync::mpsc;
 
 use crate::error::Error;
-use crate::operator::{Emit, EpochCx, Ident, KeyedRecord, RecordCx};
+use crate::operator::{Emit, EpochCx, Ident, KeyedRecord, RecordCx, ReportFailure};
 use crate::pool::VecPool;
 use crate::topology::Exchanges;
 
@@ -52,15 +52,22 @@ pub(crate) struct ExchangeEmitter<K, T, F> {
     pub(crate) key_fn: F,
     pub(crate) exchange: Exchange<K, T>,
     pub(crate) buffers: Vec<Vec<KeyedRecord<K, T>>>,
+    /// Where a record whose key function panics goes (the shard's dead-letter policy).
+    pub(crate) failures: Option<Arc<dyn ReportFailure>>,
 }
 
 impl<K, T, F> ExchangeEmitter<K, T, F> {
-    pub(crate) fn new(key_fn: F, exchange: Exchange<K, T>) -> Self {
+    pub(crate) fn new(
+        key_fn: F,
+        exchange: Exchange<K, T>,
+        failures: Option<Arc<dyn ReportFailure>>,
+    ) -> Self {
         let buffers = exchange.senders.iter().map(|_| Vec::new()).collect();
         Self {
             key_fn,
             exchange,
             buffers,
+            failures,
         }
     }
 }
@@ -73,7 +80,17 @@ where
     F: Fn(&T) -> K + Send + 'static,
 {
     fn emit(&mut self, cx: &RecordCx, value: T) {
-        let key = (self.key_fn)(&value);
+        let key = match super::user_code::call(|| (self.key_fn)(&value)) {
+            Ok(key) => key,
+            Err(panic) => match &self.failures {
+                Some(failures) => {
+                    let reason = super::user_code::Panic::REASON;
+                    failures.fail(cx, "key_by", reason, 0, false);
+                    return;
+                }
+                None => panic.resume(),
+            },
+        };
         let workers = self.buffers.len();
         let worker = if workers == 1 {
             0

@@ -62,25 +62,32 @@ where
     /// Calls the function on `value` for the `attempt`-th time: its output goes on, or the
     /// value comes back to be parked until the policy's wait is over.
     fn call(&mut self, cx: RecordCx, value: T, attempt: u32) -> Option<Parked<T>> {
-        match (self.f)(&value) {
-            Ok(out) => {
+        let called = super::user_code::call(|| (self.f)(&value));
+        let (error, retryable) = match called {
+            Ok(Ok(out)) => {
                 self.counts.records_out += 1;
                 self.down.emit(&cx, out);
-                None
+                return None;
             }
-            Err(error) => match self.failures.fail(&cx, self.stage, &error, attempt, true) {
-                FailureAction::RetryAfter(wait) => {
-                    let due = Instant::now() + wait;
-                    self.failures.park(due);
-                    Some(Parked {
-                        cx,
-                        value,
-                        attempt: attempt + 1,
-                        due,
-                    })
-                }
-                FailureAction::Handled => None,
-            },
+            Ok(Err(error)) => (error, true),
+            // A panic is not worth another call: it is a bug, not a flaky dependency.
+            Err(_) => (super::user_code::Panic::REASON.to_owned(), false),
+        };
+        match self
+            .failures
+            .fail(&cx, self.stage, &error, attempt, retryable)
+        {
+            FailureAction::RetryAfter(wait) => {
+                let due = Instant::now() + wait;
+                self.failures.park(due);
+                Some(Parked {
+                    cx,
+                    value,
+                    attempt: attempt + 1,
+                    due,
+                })
+            }
+            FailureAction::Handled => None,
         }
     }
 }

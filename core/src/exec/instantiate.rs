@@ -137,6 +137,7 @@ where
         Box::new(ExchangeEmitter::new(
             self.key_fn.clone(),
             exchange::<K, T>(&cx.exchanges, self.branch),
+            cx.failures.clone(),
         ))
     }
 }

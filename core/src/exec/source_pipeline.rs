@@ -43,10 +43,26 @@ impl<D: Decoder> ShardPipeline for SourcePipeline<D> {
                 self.failures.fail(&failed(), "source", reason, 0, false);
                 continue;
             }
-            match self.decoder.decode(record) {
+            let decoded = match super::user_code::call(|| self.decoder.decode(record)) {
+                Ok(decoded) => decoded,
+                Err(_) => {
+                    let reason = super::user_code::Panic::REASON;
+                    self.failures.fail(&failed(), "decode", reason, 0, false);
+                    continue;
+                }
+            };
+            match decoded {
                 Ok(value) => {
                     let event_time = match &self.event_time {
-                        Some(f) => f(&value),
+                        Some(f) => match super::user_code::call(|| f(&value)) {
+                            Ok(t) => t,
+                            Err(_) => {
+                                let reason = super::user_code::Panic::REASON;
+                                self.failures
+                                    .fail(&failed(), "event_time", reason, 0, false);
+                                continue;
+                            }
+                        },
                         None => record.arrival_ms,
                     };
                     let arrival_watermark =

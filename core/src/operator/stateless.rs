@@ -60,6 +60,9 @@ pub struct Collector<'a, U> {
     fan: Fan,
     /// Outputs of this input so far.
     outputs: u64,
+    /// Set while `emit` runs, cleared when it returns: a panic that leaves it set came from
+    /// the collector's rules or the operators downstream, not from the user function.
+    in_collector: &'a mut bool,
 }
 
 impl<'a, U> Collector<'a, U> {
@@ -68,6 +71,7 @@ impl<'a, U> Collector<'a, U> {
         failures: Option<&'a dyn ReportFailure>,
         emitted: &'a mut u64,
         fan: Fan,
+        in_collector: &'a mut bool,
     ) -> Self {
         Self {
             down,
@@ -75,6 +79,7 @@ impl<'a, U> Collector<'a, U> {
             emitted,
             fan,
             outputs: 0,
+            in_collector,
         }
     }
 
@@ -92,6 +97,12 @@ impl<'a, U> Collector<'a, U> {
     /// [`Stream::stateless`]: crate::topology::Stream::stateless
     /// [`Stream::stateless_fan_out`]: crate::topology::Stream::stateless_fan_out
     pub fn emit(&mut self, cx: &RecordCx, value: U) {
+        *self.in_collector = true;
+        self.emit_inner(cx, value);
+        *self.in_collector = false;
+    }
+
+    fn emit_inner(&mut self, cx: &RecordCx, value: U) {
         let n = self.outputs;
         self.outputs += 1;
         match self.fan {
@@ -136,9 +147,11 @@ impl<'a, U> Collector<'a, U> {
     /// # Panics
     /// After `key_by`, where failures have no input record; the stream types prevent it.
     pub fn fail(&mut self, cx: &RecordCx, stage: &str, error: &str) {
+        *self.in_collector = true;
         self.failures
             .expect("fallible operators run only before key_by")
             .fail(cx, stage, error, 0, false);
+        *self.in_collector = false;
     }
 }
 

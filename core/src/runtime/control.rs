@@ -248,7 +248,7 @@ impl ControlLoop {
                     let error = match joined {
                         Ok(Ok(())) => Error::Task("keyed worker ended early".into()),
                         Ok(Err(e)) => e,
-                        Err(e) => Error::Task(e.to_string()),
+                        Err(e) => Error::Task(task_failure("keyed worker", &e)),
                     };
                     tracing::error!(topology = %self.name(), %error, "keyed worker failed");
                     self.decisions
@@ -260,7 +260,7 @@ impl ControlLoop {
                     break;
                 }
                 Some(joined) = self.shard_tasks.join_next() => {
-                    let (id, outcome) = joined.map_err(|e| Error::Task(e.to_string()))?;
+                    let (id, outcome) = joined.map_err(|e| Error::Task(task_failure("shard task", &e)))?;
                     self.on_task_end(id, outcome).await;
                 }
                 () = self.tracker.dropped() => self.on_dropped_lives().await,
@@ -897,5 +897,15 @@ impl ControlLoop {
             return Err(Error::ShardStopped(stop));
         }
         Ok(self.report)
+    }
+}
+
+/// How a task ended abnormally, without a panic's message: it may quote the value a user
+/// function failed on (the panic hook printed it to stderr).
+fn task_failure(task: &str, error: &tokio::task::JoinError) -> String {
+    if error.is_panic() {
+        format!("{task} panicked (its message is on stderr)")
+    } else {
+        format!("{task} was cancelled")
     }
 }

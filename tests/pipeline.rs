@@ -470,11 +470,18 @@ async fn the_checkpoint_never_passes_a_record_whose_dead_letter_was_not_committe
         .build()
         .unwrap();
     let leases = Arc::new(MemoryLeaseStore::new());
-    // One record per epoch, so the good records before the bad one are checkpointable.
+    // One record per epoch, so the good records before the bad one are checkpointable; the
+    // shard backs off twice, then the bounded run fails with the sink's error.
     let config = RuntimeConfig {
         read_limits: shardflow::core::source::ReadLimits {
             max_records: 1,
             max_bytes: 1 << 20,
+        },
+        sink_backoff: shardflow::core::runtime::SinkBackoff {
+            first_pause: Duration::from_millis(10),
+            max_pause: Duration::from_millis(20),
+            attempts: 2,
+            ..Default::default()
         },
         ..bounded(1)
     };

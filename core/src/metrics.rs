@@ -30,6 +30,9 @@ pub struct Metrics {
     worker_id_conflicts: IntCounterVec,
     vanished_leases: IntCounterVec,
     shards_stopped: IntGaugeVec,
+    sink_failures: IntCounterVec,
+    shards_backing_off: IntGaugeVec,
+    shards_let_go: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -186,6 +189,26 @@ impl Metrics {
                  stay held, so no other worker reads past it; see /readyz)",
                 &["topology"],
             ),
+            sink_failures: counter(
+                registry,
+                "shardflow_shard_sink_failures_total",
+                "Times a shard backed off because a sink or the dead-letter sink failed after \
+                 its own retries",
+                &["topology", "shard"],
+            ),
+            shards_backing_off: gauge(
+                "shardflow_shards_backing_off",
+                "Shards this worker is pausing after sink failures (or leaving alone for a \
+                 cool-down after letting them go)",
+                &["topology"],
+            ),
+            shards_let_go: counter(
+                registry,
+                "shardflow_shards_let_go_total",
+                "Shards whose sinks kept failing through every pause: their leases were \
+                 released for another worker",
+                &["topology"],
+            ),
         }
     }
 
@@ -323,6 +346,22 @@ impl Metrics {
         self.shards_stopped
             .with_label_values(&[topology])
             .set(i64::try_from(stopped).unwrap_or(i64::MAX));
+    }
+
+    pub(crate) fn sink_failure(&self, topology: &str, shard: &str) {
+        self.sink_failures
+            .with_label_values(&[topology, shard])
+            .inc();
+    }
+
+    pub(crate) fn shards_backing_off(&self, topology: &str, n: usize) {
+        self.shards_backing_off
+            .with_label_values(&[topology])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub(crate) fn shard_let_go(&self, topology: &str) {
+        self.shards_let_go.with_label_values(&[topology]).inc();
     }
 
     pub(crate) fn leases(&self, topology: &str, held: usize) {

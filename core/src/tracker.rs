@@ -32,6 +32,8 @@ pub(crate) enum DropReason {
     Fenced,
     /// Its lease guard expired (or the life ended) before its outputs were written.
     GuardExpired,
+    /// A sink failed, after its own retries, to commit outputs of it: the shard backs off.
+    SinkFailed,
 }
 
 /// A shard's life a keyed worker dropped: the rest of the life cannot be processed right (that

@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 use shardflow_core::redact::without_values;
-use shardflow_core::runtime::{RunMode, RuntimeConfig};
+use shardflow_core::runtime::{RunMode, RuntimeConfig, SinkBackoff};
 use shardflow_core::source::ReadLimits;
 
 /// Where the stream, leases and AWS clients come from.
@@ -100,6 +100,20 @@ pub struct Flags {
     /// Bytes per read at most [default: 4194304].
     #[arg(long, env = "SHARDFLOW_READ_MAX_BYTES")]
     pub read_max_bytes: Option<usize>,
+    /// A shard whose sink fails after the sink's own retries starts again from its checkpoint
+    /// after this pause, doubled with each failure in a row [default: 1s].
+    #[arg(long, env = "SHARDFLOW_SINK_PAUSE", value_parser = parse_duration)]
+    pub sink_pause: Option<Duration>,
+    /// The longest such pause [default: 1m].
+    #[arg(long, env = "SHARDFLOW_SINK_MAX_PAUSE", value_parser = parse_duration)]
+    pub sink_max_pause: Option<Duration>,
+    /// Sink failures in a row (the checkpoint not moving) before the shard's lease is released
+    /// for another worker [default: 8].
+    #[arg(long, env = "SHARDFLOW_SINK_ATTEMPTS")]
+    pub sink_attempts: Option<u32>,
+    /// How long this worker then leaves the shard alone [default: 5m].
+    #[arg(long, env = "SHARDFLOW_SINK_COOL_DOWN", value_parser = parse_duration)]
+    pub sink_cool_down: Option<Duration>,
     /// Address of `/metrics`, `/healthz` and `/readyz` [default: 127.0.0.1:9464].
     #[arg(long, env = "SHARDFLOW_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -138,6 +152,10 @@ struct FileSettings {
     commit_interval: Option<String>,
     idle_wait: Option<String>,
     read_max_records: Option<usize>,
+    sink_pause: Option<String>,
+    sink_max_pause: Option<String>,
+    sink_attempts: Option<u32>,
+    sink_cool_down: Option<String>,
     read_max_bytes: Option<usize>,
     metrics_addr: Option<SocketAddr>,
     log_format: Option<LogFormat>,
@@ -274,6 +292,26 @@ impl Settings {
                     .read_max_bytes
                     .or(file.read_max_bytes)
                     .unwrap_or(defaults.read_limits.max_bytes),
+            },
+            sink_backoff: SinkBackoff {
+                first_pause: duration(flags.sink_pause, file.sink_pause.as_ref(), "sink_pause")?
+                    .unwrap_or(defaults.sink_backoff.first_pause),
+                max_pause: duration(
+                    flags.sink_max_pause,
+                    file.sink_max_pause.as_ref(),
+                    "sink_max_pause",
+                )?
+                .unwrap_or(defaults.sink_backoff.max_pause),
+                attempts: flags
+                    .sink_attempts
+                    .or(file.sink_attempts)
+                    .unwrap_or(defaults.sink_backoff.attempts),
+                cool_down: duration(
+                    flags.sink_cool_down,
+                    file.sink_cool_down.as_ref(),
+                    "sink_cool_down",
+                )?
+                .unwrap_or(defaults.sink_backoff.cool_down),
             },
             mode: if flags.until_caught_up || file.until_caught_up.unwrap_or(false) {
                 RunMode::UntilCaughtUp

@@ -52,6 +52,9 @@ type Life = (ShardId, LeaseEpoch);
 struct Pending<S> {
     /// Operator state per source shard.
     states: FxHashMap<ShardId, S>,
+    /// The life each shard's state belongs to: a new life starts from its checkpoint, never
+    /// from an older life's state (one may be left after a life ended while finishing).
+    life_of: FxHashMap<ShardId, LeaseEpoch>,
     /// Epochs handled since the last commit, reported once the sinks committed them.
     reports: Vec<Report>,
     /// The last epoch of each shard handled since the last commit: at the commit, running
@@ -74,6 +77,7 @@ where
     ) -> Result<(), Error> {
         let mut pending = Pending {
             states: FxHashMap::default(),
+            life_of: FxHashMap::default(),
             reports: Vec::new(),
             uncommitted: Vec::new(),
             touched: Vec::new(),
@@ -88,7 +92,8 @@ where
                     biased;
                     msg = rx.recv() => msg,
                     () = tokio::time::sleep_until(at) => {
-                        self.commit(&mut pending).await?;
+                        let committed = self.commit(&mut pending).await;
+                        self.isolate(&mut pending, committed).await?;
                         deadline = None;
                         continue;
                     }
@@ -101,18 +106,53 @@ where
                 msg.epoch.control,
                 Control::EndOfInput | Control::ShardEnd | Control::Stop
             );
-            self.handle(&mut pending, msg).await?;
+            let handled = self.handle(&mut pending, msg).await;
+            self.isolate(&mut pending, handled).await?;
             let at =
                 *deadline.get_or_insert_with(|| tokio::time::Instant::now() + self.commit_interval);
             if urgent
                 || pending.reports.len() >= MESSAGES_PER_COMMIT
                 || tokio::time::Instant::now() >= at
             {
-                self.commit(&mut pending).await?;
+                let committed = self.commit(&mut pending).await;
+                self.isolate(&mut pending, committed).await?;
                 deadline = None;
             }
         }
-        self.commit(&mut pending).await
+        let committed = self.commit(&mut pending).await;
+        self.isolate(&mut pending, committed).await
+    }
+
+    /// A sink error left after the sink's own retries costs the lives whose outputs the
+    /// writers held, not the worker: one commit holds every touched life's outputs, so each
+    /// is dropped (`DropReason::SinkFailed`) and its shard backs off and starts again from its
+    /// checkpoint. Fencing refusals are handled by `commit`; other errors end the worker.
+    async fn isolate(
+        &mut self,
+        pending: &mut Pending<Op::State>,
+        result: Result<(), Error>,
+    ) -> Result<(), Error> {
+        let error = match result {
+            Err(Error::Sink(error)) if !error.is_fenced() && !error.is_guard_expired() => error,
+            other => return other,
+        };
+        let mut lives: Vec<Life> = pending.touched.clone();
+        lives.extend(
+            pending
+                .uncommitted
+                .iter()
+                .map(|e| (e.shard.clone(), e.lease_epoch)),
+        );
+        lives.sort();
+        lives.dedup();
+        tracing::warn!(path = self.path, %error, lives = lives.len(), "a sink failed after its retries on a keyed path; dropping the shards whose outputs it held");
+        for (shard, lease_epoch) in lives {
+            if !pending.dropped.contains(&(shard.clone(), lease_epoch)) {
+                self.drop_life(pending, shard, lease_epoch, DropReason::SinkFailed)
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     /// Lets operators emit running results, commits the sinks, then reports the epochs.
@@ -226,6 +266,7 @@ where
         (shard, lease_epoch): &Life,
     ) -> Result<(), Error> {
         pending.states.remove(shard);
+        pending.life_of.remove(shard);
         pending
             .reports
             .retain(|r| &r.shard != shard || r.lease_epoch != *lease_epoch);
@@ -292,6 +333,17 @@ where
         pending
             .dropped
             .retain(|(s, e)| s != &epoch.shard || *e == epoch.lease_epoch);
+        if pending.life_of.get(&epoch.shard) != Some(&epoch.lease_epoch) {
+            if cfg!(shardflow_mutation = "keep_old_life_state") {
+                // A mutation check: the new life builds on what an older one left.
+            } else {
+                pending.states.remove(&epoch.shard);
+                pending.uncommitted.retain(|e| e.shard != epoch.shard);
+            }
+            pending
+                .life_of
+                .insert(epoch.shard.clone(), epoch.lease_epoch);
+        }
         if !self.may_write(&epoch.shard, epoch.lease_epoch) {
             // Queued while the lease moved (or while this worker was paused past it).
             self.pool.give(records);

@@ -239,7 +239,16 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
             .writer
             .as_mut()
             .expect("written implies an open writer");
-        writer.commit().await.map_err(Error::from)?;
+        if let Err(error) = writer.commit().await {
+            if !error.is_fenced() {
+                // Failed after the writer's own retries: whatever it still holds belongs to
+                // lives that end now (`protocol::sink_failure`); the next write opens a new
+                // writer.
+                self.writer = None;
+                self.written = false;
+            }
+            return Err(error.into());
+        }
         self.metrics
             .sink_commit(&self.cx.topology, self.sink.name(), started.elapsed());
         let bytes = writer.bytes_written();

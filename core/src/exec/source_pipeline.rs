@@ -43,13 +43,10 @@ impl<D: Decoder> ShardPipeline for SourcePipeline<D> {
                 self.failures.fail(&failed(), "source", reason, 0, false);
                 continue;
             }
-            let decoded = match super::user_code::call(|| self.decoder.decode(record)) {
-                Ok(decoded) => decoded,
-                Err(_) => {
-                    let reason = super::user_code::Panic::REASON;
-                    self.failures.fail(&failed(), "decode", reason, 0, false);
-                    continue;
-                }
+            let Ok(decoded) = super::user_code::call(|| self.decoder.decode(record)) else {
+                let reason = super::user_code::Panic::REASON;
+                self.failures.fail(&failed(), "decode", reason, 0, false);
+                continue;
             };
             match decoded {
                 Ok(value) => {

@@ -68,5 +68,6 @@ pub mod lease_rules;
 pub mod outcome;
 pub mod resume;
 pub mod shard_sync;
+pub mod sink_failure;
 pub mod vanished;
 pub mod watermark;

@@ -25,6 +25,9 @@ pub enum TaskEnd {
     Fenced,
     /// The dead-letter policy stopped the shard at a bad record.
     Stopped,
+    /// A sink or the dead-letter sink failed after its own retries (on the shard's path, or
+    /// a keyed path dropped the shard for it).
+    SinkFailed,
     /// Any other error.
     Failed,
 }
@@ -49,6 +52,9 @@ pub enum AfterTask {
     },
     /// Stopped by the dead-letter policy: not started again in this run, reported at its end.
     Stop,
+    /// Back off (`protocol::sink_failure`): the shard starts again from its checkpoint after a
+    /// pause, or is let go.
+    BackOff,
     /// The run fails: every shard is cancelled and no new one starts.
     FailRun,
 }
@@ -87,6 +93,9 @@ pub fn after_task(end: TaskEnd, lease_lost: bool) -> AfterTask {
             count_lost: true,
         },
         TaskEnd::Stopped => AfterTask::Stop,
+        // Whether or not the lease moved meanwhile: this worker pauses before it takes the
+        // shard again, and writes nothing more of this life.
+        TaskEnd::SinkFailed => AfterTask::BackOff,
         TaskEnd::Failed => AfterTask::FailRun,
     }
 }

@@ -20,10 +20,11 @@ use crate::protocol::outcome::{after_task, finished, run_over, AfterTask, Finish
 use crate::protocol::shard_sync::{
     leases_to_start, processable, retry_after, waits_for_missing_stream,
 };
+use crate::protocol::sink_failure::{after_sink_failure, AfterSinkFailure, FailureStreak};
 use crate::protocol::vanished::VanishedShards;
 use crate::random::Random;
 use crate::topology::{Exchanges, Topology};
-use crate::tracker::{DroppedLife, Tracker};
+use crate::tracker::{DropReason, DroppedLife, Tracker};
 
 use super::decisions::DecisionLog;
 use super::health::Health;
@@ -43,6 +44,8 @@ struct RunningShard {
     /// Another worker asked for the lease: the task stops in an orderly way, and once its last
     /// epochs are committed and checkpointed the lease is released to it.
     handing_off: bool,
+    /// A keyed path's sink failed with outputs of this life: the task's end backs off.
+    sink_failed: bool,
 }
 
 /// A shard whose task ended and whose last epochs the keyed workers may still be committing.
@@ -121,6 +124,10 @@ pub(crate) struct ControlLoop {
     written: BTreeMap<ShardId, ShardCheckpoint>,
     /// Shards the dead-letter policy stopped, reported when the run ends.
     stopped: Vec<ShardStopped>,
+    /// Shards backing off after a sink failure, not taken again before their time.
+    cooling: BTreeMap<ShardId, Instant>,
+    /// Sink failures in a row per shard (`protocol::sink_failure`).
+    streaks: BTreeMap<ShardId, FailureStreak>,
     report: RunReport,
     /// When this worker last renewed its leases.
     last_renew: Instant,
@@ -177,6 +184,8 @@ impl ControlLoop {
             completed: BTreeSet::new(),
             written: BTreeMap::new(),
             stopped: Vec::new(),
+            cooling: BTreeMap::new(),
+            streaks: BTreeMap::new(),
             report: RunReport::default(),
             last_renew: now,
             ticks: 0,
@@ -217,7 +226,8 @@ impl ControlLoop {
             if self.sync_due() {
                 self.sync_round().await;
             }
-            let idle = self.running.is_empty() && self.finishing.is_empty();
+            let idle =
+                self.running.is_empty() && self.finishing.is_empty() && self.cooling.is_empty();
             let bounded = self.config.mode == RunMode::UntilCaughtUp;
             if run_over(
                 idle,
@@ -269,6 +279,9 @@ impl ControlLoop {
                     self.handoffs().await;
                 }
                 _ = requests.tick(), if awaiting_handoffs => self.poll_requests().await,
+                () = sleep_until_first(&self.cooling), if !self.cooling.is_empty() => {
+                    self.end_cool_downs();
+                }
                 () = self.tracker.reported(), if !self.finishing.is_empty() => {}
             }
             self.finish_committed().await;
@@ -370,6 +383,7 @@ impl ControlLoop {
             .keys()
             .chain(self.finishing.iter().map(|f| &f.shard))
             .chain(&self.completed)
+            .chain(self.cooling.keys())
             .cloned()
             .collect();
         let candidates = processable(&lease_list);
@@ -460,6 +474,7 @@ impl ControlLoop {
                     cancel,
                     lost: false,
                     handing_off: false,
+                    sink_failed: false,
                 },
             );
             let id = shard.id.clone();
@@ -550,8 +565,19 @@ impl ControlLoop {
                 None,
             ),
             Ok(ShardOutcome::Fenced) => (TaskEnd::Fenced, None),
+            Ok(ShardOutcome::SinkFailed(error)) => (TaskEnd::SinkFailed, Some(Error::Sink(error))),
             Err(Error::ShardStopped(stop)) => (TaskEnd::Stopped, Some(Error::ShardStopped(stop))),
             Err(error) => (TaskEnd::Failed, Some(error)),
+        };
+        // A keyed path dropped the life for a sink failure: however the task ended after it
+        // (cancelled, or fenced on the way), the shard backs off.
+        let end = match end {
+            TaskEnd::Finished { .. } | TaskEnd::Cancelled { .. } | TaskEnd::Fenced
+                if shard.sink_failed =>
+            {
+                TaskEnd::SinkFailed
+            }
+            end => end,
         };
         if let Some(error) = &error {
             self.decisions
@@ -595,6 +621,7 @@ impl ControlLoop {
                     self.metrics.shards_stopped(self.name(), self.stopped.len());
                 }
             }
+            AfterTask::BackOff => self.back_off(id, shard.lease_key, error).await,
             AfterTask::FailRun => {
                 let error = error.expect("a failed task has its error");
                 tracing::error!(topology = %self.name(), shard = %id, %error, "shard failed");
@@ -659,12 +686,14 @@ impl ControlLoop {
             reason,
         } in self.tracker.take_dropped()
         {
+            let sink_failed = reason == DropReason::SinkFailed;
             let running = self
                 .running
                 .get_mut(&shard)
                 .filter(|r| r.lease_epoch == lease_epoch && !r.lost);
             let key = if let Some(r) = running {
                 r.lost = true;
+                r.sink_failed = sink_failed;
                 r.cancel.cancel();
                 r.lease_key.clone()
             } else if let Some(i) = self
@@ -674,6 +703,11 @@ impl ControlLoop {
             {
                 // Its final checkpoint would wait for the dropping path forever.
                 let f = self.finishing.swap_remove(i);
+                if sink_failed {
+                    tracing::warn!(topology = %self.name(), %shard, lease = %f.lease_key, "a keyed path's sink failed with the shard's last outputs; backing off");
+                    self.back_off(f.shard, f.lease_key, None).await;
+                    continue;
+                }
                 self.forget(&f.shard).await;
                 self.leases.forget(&f.lease_key).await;
                 f.lease_key
@@ -684,12 +718,84 @@ impl ControlLoop {
             self.decisions
                 .record(|| format!("keyed path dropped {shard} epoch {lease_epoch}: {reason:?}"));
             tracing::warn!(topology = %self.name(), %shard, lease = %key, ?reason, "a keyed path dropped the shard; ending it like a lost lease");
-            self.metrics.lease_lost(self.name());
+            if !sink_failed {
+                self.metrics.lease_lost(self.name());
+            }
             // The task then ends with `Release`: nothing more of the life is emitted.
             if let Some(guard) = self.leases.guard(&key).await {
                 guard.revoke();
             }
+            // After a sink failure the task's end backs off instead.
+            self.sync.owed |= !sink_failed;
+        }
+    }
+
+    /// A sink failed with outputs of this shard after the sink's retries: its life is over
+    /// (the task ended, its state is dropped). Unless this is the streak's last failure, the
+    /// lease stays held and the shard is taken again (a new life) from its checkpoint after a
+    /// doubling pause; at the last, the lease is released and this worker leaves the shard
+    /// alone for a cool-down. A bounded run has no other worker to leave it to: it fails (and
+    /// releases its leases as it ends).
+    async fn back_off(&mut self, id: ShardId, lease_key: String, error: Option<Error>) {
+        self.forget(&id).await;
+        let committed = self
+            .written
+            .get(&id)
+            .map_or(CheckpointPosition::Initial, |cp| cp.committed.clone());
+        let (decision, streak) =
+            after_sink_failure(&self.config.sink_backoff, self.streaks.get(&id), &committed);
+        match &streak {
+            Some(streak) => self.streaks.insert(id.clone(), streak.clone()),
+            None => self.streaks.remove(&id),
+        };
+        self.metrics.sink_failure(self.name(), id.as_str());
+        self.decisions
+            .record(|| format!("shard {id} sink failed at {committed:?}: {decision:?}"));
+        let until = match decision {
+            AfterSinkFailure::Retry { pause } => {
+                // The lease stays held (renewed) through the pause; the take that starts the
+                // shard again begins a new life.
+                let pause = self.random.equal_jitter(pause);
+                let failures = streak.map_or(0, |s| s.failures);
+                tracing::warn!(topology = %self.name(), shard = %id, failures, ?pause, "a sink failed after its retries; the shard starts again from its checkpoint after a pause");
+                Instant::now() + pause
+            }
+            AfterSinkFailure::LetGo { cool_down } => {
+                if self.config.mode == RunMode::UntilCaughtUp {
+                    // The sink's own error where the shard's path saw it; a keyed path's was
+                    // logged by its worker.
+                    let error = error.unwrap_or_else(|| {
+                        Error::Task(format!(
+                            "shard {id}: a keyed path's sink kept failing through {} pauses",
+                            self.config.sink_backoff.attempts
+                        ))
+                    });
+                    tracing::error!(topology = %self.name(), shard = %id, "a sink kept failing; the bounded run fails");
+                    self.running.values().for_each(|r| r.cancel.cancel());
+                    self.failure.get_or_insert(error);
+                    return;
+                }
+                self.leases.release(&lease_key).await;
+                self.leases.forget(&lease_key).await;
+                tracing::error!(topology = %self.name(), shard = %id, ?cool_down, "a sink kept failing: the shard's lease is released for another worker, and this one leaves it alone for a cool-down");
+                self.metrics.shard_let_go(self.name());
+                Instant::now() + cool_down
+            }
+        };
+        self.cooling.insert(id, until);
+        self.metrics
+            .shards_backing_off(self.name(), self.cooling.len());
+    }
+
+    /// Ends the pauses that are over: their shards may be taken again, at a sync now.
+    fn end_cool_downs(&mut self) {
+        let now = Instant::now();
+        let before = self.cooling.len();
+        self.cooling.retain(|_, until| *until > now);
+        if self.cooling.len() != before {
             self.sync.owed = true;
+            self.metrics
+                .shards_backing_off(self.name(), self.cooling.len());
         }
     }
 
@@ -872,14 +978,16 @@ impl ControlLoop {
         Ok(())
     }
 
-    /// Ends the run: stops the shard tasks, releases the leases of a run that did not fail,
-    /// waits for the keyed workers, and reports.
+    /// Ends the run: stops the shard tasks, releases the leases (a failed run's once its keyed
+    /// workers ended, since nothing writes after that), waits for the keyed workers, and
+    /// reports.
     async fn wind_down(
         mut self,
         workers: &mut JoinSet<Result<(), Error>>,
     ) -> Result<RunReport, Error> {
         self.shard_tasks.shutdown().await;
-        if self.failure.is_none() {
+        let released = self.failure.is_none();
+        if released {
             self.leases.release_all().await;
         }
         // The workers end when every sender of their channels is gone.
@@ -889,6 +997,11 @@ impl ControlLoop {
             if let Ok(Err(e)) = joined {
                 self.failure.get_or_insert(e);
             }
+        }
+        if !released {
+            // A failed run: nothing writes any more, so the leases are released (their
+            // checkpoints stay as written) and other workers need not wait for them to expire.
+            self.leases.release_all().await;
         }
         if let Some(error) = self.failure {
             return Err(error);
@@ -907,5 +1020,13 @@ fn task_failure(task: &str, error: &tokio::task::JoinError) -> String {
         format!("{task} panicked (its message is on stderr)")
     } else {
         format!("{task} was cancelled")
+    }
+}
+
+/// Sleeps until the first pause in `cooling` is over.
+async fn sleep_until_first(cooling: &BTreeMap<ShardId, Instant>) {
+    match cooling.values().min() {
+        Some(until) => tokio::time::sleep_until(*until).await,
+        None => std::future::pending().await,
     }
 }

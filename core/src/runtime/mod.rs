@@ -24,6 +24,7 @@ use crate::error::{BuildError, Error};
 use crate::lease::LeaseStore;
 use crate::metrics::Metrics;
 use crate::position::ShardId;
+pub use crate::protocol::sink_failure::SinkBackoff;
 use crate::random::Random;
 use crate::source::ReadLimits;
 use crate::topology::{Topology, WorkerCx};
@@ -79,6 +80,11 @@ pub struct RuntimeConfig {
     pub max_leases_to_steal: usize,
     /// Whether the run ends by itself.
     pub mode: RunMode,
+    /// What a shard does when a sink (or the dead-letter sink) still fails after the sink's
+    /// own retries: it backs off and starts again from its checkpoint, and after a number of
+    /// failures in a row it is let go for another worker (`protocol::sink_failure`). The run
+    /// goes on with its other shards.
+    pub sink_backoff: SinkBackoff,
 }
 
 impl Default for RuntimeConfig {
@@ -95,6 +101,7 @@ impl Default for RuntimeConfig {
             shard_sync_interval: Duration::from_secs(10),
             max_leases_to_steal: 1,
             mode: RunMode::Continuous,
+            sink_backoff: SinkBackoff::default(),
         }
     }
 }
@@ -128,6 +135,14 @@ impl RuntimeConfig {
         }
         if self.checkpoint_interval.is_zero() {
             return bad("checkpoint_interval", "must be positive");
+        }
+        if self.sink_backoff.first_pause.is_zero()
+            || self.sink_backoff.max_pause < self.sink_backoff.first_pause
+        {
+            return bad(
+                "sink_backoff",
+                "first_pause must be positive and max_pause at least first_pause",
+            );
         }
         // Leases are renewed on checkpoint ticks once a third of the lease duration passed;
         // the next tick must come well before the lease runs out by this worker's own clock.

@@ -37,6 +37,9 @@ pub(crate) enum ShardOutcome {
     Cancelled { last_epoch: Epoch, released: bool },
     /// A sink refused a write as stale: a newer lease epoch owns the shard.
     Fenced,
+    /// A sink or the dead-letter sink failed after its own retries: the shard's state is
+    /// dropped and nothing more of this life is written; the control loop backs off.
+    SinkFailed(crate::error::SinkError),
 }
 
 /// The path number of the shard task itself (its sinks and dead letters).
@@ -669,9 +672,10 @@ impl ShardTask {
         Ok(())
     }
 
-    /// Passes an epoch's result on, except a sink's fencing refusal: the lease moved on, so the
-    /// shard stops like a lost lease (state dropped, nothing checkpointed) instead of failing
-    /// the run.
+    /// Passes an epoch's result on, except a sink's error: a fencing refusal (the lease moved
+    /// on) stops the shard like a lost lease, any other sink error after the sink's retries
+    /// ends it for a backoff; either way its state is dropped and nothing checkpointed, and the
+    /// run goes on.
     async fn fenced(
         &self,
         run: &mut Running,
@@ -683,6 +687,14 @@ impl ShardTask {
                 tracing::warn!(shard = %self.shard.id, %error, "fenced by a newer lease epoch, or the lease guard ran out on the way to a sink; stopping the shard");
                 self.release(run).await?;
                 Ok(Some(ShardOutcome::Fenced))
+            }
+            Err(Error::Sink(error)) => {
+                tracing::warn!(shard = %self.shard.id, %error, "a sink failed after its retries; dropping the shard's state to start again from its checkpoint after a pause");
+                // Dropping writes nothing, but a writer may still be asked to let the shard go.
+                if let Err(release) = self.release(run).await {
+                    tracing::warn!(shard = %self.shard.id, error = %release, "releasing the shard's writers failed too");
+                }
+                Ok(Some(ShardOutcome::SinkFailed(error)))
             }
             Err(error) => Err(error),
         }

@@ -11,7 +11,9 @@ use shardflow_core::error::Error;
 use shardflow_core::lease::{CheckpointPosition, Lease, LeaseStore, MemoryLeaseStore};
 use shardflow_core::memory::MemoryStream;
 use shardflow_core::random::Random;
-use shardflow_core::runtime::{DecisionLog, RunMode, RunReport, Runtime, RuntimeConfig};
+use shardflow_core::runtime::{
+    DecisionLog, RunMode, RunReport, Runtime, RuntimeConfig, SinkBackoff,
+};
 use shardflow_core::source::{ReadLimits, Source as _};
 use shardflow_core::testing::{ScriptedLeaseStore, WriteAttempt};
 use tokio::task::JoinHandle;
@@ -134,9 +136,6 @@ struct World {
     /// The checkpoint interval (and a tenth of the lease duration) every worker of the seed
     /// uses, as a deployment configures them alike.
     checkpoint_ms: u64,
-    /// Runs that ended because a sink failed beyond its retries (a failure the script injected):
-    /// the worker is restarted, as a supervisor would.
-    runs_failed_by_sinks: u32,
     failures: Vec<String>,
 }
 
@@ -192,6 +191,13 @@ impl World {
             shard_sync_interval: Duration::from_millis(500),
             max_leases_to_steal: 1,
             mode: RunMode::Continuous,
+            // Short pauses, few attempts: shards are let go (and their leases released) too.
+            sink_backoff: SinkBackoff {
+                first_pause: Duration::from_millis(10 + below(r, 200) as u64),
+                max_pause: Duration::from_millis(400),
+                attempts: 1 + below(r, 3) as u32,
+                cool_down: Duration::from_millis(200 + below(r, 2_000) as u64),
+            },
         }
     }
 
@@ -265,7 +271,10 @@ impl World {
             Ok(Ok(_)) => self
                 .failures
                 .push("a continuous run ended by itself".into()),
-            Ok(Err(error)) if injected(&error) => self.runs_failed_by_sinks += 1,
+            // A sink failing beyond its retries backs its shards off; it never ends a run.
+            Ok(Err(error)) if injected(&error) => self
+                .failures
+                .push(format!("a sink failure failed the run: {error}")),
             Ok(Err(error)) => self.failures.push(format!("the run failed: {error}")),
             Err(join) => self.failures.push(format!("the run panicked: {join}")),
         }
@@ -296,7 +305,10 @@ impl World {
         };
         match ended {
             Ok(Ok(_)) => {}
-            Ok(Err(error)) if injected(&error) => self.runs_failed_by_sinks += 1,
+            // A sink failing beyond its retries backs its shards off; it never ends a run.
+            Ok(Err(error)) if injected(&error) => self
+                .failures
+                .push(format!("a sink failure failed the run: {error}")),
             Ok(Err(error)) => self
                 .failures
                 .push(format!("a graceful stop failed: {error}")),
@@ -517,7 +529,6 @@ async fn simulate(seed: u64) -> SeedReport {
         inputs: BTreeMap::new(),
         uid: 0,
         worker: None,
-        runs_failed_by_sinks: 0,
         failures: Vec::new(),
         spec,
     };

@@ -236,7 +236,10 @@ async fn a_sink_that_keeps_failing_fails_a_bounded_run_after_its_pauses_and_the_
         .run()
         .await
         .expect_err("nothing can be written");
-    assert!(error.to_string().contains("throttled"), "the sink's own error: {error}");
+    assert!(
+        error.to_string().contains("throttled"),
+        "the sink's own error: {error}"
+    );
     for lease in leases.list().await.unwrap() {
         assert_eq!(
             lease.owner, None,

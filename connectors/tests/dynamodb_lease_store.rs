@@ -196,3 +196,101 @@ async fn a_generation_item_older_than_its_table_is_raised_for_every_worker() {
         "a worker that opened the table earlier never goes below what it saw"
     );
 }
+
+/// A shared table: another tool's items and a damaged lease used to fail every worker's shard
+/// sync, and every update replaced the whole item, dropping attributes shardflow does not know.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_in_the_table_are_skipped_and_updates_keep_attributes_shardflow_does_not_write() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    use shardflow_core::lease::{Lease, LeaseStore, LeaseUpdate};
+    let client = client().await;
+    let table = format!("strangers-{}-{}", std::process::id(), rand::random::<u32>());
+    let store = DynamoLeaseStore::open(client.clone(), &table)
+        .await
+        .expect("create");
+    store
+        .create_if_absent(&Lease::new("shard-a", vec![]))
+        .await
+        .unwrap();
+    let put = |item: Vec<(&'static str, AttributeValue)>| {
+        let client = client.clone();
+        let table = table.clone();
+        async move {
+            client
+                .put_item()
+                .table_name(table)
+                .set_item(Some(
+                    item.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+                ))
+                .send()
+                .await
+                .unwrap();
+        }
+    };
+    // Another tool's item, and a lease whose counter is not a number.
+    put(vec![
+        ("leaseKey", AttributeValue::S("other-tool:config".into())),
+        ("settings", AttributeValue::S("{}".into())),
+    ])
+    .await;
+    put(vec![
+        ("leaseKey", AttributeValue::S("shard-damaged".into())),
+        ("leaseCounter", AttributeValue::S("seven".into())),
+    ])
+    .await;
+    let leases = store
+        .list()
+        .await
+        .expect("strangers do not fail the listing");
+    let keys: Vec<&str> = leases.iter().map(|l| l.key.as_str()).collect();
+    assert_eq!(keys, ["shard-a"]);
+    assert_eq!(store.skipped_items(), 2);
+
+    // An operator's note on a lease survives a take, a checkpoint and a release.
+    client
+        .update_item()
+        .table_name(&table)
+        .key("leaseKey", AttributeValue::S("shard-a".into()))
+        .update_expression("SET operatorNote = :note")
+        .expression_attribute_values(":note", AttributeValue::S("migrated 2026-11".into()))
+        .send()
+        .await
+        .unwrap();
+    let owner = "worker-1#1".to_owned();
+    let lease = store.get("shard-a").await.unwrap().unwrap();
+    let lease = store
+        .update(
+            "shard-a",
+            lease.counter,
+            &LeaseUpdate::Take {
+                owner: owner.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    let lease = store
+        .update("shard-a", lease.counter, &LeaseUpdate::Release { owner })
+        .await
+        .unwrap();
+    assert_eq!(lease.owner, None);
+    let item = client
+        .get_item()
+        .table_name(&table)
+        .key("leaseKey", AttributeValue::S("shard-a".into()))
+        .consistent_read(true)
+        .send()
+        .await
+        .unwrap()
+        .item
+        .unwrap();
+    assert_eq!(
+        item.get("operatorNote")
+            .and_then(|v| v.as_s().ok())
+            .map(String::as_str),
+        Some("migrated 2026-11")
+    );
+    assert!(
+        !item.contains_key("leaseOwner"),
+        "a released lease has no owner: {item:?}"
+    );
+}

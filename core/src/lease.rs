@@ -334,6 +334,13 @@ pub trait LeaseStore: Send + Sync + 'static {
 
     /// Deletes a lease if its counter is still `expected_counter` (cleanup of finished parents).
     async fn delete(&self, key: &str, expected_counter: u64) -> Result<(), LeaseError>;
+
+    /// Items the last `list` skipped because they are not leases this store can read (another
+    /// tool's items in a shared table, or damaged ones), each logged as it was skipped: a
+    /// stranger in the table never fails a shard sync. A store that wraps another forwards it.
+    fn skipped_items(&self) -> usize {
+        0
+    }
 }
 
 /// Leases in a map behind a mutex: for tests and single-process runs that need no durability.

@@ -33,6 +33,7 @@ pub struct Metrics {
     sink_failures: IntCounterVec,
     shards_backing_off: IntGaugeVec,
     shards_let_go: IntCounterVec,
+    lease_items_skipped: IntGaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -209,6 +210,12 @@ impl Metrics {
                  released for another worker",
                 &["topology"],
             ),
+            lease_items_skipped: gauge(
+                "shardflow_lease_items_skipped",
+                "Items of the lease table the last shard sync skipped: not leases shardflow can \
+                 read (another tool's, or damaged; each is logged)",
+                &["topology"],
+            ),
         }
     }
 
@@ -356,6 +363,12 @@ impl Metrics {
 
     pub(crate) fn shards_backing_off(&self, topology: &str, n: usize) {
         self.shards_backing_off
+            .with_label_values(&[topology])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub(crate) fn lease_items_skipped(&self, topology: &str, n: usize) {
+        self.lease_items_skipped
             .with_label_values(&[topology])
             .set(i64::try_from(n).unwrap_or(i64::MAX));
     }

@@ -3,7 +3,7 @@
 //! that decides it is core's `apply_update`, the same as every other store.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -50,6 +50,27 @@ const SINK_TIMESTAMP: &str = "timestamp";
 const ADVANCES: &str = "watermarkAdvances";
 const ADVANCE_WATERMARK: &str = "watermark";
 
+/// Every top-level attribute shardflow writes to a lease item. An update replaces these and
+/// keeps every other attribute (a KCL tool or an operator's own notes may share the table).
+const OWN_ATTRIBUTES: [&str; 16] = [
+    LEASE_KEY,
+    LEASE_OWNER,
+    LEASE_COUNTER,
+    CHECKPOINT,
+    CHECKPOINT_SUB,
+    OWNER_SWITCHES,
+    PARENTS,
+    HANDOFF_TO,
+    COMMITTED_WATERMARK,
+    REBUILD_FROM,
+    REBUILD_FROM_SUB,
+    REBUILD_WATERMARK,
+    CHECKPOINT_TIMESTAMP,
+    REBUILD_FROM_TIMESTAMP,
+    SINK_POSITIONS,
+    ADVANCES,
+];
+
 // Checkpoint sentinels. "The topology's initial position" has always been written as the KCL's
 // TRIM_HORIZON, so tables written by earlier versions keep their meaning; an operator's reset
 // to the trim horizon (whatever the topology's start) has its own sentinel.
@@ -78,6 +99,8 @@ pub struct DynamoLeaseStore {
     /// so a table restored from a backup (a new table holding an old generation item) still
     /// gets a later generation.
     created_ms: u64,
+    /// Items the last `list` skipped: not leases this store can read.
+    skipped: Arc<AtomicUsize>,
 }
 
 type Item = HashMap<String, AttributeValue>;
@@ -124,6 +147,7 @@ impl DynamoLeaseStore {
             table: table.into(),
             generation: Arc::new(AtomicU64::new(0)),
             created_ms: 0,
+            skipped: Arc::default(),
         };
         store.ensure_table().await?;
         store.created_ms = store.creation_time().await?;
@@ -252,6 +276,11 @@ impl DynamoLeaseStore {
     }
 
     async fn read(&self, key: &str) -> Result<Option<Lease>, LeaseError> {
+        Ok(self.read_item(key).await?.map(|(lease, _)| lease))
+    }
+
+    /// The lease and the item it was read from (with any attributes shardflow does not write).
+    async fn read_item(&self, key: &str) -> Result<Option<(Lease, Item)>, LeaseError> {
         let out = self
             .client
             .get_item()
@@ -262,27 +291,32 @@ impl DynamoLeaseStore {
             .await
             .map_err(|e| sdk_error("get lease", e))?;
         let generation = self.generation.load(Ordering::Acquire);
-        out.item()
-            .map(|item| {
-                from_item(item).map(|lease| Lease {
-                    generation,
-                    ..lease
-                })
-            })
-            .transpose()
+        let Some(item) = out.item else {
+            return Ok(None);
+        };
+        let lease = from_item(&item)?;
+        Ok(Some((
+            Lease {
+                generation,
+                ..lease
+            },
+            item,
+        )))
     }
 
-    /// Writes `lease` if the stored counter is still `expected_counter`; `false` if it moved.
+    /// Writes `lease` over `stored` (keeping the attributes shardflow does not write) if the
+    /// stored counter is still `expected_counter`; `false` if it moved.
     async fn put_if_counter(
         &self,
         lease: &Lease,
+        stored: Item,
         expected_counter: u64,
     ) -> Result<bool, LeaseError> {
         let put = self
             .client
             .put_item()
             .table_name(&self.table)
-            .set_item(Some(to_item(lease)))
+            .set_item(Some(merged(stored, to_item(lease))))
             .condition_expression("#counter = :expected")
             .expression_attribute_names("#counter", LEASE_COUNTER)
             .expression_attribute_values(
@@ -308,6 +342,7 @@ impl DynamoLeaseStore {
 impl LeaseStore for DynamoLeaseStore {
     async fn list(&self) -> Result<Vec<Lease>, LeaseError> {
         let mut leases = Vec::new();
+        let mut skipped = 0;
         let mut generation = None;
         let mut start: Option<Item> = None;
         loop {
@@ -329,7 +364,16 @@ impl LeaseStore for DynamoLeaseStore {
                 {
                     generation = Some(generation_of(item)?);
                 } else {
-                    leases.push(from_item(item)?);
+                    match from_item(item) {
+                        Ok(lease) => leases.push(lease),
+                        Err(error) => {
+                            // A stranger in the table (another tool's item, or a damaged one)
+                            // must not stop every worker's shard sync.
+                            skipped += 1;
+                            let key = item.get(LEASE_KEY).and_then(|k| k.as_s().ok());
+                            tracing::warn!(table = %self.table, key = ?key.map(|k| k.chars().take(128).collect::<String>()), %error, "skipping an item of the lease table that is not a lease shardflow can read");
+                        }
+                    }
                 }
             }
             match out.last_evaluated_key() {
@@ -346,6 +390,7 @@ impl LeaseStore for DynamoLeaseStore {
             lease.generation = generation;
         }
         leases.sort_by(|a, b| a.key.cmp(&b.key));
+        self.skipped.store(skipped, Ordering::Relaxed);
         Ok(leases)
     }
 
@@ -381,11 +426,14 @@ impl LeaseStore for DynamoLeaseStore {
         expected_counter: u64,
         update: &LeaseUpdate,
     ) -> Result<Lease, LeaseError> {
-        let current = self.read(key).await?.ok_or_else(|| LeaseError::NotFound {
-            lease_key: key.to_owned(),
-        })?;
+        let (current, stored) = self
+            .read_item(key)
+            .await?
+            .ok_or_else(|| LeaseError::NotFound {
+                lease_key: key.to_owned(),
+            })?;
         let next = apply_update(&current, expected_counter, update)?;
-        if self.put_if_counter(&next, expected_counter).await? {
+        if self.put_if_counter(&next, stored, expected_counter).await? {
             return Ok(next);
         }
         // The counter moved between the read and the write: the same verdict `apply_update`
@@ -401,6 +449,10 @@ impl LeaseStore for DynamoLeaseStore {
                 lease_key: key.to_owned(),
             },
         })
+    }
+
+    fn skipped_items(&self) -> usize {
+        self.skipped.load(Ordering::Relaxed)
     }
 
     async fn delete(&self, key: &str, expected_counter: u64) -> Result<(), LeaseError> {
@@ -527,6 +579,15 @@ fn to_item(lease: &Lease) -> Item {
     item
 }
 
+/// `stored` with shardflow's attributes replaced by `ours`: every other attribute stays.
+fn merged(mut stored: Item, ours: Item) -> Item {
+    for name in OWN_ATTRIBUTES {
+        stored.remove(name);
+    }
+    stored.extend(ours);
+    stored
+}
+
 /// A checkpoint position as a map attribute (in sink positions and watermark advances).
 fn position_map(p: &CheckpointPosition) -> Item {
     let (text, sub, time) = position_text(p);
@@ -585,7 +646,11 @@ fn from_item(item: &Item) -> Result<Lease, LeaseError> {
         store_error(
             "read lease",
             false,
-            format!("lease item has a missing or malformed {what}: {item:?}"),
+            // Attribute names only: an item a stranger wrote may hold anything.
+            format!(
+                "lease item has a missing or malformed {what} (attributes: {:?})",
+                item.keys().collect::<std::collections::BTreeSet<_>>()
+            ),
         )
     };
     let text = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned();

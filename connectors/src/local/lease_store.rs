@@ -108,6 +108,8 @@ impl FileLeaseStoreError {
 pub struct FileLeaseStore {
     dir: Arc<Path>,
     fsync: bool,
+    /// Files the last `list` skipped: named like leases but not readable as one.
+    skipped: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl FileLeaseStore {
@@ -116,6 +118,7 @@ impl FileLeaseStore {
         Self {
             dir: Arc::from(dir.as_ref()),
             fsync: true,
+            skipped: Arc::default(),
         }
     }
 
@@ -218,6 +221,7 @@ impl FileLeaseStore {
             Err(e) => return Err(FileLeaseStoreError::io("listing", &self.dir, e)),
         };
         let mut leases = Vec::new();
+        let mut skipped = 0;
         for entry in entries {
             let entry = entry.map_err(|e| FileLeaseStoreError::io("listing", &self.dir, e))?;
             let name = entry.file_name();
@@ -228,11 +232,20 @@ impl FileLeaseStore {
             if stem.starts_with('.') || unescape_component(stem).is_none() {
                 continue;
             }
-            // A lease deleted since the listing is simply gone.
-            if let Some(lease) = self.read(&entry.path())? {
-                leases.push(lease);
+            // A lease deleted since the listing is simply gone; a damaged file is skipped
+            // (and logged) rather than failing every shard sync.
+            match self.read(&entry.path()) {
+                Ok(Some(lease)) => leases.push(lease),
+                Ok(None) => {}
+                Err(error @ FileLeaseStoreError::Corrupt { .. }) => {
+                    skipped += 1;
+                    tracing::warn!(%error, "skipping a lease file that does not parse");
+                }
+                Err(error) => return Err(error),
             }
         }
+        self.skipped
+            .store(skipped, std::sync::atomic::Ordering::Relaxed);
         // By key, not by file name: escaping does not keep the order.
         leases.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(leases)
@@ -309,6 +322,10 @@ impl FileLeaseStore {
 
 #[async_trait]
 impl LeaseStore for FileLeaseStore {
+    fn skipped_items(&self) -> usize {
+        self.skipped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     async fn list(&self) -> Result<Vec<Lease>, LeaseError> {
         self.blocking("list", |s| {
             s.list_blocking().map_err(|e| e.into_lease_error("list"))
@@ -378,6 +395,24 @@ mod tests {
         let lease = reopened.get("stream:shard/1").await.unwrap().unwrap();
         assert_eq!((lease.owner.as_deref(), lease.counter), (Some("w"), 1));
         assert_eq!(reopened.list().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_lease_file_is_skipped_not_a_failed_listing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileLeaseStore::new(dir.path());
+        store
+            .create_if_absent(&Lease::new("shard-1", vec![]))
+            .await
+            .unwrap();
+        std::fs::write(
+            dir.path().join(format!("shard-2{LEASE_SUFFIX}")),
+            b"{\"half\": ",
+        )
+        .unwrap();
+        let leases = store.list().await.expect("the damaged file is skipped");
+        assert_eq!(leases.len(), 1);
+        assert_eq!(store.skipped_items(), 1);
     }
 
     #[tokio::test]

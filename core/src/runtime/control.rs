@@ -371,6 +371,8 @@ impl ControlLoop {
         self.health.set_waiting_for(None);
         self.leases.sync(&shards).await?;
         let lease_list = self.leases.list().await?;
+        self.metrics
+            .lease_items_skipped(self.name(), self.leases.skipped_items());
         self.leases.note_requests(&lease_list).await;
         for key in self.leases.take_id_conflicts().await {
             tracing::error!(topology = %self.name(), lease = %key, worker = %self.config.worker_id, "another live process uses this worker id: give every process its own id (this one waits for the lease to expire)");

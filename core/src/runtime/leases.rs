@@ -353,6 +353,11 @@ impl LeaseManager {
         now.duration_since(entry.1) >= self.lease_duration
     }
 
+    /// Items the store's last listing skipped (not leases it can read).
+    pub(crate) fn skipped_items(&self) -> usize {
+        self.store.skipped_items()
+    }
+
     pub(crate) async fn held_count(&self) -> usize {
         self.held.lock().await.len()
     }

@@ -123,6 +123,10 @@ impl<S: LeaseStore> ScriptedLeaseStore<S> {
 
 #[async_trait]
 impl<S: LeaseStore> LeaseStore for ScriptedLeaseStore<S> {
+    fn skipped_items(&self) -> usize {
+        self.inner().skipped_items()
+    }
+
     async fn list(&self) -> Result<Vec<Lease>, LeaseError> {
         {
             let mut script = self.lock();

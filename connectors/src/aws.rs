@@ -3,6 +3,7 @@
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_credential_types::Credentials;
+use shardflow_core::redact::without_user_info;
 
 /// Where and how to reach AWS.
 #[derive(Clone, Default)]
@@ -18,7 +19,7 @@ impl std::fmt::Debug for AwsConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AwsConfig")
             .field("region", &self.region)
-            .field("endpoint", &self.endpoint)
+            .field("endpoint", &self.endpoint.as_deref().map(without_user_info))
             .field("path_style", &self.path_style)
             .field(
                 "static_credentials",
@@ -139,5 +140,25 @@ mod tests {
             "{shown}"
         );
         assert!(shown.contains("redacted"));
+    }
+
+    #[test]
+    fn endpoints_are_shown_without_user_info() {
+        let config = AwsConfig::emulator("http://admin:hunter2@10.0.0.1:4566/path?x=1");
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("admin"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("http://<redacted>@10.0.0.1:4566/path?x=1"),
+            "{shown}"
+        );
+        assert_eq!(
+            without_user_info("http://127.0.0.1:1"),
+            "http://127.0.0.1:1"
+        );
+        assert_eq!(without_user_info("u@host"), "<redacted>@host");
+        assert_eq!(without_user_info("http://h/a@b"), "http://h/a@b");
     }
 }

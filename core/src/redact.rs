@@ -36,6 +36,21 @@ pub fn without_values(message: &str) -> String {
     out
 }
 
+/// `endpoint` (a URL) without any `user:password@` before its host: endpoints are logged and
+/// shown in `Debug` output.
+pub fn without_user_info(endpoint: &str) -> String {
+    let (scheme, rest) = match endpoint.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), endpoint),
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}<redacted>@{host}{path}"),
+        None => endpoint.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,5 +88,19 @@ mod tests {
 
         assert_eq!(without_values("value \"open"), "value \"…");
         assert_eq!(without_values("no quotes at line 1"), "no quotes at line 1");
+    }
+
+    #[test]
+    fn user_info_goes_from_endpoints() {
+        assert_eq!(
+            without_user_info("http://admin:hunter2@10.0.0.1:4566/p?x=1"),
+            "http://<redacted>@10.0.0.1:4566/p?x=1"
+        );
+        assert_eq!(
+            without_user_info("http://127.0.0.1:1"),
+            "http://127.0.0.1:1"
+        );
+        assert_eq!(without_user_info("u@host"), "<redacted>@host");
+        assert_eq!(without_user_info("http://h/a@b"), "http://h/a@b");
     }
 }

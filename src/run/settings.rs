@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
-use shardflow_core::redact::without_values;
+use shardflow_core::redact::{without_user_info, without_values};
 use shardflow_core::runtime::{RunMode, RuntimeConfig, SinkBackoff};
 use shardflow_core::source::ReadLimits;
 
@@ -164,8 +164,9 @@ struct FileSettings {
     app: Option<toml::Table>,
 }
 
-/// Resolved settings of a worker.
-#[derive(Clone, Debug)]
+/// Resolved settings of a worker. Its `Debug` shows endpoints without user info and only the
+/// keys of the `[app]` table (which may hold an application's secrets).
+#[derive(Clone)]
 pub struct Settings {
     /// Where the stream and leases live.
     pub backend: Backend,
@@ -191,6 +192,26 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// The file's `[app]` table, for the application's own settings (`shardflow::run_app`).
     pub app: toml::Table,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let endpoint = |e: &Option<String>| e.as_deref().map(without_user_info);
+        f.debug_struct("Settings")
+            .field("backend", &self.backend)
+            .field("region", &self.region)
+            .field("kinesis_endpoint", &endpoint(&self.kinesis_endpoint))
+            .field("dynamodb_endpoint", &endpoint(&self.dynamodb_endpoint))
+            .field("s3_endpoint", &endpoint(&self.s3_endpoint))
+            .field("stream", &self.stream)
+            .field("lease_table", &self.lease_table)
+            .field("local_dir", &self.local_dir)
+            .field("runtime", &self.runtime)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("log_format", &self.log_format)
+            .field("app_keys", &self.app.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 /// A setting that cannot be used, named.
@@ -391,6 +412,20 @@ mod tests {
         let mut file = tempfile::NamedTempFile::new().unwrap();
         file.write_all(text.as_bytes()).unwrap();
         file
+    }
+
+    #[test]
+    fn debug_output_shows_no_endpoint_user_info_and_no_app_values() {
+        let file = config_file(
+            "stream = \"s\"\nkinesis_endpoint = \"http://admin:hunter2@127.0.0.1:1\"\n[app]\ntoken = \"t0ps3cret\"\n",
+        );
+        let path = file.path().to_str().unwrap();
+        let settings = Settings::resolve(flags(&["--config", path])).unwrap();
+        let shown = format!("{settings:?}");
+        for secret in ["hunter2", "admin", "t0ps3cret"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(shown.contains("token") && shown.contains("127.0.0.1:1"), "{shown}");
     }
 
     #[test]

@@ -425,7 +425,10 @@ mod tests {
         for secret in ["hunter2", "admin", "t0ps3cret"] {
             assert!(!shown.contains(secret), "{shown}");
         }
-        assert!(shown.contains("token") && shown.contains("127.0.0.1:1"), "{shown}");
+        assert!(
+            shown.contains("token") && shown.contains("127.0.0.1:1"),
+            "{shown}"
+        );
     }
 
     #[test]

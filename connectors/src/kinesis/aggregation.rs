@@ -139,7 +139,7 @@ pub fn is_aggregated(data: &[u8]) -> bool {
 /// # Errors
 /// A record with the magic bytes whose digest, protobuf or table indexes are wrong: it is
 /// neither silently dropped nor passed on as one opaque record.
-pub fn deaggregate(data: &[u8]) -> Result<Option<Vec<UserRecord>>, AggregationError> {
+pub fn deaggregate(data: &[u8]) -> Result<Option<Deaggregated>, AggregationError> {
     if !is_aggregated(data) {
         return Ok(None);
     }
@@ -153,8 +153,9 @@ pub fn deaggregate(data: &[u8]) -> Result<Option<Vec<UserRecord>>, AggregationEr
     let proto = AggregatedRecordProto::decode(body)
         .map_err(|e| AggregationError::Malformed(e.to_string()))?;
     check_tables(&proto)?;
-    // What the user records will take once each has its own copy of its keys, bounded before
-    // anything is copied (an index past a table counts nothing here and fails below).
+    // What the user records take once each has its own copy of its keys (a batch copies them
+    // per record), bounded before anything is copied (an index past a table counts nothing
+    // here and fails below).
     let key_len = |entries: &[String], index: u64| {
         usize::try_from(index)
             .ok()
@@ -182,11 +183,10 @@ pub fn deaggregate(data: &[u8]) -> Result<Option<Vec<UserRecord>>, AggregationEr
             expanded,
         });
     }
-    let lookup = |record: usize, table: &'static str, entries: &[String], index: u64| {
+    let index = |record: usize, table: &'static str, entries: &[String], index: u64| {
         usize::try_from(index)
             .ok()
-            .and_then(|i| entries.get(i))
-            .cloned()
+            .filter(|&i| i < entries.len())
             .ok_or(AggregationError::BadIndex {
                 record,
                 table,
@@ -194,34 +194,83 @@ pub fn deaggregate(data: &[u8]) -> Result<Option<Vec<UserRecord>>, AggregationEr
                 len: entries.len(),
             })
     };
-    proto
+    let records = proto
         .records
         .into_iter()
         .enumerate()
         .map(|(i, r)| {
-            Ok(UserRecord {
-                partition_key: lookup(
-                    i,
-                    "partition key",
-                    &proto.partition_key_table,
-                    r.partition_key_index,
-                )?,
-                explicit_hash_key: r
-                    .explicit_hash_key_index
-                    .map(|index| {
-                        lookup(
-                            i,
-                            "explicit hash key",
-                            &proto.explicit_hash_key_table,
-                            index,
-                        )
-                    })
-                    .transpose()?,
-                data: r.data,
-            })
+            let pk = index(
+                i,
+                "partition key",
+                &proto.partition_key_table,
+                r.partition_key_index,
+            )?;
+            let ehk = r
+                .explicit_hash_key_index
+                .map(|ehk| index(i, "explicit hash key", &proto.explicit_hash_key_table, ehk))
+                .transpose()?;
+            Ok((pk, ehk, r.data))
         })
-        .collect::<Result<Vec<_>, _>>()
-        .map(Some)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(Deaggregated {
+        partition_keys: proto.partition_key_table,
+        explicit_hash_keys: proto.explicit_hash_key_table,
+        records,
+    }))
+}
+
+/// The user records of one aggregated record. Their keys stay in the aggregate's tables,
+/// shared: an aggregate of many records naming one long key holds that key once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Deaggregated {
+    partition_keys: Vec<String>,
+    explicit_hash_keys: Vec<String>,
+    /// Per record: its partition key's index, its explicit hash key's, its payload (indexes
+    /// checked at decoding).
+    records: Vec<(usize, Option<usize>, Vec<u8>)>,
+}
+
+/// One user record of a [`Deaggregated`], borrowing its keys from the aggregate's tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UserRecordRef<'a> {
+    /// Its partition key.
+    pub partition_key: &'a str,
+    /// Its explicit hash key (a decimal 128-bit number), if the producer set one.
+    pub explicit_hash_key: Option<&'a str>,
+    /// Its payload.
+    pub data: &'a [u8],
+}
+
+impl Deaggregated {
+    /// How many user records the aggregate holds.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// The user records in order (their sub-sequence numbers are their indexes).
+    pub fn iter(&self) -> impl Iterator<Item = UserRecordRef<'_>> {
+        self.records.iter().map(|(pk, ehk, data)| UserRecordRef {
+            partition_key: &self.partition_keys[*pk],
+            explicit_hash_key: ehk.map(|i| self.explicit_hash_keys[i].as_str()),
+            data,
+        })
+    }
+
+    /// The user records, each with its own copy of its keys.
+    pub fn into_user_records(self) -> Vec<UserRecord> {
+        self.iter()
+            .map(|r| UserRecord {
+                partition_key: r.partition_key.to_owned(),
+                explicit_hash_key: r.explicit_hash_key.map(str::to_owned),
+                data: r.data.to_vec(),
+            })
+            .collect()
+    }
 }
 
 /// Refuses table entries longer than Kinesis allows.
@@ -420,7 +469,12 @@ mod tests {
         }
         let bytes = builder.finish();
         assert!(is_aggregated(&bytes));
-        assert_eq!(deaggregate(&bytes).unwrap(), Some(records));
+        assert_eq!(
+            deaggregate(&bytes)
+                .unwrap()
+                .map(Deaggregated::into_user_records),
+            Some(records)
+        );
     }
 
     #[test]
@@ -578,7 +632,7 @@ mod tests {
             let size = builder.size();
             let bytes = builder.finish();
             prop_assert_eq!(bytes.len(), size);
-            prop_assert_eq!(deaggregate(&bytes).unwrap(), Some(records));
+            prop_assert_eq!(deaggregate(&bytes).unwrap().map(Deaggregated::into_user_records), Some(records));
             prop_assert!(builder.is_empty());
         }
 

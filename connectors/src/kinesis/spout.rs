@@ -338,19 +338,19 @@ impl Prefetch {
                     }
                 }
                 Ok(Some(users)) => {
-                    for (i, user) in users.into_iter().enumerate() {
+                    for (i, user) in users.iter().enumerate() {
                         let sub = u32::try_from(i).unwrap_or(u32::MAX);
                         let position = RecordPosition::with_sub_sequence(sequence.clone(), sub);
                         if !keep(&position) {
                             continue;
                         }
-                        if let Some(ehk) = &user.explicit_hash_key {
+                        if let Some(ehk) = user.explicit_hash_key {
                             let (lo, hi) = self.shard.hash_key_range;
                             if ehk.parse::<u128>().map_or(true, |h| h < lo || h > hi) {
                                 outside += 1;
                             }
                         }
-                        batch.push(position, arrival, user.partition_key.as_bytes(), &user.data);
+                        batch.push(position, arrival, user.partition_key.as_bytes(), user.data);
                     }
                 }
                 Err(error) => {

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use shardflow::core::memory::MemoryStream;
 use shardflow::core::sink::InspectSink;
 use shardflow::local::LocalDirSink;
+use shardflow::operators::Sum;
 use shardflow::operators::WindowResult;
 use shardflow::prelude::*;
 use shardflow::{MemoryLeaseStore, MemorySink};
@@ -288,5 +289,64 @@ async fn a_panic_in_a_user_function_dead_letters_its_record_and_the_shard_goes_o
             ("time".to_owned(), "event_time".to_owned()),
             ("try".to_owned(), "enrich".to_owned()),
         ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_an_aggregator_dead_letters_its_record_and_leaves_the_key_as_before() {
+    // Key `a` has ten records per shard; the aggregator panics on one of them, after it has
+    // folded in others of the same key and window.
+    let stream = MemoryStream::new("keyed-panics", 2);
+    for i in 0..40 {
+        let user = if i % 2 == 0 { "a" } else { "b" };
+        push(&stream, i % 2, user, i as i64 * 10);
+    }
+    let dead = MemorySink::new("dead");
+    let sums = MemorySink::new("sums");
+    let topology = Topology::builder("keyed-panics")
+        .dead_letter(DeadLetter::to(dead.clone()))
+        .source(stream.clone().json::<Click>())
+        .event_time(|c: &Click| c.ts)
+        .key_by(|c: &Click| c.user.clone())
+        .window(TumblingWindow::of(Duration::from_secs(1)))
+        .aggregate(Sum::of(|c: &Click| {
+            assert!(c.ts != 120, "cannot add {}", c.user);
+            1u64
+        }))
+        .sink(sums.clone())
+        .build()
+        .unwrap();
+    Runtime::new(topology, Arc::new(MemoryLeaseStore::new()))
+        .with_config(bounded())
+        .run()
+        .await
+        .expect("a panicking aggregator costs its record, not the run");
+    let got: Vec<(String, String, u64)> = sums
+        .contents()
+        .into_iter()
+        .map(|((shard, _), r)| (shard.as_str().to_owned(), r.key, r.value))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("shard-0".to_owned(), "a".to_owned(), 19),
+            ("shard-1".to_owned(), "b".to_owned(), 20),
+        ],
+        "every record but the one the aggregator panicked on, each once"
+    );
+    let letters: Vec<DeadLetterRecord> = dead.contents().into_values().collect();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let click: Click = serde_json::from_slice(&letters[0].data).unwrap();
+    assert_eq!(click.ts, 120);
+    assert_eq!(letters[0].shard.as_str(), "shard-0");
+    assert!(
+        letters[0].stage.starts_with("window"),
+        "{}",
+        letters[0].stage
+    );
+    assert!(
+        letters[0].error.contains("panicked"),
+        "{}",
+        letters[0].error
     );
 }

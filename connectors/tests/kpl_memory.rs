@@ -19,7 +19,10 @@ fn hostile_aggregates_stay_within_64_mib() {
     a_1_mib_aggregate_asking_for_more_than_its_budget_is_a_fault();
     an_aggregate_of_many_records_naming_one_key_holds_that_key_once();
     let peak = ALLOCATOR.max_allocated();
-    println!("peak of the process: {:.1} MiB", peak as f64 / f64::from(1 << 20));
+    println!(
+        "peak of the process: {:.1} MiB",
+        peak as f64 / f64::from(1 << 20)
+    );
     assert!(peak < BOUND, "the process peaked at {} MiB", peak >> 20);
 }
 
@@ -45,7 +48,10 @@ fn a_1_mib_aggregate_asking_for_more_than_its_budget_is_a_fault() {
             assert_eq!(len, aggregate.len());
             assert!(expanded >= records * 256, "{expanded}");
         }
-        other => panic!("expected TooLarge, got {:?}", other.map(|d| d.map(|d| d.len()))),
+        other => panic!(
+            "expected TooLarge, got {:?}",
+            other.map(|d| d.map(|d| d.len()))
+        ),
     }
     assert_eq!(ALLOCATOR.allocated(), before, "nothing kept");
     println!(
@@ -73,7 +79,9 @@ fn an_aggregate_of_many_records_naming_one_key_holds_that_key_once() {
     let users = deaggregate(&aggregate).unwrap().unwrap();
     let held = ALLOCATOR.allocated() - before;
     assert_eq!(users.len(), records);
-    assert!(users.iter().all(|u| u.partition_key.len() == 256 && u.data == [7; 16]));
+    assert!(users
+        .iter()
+        .all(|u| u.partition_key.len() == 256 && u.data == [7; 16]));
     // The records' payloads and bookkeeping, not `records` copies of the key.
     assert!(held < records * 256, "{records} records hold {held} bytes");
 }

@@ -9,7 +9,7 @@ use tokio::sync::Notify;
 
 use crate::lease::{CheckpointPosition, LeaseEpoch, ShardCheckpoint, WatermarkAdvance};
 use crate::lease_guard::LeaseGuard;
-use crate::position::ShardId;
+use crate::position::{RecordPosition, ShardId};
 use crate::protocol::checkpoint::{Epoch, EpochRead, ShardProgress};
 use crate::sink::Held;
 
@@ -34,6 +34,9 @@ pub(crate) enum DropReason {
     GuardExpired,
     /// A sink failed, after its own retries, to commit outputs of it: the shard backs off.
     SinkFailed,
+    /// The keyed operator panicked on one of its records (`DroppedLife::panicked_at`): the
+    /// shard starts again at once, with that record dead-lettered before `key_by`.
+    Panicked,
 }
 
 /// A shard's life a keyed worker dropped: the rest of the life cannot be processed right (that
@@ -43,6 +46,8 @@ pub(crate) struct DroppedLife {
     pub(crate) shard: ShardId,
     pub(crate) lease_epoch: LeaseEpoch,
     pub(crate) reason: DropReason,
+    /// With `Panicked`: the input record and the operator's label.
+    pub(crate) panicked_at: Option<(RecordPosition, Arc<str>)>,
 }
 
 /// One shard's current life in this run.

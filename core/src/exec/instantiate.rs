@@ -154,6 +154,7 @@ impl<D: Decoder> InstantiateRoot for SourceDecl<D> {
                 idleness: *lock(&self.settings.idleness),
             },
             down: self.node.instantiate(cx),
+            quarantined: Arc::clone(&cx.quarantined),
             failures: cx
                 .failures
                 .clone()
@@ -191,6 +192,7 @@ where
                 fanout_bits: cx.fanout_bits,
                 resumed: None,
                 guard: None,
+                quarantined: Arc::default(),
             };
             let worker = KeyedWorker {
                 op: (self.make_op)(),

@@ -19,10 +19,11 @@ use crate::error::Error;
 use crate::lease::LeaseEpoch;
 use crate::metrics::Metrics;
 use crate::operator::{Control, Emit, EpochCx, KeyedOperator, KeyedOutput, Mode};
-use crate::position::{EventTime, ShardId};
+use crate::position::{EventTime, RecordPosition, ShardId};
 use crate::tracker::{DropReason, DroppedLife, Report, Tracker};
 
 use super::exchange::{ExchangeMsg, RecordPool};
+use super::user_code;
 
 /// Runs one keyed worker until every shard task dropped its sender.
 pub(crate) struct KeyedWorker<Op: KeyedOperator> {
@@ -148,7 +149,7 @@ where
         tracing::warn!(path = self.path, %error, lives = lives.len(), "a sink failed after its retries on a keyed path; dropping the shards whose outputs it held");
         for (shard, lease_epoch) in lives {
             if !pending.dropped.contains(&(shard.clone(), lease_epoch)) {
-                self.drop_life(pending, shard, lease_epoch, DropReason::SinkFailed)
+                self.drop_life(pending, shard, lease_epoch, DropReason::SinkFailed, None)
                     .await?;
             }
         }
@@ -193,7 +194,7 @@ where
                     };
                     refusals_left -= 1;
                     tracing::warn!(shard = %life.0, lease_epoch = %life.1, error = %e, "fenced on a keyed path; dropping the shard");
-                    self.drop_life(pending, life.0, life.1, DropReason::Fenced)
+                    self.drop_life(pending, life.0, life.1, DropReason::Fenced, None)
                         .await?;
                 }
                 Err(e) => return Err(e),
@@ -227,7 +228,7 @@ where
                 continue;
             }
             let (shard, lease_epoch) = life;
-            self.drop_life(pending, shard, lease_epoch, DropReason::GuardExpired)
+            self.drop_life(pending, shard, lease_epoch, DropReason::GuardExpired, None)
                 .await?;
         }
         Ok(())
@@ -246,6 +247,7 @@ where
         shard: ShardId,
         lease_epoch: LeaseEpoch,
         reason: DropReason,
+        panicked_at: Option<(RecordPosition, Arc<str>)>,
     ) -> Result<(), Error> {
         let life = (shard, lease_epoch);
         self.release(pending, &life).await?;
@@ -255,6 +257,7 @@ where
             shard,
             lease_epoch,
             reason,
+            panicked_at,
         });
         Ok(())
     }
@@ -349,7 +352,7 @@ where
             self.pool.give(records);
             let reason = DropReason::GuardExpired;
             return self
-                .drop_life(pending, epoch.shard, epoch.lease_epoch, reason)
+                .drop_life(pending, epoch.shard, epoch.lease_epoch, reason, None)
                 .await;
         }
         if !pending.touched.contains(&life) {
@@ -368,11 +371,30 @@ where
         let state = pending.states.entry(epoch.shard.clone()).or_default();
         let mut out = KeyedOutput::new(&mut *self.main, &mut *self.late);
         let records_in = records.len() as u64;
+        let mut panicked = None;
         for record in records.drain(..) {
-            self.op
-                .on_record(state, record, epoch.epoch, epoch.mode, &mut out);
+            let index = record.input_index();
+            let op = &mut self.op;
+            let called =
+                user_code::call(|| op.on_record(state, record, epoch.epoch, epoch.mode, &mut out));
+            if called.is_err() {
+                panicked = Some(index);
+                break;
+            }
         }
         self.pool.give(records);
+        if let Some(index) = panicked {
+            // The state may be half-changed: the life ends, and the shard starts again from its
+            // checkpoint with the record dead-lettered before `key_by`, so its keys' state is
+            // rebuilt as if the record had never come.
+            let position = epoch.raw.get(index as usize).position.clone();
+            tracing::warn!(shard = %epoch.shard, %position, operator = %self.label, "a keyed operator panicked on a record; the shard starts again from its checkpoint without it");
+            let at = Some((position, Arc::clone(&self.label)));
+            let reason = DropReason::Panicked;
+            return self
+                .drop_life(pending, epoch.shard, epoch.lease_epoch, reason, at)
+                .await;
+        }
         // A replayed epoch fires and closes windows as the first run did; its outputs are
         // dropped (they were committed then), so the state ends as the first run's was.
         match epoch.control {

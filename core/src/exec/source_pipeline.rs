@@ -12,7 +12,7 @@ use crate::position::{EventTime, ShardId};
 use crate::protocol::watermark::WatermarkRules;
 use crate::record::RawBatch;
 use crate::sink::Held;
-use crate::topology::{EventTimeFn, Processed, ShardPipeline};
+use crate::topology::{EventTimeFn, Processed, Quarantined, ShardPipeline};
 
 pub(crate) struct SourcePipeline<D: Decoder> {
     pub(crate) decoder: Arc<D>,
@@ -20,6 +20,8 @@ pub(crate) struct SourcePipeline<D: Decoder> {
     pub(crate) rules: WatermarkRules,
     pub(crate) down: Box<dyn Emit<D::Item>>,
     pub(crate) failures: Arc<dyn ReportFailure>,
+    /// Records a keyed operator panicked on (`InstanceCx::quarantined`).
+    pub(crate) quarantined: Quarantined,
 }
 
 #[async_trait]
@@ -41,6 +43,11 @@ impl<D: Decoder> ShardPipeline for SourcePipeline<D> {
             };
             if let Some(reason) = raw.fault(index as usize) {
                 self.failures.fail(&failed(), "source", reason, 0, false);
+                continue;
+            }
+            if let Some(stage) = self.quarantined.get(record.position) {
+                let reason = super::user_code::Panic::REASON;
+                self.failures.fail(&failed(), stage, reason, 0, false);
                 continue;
             }
             let Ok(decoded) = super::user_code::call(|| self.decoder.decode(record)) else {

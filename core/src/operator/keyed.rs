@@ -34,6 +34,11 @@ impl<K, T> KeyedRecord<K, T> {
         }
     }
 
+    /// The index of its input record in its epoch's batch.
+    pub(crate) fn input_index(&self) -> u32 {
+        self.index
+    }
+
     /// A record of input record 0 of its epoch (for tests; the exchange makes real ones).
     #[cfg(any(test, feature = "testing"))]
     pub(crate) fn new(key: K, value: T, event_time: EventTime, watermark: EventTime) -> Self {

@@ -23,7 +23,7 @@ use crate::protocol::shard_sync::{
 use crate::protocol::sink_failure::{after_sink_failure, AfterSinkFailure, FailureStreak};
 use crate::protocol::vanished::VanishedShards;
 use crate::random::Random;
-use crate::topology::{Exchanges, Topology};
+use crate::topology::{Exchanges, Quarantined, Topology};
 use crate::tracker::{DropReason, DroppedLife, Tracker};
 
 use super::decisions::DecisionLog;
@@ -128,6 +128,9 @@ pub(crate) struct ControlLoop {
     cooling: BTreeMap<ShardId, Instant>,
     /// Sink failures in a row per shard (`protocol::sink_failure`).
     streaks: BTreeMap<ShardId, FailureStreak>,
+    /// Per shard, the records a keyed operator panicked on in this run: its next lives
+    /// dead-letter them before `key_by`.
+    quarantined: BTreeMap<ShardId, Quarantined>,
     report: RunReport,
     /// When this worker last renewed its leases.
     last_renew: Instant,
@@ -186,6 +189,7 @@ impl ControlLoop {
             stopped: Vec::new(),
             cooling: BTreeMap::new(),
             streaks: BTreeMap::new(),
+            quarantined: BTreeMap::new(),
             report: RunReport::default(),
             last_renew: now,
             ticks: 0,
@@ -465,6 +469,7 @@ impl ControlLoop {
                 leases: Arc::clone(&self.leases),
                 lease_key: taken.key.clone(),
                 decisions: self.decisions.clone(),
+                quarantined: self.quarantined.get(&shard.id).cloned().unwrap_or_default(),
             };
             self.written
                 .insert(shard.id.clone(), taken.checkpoint.clone());
@@ -686,8 +691,15 @@ impl ControlLoop {
             shard,
             lease_epoch,
             reason,
+            panicked_at,
         } in self.tracker.take_dropped()
         {
+            if let Some((position, stage)) = panicked_at {
+                self.decisions
+                    .record(|| format!("{stage} panicked on {shard} at {position}: quarantined"));
+                let records = self.quarantined.entry(shard.clone()).or_default();
+                Arc::make_mut(records).insert(position, stage);
+            }
             let sink_failed = reason == DropReason::SinkFailed;
             let running = self
                 .running
@@ -720,7 +732,7 @@ impl ControlLoop {
             self.decisions
                 .record(|| format!("keyed path dropped {shard} epoch {lease_epoch}: {reason:?}"));
             tracing::warn!(topology = %self.name(), %shard, lease = %key, ?reason, "a keyed path dropped the shard; ending it like a lost lease");
-            if !sink_failed {
+            if !sink_failed && reason != DropReason::Panicked {
                 self.metrics.lease_lost(self.name());
             }
             // The task then ends with `Release`: nothing more of the life is emitted.

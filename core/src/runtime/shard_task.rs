@@ -25,7 +25,7 @@ use crate::runtime::leases::LeaseManager;
 use crate::runtime::{RunMode, RuntimeConfig};
 use crate::sink::{Held, SinkContext};
 use crate::source::{ShardReader, ShardStatus};
-use crate::topology::{Exchanges, InstanceCx, ShardPipeline, Topology};
+use crate::topology::{Exchanges, InstanceCx, Quarantined, ShardPipeline, Topology};
 use crate::tracker::{Report, Tracker};
 
 /// How a shard task ended.
@@ -69,6 +69,8 @@ pub(crate) struct ShardTask {
     pub(crate) leases: Arc<LeaseManager>,
     pub(crate) lease_key: String,
     pub(crate) decisions: DecisionLog,
+    /// Records a keyed operator panicked on in an earlier life (`InstanceCx::quarantined`).
+    pub(crate) quarantined: Quarantined,
 }
 
 struct Running {
@@ -129,6 +131,7 @@ impl ShardTask {
             fanout_bits: self.topology.fanout_bits,
             resumed: Some(self.resume.clone()),
             guard: Some((id.clone(), self.lease_guard.clone())),
+            quarantined: Arc::clone(&self.quarantined),
         };
         let failures = Failures::new(
             self.topology.dead_letter.clone(),

@@ -22,7 +22,7 @@ use crate::lease::ShardCheckpoint;
 use crate::lease_guard::LeaseGuard;
 use crate::metrics::Metrics;
 use crate::operator::{Emit, EpochCx, KeyedOperator, ReportFailure};
-use crate::position::{EventTime, ShardId, StartPosition};
+use crate::position::{EventTime, RecordPosition, ShardId, StartPosition};
 use crate::protocol::watermark::WatermarkRules;
 use crate::random::Random;
 use crate::record::RawBatch;
@@ -48,7 +48,14 @@ pub(crate) struct InstanceCx {
     /// On a shard's own path, the shard's lease guard: its sinks are called only while it
     /// holds. None elsewhere (keyed workers check theirs through the tracker).
     pub(crate) guard: Option<(ShardId, LeaseGuard)>,
+    /// On a shard's own path, records a keyed operator panicked on in an earlier life of the
+    /// shard in this run, with the operator's label: they go to the dead-letter policy before
+    /// they are decoded, so that the keyed state is rebuilt as if they had never come.
+    pub(crate) quarantined: Quarantined,
 }
+
+/// Input records of a shard a keyed operator panicked on, with the operator's label.
+pub(crate) type Quarantined = Arc<std::collections::BTreeMap<RecordPosition, Arc<str>>>;
 
 /// The exchanges of one run, by keyed branch, type-erased: each is the `exec` exchange of its
 /// branch's key and value types.

@@ -7,7 +7,7 @@ mod stream;
 
 pub(crate) use graph::{
     label_of, lock, EventTimeFn, ExchangeDecl, Exchanges, FallibleDecl, FanOut, InstanceCx,
-    Instantiate, InstantiateBranch, InstantiateRoot, KeyedBranchDecl, Node, Processed,
+    Instantiate, InstantiateBranch, InstantiateRoot, KeyedBranchDecl, Node, Processed, Quarantined,
     ShardPipeline, SinkDecl, SourceDecl, StatelessDecl, TeeDecl, WorkerCx,
 };
 pub use stage::{Keyed, ShardStage, Sharded, SourceStage, Sourced, Stage};

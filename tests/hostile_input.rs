@@ -131,9 +131,13 @@ fn two_shards_with_a_bad_record() -> MemoryStream {
     stream
 }
 
-/// A record whose `ts` is a string holding the canary, and whose `user` is a number.
+/// A record whose `ts` is a string holding the canary: the value the decoder refuses.
 fn stream_payload_of_bad_record() -> Vec<u8> {
-    format!("{{\"user\": 17, \"ts\": \"{CANARY}{}\"}}", "x".repeat(1000)).into_bytes()
+    format!(
+        "{{\"user\": \"u\", \"ts\": \"{CANARY}{}\"}}",
+        "x".repeat(1000)
+    )
+    .into_bytes()
 }
 
 /// Planted in payloads: it must never reach an error message or a dead letter's reason.
@@ -174,11 +178,8 @@ async fn a_dead_letter_too_large_for_its_sink_is_truncated_and_the_shard_goes_on
         "{}",
         letter.error
     );
-    assert!(
-        !letter.error.contains(CANARY) && !letter.error.contains("17"),
-        "{}",
-        letter.error
-    );
+    assert!(!letter.error.contains(CANARY), "{}", letter.error);
+    assert!(letter.error.contains("expected i64"), "{}", letter.error);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -285,3 +285,56 @@ async fn a_shards_next_life_never_builds_on_state_an_earlier_life_left_in_a_keye
         assert_eq!(got, want);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_continuous_run_lets_a_hopeless_shard_go_and_stops_without_waiting_out_its_cool_down() {
+    let stream = stream_of(20, 1);
+    let failing = Flaky::new("out", u32::MAX, false);
+    let topology = Topology::builder("let-go")
+        .source(stream.clone().json::<Click>())
+        .map(|c: Click| c.ts)
+        .sink(failing.clone())
+        .build()
+        .unwrap();
+    let registry = prometheus::Registry::new();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let leases = Arc::new(MemoryLeaseStore::new());
+    let backoff = SinkBackoff {
+        cool_down: Duration::from_secs(600),
+        ..quick(1)
+    };
+    let run = tokio::spawn(
+        Runtime::new(topology, leases.clone())
+            .with_config(RuntimeConfig {
+                mode: RunMode::Continuous,
+                ..config(backoff)
+            })
+            .with_metrics(Metrics::new(&registry))
+            .with_shutdown(shutdown.clone())
+            .run(),
+    );
+    let let_go = || {
+        registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == "shardflow_shards_let_go_total")
+            .flat_map(|f| f.get_metric().iter().map(|m| m.get_counter().get_value()))
+            .sum::<f64>()
+    };
+    while let_go() < 1.0 {
+        assert!(
+            !run.is_finished(),
+            "a failing sink does not end a continuous run"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Let go: its lease is free for another worker.
+    let lease = leases.get("shard-0").await.unwrap().unwrap();
+    assert_eq!(lease.owner, None, "{lease:?}");
+    shutdown.cancel();
+    let ended = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the stop does not wait out a ten-minute cool-down")
+        .unwrap();
+    ended.expect("a stopped run with a shard let go is not a failure");
+}

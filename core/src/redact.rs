@@ -1,39 +1,64 @@
 //! Error messages without the values they quote: logs and dead letters name kinds, positions
 //! and sizes, never payload values or secrets.
 
-/// `message` with every quoted part (`"…"` and `` `…` ``) replaced by `…`, except the field
-/// names after `missing field` and `duplicate field`, which come from the target type.
+/// `message` without the value it quotes: everything from the first quote (`"`, `` ` `` or
+/// `'`) to the last `, expected ` after it becomes `…`; the kind before it, what was expected,
+/// and serde_json's ` at line L column C` stay. `missing field` and `duplicate field` messages
+/// stay whole: the field name comes from the target type.
 ///
 /// serde's messages quote what they refuse: `invalid type: string "4111…", expected u64`,
-/// ``invalid type: integer `4111`, expected a string``, ``unknown variant `secret` ``. A
-/// decoder's message is about a payload, and a configuration's may be about a secret.
+/// ``invalid type: integer `4111`, expected a string``, ``unknown variant `secret`, expected
+/// one of `A`, `B` ``. A value may itself hold quotes, escaped or not, so nothing between the
+/// first quote and what the type says it expected is kept. A decoder's message is about a
+/// payload, and a configuration's may be about a secret.
 pub fn without_values(message: &str) -> String {
-    let mut out = String::with_capacity(message.len());
-    let mut rest = message;
-    while let Some(open) = rest.find(['"', '`']) {
-        let (before, from) = rest.split_at(open);
-        out.push_str(before);
-        let quote = from.as_bytes()[0] as char;
-        let Some(len) = from[1..].find(quote) else {
-            // An unclosed quote: what follows may be a value.
-            out.push(quote);
-            out.push('…');
-            return out;
-        };
-        let quoted = &from[..len + 2];
-        let names_a_field =
-            quote == '`' && (out.ends_with("missing field ") || out.ends_with("duplicate field "));
-        if names_a_field {
-            out.push_str(quoted);
-        } else {
-            out.push(quote);
-            out.push('…');
-            out.push(quote);
-        }
-        rest = &from[len + 2..];
+    let (body, place) = match message.rfind(" at line ") {
+        Some(i) if is_place(&message[i..]) => message.split_at(i),
+        _ => (message, ""),
+    };
+    let names_a_field = ["missing field `", "duplicate field `"]
+        .iter()
+        .any(|p| body.strip_prefix(p).is_some_and(is_field_name));
+    let Some(quote) = body.find(['"', '`', '\'']).filter(|_| !names_a_field) else {
+        return message.to_owned();
+    };
+    let expected = body[quote..]
+        .rfind(", expected ")
+        .map(|i| &body[quote + i..])
+        .filter(|e| names_only(&e[", expected ".len()..]))
+        .unwrap_or("");
+    format!("{} …{expected}{place}", body[..quote].trim_end())
+}
+
+/// Whether what serde says it expected is the type's own words: no quotes, or `one of` a list
+/// of backticked identifiers (the type's variants or fields). Anything else may be part of the
+/// value.
+fn names_only(expected: &str) -> bool {
+    if !expected.contains(['"', '`', '\'']) {
+        return true;
     }
-    out.push_str(rest);
-    out
+    // serde writes `A`, `A` or `B`, and one of `A`, `B`, `C`.
+    let list = expected.strip_prefix("one of ").unwrap_or(expected);
+    list.split(", ")
+        .flat_map(|item| item.split(" or "))
+        .all(|item| item.strip_prefix('`').is_some_and(is_field_name))
+}
+
+/// Whether `text` is serde_json's ` at line L column C`.
+fn is_place(text: &str) -> bool {
+    let mut words = text.split_whitespace();
+    matches!(
+        (words.next(), words.next(), words.next(), words.next(), words.next(), words.next()),
+        (Some("at"), Some("line"), Some(l), Some("column"), Some(c), None)
+            if l.bytes().all(|b| b.is_ascii_digit()) && c.bytes().all(|b| b.is_ascii_digit())
+    )
+}
+
+/// Whether `rest` is an identifier closed by a backtick and nothing else.
+fn is_field_name(rest: &str) -> bool {
+    rest.strip_suffix('`').is_some_and(|name| {
+        !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    })
 }
 
 /// `endpoint` (a URL) without any `user:password@` before its host: endpoints are logged and
@@ -59,25 +84,33 @@ mod tests {
     fn values_go_and_field_names_of_the_target_type_stay() {
         let err = serde_json::from_str::<u64>("\"4111-1111\"").unwrap_err();
         let shown = without_values(&err.to_string());
-        assert!(!shown.contains("4111"), "{shown}");
-        assert!(
-            shown.starts_with("invalid type: string \"…\", expected u64"),
-            "{shown}"
+        assert_eq!(
+            shown,
+            "invalid type: string …, expected u64 at line 1 column 11"
         );
 
         let err = serde_json::from_str::<String>("41111111").unwrap_err();
-        assert!(!without_values(&err.to_string()).contains("4111"));
+        let shown = without_values(&err.to_string());
+        assert!(
+            !shown.contains("4111") && shown.contains("expected a string"),
+            "{shown}"
+        );
 
         #[derive(Debug, serde::Deserialize)]
         #[allow(dead_code)]
         enum Kind {
-            A,
+            Alpha,
         }
         let err = serde_json::from_str::<Kind>("\"hunter2\"").unwrap_err();
-        assert!(!without_values(&err.to_string()).contains("hunter2"));
+        let shown = without_values(&err.to_string());
+        assert!(
+            !shown.contains("hunter2") && shown.contains("`Alpha`"),
+            "{shown}"
+        );
 
         #[derive(Debug, serde::Deserialize)]
         #[allow(dead_code)]
+        #[serde(deny_unknown_fields)]
         struct Click {
             ts: i64,
         }
@@ -85,8 +118,32 @@ mod tests {
         assert!(without_values(&err.to_string()).contains("missing field `ts`"));
         let err = serde_json::from_str::<Click>(r#"{"ts":1,"ts":2}"#).unwrap_err();
         assert!(without_values(&err.to_string()).contains("duplicate field `ts`"));
+        let err = serde_json::from_str::<Click>(r#"{"secret-name":1}"#).unwrap_err();
+        assert!(!without_values(&err.to_string()).contains("secret"));
+    }
 
-        assert_eq!(without_values("value \"open"), "value \"…");
+    #[test]
+    fn values_holding_quotes_or_backticks_do_not_escape() {
+        // An escaped quote inside the value, and backticks inside a variant name.
+        let err = serde_json::from_str::<u64>(r#""ab\"SECRET-4111 and more""#).unwrap_err();
+        let shown = without_values(&err.to_string());
+        assert!(!shown.contains("SECRET"), "{shown}");
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        enum Kind {
+            Alpha,
+        }
+        let err = serde_json::from_str::<Kind>(r#""x`SECRET-hunter2`y, expected z""#).unwrap_err();
+        let shown = without_values(&err.to_string());
+        assert!(!shown.contains("SECRET"), "{shown}");
+        let err = serde_json::from_str::<Kind>(r#""x`, expected `SECRET`, there""#).unwrap_err();
+        let shown = without_values(&err.to_string());
+        assert!(!shown.contains("SECRET"), "{shown}");
+        assert_eq!(
+            without_values("unknown field `a, expected x`, there are no fields"),
+            "unknown field …"
+        );
+        assert_eq!(without_values("value \"open"), "value …");
         assert_eq!(without_values("no quotes at line 1"), "no quotes at line 1");
     }
 

@@ -230,9 +230,14 @@ impl ControlLoop {
             if self.sync_due() {
                 self.sync_round().await;
             }
-            let idle =
-                self.running.is_empty() && self.finishing.is_empty() && self.cooling.is_empty();
             let bounded = self.config.mode == RunMode::UntilCaughtUp;
+            // A bounded run waits for its pausing shards; a stopping or failed run does not
+            // (nothing starts them again, and a cool-down outlasts a stop's grace period).
+            let awaits_cooling = bounded
+                && !self.cooling.is_empty()
+                && !self.shutdown.is_cancelled()
+                && self.failure.is_none();
+            let idle = self.running.is_empty() && self.finishing.is_empty() && !awaits_cooling;
             if run_over(
                 idle,
                 bounded,

@@ -10,6 +10,7 @@ use shardflow::core::error::SinkError;
 use shardflow::core::memory::MemoryStream;
 use shardflow::core::runtime::SinkBackoff;
 use shardflow::core::sink::{OutputBatch, SinkContext, SinkWriter};
+use shardflow::operators::WindowResult;
 use shardflow::prelude::*;
 use shardflow::{LeaseStore, MemoryLeaseStore, MemorySink, Metrics, ShardId, Sink};
 
@@ -337,4 +338,125 @@ async fn a_continuous_run_lets_a_hopeless_shard_go_and_stops_without_waiting_out
         .expect("the stop does not wait out a ten-minute cool-down")
         .unwrap();
     ended.expect("a stopped run with a shard let go is not a failure");
+}
+
+/// A sink whose items have a size limit, as DynamoDB's do: `check` refuses results with keys
+/// over 100 bytes, and a write of one fails (every time: retrying cannot help).
+#[derive(Clone)]
+struct KeyLimited {
+    inner: MemorySink<WindowResult<String, u64>>,
+}
+
+struct KeyLimitedWriter {
+    inner: Box<dyn SinkWriter<WindowResult<String, u64>>>,
+}
+
+#[async_trait::async_trait]
+impl Sink<WindowResult<String, u64>> for KeyLimited {
+    fn name(&self) -> &str {
+        "key-limited"
+    }
+    async fn open(
+        &self,
+        cx: &SinkContext,
+    ) -> Result<Box<dyn SinkWriter<WindowResult<String, u64>>>, SinkError> {
+        Ok(Box::new(KeyLimitedWriter {
+            inner: self.inner.open(cx).await?,
+        }))
+    }
+    fn check(&self, result: &WindowResult<String, u64>) -> Result<(), String> {
+        if result.key.len() > 100 {
+            return Err(format!(
+                "item of {} key bytes is over the limit",
+                result.key.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl SinkWriter<WindowResult<String, u64>> for KeyLimitedWriter {
+    async fn write(
+        &mut self,
+        batch: OutputBatch<WindowResult<String, u64>>,
+    ) -> Result<(), SinkError> {
+        if batch.outputs.iter().any(|o| o.value.key.len() > 100) {
+            return Err(SinkError {
+                sink: "key-limited".into(),
+                operation: "write",
+                retryable: false,
+                source: "item too large".into(),
+            });
+        }
+        self.inner.write(batch).await
+    }
+    async fn commit(&mut self) -> Result<(), SinkError> {
+        self.inner.commit().await
+    }
+    fn release_shard(&mut self, shard: &ShardId) {
+        self.inner.release_shard(shard);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_result_its_sink_refuses_stops_only_its_shard() {
+    // One keyed worker serves both shards, so one commit holds both shards' results. Before,
+    // the refused result failed every write of the commit: both shards backed off again and
+    // again, the healthy one too, and the run failed.
+    let stream = MemoryStream::new("clicks", 2);
+    let long = "x".repeat(300);
+    for i in 0..20usize {
+        let user = if i == 4 { long.as_str() } else { "a" };
+        let json = serde_json::to_vec(&Click {
+            user: user.into(),
+            ts: i as i64 * 10,
+        })
+        .unwrap();
+        stream.push(i % 2, i as i64 * 10, b"pk", &json);
+    }
+    let sink = KeyLimited {
+        inner: MemorySink::new("counts"),
+    };
+    let topology = Topology::builder("refused")
+        .source(stream.clone().json::<Click>())
+        .event_time(|c: &Click| c.ts)
+        .key_by(|c: &Click| c.user.clone())
+        .window(TumblingWindow::of(Duration::from_secs(1)))
+        .aggregate(Count)
+        .sink(sink.clone())
+        .build()
+        .unwrap();
+    let leases = Arc::new(MemoryLeaseStore::new());
+    let error = Runtime::new(topology, leases.clone())
+        .with_config(RuntimeConfig {
+            parallelism: 1,
+            ..config(quick(3))
+        })
+        .run()
+        .await
+        .expect_err("the stopped shard is reported");
+    let shown = error.to_string();
+    assert!(
+        shown.contains("shard-0") && shown.contains("refused a keyed result"),
+        "{shown}"
+    );
+    assert!(!shown.contains(&long), "the key is not quoted");
+    let got: Vec<(String, String, u64)> = sink
+        .inner
+        .contents()
+        .into_iter()
+        .map(|((shard, _), r)| (shard.as_str().to_owned(), r.key, r.value))
+        .collect();
+    assert_eq!(
+        got,
+        [("shard-1".to_owned(), "a".to_owned(), 10)],
+        "the healthy shard went on"
+    );
+    let lease = leases.get("shard-0").await.unwrap().unwrap();
+    assert_eq!(
+        lease.checkpoint.committed,
+        shardflow::core::lease::CheckpointPosition::Initial,
+        "the stopped shard's checkpoint stays before the result"
+    );
 }

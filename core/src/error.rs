@@ -85,6 +85,19 @@ impl SinkError {
     pub fn fenced(&self) -> Option<&Fenced> {
         self.source.downcast_ref::<Fenced>()
     }
+
+    /// Whether the runtime found the sink breaking its contract ([`HoldingContract`]): a bug
+    /// in the sink, which no backoff cures; the run fails.
+    pub fn is_contract_breach(&self) -> bool {
+        self.source.downcast_ref::<HoldingContract>().is_some()
+    }
+
+    /// Whether this is a sink failing to store outputs (after its own retries): the shards
+    /// whose outputs it held back off and start again (`protocol::sink_failure`). Not a
+    /// fencing refusal or an expired guard (the lease moved), nor a contract breach.
+    pub fn is_failed_store(&self) -> bool {
+        !self.is_fenced() && !self.is_guard_expired() && !self.is_contract_breach()
+    }
 }
 
 /// A fencing sink refused a write: a newer lease epoch of the shard already wrote the output,
@@ -348,9 +361,29 @@ pub enum ShardStopped {
         /// What was wrong.
         reason: String,
     },
+    /// A sink refused a keyed result of the shard (`Sink::check`: too large for it, say). No
+    /// input record stands behind a keyed result, so it cannot be dead-lettered: the shard
+    /// stops with its checkpoint before the epoch that made the result.
+    #[error("shard {shard} stopped: {reason}")]
+    RefusedOutput {
+        /// The shard.
+        shard: ShardId,
+        /// The sink's reason.
+        reason: String,
+    },
     /// The lease was lost; another worker continues from the last checkpoint.
     #[error(transparent)]
     LeaseLost(#[from] LeaseError),
+}
+
+impl ShardStopped {
+    /// The shard a policy stop holds (its lease stays with the worker), if it is one.
+    pub fn held_shard(&self) -> Option<&ShardId> {
+        match self {
+            Self::BadRecord { shard, .. } | Self::RefusedOutput { shard, .. } => Some(shard),
+            Self::LeaseLost(_) => None,
+        }
+    }
 }
 
 /// The umbrella error.

@@ -26,7 +26,7 @@ pub(crate) struct Report {
 }
 
 /// Why a keyed worker dropped a shard's life (its state and uncommitted outputs).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum DropReason {
     /// A sink refused a write of it as fenced: another owner wrote the shard.
     Fenced,
@@ -34,9 +34,19 @@ pub(crate) enum DropReason {
     GuardExpired,
     /// A sink failed, after its own retries, to commit outputs of it: the shard backs off.
     SinkFailed,
-    /// The keyed operator panicked on one of its records (`DroppedLife::panicked_at`): the
-    /// shard starts again at once, with that record dead-lettered before `key_by`.
-    Panicked,
+    /// The keyed operator (`stage`) panicked on the input record at `at`: the shard starts
+    /// again at once, with that record dead-lettered before `key_by`.
+    Panicked {
+        /// The input record.
+        at: RecordPosition,
+        /// The operator's label.
+        stage: Arc<str>,
+    },
+    /// A sink refused one of its keyed results (`Sink::check`): the shard stops there.
+    Refused {
+        /// The sink's reason.
+        reason: String,
+    },
 }
 
 /// A shard's life a keyed worker dropped: the rest of the life cannot be processed right (that
@@ -46,8 +56,6 @@ pub(crate) struct DroppedLife {
     pub(crate) shard: ShardId,
     pub(crate) lease_epoch: LeaseEpoch,
     pub(crate) reason: DropReason,
-    /// With `Panicked`: the input record and the operator's label.
-    pub(crate) panicked_at: Option<(RecordPosition, Arc<str>)>,
 }
 
 /// One shard's current life in this run.

@@ -5,7 +5,8 @@
 //! Item layout (hash key `id`, a string):
 //! - `id`: `<topology>/<shard>/<identity path>` (e.g. `clicks/shardId-0/w/<start>-<end>/c-1`);
 //! - `topology`, `shard`, `path`, `leaseEpoch` (N);
-//! - `key`, `windowStart`, `windowEnd` (N) for keyed results; `sequenceNumber`,
+//! - `key` (up to 1 KiB; longer keys only in `path`), `windowStart`, `windowEnd` (N) for keyed
+//!   results; `sequenceNumber`,
 //!   `subSequenceNumber` for outputs of one record;
 //! - `value`: the output as an attribute (through serde_json: a struct becomes a map).
 
@@ -38,6 +39,11 @@ use super::table::ensure_table;
 pub const MAX_ITEM_BYTES: usize = 400 * 1024;
 /// Room `check` leaves for the identity attributes (id, shard, path, key, window, epoch).
 const IDENTITY_ROOM: usize = 2 * 1024;
+
+/// The longest key written whole in the `key` attribute; a longer one is left out (the `path`
+/// names it by a readable prefix and a digest, and a keyed value usually holds it too), so the
+/// attributes stay within `IDENTITY_ROOM` whatever the key.
+const MAX_KEY_ATTRIBUTE_BYTES: usize = 1024;
 /// Items per BatchWriteItem request (the API's limit).
 const BATCH_ITEMS: usize = 25;
 
@@ -488,7 +494,10 @@ impl<T: Serialize> DynamoWriter<T> {
                 );
             }
             OutputId::Keyed { key, window, index } => {
-                item.insert("key".into(), AttributeValue::S(key.to_string()));
+                let key = key.to_string();
+                if key.len() <= MAX_KEY_ATTRIBUTE_BYTES {
+                    item.insert("key".into(), AttributeValue::S(key));
+                }
                 if *index != 0 {
                     item.insert("outputIndex".into(), AttributeValue::N(index.to_string()));
                 }

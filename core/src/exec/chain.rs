@@ -7,7 +7,7 @@ use async_trait::async_trait;
 
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::operator::{Collector, Emit, EpochCx, Fan, RecordCx, ReportFailure, Stateless};
+use crate::operator::{Collector, Emit, EpochCx, Fan, RecordCx, Refused, ReportFailure, Stateless};
 use crate::position::ShardId;
 use crate::sink::Held;
 use crate::topology::InstanceCx;
@@ -47,6 +47,9 @@ impl<T: Clone + Send + 'static> Emit<T> for Tee<T> {
     }
     fn resume(&mut self) {
         self.outs.iter_mut().for_each(|o| o.resume());
+    }
+    fn take_refused(&mut self, out: &mut Vec<Refused>) {
+        self.outs.iter_mut().for_each(|o| o.take_refused(out));
     }
 }
 
@@ -173,6 +176,9 @@ where
     }
     fn resume(&mut self) {
         self.down.resume();
+    }
+    fn take_refused(&mut self, out: &mut Vec<Refused>) {
+        self.down.take_refused(out);
     }
 }
 

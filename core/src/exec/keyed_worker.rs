@@ -19,7 +19,7 @@ use crate::error::Error;
 use crate::lease::LeaseEpoch;
 use crate::metrics::Metrics;
 use crate::operator::{Control, Emit, EpochCx, KeyedOperator, KeyedOutput, Mode};
-use crate::position::{EventTime, RecordPosition, ShardId};
+use crate::position::{EventTime, ShardId};
 use crate::tracker::{DropReason, DroppedLife, Report, Tracker};
 
 use super::exchange::{ExchangeMsg, RecordPool};
@@ -109,6 +109,7 @@ where
             );
             let handled = self.handle(&mut pending, msg).await;
             self.isolate(&mut pending, handled).await?;
+            self.stop_refused(&mut pending).await?;
             let at =
                 *deadline.get_or_insert_with(|| tokio::time::Instant::now() + self.commit_interval);
             if urgent
@@ -134,7 +135,7 @@ where
         result: Result<(), Error>,
     ) -> Result<(), Error> {
         let error = match result {
-            Err(Error::Sink(error)) if !error.is_fenced() && !error.is_guard_expired() => error,
+            Err(Error::Sink(error)) if error.is_failed_store() => error,
             other => return other,
         };
         let mut lives: Vec<Life> = pending.touched.clone();
@@ -149,7 +150,7 @@ where
         tracing::warn!(path = self.path, %error, lives = lives.len(), "a sink failed after its retries on a keyed path; dropping the shards whose outputs it held");
         for (shard, lease_epoch) in lives {
             if !pending.dropped.contains(&(shard.clone(), lease_epoch)) {
-                self.drop_life(pending, shard, lease_epoch, DropReason::SinkFailed, None)
+                self.drop_life(pending, shard, lease_epoch, DropReason::SinkFailed)
                     .await?;
             }
         }
@@ -168,6 +169,7 @@ where
                 self.emit_running(state, &epoch).await?;
             }
         }
+        self.stop_refused(pending).await?;
         self.drop_expired(pending).await?;
         // Each refusal drops one life; a writer that keeps refusing after it was told to
         // drop the shard (`SinkWriter::release_shard`) breaks its contract.
@@ -194,7 +196,7 @@ where
                     };
                     refusals_left -= 1;
                     tracing::warn!(shard = %life.0, lease_epoch = %life.1, error = %e, "fenced on a keyed path; dropping the shard");
-                    self.drop_life(pending, life.0, life.1, DropReason::Fenced, None)
+                    self.drop_life(pending, life.0, life.1, DropReason::Fenced)
                         .await?;
                 }
                 Err(e) => return Err(e),
@@ -204,6 +206,24 @@ where
         if !pending.reports.is_empty() {
             self.tracker.report(self.path, &pending.reports);
             pending.reports.clear();
+        }
+        Ok(())
+    }
+
+    /// Stops the lives a sink refused a keyed result of (`Sink::check`): the result was never
+    /// written, and without an input record behind it the only visible, lossless way on is
+    /// to stop its shard (`ShardStopped::RefusedOutput`); the other shards go on.
+    async fn stop_refused(&mut self, pending: &mut Pending<Op::State>) -> Result<(), Error> {
+        let mut refused = Vec::new();
+        self.main.take_refused(&mut refused);
+        self.late.take_refused(&mut refused);
+        for (shard, lease_epoch, reason) in refused {
+            if pending.dropped.contains(&(shard.clone(), lease_epoch)) {
+                continue;
+            }
+            tracing::error!(%shard, sink_reason = %reason, "a sink refused a keyed result; stopping the shard");
+            self.drop_life(pending, shard, lease_epoch, DropReason::Refused { reason })
+                .await?;
         }
         Ok(())
     }
@@ -228,7 +248,7 @@ where
                 continue;
             }
             let (shard, lease_epoch) = life;
-            self.drop_life(pending, shard, lease_epoch, DropReason::GuardExpired, None)
+            self.drop_life(pending, shard, lease_epoch, DropReason::GuardExpired)
                 .await?;
         }
         Ok(())
@@ -247,7 +267,6 @@ where
         shard: ShardId,
         lease_epoch: LeaseEpoch,
         reason: DropReason,
-        panicked_at: Option<(RecordPosition, Arc<str>)>,
     ) -> Result<(), Error> {
         let life = (shard, lease_epoch);
         self.release(pending, &life).await?;
@@ -257,7 +276,6 @@ where
             shard,
             lease_epoch,
             reason,
-            panicked_at,
         });
         Ok(())
     }
@@ -352,7 +370,7 @@ where
             self.pool.give(records);
             let reason = DropReason::GuardExpired;
             return self
-                .drop_life(pending, epoch.shard, epoch.lease_epoch, reason, None)
+                .drop_life(pending, epoch.shard, epoch.lease_epoch, reason)
                 .await;
         }
         if !pending.touched.contains(&life) {
@@ -389,10 +407,12 @@ where
             // rebuilt as if the record had never come.
             let position = epoch.raw.get(index as usize).position.clone();
             tracing::warn!(shard = %epoch.shard, %position, operator = %self.label, "a keyed operator panicked on a record; the shard starts again from its checkpoint without it");
-            let at = Some((position, Arc::clone(&self.label)));
-            let reason = DropReason::Panicked;
+            let reason = DropReason::Panicked {
+                at: position,
+                stage: Arc::clone(&self.label),
+            };
             return self
-                .drop_life(pending, epoch.shard, epoch.lease_epoch, reason, at)
+                .drop_life(pending, epoch.shard, epoch.lease_epoch, reason)
                 .await;
         }
         // A replayed epoch fires and closes windows as the first run did; its outputs are

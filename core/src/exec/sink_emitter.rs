@@ -10,7 +10,7 @@ use crate::error::{Error, GuardExpired, SinkError};
 use crate::lease::CheckpointPosition;
 use crate::lease_guard::LeaseGuard;
 use crate::metrics::Metrics;
-use crate::operator::{Control, Emit, EpochCx, Ident, RecordCx, ReportFailure};
+use crate::operator::{Control, Emit, EpochCx, Ident, RecordCx, Refused, ReportFailure};
 use crate::position::ShardId;
 use crate::random::Random;
 use crate::sink::{Held, Output, OutputBatch, OutputId, Sink, SinkContext, SinkWriter};
@@ -51,6 +51,10 @@ pub(crate) struct SinkEmitter<T> {
     /// On a shard's own path, the shard's lease guard: the writer is called only while it
     /// holds (another sink's commit before this one may have stalled past the lease).
     pub(crate) guard: Option<(ShardId, LeaseGuard)>,
+    /// After `key_by`: the first reason the sink refused a keyed result since the last flush,
+    /// and the refusals flushed since the keyed worker last took them.
+    refused_now: Option<String>,
+    refused: Vec<Refused>,
 }
 
 impl<T: Send + 'static> SinkEmitter<T> {
@@ -74,6 +78,8 @@ impl<T: Send + 'static> SinkEmitter<T> {
             skip_through: None,
             holds_tracked: false,
             guard: None,
+            refused_now: None,
+            refused: Vec::new(),
         }
     }
 
@@ -170,6 +176,7 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
                 }
                 self.of_records.push((*index, *fanout, value));
             }
+            Ident::Keyed { .. } if self.failures.is_none() && self.refuses(&value) => {}
             Ident::Keyed {
                 key,
                 window,
@@ -186,6 +193,10 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
     }
 
     async fn flush(&mut self, epoch: &EpochCx) -> Result<(), Error> {
+        if let Some(reason) = self.refused_now.take() {
+            self.refused
+                .push((epoch.shard.clone(), epoch.lease_epoch, reason));
+        }
         if let Some(skip) = &self.skip_through {
             // Stored units end at its own position, not at the shard's: what is after it is
             // new to it, replayed or not.
@@ -273,6 +284,11 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
     fn discard(&mut self) {
         self.ready.clear();
         self.of_records.clear();
+        self.refused_now = None;
+    }
+
+    fn take_refused(&mut self, out: &mut Vec<Refused>) {
+        out.append(&mut self.refused);
     }
 
     fn held(&self, out: &mut Vec<(String, ShardId, Held)>) {
@@ -289,6 +305,19 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
 }
 
 impl<T: Send + 'static> SinkEmitter<T> {
+    /// Whether the sink refuses a keyed result (noted for the flush, which knows its shard).
+    fn refuses(&mut self, value: &T) -> bool {
+        match self.sink.check(value) {
+            Ok(()) => false,
+            Err(reason) => {
+                let sink = self.sink.name();
+                self.refused_now
+                    .get_or_insert_with(|| format!("sink {sink} refused a keyed result: {reason}"));
+                true
+            }
+        }
+    }
+
     /// Hands the epoch's outputs to the writer.
     async fn write(&mut self, epoch: &EpochCx) -> Result<(), Error> {
         let of_records = !self.of_records.is_empty();

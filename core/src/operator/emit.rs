@@ -24,4 +24,11 @@ pub trait Emit<T>: Send {
     fn held(&self, _out: &mut Vec<(String, ShardId, Held)>) {}
     /// Calls parked user functions whose wait is over, then passes the call down.
     fn resume(&mut self) {}
+    /// Adds the keyed results a sink refused (`Sink::check`) since the last call, one per
+    /// life and sink: (shard, lease epoch, reason). After `key_by` no input record stands
+    /// behind a result, so its shard stops instead (`ShardStopped::RefusedOutput`).
+    fn take_refused(&mut self, _out: &mut Vec<Refused>) {}
 }
+
+/// A keyed result a sink refused: its shard, the life, and the sink's reason.
+pub type Refused = (ShardId, crate::lease::LeaseEpoch, String);

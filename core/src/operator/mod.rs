@@ -8,7 +8,7 @@ mod keyed;
 mod stateless;
 
 pub use context::{Control, EpochCx, Ident, Mode, RecordCx, NO_WATERMARK};
-pub use emit::Emit;
+pub use emit::{Emit, Refused};
 pub use keyed::{KeyedOperator, KeyedOutput, KeyedRecord};
 pub use stateless::{Collector, FailureAction, Stateless};
 pub(crate) use stateless::{Fan, ReportFailure};

@@ -44,8 +44,9 @@ struct RunningShard {
     /// Another worker asked for the lease: the task stops in an orderly way, and once its last
     /// epochs are committed and checkpointed the lease is released to it.
     handing_off: bool,
-    /// A keyed path's sink failed with outputs of this life: the task's end backs off.
-    sink_failed: bool,
+    /// Why a keyed path dropped this life, if one did for a reason that decides how the task's
+    /// end is taken: a sink failure backs off, a refused result stops the shard.
+    dropped_for: Option<DropReason>,
 }
 
 /// A shard whose task ended and whose last epochs the keyed workers may still be committing.
@@ -486,7 +487,7 @@ impl ControlLoop {
                     cancel,
                     lost: false,
                     handing_off: false,
-                    sink_failed: false,
+                    dropped_for: None,
                 },
             );
             let id = shard.id.clone();
@@ -581,15 +582,24 @@ impl ControlLoop {
             Err(Error::ShardStopped(stop)) => (TaskEnd::Stopped, Some(Error::ShardStopped(stop))),
             Err(error) => (TaskEnd::Failed, Some(error)),
         };
-        // A keyed path dropped the life for a sink failure: however the task ended after it
-        // (cancelled, or fenced on the way), the shard backs off.
-        let end = match end {
-            TaskEnd::Finished { .. } | TaskEnd::Cancelled { .. } | TaskEnd::Fenced
-                if shard.sink_failed =>
-            {
-                TaskEnd::SinkFailed
-            }
-            end => end,
+        // A keyed path dropped the life for a sink failure or a refused result: however the
+        // task ended after it (cancelled, or fenced on the way), the shard backs off or stops.
+        let (end, error) = match (end, &shard.dropped_for) {
+            (
+                TaskEnd::Finished { .. } | TaskEnd::Cancelled { .. } | TaskEnd::Fenced,
+                Some(DropReason::SinkFailed),
+            ) => (TaskEnd::SinkFailed, error),
+            (
+                TaskEnd::Finished { .. } | TaskEnd::Cancelled { .. } | TaskEnd::Fenced,
+                Some(DropReason::Refused { reason }),
+            ) => (
+                TaskEnd::Stopped,
+                Some(Error::ShardStopped(ShardStopped::RefusedOutput {
+                    shard: id.clone(),
+                    reason: reason.clone(),
+                })),
+            ),
+            (end, _) => (end, error),
         };
         if let Some(error) = &error {
             self.decisions
@@ -623,15 +633,11 @@ impl ControlLoop {
                 self.sync.owed |= resync;
             }
             AfterTask::Stop => {
-                self.forget(&id).await;
-                self.completed.insert(id);
-                if let Some(Error::ShardStopped(stop)) = error {
-                    // Visible at once (the run goes on with the other shards): its lease stays
-                    // held, so no other worker reads past the bad record either.
-                    self.health.shard_stopped(&stop);
-                    self.stopped.push(stop);
-                    self.metrics.shards_stopped(self.name(), self.stopped.len());
-                }
+                let stop = match error {
+                    Some(Error::ShardStopped(stop)) => Some(stop),
+                    _ => None,
+                };
+                self.stop_shard(id, stop).await;
             }
             AfterTask::BackOff => self.back_off(id, shard.lease_key, error).await,
             AfterTask::FailRun => {
@@ -658,9 +664,11 @@ impl ControlLoop {
                 }
             } else if let Some(f) = self.finishing.iter_mut().find(|f| f.lease_key == key) {
                 f.handoff = true;
-            } else if self.stopped.iter().any(
-                |s| matches!(s, ShardStopped::BadRecord { shard, .. } if shard.as_str() == key),
-            ) {
+            } else if self
+                .stopped
+                .iter()
+                .any(|s| s.held_shard().is_some_and(|shard| shard.as_str() == key))
+            {
                 // Stopped at a bad record by policy: the lease stays held (and reported in
                 // /readyz) until an operator acts, whoever asks; handing it over would move
                 // the alert and the unreadiness to a worker that just joined. The request
@@ -696,23 +704,26 @@ impl ControlLoop {
             shard,
             lease_epoch,
             reason,
-            panicked_at,
         } in self.tracker.take_dropped()
         {
-            if let Some((position, stage)) = panicked_at {
+            if let DropReason::Panicked { at, stage } = &reason {
                 self.decisions
-                    .record(|| format!("{stage} panicked on {shard} at {position}: quarantined"));
+                    .record(|| format!("{stage} panicked on {shard} at {at}: quarantined"));
                 let records = self.quarantined.entry(shard.clone()).or_default();
-                Arc::make_mut(records).insert(position, stage);
+                Arc::make_mut(records).insert(at.clone(), Arc::clone(stage));
             }
             let sink_failed = reason == DropReason::SinkFailed;
+            // Taken on the task's end (or at once, for a finishing shard) instead of resyncing.
+            let decided_at_end = sink_failed || matches!(reason, DropReason::Refused { .. });
             let running = self
                 .running
                 .get_mut(&shard)
                 .filter(|r| r.lease_epoch == lease_epoch && !r.lost);
             let key = if let Some(r) = running {
                 r.lost = true;
-                r.sink_failed = sink_failed;
+                if decided_at_end {
+                    r.dropped_for = Some(reason.clone());
+                }
                 r.cancel.cancel();
                 r.lease_key.clone()
             } else if let Some(i) = self
@@ -727,6 +738,14 @@ impl ControlLoop {
                     self.back_off(f.shard, f.lease_key, None).await;
                     continue;
                 }
+                if let DropReason::Refused { reason } = reason {
+                    let stop = ShardStopped::RefusedOutput {
+                        shard: f.shard.clone(),
+                        reason,
+                    };
+                    self.stop_shard(f.shard, Some(stop)).await;
+                    continue;
+                }
                 self.forget(&f.shard).await;
                 self.leases.forget(&f.lease_key).await;
                 f.lease_key
@@ -737,15 +756,15 @@ impl ControlLoop {
             self.decisions
                 .record(|| format!("keyed path dropped {shard} epoch {lease_epoch}: {reason:?}"));
             tracing::warn!(topology = %self.name(), %shard, lease = %key, ?reason, "a keyed path dropped the shard; ending it like a lost lease");
-            if !sink_failed && reason != DropReason::Panicked {
+            if matches!(reason, DropReason::Fenced | DropReason::GuardExpired) {
                 self.metrics.lease_lost(self.name());
             }
             // The task then ends with `Release`: nothing more of the life is emitted.
             if let Some(guard) = self.leases.guard(&key).await {
                 guard.revoke();
             }
-            // After a sink failure the task's end backs off instead.
-            self.sync.owed |= !sink_failed;
+            // After a sink failure or a refused result the task's end decides instead.
+            self.sync.owed |= !decided_at_end;
         }
     }
 
@@ -806,6 +825,19 @@ impl ControlLoop {
             .shards_backing_off(self.name(), self.cooling.len());
     }
 
+    /// Stops a shard for this run (a bad record or a refused result, by policy): it is not
+    /// started again, and it is visible at once while the run goes on with the other shards.
+    /// Its lease stays held, so no other worker reads past the record either.
+    async fn stop_shard(&mut self, id: ShardId, stop: Option<ShardStopped>) {
+        self.forget(&id).await;
+        self.completed.insert(id);
+        if let Some(stop) = stop {
+            self.health.shard_stopped(&stop);
+            self.stopped.push(stop);
+            self.metrics.shards_stopped(self.name(), self.stopped.len());
+        }
+    }
+
     /// Ends the pauses that are over: their shards may be taken again, at a sync now.
     fn end_cool_downs(&mut self) {
         let now = Instant::now();
@@ -823,9 +855,8 @@ impl ControlLoop {
     /// it when it stops there too), and this run may take it again.
     fn let_go_of_stopped(&mut self, key: &str) {
         let before = self.stopped.len();
-        self.stopped.retain(
-            |s| !matches!(s, ShardStopped::BadRecord { shard, .. } if shard.as_str() == key),
-        );
+        self.stopped
+            .retain(|s| s.held_shard().is_none_or(|shard| shard.as_str() != key));
         if self.stopped.len() == before {
             return;
         }

@@ -123,6 +123,13 @@ impl Health {
                     ),
                 )
             }
+            ShardStopped::RefusedOutput { shard, .. } => (
+                shard.as_str().to_owned(),
+                format!(
+                    "shard {shard} stopped: a sink refused one of its keyed results (the reason \
+                     is in the worker's log)"
+                ),
+            ),
             other => (String::new(), format!("a shard stopped: {other}")),
         };
         self.inner

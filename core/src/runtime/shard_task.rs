@@ -691,7 +691,7 @@ impl ShardTask {
                 self.release(run).await?;
                 Ok(Some(ShardOutcome::Fenced))
             }
-            Err(Error::Sink(error)) => {
+            Err(Error::Sink(error)) if error.is_failed_store() => {
                 tracing::warn!(shard = %self.shard.id, %error, "a sink failed after its retries; dropping the shard's state to start again from its checkpoint after a pause");
                 // Dropping writes nothing, but a writer may still be asked to let the shard go.
                 if let Err(release) = self.release(run).await {

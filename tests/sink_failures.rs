@@ -329,9 +329,12 @@ async fn a_continuous_run_lets_a_hopeless_shard_go_and_stops_without_waiting_out
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // Let go: its lease is free for another worker.
-    let lease = leases.get("shard-0").await.unwrap().unwrap();
-    assert_eq!(lease.owner, None, "{lease:?}");
+    // Let go: the lease is no longer renewed, so another worker takes it once it expired.
+    let before = leases.get("shard-0").await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = leases.get("shard-0").await.unwrap().unwrap();
+    assert_eq!(after.counter, before.counter, "not renewed: {after:?}");
+    assert!(!run.is_finished());
     shutdown.cancel();
     let ended = tokio::time::timeout(Duration::from_secs(30), run)
         .await

@@ -95,7 +95,20 @@ impl DeadLetterRecord {
             }
         }
         let Some(len) = fits else {
+            // Refused even without its payload: a long reason (a user function's message) may
+            // be what is too large; keep its start.
             self.data.clear();
+            if self.error.len() > MAX_TRUNCATED_ERROR_BYTES {
+                let mut end = MAX_TRUNCATED_ERROR_BYTES;
+                while !self.error.is_char_boundary(end) {
+                    end -= 1;
+                }
+                self.error.truncate(end);
+                self.error.push_str(" …");
+                if check(&self).is_ok() {
+                    return Ok(self);
+                }
+            }
             return Err(check(&self).err().unwrap_or_default());
         };
         self.data.clear();
@@ -103,6 +116,9 @@ impl DeadLetterRecord {
         Ok(self)
     }
 }
+
+/// How much of a letter's reason is kept when even its empty payload is refused.
+const MAX_TRUNCATED_ERROR_BYTES: usize = 1024;
 
 /// The SHA-256 of `bytes` in lower-case hex.
 fn hex_sha256(bytes: &[u8]) -> String {
@@ -301,5 +317,23 @@ mod tests {
 
         let refused = letter(&payload).fit(|_| Err("no".into()));
         assert_eq!(refused, Err("no".into()));
+
+        // A reason too long for the sink is cut (after the payload).
+        let mut long = letter(&payload);
+        long.error = "é".repeat(10_000);
+        let roomier = |l: &DeadLetterRecord| {
+            let n = serde_json::to_vec(l).unwrap().len();
+            if n <= 1600 {
+                Ok(())
+            } else {
+                Err(format!("{n} bytes"))
+            }
+        };
+        let fitted = long.fit(roomier).unwrap();
+        assert!(
+            fitted.data.is_empty() && fitted.error.len() <= 1024 + 4,
+            "{}",
+            fitted.error.len()
+        );
     }
 }

@@ -206,8 +206,8 @@ impl Metrics {
             shards_let_go: counter(
                 registry,
                 "shardflow_shards_let_go_total",
-                "Shards whose sinks kept failing through every pause: their leases were \
-                 released for another worker",
+                "Shards whose sinks kept failing through every pause: their leases are no \
+                 longer renewed, so another worker takes them once expired",
                 &["topology"],
             ),
             lease_items_skipped: gauge(

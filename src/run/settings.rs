@@ -107,8 +107,8 @@ pub struct Flags {
     /// The longest such pause [default: 1m].
     #[arg(long, env = "SHARDFLOW_SINK_MAX_PAUSE", value_parser = parse_duration)]
     pub sink_max_pause: Option<Duration>,
-    /// Sink failures in a row (the checkpoint not moving) before the shard's lease is released
-    /// for another worker [default: 8].
+    /// Sink failures in a row (the checkpoint not moving) before the shard is left to another
+    /// worker (its lease is no longer renewed) [default: 8].
     #[arg(long, env = "SHARDFLOW_SINK_ATTEMPTS")]
     pub sink_attempts: Option<u32>,
     /// How long this worker then leaves the shard alone [default: 5m].

@@ -1,8 +1,8 @@
 //! What a worker does with a shard whose sink (or dead-letter sink) failed after the sink's
 //! own retries: the shard backs off and starts again from its checkpoint, with doubling
 //! pauses; a shard that fails `attempts` times in a row without its checkpoint moving is let
-//! go (its lease released for another worker) and this worker leaves it alone for a
-//! cool-down. Never the run: a long throttle on one table must not take a worker down, move
+//! go (its lease no longer renewed, so another worker takes it once it expired) and this
+//! worker leaves it alone for a cool-down. Never the run: a long throttle on one table must not take a worker down, move
 //! its shards, and take the next worker down with them.
 
 use std::time::Duration;
@@ -51,7 +51,8 @@ pub enum AfterSinkFailure {
         /// The pause.
         pause: Duration,
     },
-    /// Release the lease for another worker and leave the shard alone for this long.
+    /// Stop renewing the lease (another worker takes it once it expired) and leave the shard
+    /// alone for this long.
     LetGo {
         /// The cool-down.
         cool_down: Duration,

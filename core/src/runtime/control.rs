@@ -771,9 +771,9 @@ impl ControlLoop {
     /// A sink failed with outputs of this shard after the sink's retries: its life is over
     /// (the task ended, its state is dropped). Unless this is the streak's last failure, the
     /// lease stays held and the shard is taken again (a new life) from its checkpoint after a
-    /// doubling pause; at the last, the lease is released and this worker leaves the shard
-    /// alone for a cool-down. A bounded run has no other worker to leave it to: it fails (and
-    /// releases its leases as it ends).
+    /// doubling pause; at the last, the lease is no longer renewed (another worker takes it
+    /// once it expired) and this worker leaves the shard alone for a cool-down. A bounded run
+    /// has no other worker to leave it to: it fails (and releases its leases as it ends).
     async fn back_off(&mut self, id: ShardId, lease_key: String, error: Option<Error>) {
         self.forget(&id).await;
         let committed = self
@@ -813,9 +813,11 @@ impl ControlLoop {
                     self.failure.get_or_insert(error);
                     return;
                 }
-                self.leases.release(&lease_key).await;
+                // Not released: a keyed path may still have a commit of the life under way,
+                // which the lease's expiry (by the guard's margin) orders before any new
+                // owner's writes, as after a crash.
                 self.leases.forget(&lease_key).await;
-                tracing::error!(topology = %self.name(), shard = %id, ?cool_down, "a sink kept failing: the shard's lease is released for another worker, and this one leaves it alone for a cool-down");
+                tracing::error!(topology = %self.name(), shard = %id, ?cool_down, "a sink kept failing: the shard's lease is no longer renewed, so another worker takes it once it expires; this one leaves it alone for a cool-down");
                 self.metrics.shard_let_go(self.name());
                 Instant::now() + cool_down
             }

@@ -351,3 +351,35 @@ async fn a_panic_in_an_aggregator_dead_letters_its_record_and_leaves_the_key_as_
         letters[0].error
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_rule_of_the_runtime_still_fails_the_run_instead_of_dead_lettering() {
+    // A panic raised by the collector's own rule (a second output from an operator declared
+    // to make at most one) is a topology bug, not a bad record: caught as a user function's
+    // panic, every record would be dead-lettered.
+    let stream = MemoryStream::new("rule", 1);
+    push(&stream, 0, "a", 1);
+    let dead = MemorySink::new("dead");
+    let out = MemorySink::new("out");
+    let topology = Topology::builder("rule")
+        .dead_letter(DeadLetter::to(dead.clone()))
+        .source(stream.clone().json::<Click>())
+        .stateless("twice", || {
+            |cx: &shardflow::core::topology::RecordCx,
+             c: Click,
+             out: &mut shardflow::core::topology::Collector<'_, Click>| {
+                out.emit(cx, c.clone());
+                out.emit(cx, c);
+            }
+        })
+        .sink(out.clone())
+        .build()
+        .unwrap();
+    let error = Runtime::new(topology, Arc::new(MemoryLeaseStore::new()))
+        .with_config(bounded())
+        .run()
+        .await
+        .expect_err("a broken rule fails the run");
+    assert!(error.to_string().contains("panicked"), "{error}");
+    assert!(dead.contents().is_empty(), "nothing dead-lettered");
+}

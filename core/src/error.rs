@@ -106,8 +106,9 @@ impl SinkError {
 /// source of a [`SinkError`]; test with [`SinkError::is_fenced`].
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "a write of output {output} of shard {shard} under lease epoch {epoch} was refused: \
-     another owner of the shard wrote it"
+    "a write of output {} of shard {shard} under lease epoch {epoch} was refused: another \
+     owner of the shard wrote it",
+    crate::redact::output_path(output)
 )]
 pub struct Fenced {
     /// The source shard.

@@ -61,6 +61,30 @@ fn is_field_name(rest: &str) -> bool {
     })
 }
 
+/// An output identity path (`OutputId::to_path`) as errors and logs show it: a record output's
+/// path (its position) whole, a keyed result's with its key replaced by the key's length, so
+/// that no key (a user id, an address) is quoted: `w/<start>-<end>/<key: 12 bytes>/1`.
+pub fn output_path(path: &str) -> String {
+    let mut parts = path.split('/');
+    let kind = parts.next().unwrap_or_default();
+    let keyed_at = match kind {
+        "w" => 2,
+        "k" => 1,
+        _ => return path.to_owned(),
+    };
+    path.split('/')
+        .enumerate()
+        .map(|(i, part)| {
+            if i == keyed_at {
+                format!("<key: {} bytes>", part.len())
+            } else {
+                part.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 /// `endpoint` (a URL) without any `user:password@` before its host: endpoints are logged and
 /// shown in `Debug` output.
 pub fn without_user_info(endpoint: &str) -> String {
@@ -145,6 +169,16 @@ mod tests {
         );
         assert_eq!(without_values("value \"open"), "value …");
         assert_eq!(without_values("no quotes at line 1"), "no quotes at line 1");
+    }
+
+    #[test]
+    fn output_paths_show_positions_and_windows_but_not_keys() {
+        assert_eq!(output_path("r/42-3-1"), "r/42-3-1");
+        assert_eq!(
+            output_path("w/00000000000000000000-00000000000000060000/alice%40x/1"),
+            "w/00000000000000000000-00000000000000060000/<key: 9 bytes>/1"
+        );
+        assert_eq!(output_path("k/alice"), "k/<key: 5 bytes>");
     }
 
     #[test]

@@ -28,6 +28,7 @@ use serde::Serialize;
 use shardflow_core::error::{BoxError, Fenced, SinkError};
 use shardflow_core::lease::LeaseEpoch;
 use shardflow_core::position::ShardId;
+use shardflow_core::redact::without_values;
 use shardflow_core::sink::{
     InspectSink, Output, OutputBatch, OutputId, Sink, SinkContext, SinkWriter,
 };
@@ -86,12 +87,29 @@ impl Default for DynamoWriteMode {
     }
 }
 
+/// An item id (`<topology>/<shard>/<identity path>`) as errors show it: without its key.
+fn shown_id(id: &str) -> String {
+    let mut parts = id.splitn(3, '/');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(topology), Some(shard), Some(path)) => {
+            format!(
+                "{topology}/{shard}/{}",
+                shardflow_core::redact::output_path(path)
+            )
+        }
+        _ => shardflow_core::redact::output_path(id),
+    }
+}
+
 /// What went wrong in the DynamoDB sink, as the source of a [`SinkError`].
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DynamoSinkError {
     /// The item would exceed DynamoDB's 400 KB limit.
-    #[error("item {id} is {size} bytes, over DynamoDB's {MAX_ITEM_BYTES}-byte item limit")]
+    #[error(
+        "item {} is {size} bytes, over DynamoDB's {MAX_ITEM_BYTES}-byte item limit",
+        shown_id(id)
+    )]
     ItemTooLarge {
         /// The item's id.
         id: String,
@@ -99,7 +117,7 @@ pub enum DynamoSinkError {
         size: usize,
     },
     /// The output does not serialize to JSON (a map with non-string keys, say).
-    #[error("output {id} cannot be encoded: {source}")]
+    #[error("output {} cannot be encoded: {}", shown_id(id), without_values(&source.to_string()))]
     Encode {
         /// The item's id.
         id: String,
@@ -107,7 +125,7 @@ pub enum DynamoSinkError {
         source: serde_json::Error,
     },
     /// A stored item does not hold what this sink writes.
-    #[error("item {id} is malformed: {reason}")]
+    #[error("item {} is malformed: {reason}", shown_id(id))]
     Malformed {
         /// The item's id.
         id: String,

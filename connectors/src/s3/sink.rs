@@ -58,7 +58,11 @@ enum Format {
 #[non_exhaustive]
 pub enum S3SinkError {
     /// An output could not be encoded.
-    #[error("output {id} cannot be encoded: {source}")]
+    #[error(
+        "output {} cannot be encoded: {}",
+        shardflow_core::redact::output_path(id),
+        shardflow_core::redact::without_values(&source.to_string())
+    )]
     Encode {
         /// The output's identity.
         id: String,

@@ -280,10 +280,40 @@ where
     }
 }
 
-/// Human-readable or JSON logs to stderr; `RUST_LOG` filters (default `info`).
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+/// Where the AWS SDK logs whole HTTP bodies and decoded outputs at TRACE (records' payloads
+/// and partition keys, items' values): capped at DEBUG whatever `RUST_LOG` says, unless
+/// `SHARDFLOW_LOG_WIRE_BODIES=1` asks for them (payloads then reach the logs).
+pub const WIRE_BODY_TARGETS: [&str; 1] = ["aws_smithy_runtime::client::orchestrator"];
+
+/// The worker's log filter: `directives` (`RUST_LOG`'s syntax; `info` when empty), with the
+/// SDK's body dumps capped (`WIRE_BODY_TARGETS`) unless `wire_bodies`.
+pub fn log_filter(directives: &str, wire_bodies: bool) -> tracing_subscriber::EnvFilter {
+    let directives = if directives.trim().is_empty() {
+        "info"
+    } else {
+        directives
+    };
+    let mut filter = tracing_subscriber::EnvFilter::try_new(directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if !wire_bodies {
+        for target in WIRE_BODY_TARGETS {
+            filter = filter.add_directive(
+                format!("{target}=debug")
+                    .parse()
+                    .expect("a valid directive"),
+            );
+        }
+    }
+    filter
+}
+
+/// Human-readable or JSON logs to stderr; `RUST_LOG` filters (default `info`), without the
+/// SDK's body dumps (`log_filter`).
+fn init_logs(format: LogFormat) {
+    let filter = log_filter(
+        &std::env::var("RUST_LOG").unwrap_or_default(),
+        std::env::var("SHARDFLOW_LOG_WIRE_BODIES").is_ok_and(|v| v == "1"),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

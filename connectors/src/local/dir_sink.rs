@@ -622,8 +622,7 @@ mod tests {
             .await
             .expect("a 300-byte key fits once shortened");
         writer.commit().await.unwrap();
-        let stored: BTreeMap<(ShardId, String), u64> =
-            InspectSink::committed(&sink).await.unwrap();
+        let stored: BTreeMap<(ShardId, String), u64> = InspectSink::committed(&sink).await.unwrap();
         assert_eq!(stored.get(&(ShardId::new("s"), id.to_path())), Some(&1));
         assert!(id.to_path().len() < 120, "{}", id.to_path());
     }

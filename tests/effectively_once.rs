@@ -961,10 +961,17 @@ mod scenario {
             .unwrap_or_default()
             .contains(conflict)
         {
-            assert!(
-                waited.elapsed() < Duration::from_secs(60),
-                "the worker started with an id in use never reported it"
-            );
+            if waited.elapsed() > Duration::from_secs(60) {
+                for name in ["a", "d", "b2"] {
+                    let text = std::fs::read_to_string(log(name)).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(60).collect();
+                    eprintln!(
+                        "==== {name}\n{}",
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
+                }
+                panic!("the worker started with an id in use never reported it");
+            }
             pause(Duration::from_millis(200)).await;
         }
         alive(&mut a, "a", &log("a"));

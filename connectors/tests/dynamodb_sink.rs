@@ -168,7 +168,10 @@ async fn an_item_over_400_kb_is_refused_at_write_with_a_clear_error() {
         ),
         "{err}"
     );
-    assert!(err.to_string().contains("t/s/k/k"), "names the item: {err}");
+    assert!(
+        err.to_string().contains("t/s/k/<key: 1 bytes>"),
+        "names the item, not its key: {err}"
+    );
     writer.commit().await.expect("nothing was buffered");
     use shardflow_core::sink::InspectSink;
     assert!(sink.committed().await.unwrap().is_empty());

@@ -354,17 +354,21 @@ where
         pending
             .dropped
             .retain(|(s, e)| s != &epoch.shard || *e == epoch.lease_epoch);
-        if pending.life_of.get(&epoch.shard) != Some(&epoch.lease_epoch) {
-            if cfg!(shardflow_mutation = "keep_old_life_state") {
+        match pending.life_of.get(&epoch.shard).copied() {
+            Some(current) if current == epoch.lease_epoch => {}
+            Some(_) if cfg!(shardflow_mutation = "keep_old_life_state") => {
                 // A mutation check: the new life builds on what an older one left.
-            } else {
-                pending.states.remove(&epoch.shard);
-                pending.uncommitted.retain(|e| e.shard != epoch.shard);
             }
-            pending
-                .life_of
-                .insert(epoch.shard.clone(), epoch.lease_epoch);
+            // An older life whose `Release` never came (it ended while finishing, or its
+            // release failed): released now, before anything of the new life, so that neither
+            // its state nor what the writers hold of it (nor a later drop of it, which
+            // releases by shard) can touch the new life.
+            Some(older) => self.release(pending, &(epoch.shard.clone(), older)).await?,
+            None => {}
         }
+        pending
+            .life_of
+            .insert(epoch.shard.clone(), epoch.lease_epoch);
         if !self.may_write(&epoch.shard, epoch.lease_epoch) {
             // Queued while the lease moved (or while this worker was paused past it).
             self.pool.give(records);

@@ -383,3 +383,53 @@ async fn a_broken_rule_of_the_runtime_still_fails_the_run_instead_of_dead_letter
     assert!(error.to_string().contains("panicked"), "{error}");
     assert!(dead.contents().is_empty(), "nothing dead-lettered");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_panics_only_when_replayed_stops_its_shard_instead_of_vanishing() {
+    // The first run counted the record; a later run's aggregator panics on it while rebuilding
+    // (a new deploy, or a panic that depends on more than the record). Without a dead-letter
+    // sink nothing stands for the record: skipping it as "replayed" would shrink the total the
+    // second run emits, unseen. The shard stops instead, and the total stays as committed.
+    static PANICS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let stream = MemoryStream::new("replay-panics", 1);
+    for i in 0..10 {
+        push(&stream, 0, "a", i * 10);
+    }
+    let totals = MemorySink::new("totals");
+    let leases = Arc::new(MemoryLeaseStore::new());
+    let topology = || {
+        Topology::builder("replay-panics")
+            .source(stream.clone().json::<Click>())
+            .key_by(|c: &Click| c.user.clone())
+            .aggregate(Sum::of(|c: &Click| {
+                let panics = PANICS.load(std::sync::atomic::Ordering::SeqCst);
+                assert!(!(panics && c.ts == 30), "cannot add {}", c.user);
+                1u64
+            }))
+            .sink(totals.clone())
+            .build()
+            .unwrap()
+    };
+    Runtime::new(topology(), leases.clone())
+        .with_config(bounded())
+        .run()
+        .await
+        .expect("the first run counts every record");
+    let total = |sink: &MemorySink<shardflow::operators::KeyedValue<String, u64>>| {
+        sink.contents().into_values().map(|v| v.value).sum::<u64>()
+    };
+    assert_eq!(total(&totals), 10);
+    PANICS.store(true, std::sync::atomic::Ordering::SeqCst);
+    push(&stream, 0, "a", 200);
+    let error = Runtime::new(topology(), leases.clone())
+        .with_config(bounded())
+        .run()
+        .await
+        .expect_err("the shard stops at the record it can no longer rebuild");
+    assert!(error.to_string().contains("panicked"), "{error}");
+    assert_eq!(
+        total(&totals),
+        10,
+        "the committed total is not overwritten by a smaller one"
+    );
+}

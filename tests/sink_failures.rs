@@ -334,6 +334,13 @@ async fn a_continuous_run_lets_a_hopeless_shard_go_and_stops_without_waiting_out
     tokio::time::sleep(Duration::from_millis(300)).await;
     let after = leases.get("shard-0").await.unwrap().unwrap();
     assert_eq!(after.counter, before.counter, "not renewed: {after:?}");
+    assert!(
+        after
+            .owner
+            .as_deref()
+            .is_some_and(|o| o.starts_with("test-worker")),
+        "not released either (a keyed commit of the life may be under way): {after:?}"
+    );
     assert!(!run.is_finished());
     shutdown.cancel();
     let ended = tokio::time::timeout(Duration::from_secs(30), run)

@@ -61,24 +61,39 @@ fn is_field_name(rest: &str) -> bool {
     })
 }
 
-/// An output identity path (`OutputId::to_path`) as errors and logs show it: a record output's
-/// path (its position) whole, a keyed result's with its key replaced by the key's length, so
-/// that no key (a user id, an address) is quoted: `w/<start>-<end>/<key: 12 bytes>/1`.
+/// An output identity path (`OutputId::to_path`), or an object key or file path that ends in
+/// one, as errors and logs show it: a record output's path (its position) whole, a keyed
+/// result's with its key replaced by the key's length, so that no key (a user id, an address)
+/// is quoted: `w/<start>-<end>/<key: 12 bytes>/1`. The key is the component after the first
+/// `w/<start>-<end>`, or else after the first `k`.
 pub fn output_path(path: &str) -> String {
-    let mut parts = path.split('/');
-    let kind = parts.next().unwrap_or_default();
-    let keyed_at = match kind {
-        "w" => 2,
-        "k" => 1,
-        _ => return path.to_owned(),
+    let parts: Vec<&str> = path.split('/').collect();
+    let is_window = |p: &str| {
+        p.split_once('-').is_some_and(|(a, b)| {
+            !a.is_empty()
+                && !b.is_empty()
+                && (a.bytes().chain(b.bytes())).all(|c| c.is_ascii_digit())
+        })
     };
-    path.split('/')
+    let window_key = (0..parts.len())
+        .find(|&i| parts[i] == "w" && i + 2 < parts.len() && is_window(parts[i + 1]))
+        .map(|i| i + 2);
+    let key_at = window_key.or_else(|| {
+        (0..parts.len())
+            .find(|&i| parts[i] == "k" && i + 1 < parts.len())
+            .map(|i| i + 1)
+    });
+    let Some(key_at) = key_at else {
+        return path.to_owned();
+    };
+    parts
+        .iter()
         .enumerate()
         .map(|(i, part)| {
-            if i == keyed_at {
+            if i == key_at {
                 format!("<key: {} bytes>", part.len())
             } else {
-                part.to_owned()
+                (*part).to_owned()
             }
         })
         .collect::<Vec<_>>()
@@ -179,6 +194,15 @@ mod tests {
             "w/00000000000000000000-00000000000000060000/<key: 9 bytes>/1"
         );
         assert_eq!(output_path("k/alice"), "k/<key: 5 bytes>");
+        // Object keys and file paths that end in an identity.
+        assert_eq!(
+            output_path(
+                "out/clicks/shardId-1/w/00000000000000000000-00000000000000060000/bob.json"
+            ),
+            "out/clicks/shardId-1/w/00000000000000000000-00000000000000060000/<key: 8 bytes>"
+        );
+        assert_eq!(output_path("t/s/k/k"), "t/s/k/<key: 1 bytes>");
+        assert_eq!(output_path("s/k/alice/2"), "s/k/<key: 5 bytes>/2");
     }
 
     #[test]

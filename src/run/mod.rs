@@ -280,49 +280,75 @@ where
     }
 }
 
-/// Where the AWS SDK logs whole HTTP bodies and decoded outputs at TRACE (records' payloads
-/// and partition keys, items' values): capped at DEBUG whatever `RUST_LOG` says, unless
-/// `SHARDFLOW_LOG_WIRE_BODIES=1` asks for them (payloads then reach the logs).
-pub const WIRE_BODY_TARGETS: [&str; 1] = ["aws_smithy_runtime::client::orchestrator"];
+/// The AWS SDK's and its HTTP stack's log targets. Their DEBUG and TRACE events carry request
+/// and response contents: bodies and decoded outputs (records' payloads and partition keys,
+/// items' values), endpoint parameters and canonical requests (S3 object keys, which hold
+/// output keys). They are capped at INFO whatever `RUST_LOG` says, unless
+/// `SHARDFLOW_LOG_WIRE_BODIES=1` asks for them (payloads and keys then reach the logs).
+pub const WIRE_TARGETS: [&str; 13] = [
+    "aws_smithy_runtime",
+    "aws_smithy_runtime_api",
+    "aws_smithy_http_client",
+    "aws_smithy_types",
+    "aws_sigv4",
+    "aws_runtime",
+    "aws_config",
+    "aws_sdk_kinesis",
+    "aws_sdk_dynamodb",
+    "aws_sdk_s3",
+    "hyper",
+    "hyper_util",
+    "h2",
+];
 
-/// The worker's log filter: `directives` (`RUST_LOG`'s syntax; `info` when empty), with the
-/// SDK's body dumps capped (`WIRE_BODY_TARGETS`) unless `wire_bodies`.
-pub fn log_filter(directives: &str, wire_bodies: bool) -> tracing_subscriber::EnvFilter {
+/// The worker's log filter: `directives` (`RUST_LOG`'s syntax; `info` when empty), and, unless
+/// `wire_bodies`, a second filter no directive can override that keeps `WIRE_TARGETS` at INFO.
+pub fn log_filter<S>(
+    directives: &str,
+    wire_bodies: bool,
+) -> impl tracing_subscriber::layer::Filter<S> + Send + Sync + 'static
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::filter::{FilterExt as _, LevelFilter, Targets};
     let directives = if directives.trim().is_empty() {
         "info"
     } else {
         directives
     };
-    let mut filter = tracing_subscriber::EnvFilter::try_new(directives)
+    let env = tracing_subscriber::EnvFilter::try_new(directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    if !wire_bodies {
-        for target in WIRE_BODY_TARGETS {
-            filter = filter.add_directive(
-                format!("{target}=debug")
-                    .parse()
-                    .expect("a valid directive"),
-            );
-        }
-    }
-    filter
+    let cap = if wire_bodies {
+        LevelFilter::TRACE
+    } else {
+        LevelFilter::INFO
+    };
+    let caps = Targets::new()
+        .with_default(LevelFilter::TRACE)
+        .with_targets(WIRE_TARGETS.map(|t| (t, cap)));
+    env.and(caps)
 }
 
 /// Human-readable or JSON logs to stderr; `RUST_LOG` filters (default `info`), without the
-/// SDK's body dumps (`log_filter`).
+/// SDK's wire-level events (`log_filter`).
 fn init_logs(format: LogFormat) {
+    use tracing_subscriber::prelude::*;
     let filter = log_filter(
         &std::env::var("RUST_LOG").unwrap_or_default(),
         std::env::var("SHARDFLOW_LOG_WIRE_BODIES").is_ok_and(|v| v == "1"),
     );
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         // Colours only on a terminal: journald and log files get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     // A second initialisation (tests) keeps the first subscriber.
     let _ = match format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Human => tracing_subscriber::registry()
+            .with(layer.with_filter(filter))
+            .try_init(),
+        LogFormat::Json => tracing_subscriber::registry()
+            .with(layer.json().with_filter(filter))
+            .try_init(),
     };
 }
 

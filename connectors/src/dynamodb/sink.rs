@@ -89,16 +89,7 @@ impl Default for DynamoWriteMode {
 
 /// An item id (`<topology>/<shard>/<identity path>`) as errors show it: without its key.
 fn shown_id(id: &str) -> String {
-    let mut parts = id.splitn(3, '/');
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some(topology), Some(shard), Some(path)) => {
-            format!(
-                "{topology}/{shard}/{}",
-                shardflow_core::redact::output_path(path)
-            )
-        }
-        _ => shardflow_core::redact::output_path(id),
-    }
+    shardflow_core::redact::output_path(id)
 }
 
 /// What went wrong in the DynamoDB sink, as the source of a [`SinkError`].

@@ -54,7 +54,11 @@ pub enum LocalDirSinkError {
         source: serde_json::Error,
     },
     /// A stored output does not parse as the sink's type.
-    #[error("output file {path} does not hold the expected type: {source}")]
+    #[error(
+        "output file {} does not hold the expected type: {}",
+        shardflow_core::redact::output_path(&path.to_string_lossy()),
+        shardflow_core::redact::without_values(&source.to_string())
+    )]
     Decode {
         /// The file.
         path: PathBuf,
@@ -352,7 +356,10 @@ impl<T: Serialize + Send + Sync + 'static> SinkWriter<T> for DirSinkWriter<T> {
         self.sink
             .blocking("commit", move || {
                 for dir in &dirs {
-                    sync_dir(dir).map_err(|e| LocalDirSinkError::io("syncing", dir, e))?;
+                    sync_dir(dir).map_err(|e| {
+                        let shown = shardflow_core::redact::output_path(&dir.to_string_lossy());
+                        LocalDirSinkError::io("syncing", Path::new(&shown), e)
+                    })?;
                 }
                 Ok(())
             })
@@ -497,7 +504,10 @@ fn read_outputs<T: DeserializeOwned>(
         if path.is_dir() {
             read_outputs(&path, &format!("{prefix}{name}/"), shard, out)?;
         } else if let Some(stem) = name.strip_suffix(OUTPUT_SUFFIX) {
-            let bytes = fs::read(&path).map_err(|e| LocalDirSinkError::io("reading", &path, e))?;
+            let bytes = fs::read(&path).map_err(|e| {
+                let shown = shardflow_core::redact::output_path(&path.to_string_lossy());
+                LocalDirSinkError::io("reading", Path::new(&shown), e)
+            })?;
             let value =
                 serde_json::from_slice(&bytes).map_err(|source| LocalDirSinkError::Decode {
                     path: path.clone(),

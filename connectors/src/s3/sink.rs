@@ -70,7 +70,10 @@ pub enum S3SinkError {
         source: BoxError,
     },
     /// A stored object does not hold what this sink writes.
-    #[error("object {key} is malformed: {reason}")]
+    #[error(
+        "object {} is malformed: {reason}",
+        shardflow_core::redact::output_path(key)
+    )]
     Malformed {
         /// The object key.
         key: String,
@@ -386,7 +389,7 @@ impl<T> Inner<T> {
                     Refusal::OwnEarlierTry => {}
                     Refusal::Overtaken => {
                         tracing::warn!(
-                            key = %key, %shard, %epoch,
+                            key = %shardflow_core::redact::output_path(key), %shard, %epoch,
                             "another writer stored this object since this one read it; fenced"
                         );
                         return Err(self.fenced(shard, key.to_owned(), epoch));
@@ -555,7 +558,7 @@ impl<T: Send + Sync + 'static> S3Writer<T> {
                 // s3rver was seen to keep an object without its metadata after a worker was
                 // killed mid-PUT. It can only be a crashed run's last object: replace it.
                 None => {
-                    tracing::warn!(key = %key, "object without shardflow metadata; replacing it");
+                    tracing::warn!(key = %shardflow_core::redact::output_path(&key), "object without shardflow metadata; replacing it");
                     None
                 }
             },

@@ -7,7 +7,7 @@ use crate::dead_letter::{DeadLetter, DeadLetterRecord};
 use crate::error::ShardStopped;
 use crate::operator::{FailureAction, Ident, RecordCx, ReportFailure};
 use crate::position::ShardId;
-use crate::protocol::failure::{on_failure, OnFailure};
+use crate::protocol::failure::{on_failure, on_quarantined, OnFailure};
 use crate::record::RawBatch;
 
 /// Applies a shard's dead-letter policy to failed records of the current epoch.
@@ -99,6 +99,28 @@ impl ReportFailure for Failures {
             unreachable!("a fallible operator ran on a keyed result");
         };
         let decision = on_failure(&state.policy, attempt, retryable, state.replay);
+        Self::apply(&mut state, decision, index, stage, error)
+    }
+
+    fn quarantined(&self, cx: &RecordCx, stage: &str, error: &str) {
+        let mut state = self.lock();
+        let Ident::Record { index, .. } = cx.ident else {
+            unreachable!("quarantined records are met before key_by");
+        };
+        let decision = on_quarantined(&state.policy);
+        Self::apply(&mut state, decision, index, stage, error);
+    }
+}
+
+impl Failures {
+    /// Executes the policy's decision for the record at `index` of the epoch.
+    fn apply(
+        state: &mut FailureState,
+        decision: OnFailure,
+        index: u32,
+        stage: &str,
+        error: &str,
+    ) -> FailureAction {
         let record = state.raw.get(index as usize);
         match decision {
             OnFailure::Retry(wait) => return FailureAction::RetryAfter(wait),

@@ -173,6 +173,9 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
                         failures.fail(cx, &stage, &reason, 0, false);
                         return;
                     }
+                } else if self.refuses(&value) {
+                    // A late record on a keyed path's side output: refused like a keyed result.
+                    return;
                 }
                 self.of_records.push((*index, *fanout, value));
             }
@@ -193,7 +196,9 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
     }
 
     async fn flush(&mut self, epoch: &EpochCx) -> Result<(), Error> {
-        if let Some(reason) = self.refused_now.take() {
+        // A replayed epoch's results were committed (or refused) by the run that first made
+        // them, and are dropped below: a refusal of one stops nothing.
+        if let Some(reason) = self.refused_now.take().filter(|_| !epoch.replay()) {
             self.refused
                 .push((epoch.shard.clone(), epoch.lease_epoch, reason));
         }

@@ -47,7 +47,7 @@ impl<D: Decoder> ShardPipeline for SourcePipeline<D> {
             }
             if let Some(stage) = self.quarantined.get(record.position) {
                 let reason = super::user_code::Panic::REASON;
-                self.failures.fail(&failed(), stage, reason, 0, false);
+                self.failures.quarantined(&failed(), stage, reason);
                 continue;
             }
             let Ok(decoded) = super::user_code::call(|| self.decoder.decode(record)) else {

@@ -29,6 +29,11 @@ pub(crate) trait ReportFailure: Send + Sync {
         retryable: bool,
     ) -> FailureAction;
 
+    /// The record behind `cx` is one a keyed operator (`stage`) panicked on in this run
+    /// (`protocol::failure::on_quarantined`): it goes to the dead-letter sink, or stops the
+    /// shard, in a replay too.
+    fn quarantined(&self, cx: &RecordCx, stage: &str, error: &str);
+
     /// An operator parked a value to call its function again at `until`: the shard task
     /// stops pushing records, waits on the runtime's clock (never blocking a thread) and then
     /// resumes the chain (`Emit::resume`).

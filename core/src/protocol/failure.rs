@@ -41,9 +41,37 @@ pub fn on_failure(policy: &DeadLetter, attempt: u32, retryable: bool, replay: bo
     }
 }
 
+/// The decision for a record a keyed operator panicked on in this run (quarantined), met again
+/// before `key_by`: dead-lettered if the policy ends in a sink (in a replay too: the emitter
+/// drops what an earlier life committed), and otherwise the shard stops, in a replay too.
+/// Under a stopping policy no earlier life dead-lettered the record, so one that committed past
+/// it processed it without the panic: the state cannot be rebuilt as it was, and skipping the
+/// record silently (`Replayed`) would change later results unseen.
+pub fn on_quarantined(policy: &DeadLetter) -> OnFailure {
+    match policy.sink() {
+        Some(_) => OnFailure::DeadLetter,
+        None => OnFailure::StopShard,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_quarantined_record_is_never_skipped_as_replayed() {
+        let to = DeadLetter::to(crate::sink::MemorySink::<
+            crate::dead_letter::DeadLetterRecord,
+        >::new("d"));
+        assert_eq!(on_quarantined(&to), OnFailure::DeadLetter);
+        let retry = DeadLetter::retry(3, Duration::from_millis(1), to);
+        assert_eq!(
+            on_quarantined(&retry),
+            OnFailure::DeadLetter,
+            "a panic is not retried"
+        );
+        assert_eq!(on_quarantined(&DeadLetter::StopShard), OnFailure::StopShard);
+    }
 
     #[test]
     fn retries_double_then_the_fallback_applies() {

@@ -154,11 +154,6 @@ mod tests {
             shown.contains("http://<redacted>@10.0.0.1:4566/path?x=1"),
             "{shown}"
         );
-        assert_eq!(
-            without_user_info("http://127.0.0.1:1"),
-            "http://127.0.0.1:1"
-        );
-        assert_eq!(without_user_info("u@host"), "<redacted>@host");
-        assert_eq!(without_user_info("http://h/a@b"), "http://h/a@b");
+        // The rule itself is tested where it lives (`core::redact`).
     }
 }

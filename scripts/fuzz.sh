@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Fuzzes the KPL de-aggregator for a bounded time (default 30 s) with cargo-fuzz. cargo-fuzz
 # needs a nightly toolchain, which cannot be installed here: without one this says so and
-# skips. A crash fails the script and leaves its input under fuzz/artifacts/.
+# skips. A crash fails the script and leaves its input under fuzz/artifacts/, and so does an
+# input that makes the process grow past 256 MiB or ask for more than 64 MiB at once (a hostile
+# aggregate must be refused, not decoded into gigabytes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${1:-30}"
@@ -16,5 +18,6 @@ if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
   fi
 fi
 cd fuzz
-cargo +nightly fuzz run deaggregate -- -max_total_time="$seconds" -max_len=4096
+cargo +nightly fuzz run deaggregate -- -max_total_time="$seconds" -max_len=65536 \
+  -rss_limit_mb=256 -malloc_limit_mb=64
 echo "fuzz: deaggregate ran ${seconds}s without a crash"

@@ -217,7 +217,7 @@ async fn a_dead_letter_its_sink_refuses_whole_stops_only_its_shard() {
             .count(),
         2
     );
-    let lease = shardflow::LeaseStore::get(&*leases, "shard-0")
+    let lease = shardflow::LeaseStore::get(&*leases, &lease_key("bad", "shard-0"))
         .await
         .unwrap()
         .unwrap();
@@ -432,4 +432,9 @@ async fn a_record_that_panics_only_when_replayed_stops_its_shard_instead_of_vani
         10,
         "the committed total is not overwritten by a smaller one"
     );
+}
+
+/// The lease key of `shard` of the memory stream `stream` (created at time 0).
+fn lease_key(stream: &str, shard: &str) -> String {
+    shardflow::core::protocol::lease_keys::StreamScope::new(stream, 0).key(shard)
 }

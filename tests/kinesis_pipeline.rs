@@ -186,7 +186,7 @@ async fn every_record_is_processed_once_across_a_split_and_a_merge_parents_first
             .await
             .unwrap()
             .into_iter()
-            .map(|l| l.key)
+            .map(|l| shardflow::core::protocol::lease_keys::shard_id(&l.key).to_owned())
             .collect();
         left.sort();
         let mut open: Vec<String> = admin

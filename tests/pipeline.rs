@@ -97,7 +97,7 @@ async fn undecodable_records_land_in_the_dead_letter_sink_with_their_position() 
     assert_eq!(letters[0].shard.as_str(), "shard-0");
     assert_eq!(letters[0].data, b"{not json");
     assert_eq!(letters[0].stage, "decode");
-    let lease = shardflow::LeaseStore::get(&*leases, "shard-0")
+    let lease = shardflow::LeaseStore::get(&*leases, &lease_key("mixed", "shard-0"))
         .await
         .unwrap()
         .unwrap();
@@ -129,7 +129,7 @@ async fn stop_shard_keeps_the_checkpoint_before_the_bad_record() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("shard-0"), "{err}");
-    let lease = shardflow::LeaseStore::get(&*leases, "shard-0")
+    let lease = shardflow::LeaseStore::get(&*leases, &lease_key("bad", "shard-0"))
         .await
         .unwrap()
         .unwrap();
@@ -491,7 +491,7 @@ async fn the_checkpoint_never_passes_a_record_whose_dead_letter_was_not_committe
         .await
         .unwrap_err();
     assert!(err.to_string().contains("disk full"), "{err}");
-    let lease = shardflow::LeaseStore::get(&*leases, "shard-0")
+    let lease = shardflow::LeaseStore::get(&*leases, &lease_key("dlq-fails", "shard-0"))
         .await
         .unwrap()
         .unwrap();
@@ -629,7 +629,11 @@ async fn sinks_receive_the_lease_epoch_and_a_later_owner_has_a_larger_one() {
         // The epoch is the counter the worker's take left on the lease: the one the next
         // owner's take starts from.
         for (shard, epoch) in &seen {
-            let lease = store.get(shard).await.unwrap().unwrap();
+            let lease = store
+                .get(&lease_key("epochs", shard.as_str()))
+                .await
+                .unwrap()
+                .unwrap();
             assert!(
                 *epoch > 0 && *epoch < lease.counter,
                 "run {run}: epoch {epoch} of {shard} is the take's counter, below the final {}",
@@ -769,11 +773,16 @@ async fn a_worker_that_cannot_renew_sends_nothing_more_to_its_sinks_once_its_lea
 
     // It did move: worker b stole it. When the store answers again, a's renewal fails and
     // the shard stops there, before records 10..20 reach the sink.
-    let lease = store.inner.get("shard-0").await.unwrap().unwrap();
+    let lease = store
+        .inner
+        .get(&lease_key("stalled", "shard-0"))
+        .await
+        .unwrap()
+        .unwrap();
     let steal = shardflow::core::lease::LeaseUpdate::Take { owner: "b".into() };
     store
         .inner
-        .update("shard-0", lease.counter, &steal)
+        .update(&lease_key("stalled", "shard-0"), lease.counter, &steal)
         .await
         .unwrap();
     store
@@ -785,7 +794,12 @@ async fn a_worker_that_cannot_renew_sends_nothing_more_to_its_sinks_once_its_lea
     // with a new epoch and processes the rest from the checkpoint.
     wait_for(20).await;
     assert_eq!(out.contents().len(), 20);
-    let lease = store.inner.get("shard-0").await.unwrap().unwrap();
+    let lease = store
+        .inner
+        .get(&lease_key("stalled", "shard-0"))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         lease
             .owner
@@ -919,10 +933,18 @@ async fn an_operators_reset_replays_from_a_time_or_the_trim_horizon() {
     let reset = |checkpoint: ShardCheckpoint| {
         let leases = Arc::clone(&leases);
         async move {
-            let lease = leases.get("shard-0").await.unwrap().unwrap();
+            let lease = leases
+                .get(&lease_key("resettable", "shard-0"))
+                .await
+                .unwrap()
+                .unwrap();
             assert_eq!(lease.owner, None, "the run released its lease");
             leases
-                .update("shard-0", lease.counter, &LeaseUpdate::Reset { checkpoint })
+                .update(
+                    &lease_key("resettable", "shard-0"),
+                    lease.counter,
+                    &LeaseUpdate::Reset { checkpoint },
+                )
                 .await
                 .unwrap();
         }
@@ -941,7 +963,11 @@ async fn an_operators_reset_replays_from_a_time_or_the_trim_horizon() {
         vec![500, 600, 700, 800, 900],
         "what arrived from 500 ms on"
     );
-    let lease = leases.get("shard-0").await.unwrap().unwrap();
+    let lease = leases
+        .get(&lease_key("resettable", "shard-0"))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(
         matches!(lease.checkpoint.committed, CheckpointPosition::At(_)),
         "the replay checkpoints as it goes: {:?}",
@@ -1407,4 +1433,9 @@ fn two_operators_of_one_name_and_a_name_after_the_source_are_refused() {
         "{:?}",
         first.err()
     );
+}
+
+/// The lease key of `shard` of the memory stream `stream` (created at time 0).
+fn lease_key(stream: &str, shard: &str) -> String {
+    shardflow::core::protocol::lease_keys::StreamScope::new(stream, 0).key(shard)
 }

@@ -330,9 +330,17 @@ async fn a_continuous_run_lets_a_hopeless_shard_go_and_stops_without_waiting_out
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // Let go: the lease is no longer renewed, so another worker takes it once it expired.
-    let before = leases.get("shard-0").await.unwrap().unwrap();
+    let before = leases
+        .get(&lease_key("clicks", "shard-0"))
+        .await
+        .unwrap()
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let after = leases.get("shard-0").await.unwrap().unwrap();
+    let after = leases
+        .get(&lease_key("clicks", "shard-0"))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(after.counter, before.counter, "not renewed: {after:?}");
     assert!(
         after
@@ -463,10 +471,19 @@ async fn a_keyed_result_its_sink_refuses_stops_only_its_shard() {
         [("shard-1".to_owned(), "a".to_owned(), 10)],
         "the healthy shard went on"
     );
-    let lease = leases.get("shard-0").await.unwrap().unwrap();
+    let lease = leases
+        .get(&lease_key("clicks", "shard-0"))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         lease.checkpoint.committed,
         shardflow::core::lease::CheckpointPosition::Initial,
         "the stopped shard's checkpoint stays before the result"
     );
+}
+
+/// The lease key of `shard` of the memory stream `stream` (created at time 0).
+fn lease_key(stream: &str, shard: &str) -> String {
+    shardflow::core::protocol::lease_keys::StreamScope::new(stream, 0).key(shard)
 }

@@ -318,7 +318,7 @@ async fn the_checkpoint_never_passes_a_record_whose_object_is_not_stored() {
             .run(),
     );
     let lease = loop {
-        let lease = leases.get("shard-0").await.unwrap();
+        let lease = leases.get(&lease_key("held", "shard-0")).await.unwrap();
         if let Some(l) = lease.filter(|l| l.checkpoint.committed != CheckpointPosition::Initial) {
             break l;
         }
@@ -327,7 +327,11 @@ async fn the_checkpoint_never_passes_a_record_whose_object_is_not_stored() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     shutdown.cancel();
     run.await.unwrap().unwrap();
-    let after = leases.get("shard-0").await.unwrap().unwrap();
+    let after = leases
+        .get(&lease_key("held", "shard-0"))
+        .await
+        .unwrap()
+        .unwrap();
     // Every path committed the 20 records, but the sink resumes after its last stored
     // object, and reading restarts early enough for it.
     let name = Sink::<u64>::name(&sink()).to_owned();
@@ -368,4 +372,9 @@ async fn the_checkpoint_never_passes_a_record_whose_object_is_not_stored() {
     let values: BTreeSet<u64> = values(&sink()).await.into_iter().collect();
     assert_eq!(values, (0..20).collect(), "every record, once");
     assert_eq!(keys(&client, &b).await.len(), 3);
+}
+
+/// The lease key of `shard` of the memory stream `stream` (created at time 0).
+fn lease_key(stream: &str, shard: &str) -> String {
+    shardflow_core::protocol::lease_keys::StreamScope::new(stream, 0).key(shard)
 }

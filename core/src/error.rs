@@ -23,6 +23,17 @@ pub enum SourceError {
         /// The shard.
         shard: ShardId,
     },
+    /// The stream was deleted and created again during this run: this run's leases are of the
+    /// old stream; a new run takes the new stream's shards under keys of its own.
+    #[error("stream {stream:?} was created again during this run (created at {was_secs} s, now {now_secs} s since the epoch): restart to process the new stream")]
+    StreamRecreated {
+        /// The stream.
+        stream: String,
+        /// The creation time this run worked under.
+        was_secs: i64,
+        /// The creation time the stream reports now.
+        now_secs: i64,
+    },
     /// The service asked us to slow down; retry after a backoff.
     #[error("reads of shard {shard} throttled")]
     Throttled {
@@ -48,7 +59,9 @@ impl SourceError {
         match self {
             Self::Throttled { .. } => true,
             Self::Other { retryable, .. } => *retryable,
-            Self::StreamNotFound { .. } | Self::ShardNotFound { .. } => false,
+            Self::StreamNotFound { .. }
+            | Self::ShardNotFound { .. }
+            | Self::StreamRecreated { .. } => false,
         }
     }
 }

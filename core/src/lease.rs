@@ -188,7 +188,8 @@ impl std::fmt::Display for LeaseEpoch {
 /// One lease: one item per shard, in the spirit of the KCL lease table.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
-    /// The lease key (the shard id, or `stream:shard` where a table serves several streams).
+    /// The lease key: `<stream>:<creation epoch seconds>:<shard id>` as stored
+    /// (`protocol::lease_keys`), the shard id as the runtime sees it through its scope.
     pub key: String,
     /// The worker holding the lease, if any.
     pub owner: Option<String>,

@@ -34,6 +34,7 @@ pub struct Metrics {
     shards_backing_off: IntGaugeVec,
     shards_let_go: IntCounterVec,
     lease_items_skipped: IntGaugeVec,
+    legacy_leases_waiting: IntGaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -216,6 +217,13 @@ impl Metrics {
                  read (another tool's, or damaged; each is logged)",
                 &["topology"],
             ),
+            legacy_leases_waiting: gauge(
+                "shardflow_legacy_leases_waiting",
+                "Leases keyed by shard id alone (an older shardflow) not yet moved to \
+                 stream-qualified keys because a live worker holds them; no new shard starts \
+                 until it is 0",
+                &["topology"],
+            ),
         }
     }
 
@@ -369,6 +377,12 @@ impl Metrics {
 
     pub(crate) fn lease_items_skipped(&self, topology: &str, n: usize) {
         self.lease_items_skipped
+            .with_label_values(&[topology])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub(crate) fn legacy_leases_waiting(&self, topology: &str, n: usize) {
+        self.legacy_leases_waiting
             .with_label_values(&[topology])
             .set(i64::try_from(n).unwrap_or(i64::MAX));
     }

@@ -13,6 +13,7 @@ use shardflow_core::lease::{
     worker_of, CheckpointPosition, LeaseStore, LeaseUpdate, MemoryLeaseStore,
 };
 use shardflow_core::memory::MemoryStream;
+use shardflow_core::protocol::lease_keys::{self, StreamScope};
 use shardflow_core::runtime::{RunMode, Runtime, RuntimeConfig};
 use shardflow_core::sink::{MemorySink, Sink};
 use shardflow_core::testing::{HoldingSink, ScriptedLeaseStore, ScriptedSink};
@@ -66,11 +67,19 @@ fn value_of<V: Clone + Send + Sync + 'static>(sink: &MemorySink<V>, path: &str) 
         .map(|(_, v)| v)
 }
 
-async fn lease_committed(leases: &dyn LeaseStore, key: &str) -> CheckpointPosition {
+/// The lease key of `shard` of the memory stream `stream` (created at time 0).
+fn key(stream: &str, shard: &str) -> String {
+    StreamScope::new(stream, 0).key(shard)
+}
+
+/// The committed position in the lease of `shard` (the table holds one stream's leases).
+async fn lease_committed(leases: &dyn LeaseStore, shard: &str) -> CheckpointPosition {
     leases
-        .get(key)
+        .list()
         .await
         .unwrap()
+        .into_iter()
+        .find(|l| lease_keys::shard_id(&l.key) == shard)
         .map_or(CheckpointPosition::Initial, |l| l.checkpoint.committed)
 }
 
@@ -444,7 +453,7 @@ async fn a_running_aggregates_shard_reaches_its_end_so_that_its_children_start()
         .run()
         .await
         .unwrap();
-    let parent = leases.get("shard-0").await.unwrap();
+    let parent = leases.get(&key("reshard", "shard-0")).await.unwrap();
     assert!(
         parent.is_none_or(|l| l.checkpoint.is_shard_end()),
         "the parent reached its end (its lease is deleted once its children started)"
@@ -1008,7 +1017,7 @@ async fn a_quiet_shard_closes_its_windows_and_a_replay_advances_where_the_first_
     // After the advance, a record of the first second is late.
     stream.push(0, clock.now_ms(), b"k", &encode(&event(5, 1, T0 + 500)));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let lease = leases.get("shard-0").await.unwrap().unwrap();
+    let lease = leases.get(&key("quiet", "shard-0")).await.unwrap().unwrap();
     assert_eq!(
         lease.checkpoint.advances.len(),
         1,
@@ -1254,12 +1263,12 @@ async fn a_stop_emits_nothing_for_a_shard_taken_since_the_last_renewal() {
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Another worker takes the lease (say it judged it expired); this one has not renewed since.
-    let lease = leases.get("shard-0").await.unwrap().unwrap();
+    let lease = leases.get(&key("taken", "shard-0")).await.unwrap().unwrap();
     let take = LeaseUpdate::Take {
         owner: "thief".into(),
     };
     leases
-        .update("shard-0", lease.counter, &take)
+        .update(&key("taken", "shard-0"), lease.counter, &take)
         .await
         .unwrap();
     shutdown.cancel();
@@ -1307,12 +1316,16 @@ async fn a_fence_on_a_keyed_path_stops_its_shard_and_the_run_goes_on() {
     // Shard 1 is quiet from now on: its count goes out at the first commit and never again.
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Another worker takes shard 0 (an ordinary steal) and writes its count first.
-    let lease = leases.get("shard-0").await.unwrap().unwrap();
+    let lease = leases
+        .get(&key("fenced", "shard-0"))
+        .await
+        .unwrap()
+        .unwrap();
     let take = LeaseUpdate::Take {
         owner: "thief".into(),
     };
     let taken = leases
-        .update("shard-0", lease.counter, &take)
+        .update(&key("fenced", "shard-0"), lease.counter, &take)
         .await
         .unwrap();
     let thief = counts
@@ -1538,7 +1551,11 @@ async fn a_recreated_lease_table_never_fences_on_the_old_tables_outputs() {
     // writes the count under that epoch.
     run().await;
     run().await;
-    let old = leases.get("shard-0").await.unwrap().unwrap();
+    let old = leases
+        .get(&key("recreated", "shard-0"))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(
         old.counter > 2,
         "the old table's counter moved: {}",
@@ -1551,7 +1568,11 @@ async fn a_recreated_lease_table_never_fences_on_the_old_tables_outputs() {
         push(&stream, 0, &event(i, 1, T0 + i as i64));
     }
     run().await;
-    let taken = leases.get("shard-0").await.unwrap().unwrap();
+    let taken = leases
+        .get(&key("recreated", "shard-0"))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(
         taken.generation > old.generation,
         "the new table's generation {} is after the old one's {}",
@@ -1613,7 +1634,11 @@ async fn run_over_an_expired_parent(
         .into_keys()
         .map(|(s, _)| s.as_str().to_owned())
         .collect();
-    let parent_left = leases.get("shard-0").await.unwrap().is_some();
+    let parent_left = leases
+        .get(&key("vanished", "shard-0"))
+        .await
+        .unwrap()
+        .is_some();
     (shards.into_iter().collect(), parent_left)
 }
 
@@ -1724,10 +1749,14 @@ async fn a_stopped_shard_taken_by_another_worker_leaves_this_workers_readyz() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(health.stopped_shards().len(), 2);
     // Another worker took shard-0's lease (as after an expiry), and keeps renewing it.
-    let lease = leases.get("shard-0").await.unwrap().unwrap();
+    let lease = leases
+        .get(&key("stopping", "shard-0"))
+        .await
+        .unwrap()
+        .unwrap();
     let taken = leases
         .update(
-            "shard-0",
+            &key("stopping", "shard-0"),
             lease.counter,
             &LeaseUpdate::Take {
                 owner: "x#1".into(),
@@ -1745,7 +1774,7 @@ async fn a_stopped_shard_taken_by_another_worker_leaves_this_workers_readyz() {
                     owner: "x#1".into(),
                 };
                 counter = leases
-                    .update("shard-0", counter, &renew)
+                    .update(&key("stopping", "shard-0"), counter, &renew)
                     .await
                     .unwrap()
                     .counter;
@@ -1828,4 +1857,163 @@ async fn a_worker_started_before_its_stream_waits_for_it() {
         .await
         .expect_err("a restart on a vanished stream fails");
     assert!(error.to_string().contains("later"), "{error}");
+}
+
+/// The facts of a memory stream created at `created_ms`, keeping records a day.
+fn created_at(created_ms: i64) -> Option<shardflow_core::source::StreamFacts> {
+    Some(shardflow_core::source::StreamFacts {
+        created_ms,
+        retention: Duration::from_secs(24 * 3600),
+    })
+}
+
+/// Counts per key of `stream` into `counts`, read until caught up, on `leases`.
+async fn count_until_caught_up(
+    stream: &MemoryStream,
+    counts: &MemorySink<shardflow_operators::KeyedValue<u32, u64>>,
+    leases: &Arc<MemoryLeaseStore>,
+) -> Result<(), shardflow_core::Error> {
+    let topology = Topology::builder("again")
+        .source(stream.clone().decode_fn(decode))
+        .key_by(|e: &Event| e.key)
+        .aggregate(Count)
+        .sink(counts.clone())
+        .build()
+        .unwrap();
+    Runtime::new(topology, leases.clone())
+        .with_config(config(RunMode::UntilCaughtUp))
+        .run()
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_deleted_and_created_again_is_read_from_its_start_under_new_leases() {
+    // The first stream: its shard-0 was read to its end, and its lease says so.
+    let first = MemoryStream::new("again", 1);
+    first.set_facts(created_at(1_000));
+    push(&first, 0, &event(1, 1, T0));
+    first.close(0);
+    let leases = Arc::new(MemoryLeaseStore::new());
+    let old_counts = MemorySink::new("counts");
+    count_until_caught_up(&first, &old_counts, &leases)
+        .await
+        .unwrap();
+    assert_eq!(value_of(&old_counts, "k/1").map(|r| r.value), Some(1));
+    // Deleted and created again under its name: shard ids and sequence numbers start over.
+    let second = MemoryStream::new("again", 1);
+    second.set_facts(created_at(90_000));
+    for i in 0..3 {
+        push(&second, 0, &event(7, 7, T0 + i));
+    }
+    let counts = MemorySink::new("counts");
+    count_until_caught_up(&second, &counts, &leases)
+        .await
+        .unwrap();
+    assert_eq!(
+        value_of(&counts, "k/7").map(|r| r.value),
+        Some(3),
+        "the new stream's shard-0 is read from its start (not taken for the old, ended one)"
+    );
+    // The new lease started above the old one's counter, so a fencing sink takes its writes.
+    let old = leases.get("again:1:shard-0").await.unwrap().unwrap();
+    let new = leases.get("again:90:shard-0").await.unwrap().unwrap();
+    assert!(
+        new.counter > old.counter + 1,
+        "{} vs {}",
+        new.counter,
+        old.counter
+    );
+    // Once the new lease exists, a later shard sync deletes the old creation's.
+    count_until_caught_up(&second, &counts, &leases)
+        .await
+        .unwrap();
+    let stored = leases.list().await.unwrap();
+    let keys: Vec<&str> = stored.iter().map(|l| l.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["again:90:shard-0"],
+        "the old creation's lease was deleted"
+    );
+    assert_eq!(value_of(&counts, "k/7").map(|r| r.value), Some(3));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_created_again_during_a_run_fails_the_run_with_a_clear_error() {
+    let stream = MemoryStream::new("again", 1);
+    stream.set_facts(created_at(1_000));
+    push(&stream, 0, &event(1, 1, T0));
+    let counts = MemorySink::new("counts");
+    let topology = Topology::builder("again")
+        .source(stream.clone().decode_fn(decode))
+        .key_by(|e: &Event| e.key)
+        .aggregate(Count)
+        .sink(counts.clone())
+        .build()
+        .unwrap();
+    let leases = Arc::new(MemoryLeaseStore::new());
+    let run = tokio::spawn(
+        Runtime::new(topology, leases.clone())
+            .with_config(config(RunMode::Continuous))
+            .run(),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stream.set_facts(created_at(90_000));
+    let ended = tokio::time::timeout(Duration::from_secs(300), run)
+        .await
+        .expect("the run ends within a few minutes")
+        .unwrap();
+    let error = ended.expect_err("the run fails").to_string();
+    assert!(
+        error.contains("was created again during this run") && error.contains("restart"),
+        "{error}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_table_of_shard_id_keys_is_moved_and_resumes_where_it_was() {
+    let stream = MemoryStream::new("legacy", 1);
+    let sequences: Vec<u128> = (0..6)
+        .map(|i| stream.push(0, T0 + i as i64, b"k", &encode(&event(i, 1, T0 + i as i64))))
+        .collect();
+    // An older shardflow committed the first four records under a lease keyed `shard-0`.
+    let leases = Arc::new(MemoryLeaseStore::new());
+    leases
+        .create_if_absent(&shardflow_core::lease::Lease::new("shard-0", vec![]))
+        .await
+        .unwrap();
+    let four = CheckpointPosition::At(shardflow_core::position::RecordPosition::new(
+        shardflow_core::position::SequenceNumber::from_u128(sequences[3]),
+    ));
+    let checkpoint = shardflow_core::lease::ShardCheckpoint {
+        committed: four.clone(),
+        rebuild_from: four,
+        ..shardflow_core::lease::ShardCheckpoint::initial()
+    };
+    leases
+        .update("shard-0", 0, &LeaseUpdate::Reset { checkpoint })
+        .await
+        .unwrap();
+    let seen = MemorySink::new("seen");
+    let topology = Topology::builder("legacy")
+        .source(stream.clone().decode_fn(decode))
+        .sink(seen.clone())
+        .build()
+        .unwrap();
+    Runtime::new(topology, leases.clone())
+        .with_config(config(RunMode::UntilCaughtUp))
+        .run()
+        .await
+        .unwrap();
+    let mut uids: Vec<u64> = seen
+        .contents()
+        .into_values()
+        .map(|e: Event| e.uid)
+        .collect();
+    uids.sort_unstable();
+    assert_eq!(uids, [4, 5], "only the records after the old checkpoint");
+    let stored = leases.list().await.unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].key, key("legacy", "shard-0"));
+    assert_eq!(seq(&stored[0].checkpoint.committed), sequences[5]);
 }

@@ -22,6 +22,11 @@ pub(crate) struct StreamMetadata {
     pub(crate) format: u32,
     pub(crate) name: String,
     pub(crate) retention_ms: u64,
+    /// When the stream was created (ms since the Unix epoch, by the stream's clock); 0 in
+    /// streams created before it was recorded. Lease keys name it, so that a stream deleted
+    /// and created again starts with fresh leases.
+    #[serde(default)]
+    pub(crate) created_ms: i64,
     /// Every sequence number handed out so far is below this, counting records of shards that
     /// are closed or trimmed and therefore not scanned when a writer starts.
     #[serde(with = "decimal")]
@@ -75,11 +80,12 @@ pub(crate) fn shard_id(index: u64) -> String {
 }
 
 impl StreamMetadata {
-    pub(crate) fn new(name: &str, retention_ms: u64) -> Self {
+    pub(crate) fn new(name: &str, retention_ms: u64, created_ms: i64) -> Self {
         Self {
             format: FORMAT,
             name: name.to_owned(),
             retention_ms,
+            created_ms,
             sequence_floor: 1,
             next_shard_index: 0,
             shards: Vec::new(),
@@ -235,7 +241,7 @@ mod tests {
 
     #[test]
     fn metadata_round_trips_with_hash_keys_as_strings() {
-        let mut meta = StreamMetadata::new("s", 1000);
+        let mut meta = StreamMetadata::new("s", 1000, 0);
         meta.add_shard((0, u128::MAX), None, None);
         meta.add_shard((5, 6), Some("shardId-000000000000".into()), None);
         let bytes = meta.to_bytes();

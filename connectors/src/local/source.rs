@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use shardflow_core::error::SourceError;
 use shardflow_core::position::{ShardInfo, StartPosition};
-use shardflow_core::source::{ReadLimits, ShardReader, Source};
+use shardflow_core::source::{ReadLimits, ShardReader, Source, StreamFacts};
 
 use super::error::LocalStreamError;
 use super::stream::LocalStream;
@@ -68,6 +68,16 @@ impl Source for LocalSource {
 
     async fn list_shards(&self) -> Result<Vec<ShardInfo>, SourceError> {
         self.blocking(|stream| stream.shards()).await
+    }
+
+    async fn facts(&self) -> Result<Option<StreamFacts>, SourceError> {
+        let (created_ms, retention) = self
+            .blocking(|stream| Ok((stream.created_ms()?, stream.retention()?)))
+            .await?;
+        Ok(Some(StreamFacts {
+            created_ms,
+            retention,
+        }))
     }
 
     async fn open_shard(

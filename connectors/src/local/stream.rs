@@ -173,7 +173,7 @@ impl LocalStream {
                 dir: paths.dir,
             });
         }
-        let mut meta = StreamMetadata::new(name, millis(config.retention));
+        let mut meta = StreamMetadata::new(name, millis(config.retention), config.clock.now_ms());
         for range in even_ranges(shard_count) {
             meta.add_shard(range, None, None);
         }
@@ -268,6 +268,16 @@ impl LocalStream {
     pub fn shards(&self) -> Result<Vec<ShardInfo>, LocalStreamError> {
         let (meta, _) = self.inner.paths.load(&self.inner.name)?;
         Ok(meta.shards.iter().map(|s| s.info()).collect())
+    }
+
+    /// When the stream was created (ms since the Unix epoch, by its clock; 0 for a stream
+    /// created before shardflow recorded it).
+    ///
+    /// # Errors
+    /// If the metadata cannot be read.
+    pub fn created_ms(&self) -> Result<i64, LocalStreamError> {
+        let (meta, _) = self.inner.paths.load(&self.inner.name)?;
+        Ok(meta.created_ms)
     }
 
     /// How long records stay readable.

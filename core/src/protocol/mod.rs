@@ -64,6 +64,7 @@
 pub mod balance;
 pub mod checkpoint;
 pub mod failure;
+pub mod lease_keys;
 pub mod lease_rules;
 pub mod outcome;
 pub mod resume;

@@ -15,6 +15,7 @@ use crate::lease::{worker_of, CheckpointPosition, LeaseEpoch, ShardCheckpoint};
 use crate::metrics::Metrics;
 use crate::position::{ShardId, ShardInfo};
 use crate::protocol::checkpoint::Epoch;
+use crate::protocol::lease_keys::StreamScope;
 use crate::protocol::lease_rules::{renewal_due, request_poll_interval};
 use crate::protocol::outcome::{after_task, finished, run_over, AfterTask, Finished, TaskEnd};
 use crate::protocol::shard_sync::{
@@ -23,12 +24,13 @@ use crate::protocol::shard_sync::{
 use crate::protocol::sink_failure::{after_sink_failure, AfterSinkFailure, FailureStreak};
 use crate::protocol::vanished::VanishedShards;
 use crate::random::Random;
+use crate::source::StreamFacts;
 use crate::topology::{Exchanges, Quarantined, Topology};
 use crate::tracker::{DropReason, DroppedLife, Tracker};
 
 use super::decisions::DecisionLog;
 use super::health::Health;
-use super::leases::LeaseManager;
+use super::leases::{LeaseManager, Tidied};
 use super::shard_task::{ShardOutcome, ShardTask};
 use super::{RunMode, RunReport, RuntimeConfig};
 
@@ -69,6 +71,10 @@ struct Finishing {
 
 /// Retryable failures of a final checkpoint a run that is ending waits through.
 const FINAL_CHECKPOINT_ATTEMPTS: u32 = 10;
+
+/// How often the stream's facts are read again to notice a stream created again (one
+/// `DescribeStreamSummary` per worker, well under the account's 20 per second).
+const FACTS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// When the next shard sync is due.
 struct SyncSchedule {
@@ -150,9 +156,9 @@ pub(crate) struct ControlLoop {
     /// Whether a shard sync of this run listed the stream: until then a missing stream is
     /// waited for (`waits_for_missing_stream`).
     stream_listed: bool,
-    /// Whether the stream's facts were read yet (once at the start, then only while a leased
-    /// shard is missing), so that a stream created again is noticed.
-    stream_facts_read: bool,
+    /// When the stream's facts were last read: at the start, then while a leased shard is
+    /// missing or every `FACTS_INTERVAL`, so that a stream created again is noticed.
+    facts_read_at: Option<Instant>,
 }
 
 impl ControlLoop {
@@ -207,7 +213,7 @@ impl ControlLoop {
             vanished: VanishedShards::new(),
             started: now,
             stream_listed: false,
-            stream_facts_read: false,
+            facts_read_at: None,
         }
     }
 
@@ -327,10 +333,10 @@ impl ControlLoop {
                     self.config.mode == RunMode::UntilCaughtUp,
                 ) =>
             {
-                match self.leases.list().await {
+                match self.leases.any_of_stream(&stream).await {
                     // Leases of its shards: the stream existed (a restart after it vanished,
                     // say). That is an error to see, not to sit out.
-                    Ok(leases) if !leases.is_empty() => {
+                    Ok(true) => {
                         let error = Error::Source(SourceError::StreamNotFound { stream });
                         self.decisions.record(|| format!("sync failed: {error}"));
                         tracing::error!(topology = %self.name(), %error, "the stream is gone, but its leases are in the table");
@@ -339,7 +345,7 @@ impl ControlLoop {
                         return;
                     }
                     // Alive while it waits (/healthz), not ready (/readyz names the stream).
-                    Ok(_) => {
+                    Ok(false) => {
                         self.health.lease_round_ok();
                         self.health.set_waiting_for(Some(&stream));
                     }
@@ -379,8 +385,21 @@ impl ControlLoop {
         let shards = self.topology.source.list_shards().await?;
         self.stream_listed = true;
         self.health.set_waiting_for(None);
-        self.leases.sync(&shards).await?;
+        let entered = self.enter_scope().await?;
+        let tidied = self.leases.sync(&shards).await?;
+        self.report_tidied(tidied);
+        if let Some(now_secs) = tidied.newer {
+            return Err(Error::Source(SourceError::StreamRecreated {
+                stream: self.topology.source.stream_name().to_owned(),
+                was_secs: self.leases.scope().map_or(0, StreamScope::created_secs),
+                now_secs,
+            }));
+        }
         let lease_list = self.leases.list().await?;
+        let facts = match entered {
+            Some(facts) => facts,
+            None => self.recheck_facts(&shards, &lease_list).await?,
+        };
         self.metrics
             .lease_items_skipped(self.name(), self.leases.skipped_items());
         self.leases.note_requests(&lease_list).await;
@@ -497,8 +516,87 @@ impl ControlLoop {
         }
         // After the takes, so that children started in this round free their parents.
         self.leases.clean_finished_parents(&shards).await?;
-        self.clean_vanished(&shards, &lease_list).await?;
+        self.clean_vanished(&shards, &lease_list, facts).await?;
         Ok(())
+    }
+
+    /// On the first round, reads the stream's facts and enters the scope of its creation
+    /// (`lease_keys`); a failure to describe the stream fails the round, so nothing is read or
+    /// written under the wrong keys. Returns the facts if it entered the scope this round.
+    async fn enter_scope(&mut self) -> Result<Option<Option<StreamFacts>>, Error> {
+        if self.leases.scope().is_some() {
+            return Ok(None);
+        }
+        let source = &self.topology.source;
+        let facts = source.facts().await?;
+        self.facts_read_at = Some(Instant::now());
+        let created_secs = facts.map_or(0, |f| f.created_ms.div_euclid(1000));
+        let scope = StreamScope::new(source.stream_name(), created_secs);
+        self.decisions
+            .record(|| format!("lease keys {}", scope.key("<shard>")));
+        self.leases.enter_scope(scope);
+        Ok(Some(facts))
+    }
+
+    /// Reads the stream's facts again while a leased shard is missing from `shards` (for
+    /// `clean_vanished`) and every `FACTS_INTERVAL`, and fails the run if the stream was created
+    /// again: this run's leases are the old stream's (a restart works under the new creation).
+    async fn recheck_facts(
+        &mut self,
+        shards: &[ShardInfo],
+        leases: &[crate::lease::Lease],
+    ) -> Result<Option<StreamFacts>, Error> {
+        let missing = leases
+            .iter()
+            .any(|l| !shards.iter().any(|s| s.id.as_str() == l.key));
+        let due = self
+            .facts_read_at
+            .is_none_or(|at| at.elapsed() >= FACTS_INTERVAL);
+        if !missing && !due {
+            return Ok(None);
+        }
+        let source = &self.topology.source;
+        let facts = match source.facts().await {
+            Ok(facts) => facts,
+            Err(error) => {
+                // Without the facts nothing is deleted this round (`clean_vanished`).
+                tracing::warn!(topology = %self.name(), %error, "could not describe the stream; leases of shards it no longer lists are kept");
+                return Ok(None);
+            }
+        };
+        self.facts_read_at = Some(Instant::now());
+        let was_secs = self.leases.scope().map_or(0, StreamScope::created_secs);
+        match facts {
+            // A scope of an unknown creation (0) stays for the run; a restart moves its leases.
+            Some(f) if was_secs != 0 && f.created_ms.div_euclid(1000) != was_secs => {
+                Err(Error::Source(SourceError::StreamRecreated {
+                    stream: source.stream_name().to_owned(),
+                    was_secs,
+                    now_secs: f.created_ms.div_euclid(1000),
+                }))
+            }
+            facts => Ok(facts),
+        }
+    }
+
+    /// Logs what this round did with legacy and stale leases.
+    fn report_tidied(&self, tidied: Tidied) {
+        if tidied.moved + tidied.deleted > 0 {
+            self.decisions.record(|| {
+                format!(
+                    "moved {} legacy leases, deleted {} legacy or stale",
+                    tidied.moved, tidied.deleted
+                )
+            });
+            tracing::info!(topology = %self.name(), moved = tidied.moved, deleted = tidied.deleted, "moved leases to stream-qualified keys, deleted leftovers and leases of an earlier creation of the stream");
+        }
+        if tidied.waiting > 0 {
+            self.decisions
+                .record(|| format!("{} legacy leases wait", tidied.waiting));
+            tracing::warn!(topology = %self.name(), waiting = tidied.waiting, "leases keyed by shard id alone are still held (by an older shardflow?): stop old workers; no new shard starts until they are moved");
+        }
+        self.metrics
+            .legacy_leases_waiting(self.name(), tidied.waiting);
     }
 
     /// Deletes the leases of shards the stream stopped listing once their records are
@@ -508,27 +606,8 @@ impl ControlLoop {
         &mut self,
         shards: &[ShardInfo],
         leases: &[crate::lease::Lease],
+        facts: Option<StreamFacts>,
     ) -> Result<(), Error> {
-        let missing = leases
-            .iter()
-            .any(|l| !shards.iter().any(|s| s.id.as_str() == l.key));
-        let facts = if missing || !self.stream_facts_read {
-            match self.topology.source.facts().await {
-                Ok(facts) => {
-                    self.stream_facts_read = true;
-                    facts
-                }
-                Err(error) => {
-                    // Without the facts nothing is deleted: the leases wait for a later round
-                    // (asked again only while a leased shard is missing).
-                    self.stream_facts_read = true;
-                    tracing::warn!(topology = %self.name(), %error, "could not describe the stream; leases of shards it no longer lists are kept");
-                    None
-                }
-            }
-        } else {
-            None
-        };
         let now = i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX);
         for key in self.vanished.observe(shards, leases, now, facts) {
             let lease = leases

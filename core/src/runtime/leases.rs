@@ -4,7 +4,7 @@
 //! monotonic clock (a lease whose counter did not move for a lease duration), as in the KCL.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::Mutex;
@@ -16,14 +16,23 @@ use crate::lease::{holder, worker_of, Lease, LeaseStore, LeaseUpdate, ShardCheck
 use crate::lease_guard::{LeaseGuard, Moment};
 use crate::position::ShardInfo;
 use crate::protocol::balance::{plan, Observed, Plan};
+use crate::protocol::lease_keys::{
+    inherited_counter, migration_step, parse, shard_id, Foreigner, KeyKind, MigrationStep,
+    StreamScope,
+};
 use crate::protocol::lease_rules::{handoff_asked, judge_unclear, UnclearWrite};
 use crate::protocol::shard_sync::{leases_to_clean, leases_to_create};
+use crate::runtime::scoped_store::ScopedStore;
 
 /// Tries of a handoff request against an owner whose writes keep moving the counter.
 const REQUEST_ATTEMPTS: usize = 3;
 
 pub(crate) struct LeaseManager {
-    store: Arc<dyn LeaseStore>,
+    /// The lease table as stored.
+    table: Arc<dyn LeaseStore>,
+    /// The table seen through the stream's scope, once the stream was described
+    /// ([`enter_scope`](Self::enter_scope)); until then the table itself.
+    scoped: OnceLock<Arc<ScopedStore>>,
     /// This process's owner name: its worker id and incarnation (`lease::holder`).
     owner: String,
     worker_id: String,
@@ -38,6 +47,33 @@ pub(crate) struct LeaseManager {
     requested: Mutex<BTreeMap<String, Instant>>,
     /// Leases seen renewed by another live process with this worker id, not yet reported.
     id_conflicts: Mutex<BTreeSet<String>>,
+}
+
+/// What a sync round did with the table's legacy and stale leases (`lease_keys`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Tidied {
+    /// Legacy leases moved to their stream-qualified keys.
+    pub(crate) moved: usize,
+    /// Legacy leftovers and stale leases deleted.
+    pub(crate) deleted: usize,
+    /// Legacy leases that wait for their owner or a parent.
+    pub(crate) waiting: usize,
+    /// The creation time of a later creation of the stream whose leases are in the table: the
+    /// stream was created again during this run.
+    pub(crate) newer: Option<i64>,
+}
+
+/// A new lease of `shard` whose counter starts at `counter`.
+fn new_lease(shard: &ShardInfo, counter: u64) -> Lease {
+    let parents = shard
+        .parents
+        .iter()
+        .map(|p| p.as_str().to_owned())
+        .collect();
+    Lease {
+        counter,
+        ..Lease::new(shard.id.as_str(), parents)
+    }
 }
 
 struct Held {
@@ -62,7 +98,8 @@ impl LeaseManager {
         clock: WallClock,
     ) -> Self {
         Self {
-            store,
+            table: store,
+            scoped: OnceLock::new(),
             owner: holder(worker_id, incarnation),
             worker_id: worker_id.to_owned(),
             lease_duration,
@@ -88,20 +125,166 @@ impl LeaseManager {
             .collect()
     }
 
-    /// Creates a lease for every new shard (see `shard_sync`).
-    pub(crate) async fn sync(&self, shards: &[ShardInfo]) -> Result<(), LeaseError> {
-        let existing = self.store.list().await?;
+    /// The table as this worker reads and writes it.
+    fn store(&self) -> &dyn LeaseStore {
+        match self.scoped.get() {
+            Some(scoped) => scoped.as_ref(),
+            None => self.table.as_ref(),
+        }
+    }
+
+    /// The scope this worker works in, once entered.
+    pub(crate) fn scope(&self) -> Option<&StreamScope> {
+        self.scoped.get().map(|s| s.scope())
+    }
+
+    /// From now on reads and writes the leases of `scope` only (`protocol::lease_keys`). The
+    /// first scope entered stays: a later call with another one changes nothing (the caller
+    /// compares with [`scope`](Self::scope)).
+    pub(crate) fn enter_scope(&self, scope: StreamScope) {
+        let _ = self
+            .scoped
+            .set(Arc::new(ScopedStore::new(Arc::clone(&self.table), scope)));
+    }
+
+    /// Creates a lease for every new shard (see `shard_sync`), after moving the table's legacy
+    /// leases to their scoped keys and deleting stale ones (`lease_keys`). While a legacy lease
+    /// waits for its owner, no lease is created: the new shard might be one whose progress that
+    /// lease holds. A new lease starts at the counter its shard id's earlier leases reached
+    /// (`inherited_counter`), so that fencing sinks take the new owner's outputs.
+    pub(crate) async fn sync(&self, shards: &[ShardInfo]) -> Result<Tidied, LeaseError> {
+        let Some(scoped) = self.scoped.get() else {
+            let existing = self.table.list().await?;
+            for shard in leases_to_create(shards, &existing) {
+                self.table.create_if_absent(&new_lease(shard, 0)).await?;
+            }
+            return Ok(Tidied::default());
+        };
+        let tidied = self.tidy(scoped, shards).await?;
+        if tidied.waiting > 0 || tidied.newer.is_some() {
+            return Ok(tidied);
+        }
+        let table = self.table.list().await?;
+        let existing: Vec<Lease> = table
+            .iter()
+            .filter_map(|l| scoped.seen(l.clone()))
+            .collect();
         for shard in leases_to_create(shards, &existing) {
-            let parents = shard
+            let counter = inherited_counter(scoped.scope(), &table, shard.id.as_str());
+            scoped.create_if_absent(&new_lease(shard, counter)).await?;
+        }
+        Ok(tidied)
+    }
+
+    /// Moves legacy leases to `scoped`'s keys and deletes stale ones, as
+    /// `lease_keys::migration_step` decides for each; `shards` is this round's listing.
+    async fn tidy(&self, scoped: &ScopedStore, shards: &[ShardInfo]) -> Result<Tidied, LeaseError> {
+        let all = self.table.list().await?;
+        let scope = scoped.scope();
+        let listed: BTreeSet<&str> = shards.iter().map(|s| s.id.as_str()).collect();
+        let mut legacy = BTreeSet::new();
+        let mut moved = BTreeSet::new();
+        let mut tidied = Tidied::default();
+        for lease in &all {
+            match scope.classify(&lease.key) {
+                KeyKind::Legacy(shard) => {
+                    legacy.insert(shard);
+                }
+                KeyKind::Scoped(shard) => {
+                    moved.insert(shard);
+                }
+                KeyKind::Newer(created) => tidied.newer = Some(created),
+                KeyKind::Stale(_) | KeyKind::Foreign => {}
+            }
+        }
+        if tidied.newer.is_some() {
+            return Ok(tidied);
+        }
+        for lease in &all {
+            let (shard, stale) = match scope.classify(&lease.key) {
+                KeyKind::Legacy(shard) => (shard, false),
+                KeyKind::Stale(shard) => (shard, true),
+                KeyKind::Scoped(_) | KeyKind::Newer(_) | KeyKind::Foreign => continue,
+            };
+            let item = Foreigner {
+                lease,
+                moved: moved.contains(shard) || (stale && !listed.contains(shard)),
+                parent_waits: !stale
+                    && lease.parents.iter().any(|p| {
+                        let parent = shard_id(p);
+                        legacy.contains(parent) && !moved.contains(parent)
+                    }),
+                // Observed under the stored key, apart from the scoped lease of the same shard.
+                expired: self
+                    .expired_as(&format!("table:{}", lease.key), lease)
+                    .await,
+                mine: lease.owner.as_deref() == Some(self.owner.as_str()),
+            };
+            match migration_step(&item, stale) {
+                MigrationStep::Wait => tidied.waiting += usize::from(!stale),
+                MigrationStep::Delete => match self.table.delete(&lease.key, lease.counter).await {
+                    Ok(()) => tidied.deleted += 1,
+                    Err(LeaseError::NotFound { .. }) => {}
+                    Err(LeaseError::ConditionFailed { .. }) => {
+                        tidied.waiting += usize::from(!stale);
+                    }
+                    Err(e) => return Err(e),
+                },
+                MigrationStep::Move => {
+                    if self.move_legacy(scoped, shard, lease).await? {
+                        tidied.moved += 1;
+                    } else {
+                        tidied.waiting += 1;
+                    }
+                }
+            }
+        }
+        Ok(tidied)
+    }
+
+    /// Moves the legacy lease `lease` (as read) of `shard` to its scoped key: takes it first,
+    /// so that a worker of the old form still writing it is fenced, then copies its progress
+    /// and counter (epochs only grow, so fencing sinks take the next owner's outputs), then
+    /// deletes it. A crash between the steps leaves it taken by this (gone) process, or copied;
+    /// a later round finishes the move. Returns `false` if it changed since it was read, or its
+    /// shard has a scoped lease already (the next round deletes it then).
+    async fn move_legacy(
+        &self,
+        scoped: &ScopedStore,
+        shard: &str,
+        lease: &Lease,
+    ) -> Result<bool, LeaseError> {
+        let take = LeaseUpdate::Take {
+            owner: self.owner.clone(),
+        };
+        let taken = match self.table.update(&lease.key, lease.counter, &take).await {
+            Ok(taken) => taken,
+            Err(LeaseError::ConditionFailed { .. } | LeaseError::NotFound { .. }) => {
+                return Ok(false)
+            }
+            Err(e) => return Err(e),
+        };
+        let copy = Lease {
+            key: shard.to_owned(),
+            owner: None,
+            handoff_to: None,
+            parents: taken
                 .parents
                 .iter()
-                .map(|p| p.as_str().to_owned())
-                .collect();
-            self.store
-                .create_if_absent(&Lease::new(shard.id.as_str(), parents))
-                .await?;
+                .map(|p| shard_id(p).to_owned())
+                .collect(),
+            ..taken.clone()
+        };
+        if !scoped.create_if_absent(&copy).await? {
+            return Ok(false);
         }
-        Ok(())
+        match self.table.delete(&lease.key, taken.counter).await {
+            // Someone wrote it since this take: the next round deletes it once nobody holds it.
+            Ok(()) | Err(LeaseError::NotFound { .. } | LeaseError::ConditionFailed { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        tracing::info!(lease = %lease.key, to = %scoped.stored(&copy).key, checkpoint = ?copy.checkpoint.committed, "moved a lease to its stream-qualified key");
+        Ok(true)
     }
 
     /// Deletes the leases of finished parents whose children all started (see `shard_sync`).
@@ -109,11 +292,11 @@ impl LeaseManager {
         &self,
         shards: &[ShardInfo],
     ) -> Result<(), LeaseError> {
-        let existing = self.store.list().await?;
+        let existing = self.store().list().await?;
         for lease in leases_to_clean(shards, &existing) {
             // Conditional on the counter read: a lease someone changed since is left for a
             // later round. Another worker deleting it first is just as good.
-            match self.store.delete(&lease.key, lease.counter).await {
+            match self.store().delete(&lease.key, lease.counter).await {
                 Ok(()) => tracing::info!(lease = %lease.key, "finished parent's lease deleted"),
                 Err(LeaseError::ConditionFailed { .. } | LeaseError::NotFound { .. }) => {}
                 Err(e) => return Err(e),
@@ -126,15 +309,24 @@ impl LeaseManager {
     /// `protocol::vanished`). Returns whether it was deleted; `false` if it changed since it
     /// was read (left for a later round) or is gone already.
     pub(crate) async fn delete_vanished(&self, lease: &Lease) -> Result<bool, LeaseError> {
-        match self.store.delete(&lease.key, lease.counter).await {
+        match self.store().delete(&lease.key, lease.counter).await {
             Ok(()) => Ok(true),
             Err(LeaseError::ConditionFailed { .. } | LeaseError::NotFound { .. }) => Ok(false),
             Err(e) => Err(e),
         }
     }
 
+    /// Whether the table holds a lease of `stream` (of any creation, or keyed by shard id
+    /// alone), before or after a scope was entered.
+    pub(crate) async fn any_of_stream(&self, stream: &str) -> Result<bool, LeaseError> {
+        let all = self.table.list().await?;
+        Ok(all
+            .iter()
+            .any(|l| parse(&l.key).is_none_or(|(s, _, _)| s == stream)))
+    }
+
     pub(crate) async fn list(&self) -> Result<Vec<Lease>, LeaseError> {
-        self.store.list().await
+        self.store().list().await
     }
 
     /// This round's plan over `candidates` (the leases this worker may process): leases to
@@ -178,7 +370,7 @@ impl LeaseManager {
         };
         let mut counter = lease.counter;
         for _ in 0..REQUEST_ATTEMPTS {
-            let written = match self.store.update(&lease.key, counter, &ask).await {
+            let written = match self.store().update(&lease.key, counter, &ask).await {
                 Ok(_) => Ok(()),
                 Err(e) => match self.judge(&lease.key, counter, &ask, &e).await {
                     Some((UnclearWrite::Landed, _)) => Ok(()),
@@ -194,7 +386,7 @@ impl LeaseManager {
                     return Ok(true);
                 }
                 Err(LeaseError::ConditionFailed { .. }) => {
-                    let Some(now) = self.store.get(&lease.key).await? else {
+                    let Some(now) = self.store().get(&lease.key).await? else {
                         return Ok(false);
                     };
                     if now.owner != lease.owner || now.handoff_to.is_some() {
@@ -234,7 +426,7 @@ impl LeaseManager {
         let mut failed = None;
         for key in keys {
             // One failed read leaves the others to be read.
-            let lease = match self.store.get(&key).await {
+            let lease = match self.store().get(&key).await {
                 Ok(lease) => lease,
                 Err(e) => {
                     failed = Some(e);
@@ -295,7 +487,7 @@ impl LeaseManager {
             owner: self.owner.clone(),
         };
         let started = Moment::now(&self.clock);
-        let written = match self.store.update(&lease.key, lease.counter, &take).await {
+        let written = match self.store().update(&lease.key, lease.counter, &take).await {
             Ok(taken) => Ok(taken),
             Err(e) => match self.judge(&lease.key, lease.counter, &take, &e).await {
                 Some((UnclearWrite::Landed, Some(taken))) => Ok(taken),
@@ -332,10 +524,15 @@ impl LeaseManager {
     }
 
     async fn expired(&self, lease: &Lease) -> bool {
+        self.expired_as(&lease.key, lease).await
+    }
+
+    /// Whether `lease`'s counter stayed still for a lease duration, observed under `key`.
+    async fn expired_as(&self, key: &str, lease: &Lease) -> bool {
         let mut observed = self.observed.lock().await;
         let now = Instant::now();
         let entry = observed
-            .entry(lease.key.clone())
+            .entry(key.to_owned())
             .or_insert((lease.counter, now));
         if entry.0 != lease.counter {
             *entry = (lease.counter, now);
@@ -355,7 +552,7 @@ impl LeaseManager {
 
     /// Items the store's last listing skipped (not leases it can read).
     pub(crate) fn skipped_items(&self) -> usize {
-        self.store.skipped_items()
+        self.store().skipped_items()
     }
 
     pub(crate) async fn held_count(&self) -> usize {
@@ -381,7 +578,7 @@ impl LeaseManager {
             return Ok(None);
         };
         let mut started = Moment::now(&self.clock);
-        let mut result = self.store.update(key, entry.counter, &update).await;
+        let mut result = self.store().update(key, entry.counter, &update).await;
         // A refusal because another worker asked for the lease meanwhile: it is still this
         // worker's; adopt the counter the request left and write again (once: a second
         // request would need a second requester's write in between, and is seen next time).
@@ -397,7 +594,7 @@ impl LeaseManager {
                     entry.counter = now.counter;
                     entry.handoff_to.clone_from(&now.handoff_to);
                     started = Moment::now(&self.clock);
-                    result = self.store.update(key, entry.counter, &update).await;
+                    result = self.store().update(key, entry.counter, &update).await;
                 }
                 _ => judged = Some(first),
             }
@@ -482,7 +679,7 @@ impl LeaseManager {
             return None;
         }
         // Bounded: this runs under the lock of every lease write, when the table is slow.
-        let read = tokio::time::timeout(self.lease_duration / 10, self.store.get(key));
+        let read = tokio::time::timeout(self.lease_duration / 10, self.store().get(key));
         let now = read.await.ok()?.ok()?;
         let judged = judge_unclear(expected, &self.owner, update, now.as_ref());
         if judged != UnclearWrite::NotLanded {

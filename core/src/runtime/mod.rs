@@ -8,6 +8,9 @@ mod identity;
 #[cfg(test)]
 mod lease_model;
 mod leases;
+#[cfg(test)]
+mod migration_tests;
+mod scoped_store;
 mod shard_task;
 
 /// The metrics at the path they had before they moved below `topology/`.

@@ -10,6 +10,7 @@ use shardflow_core::clock::WallClock;
 use shardflow_core::error::Error;
 use shardflow_core::lease::{CheckpointPosition, Lease, LeaseStore, MemoryLeaseStore};
 use shardflow_core::memory::MemoryStream;
+use shardflow_core::protocol::lease_keys;
 use shardflow_core::random::Random;
 use shardflow_core::runtime::{
     DecisionLog, RunMode, RunReport, Runtime, RuntimeConfig, SinkBackoff,
@@ -163,7 +164,7 @@ impl World {
                     _ => 0,
                 };
                 let w = out
-                    .entry(lease.key.clone())
+                    .entry(lease_keys::shard_id(&lease.key).to_owned())
                     .or_default()
                     .entry(after)
                     .or_insert(a.watermark);
@@ -336,7 +337,7 @@ impl World {
             .filter(|(_, s)| {
                 leases
                     .iter()
-                    .find(|l| l.key == s.id.as_str())
+                    .find(|l| lease_keys::shard_id(&l.key) == s.id.as_str())
                     .is_none_or(|l| l.checkpoint.is_shard_end())
             })
             .map(|(i, _)| i)
@@ -455,7 +456,11 @@ impl World {
         let leaves_leased = shards
             .iter()
             .filter(|s| !shards.iter().any(|c| c.parents.contains(&s.id)))
-            .all(|s| leases.iter().any(|l| l.key == s.id.as_str()));
+            .all(|s| {
+                leases
+                    .iter()
+                    .any(|l| lease_keys::shard_id(&l.key) == s.id.as_str())
+            });
         leaves_leased && leases.iter().all(|l| l.checkpoint.is_shard_end())
     }
 }
@@ -778,7 +783,10 @@ fn check_guarded_writes(
 ) {
     let mut by_key: BTreeMap<&str, Vec<&(Instant, Lease)>> = BTreeMap::new();
     for entry in log {
-        by_key.entry(entry.1.key.as_str()).or_default().push(entry);
+        by_key
+            .entry(lease_keys::shard_id(&entry.1.key))
+            .or_default()
+            .push(entry);
     }
     let mut late = Vec::new();
     for attempt in attempts {
@@ -853,13 +861,16 @@ fn check_parents_first(stream: &MemoryStream, log: &[Lease], failures: &mut Vec<
     let first = |found: &dyn Fn(&Lease) -> bool| log.iter().position(found);
     for shard in stream.shards() {
         let child = shard.id.as_str();
-        let Some(taken) = first(&|l: &Lease| l.key == child && l.owner.is_some()) else {
+        let Some(taken) =
+            first(&|l: &Lease| lease_keys::shard_id(&l.key) == child && l.owner.is_some())
+        else {
             continue;
         };
         for parent in &shard.parents {
             let parent_key = parent.as_str();
             let ended = first(&|l: &Lease| {
-                l.key == parent_key && l.checkpoint.committed == CheckpointPosition::ShardEnd
+                lease_keys::shard_id(&l.key) == parent_key
+                    && l.checkpoint.committed == CheckpointPosition::ShardEnd
             });
             match ended {
                 Some(ended) if ended < taken => {}

@@ -197,7 +197,7 @@ async fn lag_ms(
     let request = client
         .get_shard_iterator()
         .stream_name(stream)
-        .shard_id(&lease.key);
+        .shard_id(shardflow::core::protocol::lease_keys::shard_id(&lease.key));
     let request = match &lease.checkpoint.committed {
         // The topology's initial position is not in the table: TRIM_HORIZON is the upper bound.
         shardflow::core::lease::CheckpointPosition::Initial

@@ -383,7 +383,7 @@ async fn list_leases(
     store: &dyn LeaseStore,
     lag: impl AsyncFn(&shardflow::core::lease::Lease) -> Option<i64>,
 ) -> anyhow::Result<()> {
-    println!("shard\towner\tcounter\tcheckpoint\tlag_ms");
+    println!("lease\towner\tcounter\tcheckpoint\tlag_ms");
     for lease in store.list().await? {
         let checkpoint = describe(&lease.checkpoint.committed);
         let lag = lag(&lease).await;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use shardflow::core::memory::MemoryStream;
+use shardflow::core::payload_store::MemoryPayloadStore;
 use shardflow::core::sink::InspectSink;
 use shardflow::local::LocalDirSink;
 use shardflow::operators::Sum;
@@ -437,4 +438,106 @@ async fn a_record_that_panics_only_when_replayed_stops_its_shard_instead_of_vani
 /// The lease key of `shard` of the memory stream `stream` (created at time 0).
 fn lease_key(stream: &str, shard: &str) -> String {
     shardflow::core::protocol::lease_keys::StreamScope::new(stream, 0).key(shard)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_too_large_for_the_dead_letter_sink_is_stored_whole_in_the_overflow_store() {
+    let stream = two_shards_with_a_bad_record();
+    let dead = Limited {
+        inner: MemorySink::new("dead"),
+        max: Some(100),
+    };
+    let overflow = Arc::new(MemoryPayloadStore::new());
+    let out = MemorySink::new("out");
+    let topology = Topology::builder("overflowed")
+        .dead_letter(DeadLetter::to_with_overflow(
+            dead.clone(),
+            Arc::clone(&overflow),
+        ))
+        .source(stream.clone().json::<Click>())
+        .sink(out.clone())
+        .build()
+        .unwrap();
+    Runtime::new(topology, Arc::new(MemoryLeaseStore::new()))
+        .with_config(bounded())
+        .run()
+        .await
+        .expect("the run goes on");
+    assert_eq!(out.contents().len(), 4);
+    let letters: Vec<DeadLetterRecord> = dead.inner.contents().into_values().collect();
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0];
+    let payload = stream_payload_of_bad_record();
+    assert!(
+        letter.truncated && payload.starts_with(&letter.data),
+        "{letter:?}"
+    );
+    assert_eq!(
+        letter.stored_at.as_deref(),
+        Some("memory:overflowed/bad/shard-0/2-0"),
+        "the letter says where the whole payload is"
+    );
+    let stored = overflow.objects();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored["overflowed/bad/shard-0/2-0"], payload);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_overflow_store_backs_its_shard_off_and_loses_nothing() {
+    let stream = two_shards_with_a_bad_record();
+    let dead = Limited {
+        inner: MemorySink::new("dead"),
+        max: Some(100),
+    };
+    let overflow = Arc::new(MemoryPayloadStore::new());
+    overflow.set_failing(true);
+    let out = MemorySink::new("out");
+    let topology = Topology::builder("overflowed")
+        .dead_letter(DeadLetter::to_with_overflow(
+            dead.clone(),
+            Arc::clone(&overflow),
+        ))
+        .source(stream.clone().json::<Click>())
+        .sink(out.clone())
+        .build()
+        .unwrap();
+    let config = RuntimeConfig {
+        sink_backoff: shardflow::core::runtime::SinkBackoff {
+            first_pause: Duration::from_millis(20),
+            max_pause: Duration::from_millis(100),
+            attempts: 1_000,
+            cool_down: Duration::from_millis(300),
+        },
+        ..bounded()
+    };
+    let run = tokio::spawn(
+        Runtime::new(topology, Arc::new(MemoryLeaseStore::new()))
+            .with_config(config)
+            .run(),
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(overflow.puts() >= 2, "tried again: {}", overflow.puts());
+    assert!(
+        dead.inner.contents().is_empty(),
+        "no letter without its payload"
+    );
+    let shard_1 = out
+        .contents()
+        .keys()
+        .filter(|(s, _)| s.as_str() == "shard-1")
+        .count();
+    assert_eq!(shard_1, 2, "the other shard went on");
+    assert!(
+        out.contents().len() < 4,
+        "shard 0 waits at its bad record: nothing after it is written"
+    );
+    overflow.set_failing(false);
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the run ends once the store answers")
+        .unwrap()
+        .expect("a store that failed for a while never fails the run");
+    assert_eq!(out.contents().len(), 4);
+    assert_eq!(dead.inner.contents().len(), 1, "one letter, once");
+    assert_eq!(overflow.objects().len(), 1);
 }

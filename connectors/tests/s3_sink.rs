@@ -378,3 +378,36 @@ async fn the_checkpoint_never_passes_a_record_whose_object_is_not_stored() {
 fn lease_key(stream: &str, shard: &str) -> String {
     shardflow_core::protocol::lease_keys::StreamScope::new(stream, 0).key(shard)
 }
+
+#[tokio::test]
+async fn overflow_payloads_are_objects_named_by_position_and_a_replay_writes_them_again() {
+    use shardflow_connectors::s3::S3PayloadStore;
+    use shardflow_core::payload_store::PayloadStore;
+    let client = client().await;
+    let bucket = bucket(&client).await;
+    let store = S3PayloadStore::new(client.clone(), &bucket, "/dead/");
+    let name = "clicks/events/shardId-000000000001/4959-0";
+    // Larger than a DynamoDB item: what an overflow store is for.
+    let payload: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+    store.put(name, &payload).await.unwrap();
+    store.put(name, &payload).await.expect("a replay's put");
+    assert_eq!(store.location(name), format!("s3://{bucket}/dead/{name}"));
+    let got = client
+        .get_object()
+        .bucket(&bucket)
+        .key(format!("dead/{name}"))
+        .send()
+        .await
+        .unwrap()
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .into_bytes();
+    assert_eq!(got.as_ref(), payload.as_slice());
+    // A bucket that is not there: an error that names the store and the operation.
+    let missing = S3PayloadStore::new(client, format!("{bucket}-missing"), "");
+    let error = missing.put(name, b"x").await.unwrap_err();
+    assert_eq!(error.operation, "store a dead letter's payload");
+    assert_eq!(error.sink, format!("s3:{bucket}-missing"));
+}

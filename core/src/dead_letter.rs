@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::payload_store::PayloadStore;
 use crate::position::{RecordPosition, ShardId};
 use crate::sink::Sink;
 
@@ -35,6 +36,11 @@ pub struct DeadLetterRecord {
     /// `position`, until the stream's retention drops it.
     #[serde(default)]
     pub truncated: bool,
+    /// Where the whole payload is stored, if it was too large for the dead-letter sink and the
+    /// policy has an overflow store ([`DeadLetter::to_with_overflow`]): an object named by the
+    /// record's position.
+    #[serde(default)]
+    pub stored_at: Option<String>,
     /// Where it failed: `decode` or the name of the operator.
     pub stage: String,
     /// The error: its kind and where, never the payload's values.
@@ -61,6 +67,7 @@ impl DeadLetterRecord {
             size: data.len() as u64,
             digest: hex_sha256(data),
             truncated: false,
+            stored_at: None,
             stage,
             error,
         }
@@ -186,6 +193,15 @@ pub enum DeadLetter {
     /// Write it to a sink (with shard, sequence number and error); the checkpoint passes it only
     /// after that write is committed.
     To(Arc<dyn Sink<DeadLetterRecord>>),
+    /// Like `To`; a letter the sink refuses whole (too large for it) first has its whole
+    /// payload stored in `overflow` under a name made of its position, and then goes to the
+    /// sink truncated, saying where the payload is (`stored_at`).
+    ToWithOverflow {
+        /// The dead-letter sink.
+        sink: Arc<dyn Sink<DeadLetterRecord>>,
+        /// Where payloads too large for it go.
+        overflow: Arc<dyn PayloadStore>,
+    },
     /// Call a failing user function again, up to `max` more times, waiting `backoff` doubled
     /// each time; then apply `then`. Decoding is not retried: it would fail the same way.
     Retry {
@@ -213,6 +229,18 @@ impl DeadLetter {
         Self::To(Arc::new(sink))
     }
 
+    /// Dead-letters into `sink`, and stores a payload too large for it whole in `overflow`
+    /// (an S3 bucket, a local directory) before its letter goes to `sink` truncated.
+    pub fn to_with_overflow(
+        sink: impl Sink<DeadLetterRecord>,
+        overflow: impl PayloadStore,
+    ) -> Self {
+        Self::ToWithOverflow {
+            sink: Arc::new(sink),
+            overflow: Arc::new(overflow),
+        }
+    }
+
     /// Retries a failing user function `max` times, then applies `then`.
     pub fn retry(max: u32, backoff: Duration, then: DeadLetter) -> Self {
         Self::Retry {
@@ -225,9 +253,18 @@ impl DeadLetter {
     /// The sink this policy eventually writes to, if any.
     pub(crate) fn sink(&self) -> Option<&Arc<dyn Sink<DeadLetterRecord>>> {
         match self {
-            Self::To(sink) => Some(sink),
+            Self::To(sink) | Self::ToWithOverflow { sink, .. } => Some(sink),
             Self::Retry { then, .. } => then.sink(),
             Self::StopShard => None,
+        }
+    }
+
+    /// The store this policy keeps payloads too large for its sink in, if any.
+    pub(crate) fn overflow(&self) -> Option<&Arc<dyn PayloadStore>> {
+        match self {
+            Self::ToWithOverflow { overflow, .. } => Some(overflow),
+            Self::Retry { then, .. } => then.overflow(),
+            Self::To(_) | Self::StopShard => None,
         }
     }
 }
@@ -236,6 +273,11 @@ impl std::fmt::Debug for DeadLetter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::To(sink) => write!(f, "DeadLetter::To({:?})", sink.name()),
+            Self::ToWithOverflow { sink, overflow } => f
+                .debug_struct("DeadLetter::ToWithOverflow")
+                .field("sink", &sink.name())
+                .field("overflow", &overflow.name())
+                .finish(),
             Self::Retry { max, backoff, then } => f
                 .debug_struct("DeadLetter::Retry")
                 .field("max", max)

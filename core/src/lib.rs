@@ -10,6 +10,7 @@ pub(crate) mod lease_guard;
 pub mod memory;
 pub mod metrics;
 pub mod operator;
+pub mod payload_store;
 pub mod pool;
 pub mod position;
 pub mod protocol;

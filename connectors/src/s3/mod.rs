@@ -3,6 +3,8 @@
 
 mod conditional;
 mod objects;
+mod payload_store;
 mod sink;
 
+pub use payload_store::S3PayloadStore;
 pub use sink::{S3Sink, S3SinkError};

@@ -160,6 +160,29 @@ pub(crate) async fn head(
     .await
 }
 
+/// Writes `body` to `key` whatever is there: for objects whose name fixes their content, so
+/// that writing one again changes nothing.
+pub(crate) async fn put_whatever_is_there(
+    client: &Client,
+    bucket: &str,
+    key: &str,
+    body: &[u8],
+) -> Result<(), RequestError> {
+    retried(|| async {
+        client
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .body(ByteStream::from(body.to_vec()))
+            .content_type("application/octet-stream")
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| classify("PutObject", e))
+    })
+    .await
+}
+
 /// An object to store.
 pub(crate) struct NewObject<'a> {
     pub(crate) body: &'a [u8],

@@ -35,7 +35,7 @@ pub fn on_failure(policy: &DeadLetter, attempt: u32, retryable: bool, replay: bo
         policy = then;
     }
     match policy {
-        DeadLetter::To(_) => OnFailure::DeadLetter,
+        DeadLetter::To(_) | DeadLetter::ToWithOverflow { .. } => OnFailure::DeadLetter,
         DeadLetter::StopShard | DeadLetter::Retry { .. } if replay => OnFailure::Replayed,
         DeadLetter::StopShard | DeadLetter::Retry { .. } => OnFailure::StopShard,
     }

@@ -15,6 +15,7 @@ use crate::lease::{CheckpointPosition, LeaseEpoch, ShardCheckpoint, WatermarkAdv
 use crate::lease_guard::LeaseGuard;
 use crate::metrics::Metrics;
 use crate::operator::{Control, Emit, EpochCx, Ident, Mode, RecordCx};
+use crate::payload_store::payload_name;
 use crate::position::{EventTime, RecordPosition, ShardId, ShardInfo, StartPosition};
 use crate::protocol::checkpoint::{Epoch, EpochRead};
 use crate::protocol::resume::{next_epoch_len, plan_resume, ResumePlan};
@@ -40,6 +41,15 @@ pub(crate) enum ShardOutcome {
     /// A sink or the dead-letter sink failed after its own retries: the shard's state is
     /// dropped and nothing more of this life is written; the control loop backs off.
     SinkFailed(crate::error::SinkError),
+}
+
+/// Why an epoch's dead letters could not be made ready for the dead-letter sink.
+enum Fit {
+    /// The sink refuses a letter even without its payload: the shard stops at its record.
+    Refused(ShardStopped),
+    /// The overflow store failed to store a payload: the shard backs off like on any sink
+    /// failure, and the epoch is read again.
+    Overflow(crate::error::SinkError),
 }
 
 /// The path number of the shard task itself (its sinks and dead letters).
@@ -421,11 +431,17 @@ impl ShardTask {
             return self.stop(run).await.map(Some);
         }
         let (dead, mut stop) = run.failures.end_epoch();
-        let dead = match self.fit_dead_letters(dead, replay) {
+        let dead = match self.fit_dead_letters(dead, replay).await {
             Ok(dead) => dead,
-            Err(refused) => {
+            Err(Fit::Refused(refused)) => {
                 stop.get_or_insert(refused);
                 Vec::new()
+            }
+            Err(Fit::Overflow(error)) => {
+                // Nothing of the epoch was sent: it is read again after the sink backoff.
+                run.pipeline.discard();
+                run.epoch -= 1;
+                return Err(Error::Sink(error));
             }
         };
         if let Some(stopped) = stop {
@@ -508,36 +524,55 @@ impl ShardTask {
     /// The epoch's dead letters as the dead-letter sink accepts them (`Sink::check`): whole, or
     /// truncated with the payload's size and digest. A letter the sink refuses even without its
     /// payload stops the shard at its record: nothing is skipped.
-    fn fit_dead_letters(
+    async fn fit_dead_letters(
         &self,
         dead: Vec<(u32, DeadLetterRecord)>,
         replay: bool,
-    ) -> Result<Vec<(u32, DeadLetterRecord)>, ShardStopped> {
+    ) -> Result<Vec<(u32, DeadLetterRecord)>, Fit> {
         let Some(sink) = self.topology.dead_letter.sink() else {
             return Ok(dead);
         };
+        let overflow = self.topology.dead_letter.overflow();
         let mut fitted = Vec::with_capacity(dead.len());
-        for (index, letter) in dead {
+        for (index, mut letter) in dead {
             let position = letter.position.clone();
             let size = letter.size;
+            if let (Some(store), Err(_)) = (overflow, sink.check(&letter)) {
+                // Stored whole before its letter is written (a replay's letter was committed
+                // after its put: only the location is needed again).
+                let name = payload_name(
+                    &self.topology.name,
+                    &letter.stream,
+                    &letter.shard,
+                    &position,
+                );
+                if !replay {
+                    store
+                        .put(&name, &letter.data)
+                        .await
+                        .map_err(Fit::Overflow)?;
+                    tracing::warn!(shard = %self.shard.id, %position, size, store = store.name(), "dead letter too large for its sink: payload stored whole in the overflow store");
+                }
+                letter.stored_at = Some(store.location(&name));
+            }
             match letter.fit(|l| sink.check(l)) {
                 Ok(letter) => {
                     if letter.truncated && !replay {
-                        tracing::warn!(shard = %self.shard.id, %position, size, kept = letter.data.len(), sink = sink.name(), "dead letter too large for its sink: payload truncated, size and digest kept");
+                        tracing::warn!(shard = %self.shard.id, %position, size, kept = letter.data.len(), sink = sink.name(), stored = letter.stored_at.is_some(), "dead letter too large for its sink: payload truncated, size and digest kept");
                         self.metrics
                             .dead_letter_truncated(&self.topology.name, self.shard.id.as_str());
                     }
                     fitted.push((index, letter));
                 }
                 Err(reason) => {
-                    return Err(ShardStopped::BadRecord {
+                    return Err(Fit::Refused(ShardStopped::BadRecord {
                         shard: self.shard.id.clone(),
                         position,
                         reason: format!(
                             "dead-letter sink {} refuses the record's dead letter: {reason}",
                             sink.name()
                         ),
-                    })
+                    }))
                 }
             }
         }

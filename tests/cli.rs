@@ -118,6 +118,24 @@ async fn every_subcommand_against_the_emulators() {
         .update("shardId-000000000001", 0, &take)
         .await
         .unwrap();
+    // The tombstone a move to stream-qualified keys leaves: listed, never reset.
+    let moved = shardflow::core::protocol::lease_keys::MOVED_OWNER;
+    store
+        .create_if_absent(&Lease::new("shardId-000000000009", vec![]))
+        .await
+        .unwrap();
+    let bury = LeaseUpdate::Take {
+        owner: moved.into(),
+    };
+    store
+        .update("shardId-000000000009", 0, &bury)
+        .await
+        .unwrap();
+    let end = LeaseUpdate::Checkpoint {
+        owner: moved.into(),
+        checkpoint: shardflow::core::lease::ShardCheckpoint::shard_end(),
+    };
+    store.update("shardId-000000000009", 1, &end).await.unwrap();
     let listed = ok(&["leases", "list", &table, "--stream", &stream], None);
     let row = listed
         .lines()
@@ -187,6 +205,11 @@ async fn every_subcommand_against_the_emulators() {
     assert_eq!(
         lease.checkpoint,
         shardflow::core::lease::ShardCheckpoint::at_timestamp(1_795_680_000_250)
+    );
+    let tombstone = store.get("shardId-000000000009").await.unwrap().unwrap();
+    assert!(
+        shardflow::core::protocol::lease_keys::is_tombstone(&tombstone),
+        "resets leave tombstones alone: {tombstone:?}"
     );
     let listed = ok(&["leases", "list", &table, "--stream", &stream], None);
     assert!(

@@ -359,7 +359,8 @@ mod scenario {
                     .owner
                     .as_deref()
                     .map(|o| shardflow::core::lease::worker_of(o).to_owned());
-                out.entry(worker).or_default().push(lease.key);
+                let shard = shardflow::core::protocol::lease_keys::shard_id(&lease.key);
+                out.entry(worker).or_default().push(shard.to_owned());
             }
         }
         out

@@ -2012,8 +2012,12 @@ async fn a_table_of_shard_id_keys_is_moved_and_resumes_where_it_was() {
         .collect();
     uids.sort_unstable();
     assert_eq!(uids, [4, 5], "only the records after the old checkpoint");
-    let stored = leases.list().await.unwrap();
-    assert_eq!(stored.len(), 1);
-    assert_eq!(stored[0].key, key("legacy", "shard-0"));
-    assert_eq!(seq(&stored[0].checkpoint.committed), sequences[5]);
+    let moved = leases
+        .get(&key("legacy", "shard-0"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(seq(&moved.checkpoint.committed), sequences[5]);
+    let tombstone = leases.get("shard-0").await.unwrap().unwrap();
+    assert!(lease_keys::is_tombstone(&tombstone), "{tombstone:?}");
 }

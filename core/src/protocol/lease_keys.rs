@@ -146,32 +146,49 @@ pub struct Foreigner<'a> {
     pub parent_waits: bool,
     /// Whether another worker's hold on it expired by this worker's clock.
     pub expired: bool,
-    /// Whether this process holds it (it took it to move it, and the delete did not land).
+    /// Whether this process holds it (it took it to move it, and the burial did not land), or
+    /// a burial began ([`MOVED_OWNER`] without `SHARD_END`).
     pub mine: bool,
+}
+
+/// The owner of a legacy lease whose progress moved to its scoped key: at `SHARD_END` it is a
+/// tombstone. A shardflow of the old form that still runs reads it as a finished shard with a
+/// lease, so it neither processes the shard nor makes it a fresh lease, as it would if the
+/// lease were gone. Tombstones stay (one small item per shard that moved).
+pub const MOVED_OWNER: &str = "shardflow-moved";
+
+/// Whether `lease` is the tombstone of a moved legacy lease ([`MOVED_OWNER`]).
+pub fn is_tombstone(lease: &Lease) -> bool {
+    lease.owner.as_deref() == Some(MOVED_OWNER) && lease.checkpoint.is_shard_end()
 }
 
 /// What to do with a legacy or stale lease this round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MigrationStep {
-    /// Take it (fencing any writer of the old form), copy it to its scoped key, delete it.
+    /// Take it (fencing any writer of the old form), copy it to its scoped key, and leave it
+    /// a tombstone.
     Move,
-    /// Delete it: its progress lives on under the scoped key (a move that did not finish), or
-    /// it is of an earlier creation of the stream.
+    /// Leave it a tombstone: its progress lives on under the scoped key (a move that did not
+    /// finish).
+    Bury,
+    /// Delete it: it is of an earlier creation of the stream.
     Delete,
     /// Leave it this round: a live worker holds it (an older shardflow still running), or a
     /// parent must move first so that children never start before their parents end.
     Wait,
 }
 
-/// The step for a legacy lease (`stale` false) or a stale one (`stale` true). A lease is free
-/// when nobody owns it and nobody asked for it; a worker of the old form that still renews it
-/// is waited out (stop old workers before starting new ones; see `docs/design.md`).
+/// The step for a legacy lease (`stale` false, not a tombstone) or a stale one (`stale` true).
+/// A lease is free when nobody owns it and nobody asked for it; a worker of the old form that
+/// still renews it is waited out (stop old workers before starting new ones; see
+/// `docs/design.md`).
 pub fn migration_step(item: &Foreigner<'_>, stale: bool) -> MigrationStep {
     let free = item.lease.owner.is_none() && item.lease.handoff_to.is_none();
     let unheld = free || item.expired || item.mine;
     match (stale, item.moved, item.parent_waits) {
         _ if !unheld => MigrationStep::Wait,
-        (_, true, _) => MigrationStep::Delete,
+        (true, true, _) => MigrationStep::Delete,
+        (false, true, _) => MigrationStep::Bury,
         (true, false, _) | (false, false, true) => MigrationStep::Wait,
         (false, false, false) => MigrationStep::Move,
     }
@@ -271,7 +288,7 @@ mod tests {
             mine: true,
             ..item(&mine)
         };
-        assert_eq!(migration_step(&half_done, false), MigrationStep::Delete);
+        assert_eq!(migration_step(&half_done, false), MigrationStep::Bury);
         // Moved, but an old worker holds the legacy lease again: wait it out.
         let retaken = Foreigner {
             moved: true,

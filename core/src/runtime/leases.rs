@@ -17,8 +17,8 @@ use crate::lease_guard::{LeaseGuard, Moment};
 use crate::position::ShardInfo;
 use crate::protocol::balance::{plan, Observed, Plan};
 use crate::protocol::lease_keys::{
-    inherited_counter, migration_step, parse, shard_id, Foreigner, KeyKind, MigrationStep,
-    StreamScope,
+    inherited_counter, is_tombstone, migration_step, parse, shard_id, Foreigner, KeyKind,
+    MigrationStep, StreamScope, MOVED_OWNER,
 };
 use crate::protocol::lease_rules::{handoff_asked, judge_unclear, UnclearWrite};
 use crate::protocol::shard_sync::{leases_to_clean, leases_to_create};
@@ -54,7 +54,7 @@ pub(crate) struct LeaseManager {
 pub(crate) struct Tidied {
     /// Legacy leases moved to their stream-qualified keys.
     pub(crate) moved: usize,
-    /// Legacy leftovers and stale leases deleted.
+    /// Legacy leftovers left tombstones, and stale leases deleted.
     pub(crate) deleted: usize,
     /// Legacy leases that wait for their owner or a parent.
     pub(crate) waiting: usize,
@@ -185,7 +185,7 @@ impl LeaseManager {
         let mut legacy = BTreeSet::new();
         let mut moved = BTreeSet::new();
         let mut tidied = Tidied::default();
-        for lease in &all {
+        for lease in all.iter().filter(|l| !is_tombstone(l)) {
             match scope.classify(&lease.key) {
                 KeyKind::Legacy(shard) => {
                     legacy.insert(shard);
@@ -200,7 +200,7 @@ impl LeaseManager {
         if tidied.newer.is_some() {
             return Ok(tidied);
         }
-        for lease in &all {
+        for lease in all.iter().filter(|l| !is_tombstone(l)) {
             let (shard, stale) = match scope.classify(&lease.key) {
                 KeyKind::Legacy(shard) => (shard, false),
                 KeyKind::Stale(shard) => (shard, true),
@@ -218,7 +218,8 @@ impl LeaseManager {
                 expired: self
                     .expired_as(&format!("table:{}", lease.key), lease)
                     .await,
-                mine: lease.owner.as_deref() == Some(self.owner.as_str()),
+                mine: lease.owner.as_deref() == Some(self.owner.as_str())
+                    || lease.owner.as_deref() == Some(MOVED_OWNER),
             };
             match migration_step(&item, stale) {
                 MigrationStep::Wait => tidied.waiting += usize::from(!stale),
@@ -230,6 +231,13 @@ impl LeaseManager {
                     }
                     Err(e) => return Err(e),
                 },
+                MigrationStep::Bury => {
+                    if self.bury(&lease.key, lease.counter).await? {
+                        tidied.deleted += 1;
+                    } else {
+                        tidied.waiting += 1;
+                    }
+                }
                 MigrationStep::Move => {
                     if self.move_legacy(scoped, shard, lease).await? {
                         tidied.moved += 1;
@@ -245,9 +253,9 @@ impl LeaseManager {
     /// Moves the legacy lease `lease` (as read) of `shard` to its scoped key: takes it first,
     /// so that a worker of the old form still writing it is fenced, then copies its progress
     /// and counter (epochs only grow, so fencing sinks take the next owner's outputs), then
-    /// deletes it. A crash between the steps leaves it taken by this (gone) process, or copied;
-    /// a later round finishes the move. Returns `false` if it changed since it was read, or its
-    /// shard has a scoped lease already (the next round deletes it then).
+    /// leaves it a tombstone. A crash between the steps leaves it taken by this (gone) process,
+    /// or copied; a later round finishes the move. Returns `false` if it changed since it was
+    /// read, or its shard has a scoped lease already (the next round buries it then).
     async fn move_legacy(
         &self,
         scoped: &ScopedStore,
@@ -278,13 +286,43 @@ impl LeaseManager {
         if !scoped.create_if_absent(&copy).await? {
             return Ok(false);
         }
-        match self.table.delete(&lease.key, taken.counter).await {
-            // Someone wrote it since this take: the next round deletes it once nobody holds it.
-            Ok(()) | Err(LeaseError::NotFound { .. } | LeaseError::ConditionFailed { .. }) => {}
-            Err(e) => return Err(e),
-        }
+        // If someone wrote it since this take, the next round buries it once nobody holds it.
+        self.bury(&lease.key, taken.counter).await?;
         tracing::info!(lease = %lease.key, to = %scoped.stored(&copy).key, checkpoint = ?copy.checkpoint.committed, "moved a lease to its stream-qualified key");
         Ok(true)
+    }
+
+    /// Leaves the legacy lease `key` (at `counter`) a tombstone (`lease_keys::MOVED_OWNER`):
+    /// taken by that owner, then checkpointed at `SHARD_END`. Returns `false` if it changed
+    /// since it was read; a burial cut short between the two writes is finished by a later round.
+    async fn bury(&self, key: &str, counter: u64) -> Result<bool, LeaseError> {
+        let owner = MOVED_OWNER.to_owned();
+        let mut counter = counter;
+        let current = self.table.get(key).await?;
+        if current
+            .as_ref()
+            .is_none_or(|l| l.owner.as_deref() != Some(MOVED_OWNER))
+        {
+            let take = LeaseUpdate::Take {
+                owner: owner.clone(),
+            };
+            match self.table.update(key, counter, &take).await {
+                Ok(taken) => counter = taken.counter,
+                Err(LeaseError::ConditionFailed { .. } | LeaseError::NotFound { .. }) => {
+                    return Ok(false)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let end = LeaseUpdate::Checkpoint {
+            owner,
+            checkpoint: ShardCheckpoint::shard_end(),
+        };
+        match self.table.update(key, counter, &end).await {
+            Ok(_) => Ok(true),
+            Err(LeaseError::ConditionFailed { .. } | LeaseError::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Deletes the leases of finished parents whose children all started (see `shard_sync`).

@@ -9,7 +9,8 @@ use crate::lease::{
     CheckpointPosition, Lease, LeaseStore, LeaseUpdate, MemoryLeaseStore, ShardCheckpoint,
 };
 use crate::position::{RecordPosition, SequenceNumber, ShardId, ShardInfo};
-use crate::protocol::lease_keys::StreamScope;
+use crate::protocol::lease_keys::{is_tombstone, StreamScope};
+use crate::protocol::shard_sync::{leases_to_create, processable};
 
 use super::leases::{LeaseManager, Tidied};
 
@@ -97,14 +98,25 @@ async fn free_legacy_leases_move_with_their_progress_parents_first() {
     );
     assert_eq!(
         keys(&table.list().await.unwrap()),
-        ["s:7:shard-0", "shard-1"]
+        ["s:7:shard-0", "shard-0", "shard-1"]
     );
     let second = me.sync(&shards).await.unwrap();
     assert_eq!(second.moved, 1);
     assert_eq!(second.waiting, 0);
 
-    let stored = table.list().await.unwrap();
-    assert_eq!(keys(&stored), ["s:7:shard-0", "s:7:shard-1"]);
+    let all = table.list().await.unwrap();
+    assert_eq!(
+        keys(&all),
+        ["s:7:shard-0", "s:7:shard-1", "shard-0", "shard-1"]
+    );
+    // The shard-id leases stay as tombstones: an old worker still running reads them as
+    // finished shards with leases, so it neither processes them nor makes fresh leases.
+    assert!(all[2..].iter().all(is_tombstone), "{all:?}");
+    assert!(leases_to_create(&shards, &all).is_empty());
+    assert!(processable(&all)
+        .iter()
+        .all(|l| !shards.iter().any(|s| s.id.as_str() == l.key)));
+    let stored = &all[..2];
     assert!(stored[0].checkpoint.is_shard_end());
     assert_eq!(
         stored[1].checkpoint,
@@ -157,7 +169,8 @@ async fn a_legacy_lease_a_live_worker_holds_is_waited_out_and_no_fresh_lease_is_
     let tidied = me.sync(&shards).await.unwrap();
     assert_eq!((tidied.moved, tidied.waiting), (1, 0));
     let stored = table.list().await.unwrap();
-    assert_eq!(keys(&stored), ["s:7:shard-0", "s:7:shard-9"]);
+    assert_eq!(keys(&stored), ["s:7:shard-0", "s:7:shard-9", "shard-0"]);
+    assert!(is_tombstone(&stored[2]));
     assert_eq!(stored[0].checkpoint, at(42));
     assert_eq!(stored[1].checkpoint, ShardCheckpoint::initial());
 }
@@ -180,13 +193,14 @@ async fn a_move_cut_short_is_finished_and_the_copy_is_never_overwritten() {
     table.create_if_absent(&copy).await.unwrap();
     let me = me(&table);
     let shards = [shard("shard-0", &[])];
-    // Held by the crashed process: waited out, then deleted (never copied over the newer copy).
+    // Held by the crashed process: waited out, then buried (never copied over the newer copy).
     assert_eq!(me.sync(&shards).await.unwrap().waiting, 1);
     tokio::time::advance(LEASE).await;
     let tidied = me.sync(&shards).await.unwrap();
     assert_eq!((tidied.moved, tidied.deleted, tidied.waiting), (0, 1, 0));
     let stored = table.list().await.unwrap();
-    assert_eq!(keys(&stored), ["s:7:shard-0"]);
+    assert_eq!(keys(&stored), ["s:7:shard-0", "shard-0"]);
+    assert!(is_tombstone(&stored[1]));
     assert_eq!(stored[0].checkpoint, at(50));
 }
 

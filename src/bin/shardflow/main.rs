@@ -421,7 +421,15 @@ async fn reset(
     dry_run: bool,
 ) -> anyhow::Result<()> {
     use shardflow::core::lease::LeaseUpdate;
-    let leases = store.list().await?;
+    use shardflow::core::protocol::lease_keys::is_tombstone;
+    // Tombstones of moved shard-id leases stay finished: resetting one would hand its shard
+    // back to a worker of the old form.
+    let leases: Vec<_> = store
+        .list()
+        .await?
+        .into_iter()
+        .filter(|l| !is_tombstone(l))
+        .collect();
     let owned: Vec<String> = leases
         .iter()
         .filter_map(|l| {

@@ -12,7 +12,7 @@ use crate::position::{RecordPosition, ShardId};
 
 /// Stores payloads as named objects. A put of a name replaces the object: a replay stores the
 /// same bytes under the same name again, so a crash between the put and the dead letter's
-/// commit leaves nothing that a replay does not overwrite.
+/// commit leaves nothing that the replay does not write again.
 #[async_trait]
 pub trait PayloadStore: Send + Sync + 'static {
     /// The store's name, for logs and errors.
@@ -26,18 +26,22 @@ pub trait PayloadStore: Send + Sync + 'static {
     async fn put(&self, name: &str, bytes: &[u8]) -> Result<(), SinkError>;
 }
 
-/// The object name of the payload of the record at `position` of `shard` of `stream`, read by
-/// `topology`: `<topology>/<stream>/<shard>/<sequence>-<sub-sequence>`. Topology and stream
-/// names and shard ids hold no `/` (they are checked, or Kinesis names), and positions are
-/// digits, so names never collide and need no escaping.
+/// The object name of the payload of the record at `position` of `shard` of `stream` as created
+/// at `created_secs` (seconds since the epoch, 0 if the source cannot tell; see
+/// `protocol::lease_keys`), read by `topology`:
+/// `<topology>/<stream>/<created>/<shard>/<sequence>-<sub-sequence>`. A stream deleted and
+/// created again reuses shard ids, and may reuse sequence numbers (the local backend starts
+/// them over): the creation keeps the new stream's payloads from replacing the old one's.
+/// Stores that keep names as paths escape each component (a stream may be named `..`).
 pub fn payload_name(
     topology: &str,
     stream: &str,
+    created_secs: i64,
     shard: &ShardId,
     position: &RecordPosition,
 ) -> String {
     format!(
-        "{topology}/{stream}/{shard}/{}-{}",
+        "{topology}/{stream}/{created_secs}/{shard}/{}-{}",
         position.sequence, position.sub_sequence
     )
 }
@@ -130,7 +134,13 @@ mod tests {
             sequence: SequenceNumber::from_u128(49_590),
             sub_sequence: 3,
         };
-        let name = payload_name("clicks", "events", &ShardId::new("shardId-1"), &position);
-        assert_eq!(name, "clicks/events/shardId-1/49590-3");
+        let name = payload_name(
+            "clicks",
+            "events",
+            1_764_547_200,
+            &ShardId::new("shardId-1"),
+            &position,
+        );
+        assert_eq!(name, "clicks/events/1764547200/shardId-1/49590-3");
     }
 }

@@ -7,7 +7,8 @@ use async_trait::async_trait;
 use shardflow_core::error::SinkError;
 use shardflow_core::payload_store::PayloadStore;
 
-use super::fs::write_atomic;
+use super::escape::escape_component;
+use super::fs::{sync_dir, write_atomic};
 
 /// Stores payloads as files `<dir>/<topology>/<stream>/<shard>/<sequence>-<sub-sequence>`,
 /// each written to a temporary file, synced and renamed into place, so a file is whole or
@@ -31,9 +32,12 @@ impl LocalPayloadStore {
         }
     }
 
+    /// The file of object `name`: each `/`-separated component escaped (`escape_component`),
+    /// so that a stream or shard named `..` stays inside the store.
     fn path(&self, name: &str) -> PathBuf {
-        name.split('/')
-            .fold(self.dir.clone(), |path, part| path.join(part))
+        name.split('/').fold(self.dir.clone(), |path, part| {
+            path.join(escape_component(part))
+        })
     }
 }
 
@@ -49,12 +53,26 @@ impl PayloadStore for LocalPayloadStore {
 
     async fn put(&self, name: &str, bytes: &[u8]) -> Result<(), SinkError> {
         let path = self.path(name);
+        let root = self.dir.clone();
         let bytes = bytes.to_vec();
         let written = tokio::task::spawn_blocking(move || {
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
+            let parent = path.parent().unwrap_or(&root);
+            std::fs::create_dir_all(parent)?;
+            write_atomic(&path, &bytes, true)?;
+            // The directories `create_dir_all` may have made: durable entries up to the store's
+            // own, so that a committed letter never names a file a power loss took back.
+            for dir in parent
+                .ancestors()
+                .skip(1)
+                .take_while(|d| d.starts_with(&root))
+            {
+                sync_dir(dir)?;
             }
-            write_atomic(&path, &bytes, true)
+            let above = root
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or_else(|| Path::new("."));
+            sync_dir(above)
         })
         .await;
         let error = match written {
@@ -80,14 +98,18 @@ mod tests {
     async fn payloads_are_files_named_by_position_and_a_second_put_replaces_the_first() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalPayloadStore::new(dir.path().join("overflow"));
-        let name = "clicks/events/shardId-000000000001/4959-0";
+        let name = "clicks/events/1764547200/shardId-000000000001/4959-0";
         store.put(name, b"first").await.unwrap();
         store.put(name, b"whole payload").await.unwrap();
         let path = dir
             .path()
-            .join("overflow/clicks/events/shardId-000000000001/4959-0");
+            .join("overflow/clicks/events/1764547200/shardId-000000000001/4959-0");
         assert_eq!(std::fs::read(&path).unwrap(), b"whole payload");
         assert_eq!(store.location(name), path.display().to_string());
         assert_eq!(store.name(), "dir:overflow");
+        // A stream named `..` (Kinesis allows it) stays inside the store.
+        store.put("t/../0/s/1-0", b"x").await.unwrap();
+        let escaped = dir.path().join("overflow/t/%../0/s/1-0");
+        assert_eq!(std::fs::read(&escaped).unwrap(), b"x");
     }
 }

@@ -16,8 +16,9 @@
 //!   ([`migration_step`]); until every one is moved, no new lease is created, so a shard never
 //!   gets a fresh lease beside the legacy one that holds its progress;
 //! - **stale** leases of an earlier creation of the same stream: their records went with the
-//!   old stream, so they are deleted once no live worker holds them and the shard's new lease
-//!   exists (it starts above their counters, see [`inherited_counter`]) or the shard is gone;
+//!   old stream, so they are deleted once no live worker holds them and the new stream's lease
+//!   of the same shard id exists (it starts above their counters, see [`inherited_counter`]);
+//!   a shard id the new stream never reuses keeps its stale lease, a small item;
 //! - leases of a **newer** creation: the stream was created again during this run;
 //! - leases of **other streams**, and items of other forms: left alone.
 //!
@@ -139,8 +140,8 @@ pub fn inherited_counter(scope: &StreamScope, table: &[Lease], shard: &str) -> u
 pub struct Foreigner<'a> {
     /// The lease as read.
     pub lease: &'a Lease,
-    /// Whether its shard's scoped lease exists already (a move got that far, or the shard's
-    /// new lease was made), or, for a stale lease, the stream no longer lists its shard.
+    /// Whether its shard's scoped lease exists already (a move got that far, or the new
+    /// stream's lease of the same shard id was made, inheriting its counter).
     pub moved: bool,
     /// Whether a parent of its shard still waits as a legacy lease (a legacy lease only).
     pub parent_waits: bool,

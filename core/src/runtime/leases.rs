@@ -160,7 +160,7 @@ impl LeaseManager {
             }
             return Ok(Tidied::default());
         };
-        let tidied = self.tidy(scoped, shards).await?;
+        let tidied = self.tidy(scoped).await?;
         if tidied.waiting > 0 || tidied.newer.is_some() {
             return Ok(tidied);
         }
@@ -177,11 +177,10 @@ impl LeaseManager {
     }
 
     /// Moves legacy leases to `scoped`'s keys and deletes stale ones, as
-    /// `lease_keys::migration_step` decides for each; `shards` is this round's listing.
-    async fn tidy(&self, scoped: &ScopedStore, shards: &[ShardInfo]) -> Result<Tidied, LeaseError> {
+    /// `lease_keys::migration_step` decides for each.
+    async fn tidy(&self, scoped: &ScopedStore) -> Result<Tidied, LeaseError> {
         let all = self.table.list().await?;
         let scope = scoped.scope();
-        let listed: BTreeSet<&str> = shards.iter().map(|s| s.id.as_str()).collect();
         let mut legacy = BTreeSet::new();
         let mut moved = BTreeSet::new();
         let mut tidied = Tidied::default();
@@ -208,7 +207,7 @@ impl LeaseManager {
             };
             let item = Foreigner {
                 lease,
-                moved: moved.contains(shard) || (stale && !listed.contains(shard)),
+                moved: moved.contains(shard),
                 parent_waits: !stale
                     && lease.parents.iter().any(|p| {
                         let parent = shard_id(p);

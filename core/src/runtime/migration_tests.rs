@@ -117,6 +117,10 @@ async fn free_legacy_leases_move_with_their_progress_parents_first() {
         .iter()
         .all(|l| !shards.iter().any(|s| s.id.as_str() == l.key)));
     let stored = &all[..2];
+    // Tombstones are left alone from then on (not buried again each round).
+    let third = me.sync(&shards).await.unwrap();
+    assert_eq!((third.moved, third.deleted, third.waiting), (0, 0, 0));
+    assert_eq!(table.list().await.unwrap(), all);
     assert!(stored[0].checkpoint.is_shard_end());
     assert_eq!(
         stored[1].checkpoint,
@@ -256,12 +260,32 @@ async fn leases_of_an_earlier_creation_give_their_counter_and_go_and_other_strea
             "t:7:shard-0"
         ]
     );
-    // The held one goes once its holder stopped renewing; other streams' items stay.
+    // The held one of a shard id the new stream does not have (yet) stays, holder or not: a
+    // later shard-1 of the new stream starts above its counter. Other streams' items stay.
     tokio::time::advance(LEASE).await;
     me.sync(&shards).await.unwrap();
     assert_eq!(
         keys(&table.list().await.unwrap()),
-        ["1234:s:7:shard-0", "s:7:shard-0", "t:7:shard-0"]
+        [
+            "1234:s:7:shard-0",
+            "s:5:shard-1",
+            "s:7:shard-0",
+            "t:7:shard-0"
+        ]
+    );
+    let resharded = [shard("shard-0", &[]), shard("shard-1", &[])];
+    me.sync(&resharded).await.unwrap();
+    let seen = me.list().await.unwrap();
+    assert_eq!(seen[1].counter, 1, "above the old shard-1's take");
+    me.sync(&resharded).await.unwrap();
+    assert_eq!(
+        keys(&table.list().await.unwrap()),
+        [
+            "1234:s:7:shard-0",
+            "s:7:shard-0",
+            "s:7:shard-1",
+            "t:7:shard-0"
+        ]
     );
 }
 

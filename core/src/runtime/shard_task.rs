@@ -18,6 +18,7 @@ use crate::operator::{Control, Emit, EpochCx, Ident, Mode, RecordCx};
 use crate::payload_store::payload_name;
 use crate::position::{EventTime, RecordPosition, ShardId, ShardInfo, StartPosition};
 use crate::protocol::checkpoint::{Epoch, EpochRead};
+use crate::protocol::lease_keys::StreamScope;
 use crate::protocol::resume::{next_epoch_len, plan_resume, ResumePlan};
 use crate::random::Random;
 use crate::record::RawBatch;
@@ -538,19 +539,22 @@ impl ShardTask {
             let position = letter.position.clone();
             let size = letter.size;
             if let (Some(store), Err(_)) = (overflow, sink.check(&letter)) {
-                // Stored whole before its letter is written (a replay's letter was committed
-                // after its put: only the location is needed again).
+                // Stored whole before its letter is written, in a replay too (the same bytes
+                // under the same name): a holding sink may write a replayed letter again, and
+                // it must never name an object that is not there.
+                let created_secs = self.leases.scope().map_or(0, StreamScope::created_secs);
                 let name = payload_name(
                     &self.topology.name,
                     &letter.stream,
+                    created_secs,
                     &letter.shard,
                     &position,
                 );
+                store
+                    .put(&name, &letter.data)
+                    .await
+                    .map_err(Fit::Overflow)?;
                 if !replay {
-                    store
-                        .put(&name, &letter.data)
-                        .await
-                        .map_err(Fit::Overflow)?;
                     tracing::warn!(shard = %self.shard.id, %position, size, store = store.name(), "dead letter too large for its sink: payload stored whole in the overflow store");
                 }
                 letter.stored_at = Some(store.location(&name));

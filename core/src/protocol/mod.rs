@@ -6,8 +6,12 @@
 //!
 //! From the lease to the checkpoint, each step names the function that decides it.
 //!
-//! 1. **A shard is taken.** Each shard-sync round, a worker creates leases for new shards
-//!    ([`shard_sync::leases_to_create`]), keeps only the leases it may process: not finished,
+//! 1. **A shard is taken.** Leases are keyed by stream, creation time and shard
+//!    ([`lease_keys::StreamScope`]). Each shard-sync round, a worker first moves leases keyed
+//!    by shard id alone and deletes those of an earlier creation of the stream
+//!    ([`lease_keys::migration_step`]), then creates leases for new shards
+//!    ([`shard_sync::leases_to_create`], starting at [`lease_keys::inherited_counter`]),
+//!    keeps only the leases it may process: not finished,
 //!    every parent at its end ([`shard_sync::processable`]), plans takes (free, expired, or
 //!    handed over to it) and requests to busier owners toward an even spread
 //!    ([`balance::plan`]) and starts what it took and its own

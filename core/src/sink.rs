@@ -191,8 +191,8 @@ fn push_escaped(out: &mut String, key: &KeyId) {
 }
 
 /// Longest escaped key kept whole in a path. File systems allow 255-byte names, S3 1,024-byte
-/// keys and DynamoDB 2,048-byte hash keys; past this, a key is shortened (see
-/// [`push_escaped_text`]) so that every sink can store every identity.
+/// keys and DynamoDB 2,048-byte hash keys; past this, a key is shortened to a readable
+/// prefix, `~` and a digest, so that every sink can store every identity.
 pub const MAX_ESCAPED_KEY_BYTES: usize = 128;
 
 /// How much of a shortened key's escaped text stays readable before its digest.
@@ -466,7 +466,7 @@ impl<T: Clone + Send + 'static> MemorySink<T> {
     }
 
     /// An empty sink that fences: a commit holding an output a newer lease epoch already
-    /// committed is refused whole ([`Fenced`](crate::error::Fenced), naming the shard) and
+    /// committed is refused whole ([`Fenced`], naming the shard) and
     /// stays pending; once the refused shard is released, the next commit writes the rest.
     pub fn fencing(name: impl Into<String>) -> Self {
         let sink = Self::new(name);

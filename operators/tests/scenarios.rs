@@ -1873,18 +1873,25 @@ async fn count_until_caught_up(
     counts: &MemorySink<shardflow_operators::KeyedValue<u32, u64>>,
     leases: &Arc<MemoryLeaseStore>,
 ) -> Result<(), shardflow_core::Error> {
-    let topology = Topology::builder("again")
+    Runtime::new(count_topology(stream, counts), leases.clone())
+        .with_config(config(RunMode::UntilCaughtUp))
+        .run()
+        .await
+        .map(|_| ())
+}
+
+/// Counts per key of `stream` into `counts`.
+fn count_topology(
+    stream: &MemoryStream,
+    counts: &MemorySink<shardflow_operators::KeyedValue<u32, u64>>,
+) -> Topology {
+    Topology::builder("again")
         .source(stream.clone().decode_fn(decode))
         .key_by(|e: &Event| e.key)
         .aggregate(Count)
         .sink(counts.clone())
         .build()
-        .unwrap();
-    Runtime::new(topology, leases.clone())
-        .with_config(config(RunMode::UntilCaughtUp))
-        .run()
-        .await
-        .map(|_| ())
+        .unwrap()
 }
 
 #[tokio::test(start_paused = true)]
@@ -1944,16 +1951,9 @@ async fn a_stream_created_again_during_a_run_fails_the_run_with_a_clear_error() 
     stream.set_facts(created_at(1_000));
     push(&stream, 0, &event(1, 1, T0));
     let counts = MemorySink::new("counts");
-    let topology = Topology::builder("again")
-        .source(stream.clone().decode_fn(decode))
-        .key_by(|e: &Event| e.key)
-        .aggregate(Count)
-        .sink(counts.clone())
-        .build()
-        .unwrap();
     let leases = Arc::new(MemoryLeaseStore::new());
     let run = tokio::spawn(
-        Runtime::new(topology, leases.clone())
+        Runtime::new(count_topology(&stream, &counts), leases.clone())
             .with_config(config(RunMode::Continuous))
             .run(),
     );

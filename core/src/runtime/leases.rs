@@ -160,11 +160,16 @@ impl LeaseManager {
             }
             return Ok(Tidied::default());
         };
-        let tidied = self.tidy(scoped).await?;
+        let (tidied, read) = self.tidy(scoped).await?;
         if tidied.waiting > 0 || tidied.newer.is_some() {
             return Ok(tidied);
         }
-        let table = self.table.list().await?;
+        // The listing `tidy` read is still the table unless it moved or deleted something.
+        let table = if tidied.moved + tidied.deleted == 0 {
+            read
+        } else {
+            self.table.list().await?
+        };
         let existing: Vec<Lease> = table
             .iter()
             .filter_map(|l| scoped.seen(l.clone()))
@@ -178,7 +183,8 @@ impl LeaseManager {
 
     /// Moves legacy leases to `scoped`'s keys and deletes stale ones, as
     /// `lease_keys::migration_step` decides for each.
-    async fn tidy(&self, scoped: &ScopedStore) -> Result<Tidied, LeaseError> {
+    /// Returns what it did and the table as it read it.
+    async fn tidy(&self, scoped: &ScopedStore) -> Result<(Tidied, Vec<Lease>), LeaseError> {
         let all = self.table.list().await?;
         let scope = scoped.scope();
         let mut legacy = BTreeSet::new();
@@ -197,7 +203,7 @@ impl LeaseManager {
             }
         }
         if tidied.newer.is_some() {
-            return Ok(tidied);
+            return Ok((tidied, all));
         }
         for lease in all.iter().filter(|l| !is_tombstone(l)) {
             let (shard, stale) = match scope.classify(&lease.key) {
@@ -246,7 +252,7 @@ impl LeaseManager {
                 }
             }
         }
-        Ok(tidied)
+        Ok((tidied, all))
     }
 
     /// Moves the legacy lease `lease` (as read) of `shard` to its scoped key: takes it first,

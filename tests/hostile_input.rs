@@ -546,3 +546,78 @@ async fn a_failing_overflow_store_backs_its_shard_off_and_loses_nothing() {
     assert_eq!(dead.inner.contents().len(), 1, "one letter, once");
     assert_eq!(overflow.objects().len(), 1);
 }
+
+/// Counts, and panics computing the result of a count of seven (a bug in user code that
+/// only shows when a window closes).
+#[derive(Clone)]
+struct SevenPanics;
+
+impl shardflow::operators::Aggregator<Click> for SevenPanics {
+    type Acc = u64;
+    type Out = u64;
+    fn init(&self, _first: &Click) -> u64 {
+        0
+    }
+    fn add(&self, acc: &mut u64, _value: &Click) {
+        *acc += 1;
+    }
+    fn merge(&self, acc: &mut u64, other: u64) {
+        *acc += other;
+    }
+    fn result(&self, acc: &u64) -> u64 {
+        assert!(*acc != 7, "no result for seven");
+        *acc
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_closing_a_window_stops_only_its_shard() {
+    // No input record stands behind a window's result: a panic computing it (or closing the
+    // window) cannot be dead-lettered, and the run failed with it. Now its shard stops,
+    // visibly, and the other shard goes on.
+    let stream = MemoryStream::new("result-panics", 2);
+    for i in 0..10 {
+        push(&stream, 0, "a", i);
+    }
+    for i in 0..7 {
+        push(&stream, 1, "b", i);
+    }
+    // A second window on shard 1 closes the first while records are read, not at the end.
+    push(&stream, 1, "b", 5_000);
+    let counts = MemorySink::new("counts");
+    let dead = MemorySink::<DeadLetterRecord>::new("dead");
+    let topology = Topology::builder("result-panics")
+        .dead_letter(DeadLetter::to(dead.clone()))
+        .source(stream.clone().json::<Click>())
+        .event_time(|c: &Click| c.ts)
+        .key_by(|c: &Click| c.user.clone())
+        .window(TumblingWindow::of(Duration::from_secs(1)))
+        .aggregate(SevenPanics)
+        .sink(counts.clone())
+        .build()
+        .unwrap();
+    let error = Runtime::new(topology, Arc::new(MemoryLeaseStore::new()))
+        .with_config(bounded())
+        .run()
+        .await
+        .expect_err("the stopped shard is reported");
+    let shown = error.to_string();
+    assert!(
+        shown.contains("shard-1") && shown.contains("panicked outside any record"),
+        "{shown}"
+    );
+    assert!(!shown.contains("shard-0"), "{shown}");
+    let got: Vec<(String, String, u64)> = counts
+        .contents()
+        .into_iter()
+        .map(|((shard, _), r): (_, WindowResult<String, u64>)| {
+            (shard.as_str().to_owned(), r.key, r.value)
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [("shard-0".to_owned(), "a".to_owned(), 10)],
+        "the other shard went on"
+    );
+    assert!(dead.contents().is_empty(), "nothing to dead-letter");
+}

@@ -137,10 +137,15 @@ fn quick(attempts: u32) -> SinkBackoff {
 }
 
 fn failures_of(registry: &prometheus::Registry) -> f64 {
+    counter_sum(registry, "shardflow_shard_sink_failures_total")
+}
+
+/// The sum of a counter over all its labels.
+fn counter_sum(registry: &prometheus::Registry, name: &str) -> f64 {
     registry
         .gather()
         .iter()
-        .filter(|f| f.name() == "shardflow_shard_sink_failures_total")
+        .filter(|f| f.name() == name)
         .flat_map(|f| f.get_metric().iter().map(|m| m.get_counter().get_value()))
         .sum()
 }
@@ -486,4 +491,117 @@ async fn a_keyed_result_its_sink_refuses_stops_only_its_shard() {
 /// The lease key of `shard` of the memory stream `stream` (created at time 0).
 fn lease_key(stream: &str, shard: &str) -> String {
     shardflow::core::protocol::lease_keys::StreamScope::new(stream, 0).key(shard)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_result_its_sink_refuses_is_a_keyed_dead_letter_and_the_run_goes_on() {
+    // As above, with a dead-letter sink: the refused result becomes a keyed dead letter
+    // (topology, sink, key, window, size) and its shard goes on to the end of its input.
+    let stream = MemoryStream::new("clicks", 2);
+    let long = "x".repeat(300);
+    let mut last_of_shard_0 = 0;
+    for i in 0..20usize {
+        let user = if i == 4 { long.as_str() } else { "a" };
+        let json = serde_json::to_vec(&Click {
+            user: user.into(),
+            ts: i as i64 * 10,
+        })
+        .unwrap();
+        let seq = stream.push(i % 2, i as i64 * 10, b"pk", &json);
+        if i % 2 == 0 {
+            last_of_shard_0 = seq;
+        }
+    }
+    let sink = KeyLimited {
+        inner: MemorySink::new("counts"),
+    };
+    let dead = MemorySink::<shardflow::DeadLetterRecord>::new("dead");
+    let registry = prometheus::Registry::new();
+    let topology = || {
+        Topology::builder("refused")
+            .dead_letter(DeadLetter::to(dead.clone()))
+            .source(stream.clone().json::<Click>())
+            .event_time(|c: &Click| c.ts)
+            .key_by(|c: &Click| c.user.clone())
+            .window(TumblingWindow::of(Duration::from_secs(1)))
+            .aggregate(Count)
+            .sink(sink.clone())
+            .build()
+            .unwrap()
+    };
+    let leases = Arc::new(MemoryLeaseStore::new());
+    for run in 0..2 {
+        Runtime::new(topology(), leases.clone())
+            .with_config(RuntimeConfig {
+                parallelism: 1,
+                ..config(quick(3))
+            })
+            .with_metrics(Metrics::new(&registry))
+            .run()
+            .await
+            .unwrap_or_else(|e| panic!("run {run}: a refused result costs itself: {e}"));
+    }
+    let got: Vec<(String, String, u64)> = sink
+        .inner
+        .contents()
+        .into_iter()
+        .map(|((shard, _), r)| (shard.as_str().to_owned(), r.key, r.value))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("shard-0".to_owned(), "a".to_owned(), 9),
+            ("shard-1".to_owned(), "a".to_owned(), 10)
+        ],
+        "both shards went on"
+    );
+    let letters: Vec<shardflow::DeadLetterRecord> = dead.contents().into_values().collect();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    let result = letter.result.as_ref().expect("a keyed dead letter");
+    assert_eq!(letter.shard.as_str(), "shard-0");
+    assert_eq!(letter.stream, "clicks");
+    assert_eq!(letter.stage, "sink key-limited");
+    assert!(letter.data.is_empty() && letter.size == 0);
+    assert!(letter.error.contains("300 key bytes"), "{}", letter.error);
+    assert!(
+        !letter.error.contains(&long),
+        "the reason does not quote the key"
+    );
+    assert_eq!(
+        (result.topology.as_str(), result.sink.as_str()),
+        ("refused", "key-limited")
+    );
+    assert_eq!(result.key, long);
+    assert_eq!(result.window.map(|w| (w.start, w.end)), Some((0, 1000)));
+    let identity = shardflow::core::sink::OutputId::keyed(
+        long.as_str().into(),
+        Some(shardflow::core::sink::Window::new(0, 1000)),
+    );
+    assert_eq!(result.identity, identity.to_path());
+    assert!(
+        result.identity.len() < 200,
+        "a long key's identity is shortened"
+    );
+    // The last record of shard-0 read before the window closed.
+    assert_eq!(letter.position.sequence.as_u128(), Some(last_of_shard_0));
+    // The second run emits the still-open window again at the end of its input, and its
+    // letter with it: under the same identity, so one letter stands.
+    assert_eq!(
+        dead.writes() - dead.replaced(),
+        1,
+        "one letter over both runs"
+    );
+    let lease = leases
+        .get(&lease_key("clicks", "shard-0"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(
+        lease.checkpoint.committed,
+        shardflow::core::lease::CheckpointPosition::Initial,
+        "the shard's checkpoint passed the dead-lettered result"
+    );
+    let lettered = counter_sum(&registry, "shardflow_dead_letters_total");
+    assert_eq!(lettered, 1.0);
 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::payload_store::PayloadStore;
 use crate::position::{RecordPosition, ShardId};
-use crate::sink::Sink;
+use crate::sink::{OutputId, Sink, Window};
 
 /// A record that could not be processed, with everything needed to replay it by hand.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,10 +41,67 @@ pub struct DeadLetterRecord {
     /// record's position.
     #[serde(default)]
     pub stored_at: Option<String>,
-    /// Where it failed: `decode` or the name of the operator.
+    /// Where it failed: `decode`, the name of the operator, or `sink <name>`.
     pub stage: String,
     /// The error: its kind and where, never the payload's values.
     pub error: String,
+    /// For a keyed dead letter, the keyed result a sink refused (`Sink::check`). No input
+    /// record stands behind a keyed result: the letter has no payload, and its `position` is
+    /// the last record of the shard read before the result was made.
+    #[serde(default)]
+    pub result: Option<RefusedResult>,
+}
+
+/// The keyed result behind a keyed dead letter: a sink refused it (too large for it, say), so
+/// it was never written; the run went on without it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedResult {
+    /// The topology that made it.
+    pub topology: String,
+    /// The sink that refused it.
+    pub sink: String,
+    /// Its key as text: the first [`MAX_LETTER_KEY_BYTES`] bytes of a longer one (`identity`
+    /// tells long keys apart). Empty for a late record on a keyed path's side output.
+    pub key: String,
+    /// Its window, for a windowed result.
+    pub window: Option<Window>,
+    /// Its identity in that sink as a path (`OutputId::to_path`: key, window and index; a
+    /// late record's position), long keys shortened to a readable prefix and a digest.
+    pub identity: String,
+    /// Its encoded size as the sink sizes it, if the sink says (`Sink::size_of`).
+    pub size: Option<u64>,
+}
+
+/// The most bytes of a refused result's key a keyed dead letter keeps.
+pub const MAX_LETTER_KEY_BYTES: usize = 1024;
+
+impl RefusedResult {
+    /// What a keyed dead letter says of the result `identity` that `sink` of `topology`
+    /// refused.
+    pub fn new(topology: String, sink: String, identity: &OutputId, size: Option<u64>) -> Self {
+        let (key, window) = match identity {
+            OutputId::Keyed { key, window, .. } => {
+                let mut key = key.to_string();
+                if key.len() > MAX_LETTER_KEY_BYTES {
+                    let mut end = MAX_LETTER_KEY_BYTES;
+                    while !key.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    key.truncate(end);
+                }
+                (key, *window)
+            }
+            OutputId::Record { .. } => (String::new(), None),
+        };
+        Self {
+            topology,
+            sink,
+            key,
+            window,
+            identity: identity.to_path(),
+            size,
+        }
+    }
 }
 
 impl DeadLetterRecord {
@@ -70,6 +127,32 @@ impl DeadLetterRecord {
             stored_at: None,
             stage,
             error,
+            result: None,
+        }
+    }
+
+    /// The keyed dead letter of a result a sink refused, made in `stream`'s `shard` after the
+    /// record at `after`.
+    pub fn of_result(
+        stream: String,
+        shard: ShardId,
+        after: RecordPosition,
+        result: RefusedResult,
+        error: String,
+    ) -> Self {
+        Self {
+            stream,
+            shard,
+            position: after,
+            partition_key: String::new(),
+            data: Vec::new(),
+            size: 0,
+            digest: String::new(),
+            truncated: false,
+            stored_at: None,
+            stage: format!("sink {}", result.sink),
+            error,
+            result: Some(result),
         }
     }
 
@@ -304,6 +387,40 @@ mod tests {
             "decode".into(),
             "cannot decode record as json".into(),
         )
+    }
+
+    #[test]
+    fn a_keyed_letter_keeps_a_bounded_start_of_a_long_key_and_its_shortened_identity() {
+        let long = "é".repeat(1000);
+        let id = OutputId::keyed(long.as_str().into(), Some(Window::new(0, 10)));
+        let result = RefusedResult::new("t".into(), "s".into(), &id, Some(9));
+        assert!(result.key.len() <= MAX_LETTER_KEY_BYTES && long.starts_with(&result.key));
+        assert_eq!(
+            result.key.len(),
+            MAX_LETTER_KEY_BYTES,
+            "cut after a whole character"
+        );
+        assert_eq!(result.identity, id.to_path());
+        assert!(result.identity.len() < 200, "{}", result.identity);
+        assert_eq!(result.window, Some(Window::new(0, 10)));
+        let letter = DeadLetterRecord::of_result(
+            "s".into(),
+            ShardId::new("shard-0"),
+            RecordPosition::new(SequenceNumber::from_u128(7)),
+            result,
+            "too large".into(),
+        );
+        assert_eq!(letter.stage, "sink s");
+        let json = serde_json::to_value(&letter).unwrap();
+        assert_eq!(
+            serde_json::from_value::<DeadLetterRecord>(json).unwrap(),
+            letter
+        );
+        let bytes = bincode::serialize(&letter).unwrap();
+        assert_eq!(
+            bincode::deserialize::<DeadLetterRecord>(&bytes).unwrap(),
+            letter
+        );
     }
 
     #[test]

@@ -375,14 +375,16 @@ pub enum ShardStopped {
         /// What was wrong.
         reason: String,
     },
-    /// A sink refused a keyed result of the shard (`Sink::check`: too large for it, say). No
-    /// input record stands behind a keyed result, so it cannot be dead-lettered: the shard
-    /// stops with its checkpoint before the epoch that made the result.
-    #[error("shard {shard} stopped: {reason}")]
-    RefusedOutput {
+    /// A keyed path could not go on with the shard, and no input record stands behind what
+    /// failed: a sink refused a keyed result (`Sink::check`) and the dead-letter policy has
+    /// no sink that takes its keyed dead letter, or a keyed operator panicked outside any
+    /// record (closing a window, emitting running results). The shard stops with its
+    /// checkpoint before the epoch that failed; the other shards go on.
+    #[error("shard {shard} stopped on a keyed path: {reason}")]
+    KeyedPath {
         /// The shard.
         shard: ShardId,
-        /// The sink's reason.
+        /// What failed: kinds and sizes, never values.
         reason: String,
     },
     /// The lease was lost; another worker continues from the last checkpoint.
@@ -394,7 +396,7 @@ impl ShardStopped {
     /// The shard a policy stop holds (its lease stays with the worker), if it is one.
     pub fn held_shard(&self) -> Option<&ShardId> {
         match self {
-            Self::BadRecord { shard, .. } | Self::RefusedOutput { shard, .. } => Some(shard),
+            Self::BadRecord { shard, .. } | Self::KeyedPath { shard, .. } => Some(shard),
             Self::LeaseLost(_) => None,
         }
     }

@@ -290,13 +290,19 @@ pub trait Sink<T>: Send + Sync + 'static {
         Ok(())
     }
 
+    /// The output's size as this sink encodes it, if the sink knows: a keyed dead letter
+    /// records it for a result `check` refused. Default: unknown.
+    fn size_of(&self, _value: &T) -> Option<u64> {
+        None
+    }
+
     /// Whether the sink gathers the outputs of records into units across commits and reports
     /// where a shard's checkpoint may stop (`SinkWriter::held`), as `S3Sink` does. Such a sink
     /// must see all of a shard's record outputs in one writer, so that a replay at any
     /// parallelism cuts the same units: it is refused after `key_by` (late records), where
     /// several keyed workers write one shard's records. Default: no.
     ///
-    /// A sink that wraps another must forward this, `check`, and its writer's `held`,
+    /// A sink that wraps another must forward this, `check`, `size_of`, and its writer's `held`,
     /// `end_shard` and `release_shard`. The runtime refuses what it can see of a partial
     /// forward (`error::HoldingContract`) at the first write, commit or shard end that shows
     /// it, before any checkpoint moves: a writer holding outputs under a sink that does not
@@ -403,6 +409,10 @@ impl<T: Send + 'static, S: Sink<T>> Sink<T> for Named<S> {
 
     fn check(&self, value: &T) -> Result<(), String> {
         self.inner.check(value)
+    }
+
+    fn size_of(&self, value: &T) -> Option<u64> {
+        self.inner.size_of(value)
     }
 
     fn holds_record_outputs(&self) -> bool {

@@ -42,9 +42,11 @@ pub(crate) enum DropReason {
         /// The operator's label.
         stage: Arc<str>,
     },
-    /// A sink refused one of its keyed results (`Sink::check`): the shard stops there.
-    Refused {
-        /// The sink's reason.
+    /// The keyed path cannot go on with the shard and no record can be dead-lettered for
+    /// it (a refused keyed result without a dead-letter sink that takes it, a panic outside
+    /// any record): the shard stops there (`ShardStopped::KeyedPath`).
+    Stop {
+        /// What failed.
         reason: String,
     },
 }

@@ -198,6 +198,19 @@ where
                 op: (self.make_op)(),
                 main: self.main.instantiate(&instance),
                 late: self.late.instantiate(&instance),
+                letters: cx.dead_letter.sink().map(|sink| {
+                    let cx = SinkContext {
+                        topology: cx.topology.clone(),
+                        instance: format!("dead-letters-worker-{path}"),
+                    };
+                    SinkEmitter::new(
+                        Arc::clone(sink),
+                        cx,
+                        instance.metrics.clone(),
+                        instance.random.clone(),
+                    )
+                }),
+                stream: cx.stream.clone(),
                 label: label_of(&self.label),
                 tracker: cx.tracker.clone(),
                 pool: Arc::clone(&pool),

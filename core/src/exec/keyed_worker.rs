@@ -15,14 +15,19 @@ use std::sync::Arc;
 use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::sync::mpsc;
 
+use crate::dead_letter::{DeadLetterRecord, RefusedResult};
 use crate::error::Error;
 use crate::lease::LeaseEpoch;
 use crate::metrics::Metrics;
-use crate::operator::{Control, Emit, EpochCx, KeyedOperator, KeyedOutput, Mode};
-use crate::position::{EventTime, ShardId};
+use crate::operator::{
+    Control, Emit, EpochCx, Ident, KeyedOperator, KeyedOutput, Mode, RecordCx, Refused,
+};
+use crate::position::{EventTime, RecordPosition, ShardId};
+use crate::sink::{KeyId, OutputId};
 use crate::tracker::{DropReason, DroppedLife, Report, Tracker};
 
 use super::exchange::{ExchangeMsg, RecordPool};
+use super::sink_emitter::SinkEmitter;
 use super::user_code;
 
 /// Runs one keyed worker until every shard task dropped its sender.
@@ -30,6 +35,11 @@ pub(crate) struct KeyedWorker<Op: KeyedOperator> {
     pub(crate) op: Op,
     pub(crate) main: Box<dyn Emit<Op::Out>>,
     pub(crate) late: Box<dyn Emit<Op::In>>,
+    /// The dead-letter policy's sink, if it has one: keyed dead letters of results a sink
+    /// refused go there, committed with the worker's other outputs.
+    pub(crate) letters: Option<SinkEmitter<DeadLetterRecord>>,
+    /// The source stream, which dead letters name.
+    pub(crate) stream: String,
     /// The operator's metrics label.
     pub(crate) label: Arc<str>,
     pub(crate) tracker: Tracker,
@@ -65,6 +75,9 @@ struct Pending<S> {
     touched: Vec<Life>,
     /// Lives this worker dropped; their epochs are ignored until their `Release` arrives.
     dropped: FxHashSet<Life>,
+    /// The last record of each shard's current life this worker was sent: a keyed dead
+    /// letter names it (its result derives from records up to there).
+    last_read: FxHashMap<ShardId, RecordPosition>,
 }
 
 impl<Op> KeyedWorker<Op>
@@ -83,6 +96,7 @@ where
             uncommitted: Vec::new(),
             touched: Vec::new(),
             dropped: FxHashSet::default(),
+            last_read: FxHashMap::default(),
         };
         // When the epochs gathered so far must be committed.
         let mut deadline: Option<tokio::time::Instant> = None;
@@ -109,7 +123,8 @@ where
             );
             let handled = self.handle(&mut pending, msg).await;
             self.isolate(&mut pending, handled).await?;
-            self.stop_refused(&mut pending).await?;
+            let lettered = self.dead_letter_refused(&mut pending).await;
+            self.isolate(&mut pending, lettered).await?;
             let at =
                 *deadline.get_or_insert_with(|| tokio::time::Instant::now() + self.commit_interval);
             if urgent
@@ -165,11 +180,15 @@ where
         // and again before the commit, which emitting may have waited for.
         self.drop_expired(pending).await?;
         for epoch in std::mem::take(&mut pending.uncommitted) {
-            if let Some(state) = pending.states.get_mut(&epoch.shard) {
-                self.emit_running(state, &epoch).await?;
+            let emitted = match pending.states.get_mut(&epoch.shard) {
+                Some(state) => self.emit_running(state, &epoch).await?,
+                None => true,
+            };
+            if !emitted {
+                self.panicked_outside_records(pending, &epoch).await?;
             }
         }
-        self.stop_refused(pending).await?;
+        self.dead_letter_refused(pending).await?;
         self.drop_expired(pending).await?;
         // Each refusal drops one life; a writer that keeps refusing after it was told to
         // drop the shard (`SinkWriter::release_shard`) breaks its contract.
@@ -178,10 +197,7 @@ where
             let committed = match self.main.commit().await {
                 // The main commit may have stalled past a guard: the late sink's commit is
                 // another write.
-                Ok(()) => match self.drop_expired(pending).await {
-                    Ok(()) => self.late.commit().await,
-                    Err(e) => Err(e),
-                },
+                Ok(()) => self.commit_after_main(pending).await,
                 Err(e) => Err(e),
             };
             match committed {
@@ -210,20 +226,104 @@ where
         Ok(())
     }
 
-    /// Stops the lives a sink refused a keyed result of (`Sink::check`): the result was never
-    /// written, and without an input record behind it the only visible, lossless way on is
-    /// to stop its shard (`ShardStopped::RefusedOutput`); the other shards go on.
-    async fn stop_refused(&mut self, pending: &mut Pending<Op::State>) -> Result<(), Error> {
+    /// Commits the late records' sink and then the keyed dead letters, each only for lives
+    /// whose guard still holds: the commit before it may have stalled past one.
+    async fn commit_after_main(&mut self, pending: &mut Pending<Op::State>) -> Result<(), Error> {
+        self.drop_expired(pending).await?;
+        self.late.commit().await?;
+        if let Some(letters) = self.letters.as_mut() {
+            if cfg!(shardflow_mutation = "letters_unguarded") {
+                // A mutation check: keyed dead letters are committed whatever the guards say.
+                return letters.commit().await;
+            }
+            self.drop_expired(pending).await?;
+            let letters = self.letters.as_mut().expect("checked above");
+            letters.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// Dead-letters the keyed results sinks refused (`Sink::check`) in live epochs: each
+    /// becomes a keyed dead letter, written with the life's other outputs and committed with
+    /// them (so before the checkpoint passes the epoch that made it; a replay of that epoch
+    /// reports nothing again), and the run goes on without the result. Where the policy has
+    /// no dead-letter sink, or that sink refuses even the letter, no record can stand for the
+    /// result: its shard stops (`ShardStopped::KeyedPath`); the other shards go on.
+    async fn dead_letter_refused(&mut self, pending: &mut Pending<Op::State>) -> Result<(), Error> {
         let mut refused = Vec::new();
         self.main.take_refused(&mut refused);
         self.late.take_refused(&mut refused);
-        for (shard, lease_epoch, reason) in refused {
-            if pending.dropped.contains(&(shard.clone(), lease_epoch)) {
+        for refused in refused {
+            let life = (refused.shard.clone(), refused.lease_epoch);
+            if pending.dropped.contains(&life) {
                 continue;
             }
-            tracing::error!(%shard, sink_reason = %reason, "a sink refused a keyed result; stopping the shard");
-            self.drop_life(pending, shard, lease_epoch, DropReason::Refused { reason })
-                .await?;
+            let after = match &refused.identity {
+                OutputId::Record { position, .. } => Some(position.clone()),
+                OutputId::Keyed { .. } => pending.last_read.get(&refused.shard).cloned(),
+            };
+            let letter = match (&self.letters, after) {
+                (Some(letters), Some(after)) => {
+                    let sink = Arc::clone(&letters.sink);
+                    let letter = DeadLetterRecord::of_result(
+                        self.stream.clone(),
+                        refused.shard.clone(),
+                        after,
+                        RefusedResult::new(
+                            self.topology.clone(),
+                            refused.sink.clone(),
+                            &refused.identity,
+                            refused.size,
+                        ),
+                        refused.reason.clone(),
+                    );
+                    letter.fit(|l| sink.check(l)).map_err(|reason| {
+                        format!(
+                            "dead-letter sink {} refuses the letter: {reason}",
+                            sink.name()
+                        )
+                    })
+                }
+                (Some(_), None) => Err("no record of the shard was read before it".to_owned()),
+                (None, _) => Err("the dead-letter policy has no sink".to_owned()),
+            };
+            let (shard, lease_epoch) = life.clone();
+            match letter {
+                Ok(letter) => {
+                    let letters = self.letters.as_mut().expect("a letter implies its sink");
+                    let cx = RecordCx {
+                        event_time: 0,
+                        watermark: 0,
+                        ident: letter_ident(&refused),
+                    };
+                    letters.emit(&cx, letter);
+                    let epoch = EpochCx {
+                        shard: shard.clone(),
+                        lease_epoch,
+                        epoch: 0,
+                        raw: Arc::default(),
+                        watermark: None,
+                        mode: Mode::Live,
+                        control: Control::Continue,
+                    };
+                    letters.flush(&epoch).await?;
+                    if !pending.touched.contains(&life) {
+                        pending.touched.push(life);
+                    }
+                    tracing::warn!(%shard, sink = %refused.sink, size = ?refused.size, sink_reason = %refused.reason, "a sink refused a keyed result; it is dead-lettered and the shard goes on");
+                    self.metrics
+                        .dead_lettered(&self.topology, shard.as_str(), 1);
+                }
+                Err(why) => {
+                    tracing::error!(%shard, sink = %refused.sink, sink_reason = %refused.reason, why = %why, "a sink refused a keyed result that cannot be dead-lettered; stopping the shard");
+                    let reason = format!(
+                        "sink {} refused a keyed result ({}) and {why}",
+                        refused.sink, refused.reason
+                    );
+                    self.drop_life(pending, shard, lease_epoch, DropReason::Stop { reason })
+                        .await?;
+                }
+            }
         }
         Ok(())
     }
@@ -288,6 +388,7 @@ where
     ) -> Result<(), Error> {
         pending.states.remove(shard);
         pending.life_of.remove(shard);
+        pending.last_read.remove(shard);
         pending
             .reports
             .retain(|r| &r.shard != shard || r.lease_epoch != *lease_epoch);
@@ -307,19 +408,58 @@ where
             control: Control::Release,
         };
         self.main.flush(&release).await?;
-        self.late.flush(&release).await
+        self.late.flush(&release).await?;
+        if let Some(letters) = self.letters.as_mut() {
+            letters.discard();
+            letters.flush(&release).await?;
+        }
+        Ok(())
     }
 
-    /// Lets the operator emit the running results `state` owes, under `epoch`.
-    async fn emit_running(&mut self, state: &mut Op::State, epoch: &EpochCx) -> Result<(), Error> {
+    /// A keyed operator panicked outside any record: closing windows, emitting what its state
+    /// owes, or ending the input (in user code such as `Aggregator::result`). Its state may be
+    /// half-changed and no input record can be dead-lettered for it, and a replay would panic
+    /// the same way: the shard stops there (`ShardStopped::KeyedPath`), visibly, with its
+    /// checkpoint before the epoch; the other shards go on.
+    async fn panicked_outside_records(
+        &mut self,
+        pending: &mut Pending<Op::State>,
+        epoch: &EpochCx,
+    ) -> Result<(), Error> {
+        tracing::error!(shard = %epoch.shard, operator = %self.label, epoch = epoch.epoch, "a keyed operator panicked outside any record; stopping the shard");
+        let reason = format!(
+            "operator {} panicked outside any record (closing windows or emitting results; its \
+             message is on stderr)",
+            self.label
+        );
+        self.drop_life(
+            pending,
+            epoch.shard.clone(),
+            epoch.lease_epoch,
+            DropReason::Stop { reason },
+        )
+        .await
+    }
+
+    /// Lets the operator emit the running results `state` owes, under `epoch`. `Ok(false)`
+    /// if it panicked (the caller stops the shard).
+    async fn emit_running(
+        &mut self,
+        state: &mut Op::State,
+        epoch: &EpochCx,
+    ) -> Result<bool, Error> {
         let mut out = KeyedOutput::new(&mut *self.main, &mut *self.late);
-        self.op.on_commit(state, &mut out);
+        let op = &mut self.op;
+        if user_code::call(|| op.on_commit(state, &mut out)).is_err() {
+            return Ok(false);
+        }
         let emitted = out.emitted();
         if !epoch.replay() {
             self.count(&epoch.shard, 0, emitted);
         }
         self.main.flush(epoch).await?;
-        self.late.flush(epoch).await
+        self.late.flush(epoch).await?;
+        Ok(true)
     }
 
     /// Adds records into and results out of the operator to the metrics of `shard`.
@@ -380,14 +520,19 @@ where
         if !pending.touched.contains(&life) {
             pending.touched.push(life);
         }
+        if let Some(last) = epoch.raw.last_position() {
+            pending.last_read.insert(epoch.shard.clone(), last.clone());
+        }
         pending.uncommitted.retain(|e| e.shard != epoch.shard);
         if epoch.control == Control::Stop {
             // An orderly stop: what the state owes goes out with the epochs it derives from,
             // which the final checkpoint then covers.
-            if let Some(mut state) = pending.states.remove(&epoch.shard) {
-                self.emit_running(&mut state, &epoch).await?;
-            }
             self.pool.give(records);
+            if let Some(mut state) = pending.states.remove(&epoch.shard) {
+                if !self.emit_running(&mut state, &epoch).await? {
+                    return self.panicked_outside_records(pending, &epoch).await;
+                }
+            }
             return Ok(());
         }
         let state = pending.states.entry(epoch.shard.clone()).or_default();
@@ -421,16 +566,26 @@ where
         }
         // A replayed epoch fires and closes windows as the first run did; its outputs are
         // dropped (they were committed then), so the state ends as the first run's was.
-        match epoch.control {
-            Control::ShardEnd => self.op.on_watermark(state, EventTime::MAX, &mut out),
-            _ => {
-                if let Some(wm) = epoch.watermark {
-                    self.op.on_watermark(state, wm, &mut out);
+        let op = &mut self.op;
+        let called = user_code::call(|| {
+            match epoch.control {
+                Control::ShardEnd => op.on_watermark(state, EventTime::MAX, &mut out),
+                _ => {
+                    if let Some(wm) = epoch.watermark {
+                        op.on_watermark(state, wm, &mut out);
+                    }
                 }
             }
-        }
-        if epoch.control == Control::EndOfInput && epoch.mode == Mode::Live {
-            self.op.on_end_of_input(state, &mut out);
+            if epoch.control == Control::EndOfInput && epoch.mode == Mode::Live {
+                op.on_end_of_input(state, &mut out);
+            }
+            if epoch.control == Control::ShardEnd {
+                // The shard is closed: its state goes below, with what it owes.
+                op.on_commit(state, &mut out);
+            }
+        });
+        if called.is_err() {
+            return self.panicked_outside_records(pending, &epoch).await;
         }
         let live = epoch.mode == Mode::Live;
         if out.late_count() > 0 && live {
@@ -440,8 +595,8 @@ where
             // A mutation check: open windows do not hold the rebuild point back.
             None
         } else if epoch.control == Control::ShardEnd {
-            // The shard is closed: its state goes, with what it owes, and holds nothing.
-            self.op.on_commit(state, &mut out);
+            // The shard is closed: its state went out with what it owed (above), and holds
+            // nothing.
             pending.states.remove(&epoch.shard);
             None
         } else {
@@ -462,5 +617,22 @@ where
             hold,
         });
         Ok(())
+    }
+}
+
+/// A keyed dead letter's identity in the dead-letter sink: the refused result's, under the
+/// refusing sink's name (two sinks may refuse one result); a late record's by its position.
+fn letter_ident(refused: &Refused) -> Ident {
+    match &refused.identity {
+        OutputId::Keyed { key, window, index } => Ident::Keyed {
+            key: KeyId::text(format!("{}/{key}", refused.sink)),
+            window: *window,
+            fanout: *index,
+        },
+        OutputId::Record { position, index } => Ident::Keyed {
+            key: KeyId::text(format!("{}/late/{position}", refused.sink)),
+            window: None,
+            fanout: *index,
+        },
     }
 }

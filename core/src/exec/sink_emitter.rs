@@ -23,6 +23,13 @@ const SINK_ATTEMPTS: u32 = 6;
 /// First wait between sink attempts; doubles with full jitter.
 const SINK_BACKOFF: Duration = Duration::from_millis(50);
 
+/// A refused output's identity as known when it is emitted: a late record's position is
+/// looked up at the flush.
+enum RefusedId {
+    Keyed(OutputId),
+    Record(u32, u64),
+}
+
 /// Feeds a sink writer: buffers an epoch's outputs, writes them on flush, commits on commit.
 pub(crate) struct SinkEmitter<T> {
     pub(crate) sink: Arc<dyn Sink<T>>,
@@ -51,9 +58,10 @@ pub(crate) struct SinkEmitter<T> {
     /// On a shard's own path, the shard's lease guard: the writer is called only while it
     /// holds (another sink's commit before this one may have stalled past the lease).
     pub(crate) guard: Option<(ShardId, LeaseGuard)>,
-    /// After `key_by`: the first reason the sink refused a keyed result since the last flush,
-    /// and the refusals flushed since the keyed worker last took them.
-    refused_now: Option<String>,
+    /// After `key_by`: the results the sink refused since the last flush (their identities,
+    /// a late record's by its index in the epoch), and the refusals of live epochs flushed
+    /// since the keyed worker last took them.
+    refused_now: Vec<(RefusedId, String, Option<u64>)>,
     refused: Vec<Refused>,
 }
 
@@ -78,7 +86,7 @@ impl<T: Send + 'static> SinkEmitter<T> {
             skip_through: None,
             holds_tracked: false,
             guard: None,
-            refused_now: None,
+            refused_now: Vec::new(),
             refused: Vec::new(),
         }
     }
@@ -173,34 +181,51 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
                         failures.fail(cx, &stage, &reason, 0, false);
                         return;
                     }
-                } else if self.refuses(&value) {
+                } else if self.refuses(&value, || RefusedId::Record(*index, *fanout)) {
                     // A late record on a keyed path's side output: refused like a keyed result.
                     return;
                 }
                 self.of_records.push((*index, *fanout, value));
             }
-            Ident::Keyed { .. } if self.failures.is_none() && self.refuses(&value) => {}
             Ident::Keyed {
                 key,
                 window,
                 fanout,
-            } => self.ready.push(Output {
-                id: OutputId::Keyed {
+            } => {
+                let id = OutputId::Keyed {
                     key: key.clone(),
                     window: *window,
                     index: *fanout,
-                },
-                value,
-            }),
+                };
+                if self.failures.is_some() || !self.refuses(&value, || RefusedId::Keyed(id.clone()))
+                {
+                    self.ready.push(Output { id, value });
+                }
+            }
         }
     }
 
     async fn flush(&mut self, epoch: &EpochCx) -> Result<(), Error> {
-        // A replayed epoch's results were committed (or refused) by the run that first made
-        // them, and are dropped below: a refusal of one stops nothing.
-        if let Some(reason) = self.refused_now.take().filter(|_| !epoch.replay()) {
+        // A replayed epoch's results were committed (or dead-lettered) by the run that first
+        // made them, and are dropped below: a refusal of one is not reported again.
+        let refused = std::mem::take(&mut self.refused_now);
+        if !epoch.replay() {
+            let sink = self.sink.name();
             self.refused
-                .push((epoch.shard.clone(), epoch.lease_epoch, reason));
+                .extend(refused.into_iter().map(|(id, reason, size)| Refused {
+                    shard: epoch.shard.clone(),
+                    lease_epoch: epoch.lease_epoch,
+                    sink: sink.to_owned(),
+                    identity: match id {
+                        RefusedId::Keyed(id) => id,
+                        RefusedId::Record(index, fanout) => OutputId::Record {
+                            position: epoch.raw.get(index as usize).position.clone(),
+                            index: fanout,
+                        },
+                    },
+                    reason,
+                    size,
+                }));
         }
         if let Some(skip) = &self.skip_through {
             // Stored units end at its own position, not at the shard's: what is after it is
@@ -289,7 +314,7 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
     fn discard(&mut self) {
         self.ready.clear();
         self.of_records.clear();
-        self.refused_now = None;
+        self.refused_now.clear();
     }
 
     fn take_refused(&mut self, out: &mut Vec<Refused>) {
@@ -311,13 +336,12 @@ impl<T: Send + 'static> Emit<T> for SinkEmitter<T> {
 
 impl<T: Send + 'static> SinkEmitter<T> {
     /// Whether the sink refuses a keyed result (noted for the flush, which knows its shard).
-    fn refuses(&mut self, value: &T) -> bool {
+    fn refuses(&mut self, value: &T, id: impl FnOnce() -> RefusedId) -> bool {
         match self.sink.check(value) {
             Ok(()) => false,
             Err(reason) => {
-                let sink = self.sink.name();
-                self.refused_now
-                    .get_or_insert_with(|| format!("sink {sink} refused a keyed result: {reason}"));
+                let size = self.sink.size_of(value);
+                self.refused_now.push((id(), reason, size));
                 true
             }
         }

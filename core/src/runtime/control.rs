@@ -670,10 +670,10 @@ impl ControlLoop {
             ) => (TaskEnd::SinkFailed, error),
             (
                 TaskEnd::Finished { .. } | TaskEnd::Cancelled { .. } | TaskEnd::Fenced,
-                Some(DropReason::Refused { reason }),
+                Some(DropReason::Stop { reason }),
             ) => (
                 TaskEnd::Stopped,
-                Some(Error::ShardStopped(ShardStopped::RefusedOutput {
+                Some(Error::ShardStopped(ShardStopped::KeyedPath {
                     shard: id.clone(),
                     reason: reason.clone(),
                 })),
@@ -793,7 +793,7 @@ impl ControlLoop {
             }
             let sink_failed = reason == DropReason::SinkFailed;
             // Taken on the task's end (or at once, for a finishing shard) instead of resyncing.
-            let decided_at_end = sink_failed || matches!(reason, DropReason::Refused { .. });
+            let decided_at_end = sink_failed || matches!(reason, DropReason::Stop { .. });
             let running = self
                 .running
                 .get_mut(&shard)
@@ -817,8 +817,8 @@ impl ControlLoop {
                     self.back_off(f.shard, f.lease_key, None).await;
                     continue;
                 }
-                if let DropReason::Refused { reason } = reason {
-                    let stop = ShardStopped::RefusedOutput {
+                if let DropReason::Stop { reason } = reason {
+                    let stop = ShardStopped::KeyedPath {
                         shard: f.shard.clone(),
                         reason,
                     };

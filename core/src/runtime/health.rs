@@ -123,11 +123,10 @@ impl Health {
                     ),
                 )
             }
-            ShardStopped::RefusedOutput { shard, .. } => (
+            ShardStopped::KeyedPath { shard, .. } => (
                 shard.as_str().to_owned(),
                 format!(
-                    "shard {shard} stopped: a sink refused one of its keyed results (the reason \
-                     is in the worker's log)"
+                    "shard {shard} stopped on a keyed path (the reason is in the worker's log)"
                 ),
             ),
             other => (String::new(), format!("a shard stopped: {other}")),

@@ -263,6 +263,8 @@ impl Runtime {
             commit_interval: config.commit_interval,
             random: self.random.clone(),
             fanout_bits: topology.fanout_bits,
+            dead_letter: topology.dead_letter.clone(),
+            stream: topology.source.stream_name().to_owned(),
         };
         let exchanges: Vec<_> = topology
             .keyed

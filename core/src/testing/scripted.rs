@@ -261,6 +261,10 @@ impl<T: Send + 'static, S: Sink<T>> Sink<T> for ScriptedSink<S> {
         self.inner.check(value)
     }
 
+    fn size_of(&self, value: &T) -> Option<u64> {
+        self.inner.size_of(value)
+    }
+
     fn holds_record_outputs(&self) -> bool {
         self.inner.holds_record_outputs()
     }

@@ -70,6 +70,10 @@ pub(crate) struct WorkerCx {
     pub(crate) commit_interval: Duration,
     pub(crate) random: Random,
     pub(crate) fanout_bits: u32,
+    /// Where keyed dead letters go.
+    pub(crate) dead_letter: crate::dead_letter::DeadLetter,
+    /// The source stream, which dead letters name.
+    pub(crate) stream: String,
 }
 
 /// A declared consumer of a stream of `T`, instantiated once per pipeline instance.

@@ -511,7 +511,9 @@ pub fn run_seed(seed: u64) -> SeedReport {
 
 async fn simulate(seed: u64) -> SeedReport {
     let random = Random::seeded(seed);
-    let spec = Spec::random(&random).with_dead_letters_from(&Random::seeded(!seed));
+    let spec = Spec::random(&random)
+        .with_dead_letters_from(&Random::seeded(!seed))
+        .with_refusals_from(&Random::seeded(seed ^ 0x005e_ed0f_ae15));
     let stream = MemoryStream::new("sim", spec.shards);
     stream.set_facts(Some(shardflow_core::source::StreamFacts {
         created_ms: 0,
@@ -999,9 +1001,40 @@ fn compare(world: &World, expected: &super::oracle::Expected, report: &mut SeedR
             got
         }
     };
+    let (keyed_letters, dead): (BTreeMap<_, _>, BTreeMap<_, _>) = keyed(dead)
+        .into_iter()
+        .partition(|(_, d)| d.result.is_some());
     let dead: BTreeMap<(String, String), String> =
-        keyed(dead).into_iter().map(|(k, d)| (k, d.stage)).collect();
+        dead.into_iter().map(|(k, d)| (k, d.stage)).collect();
     diff("dead letters", &expected.dead, &dead, &mut report.failures);
+    // Keyed dead letters: one for every result whose final value a sink refused; one may
+    // stand for an earlier value refused (emitted or not, as commits fell).
+    let missing: Vec<_> = expected
+        .keyed_letters
+        .iter()
+        .filter(|(k, must)| **must && !keyed_letters.contains_key(*k))
+        .map(|(k, _)| k)
+        .collect();
+    let unexpected: Vec<_> = keyed_letters
+        .iter()
+        .filter(|(k, d)| {
+            !expected.keyed_letters.contains_key(*k)
+                || d.result
+                    .as_ref()
+                    .is_none_or(|r| d.stage != format!("sink {}", r.sink))
+        })
+        .map(|(k, _)| k)
+        .collect();
+    if !missing.is_empty() || !unexpected.is_empty() {
+        report.failures.push(format!(
+            "keyed dead letters: {} missing {:?}, {} unexpected {:?}",
+            missing.len(),
+            &missing[..missing.len().min(3)],
+            unexpected.len(),
+            &unexpected[..unexpected.len().min(3)]
+        ));
+    }
+    rendered.push_str(&format!("{:?}\n", keyed_letters.keys().collect::<Vec<_>>()));
     rendered.push_str(&format!("{dead:?}\n"));
     report.contents = rendered;
 }

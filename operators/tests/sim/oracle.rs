@@ -20,6 +20,10 @@
 //!   faults and commits happen to fall. A filter there leaves in the sink the last emission
 //!   it let through: where the final result is filtered out, the sink may hold any earlier
 //!   value of that result that passed the filter, or nothing.
+//! - A result value a sink refuses (`Sink::check`) is not written: it becomes a keyed dead
+//!   letter under the sink's name and the result's identity, and the run goes on. Where the
+//!   final value is refused, its letter must stand, and the sink may hold any earlier value it
+//!   accepted, or nothing (as after a filter); a letter may stand for any refused value.
 //! - Identities: `r/<seq>-0-<fanout>` for outputs of records, `w/<start>-<end>/<key>` and
 //!   `k/<key>` for keyed results (`/<fanout>` added when a later `flat_map` fanned them out);
 //!   each `flat_map` level shifts the fanout left by 64 / (the topology's deepest chain of
@@ -28,7 +32,7 @@
 use std::collections::BTreeMap;
 
 use super::model::{decode_bytes, Event, Res};
-use super::spec::{reduce_values, Agg, Branch, KeyedSpec, Op, Spec};
+use super::spec::{reduce_values, refuses, Agg, Branch, KeyedSpec, Op, Spec};
 
 /// Event times outside this range are invalid: late for every window.
 pub const VALID_EVENT_TIME: i64 = i64::MAX / 4;
@@ -54,6 +58,19 @@ pub struct Expected {
     pub late: BTreeMap<usize, BTreeMap<(String, String), Event>>,
     /// Dead letters: identity to stage.
     pub dead: BTreeMap<(String, String), String>,
+    /// Keyed dead letters that may stand (a result value a sink refused), by their identity
+    /// in the dead-letter sink; `true` where one must (the result's final value was refused).
+    pub keyed_letters: BTreeMap<(String, String), bool>,
+}
+
+/// A keyed dead letter's identity path: the refused result's identity under the sink's name.
+fn letter_path(branch: usize, key: u32, window: Option<(i64, i64)>, fanout: u64) -> String {
+    shardflow_core::sink::OutputId::Keyed {
+        key: shardflow_core::sink::KeyId::text(format!("results-{branch}/{key}")),
+        window: window.map(|(s, e)| shardflow_core::sink::Window::new(s, e)),
+        index: fanout,
+    }
+    .to_path()
 }
 
 fn record_path(seq: u128, fanout: u64) -> String {
@@ -480,7 +497,7 @@ fn shard_expected(
     }
     // The shard ended: everything fires.
     for (bi, branch) in spec.branches.iter().enumerate() {
-        let Branch::Keyed { after, .. } = branch else {
+        let Branch::Keyed { after, refuse, .. } = branch else {
             continue;
         };
         let agg = agg_of(branch);
@@ -527,10 +544,20 @@ fn shard_expected(
                 continue;
             };
             for (r, fan) in results(after, vec![(res_of(*last), 0)], bits) {
-                sink.insert((shard.to_owned(), keyed_path(key, window, fan)), r);
+                if refuses(*refuse, r.value) {
+                    let letter = (shard.to_owned(), letter_path(bi, key, window, fan));
+                    out.keyed_letters.insert(letter, true);
+                } else {
+                    sink.insert((shard.to_owned(), keyed_path(key, window, fan)), r);
+                }
             }
             for value in before {
                 for (r, fan) in results(after, vec![(res_of(*value), 0)], bits) {
+                    if refuses(*refuse, r.value) {
+                        let letter = (shard.to_owned(), letter_path(bi, key, window, fan));
+                        out.keyed_letters.entry(letter).or_insert(false);
+                        continue;
+                    }
                     let path = (shard.to_owned(), keyed_path(key, window, fan));
                     if !sink.contains_key(&path) {
                         earlier.entry(path).or_default().push(r);

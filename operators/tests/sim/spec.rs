@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use shardflow_core::dead_letter::{DeadLetter, DeadLetterRecord};
 use shardflow_core::decode::SourceExt;
+use shardflow_core::error::SinkError;
 use shardflow_core::memory::MemoryStream;
 use shardflow_core::random::Random;
-use shardflow_core::sink::MemorySink;
+use shardflow_core::sink::{MemorySink, Sink, SinkContext, SinkWriter};
 use shardflow_core::testing::{HoldingSink, ScriptedSink};
 use shardflow_core::topology::{Keyed, ShardStage, Sharded, Stream, Topology};
 use shardflow_operators::{
@@ -139,6 +140,9 @@ pub enum Branch {
         agg: Agg,
         after: Vec<Op>,
         late: bool,
+        /// The results sink refuses (`Sink::check`) results whose value is 1 modulo this:
+        /// each becomes a keyed dead letter and the run goes on.
+        refuse: Option<i64>,
     },
 }
 
@@ -261,6 +265,7 @@ impl Spec {
                         agg: pick(random, &[Agg::Count, Agg::Sum, Agg::Max, Agg::Reduce]),
                         after: self::ops(random, 2, false, &mut after_depth),
                         late: !matches!(op, KeyedSpec::Running) && chance(random, 0.6),
+                        refuse: None,
                     }
                 }
             })
@@ -286,6 +291,17 @@ impl Spec {
             SinkSpec::Plain
         };
         Self { dead, ..self }
+    }
+
+    /// Draws which keyed branches' sinks refuse some results from `random` (a source of its
+    /// own, as for the dead-letter sink).
+    pub fn with_refusals_from(mut self, random: &Random) -> Self {
+        for branch in &mut self.branches {
+            if let Branch::Keyed { refuse, .. } = branch {
+                *refuse = chance(random, 0.3).then(|| pick(random, &[2, 3, 9]));
+            }
+        }
+        self
     }
 
     /// The most `flat_map`s on one path from an identity root.
@@ -351,6 +367,37 @@ pub enum SimSink {
     Records(ScriptedSink<MemorySink<Event>>),
     Holding(ScriptedSink<HoldingSink<Event>>),
     Results(ScriptedSink<MemorySink<Res>>),
+}
+
+/// Whether a results sink with `refuse` refuses a result of `value`.
+pub fn refuses(refuse: Option<i64>, value: i64) -> bool {
+    refuse.is_some_and(|m| !Op::keeps(m, 1, value))
+}
+
+/// A results sink that refuses (`Sink::check`) results whose value is 1 modulo `modulo`, as a
+/// store refuses items over its size limit.
+struct Refusing {
+    inner: ScriptedSink<MemorySink<Res>>,
+    modulo: i64,
+}
+
+#[async_trait::async_trait]
+impl Sink<Res> for Refusing {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    async fn open(&self, cx: &SinkContext) -> Result<Box<dyn SinkWriter<Res>>, SinkError> {
+        self.inner.open(cx).await
+    }
+    fn check(&self, value: &Res) -> Result<(), String> {
+        if refuses(Some(self.modulo), value.value) {
+            return Err(format!("a value of 1 modulo {} is too large", self.modulo));
+        }
+        Ok(())
+    }
+    fn size_of(&self, _value: &Res) -> Option<u64> {
+        Some(8)
+    }
 }
 
 /// The dead-letter sink of a simulated topology.
@@ -566,6 +613,7 @@ pub fn topology(spec: &Spec, stream: &MemoryStream, sinks: &Sinks) -> Topology {
                 op,
                 agg,
                 after,
+                refuse,
                 ..
             } => {
                 let s = if ops.is_empty() {
@@ -580,7 +628,14 @@ pub fn topology(spec: &Spec, stream: &MemoryStream, sinks: &Sinks) -> Topology {
                 let SimSink::Results(sink) = &sinks.branches[i] else {
                     unreachable!("a keyed branch has a results sink")
                 };
-                apply_after(results, after).sink(sink.clone())
+                let results = apply_after(results, after);
+                match refuse {
+                    Some(modulo) => results.sink(Refusing {
+                        inner: sink.clone(),
+                        modulo: *modulo,
+                    }),
+                    None => results.sink(sink.clone()),
+                }
             }
         };
         pipeline = Some(p);

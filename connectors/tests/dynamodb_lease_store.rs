@@ -294,3 +294,56 @@ async fn strangers_in_the_table_are_skipped_and_updates_keep_attributes_shardflo
         "a released lease has no owner: {item:?}"
     );
 }
+
+#[tokio::test]
+async fn a_throttled_lease_table_is_worth_another_try() {
+    // DynamoDB throttles with HTTP 400: read by status, a throttled scan was final, and a
+    // worker's run failed at the first throttled shard sync (found by tests/chaos.rs).
+    use aws_sdk_dynamodb::config::retry::RetryConfig;
+    use aws_sdk_dynamodb::operation::describe_table::DescribeTableOutput;
+    use aws_sdk_dynamodb::operation::get_item::GetItemOutput;
+    use aws_sdk_dynamodb::operation::put_item::PutItemOutput;
+    use aws_sdk_dynamodb::operation::scan::ScanError;
+    use aws_sdk_dynamodb::primitives::DateTime;
+    use aws_sdk_dynamodb::types::error::ProvisionedThroughputExceededException;
+    use aws_sdk_dynamodb::types::{TableDescription, TableStatus};
+    use aws_sdk_dynamodb::Client;
+    use aws_smithy_mocks::{mock, mock_client, RuleMode};
+    use shardflow_core::lease::LeaseStore as _;
+
+    let describe = mock!(Client::describe_table).then_output(|| {
+        DescribeTableOutput::builder()
+            .table(
+                TableDescription::builder()
+                    .table_status(TableStatus::Active)
+                    .creation_date_time(DateTime::from_secs(1_700_000_000))
+                    .build(),
+            )
+            .build()
+    });
+    let get = mock!(Client::get_item).then_output(|| GetItemOutput::builder().build());
+    let put = mock!(Client::put_item).then_output(|| PutItemOutput::builder().build());
+    let scan = mock!(Client::scan).then_error(|| {
+        // As the SDK reads DynamoDB's answer: HTTP 400 with the error's code.
+        ScanError::ProvisionedThroughputExceededException(
+            ProvisionedThroughputExceededException::builder()
+                .message("slow down")
+                .meta(
+                    aws_sdk_dynamodb::error::ErrorMetadata::builder()
+                        .code("ProvisionedThroughputExceededException")
+                        .build(),
+                )
+                .build(),
+        )
+    });
+    let client = mock_client!(
+        aws_sdk_dynamodb,
+        RuleMode::MatchAny,
+        &[&describe, &get, &put, &scan],
+        |b| b.retry_config(RetryConfig::disabled())
+    );
+    let store = DynamoLeaseStore::open(client, "mocked").await.unwrap();
+    let error = store.list().await.expect_err("throttled");
+    assert!(error.is_retryable(), "{error}");
+    assert_eq!(scan.num_calls(), 1);
+}

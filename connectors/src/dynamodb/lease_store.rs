@@ -122,17 +122,9 @@ fn sdk_error<E>(
     err: SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>,
 ) -> LeaseError
 where
-    E: std::error::Error + Send + Sync + 'static,
+    E: std::error::Error + aws_sdk_dynamodb::error::ProvideErrorMetadata + Send + Sync + 'static,
 {
-    let retryable = match &err {
-        SdkError::ServiceError(e) => {
-            e.raw().status().as_u16() >= 500 || e.raw().status().as_u16() == 429
-        }
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            true
-        }
-        _ => false,
-    };
+    let retryable = super::retry::retryable(&err, |_| false);
     store_error(operation, retryable, err)
 }
 

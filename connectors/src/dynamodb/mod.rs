@@ -3,6 +3,7 @@
 
 mod attribute;
 mod lease_store;
+mod retry;
 mod sink;
 mod table;
 

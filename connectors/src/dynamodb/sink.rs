@@ -15,8 +15,8 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::retry::retryable;
 use async_trait::async_trait;
-use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::batch_write_item::BatchWriteItemError;
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
@@ -365,35 +365,6 @@ impl Inner {
     }
 }
 
-/// Throttling, server errors and transport failures are worth another try: by the modelled
-/// error variant (`modelled`), the error code, or the HTTP status.
-fn retryable<E: ProvideErrorMetadata>(
-    e: &SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>,
-    modelled: impl Fn(&E) -> bool,
-) -> bool {
-    match e {
-        SdkError::ServiceError(s) => {
-            let status = s.raw().status().as_u16();
-            status >= 500
-                || status == 429
-                || modelled(s.err())
-                || matches!(
-                    s.err().code(),
-                    Some(
-                        "ProvisionedThroughputExceededException"
-                            | "ThrottlingException"
-                            | "RequestLimitExceeded"
-                            | "InternalServerError"
-                    )
-                )
-        }
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            true
-        }
-        _ => false,
-    }
-}
-
 fn put_throttled(e: &PutItemError) -> bool {
     e.is_provisioned_throughput_exceeded_exception()
         || e.is_request_limit_exceeded()
@@ -427,6 +398,20 @@ struct DynamoWriter<T> {
     _values: PhantomData<fn(T)>,
 }
 
+/// The bytes of the item a value makes, as DynamoDB sizes them, with room for the identity
+/// attributes; `Err` if it does not encode.
+fn value_item_size<T: Serialize>(value: &T) -> Result<usize, String> {
+    let value = serde_json::to_value(value).map_err(|e| {
+        format!(
+            "cannot be encoded: {}",
+            shardflow_core::redact::without_values(&e.to_string())
+        )
+    })?;
+    let mut item = HashMap::with_capacity(1);
+    item.insert("value".to_owned(), to_attribute(&value));
+    Ok(item_size(&item) + IDENTITY_ROOM)
+}
+
 #[async_trait]
 impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Sink<T> for DynamoSink<T> {
     fn name(&self) -> &str {
@@ -436,21 +421,17 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Sink<T> for Dynamo
     /// Refuses values that do not encode, or whose item would be over 400 KB (its value plus
     /// room for the identity attributes): their input records go to the dead-letter policy.
     fn check(&self, value: &T) -> Result<(), String> {
-        let value = serde_json::to_value(value).map_err(|e| {
-            format!(
-                "cannot be encoded: {}",
-                shardflow_core::redact::without_values(&e.to_string())
-            )
-        })?;
-        let mut item = HashMap::with_capacity(1);
-        item.insert("value".to_owned(), to_attribute(&value));
-        let size = item_size(&item) + IDENTITY_ROOM;
+        let size = value_item_size(value)?;
         if size > MAX_ITEM_BYTES {
             return Err(format!(
                 "item of about {size} bytes is over DynamoDB's {MAX_ITEM_BYTES}-byte item limit"
             ));
         }
         Ok(())
+    }
+
+    fn size_of(&self, value: &T) -> Option<u64> {
+        value_item_size(value).ok().map(|n| n as u64)
     }
 
     async fn open(&self, cx: &SinkContext) -> Result<Box<dyn SinkWriter<T>>, SinkError> {

@@ -5,16 +5,18 @@
 //! goes through a proxy of this test's own that answers calls with the service's throttling
 //! error (`ProvisionedThroughputExceededException`, `SlowDown`): 30 % of calls in "storms",
 //! and every call to one service in "blackouts" that last longer than any writer's retries
-//! (the sinks' six attempts take under 2 s; a blackout is 4 s). Meanwhile workers are killed
+//! (the workers' SDK retries are off, so shardflow's own retry layers meet every fault; the S3
+//! blackout is 12 s, past the S3 sink's retries). Meanwhile workers are killed
 //! (`kill -9`) and paused past their lease (SIGSTOP, SIGCONT), and 1 % of the input is bad:
 //! undecodable, with a user function that panics on it, with an extreme event time, a corrupt
 //! KPL aggregate, or a key whose window result is too large for DynamoDB.
 //!
 //! At the end (the workers stopped gracefully and a bounded run drained the rest): every good
 //! record is in S3 exactly once, every window count in DynamoDB is right, every bad record is
-//! in the dead-letter table exactly once at its position (a keyed dead letter for each result
-//! DynamoDB refused), no worker's run failed, and every worker's peak RSS stayed under
-//! 512 MiB. The figures are printed (`docs/reliability.md` quotes them).
+//! in the dead-letter table exactly once at its position (an extreme event time is late for
+//! every window instead, and a keyed dead letter stands for each result DynamoDB refused), no
+//! worker's run failed, no worker log holds a payload or a key, and every worker's peak RSS
+//! stayed under 512 MiB. The figures are printed (`docs/reliability.md` quotes them).
 //!
 //! The test binary is also the worker (`chaos worker`, configured by environment).
 
@@ -28,8 +30,8 @@ const WINDOW: Duration = Duration::from_secs(10);
 const LEASE: Duration = Duration::from_secs(2);
 const KEYS: u64 = 40;
 const EVENTS: u64 = 4_000;
-/// How long S3 answers nothing: longer than the S3 sink's retries (eight attempts of three
-/// SDK attempts each, with backoff), so that shards back off and are let go.
+/// How long S3 answers every call with `SlowDown`: longer than the S3 sink's retries (eight
+/// attempts with backoff; the workers' SDK retries are off), so that shards back off.
 const S3_BLACKOUT_MS: u64 = 12_000;
 /// The most a worker's resident set may reach.
 const MAX_RSS_KIB: u64 = 512 * 1024;
@@ -298,6 +300,30 @@ mod proxy {
         pub throttle_pct: AtomicU32,
         pub throttled: AtomicU64,
         pub forwarded: AtomicU64,
+        /// Which calls are throttled: the n-th call's draw is a hash of this and n.
+        pub seed: u64,
+        calls: AtomicU64,
+    }
+
+    impl Faults {
+        pub fn seeded(seed: u64) -> Self {
+            Self {
+                seed,
+                ..Self::default()
+            }
+        }
+
+        /// Whether the next call is throttled (splitmix64 of the seed and the call's number).
+        fn throttle_next(&self, pct: u32) -> bool {
+            let n = self.calls.fetch_add(1, Ordering::Relaxed);
+            let mut z = self
+                .seed
+                .wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            z % 100 < u64::from(pct)
+        }
     }
 
     type Body = Either<Incoming, Full<Bytes>>;
@@ -343,7 +369,7 @@ mod proxy {
         faults: &Faults,
     ) -> Response<Body> {
         let pct = faults.throttle_pct.load(Ordering::Relaxed);
-        if pct > 0 && rand::random::<u32>() % 100 < pct {
+        if pct > 0 && faults.throttle_next(pct) {
             faults.throttled.fetch_add(1, Ordering::Relaxed);
             // Read to its end, so that the connection stays usable.
             let _ = req.into_body().collect().await;
@@ -401,7 +427,7 @@ mod scenario {
 
     use super::*;
 
-    use std::collections::{BTreeMap, BTreeSet};
+    use std::collections::BTreeMap;
     use std::process::{Child, Command, Stdio};
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
@@ -409,6 +435,7 @@ mod scenario {
 
     use shardflow::core::position::RecordPosition;
     use shardflow::core::sink::InspectSink as _;
+    use shardflow::core::sink::{OutputId, Window};
     use shardflow::dynamodb::{DynamoLeaseStore, DynamoSink};
     use shardflow::kinesis::{KinesisProducer, ProducerConfig, StreamAdmin};
     use shardflow::prelude::WindowResult;
@@ -473,11 +500,21 @@ mod scenario {
         s3: aws_sdk_s3::Client,
     }
 
-    /// A worker process and the peak of its resident set, read while it lived.
+    /// A worker process and the peak of its resident set, read while it lived. Killed when
+    /// dropped, so that a failed check leaves no worker running.
     struct Worker {
         name: String,
         child: Child,
         peak_kib: u64,
+    }
+
+    impl Drop for Worker {
+        fn drop(&mut self) {
+            if let Ok(None) = self.child.try_wait() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
     }
 
     impl Worker {
@@ -718,10 +755,16 @@ mod scenario {
     async fn chaos() {
         let started = Instant::now();
         let stream = format!("chaos-{}-{}", std::process::id(), rand::random::<u32>());
+        // The throttling draws repeat with the seed (the workers' timing does not).
+        let seed = std::env::var("SHARDFLOW_CHAOS_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random::<u64>);
+        println!("chaos: seed {seed} (SHARDFLOW_CHAOS_SEED={seed} draws the same throttling)");
         let proxies = Proxies {
-            kinesis: Arc::default(),
-            dynamodb: Arc::default(),
-            s3: Arc::default(),
+            kinesis: Arc::new(Faults::seeded(seed)),
+            dynamodb: Arc::new(Faults::seeded(seed ^ 1)),
+            s3: Arc::new(Faults::seeded(seed ^ 2)),
         };
         let setup = setup(&stream, &proxies).await;
         let client = AwsConfig::emulator(endpoint("SHARDFLOW_KINESIS_ENDPOINT"))
@@ -794,6 +837,12 @@ mod scenario {
         let backed_off = logs.matches("a sink failed after its retries").count();
         let syncs_retried = logs.matches("shard sync failed, retrying").count();
         let leases_lost = logs.matches("lease lost").count();
+        // Logs name positions, sizes and kinds: no payload (the undecodable ones' text, a
+        // huge key) and no key.
+        for leak in ["not json", &"h".repeat(64), "panic-", "\"k1\""] {
+            assert!(!logs.contains(leak), "a worker log holds {leak:?}");
+        }
+        assert!(leases_lost > 0, "the blackout and the pause cost leases");
         if backed_off == 0 {
             // What the workers warned of instead, by the start of the message.
             let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
@@ -901,24 +950,39 @@ mod scenario {
                 );
             }
         }
-        // A keyed dead letter for each huge key's window result, which DynamoDB refused.
-        let huge: BTreeSet<u64> = (0..EVENTS)
+        // A keyed dead letter for each huge key's window result, which DynamoDB refused: under
+        // the result's identity, from the huge record's shard, after the huge record.
+        let window_of = |e: &Event| {
+            let start = e.ts.div_euclid(window_ms) * window_ms;
+            Window::new(start, start + window_ms)
+        };
+        let huge: BTreeMap<String, u64> = (0..EVENTS)
             .filter(|id| kind(*id) == Kind::HugeKey)
-            .collect();
-        let keyed_ids: BTreeSet<String> = keyed
-            .iter()
-            .map(|l| l.result.as_ref().unwrap().identity.clone())
+            .map(|id| {
+                let e = event(id);
+                let identity = OutputId::keyed(e.key.as_str().into(), Some(window_of(&e)));
+                (identity.to_path(), id)
+            })
             .collect();
         assert_eq!(
             keyed.len(),
             huge.len(),
             "one keyed dead letter per huge key"
         );
-        assert_eq!(keyed_ids.len(), huge.len(), "each its own result");
         for letter in &keyed {
             let result = letter.result.as_ref().unwrap();
+            let id = huge
+                .get(&result.identity)
+                .unwrap_or_else(|| panic!("a keyed letter of no huge key: {}", result.identity));
+            let (shard, position) = &landed[id];
+            assert_eq!(&letter.shard, shard, "record {id}'s result");
+            assert!(
+                letter.position.sequence >= position.sequence,
+                "record {id}'s result: made after the record"
+            );
             assert_eq!(result.sink, setup.counts_name());
-            assert!(result.key.starts_with("hhhh") && result.key.len() <= 1024);
+            assert_eq!(result.window, Some(window_of(&event(*id))));
+            assert!(result.key.len() <= 1024 && event(*id).key.starts_with(&result.key));
             assert!(
                 result.size.is_some_and(|n| n > 400 * 1024),
                 "{:?}",

@@ -621,3 +621,42 @@ async fn a_panic_closing_a_window_stops_only_its_shard() {
     );
     assert!(dead.contents().is_empty(), "nothing to dead-letter");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_rule_after_key_by_still_fails_the_run_instead_of_stopping_a_shard() {
+    // Closing a window runs the operators after it: a rule they break (a second output from
+    // a one-output operator) is a bug in the topology, which fails the run, not a panic of one
+    // shard's state to stop that shard for.
+    let stream = MemoryStream::new("keyed-rule", 2);
+    push(&stream, 0, "a", 1);
+    push(&stream, 1, "b", 2);
+    let out = MemorySink::new("out");
+    let topology = Topology::builder("keyed-rule")
+        .dead_letter(DeadLetter::to(MemorySink::<DeadLetterRecord>::new("dead")))
+        .source(stream.clone().json::<Click>())
+        .event_time(|c: &Click| c.ts)
+        .key_by(|c: &Click| c.user.clone())
+        .window(TumblingWindow::of(Duration::from_secs(1)))
+        .aggregate(Count)
+        .stateless("twice", || {
+            |cx: &shardflow::core::topology::RecordCx,
+             r: WindowResult<String, u64>,
+             out: &mut shardflow::core::topology::Collector<'_, WindowResult<String, u64>>| {
+                out.emit(cx, r.clone());
+                out.emit(cx, r);
+            }
+        })
+        .sink(out.clone())
+        .build()
+        .unwrap();
+    let error = Runtime::new(topology, Arc::new(MemoryLeaseStore::new()))
+        .with_config(bounded())
+        .run()
+        .await
+        .expect_err("a broken rule fails the run");
+    assert!(
+        !matches!(error, shardflow::core::error::Error::ShardStopped(_)),
+        "not charged to a shard: {error}"
+    );
+    assert!(out.contents().is_empty());
+}

@@ -255,7 +255,14 @@ where
         self.late.take_refused(&mut refused);
         for refused in refused {
             let life = (refused.shard.clone(), refused.lease_epoch);
-            if pending.dropped.contains(&life) {
+            // A refusal of a life that ended since (a commit that failed before its letters
+            // were made, a release) or whose guard ran out is not written: the shard starts
+            // again from its checkpoint and makes the result, and its refusal, again.
+            let current = pending.life_of.get(&refused.shard) == Some(&refused.lease_epoch);
+            if pending.dropped.contains(&life)
+                || !current
+                || !self.may_write(&refused.shard, refused.lease_epoch)
+            {
                 continue;
             }
             let after = match &refused.identity {
@@ -308,7 +315,20 @@ where
                     };
                     letters.flush(&epoch).await?;
                     if !pending.touched.contains(&life) {
-                        pending.touched.push(life);
+                        pending.touched.push(life.clone());
+                    }
+                    let mut refused_letter = Vec::new();
+                    letters.take_refused(&mut refused_letter);
+                    if let Some(again) = refused_letter.pop() {
+                        // `fit` accepted it a moment ago: a sink whose `check` changes its mind.
+                        let reason = format!(
+                            "sink {} refused a keyed result ({}) and the dead-letter sink {} \
+                             refuses its letter: {}",
+                            refused.sink, refused.reason, again.sink, again.reason
+                        );
+                        self.drop_life(pending, shard, lease_epoch, DropReason::Stop { reason })
+                            .await?;
+                        continue;
                     }
                     tracing::warn!(%shard, sink = %refused.sink, size = ?refused.size, sink_reason = %refused.reason, "a sink refused a keyed result; it is dead-lettered and the shard goes on");
                     self.metrics

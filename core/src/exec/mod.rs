@@ -15,7 +15,7 @@ mod instantiate;
 mod keyed_worker;
 pub(crate) mod sink_emitter;
 mod source_pipeline;
-mod user_code;
+pub(crate) mod user_code;
 
 pub(crate) use failures::Failures;
 pub(crate) use sink_emitter::SinkEmitter;

@@ -19,7 +19,26 @@ impl Panic {
     }
 }
 
-/// Calls `f`; `Err` if it panicked. Unwinding costs nothing where nothing panics.
+/// The start of the message of a panic the runtime raises for one of its rules a topology
+/// broke (a second output from a one-output operator, say): a bug in the topology, not a bad
+/// record or shard, so `call` lets it unwind on and the run fails.
+pub(crate) const RULE_BROKEN: &str = "shardflow: the topology broke a rule of the runtime: ";
+
+/// Calls `f`; `Err` if it panicked. A panic for a broken rule (`RULE_BROKEN`) unwinds on.
+/// Unwinding costs nothing where nothing panics.
 pub(crate) fn call<R>(f: impl FnOnce() -> R) -> Result<R, Panic> {
-    catch_unwind(AssertUnwindSafe(f)).map_err(Panic)
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => Ok(r),
+        Err(payload) if is_rule_broken(&*payload) => resume_unwind(payload),
+        Err(payload) => Err(Panic(payload)),
+    }
+}
+
+/// Whether a panic's payload is the runtime's own, for a broken rule.
+fn is_rule_broken(payload: &(dyn Any + Send)) -> bool {
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .is_some_and(|message| message.starts_with(RULE_BROKEN))
 }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::exec::user_code::RULE_BROKEN;
 use crate::operator::context::RecordCx;
 use crate::operator::emit::Emit;
 
@@ -114,9 +115,9 @@ impl<'a, U> Collector<'a, U> {
             Fan::One => {
                 assert!(
                     n == 0,
-                    "a stateless operator emitted a second output for one input: declare it \
-                     with Stream::stateless_fan_out so that its outputs get identities of \
-                     their own"
+                    "{RULE_BROKEN}a stateless operator emitted a second output for one input: \
+                     declare it with Stream::stateless_fan_out so that its outputs get \
+                     identities of their own"
                 );
                 *self.emitted += 1;
                 self.down.emit(cx, value);
@@ -137,7 +138,7 @@ impl<'a, U> Collector<'a, U> {
                                 failures.fail(cx, "flat_map", &error, 0, false);
                             }
                         }
-                        None => panic!("{error}"),
+                        None => panic!("{RULE_BROKEN}{error}"),
                     }
                 }
             },

@@ -1012,16 +1012,20 @@ fn compare(world: &World, expected: &super::oracle::Expected, report: &mut SeedR
     let missing: Vec<_> = expected
         .keyed_letters
         .iter()
-        .filter(|(k, must)| **must && !keyed_letters.contains_key(*k))
+        .filter(|(k, (must, _))| *must && !keyed_letters.contains_key(*k))
         .map(|(k, _)| k)
         .collect();
     let unexpected: Vec<_> = keyed_letters
         .iter()
         .filter(|(k, d)| {
-            !expected.keyed_letters.contains_key(*k)
-                || d.result
-                    .as_ref()
-                    .is_none_or(|r| d.stage != format!("sink {}", r.sink))
+            // A letter no refusal explains, or one that names another result or sink.
+            expected.keyed_letters.get(*k).is_none_or(|(_, identity)| {
+                d.result.as_ref().is_none_or(|r| {
+                    r.identity != *identity
+                        || d.stage != format!("sink {}", r.sink)
+                        || d.shard.as_str() != k.0
+                })
+            })
         })
         .map(|(k, _)| k)
         .collect();

@@ -59,8 +59,9 @@ pub struct Expected {
     /// Dead letters: identity to stage.
     pub dead: BTreeMap<(String, String), String>,
     /// Keyed dead letters that may stand (a result value a sink refused), by their identity
-    /// in the dead-letter sink; `true` where one must (the result's final value was refused).
-    pub keyed_letters: BTreeMap<(String, String), bool>,
+    /// in the dead-letter sink: whether one must (the result's final value was refused), and
+    /// the refused result's identity in its own sink.
+    pub keyed_letters: BTreeMap<(String, String), (bool, String)>,
 }
 
 /// A keyed dead letter's identity path: the refused result's identity under the sink's name.
@@ -546,7 +547,8 @@ fn shard_expected(
             for (r, fan) in results(after, vec![(res_of(*last), 0)], bits) {
                 if refuses(*refuse, r.value) {
                     let letter = (shard.to_owned(), letter_path(bi, key, window, fan));
-                    out.keyed_letters.insert(letter, true);
+                    let result = keyed_path(key, window, fan);
+                    out.keyed_letters.insert(letter, (true, result));
                 } else {
                     sink.insert((shard.to_owned(), keyed_path(key, window, fan)), r);
                 }
@@ -555,7 +557,8 @@ fn shard_expected(
                 for (r, fan) in results(after, vec![(res_of(*value), 0)], bits) {
                     if refuses(*refuse, r.value) {
                         let letter = (shard.to_owned(), letter_path(bi, key, window, fan));
-                        out.keyed_letters.entry(letter).or_insert(false);
+                        let result = keyed_path(key, window, fan);
+                        out.keyed_letters.entry(letter).or_insert((false, result));
                         continue;
                     }
                     let path = (shard.to_owned(), keyed_path(key, window, fan));

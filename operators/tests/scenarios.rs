@@ -361,12 +361,18 @@ async fn a_record_from_a_far_future_clock_makes_nothing_else_late() {
 
 #[tokio::test(start_paused = true)]
 async fn extreme_event_times_never_overflow_window_arithmetic() {
+    // Garbage timestamps (`i64::MIN`/`MAX`) are bad records: dead-lettered before any window.
+    // Valid ones at the edges of the range reach the windows: far ahead of their arrival or
+    // far behind the watermark, they are late.
+    let valid = shardflow_core::protocol::watermark::MAX_VALID_EVENT_TIME;
     let stream = MemoryStream::new("extremes", 1);
     let events = [
         event(0, 1, i64::MIN),
         event(1, 1, T0),
         event(2, 1, i64::MAX),
         event(3, 1, T0 + 500),
+        event(4, 1, valid),
+        event(5, 1, -valid),
     ];
     for e in &events {
         stream.push(0, T0, b"k", &encode(e));
@@ -376,7 +382,9 @@ async fn extreme_event_times_never_overflow_window_arithmetic() {
     let late: Vec<MemorySink<Event>> = (0..3)
         .map(|i| MemorySink::new(format!("late{i}")))
         .collect();
+    let dead = MemorySink::<shardflow_core::dead_letter::DeadLetterRecord>::new("dead");
     let source = Topology::builder("extremes")
+        .dead_letter(DeadLetter::to(dead.clone()))
         .source(stream.clone().decode_fn(decode))
         .event_time(|e: &Event| e.ts);
     let (l0, l1, l2) = (late[0].clone(), late[1].clone(), late[2].clone());
@@ -422,8 +430,23 @@ async fn extreme_event_times_never_overflow_window_arithmetic() {
         }
         let mut late: Vec<u64> = late[i].contents().values().map(|e| e.uid).collect();
         late.sort_unstable();
-        assert_eq!(late, [0, 2], "operator {i}: both extremes are late");
+        assert_eq!(
+            late,
+            [4, 5],
+            "operator {i}: both edges of the range are late"
+        );
     }
+    let mut dead: Vec<(u128, String)> = dead
+        .contents()
+        .into_values()
+        .map(|l| (l.position.sequence.as_u128().unwrap(), l.stage))
+        .collect();
+    dead.sort();
+    assert_eq!(
+        dead,
+        [(1, "event_time".to_owned()), (3, "event_time".to_owned())],
+        "each garbage timestamp dead-lettered once, before the three windows"
+    );
 }
 
 #[tokio::test(start_paused = true)]

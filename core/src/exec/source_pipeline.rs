@@ -9,10 +9,15 @@ use crate::decode::Decoder;
 use crate::error::Error;
 use crate::operator::{Emit, EpochCx, Ident, RecordCx, ReportFailure};
 use crate::position::{EventTime, ShardId};
-use crate::protocol::watermark::WatermarkRules;
+use crate::protocol::watermark::{is_valid_event_time, WatermarkRules};
 use crate::record::RawBatch;
 use crate::sink::Held;
 use crate::topology::{EventTimeFn, Processed, Quarantined, ShardPipeline};
+
+/// The reason a record with an event time outside the valid range is dead-lettered (no
+/// value: the event time may be the payload's).
+const INVALID_EVENT_TIME: &str =
+    "event time outside the valid range (more than 2^61 ms from the Unix epoch)";
 
 pub(crate) struct SourcePipeline<D: Decoder> {
     pub(crate) decoder: Arc<D>,
@@ -69,6 +74,14 @@ impl<D: Decoder> ShardPipeline for SourcePipeline<D> {
                         },
                         None => record.arrival_ms,
                     };
+                    if !is_valid_event_time(event_time)
+                        && !cfg!(shardflow_mutation = "admit_garbage_time")
+                    {
+                        // A garbage timestamp: a bad record, not a late one.
+                        self.failures
+                            .fail(&failed(), "event_time", INVALID_EVENT_TIME, 0, false);
+                        continue;
+                    }
                     let arrival_watermark =
                         self.rules.observe(watermark, event_time, record.arrival_ms);
                     if arrival_watermark == EventTime::MAX {

@@ -5,9 +5,11 @@
 //! order, never on how reads cut it into epochs, and a replay judges every record as the
 //! first run did. A record raises `W` to its event time minus the out-of-orderness bound if
 //! its event time is *timely*: within the valid range and at most the maximum skew ahead of
-//! the time the stream received it. An untimely record (a producer with a clock years ahead,
-//! a garbage timestamp) never moves `W`, and its arrival watermark is `EventTime::MAX`: late
-//! for every window.
+//! the time the stream received it. A record whose event time is outside the valid range (a
+//! garbage timestamp, `i64::MIN`/`MAX`) is a bad record: it goes to the dead-letter policy
+//! before any operator (`is_valid_event_time`). An untimely one (a producer with a clock
+//! hours ahead) never moves `W`, and its arrival watermark is `EventTime::MAX`: late for every
+//! window.
 //!
 //! A quiet shard's last windows would wait for its next record for ever. With an idleness
 //! timeout (off by default, as Flink's `withIdleness`), a shard that read nothing for that
@@ -23,6 +25,12 @@ use crate::position::EventTime;
 
 /// Event times beyond this distance from the Unix epoch (about 73 million years) are invalid.
 pub const MAX_VALID_EVENT_TIME: EventTime = EventTime::MAX / 4;
+
+/// Whether an event time is within the valid range: one outside it is garbage, and its record
+/// goes to the dead-letter policy.
+pub fn is_valid_event_time(event_time: EventTime) -> bool {
+    (-MAX_VALID_EVENT_TIME..=MAX_VALID_EVENT_TIME).contains(&event_time)
+}
 
 /// The maximum skew of event time ahead of arrival a topology gets unless it sets its own:
 /// producer clocks run minutes wrong, not hours.
@@ -43,8 +51,7 @@ pub struct WatermarkRules {
 impl WatermarkRules {
     /// Whether a record with `event_time`, received at `arrival_ms`, is timely.
     pub fn is_timely(&self, event_time: EventTime, arrival_ms: EventTime) -> bool {
-        (-MAX_VALID_EVENT_TIME..=MAX_VALID_EVENT_TIME).contains(&event_time)
-            && event_time <= arrival_ms.saturating_add(self.max_skew_ms)
+        is_valid_event_time(event_time) && event_time <= arrival_ms.saturating_add(self.max_skew_ms)
     }
 
     /// Judges one record against the shard's watermark `watermark` (updated for the next

@@ -4,7 +4,9 @@
 //! - Watermark: per shard, `W` starts unset; each record is judged by `W` as it was before the
 //!   record (unset: nothing is late); a decodable record whose event time lies in the valid
 //!   range and at most the maximum skew after its arrival raises `W` to its event time minus
-//!   the out-of-orderness bound. Other records never move `W` and are late for windows.
+//!   the out-of-orderness bound. Other records never move `W` and are late for windows. A
+//!   record whose event time is outside the valid range is dead-lettered (stage `event_time`)
+//!   before any operator.
 //! - Idleness: the advances the runtime recorded in the lease (each `W` at least some value,
 //!   right after some record) are inputs, as the clock was: each applies after its record.
 //! - A record enters a fixed window if the window closes (end plus allowed lateness) after
@@ -377,8 +379,16 @@ fn shard_expected(
             continue;
         };
         let ts = event.ts;
-        let in_bounds = (-VALID_EVENT_TIME..=VALID_EVENT_TIME).contains(&ts)
-            && ts <= input.arrival.saturating_add(max_skew);
+        if !(-VALID_EVENT_TIME..=VALID_EVENT_TIME).contains(&ts) {
+            // A garbage timestamp: a bad record, before any operator.
+            out.dead.insert(
+                (shard.to_owned(), record_path(input.seq, 0)),
+                "event_time".into(),
+            );
+            advance(&mut watermark, input.seq);
+            continue;
+        }
+        let in_bounds = ts <= input.arrival.saturating_add(max_skew);
         if in_bounds {
             let w = ts.saturating_sub(spec.out_of_orderness);
             watermark = Some(watermark.map_or(w, |old| old.max(w)));

@@ -660,3 +660,69 @@ async fn a_broken_rule_after_key_by_still_fails_the_run_instead_of_stopping_a_sh
     );
     assert!(out.contents().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_panic_that_reads_like_a_broken_rule_still_costs_only_its_record() {
+    // A user function whose panic message is made from the input: a record crafted to start
+    // it like the runtime's own rule panic must not fail the run (and every restart).
+    let stream = MemoryStream::new("fake-rule", 1);
+    push(
+        &stream,
+        0,
+        "shardflow: the topology broke a rule of the runtime: ",
+        1,
+    );
+    push(&stream, 0, "a", 2);
+    let dead = MemorySink::<DeadLetterRecord>::new("dead");
+    let out = MemorySink::new("out");
+    let topology = Topology::builder("fake-rule")
+        .dead_letter(DeadLetter::to(dead.clone()))
+        .source(stream.clone().json::<Click>())
+        .map(|c: Click| {
+            assert!(c.user == "a", "{}", c.user);
+            c
+        })
+        .sink(out.clone())
+        .build()
+        .unwrap();
+    Runtime::new(topology, Arc::new(MemoryLeaseStore::new()))
+        .with_config(bounded())
+        .run()
+        .await
+        .expect("a user's panic costs its record");
+    assert_eq!(dead.contents().len(), 1);
+    assert_eq!(out.contents().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collector_fail_after_key_by_is_a_broken_rule_that_fails_the_run() {
+    let stream = MemoryStream::new("fail-after-key-by", 1);
+    push(&stream, 0, "a", 1);
+    let out = MemorySink::new("out");
+    let topology = Topology::builder("fail-after-key-by")
+        .dead_letter(DeadLetter::to(MemorySink::<DeadLetterRecord>::new("dead")))
+        .source(stream.clone().json::<Click>())
+        .event_time(|c: &Click| c.ts)
+        .key_by(|c: &Click| c.user.clone())
+        .window(TumblingWindow::of(Duration::from_secs(1)))
+        .aggregate(Count)
+        .stateless("fails", || {
+            |cx: &shardflow::core::topology::RecordCx,
+             _r: WindowResult<String, u64>,
+             out: &mut shardflow::core::topology::Collector<'_, WindowResult<String, u64>>| {
+                out.fail(cx, "fails", "no record to blame");
+            }
+        })
+        .sink(out.clone())
+        .build()
+        .unwrap();
+    let error = Runtime::new(topology, Arc::new(MemoryLeaseStore::new()))
+        .with_config(bounded())
+        .run()
+        .await
+        .expect_err("a broken rule fails the run");
+    assert!(
+        !matches!(error, shardflow::core::error::Error::ShardStopped(_)),
+        "not charged to a shard: {error}"
+    );
+}

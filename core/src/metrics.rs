@@ -123,7 +123,7 @@ impl Metrics {
             untimely_records: counter(
                 registry,
                 "shardflow_untimely_records_total",
-                "Records whose event time was invalid or beyond the maximum skew ahead of their arrival (late for every window)",
+                "Records whose event time was beyond the maximum skew ahead of their arrival (late for every window)",
                 &["topology", "shard"],
             ),
             watermark: gauge(

@@ -259,10 +259,15 @@ where
             // were made, a release) or whose guard ran out is not written: the shard starts
             // again from its checkpoint and makes the result, and its refusal, again.
             let current = pending.life_of.get(&refused.shard) == Some(&refused.lease_epoch);
-            if pending.dropped.contains(&life)
-                || !current
-                || !self.may_write(&refused.shard, refused.lease_epoch)
-            {
+            if pending.dropped.contains(&life) || !current {
+                continue;
+            }
+            if !self.may_write(&refused.shard, refused.lease_epoch) {
+                // The guard may hold again after a late renewal: the life ends here, so that
+                // no commit passes the epoch without the result's letter.
+                let (shard, lease_epoch) = life;
+                self.drop_life(pending, shard, lease_epoch, DropReason::GuardExpired)
+                    .await?;
                 continue;
             }
             let after = match &refused.identity {

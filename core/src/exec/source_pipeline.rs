@@ -17,7 +17,7 @@ use crate::topology::{EventTimeFn, Processed, Quarantined, ShardPipeline};
 /// The reason a record with an event time outside the valid range is dead-lettered (no
 /// value: the event time may be the payload's).
 const INVALID_EVENT_TIME: &str =
-    "event time outside the valid range (more than 2^61 ms from the Unix epoch)";
+    "event time outside the valid range (2^61 ms or more from the Unix epoch)";
 
 pub(crate) struct SourcePipeline<D: Decoder> {
     pub(crate) decoder: Arc<D>,

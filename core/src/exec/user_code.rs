@@ -2,6 +2,7 @@
 //! shard's dead-letter policy), never the run, so a replay cannot crash-loop on it.
 
 use std::any::Any;
+use std::cell::Cell;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 
 /// A user function's panic, caught.
@@ -24,12 +25,31 @@ impl Panic {
 /// record or shard, so `call` lets it unwind on and the run fails.
 pub(crate) const RULE_BROKEN: &str = "shardflow: the topology broke a rule of the runtime: ";
 
-/// Calls `f`; `Err` if it panicked. A panic for a broken rule (`RULE_BROKEN`) unwinds on.
+thread_local! {
+    /// Set by `break_rule` just before it panics, cleared as every `call` starts: with the
+    /// marker, it tells the runtime's own panic from a user's whose message (perhaps made from
+    /// an input record) happens to start like it.
+    static RULE_BROKEN_HERE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Panics for a rule of the runtime the topology broke; the run fails (`call` lets it unwind
+/// on). Only the runtime calls it.
+pub(crate) fn break_rule(message: std::fmt::Arguments<'_>) -> ! {
+    RULE_BROKEN_HERE.with(|flag| flag.set(true));
+    panic!("{RULE_BROKEN}{message}")
+}
+
+/// Calls `f`; `Err` if it panicked. A panic for a broken rule (`break_rule`) unwinds on.
 /// Unwinding costs nothing where nothing panics.
 pub(crate) fn call<R>(f: impl FnOnce() -> R) -> Result<R, Panic> {
+    // A flag left by a rule panic that ended a task on this thread is stale now: a rule
+    // panic unwinds through every `call` around it, and none is around this one yet.
+    RULE_BROKEN_HERE.with(|flag| flag.set(false));
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => Ok(r),
-        Err(payload) if is_rule_broken(&*payload) => resume_unwind(payload),
+        Err(payload) if RULE_BROKEN_HERE.with(Cell::get) && is_rule_broken(&*payload) => {
+            resume_unwind(payload)
+        }
         Err(payload) => Err(Panic(payload)),
     }
 }

@@ -18,7 +18,8 @@ pub struct RecordCx {
     pub event_time: EventTime,
     /// The shard's watermark when the record arrived: records of windows that ended (plus the
     /// allowed lateness) before it are late. `EventTime::MAX` for a record whose event time is
-    /// invalid or too far ahead of its arrival (`protocol::watermark`): late for every window.
+    /// too far ahead of its arrival (`protocol::watermark`): late for every window. (One outside
+    /// the valid range never gets here: it is dead-lettered.)
     pub watermark: EventTime,
     /// What the output's identity derives from.
     pub ident: Ident,

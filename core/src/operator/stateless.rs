@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::exec::user_code::RULE_BROKEN;
+use crate::exec::user_code::break_rule;
 use crate::operator::context::RecordCx;
 use crate::operator::emit::Emit;
 
@@ -113,12 +113,13 @@ impl<'a, U> Collector<'a, U> {
         self.outputs += 1;
         match self.fan {
             Fan::One => {
-                assert!(
-                    n == 0,
-                    "{RULE_BROKEN}a stateless operator emitted a second output for one input: \
-                     declare it with Stream::stateless_fan_out so that its outputs get \
-                     identities of their own"
-                );
+                if n != 0 {
+                    break_rule(format_args!(
+                        "a stateless operator emitted a second output for one input: declare \
+                         it with Stream::stateless_fan_out so that its outputs get identities \
+                         of their own"
+                    ));
+                }
                 *self.emitted += 1;
                 self.down.emit(cx, value);
             }
@@ -138,7 +139,7 @@ impl<'a, U> Collector<'a, U> {
                                 failures.fail(cx, "flat_map", &error, 0, false);
                             }
                         }
-                        None => panic!("{RULE_BROKEN}{error}"),
+                        None => break_rule(format_args!("{error}")),
                     }
                 }
             },
@@ -154,9 +155,12 @@ impl<'a, U> Collector<'a, U> {
     /// After `key_by`, where failures have no input record; the stream types prevent it.
     pub fn fail(&mut self, cx: &RecordCx, stage: &str, error: &str) {
         *self.in_collector = true;
-        self.failures
-            .expect("fallible operators run only before key_by")
-            .fail(cx, stage, error, 0, false);
+        let Some(failures) = self.failures else {
+            break_rule(format_args!(
+                "Collector::fail after key_by, where no input record stands behind a value"
+            ))
+        };
+        failures.fail(cx, stage, error, 0, false);
         *self.in_collector = false;
     }
 }

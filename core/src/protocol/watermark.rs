@@ -23,7 +23,8 @@ use std::time::Duration;
 
 use crate::position::EventTime;
 
-/// Event times beyond this distance from the Unix epoch (about 73 million years) are invalid.
+/// Event times beyond this distance from the Unix epoch (2^61 - 1 ms, about 73 million years)
+/// are invalid.
 pub const MAX_VALID_EVENT_TIME: EventTime = EventTime::MAX / 4;
 
 /// Whether an event time is within the valid range: one outside it is garbage, and its record

@@ -395,7 +395,7 @@ impl ShardTask {
                     shard = %id,
                     %position,
                     records = processed.untimely,
-                    "event time invalid or beyond the maximum skew ahead of arrival: late for every window"
+                    "event time beyond the maximum skew ahead of arrival: late for every window"
                 );
                 self.metrics
                     .untimely(&self.topology.name, id.as_str(), processed.untimely);

@@ -203,7 +203,8 @@ pub(crate) struct Processed {
     /// Processing stopped after the record at this index: a user function is to be called
     /// again later (`ShardPipeline::resume`), and the batch goes on after it.
     pub(crate) parked_after: Option<usize>,
-    /// Records whose event time was untimely (invalid, or too far ahead of their arrival).
+    /// Records whose event time was untimely (too far ahead of their arrival; invalid ones are
+    /// dead-lettered instead).
     pub(crate) untimely: usize,
     /// The index of the first of them in the batch.
     pub(crate) first_untimely: Option<u32>,

@@ -153,7 +153,7 @@ impl TopologyBuilder {
 impl<T: Send + 'static, S: Stage> Stream<T, S> {
     /// Takes event time from the records (default: the stream's arrival time). Watermarks
     /// follow the largest event time seen in each shard. A record whose event time is
-    /// garbage (more than 2^61 ms from the Unix epoch, such as `i64::MIN` or `i64::MAX`) goes
+    /// garbage (2^61 ms or more from the Unix epoch, such as `i64::MIN` or `i64::MAX`) goes
     /// to the dead-letter policy (stage `event_time`) before any operator.
     pub fn event_time(self, f: impl Fn(&T) -> EventTime + Send + Sync + 'static) -> Self
     where

@@ -4,9 +4,9 @@
 //! - Watermark: per shard, `W` starts unset; each record is judged by `W` as it was before the
 //!   record (unset: nothing is late); a decodable record whose event time lies in the valid
 //!   range and at most the maximum skew after its arrival raises `W` to its event time minus
-//!   the out-of-orderness bound. Other records never move `W` and are late for windows. A
-//!   record whose event time is outside the valid range is dead-lettered (stage `event_time`)
-//!   before any operator.
+//!   the out-of-orderness bound. A record whose event time is outside the valid range is
+//!   dead-lettered (stage `event_time`) before any operator; other untimely records never
+//!   move `W` and are late for windows.
 //! - Idleness: the advances the runtime recorded in the lease (each `W` at least some value,
 //!   right after some record) are inputs, as the clock was: each applies after its record.
 //! - A record enters a fixed window if the window closes (end plus allowed lateness) after
@@ -36,7 +36,7 @@ use std::collections::BTreeMap;
 use super::model::{decode_bytes, Event, Res};
 use super::spec::{reduce_values, refuses, Agg, Branch, KeyedSpec, Op, Spec};
 
-/// Event times outside this range are invalid: late for every window.
+/// Event times outside this range are invalid: their records are dead-lettered.
 pub const VALID_EVENT_TIME: i64 = i64::MAX / 4;
 
 /// One record as the generator wrote it.

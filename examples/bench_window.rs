@@ -44,6 +44,70 @@ struct Args {
     /// Records per read (an epoch).
     #[arg(long, default_value_t = 10_000)]
     batch: usize,
+    /// Also runs shardflow with keyed state snapshotted this often into a local directory
+    /// (`StatePolicy::Snapshot`), alternating with the other two, and compares it with the
+    /// run without snapshots.
+    #[arg(long)]
+    snapshot_every_ms: Option<u64>,
+    /// Measures recovery instead of throughput: after a run over every event, how long a
+    /// restart takes to be back at the tip, rebuilding state by replay or from a snapshot
+    /// (taken every `--snapshot-every-ms`, default 1000).
+    #[arg(long)]
+    recovery: bool,
+}
+
+/// Where a run's keyed state goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    Replay,
+    Snapshot { every_ms: u64 },
+}
+
+/// A directory for snapshot parts, removed when dropped.
+struct StateDir(std::path::PathBuf);
+
+impl StateDir {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "shardflow-bench-state-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        Self(dir)
+    }
+
+    /// Bytes of every part under it.
+    fn bytes(&self) -> u64 {
+        let mut total = 0;
+        let mut stack = vec![self.0.clone()];
+        while let Some(d) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else {
+                    total += entry.metadata().map_or(0, |m| m.len());
+                }
+            }
+        }
+        total
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0);
+    h.finish()
 }
 
 /// The i-th event of a shard: a pseudo-random key (splitmix64) and an increasing event time.
@@ -234,9 +298,28 @@ fn decode(record: shardflow::core::record::RawRecord<'_>) -> Result<(u64, i64), 
 }
 
 async fn run_shardflow(args: &Args) -> Result<(u64, u64, Duration)> {
+    let leases: Arc<dyn shardflow::LeaseStore> = Arc::new(MemoryLeaseStore::new());
+    run_with(args, State::Replay, None, leases).await
+}
+
+/// One bounded run with `state` (parts under `dir`) against `leases`.
+async fn run_with(
+    args: &Args,
+    state: State,
+    dir: Option<&StateDir>,
+    leases: Arc<dyn shardflow::LeaseStore>,
+) -> Result<(u64, u64, Duration)> {
     let counter = Counter::new(args);
     let source = Generator { args: args.clone() }.decode_fn(decode);
+    let policy = match (state, dir) {
+        (State::Snapshot { every_ms }, Some(dir)) => StatePolicy::snapshot(
+            shardflow::local::LocalStateStore::new(&dir.0),
+            Duration::from_millis(every_ms),
+        ),
+        _ => StatePolicy::Replay,
+    };
     let stream = Topology::builder("bench")
+        .state(policy)
         .source(source)
         .event_time(|e: &(u64, i64)| e.1);
     let topology = if args.window_ms > 0 {
@@ -273,7 +356,7 @@ async fn run_shardflow(args: &Args) -> Result<(u64, u64, Duration)> {
         ..RuntimeConfig::default()
     };
     let started = Instant::now();
-    Runtime::new(topology, Arc::new(MemoryLeaseStore::new()))
+    Runtime::new(topology, leases)
         .with_config(config)
         .run()
         .await?;
@@ -354,7 +437,10 @@ async fn main() -> Result<()> {
         args.batch > 0 && args.batch <= 10_000,
         "--batch must be 1 to 10000"
     );
-    let (mut plain_rates, mut rates) = (Vec::new(), Vec::new());
+    if args.recovery {
+        return recovery(&args, &workload).await;
+    }
+    let (mut plain_rates, mut rates, mut snap_rates) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..args.runs {
         // Alternating runs in one process see the same machine conditions.
         let (po, pc, pt) = run_plain(&args);
@@ -382,12 +468,77 @@ async fn main() -> Result<()> {
         anyhow::ensure!(sc == args.events, "checksum {sc} != events {}", args.events);
         plain_rates.push(plain_rate);
         rates.push(rate);
+        if let Some(every_ms) = args.snapshot_every_ms {
+            let dir = StateDir::new();
+            let leases: Arc<dyn shardflow::LeaseStore> = Arc::new(MemoryLeaseStore::new());
+            let (so, sc, st) =
+                run_with(&args, State::Snapshot { every_ms }, Some(&dir), leases).await?;
+            let rate = args.events as f64 / st.as_secs_f64();
+            println!(
+                "RESULT system=shardflow_snapshots workload={workload} snapshot_every_ms={every_ms} workers={} events={} outputs={so} checksum={sc} secs={:.3} events_per_s={:.0} state_bytes_left={}",
+                args.workers,
+                args.events,
+                st.as_secs_f64(),
+                rate,
+                dir.bytes()
+            );
+            anyhow::ensure!(sc == args.events, "checksum {sc} != events {}", args.events);
+            snap_rates.push(rate);
+        }
     }
     let (plain, ours) = (median(&mut plain_rates), median(&mut rates));
     println!(
         "MEDIAN runs={} plain_events_per_s={plain:.0} shardflow_events_per_s={ours:.0} ratio={:.3}",
         args.runs,
         ours / plain
+    );
+    if !snap_rates.is_empty() {
+        let snap = median(&mut snap_rates);
+        println!(
+            "MEDIAN runs={} shardflow_snapshots_events_per_s={snap:.0} ratio_to_shardflow={:.3}",
+            args.runs,
+            snap / ours
+        );
+    }
+    Ok(())
+}
+
+/// Recovery: per run and policy, a first run over every event (untimed), then a restart
+/// against the same lease table, timed until it is back at the tip.
+async fn recovery(args: &Args, workload: &str) -> Result<()> {
+    let every_ms = args.snapshot_every_ms.unwrap_or(1000);
+    let (mut replay, mut snapshot) = (Vec::new(), Vec::new());
+    for _ in 0..args.runs {
+        for state in [State::Replay, State::Snapshot { every_ms }] {
+            let dir = StateDir::new();
+            let leases: Arc<dyn shardflow::LeaseStore> = Arc::new(MemoryLeaseStore::new());
+            let (_, checksum, first) =
+                run_with(args, state, Some(&dir), Arc::clone(&leases)).await?;
+            anyhow::ensure!(checksum == args.events, "checksum {checksum} != events");
+            let bytes = dir.bytes();
+            let (_, _, took) = run_with(args, state, Some(&dir), leases).await?;
+            let name = match state {
+                State::Replay => "recovery_replay",
+                State::Snapshot { .. } => "recovery_snapshot",
+            };
+            println!(
+                "RESULT system={name} workload={workload} workers={} events={} first_run_secs={:.3} recovery_secs={:.3} state_bytes={bytes}",
+                args.workers,
+                args.events,
+                first.as_secs_f64(),
+                took.as_secs_f64()
+            );
+            match state {
+                State::Replay => replay.push(took.as_secs_f64()),
+                State::Snapshot { .. } => snapshot.push(took.as_secs_f64()),
+            }
+        }
+    }
+    let (r, s) = (median(&mut replay), median(&mut snapshot));
+    println!(
+        "MEDIAN runs={} recovery_replay_secs={r:.3} recovery_snapshot_secs={s:.3} ratio={:.3}",
+        args.runs,
+        s / r
     );
     Ok(())
 }

@@ -87,7 +87,7 @@ struct AdEvent {
 }
 
 /// Impressions, clicks and conversions of a campaign in a window.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 struct Funnel {
     impressions: u64,
     clicks: u64,

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 seeds="${1:-3000}"
 missed=0
 for rule in readmit_late skip_hold children_first forget_sink_positions forget_advances live_replay \
-  steal skip_keyed_guard skip_sink_guard no_generation letters_unguarded admit_garbage_time; do
+  steal skip_keyed_guard skip_sink_guard no_generation letters_unguarded admit_garbage_time \
+  incomplete_snapshots skip_restore; do
   log="$(mktemp)"
   if RUSTFLAGS="--cfg shardflow_mutation=\"$rule\"" CARGO_TARGET_DIR="target/mutations/$rule" \
     SHARDFLOW_SIM_SEEDS="$seeds" \

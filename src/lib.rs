@@ -29,7 +29,7 @@ pub use shardflow_core::position::{EventTime, ShardId, StartPosition};
 pub use shardflow_core::runtime::metrics::Metrics;
 pub use shardflow_core::runtime::{Health, RunMode, RunReport, Runtime, RuntimeConfig};
 pub use shardflow_core::sink::{MemorySink, Sink, Window};
-pub use shardflow_core::topology::{Stream, Topology};
+pub use shardflow_core::topology::{StatePolicy, Stream, Topology};
 pub use shardflow_core::{Error, Result};
 
 // Every Rust block of the README and the guide compiles and runs as a doc test. The guide's
@@ -53,7 +53,7 @@ pub mod prelude {
     pub use shardflow_core::decode::SourceExt;
     pub use shardflow_core::runtime::{RunMode, Runtime, RuntimeConfig};
     pub use shardflow_core::sink::Window;
-    pub use shardflow_core::topology::{Stream, Topology};
+    pub use shardflow_core::topology::{StatePolicy, Stream, Topology};
     pub use shardflow_operators::{
         Aggregator, Count, KeyBy, Max, Min, Reduce, SessionWindow, ShardStreamExt, SlidingWindow,
         StreamExt, Sum, TumblingWindow, WindowResult,

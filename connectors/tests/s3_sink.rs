@@ -411,3 +411,28 @@ async fn overflow_payloads_are_objects_named_by_position_and_a_replay_writes_the
     assert_eq!(error.operation, "store a dead letter's payload");
     assert_eq!(error.sink, format!("s3:{bucket}-missing"));
 }
+
+/// The S3 state store passes the conformance suite against `endpoint_var`'s emulator, each
+/// check in a fresh bucket, under a prefix.
+async fn state_store_conformance_at(endpoint_var: &str) {
+    use shardflow_connectors::s3::S3StateStore;
+    let client = client_at(endpoint_var).await;
+    shardflow_core::testing::state_store_conformance(|| {
+        let client = client.clone();
+        async move {
+            let bucket = bucket(&client).await;
+            S3StateStore::new(client, bucket, "/state/")
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_state_store_passes_the_conformance_suite_on_s3rver() {
+    state_store_conformance_at("SHARDFLOW_S3_ENDPOINT").await;
+}
+
+#[tokio::test]
+async fn the_state_store_passes_the_conformance_suite_on_moto() {
+    state_store_conformance_at("SHARDFLOW_MOTO_S3_ENDPOINT").await;
+}

@@ -265,6 +265,18 @@ pub struct UserError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum BuildError {
+    /// The topology takes snapshots of keyed state and an operator cannot save its state.
+    #[error(
+        "topology {topology:?} takes snapshots (state(Snapshot)) but operator {operator:?} cannot \
+         save its state (KeyedOperator::SNAPSHOTS is false): implement save and restore, or use \
+         state(Replay)"
+    )]
+    NoSnapshots {
+        /// The topology.
+        topology: String,
+        /// The operator.
+        operator: String,
+    },
     /// Two operators were given one name with `.name(..)`.
     #[error(
         "topology {topology:?} names two operators {name:?}: give each its own name (names \

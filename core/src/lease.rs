@@ -77,6 +77,40 @@ pub struct ShardCheckpoint {
     /// `rebuild_from`, oldest first: a replay makes each again where it was made.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub advances: Vec<WatermarkAdvance>,
+    /// The snapshot of the shard's keyed state as of `rebuild_from`, if the topology keeps
+    /// snapshots and the state needs one: a restart restores it and replays only the records
+    /// after `rebuild_from`. It is durable before the checkpoint that names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotRef>,
+}
+
+/// A complete snapshot of one shard's keyed state: the state every keyed operator held right
+/// after epoch `epoch` of the life `lease_epoch`, in one part per keyed worker (the manifest
+/// a checkpoint carries). Only the owner writes the checkpoint that names a snapshot, so a
+/// stale owner's parts are never named.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRef {
+    /// The life that took it.
+    pub lease_epoch: LeaseEpoch,
+    /// The epoch of that life it was taken after.
+    pub epoch: u64,
+    /// Its parts, by operator and worker.
+    pub parts: Vec<SnapshotPart>,
+}
+
+/// One keyed worker's part of a snapshot: the state of the keys it owned, for one operator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotPart {
+    /// The operator's name (its stable id in the topology).
+    pub operator: String,
+    /// The worker that wrote it (of `workers` for the operator).
+    pub worker: u32,
+    /// The object's name in the state store (`state_store::part_name`).
+    pub name: String,
+    /// Keys it holds.
+    pub keys: u64,
+    /// Its size in bytes.
+    pub bytes: u64,
 }
 
 /// A watermark advance decided on processing time (a quiet shard's idleness timeout, see
@@ -101,6 +135,7 @@ impl ShardCheckpoint {
             rebuild_watermark: None,
             sinks: BTreeMap::new(),
             advances: Vec::new(),
+            snapshot: None,
         }
     }
 
@@ -114,6 +149,7 @@ impl ShardCheckpoint {
             rebuild_watermark: None,
             sinks: BTreeMap::new(),
             advances: Vec::new(),
+            snapshot: None,
         }
     }
 
@@ -127,6 +163,7 @@ impl ShardCheckpoint {
             rebuild_watermark: None,
             sinks: BTreeMap::new(),
             advances: Vec::new(),
+            snapshot: None,
         }
     }
 
@@ -139,6 +176,7 @@ impl ShardCheckpoint {
             rebuild_watermark: None,
             sinks: BTreeMap::new(),
             advances: Vec::new(),
+            snapshot: None,
         }
     }
 

@@ -19,6 +19,7 @@ pub mod record;
 pub mod redact;
 pub mod sink;
 pub mod source;
+pub mod state_store;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use crate::lease::{CheckpointPosition, LeaseEpoch, ShardCheckpoint, WatermarkAdvance};
+use crate::lease::{
+    CheckpointPosition, LeaseEpoch, ShardCheckpoint, SnapshotPart, WatermarkAdvance,
+};
 use crate::lease_guard::LeaseGuard;
 use crate::position::{RecordPosition, ShardId};
 use crate::protocol::checkpoint::{Epoch, EpochRead, ShardProgress};
@@ -23,6 +25,8 @@ pub(crate) struct Report {
     pub(crate) lease_epoch: LeaseEpoch,
     pub(crate) epoch: Epoch,
     pub(crate) hold: Option<Epoch>,
+    /// The path's part of the snapshot taken right after `epoch`, stored before this report.
+    pub(crate) part: Option<SnapshotPart>,
 }
 
 /// Why a keyed worker dropped a shard's life (its state and uncommitted outputs).
@@ -92,13 +96,20 @@ impl Tracker {
         guard: LeaseGuard,
         resumed: ShardCheckpoint,
         paths: usize,
+        snapshots: bool,
     ) {
+        let progress = ShardProgress::new(resumed, paths);
+        let progress = if snapshots {
+            progress.with_snapshots(lease_epoch)
+        } else {
+            progress
+        };
         self.lock().insert(
             shard.clone(),
             Life {
                 lease_epoch,
                 guard,
-                progress: ShardProgress::new(resumed, paths),
+                progress,
             },
         );
     }
@@ -168,6 +179,9 @@ impl Tracker {
                 // earlier life of the shard counts for nothing.
                 if let Some(life) = shards.get_mut(&r.shard) {
                     if life.lease_epoch == r.lease_epoch {
+                        if let Some(part) = &r.part {
+                            life.progress.snapshot_part(path, r.epoch, part.clone());
+                        }
                         life.progress.report(path, r.epoch, r.hold);
                     }
                 }
@@ -216,6 +230,15 @@ impl Tracker {
         let cp = progress.checkpoint();
         progress.prune();
         cp
+    }
+
+    /// Snapshot parts of `shard` no checkpoint names any more, once the checkpoint decided
+    /// last was written (`ShardProgress::take_garbage`).
+    pub(crate) fn take_garbage(&self, shard: &ShardId) -> Vec<String> {
+        self.lock()
+            .get_mut(shard)
+            .map(|l| l.progress.take_garbage())
+            .unwrap_or_default()
     }
 
     pub(crate) fn committed_epoch(&self, shard: &ShardId) -> Epoch {

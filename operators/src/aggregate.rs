@@ -3,10 +3,15 @@
 use std::marker::PhantomData;
 use std::ops::AddAssign;
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
 /// Folds values of type `T` into an accumulator and reads a result from it.
 pub trait Aggregator<T>: Clone + Send + Sync + 'static {
     /// The running state.
-    type Acc: Send + 'static;
+    ///
+    /// A serde type, so that keyed state can be snapshotted (`StatePolicy::Snapshot`).
+    type Acc: Send + Serialize + DeserializeOwned + 'static;
     /// The result.
     type Out: Send + 'static;
     /// The state before any value: `add` is always called at least once before `result`.
@@ -64,7 +69,7 @@ impl<T, N, F> Sum<T, N, F> {
 
 impl<T: 'static, N, F> Aggregator<T> for Sum<T, N, F>
 where
-    N: AddAssign + Default + Copy + Send + Sync + 'static,
+    N: AddAssign + Default + Copy + Send + Sync + Serialize + DeserializeOwned + 'static,
     F: Fn(&T) -> N + Clone + Send + Sync + 'static,
 {
     type Acc = N;
@@ -109,7 +114,7 @@ macro_rules! extremum {
 
         impl<T: 'static, N, F> Aggregator<T> for $name<T, N, F>
         where
-            N: PartialOrd + Copy + Send + Sync + 'static,
+            N: PartialOrd + Copy + Send + Sync + Serialize + DeserializeOwned + 'static,
             F: Fn(&T) -> N + Clone + Send + Sync + 'static,
         {
             type Acc = N;
@@ -159,7 +164,7 @@ impl<F> Reduce<F> {
 
 impl<T, F> Aggregator<T> for Reduce<F>
 where
-    T: Clone + Send + 'static,
+    T: Clone + Send + Serialize + DeserializeOwned + 'static,
     F: Fn(&T, &T) -> T + Clone + Send + Sync + 'static,
 {
     type Acc = Option<T>;

@@ -3,11 +3,15 @@
 use std::hash::Hash;
 
 use compact_str::{format_compact, ToCompactString};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use shardflow_core::sink::KeyId;
 
 /// A type usable as a grouping key. Its text (`key_id`) names outputs (`w/<window>/<key>`), so
-/// it must be the same in every run: derive it from the value only.
-pub trait Key: Hash + Eq + Clone + Send + Sync + 'static {
+/// it must be the same in every run: derive it from the value only. Keys are serde types, so
+/// that keyed state can be snapshotted (`StatePolicy::Snapshot`): use `String` where a
+/// `&'static str` comes to mind.
+pub trait Key: Hash + Eq + Clone + Send + Sync + Serialize + DeserializeOwned + 'static {
     /// The key as text.
     fn key_id(&self) -> KeyId;
 }
@@ -37,12 +41,6 @@ macro_rules! text_keys {
 
 text_keys!(u128, usize, i128, isize, bool, char, String);
 
-impl Key for &'static str {
-    fn key_id(&self) -> KeyId {
-        KeyId::text(*self)
-    }
-}
-
 impl<A: Key, B: Key> Key for (A, B) {
     fn key_id(&self) -> KeyId {
         KeyId::text(format_compact!("{}|{}", self.0.key_id(), self.1.key_id()))
@@ -70,6 +68,6 @@ mod tests {
         assert_eq!(42u64.key_id().to_string(), "42");
         assert_eq!((-3i32).key_id().to_string(), "-3");
         assert_eq!("campaign-7".to_owned().key_id(), KeyId::text("campaign-7"));
-        assert_eq!((1u32, "x").key_id(), KeyId::text("1|x"));
+        assert_eq!((1u32, "x".to_owned()).key_id(), KeyId::text("1|x"));
     }
 }

@@ -71,7 +71,7 @@ where
     /// A running reduce per key (see [`KeyedStream::aggregate`]).
     pub fn reduce<R>(self, f: R) -> Stream<KeyedValue<K, T>, Keyed>
     where
-        T: Clone,
+        T: Clone + serde::Serialize + serde::de::DeserializeOwned,
         R: Fn(&T, &T) -> T + Clone + Send + Sync + 'static,
     {
         self.aggregate(Reduce::with(f))

@@ -8,6 +8,7 @@ pub mod key;
 pub mod keyed;
 pub mod misuse;
 mod running;
+mod snapshot;
 pub mod stateless;
 pub mod window;
 

@@ -122,6 +122,12 @@ fn random_topologies_under_random_faults_match_the_oracle() {
         refusing.len(),
         &refusing[..refusing.len().min(10)]
     );
+    let named: usize = reports.iter().map(|r| r.snapshots_named).sum();
+    let resumes: usize = reports.iter().map(|r| r.snapshot_resumes).sum();
+    println!(
+        "snapshots: {} seeds keep them; {named} checkpoints named one; {resumes} takes resumed from one",
+        reports.iter().filter(|r| r.spec_snapshots).count()
+    );
     print!("{:<12}", "fault");
     for k in KINDS {
         print!("{k:>13}");
@@ -152,6 +158,10 @@ fn random_topologies_under_random_faults_match_the_oracle() {
         failed.len(),
         reports.len(),
         failed.first().map(|r| describe(r)).unwrap_or_default()
+    );
+    assert!(
+        fixed.is_some_and(|n| n < MIN_SEEDS) || (named > 0 && resumes > 0),
+        "no seed restored a snapshot ({named} named, {resumes} resumes)"
     );
     assert!(
         fixed.is_some_and(|n| n < MIN_SEEDS) || thin.is_empty(),

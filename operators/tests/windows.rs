@@ -3,17 +3,15 @@
 
 use std::time::Duration;
 
-use shardflow_core::sink::Window;
+use shardflow_core::sink::{KeyId, Window};
 use shardflow_core::testing::KeyedHarness;
 use shardflow_core::topology::{Ident, KeyedOperator};
 use shardflow_operators::window::testing::{fixed, running, session};
 use shardflow_operators::{Count, SessionWindow, SlidingWindow, Sum, TumblingWindow, WindowResult};
 
-type Counted = WindowResult<&'static str, u64>;
+type Counted = WindowResult<char, u64>;
 
-fn results<Op: KeyedOperator<Out = Counted>>(
-    h: &mut KeyedHarness<Op>,
-) -> Vec<(&'static str, i64, u64)> {
+fn results<Op: KeyedOperator<Out = Counted>>(h: &mut KeyedHarness<Op>) -> Vec<(char, i64, u64)> {
     let mut r: Vec<_> = h
         .take_outputs()
         .into_iter()
@@ -26,7 +24,7 @@ fn results<Op: KeyedOperator<Out = Counted>>(
 fn tumbling_count(
     lateness: i64,
     out_of_orderness: i64,
-) -> KeyedHarness<impl KeyedOperator<Key = &'static str, In = i64, Out = Counted>> {
+) -> KeyedHarness<impl KeyedOperator<Key = char, In = i64, Out = Counted>> {
     KeyedHarness::new(
         fixed(
             TumblingWindow::of(Duration::from_millis(1000)),
@@ -40,39 +38,39 @@ fn tumbling_count(
 #[test]
 fn a_window_fires_only_when_the_watermark_reaches_its_end() {
     let mut h = tumbling_count(0, 0);
-    h.record("a", 1, 0);
-    h.record("a", 1, 998);
+    h.record('a', 1, 0);
+    h.record('a', 1, 998);
     h.end_epoch(); // watermark 998
-    h.record("a", 1, 999);
+    h.record('a', 1, 999);
     h.end_epoch(); // watermark 999: the window [0, 1000) is not complete yet
     assert!(results(&mut h).is_empty());
-    h.record("a", 1, 1000);
+    h.record('a', 1, 1000);
     h.end_epoch(); // watermark 1000
-    assert_eq!(results(&mut h), [("a", 0, 3)]);
+    assert_eq!(results(&mut h), [('a', 0, 3)]);
 }
 
 #[test]
 fn out_of_orderness_delays_firing_and_admits_disordered_records() {
     let mut h = tumbling_count(0, 500);
-    h.record("a", 1, 100);
-    h.record("a", 1, 1200); // watermark after: 700
-    h.record("a", 1, 900); // behind the largest time, ahead of the watermark: admitted
+    h.record('a', 1, 100);
+    h.record('a', 1, 1200); // watermark after: 700
+    h.record('a', 1, 900); // behind the largest time, ahead of the watermark: admitted
     h.end_epoch();
     assert!(results(&mut h).is_empty(), "watermark 700 < 1000");
-    h.record("a", 1, 1600);
+    h.record('a', 1, 1600);
     h.end_epoch(); // watermark 1100
-    assert_eq!(results(&mut h), [("a", 0, 2)]);
+    assert_eq!(results(&mut h), [('a', 0, 2)]);
     assert!(h.take_late().is_empty());
 }
 
 #[test]
 fn lateness_refines_a_fired_window_then_routes_later_records_aside() {
     let mut h = tumbling_count(500, 0);
-    h.record("a", 1, 10);
-    h.record("a", 1, 1100);
+    h.record('a', 1, 10);
+    h.record('a', 1, 1100);
     h.end_epoch(); // watermark 1100: [0,1000) fires with 1
-    assert_eq!(results(&mut h), [("a", 0, 1)], "[1000, 2000) is still open");
-    h.record("a", 1, 20); // late by 1100 - 1000 = 100 ms, within 500: refines
+    assert_eq!(results(&mut h), [('a', 0, 1)], "[1000, 2000) is still open");
+    h.record('a', 1, 20); // late by 1100 - 1000 = 100 ms, within 500: refines
     h.end_epoch();
     let refined = h.take_outputs();
     assert_eq!(
@@ -83,12 +81,12 @@ fn lateness_refines_a_fired_window_then_routes_later_records_aside() {
     assert_eq!(refined[0].1.value, 2);
     assert_eq!(
         refined[0].0.ident,
-        Ident::keyed("a".into(), Some(Window::new(0, 1000)))
+        Ident::keyed(KeyId::text("a"), Some(Window::new(0, 1000)))
     );
-    h.record("a", 1, 1500); // watermark 1500: [0,1000) closes (1000 + 500)
+    h.record('a', 1, 1500); // watermark 1500: [0,1000) closes (1000 + 500)
     h.end_epoch();
     h.take_outputs();
-    h.record("a", 7, 30); // too late
+    h.record('a', 7, 30); // too late
     h.end_epoch();
     assert_eq!(h.take_late(), [7]);
     assert!(
@@ -100,22 +98,22 @@ fn lateness_refines_a_fired_window_then_routes_later_records_aside() {
 #[test]
 fn a_record_exactly_at_the_lateness_bound_is_late() {
     let mut h = tumbling_count(200, 0);
-    h.record("a", 1, 1200); // watermark 1200 = end 1000 + lateness 200
-    h.record("a", 9, 999);
+    h.record('a', 1, 1200); // watermark 1200 = end 1000 + lateness 200
+    h.record('a', 9, 999);
     assert_eq!(h.take_late(), [9]);
 }
 
 #[test]
 fn keys_and_windows_are_counted_separately() {
     let mut h = tumbling_count(0, 0);
-    for (k, t) in [("a", 0), ("b", 1), ("a", 2), ("a", 1001), ("b", 1999)] {
+    for (k, t) in [('a', 0), ('b', 1), ('a', 2), ('a', 1001), ('b', 1999)] {
         h.record(k, 1, t);
     }
-    h.record("a", 1, 2000);
+    h.record('a', 1, 2000);
     h.end_epoch();
     assert_eq!(
         results(&mut h),
-        [("a", 0, 2), ("a", 1000, 1), ("b", 0, 1), ("b", 1000, 1)]
+        [('a', 0, 2), ('a', 1000, 1), ('b', 0, 1), ('b', 1000, 1)]
     );
 }
 
@@ -123,9 +121,9 @@ fn keys_and_windows_are_counted_separately() {
 fn hold_is_the_first_epoch_of_the_oldest_open_window() {
     let mut h = tumbling_count(0, 0);
     assert_eq!(h.hold(), None);
-    h.record("a", 1, 10);
+    h.record('a', 1, 10);
     h.end_epoch(); // epoch 1
-    h.record("a", 1, 1010); // epoch 2, new window
+    h.record('a', 1, 1010); // epoch 2, new window
     h.end_epoch(); // fires and closes [0,1000)
     assert_eq!(h.hold(), Some(2));
     h.shard_end();
@@ -136,10 +134,10 @@ fn hold_is_the_first_epoch_of_the_oldest_open_window() {
 #[test]
 fn end_of_input_emits_open_windows_but_keeps_holding_them() {
     let mut h = tumbling_count(0, 0);
-    h.record("a", 1, 10);
+    h.record('a', 1, 10);
     h.end_epoch();
     h.end_of_input();
-    assert_eq!(results(&mut h), [("a", 0, 1)]);
+    assert_eq!(results(&mut h), [('a', 0, 1)]);
     assert_eq!(h.hold(), Some(1), "a later run must rebuild and refine it");
 }
 
@@ -148,10 +146,10 @@ fn a_replay_rebuilds_the_state_of_the_first_run_and_its_outputs_are_dropped() {
     let mut h = tumbling_count(0, 0);
     // The first run committed through 1400: [0,1000) had fired and closed, [1000,2000) was open.
     h.begin_replay();
-    h.replay("a", 1, 500);
-    h.replay("a", 1, 1200);
-    h.replay("a", 1, 900); // late then, late now
-    h.replay("a", 1, 1400);
+    h.replay('a', 1, 500);
+    h.replay('a', 1, 1200);
+    h.replay('a', 1, 900); // late then, late now
+    h.replay('a', 1, 1400);
     h.end_replay_epoch();
     assert!(
         h.take_outputs().is_empty(),
@@ -161,9 +159,9 @@ fn a_replay_rebuilds_the_state_of_the_first_run_and_its_outputs_are_dropped() {
         h.take_late().is_empty(),
         "replayed late records are dropped"
     );
-    h.record("a", 1, 2000);
+    h.record('a', 1, 2000);
     h.end_epoch();
-    assert_eq!(results(&mut h), [("a", 1000, 2)]);
+    assert_eq!(results(&mut h), [('a', 1000, 2)]);
 }
 
 #[test]
@@ -174,10 +172,10 @@ fn sliding_windows_count_each_record_in_every_window_it_falls_in() {
         0,
     );
     let mut h = KeyedHarness::new(op, 0);
-    h.record("a", 1, 250);
-    h.record("a", 1, 1000);
+    h.record('a', 1, 250);
+    h.record('a', 1, 1000);
     h.end_epoch();
-    assert_eq!(results(&mut h), [("a", 0, 1), ("a", 100, 1), ("a", 200, 1)]);
+    assert_eq!(results(&mut h), [('a', 0, 1), ('a', 100, 1), ('a', 200, 1)]);
 }
 
 #[test]
@@ -189,12 +187,12 @@ fn sessions_merge_when_a_record_bridges_the_gap() {
     );
     // Out of order by up to 100 ms: the watermark trails the records by that much.
     let mut h = KeyedHarness::new(op, 100);
-    h.record("a", 1, 0); // [0, 100)
-    h.record("a", 2, 150); // [150, 250)
-    h.record("a", 4, 90); // [90, 190) bridges both (watermark 50: [0, 100) is open)
+    h.record('a', 1, 0); // [0, 100)
+    h.record('a', 2, 150); // [150, 250)
+    h.record('a', 4, 90); // [90, 190) bridges both (watermark 50: [0, 100) is open)
     h.end_epoch();
     assert!(h.take_outputs().is_empty(), "watermark 50 < 250");
-    h.record("a", 8, 600); // a new session; watermark 500 closes [0, 250)
+    h.record('a', 8, 600); // a new session; watermark 500 closes [0, 250)
     h.end_epoch();
     let out: Vec<_> = h
         .take_outputs()
@@ -213,11 +211,11 @@ fn a_session_the_watermark_closed_before_a_bridging_record_arrived_stays_apart()
         0,
     );
     let mut h = KeyedHarness::new(op, 0);
-    h.record("a", 1, 0); // [0, 100)
-    h.record("a", 2, 150); // [150, 250); the watermark is now 150
+    h.record('a', 1, 0); // [0, 100)
+    h.record('a', 2, 150); // [150, 250); the watermark is now 150
                            // Judged by the watermark at its arrival (150), whatever epoch it is read in: [0, 100)
                            // fired and closed before it, so it joins only [150, 250).
-    h.record("a", 4, 90);
+    h.record('a', 4, 90);
     let fired: Vec<_> = h
         .take_outputs()
         .into_iter()
@@ -245,9 +243,9 @@ fn sessions_of_different_keys_stay_apart() {
         0,
     );
     let mut h = KeyedHarness::new(op, 0);
-    h.record("a", 0, 0);
-    h.record("b", 0, 50);
-    h.record("a", 0, 500);
+    h.record('a', 0, 0);
+    h.record('b', 0, 50);
+    h.record('a', 0, 500);
     h.end_epoch();
     let mut out: Vec<_> = h
         .take_outputs()
@@ -258,19 +256,19 @@ fn sessions_of_different_keys_stay_apart() {
     assert_eq!(
         out,
         [
-            ("a", Window::new(0, 100), 1),
-            ("b", Window::new(50, 150), 1)
+            ('a', Window::new(0, 100), 1),
+            ('b', Window::new(50, 150), 1)
         ]
     );
 }
 
 #[test]
 fn a_running_aggregate_emits_each_changed_key_once_per_commit() {
-    let mut h = KeyedHarness::new(running::<&'static str, i64, _>(Count), 0);
-    h.record("a", 0, 1);
-    h.record("b", 0, 2);
+    let mut h = KeyedHarness::new(running::<char, i64, _>(Count), 0);
+    h.record('a', 0, 1);
+    h.record('b', 0, 2);
     h.end_epoch();
-    h.record("a", 0, 3);
+    h.record('a', 0, 3);
     h.end_epoch();
     assert!(h.take_outputs().is_empty(), "nothing before the commit");
     h.commit();
@@ -280,8 +278,8 @@ fn a_running_aggregate_emits_each_changed_key_once_per_commit() {
         .map(|(_, v)| (v.key, v.value))
         .collect();
     out.sort_unstable();
-    assert_eq!(out, [("a", 2), ("b", 1)]);
-    h.record("b", 0, 4);
+    assert_eq!(out, [('a', 2), ('b', 1)]);
+    h.record('b', 0, 4);
     h.end_epoch();
     h.commit();
     let out: Vec<_> = h
@@ -289,7 +287,7 @@ fn a_running_aggregate_emits_each_changed_key_once_per_commit() {
         .into_iter()
         .map(|(_, v)| (v.key, v.value))
         .collect();
-    assert_eq!(out, [("b", 2)]);
+    assert_eq!(out, [('b', 2)]);
     assert_eq!(
         h.hold(),
         Some(1),

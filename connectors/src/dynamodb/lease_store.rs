@@ -49,10 +49,13 @@ const SINK_TIMESTAMP: &str = "timestamp";
 // above and the watermark).
 const ADVANCES: &str = "watermarkAdvances";
 const ADVANCE_WATERMARK: &str = "watermark";
+// The snapshot of keyed state the checkpoint names (`SnapshotRef` as JSON: a small manifest of
+// part names, read back whole).
+const SNAPSHOT: &str = "stateSnapshot";
 
 /// Every top-level attribute shardflow writes to a lease item. An update replaces these and
 /// keeps every other attribute (a KCL tool or an operator's own notes may share the table).
-const OWN_ATTRIBUTES: [&str; 16] = [
+const OWN_ATTRIBUTES: [&str; 17] = [
     LEASE_KEY,
     LEASE_OWNER,
     LEASE_COUNTER,
@@ -69,6 +72,7 @@ const OWN_ATTRIBUTES: [&str; 16] = [
     REBUILD_FROM_TIMESTAMP,
     SINK_POSITIONS,
     ADVANCES,
+    SNAPSHOT,
 ];
 
 // Checkpoint sentinels. "The topology's initial position" has always been written as the KCL's
@@ -560,6 +564,10 @@ fn to_item(lease: &Lease) -> Item {
             .collect();
         item.insert(ADVANCES.into(), AttributeValue::L(advances));
     }
+    if let Some(snapshot) = &cp.snapshot {
+        let json = serde_json::to_string(snapshot).expect("a snapshot reference serializes");
+        item.insert(SNAPSHOT.into(), AttributeValue::S(json));
+    }
     if !lease.parents.is_empty() {
         // A string set may not be empty: no attribute means no parents.
         item.insert(PARENTS.into(), AttributeValue::Ss(lease.parents.clone()));
@@ -691,6 +699,13 @@ fn from_item(item: &Item) -> Result<Lease, LeaseError> {
             out
         }
     };
+    let snapshot = match item.get(SNAPSHOT) {
+        None => None,
+        Some(v) => {
+            let json = v.as_s().map_err(|_| bad(SNAPSHOT))?;
+            Some(serde_json::from_str(json).map_err(|_| bad(SNAPSHOT))?)
+        }
+    };
     let watermark = |name: &str| -> Result<Option<i64>, LeaseError> {
         number(name)?
             .map(|n| i64::try_from(n).map_err(|_| bad(name)))
@@ -710,6 +725,7 @@ fn from_item(item: &Item) -> Result<Lease, LeaseError> {
             rebuild_watermark: watermark(REBUILD_WATERMARK)?,
             sinks,
             advances,
+            snapshot,
         },
         parents: {
             let mut parents = item

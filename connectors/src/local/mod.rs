@@ -24,6 +24,7 @@ mod payload_store;
 mod producer;
 mod reader;
 mod source;
+mod state_store;
 mod stream;
 mod writer;
 
@@ -38,6 +39,7 @@ pub use payload_store::LocalPayloadStore;
 pub use producer::LocalProducer;
 pub use reader::LocalShardReader;
 pub use source::LocalSource;
+pub use state_store::LocalStateStore;
 pub use stream::{LocalStream, PutResult, TrimReport, MAX_SHARD_COUNT};
 
 #[cfg(test)]

@@ -5,6 +5,8 @@ mod conditional;
 mod objects;
 mod payload_store;
 mod sink;
+mod state_store;
 
 pub use payload_store::S3PayloadStore;
 pub use sink::{S3Sink, S3SinkError};
+pub use state_store::S3StateStore;

@@ -339,6 +339,44 @@ pub(crate) async fn list(
     Ok(keys)
 }
 
+/// An object's bytes, or `None` if there is no such object.
+pub(crate) async fn get_if_exists(
+    client: &Client,
+    bucket: &str,
+    key: &str,
+) -> Result<Option<Vec<u8>>, RequestError> {
+    retried(|| async {
+        let out = match client.get_object().bucket(bucket).key(key).send().await {
+            Ok(out) => out,
+            Err(SdkError::ServiceError(s)) if s.err().is_no_such_key() => return Ok(None),
+            Err(e) => return Err(classify("GetObject", e)),
+        };
+        let body = out.body.collect().await.map_err(|e| RequestError {
+            operation: "GetObject",
+            retryable: true,
+            precondition_failed: false,
+            source: e.into(),
+        })?;
+        Ok(Some(body.into_bytes().to_vec()))
+    })
+    .await
+}
+
+/// Deletes `key` (S3 answers a delete of an absent key with success too).
+pub(crate) async fn delete(client: &Client, bucket: &str, key: &str) -> Result<(), RequestError> {
+    retried(|| async {
+        client
+            .delete_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| classify("DeleteObject", e))
+    })
+    .await
+}
+
 /// An object's bytes and user metadata.
 pub(crate) async fn get(
     client: &Client,

@@ -91,14 +91,7 @@ where
                 None => panic.resume(),
             },
         };
-        let workers = self.buffers.len();
-        let worker = if workers == 1 {
-            0
-        } else {
-            // Multiply-shift maps the hash onto the workers without a division.
-            let h = FxBuildHasher.hash_one(&key);
-            ((u128::from(h) * workers as u128) >> 64) as usize
-        };
+        let worker = worker_of(&key, self.buffers.len());
         let Ident::Record { index, fanout } = cx.ident else {
             unreachable!("key_by runs before any keyed operator");
         };
@@ -141,4 +134,16 @@ pub(crate) fn exchange<K: 'static + Send, T: 'static + Send>(
         .downcast_ref::<Exchange<K, T>>()
         .expect("the exchange registry holds the exchange of the branch's types")
         .clone()
+}
+
+/// The keyed worker, of `workers`, that owns `key`: the exchange sends its records there, and
+/// a restore from a snapshot loads it there.
+#[inline]
+pub(crate) fn worker_of<K: Hash>(key: &K, workers: usize) -> usize {
+    if workers == 1 {
+        return 0;
+    }
+    // Multiply-shift maps the hash onto the workers without a division.
+    let h = FxBuildHasher.hash_one(key);
+    ((u128::from(h) * workers as u128) >> 64) as usize
 }

@@ -218,10 +218,21 @@ where
                 commit_interval: cx.commit_interval,
                 metrics: cx.metrics.clone(),
                 topology: cx.topology.clone(),
+                state_store: cx.state_store.clone(),
+                worker,
+                workers: n,
                 _key: std::marker::PhantomData,
             };
             tasks.spawn(worker.run(rx));
         }
         Box::new(Exchange { senders, pool })
+    }
+
+    fn label(&self) -> Arc<str> {
+        label_of(&self.label)
+    }
+
+    fn snapshots(&self) -> bool {
+        Op::SNAPSHOTS
     }
 }

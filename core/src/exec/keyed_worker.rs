@@ -17,16 +17,17 @@ use tokio::sync::mpsc;
 
 use crate::dead_letter::{DeadLetterRecord, RefusedResult};
 use crate::error::Error;
-use crate::lease::LeaseEpoch;
+use crate::lease::{LeaseEpoch, SnapshotPart, SnapshotRef};
 use crate::metrics::Metrics;
 use crate::operator::{
-    Control, Emit, EpochCx, Ident, KeyedOperator, KeyedOutput, Mode, RecordCx, Refused,
+    Control, Emit, EpochCx, Ident, KeyedOperator, KeyedOutput, Mode, RecordCx, Refused, StateOrder,
 };
 use crate::position::{EventTime, RecordPosition, ShardId};
 use crate::sink::{KeyId, OutputId};
+use crate::state_store::{part_name, StateStore};
 use crate::tracker::{DropReason, DroppedLife, Report, Tracker};
 
-use super::exchange::{ExchangeMsg, RecordPool};
+use super::exchange::{worker_of, ExchangeMsg, RecordPool};
 use super::sink_emitter::SinkEmitter;
 use super::user_code;
 
@@ -49,7 +50,29 @@ pub(crate) struct KeyedWorker<Op: KeyedOperator> {
     pub(crate) commit_interval: std::time::Duration,
     pub(crate) metrics: Metrics,
     pub(crate) topology: String,
+    /// Where snapshot parts go (`state(Snapshot)`).
+    pub(crate) state_store: Option<Arc<dyn StateStore>>,
+    /// This worker's number among the branch's `workers`: it owns the keys the exchange
+    /// hashes to it (`exchange::worker_of`), and restores those.
+    pub(crate) worker: usize,
+    pub(crate) workers: usize,
     pub(crate) _key: PhantomData<fn() -> Op::Key>,
+}
+
+/// A snapshot part to store at the next commit: the state of `shard` after `epoch`.
+struct Take {
+    shard: ShardId,
+    lease_epoch: LeaseEpoch,
+    epoch: u64,
+    prefix: Arc<str>,
+}
+
+/// Why a life could not restore its state from a snapshot.
+enum RestoreFailed {
+    /// The store failed (a retry may work): the shard backs off and starts again.
+    Store(crate::error::SinkError),
+    /// The snapshot does not fit the topology, or a part is missing or unreadable.
+    Broken(String),
 }
 
 /// Most messages a worker handles before it commits its sinks and reports, whatever the commit
@@ -78,6 +101,8 @@ struct Pending<S> {
     /// The last record of each shard's current life this worker was sent: a keyed dead
     /// letter names it (its result derives from records up to there).
     last_read: FxHashMap<ShardId, RecordPosition>,
+    /// Snapshot parts owed at the next commit.
+    takes: Vec<Take>,
 }
 
 impl<Op> KeyedWorker<Op>
@@ -97,6 +122,7 @@ where
             touched: Vec::new(),
             dropped: FxHashSet::default(),
             last_read: FxHashMap::default(),
+            takes: Vec::new(),
         };
         // When the epochs gathered so far must be committed.
         let mut deadline: Option<tokio::time::Instant> = None;
@@ -117,10 +143,12 @@ where
             let Some(msg) = msg else { break };
             // The end of a shard, of the input or of the shard's processing is committed at
             // once: the run waits for it.
+            // So is an epoch after which a snapshot is taken: its part stands for the state
+            // right after it.
             let urgent = matches!(
                 msg.epoch.control,
                 Control::EndOfInput | Control::ShardEnd | Control::Stop
-            );
+            ) || matches!(msg.epoch.state, StateOrder::Take(_));
             let handled = self.handle(&mut pending, msg).await;
             self.isolate(&mut pending, handled).await?;
             let lettered = self.dead_letter_refused(&mut pending).await;
@@ -219,11 +247,144 @@ where
             }
         }
         pending.touched.clear();
+        self.store_parts(pending).await;
         if !pending.reports.is_empty() {
             self.tracker.report(self.path, &pending.reports);
             pending.reports.clear();
         }
         Ok(())
+    }
+
+    /// Stores the snapshot parts owed, after the commit of the epochs they stand for and
+    /// before those epochs are reported, and attaches each to its epoch's report. A part that
+    /// cannot be saved or stored is left out (with a warning): that snapshot stays incomplete,
+    /// no checkpoint names it, and the next one may do.
+    async fn store_parts(&mut self, pending: &mut Pending<Op::State>) {
+        let Some(store) = self.state_store.clone() else {
+            pending.takes.clear();
+            return;
+        };
+        for take in std::mem::take(&mut pending.takes) {
+            let life = (take.shard.clone(), take.lease_epoch);
+            let current = pending.life_of.get(&take.shard) == Some(&take.lease_epoch);
+            if pending.dropped.contains(&life) || !current {
+                continue;
+            }
+            let saved = {
+                let op = &self.op;
+                let state = pending.states.get(&take.shard);
+                user_code::call(|| match state {
+                    Some(state) => op.save(state),
+                    None => op.save(&Op::State::default()),
+                })
+            };
+            let saved = match saved {
+                Ok(Ok(saved)) => saved,
+                Ok(Err(why)) => {
+                    tracing::warn!(shard = %take.shard, operator = %self.label, epoch = take.epoch, %why, "a snapshot part could not be saved; the snapshot is left incomplete");
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!(shard = %take.shard, operator = %self.label, epoch = take.epoch, "saving a snapshot part panicked; the snapshot is left incomplete");
+                    continue;
+                }
+            };
+            let name = part_name(
+                &take.prefix,
+                take.lease_epoch,
+                take.epoch,
+                &self.label,
+                self.worker,
+            );
+            let started = std::time::Instant::now();
+            if let Err(error) = store.put(&name, &saved.bytes).await {
+                tracing::warn!(shard = %take.shard, operator = %self.label, epoch = take.epoch, bytes = saved.bytes.len(), %error, "a snapshot part could not be stored; the snapshot is left incomplete");
+                continue;
+            }
+            tracing::debug!(shard = %take.shard, operator = %self.label, epoch = take.epoch, keys = saved.keys, bytes = saved.bytes.len(), elapsed_ms = started.elapsed().as_millis() as u64, "snapshot part stored");
+            let part = SnapshotPart {
+                operator: self.label.to_string(),
+                worker: u32::try_from(self.worker).unwrap_or(u32::MAX),
+                name,
+                keys: saved.keys,
+                bytes: saved.bytes.len() as u64,
+            };
+            if let Some(report) = pending.reports.iter_mut().find(|r| {
+                r.shard == take.shard && r.lease_epoch == take.lease_epoch && r.epoch == take.epoch
+            }) {
+                report.part = Some(part);
+            }
+        }
+    }
+
+    /// The state of a life that resumes from `snapshot`: this worker's keys of every part of
+    /// its operator, merged, held from `epoch`.
+    async fn restore(
+        &mut self,
+        snapshot: &SnapshotRef,
+        epoch: u64,
+    ) -> Result<Op::State, RestoreFailed> {
+        let store = self.state_store.clone().ok_or_else(|| {
+            RestoreFailed::Broken(
+                "the checkpoint names a snapshot of keyed state and the topology has no state \
+                 store (state(Replay)): set state(Snapshot) with the store that holds it, or \
+                 reset the shard's checkpoint"
+                    .to_owned(),
+            )
+        })?;
+        let parts: Vec<SnapshotPart> = snapshot
+            .parts
+            .iter()
+            .filter(|p| p.operator == *self.label)
+            .cloned()
+            .collect();
+        if parts.is_empty() {
+            return Err(RestoreFailed::Broken(format!(
+                "the snapshot the checkpoint names holds no state of operator {:?}: the \
+                 topology changed since it was taken (name operators with .name(..) so that \
+                 their ids stay stable, or reset the shard's checkpoint)",
+                self.label
+            )));
+        }
+        let mut state = Op::State::default();
+        let (worker, workers) = (self.worker, self.workers);
+        let owns = move |key: &Op::Key| worker_of(key, workers) == worker;
+        for part in parts {
+            let bytes = store
+                .get(&part.name)
+                .await
+                .map_err(RestoreFailed::Store)?
+                .ok_or_else(|| {
+                    RestoreFailed::Broken(format!(
+                        "snapshot part {} of operator {:?} is missing from state store {}",
+                        part.name,
+                        self.label,
+                        store.name()
+                    ))
+                })?;
+            let restored = {
+                let op = &self.op;
+                user_code::call(|| op.restore(&mut state, &bytes, &owns, epoch))
+            };
+            match restored {
+                Ok(Ok(_keys)) => {}
+                Ok(Err(why)) => {
+                    return Err(RestoreFailed::Broken(format!(
+                        "snapshot part {} of operator {:?} ({} bytes) cannot be read: {why}",
+                        part.name,
+                        self.label,
+                        bytes.len()
+                    )))
+                }
+                Err(_) => {
+                    return Err(RestoreFailed::Broken(format!(
+                        "restoring snapshot part {} of operator {:?} panicked",
+                        part.name, self.label
+                    )))
+                }
+            }
+        }
+        Ok(state)
     }
 
     /// Commits the late records' sink and then the keyed dead letters, each only for lives
@@ -317,6 +478,7 @@ where
                         watermark: None,
                         mode: Mode::Live,
                         control: Control::Continue,
+                        state: StateOrder::Keep,
                     };
                     letters.flush(&epoch).await?;
                     if !pending.touched.contains(&life) {
@@ -414,6 +576,7 @@ where
         pending.states.remove(shard);
         pending.life_of.remove(shard);
         pending.last_read.remove(shard);
+        pending.takes.retain(|t| &t.shard != shard);
         pending
             .reports
             .retain(|r| &r.shard != shard || r.lease_epoch != *lease_epoch);
@@ -431,6 +594,7 @@ where
             watermark: None,
             mode: Mode::Live,
             control: Control::Release,
+            state: StateOrder::Keep,
         };
         self.main.flush(&release).await?;
         self.late.flush(&release).await?;
@@ -560,6 +724,42 @@ where
             }
             return Ok(());
         }
+        if let StateOrder::Restore(restore) = &epoch.state {
+            // A mutation check (skip_restore): a life resumed from a snapshot starts empty.
+            if !pending.states.contains_key(&epoch.shard)
+                && !cfg!(shardflow_mutation = "skip_restore")
+            {
+                match self.restore(&restore.snapshot, epoch.epoch).await {
+                    Ok(state) => {
+                        pending.states.insert(epoch.shard.clone(), state);
+                        // What the restored state emits derives from records up to the
+                        // resume point: a keyed dead letter of it names that record.
+                        if let Some(after) = &restore.after {
+                            pending
+                                .last_read
+                                .entry(epoch.shard.clone())
+                                .or_insert_with(|| after.clone());
+                        }
+                    }
+                    Err(failed) => {
+                        self.pool.give(records);
+                        let reason = match failed {
+                            RestoreFailed::Store(error) => {
+                                tracing::warn!(shard = %epoch.shard, operator = %self.label, %error, "the state store failed while restoring a snapshot; the shard backs off");
+                                DropReason::SinkFailed
+                            }
+                            RestoreFailed::Broken(reason) => {
+                                tracing::error!(shard = %epoch.shard, operator = %self.label, %reason, "a snapshot cannot be restored; stopping the shard");
+                                DropReason::Stop { reason }
+                            }
+                        };
+                        return self
+                            .drop_life(pending, epoch.shard, epoch.lease_epoch, reason)
+                            .await;
+                    }
+                }
+            }
+        }
         let state = pending.states.entry(epoch.shard.clone()).or_default();
         let mut out = KeyedOutput::new(&mut *self.main, &mut *self.late);
         let records_in = records.len() as u64;
@@ -635,11 +835,22 @@ where
         }
         self.main.flush(&epoch).await?;
         self.late.flush(&epoch).await?;
+        if let StateOrder::Take(prefix) = &epoch.state {
+            if epoch.control != Control::ShardEnd {
+                pending.takes.push(Take {
+                    shard: epoch.shard.clone(),
+                    lease_epoch: epoch.lease_epoch,
+                    epoch: epoch.epoch,
+                    prefix: Arc::clone(prefix),
+                });
+            }
+        }
         pending.reports.push(Report {
             shard: epoch.shard.clone(),
             lease_epoch: epoch.lease_epoch,
             epoch: epoch.epoch,
             hold,
+            part: None,
         });
         Ok(())
     }

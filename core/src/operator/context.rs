@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use crate::lease::LeaseEpoch;
-use crate::position::{EventTime, ShardId};
+use crate::lease::{LeaseEpoch, SnapshotRef};
+use crate::position::{EventTime, RecordPosition, ShardId};
 use crate::protocol::checkpoint::Epoch;
 use crate::record::RawBatch;
 use crate::sink::{KeyId, Window};
@@ -92,6 +92,31 @@ pub struct EpochCx {
     pub mode: Mode,
     /// What else the epoch says about the shard.
     pub control: Control,
+    /// What keyed workers do with the shard's keyed state at this epoch.
+    pub(crate) state: StateOrder,
+}
+
+/// A snapshot to restore, and the last record whose effect it holds (the resume point).
+#[derive(Clone, Debug)]
+pub struct Restore {
+    /// The snapshot.
+    pub snapshot: SnapshotRef,
+    /// The last record it holds the effect of (`None` before the shard's first record).
+    pub after: Option<RecordPosition>,
+}
+
+/// What keyed workers do with a shard's keyed state at an epoch (`state(Snapshot)`).
+#[derive(Clone, Debug, Default)]
+pub enum StateOrder {
+    /// Nothing.
+    #[default]
+    Keep,
+    /// The first epoch of a life resumed from a snapshot: each worker loads its keys from the
+    /// snapshot's parts before the epoch's records.
+    Restore(Arc<Restore>),
+    /// Each worker commits at once after the epoch and stores its part of a snapshot under
+    /// the shard's prefix (`state_store::shard_prefix`) before it reports the epoch.
+    Take(Arc<str>),
 }
 
 impl EpochCx {

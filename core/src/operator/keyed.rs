@@ -161,4 +161,43 @@ pub trait KeyedOperator: Send + 'static {
 
     /// The oldest epoch the state holds records of, if any.
     fn hold(&self, state: &Self::State) -> Option<Epoch>;
+
+    /// Whether [`save`](Self::save) and [`restore`](Self::restore) are implemented: a topology
+    /// whose state policy takes snapshots refuses to build with an operator that cannot.
+    const SNAPSHOTS: bool = false;
+
+    /// Serializes `state` (this worker's keys of one shard) for a snapshot, as of the epoch
+    /// just committed. Nothing that depends on the number of workers may go in: a restart at
+    /// another parallelism merges every worker's part.
+    ///
+    /// # Errors
+    /// If the state cannot be serialized (a message naming the operator's kind, never a value).
+    fn save(&self, _state: &Self::State) -> Result<SavedState, String> {
+        Err("this operator keeps no snapshots".to_owned())
+    }
+
+    /// Merges the keys of snapshot part `part` that `owns` says are this worker's into
+    /// `state`, which then holds them as of epoch `held_from` (the first epoch of the life
+    /// that restores them). Returns the number of keys taken.
+    ///
+    /// # Errors
+    /// If the part cannot be read (corrupt, or written by an incompatible operator).
+    fn restore(
+        &self,
+        _state: &mut Self::State,
+        _part: &[u8],
+        _owns: &dyn Fn(&Self::Key) -> bool,
+        _held_from: Epoch,
+    ) -> Result<u64, String> {
+        Err("this operator keeps no snapshots".to_owned())
+    }
+}
+
+/// One keyed worker's serialized state of one shard, for a snapshot part.
+#[derive(Clone, Debug, Default)]
+pub struct SavedState {
+    /// The bytes.
+    pub bytes: Vec<u8>,
+    /// Keys they hold.
+    pub keys: u64,
 }

@@ -7,8 +7,8 @@ mod emit;
 mod keyed;
 mod stateless;
 
-pub use context::{Control, EpochCx, Ident, Mode, RecordCx, NO_WATERMARK};
+pub use context::{Control, EpochCx, Ident, Mode, RecordCx, Restore, StateOrder, NO_WATERMARK};
 pub use emit::{Emit, Refused};
-pub use keyed::{KeyedOperator, KeyedOutput, KeyedRecord};
+pub use keyed::{KeyedOperator, KeyedOutput, KeyedRecord, SavedState};
 pub use stateless::{Collector, FailureAction, Stateless};
 pub(crate) use stateless::{Fan, ReportFailure};

@@ -21,7 +21,9 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::lease::{CheckpointPosition, ShardCheckpoint, WatermarkAdvance};
+use crate::lease::{
+    CheckpointPosition, LeaseEpoch, ShardCheckpoint, SnapshotPart, SnapshotRef, WatermarkAdvance,
+};
 use crate::position::{EventTime, RecordPosition};
 use crate::sink::Held;
 
@@ -34,6 +36,9 @@ const MAX_ANCHORS: usize = 512;
 const EXACT_ANCHORS: usize = 128;
 /// Watermark advances decided on processing time kept per shard at most.
 const MAX_ADVANCES: usize = 256;
+/// Snapshots (complete or not) kept per shard at most; beyond it the oldest goes (a restart
+/// then restores a newer one, or rebuilds by replay where none is early enough).
+const MAX_SNAPSHOTS: usize = 32;
 /// Hold reports kept per path at most; beyond it the older ones are merged (keeping the
 /// oldest hold of those merged, which rebuilds more, never less).
 const MAX_HOLD_REPORTS: usize = 512;
@@ -93,6 +98,53 @@ pub struct ShardProgress {
     advances: Vec<WatermarkAdvance>,
     /// The last checkpoint decided (at first, the resumed one).
     last: ShardCheckpoint,
+    /// Snapshots of the keyed state, if the topology keeps them.
+    snapshots: Option<Snapshots>,
+    /// The epoch of the last `hold_back` (0: none yet).
+    last_hold_back: Epoch,
+}
+
+/// The snapshots of one shard's keyed state a life knows of: the one it resumed from (as of
+/// epoch 0, the resume point) and those its keyed paths took since, by epoch. A snapshot is
+/// complete once every keyed path reported its part; only a complete one is ever named.
+#[derive(Clone, Debug)]
+struct Snapshots {
+    life: LeaseEpoch,
+    /// Paths that write parts: every path but the shard's own (path 0).
+    keyed_paths: usize,
+    /// Parts by epoch, then by path.
+    taken: BTreeMap<Epoch, BTreeMap<usize, SnapshotPart>>,
+    /// The snapshot the life resumed from, standing for the state as of epoch 0.
+    resumed: Option<SnapshotRef>,
+    /// Parts of snapshots forgotten since the last `take_garbage`.
+    garbage: Vec<String>,
+}
+
+impl Snapshots {
+    /// The complete snapshot taken after `epoch`, if there is one.
+    fn complete(&self, epoch: Epoch) -> Option<SnapshotRef> {
+        if epoch == 0 {
+            return self.resumed.clone();
+        }
+        let parts = self.taken.get(&epoch)?;
+        let complete = parts.len() == self.keyed_paths
+            // A mutation check: a snapshot some keyed paths never stored a part of is named.
+            || cfg!(shardflow_mutation = "incomplete_snapshots");
+        complete.then(|| SnapshotRef {
+            lease_epoch: self.life,
+            epoch,
+            parts: parts.values().cloned().collect(),
+        })
+    }
+
+    /// The newest complete snapshot taken at or before `limit`.
+    fn newest_through(&self, limit: Epoch) -> Option<(Epoch, SnapshotRef)> {
+        self.taken
+            .range(..=limit)
+            .rev()
+            .find_map(|(e, _)| self.complete(*e).map(|s| (*e, s)))
+            .or_else(|| self.resumed.clone().map(|s| (0, s)))
+    }
 }
 
 impl ShardProgress {
@@ -129,7 +181,90 @@ impl ShardProgress {
             advances: resumed.advances.clone(),
             last: resumed.clone(),
             resumed,
+            snapshots: None,
+            last_hold_back: 0,
         }
+    }
+
+    /// Keeps snapshots of the keyed state, taken by the life `life` on every path but the
+    /// shard's own: a checkpoint may then name one instead of rebuilding by replay from the
+    /// state's oldest record.
+    #[must_use]
+    pub fn with_snapshots(mut self, life: LeaseEpoch) -> Self {
+        self.snapshots = Some(Snapshots {
+            life,
+            keyed_paths: self.paths.len() - 1,
+            taken: BTreeMap::new(),
+            resumed: self.resumed.snapshot.clone(),
+            garbage: Vec::new(),
+        });
+        self
+    }
+
+    /// Path `path` stored its part of the snapshot taken right after `epoch` (before it
+    /// reports the epoch). Ignored without [`with_snapshots`](Self::with_snapshots), or for
+    /// an epoch already forgotten.
+    pub fn snapshot_part(&mut self, path: usize, epoch: Epoch, part: SnapshotPart) {
+        let oldest = self.start_epoch();
+        let Some(snapshots) = self.snapshots.as_mut() else {
+            return;
+        };
+        if path == 0 || epoch == 0 || epoch < oldest {
+            return;
+        }
+        snapshots.taken.entry(epoch).or_default().insert(path, part);
+        if snapshots.taken.len() > MAX_SNAPSHOTS {
+            // The oldest may be the one the last checkpoint named: the next one goes.
+            let second = snapshots
+                .taken
+                .keys()
+                .nth(1)
+                .copied()
+                .expect("over the limit");
+            let parts = snapshots.taken.remove(&second).expect("a key just read");
+            snapshots
+                .garbage
+                .extend(parts.into_values().map(|p| p.name));
+        }
+    }
+
+    /// The first epoch still kept (0: none forgotten yet).
+    fn start_epoch(&self) -> Epoch {
+        self.epochs.keys().next().copied().unwrap_or(0)
+    }
+
+    /// Where a checkpoint with `committed` may rebuild from: the epoch before the oldest one
+    /// the state held at `committed`, unless a complete snapshot at or after that epoch and
+    /// at or before `limit` (the commit, and every holding sink's position) stands for the
+    /// state there; then that snapshot's epoch, and the snapshot.
+    fn rebuild_point(&self, committed: Epoch, limit: Epoch) -> (Epoch, Option<SnapshotRef>) {
+        let by_replay = match self.hold_at(committed) {
+            Some(held) => held.saturating_sub(1).min(committed),
+            None => committed,
+        };
+        let by_replay = by_replay.min(limit);
+        match self
+            .snapshots
+            .as_ref()
+            .and_then(|s| s.newest_through(limit.min(committed)))
+        {
+            Some((epoch, snapshot))
+                if by_replay <= epoch && !cfg!(shardflow_mutation = "ignore_snapshots") =>
+            {
+                (epoch, Some(snapshot))
+            }
+            _ => (by_replay, None),
+        }
+    }
+
+    /// The part names of snapshots no checkpoint decided from now on names, and no checkpoint
+    /// decided before: once the checkpoint decided last is written, the state store may delete
+    /// them (the one written before may still name some until then).
+    pub fn take_garbage(&mut self) -> Vec<String> {
+        self.snapshots
+            .as_mut()
+            .map(|s| std::mem::take(&mut s.garbage))
+            .unwrap_or_default()
     }
 
     /// Registers the next epoch: it ends at `read.last` (or where the previous one ended, for
@@ -210,13 +345,23 @@ impl ShardProgress {
                 sink.at = at;
             }
         }
+        // A sink that said nothing of the shard when asked last held nothing of it then: what
+        // it holds now came after, so it may resume after that epoch (at the earliest, after
+        // its resumed position). The resumed position alone may lie before the epochs kept.
+        let before = self.anchor(self.last_hold_back).position;
+        self.last_hold_back = at;
         for (name, held) in holds {
-            let floor = self
+            let resumed = self
                 .resumed
                 .sinks
                 .get(&name)
                 .unwrap_or(&self.resumed.committed)
                 .clone();
+            let floor = if resumed.le(&before) {
+                before.clone()
+            } else {
+                resumed
+            };
             let sink = self.sinks.entry(name).or_insert_with(|| {
                 changed = true;
                 HoldingSink {
@@ -290,16 +435,15 @@ impl ShardProgress {
                 s.floor = p.clone();
             }
         }
-        // Reading restarts early enough for every sink and for the state held at `committed`.
-        let mut rebuild = match self.hold_at(committed) {
-            Some(held) => held.saturating_sub(1).min(committed),
-            None => committed,
-        };
+        // Reading restarts early enough for every sink and for the state held at `committed`
+        // (or at a snapshot of it).
+        let mut limit = committed;
         for (_, p) in &positions {
             if !end.position.le(p) {
-                rebuild = rebuild.min(self.epoch_through(p));
+                limit = limit.min(self.epoch_through(p));
             }
         }
+        let (rebuild, snapshot) = self.rebuild_point(committed, limit);
         let rebuild = self.anchor(rebuild);
         let checkpoint = ShardCheckpoint {
             committed: end.position.clone(),
@@ -315,6 +459,7 @@ impl ShardProgress {
                 })
                 .collect(),
             advances: Vec::new(),
+            snapshot,
         };
         let checkpoint = ShardCheckpoint {
             advances: self.advances_from(&checkpoint.rebuild_from),
@@ -381,13 +526,11 @@ impl ShardProgress {
                 path.holds.pop_front();
             }
         }
-        let mut keep_from = match self.hold_at(committed) {
-            Some(held) => held.saturating_sub(1).min(committed),
-            None => committed,
-        };
+        let mut limit = committed;
         for s in self.sinks.values() {
-            keep_from = keep_from.min(self.epoch_through(&s.floor));
+            limit = limit.min(self.epoch_through(&s.floor));
         }
+        let (keep_from, named) = self.rebuild_point(committed, limit);
         let keep_from = self
             .epochs
             .range(..=keep_from)
@@ -403,6 +546,20 @@ impl ShardProgress {
         }
         let start = self.start.position.clone();
         self.advances.retain(|a| start.le(&a.after));
+        if let Some(snapshots) = self.snapshots.as_mut() {
+            // Older snapshots are never named again (the rebuild point never moves back); the
+            // resumed one goes once the rebuild point passed it.
+            let kept = snapshots.taken.split_off(&keep_from);
+            let old = std::mem::replace(&mut snapshots.taken, kept);
+            let names = old.into_values().flat_map(BTreeMap::into_values);
+            snapshots.garbage.extend(names.map(|p| p.name));
+            let resumed_named = named.is_some() && named == snapshots.resumed;
+            if keep_from > 0 && !resumed_named {
+                let resumed = snapshots.resumed.take().into_iter();
+                let names = resumed.flat_map(|s| s.parts.into_iter().map(|p| p.name));
+                snapshots.garbage.extend(names);
+            }
+        }
     }
 
     /// Whether the end of an epoch is at or past the checkpoint the shard resumed from: past
@@ -425,8 +582,21 @@ impl ShardProgress {
             .copied()
             .take(self.epochs.len() - EXACT_ANCHORS)
             .collect();
-        for e in old.iter().skip(1).step_by(2) {
-            self.epochs.remove(e);
+        let snapshot_taken = |e: &Epoch| {
+            self.snapshots
+                .as_ref()
+                .is_some_and(|s| s.taken.contains_key(e))
+        };
+        let thinned: Vec<Epoch> = old
+            .iter()
+            .skip(1)
+            .step_by(2)
+            .copied()
+            // A snapshot stands for the state at its epoch's exact end.
+            .filter(|e| !snapshot_taken(e))
+            .collect();
+        for e in thinned {
+            self.epochs.remove(&e);
         }
     }
 
@@ -632,6 +802,7 @@ mod tests {
             rebuild_watermark: Some(100),
             sinks: BTreeMap::new(),
             advances: Vec::new(),
+            snapshot: None,
         };
         resumed.sinks.insert("s3".into(), at(15));
         let mut p = ShardProgress::new(resumed, 1);
@@ -734,6 +905,7 @@ mod tests {
             rebuild_watermark: Some(50),
             sinks: BTreeMap::new(),
             advances: Vec::new(),
+            snapshot: None,
         };
         let mut p = ShardProgress::new(resumed, 1);
         p.record_epoch(1, read(Some(pos(7)), Some(70), true, false));
@@ -755,6 +927,7 @@ mod tests {
             rebuild_watermark: Some(100),
             sinks: BTreeMap::new(),
             advances: Vec::new(),
+            snapshot: None,
         };
         resumed.sinks.insert("s3".into(), at(25));
         let mut p = ShardProgress::new(resumed, 1);
@@ -804,6 +977,7 @@ mod tests {
             rebuild_watermark: Some(100),
             sinks: BTreeMap::new(),
             advances: Vec::new(),
+            snapshot: None,
         };
         let mut p = ShardProgress::new(resumed, 1);
         p.record_epoch(1, read(Some(pos(20)), Some(200), true, false));
@@ -999,5 +1173,207 @@ mod tests {
         p.record_epoch(5, read(Some(pos(50)), Some(500), false, false));
         assert_eq!(p.lag(&cp.committed), 10);
         assert_eq!(p.lag(&CheckpointPosition::ShardEnd), 0);
+    }
+
+    fn part(path: usize, epoch: Epoch) -> SnapshotPart {
+        SnapshotPart {
+            operator: "count".into(),
+            worker: path as u32,
+            name: format!("p/{epoch}/{path}"),
+            keys: 1,
+            bytes: 10,
+        }
+    }
+
+    const LIFE: LeaseEpoch = LeaseEpoch::new(1, 7);
+
+    /// Every path commits epochs `from..=through`; the keyed paths (all but 0) hold epoch 1
+    /// for ever, as a running aggregate does.
+    fn running(p: &mut ShardProgress, paths: usize, from: Epoch, through: Epoch) {
+        for e in from..=through {
+            p.report(0, e, None);
+            for path in 1..paths {
+                p.report(path, e, Some(1));
+            }
+        }
+    }
+
+    #[test]
+    fn a_complete_snapshot_moves_the_rebuild_point_to_it_and_an_incomplete_one_never() {
+        let mut p = progress(3, 6).with_snapshots(LIFE);
+        // Epoch 3: one keyed path of two stored its part. Epoch 5: both did.
+        p.snapshot_part(1, 3, part(1, 3));
+        p.snapshot_part(1, 5, part(1, 5));
+        p.snapshot_part(2, 5, part(2, 5));
+        running(&mut p, 3, 1, 4);
+        let cp = p.checkpoint().expect("moved");
+        assert_eq!(cp.committed, at(40));
+        assert_eq!(
+            cp.rebuild_from,
+            CheckpointPosition::Initial,
+            "no complete snapshot yet"
+        );
+        assert_eq!(cp.snapshot, None);
+        running(&mut p, 3, 5, 6);
+        let cp = p.checkpoint().expect("moved");
+        assert_eq!(cp.committed, at(60));
+        assert_eq!(
+            cp.rebuild_from,
+            at(50),
+            "the snapshot stands for the state at epoch 5"
+        );
+        assert_eq!(cp.rebuild_watermark, Some(500));
+        let snapshot = cp.snapshot.expect("named");
+        assert_eq!((snapshot.lease_epoch, snapshot.epoch), (LIFE, 5));
+        assert_eq!(snapshot.parts, vec![part(1, 5), part(2, 5)]);
+    }
+
+    #[test]
+    fn without_snapshots_kept_parts_are_ignored() {
+        let mut p = progress(2, 4);
+        p.snapshot_part(1, 2, part(1, 2));
+        running(&mut p, 2, 1, 4);
+        let cp = p.checkpoint().expect("moved");
+        assert_eq!(cp.rebuild_from, CheckpointPosition::Initial);
+        assert_eq!(cp.snapshot, None);
+    }
+
+    #[test]
+    fn a_snapshot_is_not_named_past_a_holding_sink() {
+        let mut p = progress(2, 6).with_snapshots(LIFE);
+        p.snapshot_part(1, 2, part(1, 2));
+        p.snapshot_part(1, 5, part(1, 5));
+        running(&mut p, 2, 1, 6);
+        // A sink on the shard path stored a unit up to 30 and buffers what follows.
+        p.hold_back(6, one("s3", held(&[30], true)));
+        let cp = p.checkpoint().expect("moved");
+        assert_eq!(
+            cp.rebuild_from,
+            at(20),
+            "the newest snapshot at or before the sink"
+        );
+        assert_eq!(cp.snapshot.map(|s| s.epoch), Some(2));
+    }
+
+    #[test]
+    fn state_that_needs_no_snapshot_names_none() {
+        let mut p = progress(2, 4).with_snapshots(LIFE);
+        p.snapshot_part(1, 2, part(1, 2));
+        for e in 1..=4 {
+            p.report(0, e, None);
+            // A window opened at epoch 4 holds nothing older.
+            p.report(1, e, (e == 4).then_some(4));
+        }
+        let cp = p.checkpoint().expect("moved");
+        assert_eq!(
+            cp.rebuild_from,
+            at(30),
+            "replay from the open window is shorter"
+        );
+        assert_eq!(cp.snapshot, None);
+    }
+
+    #[test]
+    fn a_resumed_snapshot_stays_named_until_a_newer_one_and_then_is_garbage() {
+        let resumed_snapshot = SnapshotRef {
+            lease_epoch: LeaseEpoch::new(1, 3),
+            epoch: 9,
+            parts: vec![part(1, 9)],
+        };
+        let resumed = ShardCheckpoint {
+            committed: at(20),
+            rebuild_from: at(10),
+            rebuild_watermark: Some(100),
+            snapshot: Some(resumed_snapshot.clone()),
+            ..ShardCheckpoint::initial()
+        };
+        let mut p = ShardProgress::new(resumed, 2).with_snapshots(LIFE);
+        for e in 1..=3 {
+            let end = 10 + 10 * u128::from(e);
+            p.record_epoch(
+                e,
+                read(Some(pos(end)), Some(100 + 100 * e as i64), false, false),
+            );
+        }
+        // The restored state holds "epoch 1" (the first of the life) on.
+        for e in 1..=3 {
+            p.report(0, e, None);
+            p.report(1, e, Some(1));
+        }
+        let cp = p.checkpoint().expect("moved past the resumed commit");
+        assert_eq!(cp.committed, at(40));
+        assert_eq!(cp.rebuild_from, at(10));
+        assert_eq!(cp.snapshot.as_ref(), Some(&resumed_snapshot));
+        p.prune();
+        assert!(
+            p.take_garbage().is_empty(),
+            "the resumed snapshot is still named"
+        );
+
+        p.record_epoch(4, read(Some(pos(50)), Some(500), false, false));
+        p.snapshot_part(1, 4, part(1, 4));
+        p.report(0, 4, None);
+        p.report(1, 4, Some(1));
+        let cp = p.checkpoint().expect("moved");
+        assert_eq!(cp.rebuild_from, at(50));
+        assert_eq!(cp.snapshot.map(|s| s.epoch), Some(4));
+        p.prune();
+        assert_eq!(
+            p.take_garbage(),
+            vec!["p/9/1".to_owned()],
+            "the resumed snapshot's parts go once a checkpoint names a newer one"
+        );
+    }
+
+    #[test]
+    fn thinning_keeps_the_end_of_every_snapshot_epoch() {
+        let mut p = ShardProgress::new(ShardCheckpoint::initial(), 2).with_snapshots(LIFE);
+        let total = (MAX_ANCHORS * 3) as u64;
+        for e in 1..=total {
+            p.record_epoch(
+                e,
+                read(Some(pos(u128::from(e) * 10)), Some(e as i64), false, false),
+            );
+            if e % 7 == 3 {
+                p.snapshot_part(1, e, part(1, e));
+            }
+        }
+        let taken: Vec<Epoch> = p
+            .snapshots
+            .as_ref()
+            .unwrap()
+            .taken
+            .keys()
+            .copied()
+            .collect();
+        assert_eq!(taken.len(), MAX_SNAPSHOTS, "snapshots kept are bounded");
+        for e in taken {
+            assert!(p.epochs.contains_key(&e), "snapshot epoch {e} kept exact");
+        }
+        assert!(p.tracked_epochs() < total as usize, "others are thinned");
+    }
+
+    #[test]
+    fn a_holding_sink_seen_first_after_pruning_resumes_after_the_epoch_before() {
+        // Seed 189 of the checker: a snapshot let the rebuild point move while no holding sink
+        // had said anything; a dead-letter sink that then buffered a letter took the resumed
+        // position (the start) as its own, before the epochs kept.
+        let mut p = progress(2, 6).with_snapshots(LIFE);
+        p.snapshot_part(1, 4, part(1, 4));
+        for e in 1..=5 {
+            // The runtime asks the sinks after every epoch of the shard path.
+            p.hold_back(e, Vec::new());
+            running(&mut p, 2, e, e);
+        }
+        let cp = p.checkpoint().expect("moved");
+        assert_eq!(cp.rebuild_from, at(40));
+        p.prune();
+        p.hold_back(6, one("dead-letters", held(&[], true)));
+        p.report(0, 6, None);
+        p.report(1, 6, Some(1));
+        let cp = p.checkpoint().expect("moved");
+        assert_eq!(cp.committed, at(60));
+        assert_eq!(cp.sinks.get("dead-letters"), Some(&at(50)));
+        assert!(cp.rebuild_from.le(&at(50)), "{cp:?}");
     }
 }

@@ -90,6 +90,7 @@ mod tests {
             rebuild_watermark: None,
             sinks: BTreeMap::new(),
             advances: Vec::new(),
+            snapshot: None,
         };
         assert_eq!(
             plan_resume(&cp, &StartPosition::Latest),

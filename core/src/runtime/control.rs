@@ -477,6 +477,7 @@ impl ControlLoop {
                 lease_guard.clone(),
                 taken.checkpoint.clone(),
                 self.paths,
+                self.topology.state.snapshots().is_some() && !self.topology.keyed.is_empty(),
             );
             let task = ShardTask {
                 shard: shard.clone(),
@@ -1089,6 +1090,28 @@ impl ControlLoop {
             && f.attempts >= FINAL_CHECKPOINT_ATTEMPTS
     }
 
+    /// Deletes, in the background, the snapshot parts of `id` that no checkpoint names since
+    /// the one just written (`ShardProgress::take_garbage`). A failed delete leaves an object
+    /// behind, never a checkpoint without its snapshot.
+    fn collect_garbage(&self, id: &ShardId) {
+        let Some((store, _)) = self.topology.state.snapshots() else {
+            return;
+        };
+        let names = self.tracker.take_garbage(id);
+        if names.is_empty() {
+            return;
+        }
+        let store = Arc::clone(store);
+        let shard = id.clone();
+        tokio::spawn(async move {
+            for name in names {
+                if let Err(error) = store.delete(&name).await {
+                    tracing::warn!(%shard, part = %name, %error, "an old snapshot part could not be deleted");
+                }
+            }
+        });
+    }
+
     /// Writes `id`'s checkpoint if the tracker moved it, and updates the lag gauge.
     async fn write_checkpoint(&mut self, id: &ShardId, key: &str) -> Result<(), LeaseError> {
         let (tracker, last) = (&self.tracker, self.written.get(id));
@@ -1098,6 +1121,7 @@ impl ControlLoop {
                 .record(|| format!("checkpoint {id} {:?} {:?}", cp.committed, cp.rebuild_from));
             self.metrics.checkpointed(self.name(), id.as_str());
             self.written.insert(id.clone(), cp);
+            self.collect_garbage(id);
         }
         // Until this run writes one, nothing it read is covered.
         let covered = self

@@ -265,6 +265,10 @@ impl Runtime {
             fanout_bits: topology.fanout_bits,
             dead_letter: topology.dead_letter.clone(),
             stream: topology.source.stream_name().to_owned(),
+            state_store: topology
+                .state
+                .snapshots()
+                .map(|(store, _)| Arc::clone(store)),
         };
         let exchanges: Vec<_> = topology
             .keyed

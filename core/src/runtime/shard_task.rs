@@ -14,7 +14,7 @@ use crate::exec::{Failures, SinkEmitter};
 use crate::lease::{CheckpointPosition, LeaseEpoch, ShardCheckpoint, WatermarkAdvance};
 use crate::lease_guard::LeaseGuard;
 use crate::metrics::Metrics;
-use crate::operator::{Control, Emit, EpochCx, Ident, Mode, RecordCx};
+use crate::operator::{Control, Emit, EpochCx, Ident, Mode, RecordCx, Restore, StateOrder};
 use crate::payload_store::payload_name;
 use crate::position::{EventTime, RecordPosition, ShardId, ShardInfo, StartPosition};
 use crate::protocol::checkpoint::{Epoch, EpochRead};
@@ -27,6 +27,7 @@ use crate::runtime::leases::LeaseManager;
 use crate::runtime::{RunMode, RuntimeConfig};
 use crate::sink::{Held, SinkContext};
 use crate::source::{ShardReader, ShardStatus};
+use crate::state_store::shard_prefix;
 use crate::topology::{Exchanges, InstanceCx, Quarantined, ShardPipeline, Topology};
 use crate::tracker::{Report, Tracker};
 
@@ -102,6 +103,12 @@ struct Running {
     /// An idle advance decided at the current record and recorded in the tracker, not yet
     /// written to the lease and made.
     pending_advance: Option<WatermarkAdvance>,
+    /// The snapshot the keyed workers restore at the first epoch, until it is sent.
+    restore: Option<Arc<Restore>>,
+    /// Where this shard's snapshot parts go and how often, if the topology takes snapshots.
+    snapshots: Option<(Arc<str>, Duration)>,
+    /// When the last snapshot was ordered (at first, when the life started).
+    last_snapshot: tokio::time::Instant,
 }
 
 impl Running {
@@ -186,7 +193,31 @@ impl ShardTask {
             advances: advances.into(),
             quiet_since: tokio::time::Instant::now(),
             pending_advance: None,
+            restore: self.resume.snapshot.clone().map(|snapshot| {
+                let after = match &self.resume.rebuild_from {
+                    CheckpointPosition::At(p) => Some(p.clone()),
+                    _ => None,
+                };
+                Arc::new(Restore { snapshot, after })
+            }),
+            snapshots: self
+                .topology
+                .state
+                .snapshots()
+                .filter(|_| !self.topology.keyed.is_empty())
+                .map(|(_, every)| {
+                    (
+                        shard_prefix(&self.topology.name, &self.lease_key).into(),
+                        every,
+                    )
+                }),
+            last_snapshot: tokio::time::Instant::now(),
         };
+        if let Some(stopped) = self.snapshot_misfit() {
+            tracing::error!(shard = %id, error = %stopped, "stopping shard");
+            self.release(&mut run).await?;
+            return Err(Error::ShardStopped(stopped));
+        }
         if let Some(ended) = self.make_recorded_advances(&mut run).await? {
             return Ok(ended);
         }
@@ -471,6 +502,7 @@ impl ShardTask {
             },
         );
         self.decisions.observe_tracked_epochs(tracked);
+        let state = Self::state_order(run, replay, control);
         let cx = EpochCx {
             shard: id.clone(),
             lease_epoch: self.lease_epoch,
@@ -479,6 +511,7 @@ impl ShardTask {
             watermark,
             mode,
             control,
+            state,
         };
         let n = dead.len();
         assert!(
@@ -517,9 +550,52 @@ impl ShardTask {
                 lease_epoch: self.lease_epoch,
                 epoch: run.epoch,
                 hold: None,
+                part: None,
             }],
         );
         Ok(None)
+    }
+
+    /// What the keyed workers do with the shard's state at the epoch being sent: restore the
+    /// resumed snapshot at the first, take a snapshot after a live epoch once `every` passed
+    /// since the last (never after a replayed one: the resumed checkpoint already covers it).
+    fn state_order(run: &mut Running, replay: bool, control: Control) -> StateOrder {
+        if let Some(snapshot) = run.restore.take() {
+            return StateOrder::Restore(snapshot);
+        }
+        match &run.snapshots {
+            Some((prefix, every))
+                if !replay
+                    && control == Control::Continue
+                    && run.last_snapshot.elapsed() >= *every =>
+            {
+                run.last_snapshot = tokio::time::Instant::now();
+                StateOrder::Take(Arc::clone(prefix))
+            }
+            _ => StateOrder::Keep,
+        }
+    }
+
+    /// Why the snapshot the shard resumes from does not fit the topology, if it does not: it
+    /// holds state of an operator the topology no longer has (a keyed operator the topology
+    /// has and the snapshot lacks is found by its workers). Restoring part of the state and
+    /// replaying only after the snapshot would emit wrong results: the shard stops instead.
+    fn snapshot_misfit(&self) -> Option<ShardStopped> {
+        let snapshot = self.resume.snapshot.as_ref()?;
+        let labels: Vec<Arc<str>> = self.topology.keyed.iter().map(|b| b.label()).collect();
+        let stray = snapshot
+            .parts
+            .iter()
+            .find(|p| !labels.iter().any(|l| **l == *p.operator))?;
+        Some(ShardStopped::KeyedPath {
+            shard: self.shard.id.clone(),
+            reason: format!(
+                "the snapshot the checkpoint names holds state of operator {:?}, which the \
+                 topology does not have: restore the topology's operator (with its name), or \
+                 reset the shard's checkpoint",
+                stray.operator
+            ),
+        })
     }
 
     /// The epoch's dead letters as the dead-letter sink accepts them (`Sink::check`): whole, or
@@ -778,6 +854,7 @@ impl ShardTask {
             watermark: None,
             mode,
             control,
+            state: StateOrder::Keep,
         };
         run.pipeline.discard();
         run.pipeline.flush(&cx).await?;

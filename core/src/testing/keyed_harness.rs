@@ -3,6 +3,7 @@
 use async_trait::async_trait;
 
 use crate::error::Error;
+use crate::operator::SavedState;
 use crate::operator::{
     Emit, EpochCx, KeyedOperator, KeyedOutput, KeyedRecord, Mode, RecordCx, NO_WATERMARK,
 };
@@ -57,6 +58,45 @@ impl<Op: KeyedOperator> KeyedHarness<Op> {
         }
     }
 
+    /// The state saved as a snapshot part (`KeyedOperator::save`).
+    ///
+    /// # Panics
+    /// If the operator cannot save its state.
+    pub fn save(&self) -> SavedState {
+        self.op
+            .save(&self.state)
+            .expect("the operator saves its state")
+    }
+
+    /// A harness for the shard `from` runs, restored as a worker that owns the keys `owns`
+    /// accepts would restore it from snapshot `parts` (every worker's), at `from`'s watermark
+    /// and next epoch; nothing emitted yet.
+    ///
+    /// # Panics
+    /// If a part cannot be read.
+    pub fn restored(
+        op: Op,
+        from: &Self,
+        parts: &[Vec<u8>],
+        owns: impl Fn(&Op::Key) -> bool,
+    ) -> Self {
+        let mut state = Op::State::default();
+        for part in parts {
+            op.restore(&mut state, part, &owns, from.epoch)
+                .expect("the part reads back");
+        }
+        Self {
+            op,
+            state,
+            main: Collect(Vec::new()),
+            late: Collect(Vec::new()),
+            max_event_time: from.max_event_time,
+            out_of_orderness: from.out_of_orderness,
+            epoch: from.epoch,
+            replay_from: (0, 0),
+        }
+    }
+
     /// The shard's watermark now.
     pub fn watermark(&self) -> EventTime {
         self.max_event_time
@@ -72,6 +112,15 @@ impl<Op: KeyedOperator> KeyedHarness<Op> {
         let mut out = KeyedOutput::new(&mut self.main, &mut self.late);
         self.op
             .on_record(&mut self.state, record, self.epoch, mode, &mut out);
+    }
+
+    /// A record of the shard went to another keyed worker: the shard's watermark moves as it
+    /// does for every worker (the runtime stamps each record with the shard's watermark).
+    pub fn saw(&mut self, event_time: EventTime) {
+        self.max_event_time = Some(
+            self.max_event_time
+                .map_or(event_time, |m| m.max(event_time)),
+        );
     }
 
     /// A live record of the current epoch.

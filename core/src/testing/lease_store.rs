@@ -246,6 +246,18 @@ async fn checkpoints_are_read_back_exactly(store: impl LeaseStore) {
             after: CheckpointPosition::At(RecordPosition::new(SequenceNumber::from_u128(5))),
             watermark: -3,
         }],
+        // Every store keeps the snapshot a checkpoint names: a restart restores it.
+        snapshot: Some(crate::lease::SnapshotRef {
+            lease_epoch: crate::lease::LeaseEpoch::new(1_764_547_200_000, 2),
+            epoch: 17,
+            parts: vec![crate::lease::SnapshotPart {
+                operator: "count per minute".into(),
+                worker: 1,
+                name: "t/events:1:shardId-0/1764547200000-2-17/count%20per%20minute/1".into(),
+                keys: 12,
+                bytes: 345,
+            }],
+        }),
     };
     let update = LeaseUpdate::Checkpoint {
         owner: "w".into(),

@@ -7,6 +7,7 @@ mod lease_store;
 mod scripted;
 mod scripted_leases;
 mod sink;
+mod state_store;
 
 pub use holding::HoldingSink;
 pub use keyed_harness::KeyedHarness;
@@ -14,6 +15,7 @@ pub use lease_store::lease_store_conformance;
 pub use scripted::{ScriptedSink, WriteAttempt};
 pub use scripted_leases::ScriptedLeaseStore;
 pub use sink::{fencing_sink_conformance, sink_conformance};
+pub use state_store::state_store_conformance;
 
 #[cfg(test)]
 mod tests {
@@ -32,6 +34,12 @@ mod tests {
             |i| i,
         )
         .await;
+    }
+
+    #[tokio::test]
+    async fn memory_state_store_passes_the_conformance_suite() {
+        super::state_store_conformance(|| async { crate::state_store::MemoryStateStore::new() })
+            .await;
     }
 
     #[tokio::test]

@@ -74,6 +74,8 @@ pub(crate) struct WorkerCx {
     pub(crate) dead_letter: crate::dead_letter::DeadLetter,
     /// The source stream, which dead letters name.
     pub(crate) stream: String,
+    /// Where snapshot parts go, if the topology takes snapshots.
+    pub(crate) state_store: Option<Arc<dyn crate::state_store::StateStore>>,
 }
 
 /// A declared consumer of a stream of `T`, instantiated once per pipeline instance.
@@ -226,6 +228,12 @@ pub(crate) trait InstantiateBranch: Send + Sync {
         cx: &WorkerCx,
         tasks: &mut JoinSet<Result<(), Error>>,
     ) -> Box<dyn Any + Send + Sync>;
+
+    /// The operator's label: its stable id in snapshots.
+    fn label(&self) -> Arc<str>;
+
+    /// Whether the operator can save and restore its state (`KeyedOperator::SNAPSHOTS`).
+    fn snapshots(&self) -> bool;
 }
 
 /// The whole graph while it is being declared.
@@ -239,6 +247,8 @@ pub(crate) struct Graph {
     pub(crate) source_settings: Box<dyn Any + Send + Sync>,
     pub(crate) keyed: Vec<Arc<dyn InstantiateBranch>>,
     pub(crate) sinks: usize,
+    /// How keyed state survives restarts.
+    pub(crate) state: super::StatePolicy,
     /// Names of the sinks on the shard path that gather record outputs into units: each has
     /// its own position in the shard's checkpoint, by name.
     pub(crate) holding_sinks: Vec<String>,

@@ -3,6 +3,7 @@
 
 mod graph;
 mod stage;
+mod state;
 mod stream;
 
 pub(crate) use graph::{
@@ -11,12 +12,13 @@ pub(crate) use graph::{
     ShardPipeline, SinkDecl, SourceDecl, StatelessDecl, TeeDecl, WorkerCx,
 };
 pub use stage::{Keyed, ShardStage, Sharded, SourceStage, Sourced, Stage};
+pub use state::StatePolicy;
 pub use stream::{Pipeline, Stream, Topology, TopologyBuilder};
 
 // What operators implement, at the paths it had before it moved to `operator/`.
 pub use crate::operator::{
     Collector, Emit, FailureAction, Ident, KeyedOperator, KeyedOutput, KeyedRecord, Mode, RecordCx,
-    Stateless, NO_WATERMARK,
+    SavedState, Stateless, NO_WATERMARK,
 };
 
 /// The push chain's operator-facing types, at their old path (see [`crate::operator`]).
@@ -29,5 +31,5 @@ pub mod chain {
 
 /// The keyed stage's operator-facing types, at their old path (see [`crate::operator`]).
 pub mod keyed {
-    pub use crate::operator::{KeyedOperator, KeyedOutput, KeyedRecord};
+    pub use crate::operator::{KeyedOperator, KeyedOutput, KeyedRecord, SavedState};
 }

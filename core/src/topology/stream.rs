@@ -19,6 +19,7 @@ use crate::topology::graph::{
     Node, SinkDecl, SourceDecl, SourceSettings, StatelessDecl, TeeDecl,
 };
 use crate::topology::stage::{Keyed, ShardStage, Sharded, SourceStage, Sourced, Stage};
+use crate::topology::StatePolicy;
 
 /// A typed stream of values of type `T` at stage `S`. Clone it to fan out to several branches.
 pub struct Stream<T, S = Sharded> {
@@ -46,6 +47,7 @@ pub struct TopologyBuilder {
     name: String,
     dead_letter: DeadLetter,
     start: StartPosition,
+    state: StatePolicy,
 }
 
 /// A declared, validated topology, ready for `Runtime::new`.
@@ -58,6 +60,8 @@ pub struct Topology {
     pub(crate) start: StartPosition,
     /// Bits per level of `flat_map` in output identities: 64 over the deepest chain of them.
     pub(crate) fanout_bits: u32,
+    /// How keyed state survives restarts.
+    pub(crate) state: StatePolicy,
 }
 
 impl Topology {
@@ -67,6 +71,7 @@ impl Topology {
             name: name.into(),
             dead_letter: DeadLetter::default(),
             start: StartPosition::TrimHorizon,
+            state: StatePolicy::Replay,
         }
     }
 
@@ -111,6 +116,15 @@ impl TopologyBuilder {
         self
     }
 
+    /// How keyed state survives a restart (default: [`StatePolicy::Replay`]). With
+    /// [`StatePolicy::Snapshot`] a restart restores the newest snapshot and replays only what
+    /// came after it; every keyed operator must support snapshots (the built-in windows and
+    /// aggregates do: their keys and accumulators are serde types), or `build` refuses it.
+    pub fn state(mut self, policy: StatePolicy) -> Self {
+        self.state = policy;
+        self
+    }
+
     /// The source, with its decoder: `LocalSource::new(&stream).json::<Click>()`.
     pub fn source<S: Source, D: Decoder>(self, source: Decoded<S, D>) -> Stream<D::Item, Sourced> {
         let node = Arc::new(Node::new(0, true));
@@ -129,6 +143,7 @@ impl TopologyBuilder {
             name: self.name,
             dead_letter: self.dead_letter,
             start: self.start,
+            state: self.state,
             source: Some(source.source),
             root: Some(root),
             source_settings: Box::new(settings),
@@ -464,6 +479,14 @@ impl Pipeline {
                 max: MAX_FANOUT_DEPTH,
             });
         }
+        if graph.state.snapshots().is_some() {
+            if let Some(branch) = graph.keyed.iter().find(|b| !b.snapshots()) {
+                return Err(BuildError::NoSnapshots {
+                    topology: graph.name.clone(),
+                    operator: branch.label().to_string(),
+                });
+            }
+        }
         let fanout_bits = 64 / graph.fanout_depth.max(1) as u32;
         Ok(Topology {
             name: graph.name.clone(),
@@ -473,6 +496,7 @@ impl Pipeline {
             dead_letter: graph.dead_letter.clone(),
             start: graph.start.clone(),
             fanout_bits,
+            state: graph.state.clone(),
         })
     }
 }

@@ -10,11 +10,12 @@ use rustc_hash::FxBuildHasher;
 use shardflow_core::checkpoint::Epoch;
 use shardflow_core::position::EventTime;
 use shardflow_core::sink::Window;
-use shardflow_core::topology::{KeyedOperator, KeyedOutput, KeyedRecord, Mode};
+use shardflow_core::topology::{KeyedOperator, KeyedOutput, KeyedRecord, Mode, SavedState};
 
 use super::{admission, emit_result, Admission, WindowAssigner, WindowResult};
 use crate::aggregate::Aggregator;
 use crate::key::Key;
+use crate::snapshot::{decode, encode};
 
 pub(crate) struct FixedWindows<K, T, A, W> {
     assigner: W,
@@ -239,4 +240,68 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
     fn hold(&self, state: &Self::State) -> Option<Epoch> {
         state.windows.iter().map(|(_, w)| w.first_epoch).min()
     }
+
+    const SNAPSHOTS: bool = true;
+
+    fn save(&self, state: &Self::State) -> Result<SavedState, String> {
+        let mut keys = 0;
+        let windows: Vec<SavedWindow<'_, K, A::Acc>> = state
+            .windows
+            .iter()
+            .map(|(window, w)| {
+                keys += w.slots.len() as u64;
+                SavedWindow {
+                    window: *window,
+                    fired: w.fired,
+                    slots: w.slots.iter().map(|(k, s)| (k, &s.acc, s.dirty)).collect(),
+                }
+            })
+            .collect();
+        let bytes = encode(FIXED, &windows)?;
+        Ok(SavedState { bytes, keys })
+    }
+
+    fn restore(
+        &self,
+        state: &mut Self::State,
+        part: &[u8],
+        owns: &dyn Fn(&K) -> bool,
+        held_from: Epoch,
+    ) -> Result<u64, String> {
+        type Entries<K, Acc> = Vec<(Window, bool, Vec<(K, Acc, bool)>)>;
+        let windows: Entries<K, A::Acc> = decode(FIXED, part)?;
+        let mut taken = 0;
+        for (window, fired, slots) in windows {
+            let mut slots = slots.into_iter().filter(|(k, _, _)| owns(k)).peekable();
+            if slots.peek().is_none() {
+                // None of its keys is this worker's: as if the window never had a record here.
+                continue;
+            }
+            let w = state.window_mut(window, held_from);
+            w.first_epoch = w.first_epoch.min(held_from);
+            w.fired |= fired;
+            for (key, acc, dirty) in slots {
+                let hash = FxBuildHasher.hash_one(&key);
+                w.dirty |= dirty;
+                w.slots
+                    .insert_unique(hash, (key, Slot { acc, dirty }), |(k, _)| {
+                        FxBuildHasher.hash_one(k)
+                    });
+                taken += 1;
+            }
+        }
+        Ok(taken)
+    }
+}
+
+/// The kind tumbling and sliding windows' snapshot parts say they hold.
+const FIXED: &str = "fixed-windows";
+
+/// A window as a snapshot part holds it: whether it fired, and each key's accumulator and
+/// whether a late record changed it since.
+#[derive(serde::Serialize)]
+struct SavedWindow<'a, K, Acc> {
+    window: Window,
+    fired: bool,
+    slots: Vec<(&'a K, &'a Acc, bool)>,
 }

@@ -237,7 +237,7 @@ where
     /// Reduces each window of each key with `f`.
     pub fn reduce<R>(self, f: R) -> Stream<WindowResult<K, T>, Keyed>
     where
-        T: Clone,
+        T: Clone + serde::Serialize + serde::de::DeserializeOwned,
         R: Fn(&T, &T) -> T + Clone + Send + Sync + 'static,
     {
         self.aggregate(Reduce::with(f))

@@ -7,11 +7,12 @@ use rustc_hash::FxHashMap;
 use shardflow_core::checkpoint::Epoch;
 use shardflow_core::position::EventTime;
 use shardflow_core::sink::Window;
-use shardflow_core::topology::{KeyedOperator, KeyedOutput, KeyedRecord, Mode};
+use shardflow_core::topology::{KeyedOperator, KeyedOutput, KeyedRecord, Mode, SavedState};
 
 use super::{admission, clamped, emit_result, millis, Admission, WindowAssigner, WindowResult};
 use crate::aggregate::Aggregator;
 use crate::key::Key;
+use crate::snapshot::{decode, encode};
 
 /// Sessions of activity separated by at least `gap` without records.
 #[derive(Clone, Copy, Debug)]
@@ -204,4 +205,56 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
     fn hold(&self, state: &Self::State) -> Option<Epoch> {
         state.keys.values().flatten().map(|s| s.first_epoch).min()
     }
+
+    const SNAPSHOTS: bool = true;
+
+    fn save(&self, state: &Self::State) -> Result<SavedState, String> {
+        let keys: Vec<(&K, Vec<(Window, &A::Acc, bool, bool)>)> = state
+            .keys
+            .iter()
+            .map(|(key, sessions)| {
+                let sessions = sessions
+                    .iter()
+                    .map(|s| (s.window, &s.acc, s.fired, s.dirty))
+                    .collect();
+                (key, sessions)
+            })
+            .collect();
+        let count = keys.len() as u64;
+        let bytes = encode(SESSIONS, &keys)?;
+        Ok(SavedState { bytes, keys: count })
+    }
+
+    fn restore(
+        &self,
+        state: &mut Self::State,
+        part: &[u8],
+        owns: &dyn Fn(&K) -> bool,
+        held_from: Epoch,
+    ) -> Result<u64, String> {
+        type Entries<K, Acc> = Vec<(K, Vec<(Window, Acc, bool, bool)>)>;
+        let keys: Entries<K, A::Acc> = decode(SESSIONS, part)?;
+        let mut taken = 0;
+        for (key, sessions) in keys {
+            if !owns(&key) || sessions.is_empty() {
+                continue;
+            }
+            let sessions = sessions
+                .into_iter()
+                .map(|(window, acc, fired, dirty)| Session {
+                    window,
+                    acc,
+                    first_epoch: held_from,
+                    fired,
+                    dirty,
+                })
+                .collect();
+            state.keys.insert(key, sessions);
+            taken += 1;
+        }
+        Ok(taken)
+    }
 }
+
+/// The kind session windows' snapshot parts say they hold.
+const SESSIONS: &str = "session-windows";

@@ -108,6 +108,12 @@ pub struct SeedReport {
     pub records: usize,
     /// Writes the fencing sinks refused (an older lease epoch after a newer one).
     pub refused: u64,
+    /// Checkpoints written that named a snapshot of keyed state, and takes that resumed from
+    /// one (the checker's evidence that snapshots were restored, not only taken).
+    pub snapshots_named: usize,
+    pub snapshot_resumes: usize,
+    /// Whether the seed's topology keeps snapshots.
+    pub spec_snapshots: bool,
 }
 
 /// The base of arrival times: the simulation's clock starts here (2024-01-01).
@@ -513,7 +519,8 @@ async fn simulate(seed: u64) -> SeedReport {
     let random = Random::seeded(seed);
     let spec = Spec::random(&random)
         .with_dead_letters_from(&Random::seeded(!seed))
-        .with_refusals_from(&Random::seeded(seed ^ 0x005e_ed0f_ae15));
+        .with_refusals_from(&Random::seeded(seed ^ 0x005e_ed0f_ae15))
+        .with_snapshots_from(&Random::seeded(seed ^ 0x05a9_5407_57a7));
     let stream = MemoryStream::new("sim", spec.shards);
     stream.set_facts(Some(shardflow_core::source::StreamFacts {
         created_ms: 0,
@@ -543,6 +550,7 @@ async fn simulate(seed: u64) -> SeedReport {
         seed,
         spec: format!("{:?}", world.spec),
         kinds: world.spec.kinds(),
+        spec_snapshots: world.spec.snapshot_every.is_some(),
         ..SeedReport::default()
     };
     world.start();
@@ -654,6 +662,22 @@ async fn simulate(seed: u64) -> SeedReport {
                 } else {
                     s.fail_commits(1 + below(&r, 2) as u32);
                 }
+                if world.spec.flaky_state {
+                    // The state store fails for a while too: parts are not stored (snapshots
+                    // stay incomplete) and restores back off. Its own clock, not the seed's
+                    // draws, ends it, so earlier seeds keep their faults.
+                    // First every call fails (restores back off), then one put in two (some
+                    // workers' parts of a snapshot are stored, others not).
+                    let state = Arc::clone(&world.sinks.state);
+                    state.set_failing(true);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        state.set_failing(false);
+                        state.fail_puts_every(2);
+                        tokio::time::sleep(Duration::from_millis(700)).await;
+                        state.fail_puts_every(0);
+                    });
+                }
                 true
             }
             Some(Fault::LeasesFail) => {
@@ -728,6 +752,15 @@ async fn simulate(seed: u64) -> SeedReport {
         ));
     }
     report.records = world.inputs.values().map(Vec::len).sum();
+    for lease in world.leases.log() {
+        if lease.checkpoint.snapshot.is_some() {
+            if lease.owner_switches_since_checkpoint > 0 {
+                report.snapshot_resumes += 1;
+            } else {
+                report.snapshots_named += 1;
+            }
+        }
+    }
     report.refused = world.refused();
     let stalled = report.faults.contains_key(&Fault::SinkStalls);
     if report.refused > 0 && !stalled {

@@ -4,8 +4,9 @@
 use shardflow_core::error::DecodeError;
 use shardflow_core::record::RawRecord;
 
-/// A record as the generator writes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A record as the generator writes it (a serde type: a reduce keeps one in its state, which
+/// snapshots hold).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Event {
     /// Unique per generated record (flat_map copies share it).
     pub uid: u64,

@@ -11,8 +11,9 @@ use shardflow_core::error::SinkError;
 use shardflow_core::memory::MemoryStream;
 use shardflow_core::random::Random;
 use shardflow_core::sink::{MemorySink, Sink, SinkContext, SinkWriter};
+use shardflow_core::state_store::{MemoryStateStore, StateStore};
 use shardflow_core::testing::{HoldingSink, ScriptedSink};
-use shardflow_core::topology::{Keyed, ShardStage, Sharded, Stream, Topology};
+use shardflow_core::topology::{Keyed, ShardStage, Sharded, StatePolicy, Stream, Topology};
 use shardflow_operators::{
     Count, KeyBy, Max, SessionWindow, ShardStreamExt, SlidingWindow, StreamExt, Sum, TumblingWindow,
 };
@@ -160,6 +161,11 @@ pub struct Spec {
     pub idleness: Option<i64>,
     /// The dead-letter sink: plain, or one gathering dead letters into units (S3Sink's model).
     pub dead: SinkSpec,
+    /// Keyed state snapshotted every so many milliseconds (`StatePolicy::Snapshot`), if any;
+    /// 0 snapshots after every live epoch.
+    pub snapshot_every: Option<u64>,
+    /// The state store fails for a while when a sink does (gets, puts and deletes).
+    pub flaky_state: bool,
 }
 
 /// Most `flat_map`s on one path from an identity root (the source or a keyed operator).
@@ -279,7 +285,19 @@ impl Spec {
             max_skew: pick(random, &[60_000, 3_600_000]),
             idleness: chance(random, 0.5).then(|| pick(random, &[500, 2_000])),
             dead: SinkSpec::Plain,
+            snapshot_every: None,
+            flaky_state: false,
         }
+    }
+
+    /// Draws the state policy from `random` (a source of its own, as for the dead-letter
+    /// sink): half the seeds snapshot their keyed state, some after every epoch.
+    pub fn with_snapshots_from(mut self, random: &Random) -> Self {
+        if chance(random, 0.5) {
+            self.snapshot_every = Some(pick(random, &[0, 20, 100, 700]));
+            self.flaky_state = chance(random, 0.3);
+        }
+        self
     }
 
     /// Draws the dead-letter sink from `random`, a source of its own so that the draws of
@@ -425,6 +443,8 @@ pub struct Sinks {
     pub dead: DeadSink,
     /// How often each flaky record failed so far (by uid): the first call fails.
     pub flaky: Arc<Mutex<BTreeMap<u64, u32>>>,
+    /// Where snapshots of keyed state go: it outlives every worker, as S3 would.
+    pub state: Arc<MemoryStateStore>,
 }
 
 impl Sinks {
@@ -483,6 +503,7 @@ impl Sinks {
                 ))),
             },
             flaky: Arc::default(),
+            state: Arc::default(),
         }
     }
 }
@@ -576,7 +597,15 @@ fn apply_after(stream: Stream<Res, Keyed>, ops: &[Op]) -> Stream<Res, Keyed> {
 
 /// The topology of `spec` over `stream`, writing to `sinks`.
 pub fn topology(spec: &Spec, stream: &MemoryStream, sinks: &Sinks) -> Topology {
+    let state = match spec.snapshot_every {
+        Some(ms) => StatePolicy::Snapshot {
+            store: Arc::clone(&sinks.state) as Arc<dyn StateStore>,
+            every: Duration::from_millis(ms),
+        },
+        None => StatePolicy::Replay,
+    };
     let source = Topology::builder("sim")
+        .state(state)
         .dead_letter(DeadLetter::retry(
             2,
             Duration::from_millis(5),

@@ -346,6 +346,16 @@ where
                 self.label
             )));
         }
+        // Written at this parallelism, a part holds exactly the keys its worker owned, which
+        // this worker owns now if it has the same number: only that part is read.
+        let parts: Vec<SnapshotPart> = if parts.len() == self.workers {
+            parts
+                .into_iter()
+                .filter(|p| p.worker as usize == self.worker)
+                .collect()
+        } else {
+            parts
+        };
         let mut state = Op::State::default();
         let (worker, workers) = (self.worker, self.workers);
         let owns = move |key: &Op::Key| worker_of(key, workers) == worker;

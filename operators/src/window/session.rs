@@ -209,7 +209,7 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
     const SNAPSHOTS: bool = true;
 
     fn save(&self, state: &Self::State) -> Result<SavedState, String> {
-        let keys: Vec<(&K, Vec<(Window, &A::Acc, bool, bool)>)> = state
+        let keys: Vec<(&K, Vec<SavedSession<'_, A::Acc>>)> = state
             .keys
             .iter()
             .map(|(key, sessions)| {
@@ -255,6 +255,10 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
         Ok(taken)
     }
 }
+
+/// A session as a snapshot part holds it: its window, accumulator, and whether it fired and
+/// changed since.
+type SavedSession<'a, Acc> = (Window, &'a Acc, bool, bool);
 
 /// The kind session windows' snapshot parts say they hold.
 const SESSIONS: &str = "session-windows";

@@ -32,6 +32,7 @@ struct Setup {
     out: PathBuf,
     state: PathBuf,
     leases: PathBuf,
+    metrics: prometheus::Registry,
 }
 
 fn setup() -> Setup {
@@ -48,6 +49,7 @@ fn setup() -> Setup {
         out: root.path().join("out"),
         state: root.path().join("state"),
         leases: root.path().join("leases"),
+        metrics: prometheus::Registry::new(),
         stream,
         clock,
         _root: root,
@@ -82,6 +84,7 @@ async fn run(
 ) -> shardflow::Result<shardflow::RunReport> {
     let leases = Arc::new(FileLeaseStore::new(&s.leases).fsync(false));
     Runtime::new(topology, leases)
+        .with_metrics(shardflow::Metrics::new(&s.metrics))
         .with_config(RuntimeConfig {
             worker_id: "snapshots".into(),
             parallelism,
@@ -186,6 +189,21 @@ async fn a_running_total_survives_a_restart_after_retention_trimmed_its_records(
             "key {key}: the total restored from the snapshot plus the new record"
         );
     }
+    // Every part stored is counted, and the state gauges add up to the keys held.
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&s.metrics.gather())
+        .expect("metrics encode");
+    let stored = text
+        .lines()
+        .find(|l| l.starts_with("shardflow_snapshot_parts_total") && l.contains("stored"))
+        .unwrap_or_else(|| panic!("parts stored are counted: {text}"));
+    assert!(!stored.ends_with(" 0"), "{stored}");
+    let keys: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("shardflow_state_keys{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(keys, KEYS.len() as f64, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

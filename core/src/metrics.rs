@@ -35,6 +35,10 @@ pub struct Metrics {
     shards_let_go: IntCounterVec,
     lease_items_skipped: IntGaugeVec,
     legacy_leases_waiting: IntGaugeVec,
+    state_keys: IntGaugeVec,
+    state_bytes: IntGaugeVec,
+    snapshot_parts: IntCounterVec,
+    snapshot_seconds: HistogramVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -59,7 +63,34 @@ impl Metrics {
         )
         .expect("valid metric");
         let _ = registry.register(Box::new(sink_commit.clone()));
+        let snapshot_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "shardflow_snapshot_part_seconds",
+                "Time a keyed worker took to save and store its part of a shard's snapshot",
+            ),
+            &["topology", "operator"],
+        )
+        .expect("valid metric");
+        let _ = registry.register(Box::new(snapshot_seconds.clone()));
         Self {
+            snapshot_seconds,
+            state_keys: gauge(
+                "shardflow_state_keys",
+                "Keys of a shard's keyed state one worker held at its last snapshot part",
+                &["topology", "shard", "operator", "worker"],
+            ),
+            state_bytes: gauge(
+                "shardflow_state_bytes",
+                "Bytes of one worker's last snapshot part of a shard's keyed state",
+                &["topology", "shard", "operator", "worker"],
+            ),
+            snapshot_parts: counter(
+                registry,
+                "shardflow_snapshot_parts_total",
+                "Snapshot parts keyed workers saved and stored (outcome stored) or could not \
+                 (outcome failed: that snapshot stays incomplete)",
+                &["topology", "operator", "outcome"],
+            ),
             records_read: counter(
                 registry,
                 "shardflow_records_read_total",
@@ -270,6 +301,32 @@ impl Metrics {
         }
         if io.1 > 0 {
             self.operator_out.with_label_values(&labels).inc_by(io.1);
+        }
+    }
+
+    /// A keyed worker stored its part of a shard's snapshot (`Some((keys, bytes))`) or could
+    /// not (`None`), taking `took`.
+    pub(crate) fn snapshot_part(
+        &self,
+        (topology, shard, operator, worker): (&str, &str, &str, usize),
+        stored: Option<(u64, u64)>,
+        took: Duration,
+    ) {
+        let outcome = if stored.is_some() { "stored" } else { "failed" };
+        self.snapshot_parts
+            .with_label_values(&[topology, operator, outcome])
+            .inc();
+        self.snapshot_seconds
+            .with_label_values(&[topology, operator])
+            .observe(took.as_secs_f64());
+        if let Some((keys, bytes)) = stored {
+            let worker = worker.to_string();
+            let labels = [topology, shard, operator, worker.as_str()];
+            let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            self.state_keys.with_label_values(&labels).set(clamp(keys));
+            self.state_bytes
+                .with_label_values(&labels)
+                .set(clamp(bytes));
         }
     }
 

@@ -270,6 +270,13 @@ where
             if pending.dropped.contains(&life) || !current {
                 continue;
             }
+            let started = std::time::Instant::now();
+            let labels = (
+                self.topology.as_str(),
+                take.shard.as_str(),
+                &*self.label,
+                self.worker,
+            );
             let saved = {
                 let op = &self.op;
                 let state = pending.states.get(&take.shard);
@@ -282,10 +289,12 @@ where
                 Ok(Ok(saved)) => saved,
                 Ok(Err(why)) => {
                     tracing::warn!(shard = %take.shard, operator = %self.label, epoch = take.epoch, %why, "a snapshot part could not be saved; the snapshot is left incomplete");
+                    self.metrics.snapshot_part(labels, None, started.elapsed());
                     continue;
                 }
                 Err(_) => {
                     tracing::warn!(shard = %take.shard, operator = %self.label, epoch = take.epoch, "saving a snapshot part panicked; the snapshot is left incomplete");
+                    self.metrics.snapshot_part(labels, None, started.elapsed());
                     continue;
                 }
             };
@@ -296,12 +305,15 @@ where
                 &self.label,
                 self.worker,
             );
-            let started = std::time::Instant::now();
             if let Err(error) = store.put(&name, &saved.bytes).await {
                 tracing::warn!(shard = %take.shard, operator = %self.label, epoch = take.epoch, bytes = saved.bytes.len(), %error, "a snapshot part could not be stored; the snapshot is left incomplete");
+                self.metrics.snapshot_part(labels, None, started.elapsed());
                 continue;
             }
-            tracing::debug!(shard = %take.shard, operator = %self.label, epoch = take.epoch, keys = saved.keys, bytes = saved.bytes.len(), elapsed_ms = started.elapsed().as_millis() as u64, "snapshot part stored");
+            let bytes = saved.bytes.len() as u64;
+            self.metrics
+                .snapshot_part(labels, Some((saved.keys, bytes)), started.elapsed());
+            tracing::debug!(shard = %take.shard, operator = %self.label, epoch = take.epoch, keys = saved.keys, bytes, "snapshot part stored");
             let part = SnapshotPart {
                 operator: self.label.to_string(),
                 worker: u32::try_from(self.worker).unwrap_or(u32::MAX),

@@ -84,6 +84,20 @@ pub fn part_name(
     )
 }
 
+/// The life and epoch a part under `prefix` was taken in, read back from its name
+/// ([`part_name`]); `None` for a name of another form.
+pub fn part_life(prefix: &str, name: &str) -> Option<(LeaseEpoch, Epoch)> {
+    let rest = name.strip_prefix(prefix)?;
+    let (snapshot, _) = rest.split_once('/')?;
+    let mut numbers = snapshot.splitn(3, '-').map(str::parse::<u64>);
+    let (generation, counter, epoch) = (
+        numbers.next()?.ok()?,
+        numbers.next()?.ok()?,
+        numbers.next()?.ok()?,
+    );
+    Some((LeaseEpoch::new(generation, counter), epoch))
+}
+
 /// Snapshot parts in memory: for tests and the simulation checker.
 /// [`set_failing`](Self::set_failing) makes every call fail (retryable), as a throttled store
 /// would.
@@ -225,6 +239,10 @@ mod tests {
             part_name(&prefix, epoch, 42, "count per/min", 1),
             "%2E./a%2Fb:1:shardId-0/7-3-42/count%20per%2Fmin/1"
         );
+        let name = part_name(&prefix, epoch, 42, "count per/min", 1);
+        assert_eq!(part_life(&prefix, &name), Some((epoch, 42)));
+        assert_eq!(part_life(&prefix, "elsewhere/7-3-42/x/1"), None);
+        assert_eq!(part_life(&prefix, &format!("{prefix}junk/x/1")), None);
         assert_eq!(component(""), "%");
         assert_eq!(component("v1.2"), "v1.2");
     }

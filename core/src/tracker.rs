@@ -151,8 +151,13 @@ impl Tracker {
         self.dropped_notify.notified().await;
     }
 
-    pub(crate) fn stop_shard(&self, shard: &ShardId) {
-        self.lock().remove(shard);
+    /// Forgets `shard`'s life; returns the parts of the snapshots it took that no checkpoint
+    /// it decided named (`ShardProgress::unnamed_parts`).
+    pub(crate) fn stop_shard(&self, shard: &ShardId) -> Vec<String> {
+        self.lock()
+            .remove(shard)
+            .map(|l| l.progress.unnamed_parts())
+            .unwrap_or_default()
     }
 
     /// Registers `shard`'s next epoch; returns how many epochs its progress keeps now.

@@ -124,8 +124,10 @@ fn random_topologies_under_random_faults_match_the_oracle() {
     );
     let named: usize = reports.iter().map(|r| r.snapshots_named).sum();
     let resumes: usize = reports.iter().map(|r| r.snapshot_resumes).sum();
+    let parts_left: usize = reports.iter().map(|r| r.parts_left).sum();
+    let leaking = reports.iter().filter(|r| r.parts_left > 0).count();
     println!(
-        "snapshots: {} seeds keep them; {named} checkpoints named one; {resumes} takes resumed from one",
+        "snapshots: {} seeds keep them; {named} checkpoints named one; {resumes} takes resumed from one; {parts_left} parts left at the end in {leaking} seeds",
         reports.iter().filter(|r| r.spec_snapshots).count()
     );
     print!("{:<12}", "fault");

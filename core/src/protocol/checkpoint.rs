@@ -102,6 +102,9 @@ pub struct ShardProgress {
     snapshots: Option<Snapshots>,
     /// The epoch of the last `hold_back` (0: none yet).
     last_hold_back: Epoch,
+    /// The rebuild epoch of the last checkpoint decided (0: none yet): no checkpoint this life
+    /// decided names a snapshot taken after it.
+    decided_rebuild: Epoch,
 }
 
 /// The snapshots of one shard's keyed state a life knows of: the one it resumed from (as of
@@ -183,6 +186,7 @@ impl ShardProgress {
             resumed,
             snapshots: None,
             last_hold_back: 0,
+            decided_rebuild: 0,
         }
     }
 
@@ -255,6 +259,21 @@ impl ShardProgress {
             }
             _ => (by_replay, None),
         }
+    }
+
+    /// The part names of the snapshots taken after the rebuild point of every checkpoint this
+    /// life decided: none of them was ever named, so once the life ends (its checkpoints
+    /// written or not) no checkpoint will name them.
+    pub fn unnamed_parts(&self) -> Vec<String> {
+        let Some(snapshots) = &self.snapshots else {
+            return Vec::new();
+        };
+        let after = self.decided_rebuild.saturating_add(1);
+        snapshots
+            .taken
+            .range(after..)
+            .flat_map(|(_, parts)| parts.values().map(|p| p.name.clone()))
+            .collect()
     }
 
     /// The part names of snapshots no checkpoint decided from now on names, and no checkpoint
@@ -415,6 +434,15 @@ impl ShardProgress {
     /// returns are never taken back.
     pub fn checkpoint(&mut self) -> Option<ShardCheckpoint> {
         if self.is_finished() {
+            // A shard at its end holds no state: no snapshot of it is needed again.
+            if let Some(snapshots) = self.snapshots.as_mut() {
+                let taken = std::mem::take(&mut snapshots.taken);
+                let names = taken.into_values().flat_map(BTreeMap::into_values);
+                snapshots.garbage.extend(names.map(|p| p.name));
+                let resumed = snapshots.resumed.take().into_iter();
+                let names = resumed.flat_map(|s| s.parts.into_iter().map(|p| p.name));
+                snapshots.garbage.extend(names);
+            }
             return Some(ShardCheckpoint::shard_end());
         }
         let committed = self.committed_epoch();
@@ -444,6 +472,7 @@ impl ShardProgress {
             }
         }
         let (rebuild, snapshot) = self.rebuild_point(committed, limit);
+        self.decided_rebuild = self.decided_rebuild.max(rebuild);
         let rebuild = self.anchor(rebuild);
         let checkpoint = ShardCheckpoint {
             committed: end.position.clone(),
@@ -1375,5 +1404,36 @@ mod tests {
         assert_eq!(cp.committed, at(60));
         assert_eq!(cp.sinks.get("dead-letters"), Some(&at(50)));
         assert!(cp.rebuild_from.le(&at(50)), "{cp:?}");
+    }
+
+    #[test]
+    fn a_shard_at_its_end_leaves_every_snapshot_behind() {
+        let mut p = progress(2, 3).with_snapshots(LIFE);
+        p.record_epoch(4, read(None, Some(400), false, true));
+        p.snapshot_part(1, 2, part(1, 2));
+        running(&mut p, 2, 1, 3);
+        let cp = p.checkpoint().expect("moved");
+        assert_eq!(cp.snapshot.map(|s| s.epoch), Some(2));
+        p.prune();
+        assert!(p.take_garbage().is_empty());
+        p.report(0, 4, None);
+        p.report(1, 4, None);
+        assert_eq!(p.checkpoint(), Some(ShardCheckpoint::shard_end()));
+        assert_eq!(p.take_garbage(), vec!["p/2/1".to_owned()]);
+    }
+
+    #[test]
+    fn a_life_that_ends_leaves_the_snapshots_no_checkpoint_named() {
+        let mut p = progress(2, 6).with_snapshots(LIFE);
+        p.snapshot_part(1, 2, part(1, 2));
+        p.snapshot_part(1, 5, part(1, 5));
+        running(&mut p, 2, 1, 3);
+        let cp = p.checkpoint().expect("moved");
+        assert_eq!(cp.snapshot.map(|s| s.epoch), Some(2));
+        assert_eq!(
+            p.unnamed_parts(),
+            vec!["p/5/1".to_owned()],
+            "epoch 5 was never named; epoch 2 is (by the last checkpoint decided)"
+        );
     }
 }

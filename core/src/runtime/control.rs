@@ -25,6 +25,7 @@ use crate::protocol::sink_failure::{after_sink_failure, AfterSinkFailure, Failur
 use crate::protocol::vanished::VanishedShards;
 use crate::random::Random;
 use crate::source::StreamFacts;
+use crate::state_store::{part_life, shard_prefix};
 use crate::topology::{Exchanges, Quarantined, Topology};
 use crate::tracker::{DropReason, DroppedLife, Tracker};
 
@@ -479,6 +480,7 @@ impl ControlLoop {
                 self.paths,
                 self.topology.state.snapshots().is_some() && !self.topology.keyed.is_empty(),
             );
+            self.clean_older_lives(&taken.key, taken.epoch(), &taken.checkpoint);
             let task = ShardTask {
                 shard: shard.clone(),
                 resume: taken.checkpoint.clone(),
@@ -951,7 +953,8 @@ impl ControlLoop {
 
     /// Drops the shard's progress and per-shard metrics.
     async fn forget(&self, id: &ShardId) {
-        self.tracker.stop_shard(id);
+        let unnamed = self.tracker.stop_shard(id);
+        self.delete_parts(id, unnamed);
         self.metrics.forget_shard(self.name(), id.as_str());
     }
 
@@ -1094,10 +1097,50 @@ impl ControlLoop {
     /// the one just written (`ShardProgress::take_garbage`). A failed delete leaves an object
     /// behind, never a checkpoint without its snapshot.
     fn collect_garbage(&self, id: &ShardId) {
+        let names = self.tracker.take_garbage(id);
+        self.delete_parts(id, names);
+    }
+
+    /// Deletes, in the background, the snapshot parts earlier lives of a shard just taken
+    /// under `life` left behind (a crashed owner's newest snapshots, never named), except the
+    /// snapshot the resumed checkpoint names. Only the owner writes checkpoints, and this life
+    /// names only its own parts or the resumed snapshot, so none of them is named again.
+    fn clean_older_lives(&self, key: &str, life: LeaseEpoch, resumed: &ShardCheckpoint) {
         let Some((store, _)) = self.topology.state.snapshots() else {
             return;
         };
-        let names = self.tracker.take_garbage(id);
+        let store = Arc::clone(store);
+        let prefix = shard_prefix(&self.topology.name, key);
+        let named: Vec<String> = resumed
+            .snapshot
+            .iter()
+            .flat_map(|s| s.parts.iter().map(|p| p.name.clone()))
+            .collect();
+        let key = key.to_owned();
+        tokio::spawn(async move {
+            let names = match store.list(&prefix).await {
+                Ok(names) => names,
+                Err(error) => {
+                    tracing::warn!(lease = %key, %error, "snapshot parts of earlier owners could not be listed");
+                    return;
+                }
+            };
+            for name in names {
+                let older = part_life(&prefix, &name).is_some_and(|(l, _)| l < life);
+                if older && !named.contains(&name) {
+                    if let Err(error) = store.delete(&name).await {
+                        tracing::warn!(lease = %key, part = %name, %error, "an old snapshot part could not be deleted");
+                    }
+                }
+            }
+        });
+    }
+
+    /// Deletes snapshot parts of `id` in the background (a failure leaves an object behind).
+    fn delete_parts(&self, id: &ShardId, names: Vec<String>) {
+        let Some((store, _)) = self.topology.state.snapshots() else {
+            return;
+        };
         if names.is_empty() {
             return;
         }

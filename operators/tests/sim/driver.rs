@@ -114,6 +114,9 @@ pub struct SeedReport {
     pub snapshot_resumes: usize,
     /// Whether the seed's topology keeps snapshots.
     pub spec_snapshots: bool,
+    /// Snapshot parts left in the state store once every shard ended (those of lives that
+    /// crashed before their garbage was deleted).
+    pub parts_left: usize,
 }
 
 /// The base of arrival times: the simulation's clock starts here (2024-01-01).
@@ -752,6 +755,9 @@ async fn simulate(seed: u64) -> SeedReport {
         ));
     }
     report.records = world.inputs.values().map(Vec::len).sum();
+    // Background deletes of the last checkpoints finish first.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    report.parts_left = world.sinks.state.objects().len();
     for lease in world.leases.log() {
         if lease.checkpoint.snapshot.is_some() {
             if lease.owner_switches_since_checkpoint > 0 {

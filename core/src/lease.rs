@@ -94,6 +94,12 @@ pub struct SnapshotRef {
     pub lease_epoch: LeaseEpoch,
     /// The epoch of that life it was taken after.
     pub epoch: u64,
+    /// Where the state it holds stands: the end of that epoch, and the watermark there. A
+    /// checkpoint that names it rebuilds from exactly there; a restore refuses a checkpoint
+    /// that does not (one written by a version that kept the attribute without knowing it).
+    pub position: CheckpointPosition,
+    /// The watermark at `position`.
+    pub watermark: Option<EventTime>,
     /// Its parts, by operator and worker.
     pub parts: Vec<SnapshotPart>,
 }

@@ -38,8 +38,9 @@ pub(crate) fn decode<T: DeserializeOwned>(kind: &str, bytes: &[u8]) -> Result<T,
     let limit = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
     let unreadable = |e: bincode::Error| {
         format!(
-            "not a readable {kind} snapshot part ({} bytes): {e}",
-            bytes.len()
+            "not a readable {kind} snapshot part ({} bytes): {}",
+            bytes.len(),
+            category(&e)
         )
     };
     let mut reader = bytes;
@@ -71,6 +72,21 @@ pub(crate) fn decode<T: DeserializeOwned>(kind: &str, bytes: &[u8]) -> Result<T,
     Ok(body)
 }
 
+/// What kind of decoding error `e` is, without its message: serde's messages may quote the
+/// values they could not read (state holds keys and values of records).
+fn category(e: &bincode::Error) -> &'static str {
+    match &**e {
+        bincode::ErrorKind::Io(_) => "it ends early",
+        bincode::ErrorKind::SizeLimit => "a length beyond its size",
+        bincode::ErrorKind::InvalidUtf8Encoding(_)
+        | bincode::ErrorKind::InvalidBoolEncoding(_)
+        | bincode::ErrorKind::InvalidCharEncoding
+        | bincode::ErrorKind::InvalidTagEncoding(_) => "an invalid encoding",
+        bincode::ErrorKind::Custom(_) => "a value its type refuses",
+        _ => "an unsupported encoding",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +103,13 @@ mod tests {
         let mut corrupt = bytes.clone();
         corrupt.truncate(bytes.len() - 1);
         assert!(decode::<Vec<(u64, u64)>>("running", &corrupt).is_err());
+        // A string that is not UTF-8: the error names the kind of fault, not the bytes.
+        let text = encode("running", &vec![("secret-value".to_owned(), 1u64)]).unwrap();
+        let mut bad = text.clone();
+        let at = bad.windows(6).position(|w| w == b"secret").unwrap();
+        bad[at] = 0xff;
+        let error = decode::<Vec<(String, u64)>>("running", &bad).unwrap_err();
+        assert!(!error.contains("ecret"), "{error}");
         // A length that claims billions of entries fails on the limit, without allocating.
         let huge = encode("running", &(u64::MAX / 2)).unwrap();
         assert!(decode::<Vec<(u64, u64)>>("running", &huge).is_err());

@@ -204,3 +204,28 @@ fn a_part_of_another_operator_kind_or_a_corrupt_part_is_refused() {
         .expect_err("a truncated part");
     assert!(error.contains("bytes"), "{error}");
 }
+
+#[test]
+fn a_part_of_other_windows_is_refused() {
+    let mut h = KeyedHarness::new(
+        fixed(TumblingWindow::of(Duration::from_millis(500)), Count, 0),
+        0,
+    );
+    h.record(1u32, 5i64, 10);
+    h.end_epoch();
+    h.commit();
+    let part = h.save().bytes;
+    let wider = fixed::<u32, i64, _, _>(TumblingWindow::of(Duration::from_secs(1)), Count, 0);
+    let mut state = Default::default();
+    let error = wider
+        .restore(&mut state, &part, &|_: &u32| true, 1)
+        .expect_err("windows of another size");
+    assert!(
+        error.contains("window-tumbling-500ms") && error.contains("window-tumbling-1s"),
+        "{error}"
+    );
+    let later = fixed::<u32, i64, _, _>(TumblingWindow::of(Duration::from_millis(500)), Count, 9);
+    let mut state = Default::default();
+    assert!(later.restore(&mut state, &part, &|_: &u32| true, 1).is_err(), "other lateness");
+}
+

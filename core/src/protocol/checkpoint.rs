@@ -136,6 +136,9 @@ impl Snapshots {
         complete.then(|| SnapshotRef {
             lease_epoch: self.life,
             epoch,
+            // Filled in by `ShardProgress::rebuild_point`, which knows where epochs end.
+            position: CheckpointPosition::Initial,
+            watermark: None,
             parts: parts.values().cloned().collect(),
         })
     }
@@ -213,19 +216,24 @@ impl ShardProgress {
         let Some(snapshots) = self.snapshots.as_mut() else {
             return;
         };
-        if path == 0 || epoch == 0 || epoch < oldest {
+        // A part of an epoch whose end was thinned away (a worker that lagged far behind)
+        // cannot be named: the checkpoint would rebuild from an earlier end than it stands for.
+        if path == 0 || epoch == 0 || epoch < oldest || !self.epochs.contains_key(&epoch) {
             return;
         }
         snapshots.taken.entry(epoch).or_default().insert(path, part);
         if snapshots.taken.len() > MAX_SNAPSHOTS {
-            // The oldest may be the one the last checkpoint named: the next one goes.
-            let second = snapshots
-                .taken
-                .keys()
-                .nth(1)
-                .copied()
+            // The oldest may be the one the last checkpoint named: it stays. Of the others an
+            // incomplete one goes first (it can never be named), else the oldest.
+            let keyed_paths = snapshots.keyed_paths;
+            let mut others = snapshots.taken.iter().skip(1);
+            let victim = others
+                .clone()
+                .find(|(e, parts)| parts.len() < keyed_paths && **e != epoch)
+                .or_else(|| others.next())
+                .map(|(e, _)| *e)
                 .expect("over the limit");
-            let parts = snapshots.taken.remove(&second).expect("a key just read");
+            let parts = snapshots.taken.remove(&victim).expect("a key just read");
             snapshots
                 .garbage
                 .extend(parts.into_values().map(|p| p.name));
@@ -252,9 +260,14 @@ impl ShardProgress {
             .as_ref()
             .and_then(|s| s.newest_through(limit.min(committed)))
         {
-            Some((epoch, snapshot))
+            Some((epoch, mut snapshot))
                 if by_replay <= epoch && !cfg!(shardflow_mutation = "ignore_snapshots") =>
             {
+                if epoch > 0 {
+                    let end = self.anchor(epoch);
+                    snapshot.position = end.position;
+                    snapshot.watermark = end.watermark;
+                }
                 (epoch, Some(snapshot))
             }
             _ => (by_replay, None),
@@ -1254,6 +1267,7 @@ mod tests {
         assert_eq!(cp.rebuild_watermark, Some(500));
         let snapshot = cp.snapshot.expect("named");
         assert_eq!((snapshot.lease_epoch, snapshot.epoch), (LIFE, 5));
+        assert_eq!((snapshot.position, snapshot.watermark), (at(50), Some(500)));
         assert_eq!(snapshot.parts, vec![part(1, 5), part(2, 5)]);
     }
 
@@ -1307,6 +1321,8 @@ mod tests {
         let resumed_snapshot = SnapshotRef {
             lease_epoch: LeaseEpoch::new(1, 3),
             epoch: 9,
+            position: at(10),
+            watermark: Some(100),
             parts: vec![part(1, 9)],
         };
         let resumed = ShardCheckpoint {

@@ -582,6 +582,22 @@ impl ShardTask {
     /// replaying only after the snapshot would emit wrong results: the shard stops instead.
     fn snapshot_misfit(&self) -> Option<ShardStopped> {
         let snapshot = self.resume.snapshot.as_ref()?;
+        if snapshot.position != self.resume.rebuild_from
+            || snapshot.watermark != self.resume.rebuild_watermark
+        {
+            // A checkpoint written by a version that does not know snapshots keeps the
+            // attribute it does not know: restoring it and replaying from another point would
+            // count records twice, or miss some.
+            return Some(ShardStopped::KeyedPath {
+                shard: self.shard.id.clone(),
+                reason: format!(
+                    "the checkpoint names a snapshot of keyed state taken at {:?}, but rebuilds \
+                     from {:?} (written by a shardflow that does not know snapshots?): reset \
+                     the shard's checkpoint",
+                    snapshot.position, self.resume.rebuild_from
+                ),
+            });
+        }
         let labels: Vec<Arc<str>> = self.topology.keyed.iter().map(|b| b.label()).collect();
         let stray = snapshot
             .parts

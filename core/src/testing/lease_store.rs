@@ -250,6 +250,8 @@ async fn checkpoints_are_read_back_exactly(store: impl LeaseStore) {
         snapshot: Some(crate::lease::SnapshotRef {
             lease_epoch: crate::lease::LeaseEpoch::new(1_764_547_200_000, 2),
             epoch: 17,
+            position: CheckpointPosition::At(RecordPosition::new(SequenceNumber::from_u128(3))),
+            watermark: Some(i64::MIN),
             parts: vec![crate::lease::SnapshotPart {
                 operator: "count per minute".into(),
                 worker: 1,

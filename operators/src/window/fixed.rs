@@ -109,6 +109,16 @@ impl<K, Acc> Default for FixedState<K, Acc> {
 }
 
 impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> FixedWindows<K, T, A, W> {
+    /// What its snapshot parts say they hold: the windows and the lateness, so that a part of
+    /// other windows (the size changed, say) is refused rather than restored into these.
+    fn kind(&self) -> String {
+        format!(
+            "fixed-windows {} lateness={}ms",
+            self.assigner.describe(),
+            self.lateness
+        )
+    }
+
     /// Folds `record` into its slot of `window`.
     #[inline]
     fn add(
@@ -257,7 +267,7 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
                 }
             })
             .collect();
-        let bytes = encode(FIXED, &windows)?;
+        let bytes = encode(&self.kind(), &windows)?;
         Ok(SavedState { bytes, keys })
     }
 
@@ -269,7 +279,7 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
         held_from: Epoch,
     ) -> Result<u64, String> {
         type Entries<K, Acc> = Vec<(Window, bool, Vec<(K, Acc, bool)>)>;
-        let windows: Entries<K, A::Acc> = decode(FIXED, part)?;
+        let windows: Entries<K, A::Acc> = decode(&self.kind(), part)?;
         let mut taken = 0;
         for (window, fired, slots) in windows {
             let mut slots = slots.into_iter().filter(|(k, _, _)| owns(k)).peekable();
@@ -293,9 +303,6 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
         Ok(taken)
     }
 }
-
-/// The kind tumbling and sliding windows' snapshot parts say they hold.
-const FIXED: &str = "fixed-windows";
 
 /// A window as a snapshot part holds it: whether it fired, and each key's accumulator and
 /// whether a late record changed it since.

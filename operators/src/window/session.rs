@@ -221,7 +221,12 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
             })
             .collect();
         let count = keys.len() as u64;
-        let bytes = encode(SESSIONS, &keys)?;
+        let kind = format!(
+            "session-windows {} lateness={}ms",
+            self.assigner.describe(),
+            self.lateness
+        );
+        let bytes = encode(&kind, &keys)?;
         Ok(SavedState { bytes, keys: count })
     }
 
@@ -233,7 +238,12 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
         held_from: Epoch,
     ) -> Result<u64, String> {
         type Entries<K, Acc> = Vec<(K, Vec<(Window, Acc, bool, bool)>)>;
-        let keys: Entries<K, A::Acc> = decode(SESSIONS, part)?;
+        let kind = format!(
+            "session-windows {} lateness={}ms",
+            self.assigner.describe(),
+            self.lateness
+        );
+        let keys: Entries<K, A::Acc> = decode(&kind, part)?;
         let mut taken = 0;
         for (key, sessions) in keys {
             if !owns(&key) || sessions.is_empty() {
@@ -259,6 +269,3 @@ impl<K: Key, T: Send + 'static, A: Aggregator<T>, W: WindowAssigner> KeyedOperat
 /// A session as a snapshot part holds it: its window, accumulator, and whether it fired and
 /// changed since.
 type SavedSession<'a, Acc> = (Window, &'a Acc, bool, bool);
-
-/// The kind session windows' snapshot parts say they hold.
-const SESSIONS: &str = "session-windows";

@@ -308,5 +308,9 @@ async fn a_checkpoint_whose_rebuild_point_is_not_its_snapshots_is_refused() {
         .await
         .expect_err("the snapshot does not stand for the rebuild point");
     assert!(error.to_string().contains("rebuilds from"), "{error}");
-    assert_eq!(total(&s, "a"), 3, "nothing was written over the right totals");
+    assert_eq!(
+        total(&s, "a"),
+        3,
+        "nothing was written over the right totals"
+    );
 }

@@ -105,7 +105,7 @@ mod tests {
         assert!(decode::<Vec<(u64, u64)>>("running", &corrupt).is_err());
         // A string that is not UTF-8: the error names the kind of fault, not the bytes.
         let text = encode("running", &vec![("secret-value".to_owned(), 1u64)]).unwrap();
-        let mut bad = text.clone();
+        let mut bad = text;
         let at = bad.windows(6).position(|w| w == b"secret").unwrap();
         bad[at] = 0xff;
         let error = decode::<Vec<(String, u64)>>("running", &bad).unwrap_err();

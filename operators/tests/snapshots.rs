@@ -226,6 +226,10 @@ fn a_part_of_other_windows_is_refused() {
     );
     let later = fixed::<u32, i64, _, _>(TumblingWindow::of(Duration::from_millis(500)), Count, 9);
     let mut state = Default::default();
-    assert!(later.restore(&mut state, &part, &|_: &u32| true, 1).is_err(), "other lateness");
+    assert!(
+        later
+            .restore(&mut state, &part, &|_: &u32| true, 1)
+            .is_err(),
+        "other lateness"
+    );
 }
-

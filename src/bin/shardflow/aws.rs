@@ -57,7 +57,7 @@ pub(super) async fn execute(backend: &Backend, command: Command) -> anyhow::Resu
                     })
                     .await
                 }
-                LeaseAction::Reset { to, dry_run, .. } => super::reset(&store, to, dry_run).await,
+                LeaseAction::Reset { to, dry_run, .. } => super::reset(&store, *to, dry_run).await,
             }
         }
         Command::Cost { .. } => unreachable!("answered without a backend"),

@@ -84,7 +84,7 @@ pub(super) async fn execute(dir: &Path, command: Command) -> anyhow::Result<()> 
                     );
                     super::list_leases(&store, async |_| None).await
                 }
-                LeaseAction::Reset { to, dry_run, .. } => super::reset(&store, to, dry_run).await,
+                LeaseAction::Reset { to, dry_run, .. } => super::reset(&store, *to, dry_run).await,
             }
         }
         Command::Cost { .. } => unreachable!("answered without a backend"),

@@ -162,7 +162,7 @@ enum LeaseAction {
         table: String,
         /// Where to: trim-horizon, or a time (RFC 3339, e.g. 2026-11-26T08:00:00Z).
         #[arg(long, value_parser = reset_point)]
-        to: ShardCheckpoint,
+        to: Box<ShardCheckpoint>,
         /// Show the change without making it.
         #[arg(long)]
         dry_run: bool,
@@ -278,11 +278,11 @@ fn epoch_ms(time: &str) -> Option<i64> {
 }
 
 /// `leases reset --to`: trim-horizon or an RFC 3339 time.
-fn reset_point(to: &str) -> Result<ShardCheckpoint, String> {
+fn reset_point(to: &str) -> Result<Box<ShardCheckpoint>, String> {
     match to {
-        "trim-horizon" => Ok(ShardCheckpoint::trim_horizon()),
+        "trim-horizon" => Ok(Box::new(ShardCheckpoint::trim_horizon())),
         time => epoch_ms(time)
-            .map(ShardCheckpoint::at_timestamp)
+            .map(|ms| Box::new(ShardCheckpoint::at_timestamp(ms)))
             .ok_or_else(|| {
                 format!("takes trim-horizon or an RFC 3339 time after 1970, not {time:?}")
             }),

@@ -514,6 +514,21 @@ async fn latest_and_timestamp_start_positions_skip_older_records() {
         let shard = source.list_shards().await.expect("shards").remove(0);
         let (all, _) = drain(&source, &shard, StartPosition::TrimHorizon).await;
         assert_eq!(all.len(), 1, "{emulator}");
+        // The old record's arrival by the emulator's own clock: a cut taken from the host's
+        // clock may lie ahead of the emulator's ("Timestamp cannot be in the future").
+        let mut reader = source
+            .open_shard(&shard, StartPosition::TrimHorizon, ReadLimits::default())
+            .await
+            .expect("open");
+        let mut old_arrival = None;
+        for _ in 0..100 {
+            let batch = reader.read().await.expect("read");
+            old_arrival = batch.records.iter().next().map(|r| r.arrival_ms);
+            if old_arrival.is_some() {
+                break;
+            }
+        }
+        let old_arrival = old_arrival.expect("the old record is read back");
         // LATEST: only what arrives after the reader starts.
         let mut latest = source
             .open_shard(&shard, StartPosition::Latest, ReadLimits::default())
@@ -524,13 +539,10 @@ async fn latest_and_timestamp_start_positions_skip_older_records() {
             first.records.is_empty(),
             "{emulator}: nothing old from LATEST"
         );
-        // Arrival timestamps have second precision on some emulators: leave a clear gap.
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        let cut = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as i64;
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+        // Arrival timestamps have second precision on some emulators: leave a clear gap, and
+        // cut a second after the old record's arrival (in the emulator's past by then).
+        tokio::time::sleep(Duration::from_millis(2200)).await;
+        let cut = old_arrival + 1000;
         put(&client, &stream, &[("k".to_owned(), b"new".to_vec())]).await;
         let mut got = Vec::new();
         for _ in 0..100 {
